@@ -1,0 +1,117 @@
+//! Admin tokens: stored as SHA-256 hashes in the catalog, compared in constant time. The
+//! token named by `control_plane.admin_token_env` is registered as `bootstrap` at start.
+
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use super::ApiState;
+
+/// Who made an admin request (the token's name), for the audit log.
+#[derive(Debug, Clone)]
+pub struct Actor(pub String);
+
+/// The admin tokens known to this control plane.
+pub struct AdminTokens {
+    catalog: PgPool,
+    hashes: RwLock<(Vec<(String, [u8; 32])>, Instant)>,
+}
+
+/// How often a miss may reload the tokens from the catalog.
+const RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+
+fn hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+impl AdminTokens {
+    /// Registers `bootstrap` (if given) and loads every token hash.
+    pub async fn load(catalog: PgPool, bootstrap: Option<&SecretString>) -> Result<Self, sqlx::Error> {
+        if let Some(token) = bootstrap {
+            sqlx::query(
+                "INSERT INTO admin_tokens (name, token_hash) VALUES ('bootstrap', $1) \
+                 ON CONFLICT (name) DO UPDATE SET token_hash = EXCLUDED.token_hash",
+            )
+            .bind(&hash(token.expose_secret())[..])
+            .execute(&catalog)
+            .await?;
+        }
+        let tokens = Self { catalog, hashes: RwLock::new((Vec::new(), Instant::now())) };
+        tokens.reload().await?;
+        Ok(tokens)
+    }
+
+    /// Number of registered tokens.
+    pub fn len(&self) -> usize {
+        self.hashes.read().map(|h| h.0.len()).unwrap_or(0)
+    }
+
+    /// True when no token is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    async fn reload(&self) -> Result<(), sqlx::Error> {
+        let rows: Vec<(String, Vec<u8>)> = sqlx::query_as("SELECT name, token_hash FROM admin_tokens")
+            .fetch_all(&self.catalog)
+            .await?;
+        let hashes = rows
+            .into_iter()
+            .filter_map(|(name, h)| Some((name, <[u8; 32]>::try_from(h).ok()?)))
+            .collect();
+        if let Ok(mut guard) = self.hashes.write() {
+            *guard = (hashes, Instant::now());
+        }
+        Ok(())
+    }
+
+    fn find(&self, presented: &[u8; 32]) -> Option<String> {
+        let guard = self.hashes.read().ok()?;
+        // Compare against every token, so timing does not tell which (or whether one) matched.
+        let mut found = None;
+        for (name, h) in &guard.0 {
+            if bool::from(h.ct_eq(presented)) {
+                found = Some(name.clone());
+            }
+        }
+        found
+    }
+
+    /// The name of the token `token`, reloading the catalog's tokens on a miss (at most every
+    /// few seconds, so bad tokens cannot hammer the catalog).
+    pub async fn authenticate(&self, token: &str) -> Option<String> {
+        let presented = hash(token);
+        if let Some(name) = self.find(&presented) {
+            return Some(name);
+        }
+        let stale = self.hashes.read().map(|g| g.1.elapsed() > RELOAD_INTERVAL).unwrap_or(false);
+        if stale && self.reload().await.is_ok() {
+            return self.find(&presented);
+        }
+        None
+    }
+}
+
+/// Middleware: a valid `Authorization: Bearer <admin token>` or 401.
+pub async fn require_admin(State(state): State<ApiState>, mut req: Request, next: Next) -> Result<Response, ApiError> {
+    let token = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or(ApiError::Unauthorized)?;
+    let name = state.tokens.authenticate(token).await.ok_or(ApiError::Unauthorized)?;
+    tracing::Span::current().record("actor", name.as_str());
+    req.extensions_mut().insert(Actor(name));
+    Ok(next.run(req).await)
+}

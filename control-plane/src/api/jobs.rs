@@ -1,0 +1,69 @@
+//! `/v1/jobs` and `/v1/servers`.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use serde_json::{json, Value};
+
+use super::auth::Actor;
+use super::error::ApiError;
+use super::extract::Path;
+use super::ApiState;
+use crate::{audit, jobs};
+
+/// `GET /v1/jobs`: the newest 200 jobs.
+pub async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({"items": jobs::list(&state.catalog, 200).await?})))
+}
+
+fn parse_id(id: &str) -> Result<i64, ApiError> {
+    id.parse().map_err(|_| ApiError::BadRequest("invalid_job_id", format!("{id:?} is not a job id")))
+}
+
+/// `GET /v1/jobs/{id}`.
+pub async fn show(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Json<jobs::Job>, ApiError> {
+    let id = parse_id(&id)?;
+    jobs::get(&state.catalog, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound("job_not_found", format!("job {id} does not exist")))
+}
+
+/// `POST /v1/jobs/{id}/retry`: queues a failed job again; it resumes where it stopped.
+pub async fn retry(
+    State(state): State<ApiState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let id = parse_id(&id)?;
+    let mut tx = state.catalog.begin().await?;
+    let job = match jobs::requeue(&mut tx, id).await? {
+        None => return Err(ApiError::NotFound("job_not_found", format!("job {id} does not exist"))),
+        Some(Err(job_state)) => {
+            return Err(ApiError::Conflict("invalid_state", format!("job {id} is {job_state}; only failed jobs are retried")))
+        }
+        Some(Ok(job)) => job,
+    };
+    audit::record(&mut tx, &actor, "job.retry", job.tenant.as_deref(), json!({"job": id})).await?;
+    tx.commit().await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"job": job}))))
+}
+
+/// `GET /v1/servers`: configured servers and how many live tenants each holds.
+pub async fn servers(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let rows: Vec<(String, String, i32, i32, i64)> = sqlx::query_as(
+        "SELECT s.name, s.host, s.port, s.max_tenants, count(t.slug) FROM servers s \
+         LEFT JOIN tenants t ON t.server = s.name AND t.status <> 'deleted' \
+         GROUP BY s.name ORDER BY s.name",
+    )
+    .fetch_all(&state.catalog)
+    .await?;
+    let items: Vec<Value> = rows
+        .into_iter()
+        .filter(|(name, ..)| state.servers.get(name).is_some())
+        .map(|(name, host, port, max, tenants)| {
+            json!({"name": name, "host": host, "port": port, "max_tenants": max, "tenants": tenants})
+        })
+        .collect();
+    Ok(Json(json!({"items": items})))
+}

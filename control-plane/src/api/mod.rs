@@ -1,0 +1,93 @@
+//! The admin API: JSON over HTTP under `/v1`, bearer admin tokens, every change in the audit
+//! log. Handlers are thin: auth → typed JSON → catalog/job → JSON.
+
+mod auth;
+pub mod error;
+mod extract;
+mod jobs;
+mod tenants;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::header::CONTENT_TYPE;
+use axum::middleware;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+
+pub use auth::AdminTokens;
+use error::ApiError;
+
+use crate::config::Config;
+use crate::secrets::SecretStore;
+use crate::servers::Servers;
+
+/// Largest admin request body.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The catalog.
+    pub catalog: PgPool,
+    /// The secret store.
+    pub store: Arc<dyn SecretStore>,
+    /// Tenant database servers.
+    pub servers: Arc<Servers>,
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// Admin tokens.
+    pub tokens: Arc<AdminTokens>,
+    /// Prometheus exposition.
+    pub metrics: Option<PrometheusHandle>,
+}
+
+/// The admin API router.
+pub fn router(state: ApiState) -> Router {
+    let v1 = Router::new()
+        .route("/tenants", get(tenants::list).post(tenants::create))
+        .route("/tenants/{slug}", get(tenants::show).delete(tenants::delete))
+        .route("/tenants/{slug}/suspend", post(tenants::suspend))
+        .route("/tenants/{slug}/resume", post(tenants::resume))
+        .route("/tenants/{slug}/keys", post(tenants::create_key))
+        .route("/tenants/{slug}/credentials", get(tenants::credentials))
+        .route("/jobs", get(jobs::list))
+        .route("/jobs/{id}", get(jobs::show))
+        .route("/jobs/{id}/retry", post(jobs::retry))
+        .route("/servers", get(jobs::servers))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin))
+        .route("/openapi.json", get(openapi));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn healthz(axum::extract::State(state): axum::extract::State<ApiState>) -> impl IntoResponse {
+    match sqlx::query("SELECT 1").execute(&state.catalog).await {
+        Ok(_) => (axum::http::StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"}))),
+        Err(_) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"status": "catalog_unavailable"})),
+        ),
+    }
+}
+
+async fn metrics(axum::extract::State(state): axum::extract::State<ApiState>) -> impl IntoResponse {
+    let body = state.metrics.as_ref().map(PrometheusHandle::render).unwrap_or_default();
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(CONTENT_TYPE, "application/json")], include_str!("openapi.json"))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("not_found", "no such endpoint".into())
+}

@@ -1,0 +1,345 @@
+//! `/v1/tenants`: create, list, show, suspend, resume, delete, API keys, break-glass
+//! credentials.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::auth::Actor;
+use super::error::ApiError;
+use super::extract::{Body, Path, Query};
+use super::ApiState;
+use crate::catalog::routes::TenantStatus;
+use crate::catalog::tenants::{self, InsertError, NewTenant, Tenant};
+use crate::names::TenantSlug;
+use crate::provision::{insert_key_as_owner, ProvisionParams};
+use crate::{audit, jobs, secrets};
+
+/// `POST /v1/tenants` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    slug: String,
+    name: Option<String>,
+    plan: Option<String>,
+    #[serde(default)]
+    domains: Vec<String>,
+    server: Option<String>,
+}
+
+fn parse_slug(slug: &str) -> Result<TenantSlug, ApiError> {
+    TenantSlug::parse(slug).map_err(|e| ApiError::BadRequest("invalid_slug", e.to_string()))
+}
+
+/// A custom domain: a lower-case DNS name of two or more labels, not under a base domain
+/// (those hosts belong to `{slug}.{base}` routing).
+fn parse_domain(domain: &str, base_domains: &[String]) -> Result<String, ApiError> {
+    let d = domain.trim_end_matches('.').to_ascii_lowercase();
+    let bad = |why: &str| ApiError::BadRequest("invalid_domain", format!("domain {domain:?} {why}"));
+    let labels: Vec<&str> = d.split('.').collect();
+    let label_ok = |l: &&str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if d.len() > 253 || labels.len() < 2 || !labels.iter().all(label_ok) {
+        return Err(bad("is not a valid domain name"));
+    }
+    if base_domains.iter().any(|b| d == *b || d.ends_with(&format!(".{b}"))) {
+        return Err(bad("is under a base domain of the router"));
+    }
+    Ok(d)
+}
+
+fn parse_plan(plan: Option<String>) -> Result<String, ApiError> {
+    let plan = plan.unwrap_or_else(|| "standard".into());
+    let ok = (1..=32).contains(&plan.len())
+        && plan.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !ok {
+        return Err(ApiError::BadRequest("invalid_plan", "plan must be 1-32 characters of a-z, 0-9, '-'".into()));
+    }
+    Ok(plan)
+}
+
+fn parse_name(name: Option<String>, slug: &TenantSlug) -> Result<String, ApiError> {
+    let name = name.unwrap_or_else(|| slug.to_string());
+    let len = name.chars().count();
+    if len == 0 || len > 200 || name.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest("invalid_name", "name must be 1-200 printable characters".into()));
+    }
+    Ok(name)
+}
+
+/// `POST /v1/tenants` → 202 `{"tenant","job","api_key"}`.
+pub async fn create(
+    State(state): State<ApiState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Body(req): Body<CreateTenant>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let slug = parse_slug(&req.slug)?;
+    let name = parse_name(req.name, &slug)?;
+    let plan = parse_plan(req.plan)?;
+    let mut domains = Vec::with_capacity(req.domains.len());
+    for d in &req.domains {
+        let d = parse_domain(d, &state.config.router.base_domains)?;
+        if !domains.contains(&d) {
+            domains.push(d);
+        }
+    }
+    if let Some(server) = &req.server {
+        if state.servers.get(server).is_none() {
+            return Err(ApiError::BadRequest("unknown_server", format!("server {server:?} is not configured")));
+        }
+    }
+
+    let (api_key, key_hash) = silo_tenant_app::api_keys::generate();
+    let params = ProvisionParams {
+        api_key_name: "default".into(),
+        api_key_hash: hex::encode(key_hash),
+        secret_version: uuid::Uuid::new_v4().to_string(),
+    };
+    let mut tx = state.catalog.begin().await?;
+    let server = tenants::place(&mut tx, req.server.as_deref()).await?.ok_or_else(|| {
+        ApiError::Unavailable("no_capacity", "every server is at max_tenants".into())
+    })?;
+    let tenant = tenants::insert(
+        &mut tx,
+        &NewTenant {
+            slug: slug.as_str(),
+            name: &name,
+            plan: &plan,
+            server: &server,
+            database: &slug.database_name(),
+            domains: &domains,
+        },
+    )
+    .await
+    .map_err(|e| match e {
+        InsertError::SlugTaken(_) => ApiError::Conflict("tenant_exists", e.to_string()),
+        InsertError::DomainTaken(_) => ApiError::Conflict("domain_taken", e.to_string()),
+        InsertError::Database(e) => e.into(),
+    })?;
+    let params = serde_json::to_value(&params).map_err(|e| ApiError::Internal(e.into()))?;
+    let job = jobs::enqueue(&mut tx, "provision", Some(slug.as_str()), params).await?;
+    audit::record(
+        &mut tx,
+        &actor,
+        "tenant.create",
+        Some(slug.as_str()),
+        json!({"server": server, "plan": plan, "domains": domains, "job": job.id}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"tenant": tenant, "job": job, "api_key": api_key}))))
+}
+
+/// `GET /v1/tenants`.
+pub async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({"items": tenants::list(&state.catalog).await?})))
+}
+
+async fn live_tenant(state: &ApiState, slug: &str) -> Result<Tenant, ApiError> {
+    let slug = parse_slug(slug)?;
+    let mut conn = state.catalog.acquire().await?;
+    match tenants::get(&mut conn, slug.as_str()).await? {
+        Some(t) if t.status != TenantStatus::Deleted => Ok(t),
+        _ => Err(ApiError::tenant_not_found(slug.as_str())),
+    }
+}
+
+/// `GET /v1/tenants/{slug}`.
+pub async fn show(State(state): State<ApiState>, Path(slug): Path<String>) -> Result<Json<Tenant>, ApiError> {
+    Ok(Json(live_tenant(&state, &slug).await?))
+}
+
+/// `DELETE /v1/tenants/{slug}` query.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteQuery {
+    #[serde(default)]
+    backup: bool,
+}
+
+/// `DELETE /v1/tenants/{slug}` → 202 `{"job"}`.
+pub async fn delete(
+    State(state): State<ApiState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(slug): Path<String>,
+    Query(q): Query<DeleteQuery>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let slug = parse_slug(&slug)?;
+    if q.backup {
+        return Err(ApiError::Unprocessable(
+            "backup_unavailable",
+            "backups are not available in this version; delete without backup=true".into(),
+        ));
+    }
+    let mut tx = state.catalog.begin().await?;
+    let status = tenants::lock_status(&mut tx, slug.as_str()).await?;
+    let job = match status {
+        None | Some(TenantStatus::Deleted) => return Err(ApiError::tenant_not_found(slug.as_str())),
+        Some(TenantStatus::Deleting) => match jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
+            Some(job) => job,
+            None => jobs::enqueue(&mut tx, "delete", Some(slug.as_str()), json!({})).await?,
+        },
+        Some(_) => {
+            if let Some(job) = jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
+                return Err(ApiError::Conflict(
+                    "tenant_busy",
+                    format!("job {} ({}) is still running for this tenant", job.id, job.kind),
+                ));
+            }
+            tenants::set_status(&mut tx, slug.as_str(), TenantStatus::Deleting, None).await?;
+            jobs::enqueue(&mut tx, "delete", Some(slug.as_str()), json!({})).await?
+        }
+    };
+    audit::record(&mut tx, &actor, "tenant.delete", Some(slug.as_str()), json!({"job": job.id})).await?;
+    tx.commit().await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"job": job}))))
+}
+
+async fn change_status(
+    state: &ApiState,
+    actor: &str,
+    slug: &str,
+    from: TenantStatus,
+    to: TenantStatus,
+    action: &str,
+) -> Result<Json<Tenant>, ApiError> {
+    let slug = parse_slug(slug)?;
+    let mut tx = state.catalog.begin().await?;
+    match tenants::lock_status(&mut tx, slug.as_str()).await? {
+        None | Some(TenantStatus::Deleted) => return Err(ApiError::tenant_not_found(slug.as_str())),
+        Some(s) if s == to => {}
+        Some(s) if s == from => {
+            tenants::set_status(&mut tx, slug.as_str(), to, None).await?;
+            audit::record(&mut tx, actor, action, Some(slug.as_str()), json!({})).await?;
+        }
+        Some(s) => {
+            return Err(ApiError::Conflict(
+                "invalid_state",
+                format!("tenant is {}; only a {} tenant can be changed to {}", s.as_str(), from.as_str(), to.as_str()),
+            ))
+        }
+    }
+    let tenant = tenants::get(&mut tx, slug.as_str()).await?.ok_or_else(|| ApiError::tenant_not_found(slug.as_str()))?;
+    tx.commit().await?;
+    Ok(Json(tenant))
+}
+
+/// `POST /v1/tenants/{slug}/suspend`.
+pub async fn suspend(
+    State(state): State<ApiState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(slug): Path<String>,
+) -> Result<Json<Tenant>, ApiError> {
+    change_status(&state, &actor, &slug, TenantStatus::Active, TenantStatus::Suspended, "tenant.suspend").await
+}
+
+/// `POST /v1/tenants/{slug}/resume`.
+pub async fn resume(
+    State(state): State<ApiState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(slug): Path<String>,
+) -> Result<Json<Tenant>, ApiError> {
+    change_status(&state, &actor, &slug, TenantStatus::Suspended, TenantStatus::Active, "tenant.resume").await
+}
+
+/// `POST /v1/tenants/{slug}/keys` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    name: String,
+}
+
+fn with_database(tenant: &Tenant) -> Result<(), ApiError> {
+    match tenant.status {
+        TenantStatus::Active | TenantStatus::Suspended => Ok(()),
+        other => Err(ApiError::Conflict(
+            "invalid_state",
+            format!("tenant is {}; its database is not ready", other.as_str()),
+        )),
+    }
+}
+
+/// `POST /v1/tenants/{slug}/keys` → 201 `{"name","api_key"}`.
+pub async fn create_key(
+    State(state): State<ApiState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(slug): Path<String>,
+    Body(req): Body<CreateKey>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let tenant = live_tenant(&state, &slug).await?;
+    let slug = parse_slug(&tenant.slug)?;
+    let len = req.name.chars().count();
+    if len == 0 || len > 100 || req.name.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest("invalid_key_name", "key name must be 1-100 printable characters".into()));
+    }
+    with_database(&tenant)?;
+    let server = state
+        .servers
+        .get(&tenant.server)
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("server {} is not configured", tenant.server)))?;
+    let mut conn = server.connect(&tenant.database).await.map_err(|e| {
+        tracing::warn!(error = %e, tenant = %slug, "connect to tenant database");
+        ApiError::Unavailable("tenant_unavailable", "the tenant's database is unavailable".into())
+    })?;
+    let taken: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM api_keys WHERE name = $1)")
+        .bind(&req.name)
+        .fetch_one(&mut conn)
+        .await?;
+    if taken {
+        return Err(ApiError::Conflict("key_exists", format!("tenant already has a key named {:?}", req.name)));
+    }
+    let (api_key, hash) = silo_tenant_app::api_keys::generate();
+    insert_key_as_owner(&mut conn, &slug, &req.name, &hash)
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    let mut tx = state.catalog.begin().await?;
+    audit::record(&mut tx, &actor, "tenant.key.create", Some(slug.as_str()), json!({"name": req.name})).await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(json!({"name": req.name, "api_key": api_key}))))
+}
+
+/// `GET /v1/tenants/{slug}/credentials`: break-glass read of the current secret; audited
+/// before it is returned.
+pub async fn credentials(
+    State(state): State<ApiState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(slug): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = live_tenant(&state, &slug).await?;
+    let slug = parse_slug(&tenant.slug)?;
+    with_database(&tenant)?;
+    let mut tx = state.catalog.begin().await?;
+    audit::record(&mut tx, &actor, "tenant.credentials.read", Some(slug.as_str()), json!({})).await?;
+    tx.commit().await?;
+    let name = secrets::tenant_secret_name(&state.config.secrets.name_prefix, &slug);
+    let version = state
+        .store
+        .get_secret_value(&name, secrets::AWSCURRENT)
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?
+        .ok_or_else(|| ApiError::NotFound("secret_not_found", "the tenant has no current secret".into()))?;
+    let value: Value = serde_json::from_str(version.value.expose_secret())
+        .map_err(|_| ApiError::Internal(anyhow::anyhow!("secret {name} is not JSON")))?;
+    Ok(Json(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domains_are_validated() {
+        let base = vec!["localhost".to_string()];
+        assert_eq!(parse_domain("Acme.Example.COM.", &base).unwrap(), "acme.example.com");
+        for bad in ["localhost", "x.localhost", "example", "a..b", "-a.com", "a_b.com", "a b.com", ""] {
+            assert!(parse_domain(bad, &base).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Tenant rows as the control plane sees them: the tenant JSON of the admin API, placement
+//! on a server, and status changes (each announced to routers with NOTIFY).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+
+use super::routes::TenantStatus;
+
+/// A tenant as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tenant {
+    /// The slug.
+    pub slug: String,
+    /// Display name.
+    pub name: String,
+    /// Lifecycle status.
+    pub status: TenantStatus,
+    /// Plan name.
+    pub plan: String,
+    /// Server holding its database.
+    pub server: String,
+    /// Its database.
+    pub database: String,
+    /// Custom domains.
+    pub domains: Vec<String>,
+    /// Highest tenant migration applied.
+    pub schema_version: i64,
+    /// When credentials were last rotated (or first created).
+    pub credentials_rotated_at: Option<DateTime<Utc>>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// The last job error while `failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct TenantRow {
+    slug: String,
+    name: String,
+    status: String,
+    plan: String,
+    server: String,
+    database: String,
+    domains: Vec<String>,
+    schema_version: i64,
+    credentials_rotated_at: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+    error: Option<String>,
+}
+
+impl TryFrom<TenantRow> for Tenant {
+    type Error = sqlx::Error;
+    fn try_from(r: TenantRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            status: r.status.parse().map_err(|e: String| sqlx::Error::Decode(e.into()))?,
+            slug: r.slug,
+            name: r.name,
+            plan: r.plan,
+            server: r.server,
+            database: r.database,
+            domains: r.domains,
+            schema_version: r.schema_version,
+            credentials_rotated_at: r.credentials_rotated_at,
+            created_at: r.created_at,
+            error: r.error,
+        })
+    }
+}
+
+const SELECT: &str = "SELECT t.slug, t.name, t.status, t.plan, t.server, t.database, \
+     COALESCE(ARRAY(SELECT d.domain FROM tenant_domains d WHERE d.slug = t.slug ORDER BY d.domain), '{}') AS domains, \
+     t.schema_version, t.credentials_rotated_at, t.created_at, t.error FROM tenants t";
+
+/// The tenant `slug`, deleted tombstones included.
+pub async fn get(exec: &mut PgConnection, slug: &str) -> Result<Option<Tenant>, sqlx::Error> {
+    sqlx::query_as::<_, TenantRow>(sqlx::AssertSqlSafe(format!("{SELECT} WHERE t.slug = $1")))
+        .bind(slug)
+        .fetch_optional(exec)
+        .await?
+        .map(Tenant::try_from)
+        .transpose()
+}
+
+/// Every tenant that is not deleted, by slug.
+pub async fn list(pool: &PgPool) -> Result<Vec<Tenant>, sqlx::Error> {
+    sqlx::query_as::<_, TenantRow>(sqlx::AssertSqlSafe(format!(
+        "{SELECT} WHERE t.status <> 'deleted' ORDER BY t.slug"
+    )))
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(Tenant::try_from)
+    .collect()
+}
+
+/// Locks the tenant row for the rest of the transaction and returns its status.
+pub async fn lock_status(tx: &mut PgConnection, slug: &str) -> Result<Option<TenantStatus>, sqlx::Error> {
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM tenants WHERE slug = $1 FOR UPDATE")
+        .bind(slug)
+        .fetch_optional(tx)
+        .await?;
+    status
+        .map(|s| s.parse().map_err(|e: String| sqlx::Error::Decode(e.into())))
+        .transpose()
+}
+
+/// Sets the status (and error) of `slug` and tells the routers.
+pub async fn set_status(
+    tx: &mut PgConnection,
+    slug: &str,
+    status: TenantStatus,
+    error: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE tenants SET status = $2, error = $3, updated_at = now(), \
+         deleted_at = CASE WHEN $2 = 'deleted' THEN now() ELSE deleted_at END WHERE slug = $1",
+    )
+    .bind(slug)
+    .bind(status.as_str())
+    .bind(error)
+    .execute(&mut *tx)
+    .await?;
+    super::notify_tenant_changed(&mut *tx, slug).await
+}
+
+/// Chooses the server for a new tenant: the configured one with the fewest live tenants and
+/// room under its `max_tenants`. Locks the server rows so concurrent creations count right.
+pub async fn place(tx: &mut PgConnection, only: Option<&str>) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH s AS (SELECT name, max_tenants FROM servers WHERE ($1::text IS NULL OR name = $1) FOR UPDATE) \
+         SELECT s.name FROM s LEFT JOIN tenants t ON t.server = s.name AND t.status <> 'deleted' \
+         GROUP BY s.name, s.max_tenants HAVING count(t.slug) < s.max_tenants \
+         ORDER BY count(t.slug), s.name LIMIT 1",
+    )
+    .bind(only)
+    .fetch_optional(tx)
+    .await
+}
+
+/// A tenant to insert.
+pub struct NewTenant<'a> {
+    /// Slug.
+    pub slug: &'a str,
+    /// Display name.
+    pub name: &'a str,
+    /// Plan.
+    pub plan: &'a str,
+    /// Server.
+    pub server: &'a str,
+    /// Database name.
+    pub database: &'a str,
+    /// Custom domains.
+    pub domains: &'a [String],
+}
+
+/// Why a tenant could not be inserted.
+#[derive(Debug, thiserror::Error)]
+pub enum InsertError {
+    /// A live tenant has the slug.
+    #[error("tenant {0:?} already exists")]
+    SlugTaken(String),
+    /// Another tenant registered the domain.
+    #[error("domain {0:?} belongs to another tenant")]
+    DomainTaken(String),
+    /// The database failed.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// Inserts a `provisioning` tenant. A `deleted` tombstone with the same slug is replaced
+/// (its history stays in the audit log).
+pub async fn insert(tx: &mut PgConnection, t: &NewTenant<'_>) -> Result<Tenant, InsertError> {
+    let inserted = sqlx::query(
+        "INSERT INTO tenants (slug, name, plan, status, server, database) \
+         VALUES ($1, $2, $3, 'provisioning', $4, $5) \
+         ON CONFLICT (slug) DO UPDATE SET name = EXCLUDED.name, plan = EXCLUDED.plan, \
+           status = 'provisioning', server = EXCLUDED.server, database = EXCLUDED.database, \
+           schema_version = 0, credentials_rotated_at = NULL, error = NULL, \
+           created_at = now(), updated_at = now(), deleted_at = NULL \
+         WHERE tenants.status = 'deleted'",
+    )
+    .bind(t.slug)
+    .bind(t.name)
+    .bind(t.plan)
+    .bind(t.server)
+    .bind(t.database)
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(InsertError::SlugTaken(t.slug.to_owned()));
+    }
+    for domain in t.domains {
+        let added = sqlx::query("INSERT INTO tenant_domains (domain, slug) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(domain)
+            .bind(t.slug)
+            .execute(&mut *tx)
+            .await?;
+        if added.rows_affected() == 0 {
+            return Err(InsertError::DomainTaken(domain.clone()));
+        }
+    }
+    super::notify_tenant_changed(&mut *tx, t.slug).await?;
+    get(tx, t.slug).await?.ok_or(InsertError::Database(sqlx::Error::RowNotFound))
+}

@@ -1,0 +1,270 @@
+//! The command line, declared with clap derive: `///` comments are the help text.
+
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+
+use crate::names::TenantSlug;
+
+/// siloctl: operate silo, one PostgreSQL database per tenant.
+///
+/// Talks to the control plane's admin API. Without --endpoint/--token (or SILO_ENDPOINT/
+/// SILO_TOKEN) it uses ./.silo/env, then the context the last `siloctl dev` wrote.
+#[derive(Debug, Parser)]
+#[command(name = "siloctl", version)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) global: GlobalArgs,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct GlobalArgs {
+    /// Admin API URL, e.g. http://127.0.0.1:7070.
+    #[arg(long, env = "SILO_ENDPOINT", global = true, value_name = "URL")]
+    pub(crate) endpoint: Option<String>,
+    /// Admin API bearer token.
+    #[arg(long, env = "SILO_TOKEN", global = true, value_name = "T", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    pub(crate) output: Output,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// The admin API's JSON, for scripts.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run a complete local stack (PostgreSQL, control plane, router) in the foreground.
+    Dev(DevArgs),
+    /// Create, inspect, suspend and delete tenants.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Rotate tenant database credentials.
+    Rotate(RotateArgs),
+    /// Roll tenant schema migrations out, or show where each tenant stands.
+    Migrate(MigrateArgs),
+    /// Inspect and retry control-plane jobs.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+    /// PostgreSQL servers that hold tenant databases.
+    #[command(subcommand)]
+    Server(ServerCommand),
+}
+
+/// Arguments of `siloctl dev`.
+#[derive(Debug, Args)]
+pub(crate) struct DevArgs {
+    /// Directory for the clusters, config, keys and logs (reused on later runs).
+    #[arg(long, value_name = "DIR", default_value = ".silo")]
+    pub(crate) data_dir: PathBuf,
+    /// Router HTTP port (0 picks a free one).
+    #[arg(long, value_name = "N", default_value_t = 8080)]
+    pub(crate) http_port: u16,
+    /// Router HTTPS port (0 picks a free one).
+    #[arg(long, value_name = "N", default_value_t = 8443)]
+    pub(crate) https_port: u16,
+    /// Number of local PostgreSQL servers for tenant databases.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub(crate) servers: u16,
+    /// Where tenant credentials are kept.
+    #[arg(long, value_enum, default_value_t = SecretsKind::Local)]
+    pub(crate) secrets: SecretsKind,
+    /// AWS Secrets Manager endpoint (moto, LocalStack) for --secrets aws.
+    #[arg(long, value_name = "URL")]
+    pub(crate) aws_endpoint_url: Option<String>,
+    /// Also create tenant `demo` and print its API key.
+    #[arg(long)]
+    pub(crate) demo: bool,
+    /// Admin API port (0 picks a free one).
+    #[arg(long, value_name = "N", default_value_t = 7070)]
+    pub(crate) api_port: u16,
+    /// Router operations port: /healthz, /readyz, /metrics (0 picks a free one).
+    #[arg(long, value_name = "N", default_value_t = 9090)]
+    pub(crate) metrics_port: u16,
+}
+
+/// The secret store `siloctl dev` configures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum SecretsKind {
+    /// Encrypted in the catalog under {data-dir}/master.key.
+    Local,
+    /// AWS Secrets Manager (set --aws-endpoint-url for moto).
+    Aws,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TenantCommand {
+    /// Create a tenant: its database, login role, secret and first API key.
+    Create {
+        /// The tenant's slug: 3-32 of a-z, 0-9 and '-'.
+        slug: TenantSlug,
+        /// Display name.
+        #[arg(long, value_name = "TEXT")]
+        name: Option<String>,
+        /// Plan.
+        #[arg(long)]
+        plan: Option<String>,
+        /// A custom domain routed to this tenant (repeatable).
+        #[arg(long = "domain", value_name = "HOST")]
+        domains: Vec<String>,
+        /// Place the tenant on this server instead of the least loaded one.
+        #[arg(long, value_name = "NAME")]
+        server: Option<String>,
+        /// Return once the job is queued instead of waiting for it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List tenants.
+    List,
+    /// Show one tenant.
+    Show {
+        /// The tenant's slug.
+        slug: TenantSlug,
+    },
+    /// Suspend a tenant: the router answers 403 until it is resumed.
+    Suspend {
+        /// The tenant's slug.
+        slug: TenantSlug,
+    },
+    /// Resume a suspended tenant.
+    Resume {
+        /// The tenant's slug.
+        slug: TenantSlug,
+    },
+    /// Delete a tenant, its database, roles and secret.
+    Delete {
+        /// The tenant's slug.
+        slug: TenantSlug,
+        /// Confirm the deletion.
+        #[arg(long)]
+        yes: bool,
+        /// Take a backup of the database first.
+        #[arg(long)]
+        backup: bool,
+        /// Return once the job is queued instead of waiting for it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Tenant API keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Break-glass: print the tenant's current database secret (audited).
+    Credentials {
+        /// The tenant's slug.
+        slug: TenantSlug,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum KeyCommand {
+    /// Mint a new API key for a tenant (shown once).
+    Create {
+        /// The tenant's slug.
+        slug: TenantSlug,
+        /// A name for the key.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+/// A rotation strategy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Strategy {
+    /// One login role; its password changes.
+    Single,
+    /// Two login roles take turns.
+    Alternating,
+}
+
+impl Strategy {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Single => "single",
+            Self::Alternating => "alternating",
+        }
+    }
+}
+
+/// Arguments of `siloctl rotate`.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("target").required(true).args(["slugs", "all", "due"])))]
+pub(crate) struct RotateArgs {
+    /// Tenants to rotate.
+    pub(crate) slugs: Vec<TenantSlug>,
+    /// Rotate every active tenant.
+    #[arg(long)]
+    pub(crate) all: bool,
+    /// Rotate the tenants whose credentials are older than the rotation interval.
+    #[arg(long)]
+    pub(crate) due: bool,
+    /// Rotation strategy (default: the server's configured one).
+    #[arg(long, value_enum)]
+    pub(crate) strategy: Option<Strategy>,
+    /// Return once the jobs are queued instead of waiting for them.
+    #[arg(long)]
+    pub(crate) no_wait: bool,
+}
+
+/// Arguments of `siloctl migrate`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(group(ArgGroup::new("target").required(true).args(["slugs", "all"])))]
+pub(crate) struct MigrateArgs {
+    #[command(subcommand)]
+    pub(crate) command: Option<MigrateCommand>,
+    /// Tenants to migrate.
+    pub(crate) slugs: Vec<TenantSlug>,
+    /// Migrate every tenant.
+    #[arg(long)]
+    pub(crate) all: bool,
+    /// Tenants migrated at the same time.
+    #[arg(long, value_name = "N")]
+    pub(crate) concurrency: Option<u32>,
+    /// Migrate this many tenants first and stop if any fails.
+    #[arg(long, value_name = "N")]
+    pub(crate) canary: Option<u32>,
+    /// Return once the job is queued instead of waiting for it.
+    #[arg(long)]
+    pub(crate) no_wait: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum MigrateCommand {
+    /// Each tenant's schema version against the target version.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum JobsCommand {
+    /// List recent jobs.
+    List,
+    /// Show one job.
+    Show {
+        /// The job id.
+        id: String,
+    },
+    /// Run a failed job again from the step where it stopped.
+    Retry {
+        /// The job id.
+        id: String,
+        /// Return once the job is queued instead of waiting for it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ServerCommand {
+    /// List servers with their tenant counts.
+    List,
+}

@@ -1,0 +1,175 @@
+//! A thin client of the admin API: bearer auth, JSON in and out, and one-line errors built
+//! from the API's `{"error","message"}` body.
+
+use std::time::Duration;
+
+use anyhow::anyhow;
+use reqwest::{Method, StatusCode};
+use secrecy::ExposeSecret;
+use serde_json::Value;
+
+use super::context::ApiContext;
+
+/// How long one request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An admin API client.
+pub(crate) struct ApiClient {
+    http: reqwest::Client,
+    ctx: ApiContext,
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApiError {
+    /// The API answered with an error status.
+    #[error("{code}: {message}")]
+    Status {
+        /// The HTTP status.
+        status: StatusCode,
+        /// The `error` code from the body (or the status).
+        code: String,
+        /// The `message` from the body.
+        message: String,
+    },
+    /// The server could not be reached or the connection broke.
+    #[error("cannot reach the admin API at {endpoint}: {cause}")]
+    Unreachable {
+        /// The endpoint.
+        endpoint: String,
+        /// The innermost cause.
+        cause: String,
+    },
+    /// The API answered 2xx with something that is not the expected JSON.
+    #[error("unexpected response from {path}: {0}", path = .1)]
+    Malformed(String, String),
+}
+
+impl ApiError {
+    /// True for a 404.
+    pub(crate) fn is_not_found(&self) -> bool {
+        matches!(self, Self::Status { status, .. } if *status == StatusCode::NOT_FOUND)
+    }
+
+    /// True when the server could not be reached (worth retrying while waiting on a job).
+    pub(crate) fn is_transient(&self) -> bool {
+        matches!(self, Self::Unreachable { .. })
+            || matches!(self, Self::Status { status, .. } if *status == StatusCode::SERVICE_UNAVAILABLE)
+    }
+}
+
+impl ApiClient {
+    /// A client for `ctx`.
+    pub(crate) fn new(ctx: ApiContext) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .user_agent(concat!("siloctl/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| anyhow!("build the HTTP client: {e}"))?;
+        Ok(Self { http, ctx })
+    }
+
+    /// `GET path`.
+    pub(crate) async fn get(&self, path: &str) -> Result<Value, ApiError> {
+        self.send(Method::GET, path, None).await
+    }
+
+    /// `POST path` with a JSON body.
+    pub(crate) async fn post(&self, path: &str, body: &Value) -> Result<Value, ApiError> {
+        self.send(Method::POST, path, Some(body)).await
+    }
+
+    /// `DELETE path`.
+    pub(crate) async fn delete(&self, path: &str) -> Result<Value, ApiError> {
+        self.send(Method::DELETE, path, None).await
+    }
+
+    async fn send(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value, ApiError> {
+        let url = format!("{}{path}", self.ctx.endpoint);
+        let mut req = self.http.request(method, &url).bearer_auth(self.ctx.token.expose_secret());
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req.send().await.map_err(|e| self.unreachable(&e))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| self.unreachable(&e))?;
+        if status.is_success() {
+            if bytes.is_empty() {
+                return Ok(Value::Null);
+            }
+            return serde_json::from_slice(&bytes).map_err(|e| ApiError::Malformed(e.to_string(), path.to_owned()));
+        }
+        Err(status_error(status, &bytes))
+    }
+
+    fn unreachable(&self, e: &reqwest::Error) -> ApiError {
+        let cause = if e.is_timeout() {
+            "request timed out".to_owned()
+        } else {
+            // reqwest's own message repeats the URL; the innermost cause is what helps.
+            let mut inner: &dyn std::error::Error = e;
+            while let Some(next) = inner.source() {
+                inner = next;
+            }
+            inner.to_string()
+        };
+        ApiError::Unreachable { endpoint: self.ctx.endpoint.clone(), cause }
+    }
+}
+
+/// Builds the error for a non-2xx response from its `{"error","message"}` body.
+fn status_error(status: StatusCode, body: &[u8]) -> ApiError {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        error: String,
+        #[serde(default)]
+        message: String,
+    }
+    match serde_json::from_slice::<Body>(body) {
+        Ok(b) => ApiError::Status { status, code: b.error, message: b.message },
+        Err(_) => {
+            let text: String = String::from_utf8_lossy(body).chars().take(200).collect();
+            let message = if text.trim().is_empty() {
+                status.canonical_reason().unwrap_or("error").to_owned()
+            } else {
+                super::one_line(&text)
+            };
+            ApiError::Status { status, code: format!("HTTP {}", status.as_u16()), message }
+        }
+    }
+}
+
+/// Percent-encodes one path segment (job ids and slugs are plain, but be safe).
+pub(crate) fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_error_body_becomes_code_and_message() {
+        let e = status_error(StatusCode::CONFLICT, br#"{"error":"tenant_exists","message":"slug taken"}"#);
+        assert_eq!(e.to_string(), "tenant_exists: slug taken");
+        let e = status_error(StatusCode::BAD_GATEWAY, b"<html>\nbad\n</html>");
+        assert_eq!(e.to_string(), "HTTP 502: <html> bad </html>");
+    }
+
+    #[test]
+    fn segments_are_escaped() {
+        assert_eq!(segment("acme-1"), "acme-1");
+        assert_eq!(segment("a/b c"), "a%2Fb%20c");
+    }
+}

@@ -1,0 +1,284 @@
+//! The client commands: each turns its arguments into admin API calls and prints the result.
+
+use anyhow::bail;
+use serde_json::{json, Map, Value};
+
+use super::args::{
+    Command, GlobalArgs, JobsCommand, KeyCommand, MigrateArgs, MigrateCommand, Output, RotateArgs, ServerCommand,
+    TenantCommand,
+};
+use super::client::{segment, ApiClient};
+use super::output::{self, field, items, print_json, print_table};
+use super::wait::{self, wait_job};
+use super::{context, usage};
+use crate::names::TenantSlug;
+
+/// Runs a client command (anything but `dev`).
+pub(crate) async fn run(global: GlobalArgs, command: Command) -> anyhow::Result<()> {
+    // Usage problems the parser cannot see are caught before anything is resolved or sent.
+    if let Command::Tenant(TenantCommand::Delete { slug, yes: false, .. }) = &command {
+        return Err(usage(format!("deleting tenant {slug} destroys its database: pass --yes to confirm")));
+    }
+    let client = ApiClient::new(context::resolve(&global)?)?;
+    let out = global.output;
+    match command {
+        Command::Dev(_) => bail!("`dev` is not a client command"),
+        Command::Tenant(cmd) => tenant(&client, out, cmd).await,
+        Command::Rotate(args) => rotate(&client, out, args).await,
+        Command::Migrate(args) => migrate(&client, out, args).await,
+        Command::Jobs(cmd) => jobs(&client, out, cmd).await,
+        Command::Server(ServerCommand::List) => servers(&client, out).await,
+    }
+}
+
+fn tenant_path(slug: &TenantSlug) -> String {
+    format!("/v1/tenants/{}", segment(slug.as_str()))
+}
+
+async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::Result<()> {
+    match cmd {
+        TenantCommand::Create { slug, name, plan, domains, server, no_wait } => {
+            let mut body = Map::new();
+            body.insert("slug".into(), json!(slug.as_str()));
+            if let Some(name) = name {
+                body.insert("name".into(), json!(name));
+            }
+            if let Some(plan) = plan {
+                body.insert("plan".into(), json!(plan));
+            }
+            if !domains.is_empty() {
+                body.insert("domains".into(), json!(domains));
+            }
+            if let Some(server) = server {
+                body.insert("server".into(), json!(server));
+            }
+            let created = client.post("/v1/tenants", &Value::Object(body)).await?;
+            let api_key = created.get("api_key").cloned().unwrap_or(Value::Null);
+            if no_wait {
+                match out {
+                    Output::Json => print_json(&created),
+                    Output::Table => {
+                        let job = created.get("job").unwrap_or(&Value::Null);
+                        println!("tenant {slug} is being created by job {}", field(job, "id"));
+                        print_api_key(&api_key);
+                    }
+                }
+                return Ok(());
+            }
+            let tenant = create_and_wait(client, &slug, &created).await?;
+            match out {
+                Output::Json => print_json(&json!({"tenant": tenant, "api_key": api_key})),
+                Output::Table => {
+                    output::print_tenant(&tenant);
+                    println!();
+                    print_api_key(&api_key);
+                }
+            }
+            Ok(())
+        }
+        TenantCommand::List => {
+            let list = client.get("/v1/tenants").await?;
+            match out {
+                Output::Json => print_json(&list),
+                Output::Table => output::print_tenants(items(&list)),
+            }
+            Ok(())
+        }
+        TenantCommand::Show { slug } => show(out, &client.get(&tenant_path(&slug)).await?),
+        TenantCommand::Suspend { slug } => {
+            show(out, &client.post(&format!("{}/suspend", tenant_path(&slug)), &json!({})).await?)
+        }
+        TenantCommand::Resume { slug } => {
+            show(out, &client.post(&format!("{}/resume", tenant_path(&slug)), &json!({})).await?)
+        }
+        TenantCommand::Delete { slug, yes: _, backup, no_wait } => {
+            let resp = client.delete(&format!("{}?backup={backup}", tenant_path(&slug))).await?;
+            finish_jobs(client, out, resp, no_wait, &format!("deleting {slug}")).await
+        }
+        TenantCommand::Key(KeyCommand::Create { slug, name }) => {
+            let resp = client.post(&format!("{}/keys", tenant_path(&slug)), &json!({ "name": name })).await?;
+            match out {
+                Output::Json => print_json(&resp),
+                Output::Table => {
+                    println!("key {:?} created for tenant {slug}", field(&resp, "name"));
+                    print_api_key(resp.get("api_key").unwrap_or(&Value::Null));
+                }
+            }
+            Ok(())
+        }
+        TenantCommand::Credentials { slug } => {
+            // Break-glass: the secret JSON in both output modes; the server audits the read.
+            print_json(&client.get(&format!("{}/credentials", tenant_path(&slug))).await?);
+            Ok(())
+        }
+    }
+}
+
+/// Waits for the create job of `created` and returns the tenant as it is afterwards.
+pub(crate) async fn create_and_wait(client: &ApiClient, slug: &TenantSlug, created: &Value) -> anyhow::Result<Value> {
+    let job = created.get("job").cloned().unwrap_or(Value::Null);
+    let job = wait_job(client, &job, &format!("creating {slug}")).await?;
+    if wait::state(&job) == "failed" {
+        bail!("{}", wait::failure(&job));
+    }
+    Ok(client.get(&tenant_path(slug)).await?)
+}
+
+fn print_api_key(key: &Value) {
+    println!("API key: {}", output::text(key));
+    println!("(shown once: store it now; `siloctl tenant key create` mints another)");
+}
+
+fn show(out: Output, tenant: &Value) -> anyhow::Result<()> {
+    match out {
+        Output::Json => print_json(tenant),
+        Output::Table => output::print_tenant(tenant),
+    }
+    Ok(())
+}
+
+async fn rotate(client: &ApiClient, out: Output, args: RotateArgs) -> anyhow::Result<()> {
+    let strategy = args.strategy.map(|s| s.as_str());
+    let mut body = Map::new();
+    if let Some(s) = strategy {
+        body.insert("strategy".into(), json!(s));
+    }
+    let resp = if args.slugs.is_empty() {
+        body.insert("all".into(), json!(args.all));
+        body.insert("due".into(), json!(args.due));
+        client.post("/v1/rotations", &Value::Object(body)).await?
+    } else {
+        let mut jobs = Vec::with_capacity(args.slugs.len());
+        for slug in &args.slugs {
+            let resp = client.post(&format!("{}/rotate", tenant_path(slug)), &Value::Object(body.clone())).await?;
+            jobs.push(resp.get("job").cloned().unwrap_or(Value::Null));
+        }
+        json!({ "jobs": jobs })
+    };
+    finish_jobs(client, out, resp, args.no_wait, "rotating").await
+}
+
+async fn migrate(client: &ApiClient, out: Output, args: MigrateArgs) -> anyhow::Result<()> {
+    if let Some(MigrateCommand::Status) = args.command {
+        let status = client.get("/v1/migrations/status").await?;
+        match out {
+            Output::Json => print_json(&status),
+            Output::Table => {
+                println!("target version: {}", field(&status, "target_version"));
+                let rows: Vec<Vec<String>> = items(&status)
+                    .iter()
+                    .map(|t| ["slug", "server", "schema_version", "status"].iter().map(|k| field(t, k)).collect())
+                    .collect();
+                print_table(&["SLUG", "SERVER", "VERSION", "STATUS"], &rows, "no tenants");
+            }
+        }
+        return Ok(());
+    }
+    let mut body = Map::new();
+    if !args.all {
+        let slugs: Vec<&str> = args.slugs.iter().map(TenantSlug::as_str).collect();
+        body.insert("tenants".into(), json!(slugs));
+    }
+    if let Some(n) = args.concurrency {
+        body.insert("concurrency".into(), json!(n));
+    }
+    if let Some(n) = args.canary {
+        body.insert("canary".into(), json!(n));
+    }
+    let resp = client.post("/v1/migrations", &Value::Object(body)).await?;
+    finish_jobs(client, out, resp, args.no_wait, "migrating").await
+}
+
+async fn jobs(client: &ApiClient, out: Output, cmd: JobsCommand) -> anyhow::Result<()> {
+    match cmd {
+        JobsCommand::List => {
+            let list = client.get("/v1/jobs").await?;
+            match out {
+                Output::Json => print_json(&list),
+                Output::Table => output::print_jobs(items(&list)),
+            }
+            Ok(())
+        }
+        JobsCommand::Show { id } => {
+            let job = client.get(&format!("/v1/jobs/{}", segment(&id))).await?;
+            match out {
+                Output::Json => print_json(&job),
+                Output::Table => output::print_job(&job),
+            }
+            Ok(())
+        }
+        JobsCommand::Retry { id, no_wait } => {
+            let resp = client.post(&format!("/v1/jobs/{}/retry", segment(&id)), &json!({})).await?;
+            finish_jobs(client, out, resp, no_wait, "retrying").await
+        }
+    }
+}
+
+async fn servers(client: &ApiClient, out: Output) -> anyhow::Result<()> {
+    let list = client.get("/v1/servers").await?;
+    match out {
+        Output::Json => print_json(&list),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = items(&list)
+                .iter()
+                .map(|s| ["name", "host", "port", "tenants", "max_tenants"].iter().map(|k| field(s, k)).collect())
+                .collect();
+            print_table(&["NAME", "HOST", "PORT", "TENANTS", "MAX"], &rows, "no servers");
+        }
+    }
+    Ok(())
+}
+
+/// Handles a `{"job"}` or `{"jobs":[...]}` response: print it as is with `--no-wait`, else
+/// wait for every job, print the final states and fail if any job failed.
+async fn finish_jobs(client: &ApiClient, out: Output, resp: Value, no_wait: bool, label: &str) -> anyhow::Result<()> {
+    let single = resp.get("job").is_some();
+    let jobs: Vec<Value> = match (resp.get("job"), resp.get("jobs")) {
+        (Some(job), _) => vec![job.clone()],
+        (None, Some(Value::Array(jobs))) => jobs.clone(),
+        _ => bail!("unexpected response from the admin API: no job in it"),
+    };
+    let finished = if no_wait {
+        jobs
+    } else {
+        let mut finished = Vec::with_capacity(jobs.len());
+        let n = jobs.len();
+        for (i, job) in jobs.iter().enumerate() {
+            let tenant = field(job, "tenant");
+            let mut label = label.to_owned();
+            if tenant != "-" && !label.contains(&tenant) {
+                label = format!("{label} {tenant}");
+            }
+            if n > 1 {
+                label = format!("{label} ({}/{n})", i + 1);
+            }
+            finished.push(wait_job(client, job, &label).await?);
+        }
+        finished
+    };
+    match out {
+        Output::Json if single => print_json(&json!({ "job": finished.first() })),
+        Output::Json => print_json(&json!({ "jobs": finished })),
+        Output::Table if finished.is_empty() => println!("nothing to do"),
+        Output::Table if single => {
+            if let Some(job) = finished.first() {
+                output::print_job(job);
+            }
+        }
+        Output::Table => output::print_jobs(&finished),
+    }
+    if no_wait {
+        return Ok(());
+    }
+    let failed: Vec<&Value> = finished.iter().filter(|j| wait::state(j) == "failed").collect();
+    match failed.as_slice() {
+        [] => Ok(()),
+        [job] => bail!("{}", wait::failure(job)),
+        many => bail!(
+            "{} of {} jobs failed (first: {})",
+            many.len(),
+            finished.len(),
+            many.first().map(|j| wait::failure(j)).unwrap_or_default()
+        ),
+    }
+}

@@ -1,0 +1,238 @@
+//! `siloctl dev`: a complete local stack in the foreground. PostgreSQL clusters in the data
+//! dir, the catalog, the control plane and the router as child processes, the siloctl
+//! context for later calls; Ctrl-C (or SIGTERM) stops everything it started.
+//!
+//! Order: prepare files and ports (no threads yet: it exports env vars) → start clusters →
+//! catalog database → control plane → router → wait until both answer → write the context →
+//! demo tenant → print `ready` → wait for a signal or a child's death → stop in reverse.
+
+mod children;
+mod files;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use secrecy::ExposeSecret;
+use sqlx::ConnectOptions;
+use tokio::signal::unix::{signal, SignalKind};
+
+use super::args::DevArgs;
+use super::client::ApiClient;
+use super::context::{self, ApiContext};
+use crate::localpg::{ClusterOptions, LocalCluster};
+use crate::names::TenantSlug;
+use children::{sibling_binary, Child};
+use files::{server_name, Prepared, DATA_DIR_HINT};
+
+/// How long the control plane and router get to answer after they start.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the children get to stop after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Runs `siloctl dev` until a signal, then stops everything.
+pub(crate) fn run(args: DevArgs) -> anyhow::Result<()> {
+    let prepared = files::prepare(&args)?;
+    let rt = super::runtime()?;
+    let mut stack = Stack::default();
+    let result = rt.block_on(run_stack(&args, &prepared, &mut stack));
+    stack.stop();
+    if result.is_ok() {
+        println!("stopped");
+    }
+    result
+}
+
+/// What `siloctl dev` started, stopped in reverse order.
+#[derive(Default)]
+struct Stack {
+    clusters: Vec<LocalCluster>,
+    children: Vec<Child>,
+}
+
+impl Stack {
+    fn stop(&mut self) {
+        // Router and control plane first (they hold connections), then PostgreSQL.
+        for child in self.children.iter_mut().rev() {
+            child.terminate();
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        for child in self.children.iter_mut().rev() {
+            child.wait_or_kill(deadline);
+        }
+        self.children.clear();
+        while let Some(cluster) = self.clusters.pop() {
+            drop(cluster);
+        }
+    }
+
+    /// The first child that has exited, with its exit status.
+    fn exited_child(&mut self) -> Option<(&Child, String)> {
+        let i = self.children.iter_mut().position(|c| c.exited().is_some())?;
+        let child = self.children.get_mut(i)?;
+        let status = child.exited().unwrap_or_default().to_owned();
+        Some((&*child, status))
+    }
+
+    /// Fails with the child's log tail on stderr if a child has exited.
+    fn check_children(&mut self) -> anyhow::Result<()> {
+        if let Some((child, status)) = self.exited_child() {
+            for line in child.log_tail(15) {
+                eprintln!("  | {line}");
+            }
+            bail!("the {} exited ({status}); its log is {}", child.what, child.log.display());
+        }
+        Ok(())
+    }
+}
+
+async fn run_stack(args: &DevArgs, p: &Prepared, stack: &mut Stack) -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    tokio::select! {
+        result = start(args, p, stack) => result?,
+        _ = sigterm.recv() => bail!("interrupted before the stack was ready"),
+        _ = sigint.recv() => bail!("interrupted before the stack was ready"),
+    }
+    println!("ready");
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = tick.tick() => stack.check_children()?,
+        }
+    }
+    println!("stopping");
+    Ok(())
+}
+
+/// Starts every component and prints where they are; `ready` follows.
+async fn start(args: &DevArgs, p: &Prepared, stack: &mut Stack) -> anyhow::Result<()> {
+    let control_plane = sibling_binary("silo-control-plane")?;
+    let router = sibling_binary("silo-router")?;
+
+    for (i, port) in p.pg_ports.iter().enumerate() {
+        let name = server_name(i + 1);
+        let dir = p.data_dir.join(&name);
+        LocalCluster::init(&dir, &p.pg_password).map_err(|e| {
+            let e = format!("{e:#}");
+            if e.contains("Permission denied") || e.contains("permission denied") {
+                anyhow!("initialise PostgreSQL server {name}: {e}; {DATA_DIR_HINT}")
+            } else {
+                anyhow!("initialise PostgreSQL server {name}: {e}")
+            }
+        })?;
+        let cluster = LocalCluster::start(&dir, *port, p.pg_password.clone(), &ClusterOptions::default())
+            .await
+            .with_context(|| format!("start PostgreSQL server {name}"))?;
+        stack.clusters.push(cluster);
+    }
+    if let Some(pg1) = stack.clusters.first() {
+        create_catalog_database(pg1).await?;
+    }
+
+    let logs = p.data_dir.join("logs");
+    stack.children.push(Child::spawn("control plane", &control_plane, &p.config_path, logs.join("control-plane.log"))?);
+    stack.children.push(Child::spawn("router", &router, &p.config_path, logs.join("router.log"))?);
+    wait_healthy(p, stack).await?;
+
+    let endpoint = format!("http://127.0.0.1:{}", p.api_port);
+    let env_file = p.data_dir.join("env");
+    context::write_env_file(&env_file, &endpoint, &p.admin_token)?;
+    let user_context = context::user_context_file();
+    if let Some(path) = &user_context {
+        context::write_env_file(path, &endpoint, &p.admin_token)?;
+    }
+
+    if args.demo {
+        let ctx = ApiContext { endpoint: endpoint.clone(), token: p.admin_token.clone() };
+        demo(&ApiClient::new(ctx)?, p.http_port).await?;
+    }
+
+    println!("silo dev stack (data dir {})", p.data_dir.display());
+    println!("  tenants      http://{{slug}}.localhost:{}/", p.http_port);
+    println!("  router       http://127.0.0.1:{}", p.http_port);
+    println!("  https        not served yet (--https-port {} is reserved for it)", args.https_port);
+    println!("  admin API    {endpoint}");
+    println!("  metrics      http://127.0.0.1:{}/metrics", p.metrics_port);
+    for (i, port) in p.pg_ports.iter().enumerate() {
+        println!("  {:<12} 127.0.0.1:{port} (user postgres, password in {})", server_name(i + 1), p.data_dir.join("pg-password").display());
+    }
+    println!("  logs         {}", logs.display());
+    match &user_context {
+        Some(path) => println!("  env file     {} (also {})", env_file.display(), path.display()),
+        None => println!("  env file     {}", env_file.display()),
+    }
+    println!("  admin token  {}", p.admin_token.expose_secret());
+    Ok(())
+}
+
+async fn create_catalog_database(pg1: &LocalCluster) -> anyhow::Result<()> {
+    let mut conn = pg1.connect_options("postgres").connect().await.context("connect to pg-1")?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'silo_catalog')")
+            .fetch_one(&mut conn)
+            .await
+            .context("look for the catalog database")?;
+    if !exists {
+        sqlx::query("CREATE DATABASE silo_catalog").execute(&mut conn).await.context("create the catalog database")?;
+    }
+    Ok(())
+}
+
+/// Waits until the admin API's `/healthz` and the router's `/readyz` answer 200.
+async fn wait_healthy(p: &Prepared, stack: &mut Stack) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .map_err(|e| anyhow!("build the HTTP client: {e}"))?;
+    let urls = [
+        ("control plane", format!("http://127.0.0.1:{}/healthz", p.api_port)),
+        ("router", format!("http://127.0.0.1:{}/readyz", p.metrics_port)),
+    ];
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let mut pending: Vec<_> = urls.iter().collect();
+    while !pending.is_empty() {
+        stack.check_children()?;
+        let mut still = Vec::new();
+        for entry in pending {
+            let ok = http.get(&entry.1).send().await.is_ok_and(|r| r.status().is_success());
+            if !ok {
+                still.push(entry);
+            }
+        }
+        pending = still;
+        if pending.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let (what, url) = pending[0];
+            bail!("the {what} did not answer {url} within {}s; see {}", STARTUP_TIMEOUT.as_secs(), p.data_dir.join("logs").display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Creates tenant `demo` unless it exists, and prints how to call it.
+async fn demo(client: &ApiClient, http_port: u16) -> anyhow::Result<()> {
+    let slug = TenantSlug::parse("demo").map_err(|e| anyhow!("{e}"))?;
+    match client.get("/v1/tenants/demo").await {
+        Ok(_) => {
+            println!("tenant demo exists already; its API key was shown when it was created.");
+            println!("a new key: siloctl tenant key create demo --name laptop");
+            return Ok(());
+        }
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(anyhow!("look up tenant demo: {e}")),
+    }
+    let created = client
+        .post("/v1/tenants", &serde_json::json!({"slug": "demo", "name": "Demo"}))
+        .await
+        .map_err(|e| anyhow!("create tenant demo: {e}"))?;
+    super::commands::create_and_wait(client, &slug, &created).await.context("create tenant demo")?;
+    let key = created.get("api_key").and_then(|k| k.as_str()).unwrap_or_default();
+    println!("tenant demo created; its API key (shown once): {key}");
+    println!("  curl -H 'Authorization: Bearer {key}' http://demo.localhost:{http_port}/api/v1/tasks");
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! Printing results: the API's JSON as is (`-o json`), or aligned tables for people.
+
+use serde_json::Value;
+
+/// Prints `value` as pretty JSON on stdout.
+pub(crate) fn print_json(value: &Value) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string()));
+}
+
+/// A field of a JSON object as display text: strings as they are, lists joined with ",",
+/// null or missing as "-".
+pub(crate) fn field(v: &Value, key: &str) -> String {
+    text(v.get(key).unwrap_or(&Value::Null))
+}
+
+/// A JSON value as display text.
+pub(crate) fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) if s.is_empty() => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(items) if items.is_empty() => "-".into(),
+        Value::Array(items) => items.iter().map(text).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+/// The `items` array of a list response.
+pub(crate) fn items(v: &Value) -> &[Value] {
+    v.get("items").and_then(Value::as_array).map_or(&[], Vec::as_slice)
+}
+
+/// Renders rows under headers with columns padded to their widest cell.
+pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header_row: Vec<String> = headers.iter().map(|h| (*h).to_owned()).collect();
+    for row in std::iter::once(&header_row).chain(rows) {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(&widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                line.extend(std::iter::repeat_n(' ', w - cell.chars().count() + 2));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Prints `table(headers, rows)`, or a note when there are no rows.
+pub(crate) fn print_table(headers: &[&str], rows: &[Vec<String>], empty: &str) {
+    if rows.is_empty() {
+        println!("{empty}");
+    } else {
+        print!("{}", table(headers, rows));
+    }
+}
+
+/// Prints `key: value` lines with the values aligned.
+pub(crate) fn print_fields(fields: &[(&str, String)]) {
+    let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in fields {
+        println!("{k:<width$}  {v}", k = format!("{k}:"), width = width + 1);
+    }
+}
+
+/// A tenant as `key: value` lines.
+pub(crate) fn print_tenant(t: &Value) {
+    print_fields(&[
+        ("slug", field(t, "slug")),
+        ("name", field(t, "name")),
+        ("status", field(t, "status")),
+        ("plan", field(t, "plan")),
+        ("server", field(t, "server")),
+        ("database", field(t, "database")),
+        ("domains", field(t, "domains")),
+        ("schema version", field(t, "schema_version")),
+        ("credentials rotated", field(t, "credentials_rotated_at")),
+        ("created", field(t, "created_at")),
+    ]);
+}
+
+/// Tenants as a table.
+pub(crate) fn print_tenants(tenants: &[Value]) {
+    let rows: Vec<Vec<String>> = tenants
+        .iter()
+        .map(|t| {
+            ["slug", "name", "status", "plan", "server", "schema_version", "domains", "created_at"]
+                .iter()
+                .map(|k| field(t, k))
+                .collect()
+        })
+        .collect();
+    print_table(
+        &["SLUG", "NAME", "STATUS", "PLAN", "SERVER", "SCHEMA", "DOMAINS", "CREATED"],
+        &rows,
+        "no tenants",
+    );
+}
+
+/// Jobs as a table.
+pub(crate) fn print_jobs(jobs: &[Value]) {
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            let mut row: Vec<String> =
+                ["id", "kind", "tenant", "state", "step", "attempts", "updated_at"].iter().map(|k| field(j, k)).collect();
+            row.push(super::one_line(&field(j, "error")));
+            row
+        })
+        .collect();
+    print_table(&["ID", "KIND", "TENANT", "STATE", "STEP", "ATTEMPTS", "UPDATED", "ERROR"], &rows, "no jobs");
+}
+
+/// A job as `key: value` lines.
+pub(crate) fn print_job(j: &Value) {
+    let progress = match j.get("progress") {
+        Some(p @ Value::Object(m)) if !m.is_empty() => p.to_string(),
+        _ => "-".into(),
+    };
+    print_fields(&[
+        ("id", field(j, "id")),
+        ("kind", field(j, "kind")),
+        ("tenant", field(j, "tenant")),
+        ("state", field(j, "state")),
+        ("step", field(j, "step")),
+        ("attempts", field(j, "attempts")),
+        ("progress", progress),
+        ("error", field(j, "error")),
+        ("created", field(j, "created_at")),
+        ("updated", field(j, "updated_at")),
+    ]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_line_up() {
+        let t = table(&["A", "LONG"], &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]]);
+        assert_eq!(t, "A    LONG\nxyz  1\nq    22\n");
+    }
+
+    #[test]
+    fn fields_render_lists_and_nulls() {
+        let v = serde_json::json!({"d": ["a.com", "b.com"], "n": null, "e": [], "v": 3});
+        assert_eq!(field(&v, "d"), "a.com,b.com");
+        assert_eq!(field(&v, "n"), "-");
+        assert_eq!(field(&v, "e"), "-");
+        assert_eq!(field(&v, "v"), "3");
+        assert_eq!(field(&v, "missing"), "-");
+    }
+}

@@ -1,0 +1,675 @@
+//! `silo.toml`: TOML → raw structs (`deny_unknown_fields`) → a validated [`Config`].
+//!
+//! Secrets never live in the file: the file names environment variables (or secret-store
+//! entries) and the values are read once, here, into `SecretString`s. Every error is one line
+//! naming the key and the problem.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// Environment variable holding the catalog database password.
+pub const CATALOG_PASSWORD_ENV: &str = "SILO_CATALOG_PASSWORD";
+
+/// A config error: the key at fault and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The config path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown or missing keys.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The config path.
+        path: PathBuf,
+        /// The parser's message, flattened to one line.
+        message: String,
+    },
+    /// A key has a value that is not acceptable.
+    #[error("config key `{key}`: {problem}")]
+    Invalid {
+        /// The dotted key.
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), problem: problem.into() }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    catalog_url: String,
+    tenant_migrations_dir: Option<PathBuf>,
+    #[serde(default)]
+    secrets: RawSecrets,
+    #[serde(default)]
+    servers: Vec<RawServer>,
+    #[serde(default)]
+    control_plane: RawControlPlane,
+    #[serde(default)]
+    rotation: RawRotation,
+    #[serde(default)]
+    router: RawRouter,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecrets {
+    #[serde(default = "default_backend")]
+    backend: String,
+    #[serde(default = "default_name_prefix")]
+    name_prefix: String,
+    local_master_key_file: Option<PathBuf>,
+    aws_region: Option<String>,
+    aws_endpoint_url: Option<String>,
+    #[serde(default = "default_recovery_window_days")]
+    aws_recovery_window_days: u32,
+}
+
+impl Default for RawSecrets {
+    fn default() -> Self {
+        Self {
+            backend: default_backend(),
+            name_prefix: default_name_prefix(),
+            local_master_key_file: None,
+            aws_region: None,
+            aws_endpoint_url: None,
+            aws_recovery_window_days: default_recovery_window_days(),
+        }
+    }
+}
+
+fn default_backend() -> String {
+    "local".into()
+}
+fn default_name_prefix() -> String {
+    "silo/".into()
+}
+fn default_recovery_window_days() -> u32 {
+    7
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    name: String,
+    host: String,
+    port: u16,
+    admin_user: String,
+    admin_password_env: Option<String>,
+    admin_password_secret: Option<String>,
+    #[serde(default = "default_max_tenants")]
+    max_tenants: u32,
+}
+
+fn default_max_tenants() -> u32 {
+    1000
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControlPlane {
+    #[serde(default = "default_cp_listen")]
+    listen: String,
+    #[serde(default = "default_admin_token_env")]
+    admin_token_env: String,
+    #[serde(default = "default_workers")]
+    workers: usize,
+    #[serde(default = "default_job_lease")]
+    job_lease: String,
+}
+
+impl Default for RawControlPlane {
+    fn default() -> Self {
+        Self {
+            listen: default_cp_listen(),
+            admin_token_env: default_admin_token_env(),
+            workers: default_workers(),
+            job_lease: default_job_lease(),
+        }
+    }
+}
+
+fn default_cp_listen() -> String {
+    "127.0.0.1:7070".into()
+}
+fn default_admin_token_env() -> String {
+    "SILO_ADMIN_TOKEN".into()
+}
+fn default_workers() -> usize {
+    4
+}
+fn default_job_lease() -> String {
+    "30s".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRotation {
+    #[serde(default = "default_strategy")]
+    strategy: String,
+    #[serde(default = "default_interval")]
+    interval: String,
+}
+
+impl Default for RawRotation {
+    fn default() -> Self {
+        Self { strategy: default_strategy(), interval: default_interval() }
+    }
+}
+
+fn default_strategy() -> String {
+    "alternating".into()
+}
+fn default_interval() -> String {
+    "30d".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouter {
+    #[serde(default = "default_router_listen")]
+    listen: String,
+    #[serde(default = "default_base_domains")]
+    base_domains: Vec<String>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+    #[serde(default = "default_metrics_listen")]
+    metrics_listen: String,
+    #[serde(default = "default_max_conns_per_tenant")]
+    max_connections_per_tenant: u32,
+    #[serde(default = "default_budget")]
+    connection_budget_per_server: u32,
+    #[serde(default = "default_pool_idle")]
+    pool_idle_timeout: String,
+    #[serde(default)]
+    path_prefix_routing: bool,
+    #[serde(default = "default_tenant_cache_ttl")]
+    tenant_cache_ttl: String,
+    #[serde(default = "default_connect_timeout")]
+    connect_timeout: String,
+}
+
+impl Default for RawRouter {
+    fn default() -> Self {
+        Self {
+            listen: default_router_listen(),
+            base_domains: default_base_domains(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            metrics_listen: default_metrics_listen(),
+            max_connections_per_tenant: default_max_conns_per_tenant(),
+            connection_budget_per_server: default_budget(),
+            pool_idle_timeout: default_pool_idle(),
+            path_prefix_routing: false,
+            tenant_cache_ttl: default_tenant_cache_ttl(),
+            connect_timeout: default_connect_timeout(),
+        }
+    }
+}
+
+fn default_router_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_base_domains() -> Vec<String> {
+    vec!["localhost".into()]
+}
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9090".into()
+}
+fn default_max_conns_per_tenant() -> u32 {
+    5
+}
+fn default_budget() -> u32 {
+    200
+}
+fn default_pool_idle() -> String {
+    "5m".into()
+}
+fn default_tenant_cache_ttl() -> String {
+    "60s".into()
+}
+fn default_connect_timeout() -> String {
+    "2s".into()
+}
+
+/// The validated configuration of a silo deployment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The catalog database.
+    pub catalog: CatalogConfig,
+    /// Read tenant migrations from this directory instead of the embedded ones.
+    pub tenant_migrations_dir: Option<PathBuf>,
+    /// The secret store.
+    pub secrets: SecretsConfig,
+    /// PostgreSQL servers that hold tenant databases.
+    pub servers: Vec<ServerConfig>,
+    /// The control plane's admin API and workers.
+    pub control_plane: ControlPlaneConfig,
+    /// Credential rotation.
+    pub rotation: RotationConfig,
+    /// The router.
+    pub router: RouterConfig,
+}
+
+/// Where the catalog lives. The password comes from `SILO_CATALOG_PASSWORD`.
+#[derive(Clone)]
+pub struct CatalogConfig {
+    /// `postgres://USER@HOST:PORT/DB` without a password.
+    pub url: String,
+    /// From `SILO_CATALOG_PASSWORD`, if set.
+    pub password: Option<SecretString>,
+}
+
+impl std::fmt::Debug for CatalogConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CatalogConfig")
+            .field("url", &self.url)
+            .field("password", &self.password.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
+/// Which secret store holds tenant credentials.
+#[derive(Debug, Clone)]
+pub enum SecretsBackend {
+    /// Encrypted in the catalog under a local master key file (mode 0600).
+    Local {
+        /// Path of the master key file (32 random bytes, base64).
+        master_key_file: PathBuf,
+    },
+    /// AWS Secrets Manager.
+    Aws {
+        /// The AWS region.
+        region: String,
+        /// An endpoint override (moto, LocalStack).
+        endpoint_url: Option<String>,
+        /// Days a deleted secret can be recovered (7..=30).
+        recovery_window_days: u32,
+    },
+}
+
+/// The `[secrets]` section.
+#[derive(Debug, Clone)]
+pub struct SecretsConfig {
+    /// The backend.
+    pub backend: SecretsBackend,
+    /// Prefix of every secret name, e.g. `silo/`.
+    pub name_prefix: String,
+}
+
+/// Where a server's admin password comes from. Resolved only by the control plane, so a
+/// router never needs the servers' admin passwords.
+#[derive(Clone)]
+pub enum AdminPassword {
+    /// The environment variable holding it.
+    Env(String),
+    /// Stored in the secret store under this name (JSON with a `password` field, or plain).
+    Secret(String),
+}
+
+impl std::fmt::Debug for AdminPassword {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Env(var) => f.debug_tuple("Env").field(var).finish(),
+            Self::Secret(name) => f.debug_tuple("Secret").field(name).finish(),
+        }
+    }
+}
+
+/// One PostgreSQL server that holds tenant databases.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Unique name, e.g. `pg-1`.
+    pub name: String,
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// A superuser (or CREATEROLE + CREATEDB) role the control plane uses.
+    pub admin_user: String,
+    /// The admin role's password.
+    pub admin_password: AdminPassword,
+    /// No more tenants are placed here beyond this many.
+    pub max_tenants: u32,
+}
+
+/// The `[control_plane]` section.
+#[derive(Clone)]
+pub struct ControlPlaneConfig {
+    /// The admin API address.
+    pub listen: SocketAddr,
+    /// Name of the environment variable with the bootstrap admin token.
+    pub admin_token_env: String,
+    /// The bootstrap admin token, if the variable is set.
+    pub admin_token: Option<SecretString>,
+    /// Jobs run concurrently by one control plane.
+    pub workers: usize,
+    /// How long a claimed job stays with its worker without a heartbeat.
+    pub job_lease: Duration,
+}
+
+impl std::fmt::Debug for ControlPlaneConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlaneConfig")
+            .field("listen", &self.listen)
+            .field("admin_token_env", &self.admin_token_env)
+            .field("workers", &self.workers)
+            .field("job_lease", &self.job_lease)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How credentials are rotated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RotationStrategy {
+    /// One login role; its password changes.
+    Single,
+    /// Two login roles take turns.
+    Alternating,
+}
+
+impl std::str::FromStr for RotationStrategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "single" => Ok(Self::Single),
+            "alternating" => Ok(Self::Alternating),
+            other => Err(format!("must be \"single\" or \"alternating\", not {other:?}")),
+        }
+    }
+}
+
+/// The `[rotation]` section.
+#[derive(Debug, Clone)]
+pub struct RotationConfig {
+    /// Default strategy.
+    pub strategy: RotationStrategy,
+    /// Rotate credentials older than this.
+    pub interval: Duration,
+}
+
+/// The `[router]` section.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Tenant traffic address (HTTPS when both TLS files are set).
+    pub listen: SocketAddr,
+    /// `{slug}.{base_domain}` hosts route to `slug`. Lower case.
+    pub base_domains: Vec<String>,
+    /// PEM certificate chain and key for HTTPS.
+    pub tls: Option<TlsFiles>,
+    /// `/healthz`, `/readyz`, `/metrics`.
+    pub metrics_listen: SocketAddr,
+    /// Pool size cap per tenant.
+    pub max_connections_per_tenant: u32,
+    /// Connections one router may open to one server.
+    pub connection_budget_per_server: u32,
+    /// A tenant pool unused this long is closed.
+    pub pool_idle_timeout: Duration,
+    /// Route `/t/{slug}/...` as well as by Host.
+    pub path_prefix_routing: bool,
+    /// How long tenant metadata is cached (changes are pushed sooner by NOTIFY).
+    pub tenant_cache_ttl: Duration,
+    /// Connect timeout to a tenant database.
+    pub connect_timeout: Duration,
+}
+
+/// TLS certificate and key files.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
+}
+
+fn duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(value)
+        .map_err(|e| invalid(key, format!("{value:?} is not a duration like \"30s\", \"5m\", \"30d\": {e}")))
+}
+
+fn socket_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| invalid(key, format!("{value:?} is not an address like \"127.0.0.1:8080\"")))
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`; relative paths in it are relative to
+    /// the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.to_owned(), message },
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.message().replace('\n', " "),
+        })?;
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+
+        if !raw.catalog_url.starts_with("postgres://") && !raw.catalog_url.starts_with("postgresql://") {
+            return Err(invalid("catalog_url", "must be a postgres:// URL"));
+        }
+        if raw.catalog_url.contains(':') && url_has_password(&raw.catalog_url) {
+            return Err(invalid(
+                "catalog_url",
+                format!("must not contain a password; set {CATALOG_PASSWORD_ENV} instead"),
+            ));
+        }
+        let catalog = CatalogConfig {
+            url: raw.catalog_url,
+            password: std::env::var(CATALOG_PASSWORD_ENV).ok().filter(|p| !p.is_empty()).map(SecretString::from),
+        };
+
+        let backend = match raw.secrets.backend.as_str() {
+            "local" => SecretsBackend::Local {
+                master_key_file: resolve(
+                    raw.secrets
+                        .local_master_key_file
+                        .ok_or_else(|| invalid("secrets.local_master_key_file", "is required with backend = \"local\""))?,
+                ),
+            },
+            "aws" => {
+                let days = raw.secrets.aws_recovery_window_days;
+                if !(7..=30).contains(&days) {
+                    return Err(invalid("secrets.aws_recovery_window_days", "must be between 7 and 30"));
+                }
+                SecretsBackend::Aws {
+                    region: raw
+                        .secrets
+                        .aws_region
+                        .ok_or_else(|| invalid("secrets.aws_region", "is required with backend = \"aws\""))?,
+                    endpoint_url: raw.secrets.aws_endpoint_url,
+                    recovery_window_days: days,
+                }
+            }
+            other => return Err(invalid("secrets.backend", format!("must be \"local\" or \"aws\", not {other:?}"))),
+        };
+        let secrets = SecretsConfig { backend, name_prefix: raw.secrets.name_prefix };
+
+        let mut servers: Vec<ServerConfig> = Vec::with_capacity(raw.servers.len());
+        for (i, s) in raw.servers.into_iter().enumerate() {
+            let key = |field: &str| format!("servers[{i}].{field}");
+            if s.name.is_empty() || !s.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return Err(invalid(key("name"), "must be non-empty letters, digits, '-' or '_'"));
+            }
+            if servers.iter().any(|o| o.name == s.name) {
+                return Err(invalid(key("name"), format!("{:?} is used by another server", s.name)));
+            }
+            if s.port == 0 {
+                return Err(invalid(key("port"), "must not be 0"));
+            }
+            let admin_password = match (s.admin_password_env, s.admin_password_secret) {
+                (Some(var), None) => AdminPassword::Env(var),
+                (None, Some(name)) => AdminPassword::Secret(name),
+                _ => {
+                    return Err(invalid(
+                        key("admin_password_env"),
+                        "set exactly one of admin_password_env and admin_password_secret",
+                    ))
+                }
+            };
+            servers.push(ServerConfig {
+                name: s.name,
+                host: s.host,
+                port: s.port,
+                admin_user: s.admin_user,
+                admin_password,
+                max_tenants: s.max_tenants,
+            });
+        }
+
+        let cp = raw.control_plane;
+        if cp.workers == 0 {
+            return Err(invalid("control_plane.workers", "must be at least 1"));
+        }
+        let control_plane = ControlPlaneConfig {
+            listen: socket_addr("control_plane.listen", &cp.listen)?,
+            admin_token: std::env::var(&cp.admin_token_env).ok().filter(|t| !t.is_empty()).map(SecretString::from),
+            admin_token_env: cp.admin_token_env,
+            workers: cp.workers,
+            job_lease: duration("control_plane.job_lease", &cp.job_lease)?,
+        };
+
+        let rotation = RotationConfig {
+            strategy: raw.rotation.strategy.parse().map_err(|e: String| invalid("rotation.strategy", e))?,
+            interval: duration("rotation.interval", &raw.rotation.interval)?,
+        };
+
+        let r = raw.router;
+        let tls = match (r.tls_cert_file, r.tls_key_file) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert_file: resolve(cert), key_file: resolve(key) }),
+            (None, None) => None,
+            (Some(_), None) => return Err(invalid("router.tls_key_file", "is required with router.tls_cert_file")),
+            (None, Some(_)) => return Err(invalid("router.tls_cert_file", "is required with router.tls_key_file")),
+        };
+        let mut base_domains = Vec::with_capacity(r.base_domains.len());
+        for d in r.base_domains {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            if d.is_empty() || !d.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+                return Err(invalid("router.base_domains", format!("{d:?} is not a domain name")));
+            }
+            base_domains.push(d);
+        }
+        if r.max_connections_per_tenant == 0 {
+            return Err(invalid("router.max_connections_per_tenant", "must be at least 1"));
+        }
+        if r.connection_budget_per_server < r.max_connections_per_tenant {
+            return Err(invalid(
+                "router.connection_budget_per_server",
+                "must be at least router.max_connections_per_tenant",
+            ));
+        }
+        let router = RouterConfig {
+            listen: socket_addr("router.listen", &r.listen)?,
+            base_domains,
+            tls,
+            metrics_listen: socket_addr("router.metrics_listen", &r.metrics_listen)?,
+            max_connections_per_tenant: r.max_connections_per_tenant,
+            connection_budget_per_server: r.connection_budget_per_server,
+            pool_idle_timeout: duration("router.pool_idle_timeout", &r.pool_idle_timeout)?,
+            path_prefix_routing: r.path_prefix_routing,
+            tenant_cache_ttl: duration("router.tenant_cache_ttl", &r.tenant_cache_ttl)?,
+            connect_timeout: duration("router.connect_timeout", &r.connect_timeout)?,
+        };
+
+        Ok(Self {
+            catalog,
+            tenant_migrations_dir: raw.tenant_migrations_dir.map(resolve),
+            secrets,
+            servers,
+            control_plane,
+            rotation,
+            router,
+        })
+    }
+
+    /// The server named `name`.
+    pub fn server(&self, name: &str) -> Option<&ServerConfig> {
+        self.servers.iter().find(|s| s.name == name)
+    }
+}
+
+/// True if the URL's authority has `user:password@`.
+fn url_has_password(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or("");
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+catalog_url = "postgres://postgres@127.0.0.1:5432/silo_catalog"
+[secrets]
+local_master_key_file = "master.key"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let cfg = Config::parse(MINIMAL, Path::new("/etc/silo")).unwrap();
+        assert_eq!(cfg.router.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(cfg.router.pool_idle_timeout, Duration::from_secs(300));
+        assert_eq!(cfg.rotation.strategy, RotationStrategy::Alternating);
+        assert_eq!(cfg.rotation.interval, Duration::from_secs(30 * 86400));
+        match cfg.secrets.backend {
+            SecretsBackend::Local { master_key_file } => {
+                assert_eq!(master_key_file, Path::new("/etc/silo/master.key"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse(&format!("{MINIMAL}\n[router]\nlisten_addr = \"x\"\n"), Path::new(".")).unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (extra, key) in [
+            ("[router]\npool_idle_timeout = \"soon\"\n", "router.pool_idle_timeout"),
+            ("[router]\nlisten = \"nowhere\"\n", "router.listen"),
+            ("[rotation]\nstrategy = \"double\"\n", "rotation.strategy"),
+            (
+                "[[servers]]\nname = \"pg-1\"\nhost = \"h\"\nport = 5432\nadmin_user = \"u\"\n",
+                "servers[0].admin_password_env",
+            ),
+        ] {
+            let err = Config::parse(&format!("{MINIMAL}\n{extra}"), Path::new(".")).unwrap_err();
+            assert!(err.to_string().contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn password_in_catalog_url_is_refused() {
+        let text = MINIMAL.replace("postgres@", "postgres:hunter2@");
+        let err = Config::parse(&text, Path::new(".")).unwrap_err().to_string();
+        assert!(err.contains("catalog_url") && !err.contains("hunter2"), "{err}");
+    }
+}

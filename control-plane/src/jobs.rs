@@ -1,0 +1,185 @@
+//! Durable jobs: rows in the catalog that workers claim with a lease.
+//!
+//! A worker claims the oldest runnable job with `FOR UPDATE SKIP LOCKED` (so several control
+//! planes share the queue), renews its lease while it works, and records the step it reached.
+//! A job whose worker died is claimed again when its lease expires and resumes: every step is
+//! idempotent. New jobs are announced with NOTIFY so idle workers start at once.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool};
+
+/// NOTIFY channel that wakes workers when a job is queued.
+pub const JOBS_CHANNEL: &str = "silo_jobs";
+
+/// A job as the admin API shows it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Job {
+    /// Id.
+    pub id: i64,
+    /// `provision`, `delete`, ...
+    pub kind: String,
+    /// The tenant it works on, if any.
+    pub tenant: Option<String>,
+    /// `queued`, `running`, `succeeded` or `failed`.
+    pub state: String,
+    /// The last step reached.
+    pub step: Option<String>,
+    /// Times it was claimed.
+    pub attempts: i32,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Kind-specific progress.
+    pub progress: Value,
+    /// Kind-specific parameters (never secrets).
+    #[serde(skip)]
+    pub params: Value,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+const COLUMNS: &str = "id, kind, tenant, state, step, attempts, error, progress, params, created_at, updated_at";
+
+/// Queues a job and wakes the workers (on commit).
+pub async fn enqueue(tx: &mut PgConnection, kind: &str, tenant: Option<&str>, params: Value) -> Result<Job, sqlx::Error> {
+    let job = sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO jobs (kind, tenant, params) VALUES ($1, $2, $3) RETURNING {COLUMNS}"
+    )))
+    .bind(kind)
+    .bind(tenant)
+    .bind(params)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(JOBS_CHANNEL)
+        .bind(job.id.to_string())
+        .execute(&mut *tx)
+        .await?;
+    Ok(job)
+}
+
+/// The job `id`.
+pub async fn get(pool: &PgPool, id: i64) -> Result<Option<Job>, sqlx::Error> {
+    sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM jobs WHERE id = $1")))
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// The newest `limit` jobs.
+pub async fn list(pool: &PgPool, limit: i64) -> Result<Vec<Job>, sqlx::Error> {
+    sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM jobs ORDER BY id DESC LIMIT $1"
+    )))
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Claims the oldest runnable job (queued, or running with an expired lease).
+pub async fn claim(pool: &PgPool, worker: &str, lease: Duration) -> Result<Option<Job>, sqlx::Error> {
+    sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(
+        "UPDATE jobs SET state = 'running', locked_by = $1, \
+           locked_until = now() + make_interval(secs => $2), attempts = attempts + 1, updated_at = now() \
+         WHERE id = (SELECT id FROM jobs \
+                     WHERE state = 'queued' OR (state = 'running' AND locked_until < now()) \
+                     ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1) \
+         RETURNING {COLUMNS}"
+    )))
+    .bind(worker)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(pool)
+    .await
+}
+
+/// Renews the lease; false if the job is no longer ours (e.g. the lease expired and another
+/// worker took it).
+pub async fn renew(pool: &PgPool, id: i64, worker: &str, lease: Duration) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE jobs SET locked_until = now() + make_interval(secs => $3) \
+         WHERE id = $1 AND locked_by = $2 AND state = 'running'",
+    )
+    .bind(id)
+    .bind(worker)
+    .bind(lease.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Records the step the job reached.
+pub async fn set_step(pool: &PgPool, id: i64, step: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE jobs SET step = $2, updated_at = now() WHERE id = $1")
+        .bind(id)
+        .bind(step)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Replaces the job's progress object.
+pub async fn set_progress(pool: &PgPool, id: i64, progress: &Value) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE jobs SET progress = $2, updated_at = now() WHERE id = $1")
+        .bind(id)
+        .bind(progress)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Marks the job finished: `succeeded` when `error` is None, else `failed` with the error.
+pub async fn finish(tx: &mut PgConnection, id: i64, error: Option<&str>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE jobs SET state = CASE WHEN $2::text IS NULL THEN 'succeeded' ELSE 'failed' END, \
+           error = $2, locked_by = NULL, locked_until = NULL, updated_at = now(), finished_at = now() \
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(error)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Queues a failed job again. Returns None if there is no such job; Err(state) if it is not
+/// failed.
+pub async fn requeue(tx: &mut PgConnection, id: i64) -> Result<Option<Result<Job, String>>, sqlx::Error> {
+    let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    match state.as_deref() {
+        None => Ok(None),
+        Some("failed") => {
+            let job = sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(
+                "UPDATE jobs SET state = 'queued', error = NULL, updated_at = now(), finished_at = NULL \
+                 WHERE id = $1 RETURNING {COLUMNS}"
+            )))
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(JOBS_CHANNEL)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            Ok(Some(Ok(job)))
+        }
+        Some(other) => Ok(Some(Err(other.to_owned()))),
+    }
+}
+
+/// The unfinished job of `kind` for `tenant`, if any.
+pub async fn active_for_tenant(exec: &mut PgConnection, tenant: &str) -> Result<Option<Job>, sqlx::Error> {
+    sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM jobs WHERE tenant = $1 AND state IN ('queued','running') ORDER BY id LIMIT 1"
+    )))
+    .bind(tenant)
+    .fetch_optional(exec)
+    .await
+}

@@ -1,0 +1,161 @@
+//! Validated names: the tenant slug and the PostgreSQL identifiers derived from it.
+//!
+//! Identifiers cannot be bound as parameters in DDL, so every identifier silo puts in SQL comes
+//! from a [`TenantSlug`] (validated once, at the edge) and is quoted with [`quote_ident`].
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Words that cannot be tenant slugs: they collide with infrastructure host names or
+/// PostgreSQL's own databases and roles.
+const RESERVED: &[&str] = &[
+    "www", "api", "admin", "silo", "postgres", "template0", "template1", "root", "public",
+    "pg-catalog", "information-schema", "localhost", "mail", "status", "metrics", "health",
+    "static", "assets", "app", "dashboard", "internal", "system", "default", "test",
+];
+
+/// Why a slug was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SlugError {
+    /// The slug does not match `^[a-z][a-z0-9-]{1,30}[a-z0-9]$`.
+    #[error("slug must be 3-32 characters of a-z, 0-9 and '-', start with a letter and not end with '-'")]
+    Invalid,
+    /// The slug is a reserved word.
+    #[error("slug {0:?} is reserved")]
+    Reserved(String),
+}
+
+/// A tenant's slug: `^[a-z][a-z0-9-]{1,30}[a-z0-9]$`, not reserved.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TenantSlug(String);
+
+impl TenantSlug {
+    /// Validates `s` as a tenant slug.
+    pub fn parse(s: &str) -> Result<Self, SlugError> {
+        let bytes = s.as_bytes();
+        let valid_len = (3..=32).contains(&bytes.len());
+        let first_ok = bytes.first().is_some_and(u8::is_ascii_lowercase);
+        let last_ok = bytes
+            .last()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        let body_ok = bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+        if !(valid_len && first_ok && last_ok && body_ok) {
+            return Err(SlugError::Invalid);
+        }
+        if RESERVED.contains(&s) {
+            return Err(SlugError::Reserved(s.to_owned()));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// The slug as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The tenant's database: `tenant_<slug with - as _>`.
+    pub fn database_name(&self) -> String {
+        format!("tenant_{}", self.0.replace('-', "_"))
+    }
+
+    /// The NOLOGIN role that owns the tenant's database and every object in it.
+    pub fn owner_role(&self) -> String {
+        format!("{}_owner", self.database_name())
+    }
+
+    /// The login role the tenant app uses.
+    pub fn login_role(&self) -> String {
+        format!("{}_app", self.database_name())
+    }
+}
+
+impl TryFrom<String> for TenantSlug {
+    type Error = SlugError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s)
+    }
+}
+
+impl From<TenantSlug> for String {
+    fn from(s: TenantSlug) -> Self {
+        s.0
+    }
+}
+
+impl fmt::Display for TenantSlug {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for TenantSlug {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TenantSlug({})", self.0)
+    }
+}
+
+impl std::str::FromStr for TenantSlug {
+    type Err = SlugError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+/// Quotes a PostgreSQL identifier: wraps it in double quotes and doubles any inner quote.
+pub fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// Quotes a PostgreSQL string literal (for the few DDL statements that cannot bind, such as
+/// `ALTER ROLE ... PASSWORD`): wraps it in single quotes and doubles inner quotes.
+/// Callers must only pass values silo generated itself.
+pub fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_valid_slugs() {
+        for s in ["acme", "a1b", "acme-corp", "x-1-2", &"a".repeat(32)] {
+            assert!(TenantSlug::parse(s).is_ok(), "{s}");
+        }
+    }
+
+    #[test]
+    fn refuses_invalid_slugs() {
+        for s in [
+            "", "ab", "1abc", "-abc", "abc-", "Acme", "ac_me", "ac.me", "acme\0", "acme ",
+            "a\"b", &"a".repeat(33), "ümlaut",
+        ] {
+            assert_eq!(TenantSlug::parse(s), Err(SlugError::Invalid), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_reserved_slugs() {
+        for s in ["www", "api", "admin", "silo", "postgres", "template0", "template1"] {
+            assert!(matches!(TenantSlug::parse(s), Err(SlugError::Reserved(_))), "{s}");
+        }
+    }
+
+    #[test]
+    fn derives_distinct_identifiers() {
+        let slug = TenantSlug::parse("acme-corp").unwrap();
+        assert_eq!(slug.database_name(), "tenant_acme_corp");
+        assert_eq!(slug.owner_role(), "tenant_acme_corp_owner");
+        assert_eq!(slug.login_role(), "tenant_acme_corp_app");
+    }
+
+    #[test]
+    fn quotes_identifiers_and_literals() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}

@@ -1,0 +1,348 @@
+//! Provisioning and deletion of a tenant: the steps of the `provision` and `delete` jobs.
+//!
+//! Every step first looks at what already exists (secret staged? role there? database
+//! there? migrations applied? key inserted?) and only does what is missing, so a job re-run
+//! after a crash or a failure between any two steps converges to the same tenant, with no
+//! orphaned database or role.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sqlx::{Connection, PgConnection, PgPool};
+use tracing::{info, instrument};
+
+use crate::catalog::routes::TenantStatus;
+use crate::catalog::tenants;
+use crate::jobs::{self, Job};
+use crate::names::{quote_ident, quote_literal, TenantSlug};
+use crate::secrets::{self, DbSecret, SecretStore, AWSCURRENT};
+use crate::servers::{Server, Servers};
+use crate::tenant_schema::TenantMigrations;
+
+/// Why a provisioning or deletion step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// The job row is not usable (bad params, unknown tenant).
+    #[error("invalid job: {0}")]
+    InvalidJob(String),
+    /// The tenant's server is not configured any more.
+    #[error("server {0:?} is not configured")]
+    UnknownServer(String),
+    /// A PostgreSQL or catalog statement failed.
+    #[error("{step}: {source}")]
+    Database {
+        /// What we were doing.
+        step: &'static str,
+        /// The database error.
+        source: sqlx::Error,
+    },
+    /// Applying tenant migrations failed.
+    #[error("apply tenant migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The secret store failed.
+    #[error("secret store: {0}")]
+    Secret(#[from] secrets::SecretStoreError),
+    /// A fail point interrupted the job (tests only).
+    #[error("interrupted after step {0} (fail point)")]
+    Interrupted(String),
+}
+
+trait StepContext<T> {
+    fn step(self, step: &'static str) -> Result<T, ProvisionError>;
+}
+
+impl<T> StepContext<T> for Result<T, sqlx::Error> {
+    fn step(self, step: &'static str) -> Result<T, ProvisionError> {
+        self.map_err(|source| ProvisionError::Database { step, source })
+    }
+}
+
+/// Parameters of a `provision` job, fixed when the tenant is created.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProvisionParams {
+    /// Name of the first API key.
+    pub api_key_name: String,
+    /// SHA-256 of the first API key, hex (the key itself was shown once and is gone).
+    pub api_key_hash: String,
+    /// Version id of the first secret version, so a retried step does not add another.
+    pub secret_version: String,
+}
+
+/// The steps of a `provision` job, in order.
+pub const PROVISION_STEPS: [&str; 6] = ["secret", "roles", "database", "schema", "api_key", "activate"];
+/// The steps of a `delete` job, in order.
+pub const DELETE_STEPS: [&str; 4] = ["database", "roles", "secret", "tombstone"];
+
+/// Runs provisioning and deletion steps.
+pub struct Provisioner {
+    catalog: PgPool,
+    store: Arc<dyn SecretStore>,
+    servers: Arc<Servers>,
+    migrations: Arc<TenantMigrations>,
+    name_prefix: String,
+}
+
+impl Provisioner {
+    /// A provisioner over these parts.
+    pub fn new(
+        catalog: PgPool,
+        store: Arc<dyn SecretStore>,
+        servers: Arc<Servers>,
+        migrations: Arc<TenantMigrations>,
+        name_prefix: String,
+    ) -> Self {
+        Self { catalog, store, servers, migrations, name_prefix }
+    }
+
+    fn tenant_of(&self, job: &Job) -> Result<(TenantSlug, String), ProvisionError> {
+        let slug = job
+            .tenant
+            .as_deref()
+            .and_then(|s| TenantSlug::parse(s).ok())
+            .ok_or_else(|| ProvisionError::InvalidJob("job has no valid tenant".into()))?;
+        Ok((slug.clone(), secrets::tenant_secret_name(&self.name_prefix, &slug)))
+    }
+
+    async fn server_of(&self, slug: &TenantSlug) -> Result<&Server, ProvisionError> {
+        let mut conn = self.catalog.acquire().await.step("read tenant")?;
+        let tenant = tenants::get(&mut conn, slug.as_str())
+            .await
+            .step("read tenant")?
+            .ok_or_else(|| ProvisionError::InvalidJob(format!("tenant {slug} is not in the catalog")))?;
+        self.servers.get(&tenant.server).ok_or(ProvisionError::UnknownServer(tenant.server))
+    }
+
+    /// Runs (or resumes) a `provision` job to completion.
+    #[instrument(skip_all, fields(tenant = job.tenant.as_deref().unwrap_or(""), job = job.id))]
+    pub async fn provision(&self, job: &Job) -> Result<(), ProvisionError> {
+        let params: ProvisionParams = serde_json::from_value(job.params.clone())
+            .map_err(|e| ProvisionError::InvalidJob(format!("bad params: {e}")))?;
+        let (slug, secret_name) = self.tenant_of(job)?;
+        let server = self.server_of(&slug).await?;
+        {
+            let mut tx = self.catalog.begin().await.step("mark provisioning")?;
+            tenants::set_status(&mut tx, slug.as_str(), TenantStatus::Provisioning, None)
+                .await
+                .step("mark provisioning")?;
+            tx.commit().await.step("mark provisioning")?;
+        }
+        for step in PROVISION_STEPS {
+            jobs::set_step(&self.catalog, job.id, step).await.step("record step")?;
+            match step {
+                "secret" => self.ensure_secret(server, &slug, &secret_name, &params.secret_version).await?,
+                "roles" => self.ensure_roles(server, &slug, &secret_name).await?,
+                "database" => ensure_database(server, &slug).await?,
+                "schema" => self.ensure_schema(server, &slug).await?,
+                "api_key" => ensure_api_key(server, &slug, &params).await?,
+                _ => self.activate(&slug).await?,
+            }
+            fail_after("provision", step)?;
+        }
+        info!("tenant provisioned");
+        Ok(())
+    }
+
+    /// Step `secret`: the tenant's credentials exist in the store (generated once).
+    async fn ensure_secret(
+        &self,
+        server: &Server,
+        slug: &TenantSlug,
+        secret_name: &str,
+        version: &str,
+    ) -> Result<(), ProvisionError> {
+        if self.store.get_secret_value(secret_name, AWSCURRENT).await?.is_some() {
+            return Ok(());
+        }
+        let secret = DbSecret {
+            engine: "postgres".into(),
+            host: server.config.host.clone(),
+            port: server.config.port,
+            username: slug.login_role(),
+            password: secrets::generate_password(),
+            dbname: slug.database_name(),
+        };
+        self.store
+            .create_secret(secret_name, version, &secret.to_secret_string(), &[("silo:tenant", slug.as_str())])
+            .await?;
+        sqlx::query("UPDATE tenants SET credentials_rotated_at = now() WHERE slug = $1")
+            .bind(slug.as_str())
+            .execute(&self.catalog)
+            .await
+            .step("record credentials time")?;
+        Ok(())
+    }
+
+    /// Step `roles`: the NOLOGIN owner role and the login role (member of the owner, with the
+    /// stored password; re-set on a retry so role and secret always agree).
+    async fn ensure_roles(&self, server: &Server, slug: &TenantSlug, secret_name: &str) -> Result<(), ProvisionError> {
+        let version = self
+            .store
+            .get_secret_value(secret_name, AWSCURRENT)
+            .await?
+            .ok_or_else(|| secrets::SecretStoreError::NotFound(secret_name.to_owned()))?;
+        let secret = DbSecret::from_secret(&version.value, secret_name)?;
+        let owner = quote_ident(&slug.owner_role());
+        let login = quote_ident(&slug.login_role());
+        let mut conn = server.admin.acquire().await.step("connect to server")?;
+        if !role_exists(&mut conn, &slug.owner_role()).await? {
+            ddl(&mut conn, &format!("CREATE ROLE {owner} NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"), "create owner role").await?;
+        }
+        let attrs = "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT";
+        let password = {
+            use secrecy::ExposeSecret;
+            quote_literal(secret.password.expose_secret())
+        };
+        if role_exists(&mut conn, &slug.login_role()).await? {
+            ddl(&mut conn, &format!("ALTER ROLE {login} {attrs} PASSWORD {password}"), "set login role password").await?;
+        } else {
+            ddl(&mut conn, &format!("CREATE ROLE {login} {attrs} PASSWORD {password}"), "create login role").await?;
+        }
+        ddl(&mut conn, &format!("GRANT {owner} TO {login}"), "grant owner role to login role").await?;
+        Ok(())
+    }
+
+    /// Step `schema`: the public schema belongs to the owner, PUBLIC may not create in it, and
+    /// the tenant migrations are applied as the owner.
+    async fn ensure_schema(&self, server: &Server, slug: &TenantSlug) -> Result<(), ProvisionError> {
+        let owner = quote_ident(&slug.owner_role());
+        let mut conn = server.connect(&slug.database_name()).await.step("connect to tenant database")?;
+        ddl(&mut conn, &format!("ALTER SCHEMA public OWNER TO {owner}"), "own public schema").await?;
+        ddl(&mut conn, "REVOKE ALL ON SCHEMA public FROM PUBLIC", "lock public schema").await?;
+        let version = self.migrations.apply(&mut conn, &slug.owner_role()).await?;
+        let _ = conn.close().await;
+        sqlx::query("UPDATE tenants SET schema_version = $2, updated_at = now() WHERE slug = $1")
+            .bind(slug.as_str())
+            .bind(version)
+            .execute(&self.catalog)
+            .await
+            .step("record schema version")?;
+        Ok(())
+    }
+
+    /// Step `activate`: the tenant is served.
+    async fn activate(&self, slug: &TenantSlug) -> Result<(), ProvisionError> {
+        let mut tx = self.catalog.begin().await.step("activate")?;
+        tenants::set_status(&mut tx, slug.as_str(), TenantStatus::Active, None).await.step("activate")?;
+        tx.commit().await.step("activate")
+    }
+
+    /// Runs (or resumes) a `delete` job: the database (its sessions terminated), the roles
+    /// and the secret are dropped; the catalog keeps a `deleted` tombstone.
+    #[instrument(skip_all, fields(tenant = job.tenant.as_deref().unwrap_or(""), job = job.id))]
+    pub async fn delete(&self, job: &Job, force_secret_delete: bool) -> Result<(), ProvisionError> {
+        let (slug, secret_name) = self.tenant_of(job)?;
+        let server = self.server_of(&slug).await?;
+        for step in DELETE_STEPS {
+            jobs::set_step(&self.catalog, job.id, step).await.step("record step")?;
+            match step {
+                "database" => {
+                    let mut conn = server.admin.acquire().await.step("connect to server")?;
+                    ddl(
+                        &mut conn,
+                        &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&slug.database_name())),
+                        "drop database",
+                    )
+                    .await?;
+                }
+                "roles" => {
+                    let mut conn = server.admin.acquire().await.step("connect to server")?;
+                    for role in [slug.login_role(), slug.owner_role()] {
+                        ddl(&mut conn, &format!("DROP ROLE IF EXISTS {}", quote_ident(&role)), "drop role").await?;
+                    }
+                }
+                "secret" => self.store.delete_secret(&secret_name, force_secret_delete).await?,
+                _ => {
+                    let mut tx = self.catalog.begin().await.step("tombstone")?;
+                    sqlx::query("DELETE FROM tenant_domains WHERE slug = $1")
+                        .bind(slug.as_str())
+                        .execute(&mut *tx)
+                        .await
+                        .step("tombstone")?;
+                    tenants::set_status(&mut tx, slug.as_str(), TenantStatus::Deleted, None)
+                        .await
+                        .step("tombstone")?;
+                    tx.commit().await.step("tombstone")?;
+                }
+            }
+            fail_after("delete", step)?;
+        }
+        info!("tenant deleted");
+        Ok(())
+    }
+}
+
+/// Step `database`: the tenant database, owned by the owner role, connectable only by the
+/// login role.
+async fn ensure_database(server: &Server, slug: &TenantSlug) -> Result<(), ProvisionError> {
+    let db = quote_ident(&slug.database_name());
+    let mut conn = server.admin.acquire().await.step("connect to server")?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(slug.database_name())
+        .fetch_one(&mut *conn)
+        .await
+        .step("look up database")?;
+    if !exists {
+        let owner = quote_ident(&slug.owner_role());
+        ddl(&mut conn, &format!("CREATE DATABASE {db} OWNER {owner} TEMPLATE template0"), "create database").await?;
+    }
+    ddl(&mut conn, &format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC"), "revoke connect from public").await?;
+    ddl(
+        &mut conn,
+        &format!("GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {}", quote_ident(&slug.login_role())),
+        "grant connect to login role",
+    )
+    .await
+}
+
+/// Step `api_key`: the first API key's hash is in the tenant database.
+async fn ensure_api_key(server: &Server, slug: &TenantSlug, params: &ProvisionParams) -> Result<(), ProvisionError> {
+    let hash: [u8; 32] = hex::decode(&params.api_key_hash)
+        .ok()
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(|| ProvisionError::InvalidJob("bad api key hash".into()))?;
+    let mut conn = server.connect(&slug.database_name()).await.step("connect to tenant database")?;
+    insert_key_as_owner(&mut conn, slug, &params.api_key_name, &hash).await?;
+    let _ = conn.close().await;
+    Ok(())
+}
+
+/// Inserts an API key hash into a tenant database as its owner role. Idempotent by name.
+pub async fn insert_key_as_owner(
+    conn: &mut PgConnection,
+    slug: &TenantSlug,
+    name: &str,
+    hash: &[u8; 32],
+) -> Result<(), ProvisionError> {
+    ddl(conn, &format!("SET ROLE {}", quote_ident(&slug.owner_role())), "assume owner role").await?;
+    silo_tenant_app::api_keys::insert(&mut *conn, name, hash).await.step("insert api key")?;
+    ddl(conn, "RESET ROLE", "reset role").await
+}
+
+async fn role_exists(conn: &mut PgConnection, role: &str) -> Result<bool, ProvisionError> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+        .bind(role)
+        .fetch_one(conn)
+        .await
+        .step("look up role")
+}
+
+/// Runs one DDL statement built only from validated, quoted identifiers and silo-generated
+/// literals.
+async fn ddl(conn: &mut PgConnection, sql: &str, step: &'static str) -> Result<(), ProvisionError> {
+    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned())).execute(conn).await.step(step)?;
+    Ok(())
+}
+
+/// Tests interrupt a job after a given step with the fail point `{job}-after-step`, configured
+/// as `return(STEP)`.
+fn fail_after(job: &str, step: &str) -> Result<(), ProvisionError> {
+    #[cfg(feature = "failpoints")]
+    {
+        let name = format!("{job}-after-step");
+        if fail::eval(&name, |arg| arg.as_deref() == Some(step)) == Some(true) {
+            return Err(ProvisionError::Interrupted(step.to_owned()));
+        }
+    }
+    let _ = (job, step);
+    Ok(())
+}

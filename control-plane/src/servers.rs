@@ -1,0 +1,153 @@
+//! The PostgreSQL servers that hold tenant databases, with the admin credentials the control
+//! plane uses on them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgConnection, PgPool};
+
+use crate::config::{AdminPassword, Config, ServerConfig};
+use crate::secrets::{SecretStore, SecretStoreError, AWSCURRENT};
+
+/// One server and an admin pool on its `postgres` database.
+pub struct Server {
+    /// Its configuration.
+    pub config: ServerConfig,
+    password: SecretString,
+    /// Admin connections to the `postgres` database (roles, databases).
+    pub admin: PgPool,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("name", &self.config.name).finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Admin connect options to `database` on this server.
+    pub fn admin_options(&self, database: &str) -> PgConnectOptions {
+        admin_options(&self.config, &self.password, database)
+    }
+
+    /// A one-off admin connection to `database` (never kept in a pool: a pooled session on a
+    /// template or a tenant database would block CREATE/DROP DATABASE).
+    pub async fn connect(&self, database: &str) -> Result<PgConnection, sqlx::Error> {
+        self.admin_options(database).connect().await
+    }
+}
+
+/// Errors opening the servers.
+#[derive(Debug, thiserror::Error)]
+pub enum ServersError {
+    /// An admin password secret could not be read.
+    #[error("server {server}: admin password secret: {source}")]
+    Secret {
+        /// The server.
+        server: String,
+        /// The store error.
+        source: SecretStoreError,
+    },
+    /// The admin password is not available.
+    #[error("server {server}: {problem}")]
+    Password {
+        /// The server.
+        server: String,
+        /// What is missing.
+        problem: String,
+    },
+    /// Writing the server list into the catalog failed.
+    #[error("record servers in the catalog: {0}")]
+    Catalog(#[from] sqlx::Error),
+}
+
+/// Every configured server, by name.
+#[derive(Debug)]
+pub struct Servers {
+    by_name: BTreeMap<String, Server>,
+}
+
+impl Servers {
+    /// Resolves admin passwords (from the environment or the secret store) and builds lazy
+    /// admin pools.
+    pub async fn open(cfg: &Config, store: &dyn SecretStore) -> Result<Self, ServersError> {
+        let mut by_name = BTreeMap::new();
+        for s in &cfg.servers {
+            let password = match &s.admin_password {
+                AdminPassword::Env(var) => match std::env::var(var) {
+                    Ok(p) if !p.is_empty() => SecretString::from(p),
+                    _ => {
+                        return Err(ServersError::Password {
+                            server: s.name.clone(),
+                            problem: format!("environment variable {var} (admin_password_env) is not set"),
+                        })
+                    }
+                },
+                AdminPassword::Secret(name) => admin_password_from_store(store, name)
+                    .await
+                    .map_err(|source| ServersError::Secret { server: s.name.clone(), source })?,
+            };
+            let admin = PgPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_lazy_with(admin_options(s, &password, "postgres"));
+            by_name.insert(s.name.clone(), Server { config: s.clone(), password, admin });
+        }
+        Ok(Self { by_name })
+    }
+
+    /// The server `name`.
+    pub fn get(&self, name: &str) -> Option<&Server> {
+        self.by_name.get(name)
+    }
+
+    /// All servers.
+    pub fn iter(&self) -> impl Iterator<Item = &Server> {
+        self.by_name.values()
+    }
+
+    /// Records the configured servers in the catalog (placement reads them there).
+    pub async fn sync_catalog(&self, catalog: &PgPool) -> Result<(), ServersError> {
+        for s in self.by_name.values() {
+            sqlx::query(
+                "INSERT INTO servers (name, host, port, max_tenants) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (name) DO UPDATE SET host = EXCLUDED.host, port = EXCLUDED.port, \
+                 max_tenants = EXCLUDED.max_tenants, updated_at = now()",
+            )
+            .bind(&s.config.name)
+            .bind(&s.config.host)
+            .bind(i32::from(s.config.port))
+            .bind(i64::from(s.config.max_tenants).min(i64::from(i32::MAX)) as i32)
+            .execute(catalog)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+fn admin_options(config: &ServerConfig, password: &SecretString, database: &str) -> PgConnectOptions {
+    PgConnectOptions::new()
+        .host(&config.host)
+        .port(config.port)
+        .username(&config.admin_user)
+        .password(password.expose_secret())
+        .database(database)
+}
+
+/// Reads an admin password stored as a database secret (`{"password": ...}`) or as plain text.
+async fn admin_password_from_store(store: &dyn SecretStore, name: &str) -> Result<SecretString, SecretStoreError> {
+    let version = store
+        .get_secret_value(name, AWSCURRENT)
+        .await?
+        .ok_or_else(|| SecretStoreError::NotFound(name.to_owned()))?;
+    #[derive(serde::Deserialize)]
+    struct WithPassword {
+        password: String,
+    }
+    Ok(match serde_json::from_str::<WithPassword>(version.value.expose_secret()) {
+        Ok(p) => SecretString::from(p.password),
+        Err(_) => version.value,
+    })
+}

@@ -1,0 +1,159 @@
+//! Job workers: claim a job, run its steps while renewing the lease, record the outcome.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn, Instrument};
+
+use crate::catalog::routes::TenantStatus;
+use crate::catalog::tenants;
+use crate::jobs::{self, Job, JOBS_CHANNEL};
+use crate::provision::{ProvisionError, Provisioner};
+
+/// Runs jobs from the catalog queue.
+pub struct Workers {
+    catalog: PgPool,
+    provisioner: Arc<Provisioner>,
+    worker_id: String,
+    lease: Duration,
+    concurrency: usize,
+    force_secret_delete: bool,
+}
+
+impl Workers {
+    /// Workers over `catalog` running up to `concurrency` jobs at once.
+    pub fn new(
+        catalog: PgPool,
+        provisioner: Arc<Provisioner>,
+        lease: Duration,
+        concurrency: usize,
+        force_secret_delete: bool,
+    ) -> Self {
+        let worker_id = format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple());
+        Self { catalog, provisioner, worker_id, lease, concurrency, force_secret_delete }
+    }
+
+    /// Runs until `shutdown`; a job in progress at shutdown is left to its lease and resumed
+    /// by the next claim.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let this = Arc::new(self);
+        let wake = Arc::new(Notify::new());
+        let tracker = TaskTracker::new();
+        tracker.spawn(listen_for_jobs(this.catalog.clone(), wake.clone(), shutdown.clone()));
+        for n in 0..this.concurrency {
+            let (this, wake, shutdown) = (this.clone(), wake.clone(), shutdown.clone());
+            tracker.spawn(async move { this.work_loop(n, wake, shutdown).await });
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    async fn work_loop(&self, n: usize, wake: Arc<Notify>, shutdown: CancellationToken) {
+        let worker = format!("{}/{n}", self.worker_id);
+        while !shutdown.is_cancelled() {
+            match jobs::claim(&self.catalog, &worker, self.lease).await {
+                Ok(Some(job)) => {
+                    let span = tracing::info_span!("job", id = job.id, kind = %job.kind, tenant = job.tenant.as_deref().unwrap_or(""));
+                    tokio::select! {
+                        () = self.execute(&worker, job).instrument(span) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, "claim job"),
+            }
+            tokio::select! {
+                () = wake.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn execute(&self, worker: &str, job: Job) {
+        info!(attempt = job.attempts, "job started");
+        let heartbeat = async {
+            loop {
+                tokio::time::sleep(self.lease / 3).await;
+                match jobs::renew(&self.catalog, job.id, worker, self.lease).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => warn!(error = %e, "renew job lease"),
+                }
+            }
+        };
+        let work = async {
+            match job.kind.as_str() {
+                "provision" => self.provisioner.provision(&job).await,
+                "delete" => self.provisioner.delete(&job, self.force_secret_delete).await,
+                other => Err(ProvisionError::InvalidJob(format!("unknown job kind {other:?}"))),
+            }
+        };
+        let result = tokio::select! {
+            r = work => Some(r),
+            () = heartbeat => None,
+        };
+        let Some(result) = result else {
+            warn!("lost the job's lease; another worker resumes it");
+            return;
+        };
+        if let Err(e) = self.record(&job, result.as_ref().err()).await {
+            error!(error = %e, "record job outcome; the job is retried when its lease expires");
+        }
+    }
+
+    async fn record(&self, job: &Job, failure: Option<&ProvisionError>) -> Result<(), sqlx::Error> {
+        let message = failure.map(ToString::to_string);
+        let mut tx = self.catalog.begin().await?;
+        jobs::finish(&mut tx, job.id, message.as_deref()).await?;
+        if let (Some(message), Some(tenant)) = (&message, &job.tenant) {
+            error!(error = %message, "job failed");
+            tenants::set_status(&mut tx, tenant, TenantStatus::Failed, Some(message)).await?;
+        } else {
+            info!("job succeeded");
+        }
+        tx.commit().await
+    }
+}
+
+/// Wakes a worker whenever a job is queued (NOTIFY on `silo_jobs`).
+async fn listen_for_jobs(catalog: PgPool, wake: Arc<Notify>, shutdown: CancellationToken) {
+    loop {
+        let mut listener = match PgListener::connect_with(&catalog).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "listen for jobs");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(2)) => continue,
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        };
+        if let Err(e) = listener.listen(JOBS_CHANNEL).await {
+            warn!(error = %e, "listen for jobs");
+            continue;
+        }
+        loop {
+            tokio::select! {
+                n = listener.recv() => match n {
+                    Ok(_) => wake.notify_one(),
+                    Err(e) => { warn!(error = %e, "job listener"); break; }
+                },
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "control-plane".into())
+}

@@ -1,0 +1,23 @@
+//! silo's router: finds the tenant of each HTTP request, hands the request, with that
+//! tenant's connection pool, to the stateless tenant app.
+//!
+//! Data path, one module per step:
+//! `resolve` (Host or `/t/{slug}` → [`resolve::TenantKey`]) → `directory` (key → the
+//! tenant's route and status, cached, invalidated by catalog NOTIFY) → `pools` (slug → sqlx
+//! pool, built from the secret store, closed when idle) → `forward` (→ the tenant app).
+//! `handler` strings those steps together for one request; `errors` is the single mapping of
+//! what goes wrong to `{"error","message"}` responses. `server` owns the sockets and the
+//! connection lifecycle, `ops` the operations port and metrics, `cli` the binary.
+
+mod cli;
+mod directory;
+mod errors;
+mod forward;
+mod handler;
+mod ops;
+mod pools;
+mod resolve;
+mod server;
+
+pub use cli::run_cli;
+pub use server::RouterServer;

@@ -1,0 +1,9 @@
+//! silo's end-to-end tests: real PostgreSQL clusters, real HTTP over sockets, the real
+//! binaries. One test binary (linking is the slow part on 2 cores); a module per capability.
+
+mod harness;
+mod tenant_app;
+mod secrets;
+mod siloctl;
+mod tenants;
+mod router;

@@ -1,0 +1,591 @@
+//! The tenant app over real HTTP against a real tenant database: CRUD, pagination, auth
+//! (including a key of another tenant's database), and every error code of the contract.
+//!
+//! Each test gets its own database on the process's shared cluster and its own
+//! `SingleTenantServer` on 127.0.0.1:0, exactly as the standalone bin serves.
+
+use reqwest::header::{ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
+use reqwest::{Client, Method, RequestBuilder, Response, StatusCode};
+use serde_json::{json, Value};
+use silo_tenant_app::{api_keys, SingleTenantServer, TenantContext};
+use silo_tests::pg::TestCluster;
+use silo_tests::unique_name;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+
+/// A tenant database with the tenant schema and one key, served over HTTP.
+struct Tenant {
+    slug: String,
+    base: String,
+    key: String,
+    http: Client,
+    pool: PgPool,
+}
+
+impl Tenant {
+    /// A fresh database on the shared cluster, migrated, with key `ci`, and its server.
+    async fn start() -> Tenant {
+        let pg = TestCluster::shared().await;
+        let db = unique_name("tapp_");
+        pg.create_database(&db).await.unwrap();
+        Tenant::serve(pg.admin_options(&db)).await
+    }
+
+    async fn serve(options: PgConnectOptions) -> Tenant {
+        silo_tests::init_logging();
+        // The same pool settings as the standalone bin: no ping per checkout.
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(std::time::Duration::from_secs(2))
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await
+            .unwrap();
+        sqlx::migrate!("../migrations/tenant")
+            .run(&pool)
+            .await
+            .unwrap();
+        let (key, hash) = api_keys::generate();
+        api_keys::insert(&pool, "ci", &hash).await.unwrap();
+        let slug = unique_name("t");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = SingleTenantServer::new(
+            listener,
+            TenantContext {
+                slug: slug.clone(),
+                pool: pool.clone(),
+            },
+        );
+        let base = format!("http://{}", server.local_addr().unwrap());
+        tokio::spawn(server.run(std::future::pending()));
+        Tenant {
+            slug,
+            base,
+            key,
+            http: Client::new(),
+            pool,
+        }
+    }
+
+    /// A request with this tenant's key.
+    fn req(&self, method: Method, path: &str) -> RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+    }
+
+    async fn create(&self, title: &str) -> Value {
+        let resp = self
+            .req(Method::POST, "/api/v1/tasks")
+            .json(&json!({ "title": title }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        resp.json().await.unwrap()
+    }
+}
+
+/// Asserts an error response: status, JSON `error` code, a non-empty message.
+async fn assert_error(resp: Response, status: StatusCode, code: &str) -> Value {
+    assert_eq!(resp.status(), status, "{}", resp.url());
+    assert_eq!(
+        resp.headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+        Some("application/json")
+    );
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], code, "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    body
+}
+
+fn assert_rfc3339(v: &Value) {
+    let s = v.as_str().unwrap_or_else(|| panic!("not a string: {v}"));
+    // e.g. 2026-11-26T10:00:00.123456Z
+    assert!(
+        s.len() >= 20 && &s[4..5] == "-" && &s[10..11] == "T" && s.ends_with('Z'),
+        "{s}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crud_round_trip() {
+    let t = Tenant::start().await;
+
+    let created = t.create("write the docs").await;
+    let id = created["id"].as_i64().expect("numeric id");
+    assert_eq!(created["title"], "write the docs");
+    assert_eq!(created["done"], false);
+    assert_rfc3339(&created["created_at"]);
+    assert_eq!(created["created_at"], created["updated_at"]);
+
+    let path = format!("/api/v1/tasks/{id}");
+    let got: Value = t
+        .req(Method::GET, &path)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got, created);
+
+    // An empty patch changes nothing, not even updated_at.
+    let resp = t
+        .req(Method::PATCH, &path)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.json::<Value>().await.unwrap(), created);
+
+    let resp = t
+        .req(Method::PATCH, &path)
+        .json(&json!({ "done": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let patched: Value = resp.json().await.unwrap();
+    assert_eq!(patched["done"], true);
+    assert_eq!(patched["title"], "write the docs");
+    assert_eq!(patched["created_at"], created["created_at"]);
+    assert_ne!(patched["updated_at"], created["updated_at"]);
+
+    let patched: Value = t
+        .req(Method::PATCH, &path)
+        .json(&json!({ "title": "write better docs", "done": false }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(patched["title"], "write better docs");
+    assert_eq!(patched["done"], false);
+    let got: Value = t
+        .req(Method::GET, &path)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got, patched);
+
+    // POST honours "done", and the row is really in the tenant's database.
+    let second = t
+        .req(Method::POST, "/api/v1/tasks")
+        .json(&json!({ "title": "ship", "done": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), StatusCode::CREATED);
+    assert_eq!(second.json::<Value>().await.unwrap()["done"], true);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 2);
+
+    let resp = t.req(Method::DELETE, &path).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    assert!(resp.bytes().await.unwrap().is_empty());
+    for method in [Method::GET, Method::DELETE] {
+        let resp = t.req(method, &path).send().await.unwrap();
+        assert_error(resp, StatusCode::NOT_FOUND, "not_found").await;
+    }
+    let resp = t
+        .req(Method::PATCH, &path)
+        .json(&json!({ "done": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, StatusCode::NOT_FOUND, "not_found").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pagination_walks_every_task_once() {
+    let t = Tenant::start().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(t.create(&format!("task {i}")).await["id"].as_i64().unwrap());
+    }
+
+    let mut seen = Vec::new();
+    let mut pages = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = "/api/v1/tasks?limit=2".to_owned();
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let resp = t.req(Method::GET, &path).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let page: Value = resp.json().await.unwrap();
+        let items = page["items"].as_array().unwrap();
+        pages.push(items.len());
+        seen.extend(items.iter().map(|task| task["id"].as_i64().unwrap()));
+        match &page["next_cursor"] {
+            Value::Null => break,
+            Value::String(c) => cursor = Some(c.clone()),
+            other => panic!("next_cursor: {other}"),
+        }
+        assert!(pages.len() < 10, "pagination does not end");
+    }
+    assert_eq!(pages, [2, 2, 1]);
+    assert_eq!(seen, ids, "every task once, by ascending id");
+
+    // A page that ends exactly at the last task says so (no empty extra page).
+    let page: Value = t
+        .req(Method::GET, "/api/v1/tasks?limit=5")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 5);
+    assert_eq!(page["next_cursor"], Value::Null);
+
+    // Default limit (50) returns everything here.
+    let page: Value = t
+        .req(Method::GET, "/api/v1/tasks")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 5);
+    assert_eq!(page["next_cursor"], Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_list_parameters_are_invalid_requests() {
+    let t = Tenant::start().await;
+    for query in [
+        "limit=abc",
+        "limit=0",
+        "limit=201",
+        "limit=-1",
+        "cursor=not-a-cursor",
+        "cursor=",
+        "colour=blue",
+    ] {
+        let resp = t
+            .req(Method::GET, &format!("/api/v1/tasks?{query}"))
+            .send()
+            .await
+            .unwrap();
+        assert_error(resp, StatusCode::BAD_REQUEST, "invalid_request").await;
+    }
+    let resp = t
+        .req(Method::GET, "/api/v1/tasks?limit=200")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn me_names_the_tenant_and_the_key() {
+    let t = Tenant::start().await;
+    let (key, hash) = api_keys::generate();
+    api_keys::insert(&t.pool, "deploy-bot", &hash)
+        .await
+        .unwrap();
+    // Idempotent on the name: a second insert neither fails nor replaces the key.
+    let (_, other_hash) = api_keys::generate();
+    api_keys::insert(&t.pool, "deploy-bot", &other_hash)
+        .await
+        .unwrap();
+
+    let resp = t.req(Method::GET, "/api/v1/me").send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({ "tenant": t.slug, "key": "ci" })
+    );
+    let resp = t
+        .http
+        .get(format!("{}/api/v1/me", t.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({ "tenant": t.slug, "key": "deploy-bot" })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_without_a_valid_key_are_unauthorized() {
+    let t = Tenant::start().await;
+    let (unknown_key, _) = api_keys::generate();
+    let me = format!("{}/api/v1/me", t.base);
+    let tasks = format!("{}/api/v1/tasks", t.base);
+    let attempts = [
+        t.http.get(&me),
+        t.http.get(&me).header("authorization", "Basic Y2k6Y2k="),
+        t.http.get(&me).header("authorization", "Bearer"),
+        t.http.get(&me).bearer_auth("not-a-key"),
+        t.http.get(&me).bearer_auth(&unknown_key),
+        t.http.get(&tasks).bearer_auth(&unknown_key),
+        // Auth comes before input checks: no hint about the body to an anonymous caller.
+        t.http.post(&tasks).body("{oops"),
+    ];
+    for attempt in attempts {
+        let resp = attempt.send().await.unwrap();
+        assert_eq!(
+            resp.headers().get(WWW_AUTHENTICATE).map(|v| v.as_bytes()),
+            Some(&b"Bearer"[..])
+        );
+        assert_error(resp, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&t.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_of_another_tenant_database_is_unknown() {
+    let (a, b) = tokio::join!(Tenant::start(), Tenant::start());
+    for t in [&a, &b] {
+        let resp = t.req(Method::GET, "/api/v1/me").send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    // Both keys are named "ci", but each exists only in its own tenant's database.
+    for (key, server) in [(&a.key, &b), (&b.key, &a)] {
+        let resp = server
+            .http
+            .get(format!("{}/api/v1/tasks", server.base))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        assert_error(resp, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_json_is_an_invalid_request() {
+    let t = Tenant::start().await;
+    for body in ["{\"title\": ", "not json", "", "{\"title\":\"a\"} trailing"] {
+        let resp = t
+            .req(Method::POST, "/api/v1/tasks")
+            .header(CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_error(resp, StatusCode::BAD_REQUEST, "invalid_request").await;
+    }
+    let id = t.create("x").await["id"].as_i64().unwrap();
+    let resp = t
+        .req(Method::PATCH, &format!("/api/v1/tasks/{id}"))
+        .header(CONTENT_TYPE, "application/json")
+        .body("{,}")
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, StatusCode::BAD_REQUEST, "invalid_request").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_tasks_fail_validation() {
+    let t = Tenant::start().await;
+    let invalid = [
+        json!({ "title": "" }),
+        json!({ "title": "a".repeat(501) }),
+        json!({ "title": "é".repeat(501) }),
+        json!({ "title": "nul\u{0}byte" }),
+        json!({ "title": 5 }),
+        json!({ "title": null }),
+        json!({ "title": "ok", "done": "yes" }),
+        json!({ "title": "ok", "done": null }),
+        json!({ "title": "ok", "owner": "me" }),
+        json!({ "done": true }),
+        json!(["title"]),
+    ];
+    for body in &invalid {
+        let resp = t
+            .req(Method::POST, "/api/v1/tasks")
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_error(resp, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+    }
+
+    // 500 characters is the limit, counted as characters, not bytes (1000 here).
+    let longest = "é".repeat(500);
+    let task = t.create(&longest).await;
+    assert_eq!(task["title"], longest.as_str());
+
+    let path = format!("/api/v1/tasks/{}", task["id"]);
+    for body in [
+        json!({ "title": "" }),
+        json!({ "title": "b".repeat(501) }),
+        json!({ "title": null }),
+        json!({ "done": 1 }),
+        json!({ "id": 7 }),
+    ] {
+        let resp = t
+            .req(Method::PATCH, &path)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_error(resp, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+    }
+    let unchanged: Value = t
+        .req(Method::GET, &path)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(unchanged, task);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_over_64_kib_are_too_large() {
+    let t = Tenant::start().await;
+    let body = json!({ "title": "x".repeat(64 * 1024) });
+    let resp = t
+        .req(Method::POST, "/api/v1/tasks")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+
+    let id = t.create("x").await["id"].as_i64().unwrap();
+    let resp = t
+        .req(Method::PATCH, &format!("/api/v1/tasks/{id}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn non_json_bodies_are_unsupported_media_types() {
+    let t = Tenant::start().await;
+    let id = t.create("x").await["id"].as_i64().unwrap();
+    let task_path = format!("/api/v1/tasks/{id}");
+    for (method, path) in [
+        (Method::POST, "/api/v1/tasks"),
+        (Method::PATCH, task_path.as_str()),
+    ] {
+        for content_type in [
+            None,
+            Some("text/plain"),
+            Some("application/x-www-form-urlencoded"),
+        ] {
+            let mut req = t.req(method.clone(), path).body(r#"{"title":"x"}"#);
+            if let Some(content_type) = content_type {
+                req = req.header(CONTENT_TYPE, content_type);
+            }
+            let resp = req.send().await.unwrap();
+            assert_error(
+                resp,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+            )
+            .await;
+        }
+    }
+    // A charset parameter is fine.
+    let resp = t
+        .req(Method::POST, "/api/v1/tasks")
+        .header(CONTENT_TYPE, "application/json; charset=utf-8")
+        .body(r#"{"title":"x"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_tasks_routes_and_methods() {
+    let t = Tenant::start().await;
+    let resp = t
+        .req(Method::GET, "/api/v1/tasks/999999")
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, StatusCode::NOT_FOUND, "not_found").await;
+    for path in [
+        "/api/v1/tasks/abc",
+        "/api/v1/tasks/1.5",
+        "/api/v1/tasks/99999999999999999999",
+    ] {
+        let resp = t.req(Method::GET, path).send().await.unwrap();
+        assert_error(resp, StatusCode::BAD_REQUEST, "invalid_request").await;
+    }
+    for path in ["/", "/api/v1/nope", "/api/v2/tasks"] {
+        let resp = t.req(Method::GET, path).send().await.unwrap();
+        assert_error(resp, StatusCode::NOT_FOUND, "not_found").await;
+    }
+    let resp = t.req(Method::PUT, "/api/v1/tasks").send().await.unwrap();
+    let allow = resp
+        .headers()
+        .get(ALLOW)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+    assert_error(resp, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+    let resp = t.req(Method::POST, "/api/v1/me").send().await.unwrap();
+    assert_error(resp, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_that_is_down_is_tenant_unavailable() {
+    // A cluster of its own: this test stops it.
+    let pg = TestCluster::start().await.unwrap();
+    let db = unique_name("tapp_");
+    pg.create_database(&db).await.unwrap();
+    let t = Tenant::serve(pg.admin_options(&db)).await;
+    t.create("before").await;
+
+    pg.stop();
+    let resp = t.req(Method::GET, "/api/v1/tasks").send().await.unwrap();
+    assert!(resp.headers().contains_key("retry-after"));
+    let body = assert_error(resp, StatusCode::SERVICE_UNAVAILABLE, "tenant_unavailable").await;
+    let message = body["message"].as_str().unwrap();
+    for leak in ["127.0.0.1", &pg.port().to_string(), "postgres", "SELECT"] {
+        assert!(!message.contains(leak), "{message}");
+    }
+
+    // Back up: the pool replaces its broken connections without a restart of the app.
+    pg.restart().await.unwrap();
+    let mut status = StatusCode::SERVICE_UNAVAILABLE;
+    for _ in 0..50 {
+        status = t
+            .req(Method::GET, "/api/v1/tasks")
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, StatusCode::OK);
+}

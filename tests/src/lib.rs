@@ -1,0 +1,30 @@
+//! Test support for silo's end-to-end tests: throw-away PostgreSQL clusters ([`pg`]) and
+//! unique names so tests run in parallel without sharing state.
+
+pub mod moto;
+pub mod pg;
+pub mod stack;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A name no other test in any process uses: `{prefix}{pid}{counter}{random}`, lowercase
+/// letters and digits only (valid as a tenant slug when `prefix` is one).
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let r: u32 = rand::random::<u32>() % 1_000_000;
+    format!("{prefix}{}x{n}x{r}", std::process::id() % 100_000)
+}
+
+/// Turns on test logs when `TEST_LOG=1`.
+pub fn init_logging() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info,sqlx=warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+    }
+}

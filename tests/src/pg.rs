@@ -1,0 +1,145 @@
+//! Throw-away PostgreSQL clusters with SCRAM password auth on a free 127.0.0.1 port, in a
+//! temp dir under `$TMPDIR/silo-test-{pid}-{n}`.
+//!
+//! A cluster stops when its [`TestCluster`] drops, or when the test process ends in any way
+//! (the server gets a parent-death signal). Directories of processes that no longer exist
+//! are swept when the next cluster starts.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::Context;
+use secrecy::{ExposeSecret, SecretString};
+use silo_control_plane::localpg::{self, ClusterOptions, LocalCluster};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+use tokio::sync::OnceCell;
+
+const DIR_PREFIX: &str = "silo-test-";
+
+/// A running throw-away cluster; superuser `postgres` with a random password.
+pub struct TestCluster {
+    cluster: std::sync::Mutex<Option<LocalCluster>>,
+    dir: PathBuf,
+    port: u16,
+    password: SecretString,
+}
+
+impl TestCluster {
+    /// One cluster shared by every test in this process (with nextest, a process runs one
+    /// test). Never stop it: other tests may use it.
+    pub async fn shared() -> &'static TestCluster {
+        static SHARED: OnceCell<TestCluster> = OnceCell::const_new();
+        SHARED
+            .get_or_init(|| async { TestCluster::start().await.expect("start the shared test cluster") })
+            .await
+    }
+
+    /// A cluster of its own, for tests that stop or restart it.
+    pub async fn start() -> anyhow::Result<TestCluster> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        sweep_stale_dirs();
+        let dir = std::env::temp_dir()
+            .join(format!("{DIR_PREFIX}{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let data_dir = dir.join("data");
+        let password = SecretString::from(format!("pw-{}", crate::unique_name("")));
+        tokio::task::block_in_place(|| LocalCluster::init(&data_dir, &password))?;
+        let options = ClusterOptions { fsync: false, max_connections: 400 };
+        let mut last_err = None;
+        for _ in 0..3 {
+            let port = localpg::free_port()?;
+            match LocalCluster::start(&data_dir, port, password.clone(), &options).await {
+                Ok(cluster) => {
+                    return Ok(TestCluster {
+                        cluster: std::sync::Mutex::new(Some(cluster)),
+                        dir,
+                        port,
+                        password,
+                    })
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.context("start cluster")?)
+    }
+
+    /// The port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The superuser's password.
+    pub fn password(&self) -> &SecretString {
+        &self.password
+    }
+
+    /// Superuser connect options to `db`.
+    pub fn admin_options(&self, db: &str) -> PgConnectOptions {
+        PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .username(localpg::SUPERUSER)
+            .password(self.password.expose_secret())
+            .database(db)
+    }
+
+    /// Creates an empty database `name` (a validated identifier: letters, digits, `_`).
+    pub async fn create_database(&self, name: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+            "test database names are [a-z0-9_]"
+        );
+        let mut conn = self.admin_options("postgres").connect().await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("create database {name}"))?;
+        conn.close().await?;
+        Ok(())
+    }
+
+    /// Stops the server (tests of an unavailable database). [`TestCluster::restart`] brings
+    /// it back on the same port.
+    pub fn stop(&self) {
+        if let Some(mut c) = self.lock().take() {
+            c.stop();
+        }
+    }
+
+    /// Starts a stopped cluster again on the same port.
+    pub async fn restart(&self) -> anyhow::Result<()> {
+        self.stop();
+        let options = ClusterOptions { fsync: false, max_connections: 400 };
+        let cluster = LocalCluster::start(&self.dir.join("data"), self.port, self.password.clone(), &options).await?;
+        *self.lock() = Some(cluster);
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<LocalCluster>> {
+        self.cluster.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Removes cluster dirs left by test processes that no longer exist (a shared cluster is
+/// stopped by the parent-death signal at exit, but its files stay).
+fn sweep_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        if !alive {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}

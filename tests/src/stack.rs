@@ -1,0 +1,246 @@
+//! An in-process silo: the control plane and the router on real sockets, over a catalog
+//! database of their own on the process's shared [`TestCluster`], with the local secret store.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use reqwest::{Method, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+use silo_control_plane::config::Config;
+use silo_control_plane::server::ControlPlane;
+use silo_router::RouterServer;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::pg::TestCluster;
+
+/// Environment variable holding the shared cluster's superuser password for `[[servers]]`.
+const PG_PASSWORD_ENV: &str = "SILO_TEST_PG_PASSWORD";
+
+/// Knobs of a test stack.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// `router.pool_idle_timeout`.
+    pub pool_idle_timeout: Duration,
+    /// `router.path_prefix_routing`.
+    pub path_prefix_routing: bool,
+    /// Extra TOML appended to the generated config (e.g. a `[rotation]` section).
+    pub extra_toml: String,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self { pool_idle_timeout: Duration::from_secs(300), path_prefix_routing: false, extra_toml: String::new() }
+    }
+}
+
+/// A running control plane + router.
+pub struct Stack {
+    pg: &'static TestCluster,
+    dir: tempfile::TempDir,
+    config: Config,
+    cp_addr: SocketAddr,
+    router_addr: SocketAddr,
+    ops_addr: SocketAddr,
+    token: String,
+    catalog: PgPool,
+    http: reqwest::Client,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Stack {
+    /// Starts a stack with `options`.
+    pub async fn start(options: StackOptions) -> anyhow::Result<Stack> {
+        crate::init_logging();
+        let pg = TestCluster::shared().await;
+        let dir = tempfile::tempdir()?;
+        let catalog_db = crate::unique_name("catalog_");
+        pg.create_database(&catalog_db).await?;
+        let key_file = dir.path().join("master.key");
+        silo_control_plane::secrets::local::create_master_key(&key_file)?;
+        std::env::set_var(PG_PASSWORD_ENV, pg.password().expose_secret());
+        let toml = format!(
+            r#"
+catalog_url = "postgres://postgres@127.0.0.1:{port}/{catalog_db}"
+[secrets]
+backend = "local"
+local_master_key_file = "master.key"
+[[servers]]
+name = "pg-1"
+host = "127.0.0.1"
+port = {port}
+admin_user = "postgres"
+admin_password_env = "{PG_PASSWORD_ENV}"
+[control_plane]
+listen = "127.0.0.1:0"
+job_lease = "5s"
+[router]
+listen = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
+base_domains = ["localhost"]
+pool_idle_timeout = "{idle}ms"
+path_prefix_routing = {path}
+{extra}
+"#,
+            port = pg.port(),
+            idle = options.pool_idle_timeout.as_millis(),
+            path = options.path_prefix_routing,
+            extra = options.extra_toml,
+        );
+        let path = dir.path().join("silo.toml");
+        std::fs::write(&path, toml)?;
+        let mut config = Config::load(&path)?;
+        config.catalog.password = Some(pg.password().clone());
+        let token = format!("admin-{}", crate::unique_name(""));
+        config.control_plane.admin_token = Some(SecretString::from(token.clone()));
+
+        let shutdown = CancellationToken::new();
+        let cp = ControlPlane::bind(config.clone()).await.context("start the control plane")?;
+        let cp_addr = cp.local_addr();
+        let router = RouterServer::bind(config.clone()).await.context("start the router")?;
+        let (router_addr, ops_addr) = (router.local_addr(), router.ops_addr());
+        let tasks = vec![tokio::spawn(cp.run(shutdown.clone())), tokio::spawn(router.run(shutdown.clone()))];
+        let catalog = PgPoolOptions::new()
+            .max_connections(4)
+            .connect_with(pg.admin_options(&catalog_db))
+            .await?;
+        Ok(Stack {
+            pg,
+            dir,
+            config,
+            cp_addr,
+            router_addr,
+            ops_addr,
+            token,
+            catalog,
+            http: reqwest::Client::new(),
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The cluster holding the catalog and the tenant databases.
+    pub fn pg(&self) -> &'static TestCluster {
+        self.pg
+    }
+
+    /// The stack's validated config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The stack's directory (config, master key).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Superuser pool on the catalog database.
+    pub fn catalog(&self) -> &PgPool {
+        &self.catalog
+    }
+
+    /// Admin API address.
+    pub fn control_plane_addr(&self) -> SocketAddr {
+        self.cp_addr
+    }
+
+    /// Router tenant-traffic address.
+    pub fn router_addr(&self) -> SocketAddr {
+        self.router_addr
+    }
+
+    /// Router ops address.
+    pub fn ops_addr(&self) -> SocketAddr {
+        self.ops_addr
+    }
+
+    /// The admin token.
+    pub fn admin_token(&self) -> &str {
+        &self.token
+    }
+
+    /// Calls the admin API with the admin token; returns the status and the JSON body
+    /// (`Value::Null` for an empty or non-JSON body).
+    pub async fn admin(&self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<(StatusCode, Value)> {
+        let mut req = self
+            .http
+            .request(method, format!("http://{}{path}", self.cp_addr))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
+    /// Polls job `id` until it finishes (30 s at most) and returns it.
+    pub async fn wait_job(&self, id: i64) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, job) = self.admin(Method::GET, &format!("/v1/jobs/{id}"), None).await?;
+            if status != StatusCode::OK {
+                bail!("GET job {id}: {status} {job}");
+            }
+            if matches!(job["state"].as_str(), Some("succeeded" | "failed")) {
+                return Ok(job);
+            }
+            if Instant::now() > deadline {
+                bail!("job {id} did not finish: {job}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Creates tenant `slug` through the admin API, waits for its job to succeed and returns
+    /// its first API key.
+    pub async fn create_tenant(&self, slug: &str) -> anyhow::Result<String> {
+        self.create_tenant_with(serde_json::json!({ "slug": slug })).await
+    }
+
+    /// Like [`Stack::create_tenant`] with a full request body.
+    pub async fn create_tenant_with(&self, body: Value) -> anyhow::Result<String> {
+        let (status, created) = self.admin(Method::POST, "/v1/tenants", Some(body)).await?;
+        if status != StatusCode::ACCEPTED {
+            bail!("create tenant: {status} {created}");
+        }
+        let id = created["job"]["id"].as_i64().context("job id")?;
+        let job = self.wait_job(id).await?;
+        if job["state"] != "succeeded" {
+            bail!("provisioning failed: {job}");
+        }
+        Ok(created["api_key"].as_str().context("api_key")?.to_owned())
+    }
+
+    /// A request to the router for `host` (sent to the router's socket with that Host).
+    pub fn tenant_request(&self, method: Method, host: &str, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("http://{}{path}", self.router_addr))
+            .header(reqwest::header::HOST, host)
+    }
+
+    /// Fetches the router's `/metrics` text.
+    pub async fn router_metrics(&self) -> anyhow::Result<String> {
+        Ok(self.http.get(format!("http://{}/metrics", self.ops_addr)).send().await?.text().await?)
+    }
+
+    /// Stops the control plane and the router and waits for them.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        for t in self.tasks.drain(..) {
+            t.await??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
