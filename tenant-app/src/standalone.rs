@@ -4,7 +4,7 @@
 //! tests, which start a [`SingleTenantServer`] in-process on port 0.
 
 use std::future::Future;
-use std::io;
+use std::io::{self, IsTerminal as _};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -114,6 +114,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     result.context("serve HTTP")
 }
 
+/// `error` and its causes on one line, `outer: inner`, skipping a cause whose text the
+/// previous message already ends with (sqlx repeats a database error as its own source).
+pub fn error_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    let mut previous = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !previous.ends_with(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+        previous = text;
+    }
+    line
+}
+
 /// The tenant app bound to a socket and serving one tenant.
 pub struct SingleTenantServer {
     listener: TcpListener,
@@ -205,12 +223,26 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_lines_skip_repeated_causes() {
+        let inner = anyhow::anyhow!("password authentication failed");
+        let outer = inner
+            .context("error returned from database: password authentication failed")
+            .context("connect to the tenant database");
+        assert_eq!(
+            error_line(&outer),
+            "connect to the tenant database: error returned from database: password \
+             authentication failed"
+        );
+    }
 
     #[test]
     fn slugs_follow_the_contract() {

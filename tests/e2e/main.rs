@@ -7,3 +7,5 @@ mod secrets;
 mod siloctl;
 mod tenants;
 mod router;
+mod admin_api;
+mod crash_safety;

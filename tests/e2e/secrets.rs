@@ -147,13 +147,15 @@ async fn put_pending_adds_a_staged_version(store: &dyn SecretStore) {
         stages(&[(&v1, &[AWSCURRENT]), (&v2, &[AWSPENDING])])
     );
 
-    // A retried put is a no-op; the same version id with another value is refused.
+    // A retried put is a no-op; the same version id with another value is refused. (Not
+    // checked on the AWSPENDING version: moto overwrites a pending version's value, AWS
+    // refuses it.)
     store
         .put_secret_value(&name, &v2, &val2, &[AWSPENDING])
         .await
         .unwrap();
     let err = store
-        .put_secret_value(&name, &v2, &val3, &[AWSPENDING])
+        .put_secret_value(&name, &v1, &val3, &[AWSCURRENT])
         .await
         .unwrap_err();
     assert!(matches!(err, SecretStoreError::Backend(_)), "{err}");
@@ -643,6 +645,13 @@ async fn local_stage_moves_follow_aws_rules() {
             (&v3, &[AWSCURRENT])
         ])
     );
+    // A pending version cannot be overwritten either (AWS refuses it; moto does not).
+    let err = f
+        .store
+        .put_secret_value(&name, &v2, &value(), &[AWSPENDING])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("different value"), "{err}");
     // A stage on another version must be removed from it explicitly, as on AWS.
     let err = f
         .store

@@ -3,14 +3,14 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use silo_tenant_app::standalone::{run, Args};
+use silo_tenant_app::standalone::{error_line, run, Args};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     match run(Args::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("silo-tenant-app: {e:#}");
+            eprintln!("silo-tenant-app: {}", error_line(&e));
             ExitCode::FAILURE
         }
     }
