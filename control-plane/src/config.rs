@@ -162,12 +162,34 @@ struct RawRotation {
     strategy: String,
     #[serde(default = "default_interval")]
     interval: String,
+    #[serde(default = "default_rotation_jitter")]
+    jitter: String,
+    #[serde(default = "default_rotation_max_concurrent")]
+    max_concurrent: u32,
+    #[serde(default = "default_rotation_check_every")]
+    check_every: String,
 }
 
 impl Default for RawRotation {
     fn default() -> Self {
-        Self { strategy: default_strategy(), interval: default_interval() }
+        Self {
+            strategy: default_strategy(),
+            interval: default_interval(),
+            jitter: default_rotation_jitter(),
+            max_concurrent: default_rotation_max_concurrent(),
+            check_every: default_rotation_check_every(),
+        }
     }
+}
+
+fn default_rotation_jitter() -> String {
+    "10m".into()
+}
+fn default_rotation_max_concurrent() -> u32 {
+    4
+}
+fn default_rotation_check_every() -> String {
+    "1m".into()
 }
 
 fn default_strategy() -> String {
@@ -399,6 +421,12 @@ pub struct RotationConfig {
     pub strategy: RotationStrategy,
     /// Rotate credentials older than this.
     pub interval: Duration,
+    /// Scheduled rotations start at a random delay up to this, spreading them over time.
+    pub jitter: Duration,
+    /// At most this many scheduled rotations are queued or running at once.
+    pub max_concurrent: u32,
+    /// How often the scheduler looks for due tenants.
+    pub check_every: Duration,
 }
 
 /// The `[router]` section.
@@ -554,6 +582,9 @@ impl Config {
         let rotation = RotationConfig {
             strategy: raw.rotation.strategy.parse().map_err(|e: String| invalid("rotation.strategy", e))?,
             interval: duration("rotation.interval", &raw.rotation.interval)?,
+            jitter: duration("rotation.jitter", &raw.rotation.jitter)?,
+            max_concurrent: raw.rotation.max_concurrent.max(1),
+            check_every: duration("rotation.check_every", &raw.rotation.check_every)?,
         };
 
         let r = raw.router;

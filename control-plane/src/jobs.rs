@@ -47,12 +47,25 @@ const COLUMNS: &str = "id, kind, tenant, state, step, attempts, error, progress,
 
 /// Queues a job and wakes the workers (on commit).
 pub async fn enqueue(tx: &mut PgConnection, kind: &str, tenant: Option<&str>, params: Value) -> Result<Job, sqlx::Error> {
+    enqueue_after(tx, kind, tenant, params, Duration::ZERO).await
+}
+
+/// Queues a job that no worker starts before `delay` has passed.
+pub async fn enqueue_after(
+    tx: &mut PgConnection,
+    kind: &str,
+    tenant: Option<&str>,
+    params: Value,
+    delay: Duration,
+) -> Result<Job, sqlx::Error> {
     let job = sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO jobs (kind, tenant, params) VALUES ($1, $2, $3) RETURNING {COLUMNS}"
+        "INSERT INTO jobs (kind, tenant, params, run_after) \
+         VALUES ($1, $2, $3, now() + make_interval(secs => $4)) RETURNING {COLUMNS}"
     )))
     .bind(kind)
     .bind(tenant)
     .bind(params)
+    .bind(delay.as_secs_f64())
     .fetch_one(&mut *tx)
     .await?;
     sqlx::query("SELECT pg_notify($1, $2)")
@@ -87,7 +100,8 @@ pub async fn claim(pool: &PgPool, worker: &str, lease: Duration) -> Result<Optio
         "UPDATE jobs SET state = 'running', locked_by = $1, \
            locked_until = now() + make_interval(secs => $2), attempts = attempts + 1, updated_at = now() \
          WHERE id = (SELECT id FROM jobs \
-                     WHERE state = 'queued' OR (state = 'running' AND locked_until < now()) \
+                     WHERE (state = 'queued' AND run_after <= now()) \
+                        OR (state = 'running' AND locked_until < now()) \
                      ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1) \
          RETURNING {COLUMNS}"
     )))

@@ -15,6 +15,8 @@ pub mod jobs;
 pub mod localpg;
 pub mod names;
 pub mod provision;
+pub mod rotation;
+pub mod schedule;
 pub mod secrets;
 pub mod server;
 pub mod servers;

@@ -71,6 +71,16 @@ impl TenantSlug {
     pub fn login_role(&self) -> String {
         format!("{}_app", self.database_name())
     }
+
+    /// The second login role of the `alternating` rotation strategy: the two take turns.
+    pub fn alternate_login_role(&self) -> String {
+        format!("{}_app_b", self.database_name())
+    }
+
+    /// Both login roles, in the order they are first used.
+    pub fn login_roles(&self) -> [String; 2] {
+        [self.login_role(), self.alternate_login_role()]
+    }
 }
 
 impl TryFrom<String> for TenantSlug {
@@ -151,6 +161,7 @@ mod tests {
         assert_eq!(slug.database_name(), "tenant_acme_corp");
         assert_eq!(slug.owner_role(), "tenant_acme_corp_owner");
         assert_eq!(slug.login_role(), "tenant_acme_corp_app");
+        assert_eq!(slug.alternate_login_role(), "tenant_acme_corp_app_b");
     }
 
     #[test]

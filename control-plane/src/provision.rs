@@ -47,7 +47,7 @@ pub enum ProvisionError {
     Interrupted(String),
 }
 
-trait StepContext<T> {
+pub(crate) trait StepContext<T> {
     fn step(self, step: &'static str) -> Result<T, ProvisionError>;
 }
 
@@ -73,10 +73,10 @@ pub const PROVISION_STEPS: [&str; 6] = ["secret", "roles", "database", "schema",
 /// The steps of a `delete` job, in order.
 pub const DELETE_STEPS: [&str; 4] = ["database", "roles", "secret", "tombstone"];
 
-/// Runs provisioning and deletion steps.
+/// Runs the steps of tenant jobs: provisioning and deletion here, rotation in `rotation`.
 pub struct Provisioner {
-    catalog: PgPool,
-    store: Arc<dyn SecretStore>,
+    pub(crate) catalog: PgPool,
+    pub(crate) store: Arc<dyn SecretStore>,
     servers: Arc<Servers>,
     migrations: Arc<TenantMigrations>,
     name_prefix: String,
@@ -94,7 +94,7 @@ impl Provisioner {
         Self { catalog, store, servers, migrations, name_prefix }
     }
 
-    fn tenant_of(&self, job: &Job) -> Result<(TenantSlug, String), ProvisionError> {
+    pub(crate) fn tenant_of(&self, job: &Job) -> Result<(TenantSlug, String), ProvisionError> {
         let slug = job
             .tenant
             .as_deref()
@@ -103,7 +103,7 @@ impl Provisioner {
         Ok((slug.clone(), secrets::tenant_secret_name(&self.name_prefix, &slug)))
     }
 
-    async fn server_of(&self, slug: &TenantSlug) -> Result<&Server, ProvisionError> {
+    pub(crate) async fn server_of(&self, slug: &TenantSlug) -> Result<&Server, ProvisionError> {
         let mut conn = self.catalog.acquire().await.step("read tenant")?;
         let tenant = tenants::get(&mut conn, slug.as_str())
             .await
@@ -181,23 +181,12 @@ impl Provisioner {
             .await?
             .ok_or_else(|| secrets::SecretStoreError::NotFound(secret_name.to_owned()))?;
         let secret = DbSecret::from_secret(&version.value, secret_name)?;
-        let owner = quote_ident(&slug.owner_role());
-        let login = quote_ident(&slug.login_role());
         let mut conn = server.admin.acquire().await.step("connect to server")?;
         if !role_exists(&mut conn, &slug.owner_role()).await? {
+            let owner = quote_ident(&slug.owner_role());
             ddl(&mut conn, &format!("CREATE ROLE {owner} NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"), "create owner role").await?;
         }
-        let attrs = "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT";
-        let password = {
-            use secrecy::ExposeSecret;
-            quote_literal(secret.password.expose_secret())
-        };
-        if role_exists(&mut conn, &slug.login_role()).await? {
-            ddl(&mut conn, &format!("ALTER ROLE {login} {attrs} PASSWORD {password}"), "set login role password").await?;
-        } else {
-            ddl(&mut conn, &format!("CREATE ROLE {login} {attrs} PASSWORD {password}"), "create login role").await?;
-        }
-        ddl(&mut conn, &format!("GRANT {owner} TO {login}"), "grant owner role to login role").await?;
+        ensure_login_role(&mut conn, slug, &secret.username, &secret.password).await?;
         Ok(())
     }
 
@@ -246,7 +235,8 @@ impl Provisioner {
                 }
                 "roles" => {
                     let mut conn = server.admin.acquire().await.step("connect to server")?;
-                    for role in [slug.login_role(), slug.owner_role()] {
+                    let [login, alternate] = slug.login_roles();
+                    for role in [login, alternate, slug.owner_role()] {
                         ddl(&mut conn, &format!("DROP ROLE IF EXISTS {}", quote_ident(&role)), "drop role").await?;
                     }
                 }
@@ -318,6 +308,33 @@ pub async fn insert_key_as_owner(
     ddl(conn, "RESET ROLE", "reset role").await
 }
 
+/// Creates login role `role` of the tenant, or resets it: login allowed with `password`, no
+/// privileges of its own, member of the tenant's owner role and acting as it (so it can use
+/// every object the owner has, whichever login role is current).
+pub(crate) async fn ensure_login_role(
+    conn: &mut PgConnection,
+    slug: &TenantSlug,
+    role: &str,
+    password: &secrecy::SecretString,
+) -> Result<(), ProvisionError> {
+    if !slug.login_roles().iter().any(|r| r == role) {
+        return Err(ProvisionError::InvalidJob(format!("{role:?} is not a login role of tenant {slug}")));
+    }
+    let login = quote_ident(role);
+    let attrs = "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT";
+    let password = {
+        use secrecy::ExposeSecret;
+        quote_literal(password.expose_secret())
+    };
+    let verb = if role_exists(conn, role).await? { "ALTER" } else { "CREATE" };
+    ddl(conn, &format!("{verb} ROLE {login} {attrs} PASSWORD {password}"), "set login role password").await?;
+    let owner = slug.owner_role();
+    ddl(conn, &format!("GRANT {} TO {login}", quote_ident(&owner)), "grant owner role to login role").await?;
+    // Sessions of the login role act as the owner, so whatever the app creates belongs to the
+    // owner and stays usable by both login roles across alternating rotations.
+    ddl(conn, &format!("ALTER ROLE {login} SET role = {}", quote_literal(&owner)), "act as owner role").await
+}
+
 async fn role_exists(conn: &mut PgConnection, role: &str) -> Result<bool, ProvisionError> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
         .bind(role)
@@ -328,14 +345,14 @@ async fn role_exists(conn: &mut PgConnection, role: &str) -> Result<bool, Provis
 
 /// Runs one DDL statement built only from validated, quoted identifiers and silo-generated
 /// literals.
-async fn ddl(conn: &mut PgConnection, sql: &str, step: &'static str) -> Result<(), ProvisionError> {
+pub(crate) async fn ddl(conn: &mut PgConnection, sql: &str, step: &'static str) -> Result<(), ProvisionError> {
     sqlx::query(sqlx::AssertSqlSafe(sql.to_owned())).execute(conn).await.step(step)?;
     Ok(())
 }
 
 /// Tests interrupt a job after a given step with the fail point `{job}-after-step`, configured
 /// as `return(STEP)`.
-fn fail_after(job: &str, step: &str) -> Result<(), ProvisionError> {
+pub(crate) fn fail_after(job: &str, step: &str) -> Result<(), ProvisionError> {
     #[cfg(feature = "failpoints")]
     {
         let name = format!("{job}-after-step");

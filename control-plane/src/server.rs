@@ -15,7 +15,7 @@ use crate::provision::Provisioner;
 use crate::servers::Servers;
 use crate::tenant_schema::TenantMigrations;
 use crate::worker::Workers;
-use crate::{catalog, secrets};
+use crate::{catalog, schedule, secrets};
 
 /// A bound, ready control plane.
 pub struct ControlPlane {
@@ -92,11 +92,17 @@ impl ControlPlane {
     /// Serves the admin API and runs the workers until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let workers = tokio::spawn(self.workers.run(shutdown.clone()));
+        let scheduler = tokio::spawn(schedule::run(
+            self.api.catalog.clone(),
+            self.api.config.rotation.clone(),
+            shutdown.clone(),
+        ));
         let app = api::router(self.api.clone());
         let serve = axum::serve(self.listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let result = serve.await.context("serve the admin API");
         shutdown.cancel();
         let _ = workers.await;
+        let _ = scheduler.await;
         self.api.catalog.close().await;
         result
     }

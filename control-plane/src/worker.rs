@@ -92,6 +92,7 @@ impl Workers {
             match job.kind.as_str() {
                 "provision" => self.provisioner.provision(&job).await,
                 "delete" => self.provisioner.delete(&job, self.force_secret_delete).await,
+                "rotate" => self.provisioner.rotate(&job).await,
                 other => Err(ProvisionError::InvalidJob(format!("unknown job kind {other:?}"))),
             }
         };
@@ -112,9 +113,13 @@ impl Workers {
         let message = failure.map(ToString::to_string);
         let mut tx = self.catalog.begin().await?;
         jobs::finish(&mut tx, job.id, message.as_deref()).await?;
-        if let (Some(message), Some(tenant)) = (&message, &job.tenant) {
+        if let Some(message) = &message {
             error!(error = %message, "job failed");
-            tenants::set_status(&mut tx, tenant, TenantStatus::Failed, Some(message)).await?;
+            // A failed provisioning or deletion leaves a tenant that cannot serve; a failed
+            // rotation leaves the current credentials in place, so the tenant keeps serving.
+            if let (Some(tenant), "provision" | "delete") = (&job.tenant, job.kind.as_str()) {
+                tenants::set_status(&mut tx, tenant, TenantStatus::Failed, Some(message)).await?;
+            }
         } else {
             info!("job succeeded");
         }

@@ -24,7 +24,7 @@ use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::ops::Health;
+use crate::ops::{Health, Metrics};
 use crate::pools::{Drain, Pools};
 use crate::resolve::TenantKey;
 
@@ -63,7 +63,7 @@ struct Cached {
     stale: bool,
 }
 
-/// Positive entries live for the configured TTL; negative and stale ones briefly.
+/// Active tenants' routes live for the configured TTL; everything else briefly.
 struct CachedExpiry {
     positive: Duration,
 }
@@ -73,13 +73,23 @@ impl CachedExpiry {
         match value {
             Cached { stale: true, .. } => STALE_TTL,
             Cached { route: None, .. } => NEGATIVE_TTL,
-            Cached { route: Some(_), .. } => self.positive,
+            Cached {
+                route: Some(route), ..
+            } if route.status == TenantStatus::Active => self.positive,
+            // Provisioning, suspended, deleted...: events announce every change, but an
+            // answer that is not "serve" is not worth keeping long if one were missed.
+            Cached { route: Some(_), .. } => self.positive.min(NEGATIVE_TTL),
         }
     }
 }
 
 impl Expiry<TenantKey, Cached> for CachedExpiry {
-    fn expire_after_create(&self, _key: &TenantKey, value: &Cached, _created_at: Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _key: &TenantKey,
+        value: &Cached,
+        _created_at: Instant,
+    ) -> Option<Duration> {
         Some(self.ttl(value))
     }
 
@@ -105,26 +115,47 @@ pub(crate) struct Directory {
     /// route it read (possibly from before the change) in the cache.
     generation: AtomicU64,
     health: Arc<Health>,
+    metrics: Arc<Metrics>,
 }
 
 impl Directory {
     /// A directory over the catalog pool; positive entries live `ttl`.
-    pub(crate) fn new(catalog: PgPool, ttl: Duration, health: Arc<Health>) -> Self {
+    pub(crate) fn new(
+        catalog: PgPool,
+        ttl: Duration,
+        health: Arc<Health>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let cache = Cache::builder()
             .name("silo-router-directory")
             .max_capacity(MAX_CACHED_KEYS)
             .expire_after(CachedExpiry { positive: ttl })
             .build();
-        Self { catalog, cache, last_known: DashMap::new(), generation: AtomicU64::new(0), health }
+        Self {
+            catalog,
+            cache,
+            last_known: DashMap::new(),
+            generation: AtomicU64::new(0),
+            health,
+            metrics,
+        }
     }
 
     /// The route of the tenant under `key` (`None`: no such tenant).
-    pub(crate) async fn lookup(&self, key: &TenantKey) -> Result<Option<TenantRoute>, CatalogUnavailable> {
+    pub(crate) async fn lookup(
+        &self,
+        key: &TenantKey,
+    ) -> Result<Option<TenantRoute>, CatalogUnavailable> {
         let generation = self.generation.load(Ordering::Acquire);
         let result = self
             .cache
             .entry_by_ref(key)
-            .or_try_insert_with(async { self.fetch(key).await.map(|route| Cached { route, stale: false }) })
+            .or_try_insert_with(async {
+                self.fetch(key).await.map(|route| Cached {
+                    route,
+                    stale: false,
+                })
+            })
             .await;
         let entry = match result {
             Ok(entry) => entry,
@@ -138,7 +169,7 @@ impl Directory {
             (false, false, Some(_)) => "hit",
             (false, false, None) => "negative",
         };
-        metrics::counter!("silo_router_directory_lookups_total", "result" => outcome).increment(1);
+        self.metrics.directory_lookup(outcome);
         if fresh && self.generation.load(Ordering::Acquire) != generation {
             // Invalidated while we were reading: what we read may predate the change. Serve
             // it this once (it was true a moment ago) but do not keep it.
@@ -155,7 +186,9 @@ impl Directory {
                 TenantKey::Domain(domain) => routes::by_domain(&self.catalog, domain).await,
             }
         };
-        let route = tokio::time::timeout(LOOKUP_TIMEOUT, query).await.map_err(|_| LookupError::Timeout)??;
+        let route = tokio::time::timeout(LOOKUP_TIMEOUT, query)
+            .await
+            .map_err(|_| LookupError::Timeout)??;
         self.health.catalog_answered();
         match &route {
             Some(route) => {
@@ -178,13 +211,21 @@ impl Directory {
         let last = self.last_known.get(key).map(|route| route.value().clone());
         match last {
             Some(route) => {
-                metrics::counter!("silo_router_directory_lookups_total", "result" => "stale").increment(1);
+                self.metrics.directory_lookup("stale");
                 tracing::warn!(%error, tenant = %route.slug, "catalog lookup failed; serving the last known route");
-                self.cache.insert(key.clone(), Cached { route: Some(route.clone()), stale: true }).await;
+                self.cache
+                    .insert(
+                        key.clone(),
+                        Cached {
+                            route: Some(route.clone()),
+                            stale: true,
+                        },
+                    )
+                    .await;
                 Ok(Some(route))
             }
             None => {
-                metrics::counter!("silo_router_directory_lookups_total", "result" => "error").increment(1);
+                self.metrics.directory_lookup("error");
                 tracing::warn!(%error, "catalog lookup failed for a key never seen before");
                 Err(CatalogUnavailable)
             }
@@ -201,17 +242,24 @@ impl Directory {
     async fn on_tenant_event(&self, payload: &str, pools: &Pools) {
         self.invalidate_all();
         let Ok(slug) = TenantSlug::parse(payload) else {
-            tracing::warn!(payload, "ignoring a tenant event whose payload is not a slug");
+            tracing::warn!(
+                payload,
+                "ignoring a tenant event whose payload is not a slug"
+            );
             return;
         };
         // Let go of the tenant's pool: at once when it must no longer be served (suspended,
         // deleted: also frees its database for DROP), after a drain otherwise (its
-        // credentials may have changed while requests are using the pool).
-        let route = self.lookup(&TenantKey::Slug(slug.clone())).await;
-        let drain = match route {
+        // credentials may have changed while requests are using the pool). The status is
+        // read past the cache: caching it here could pin a transitional status (say
+        // `provisioning`) that the next event, already on its way, will change.
+        let drain = match self.fetch(&TenantKey::Slug(slug.clone())).await {
             Ok(Some(route)) if route.status == TenantStatus::Active => Drain::Graceful,
             Ok(_) => Drain::Now,
-            Err(CatalogUnavailable) => Drain::Graceful,
+            Err(error) => {
+                tracing::warn!(%error, tenant = %slug, "cannot read the changed tenant; draining its pool");
+                Drain::Graceful
+            }
         };
         tracing::debug!(tenant = %slug, ?drain, "tenant changed");
         pools.evict(slug.as_str(), drain).await;
@@ -219,7 +267,12 @@ impl Directory {
 
     /// Listens for tenant events on the catalog until `shutdown`, reconnecting with backoff.
     /// `listen_pool` is a pool of its own (the listener holds its connection for good).
-    pub(crate) async fn watch_tenant_events(&self, listen_pool: PgPool, pools: Pools, shutdown: CancellationToken) {
+    pub(crate) async fn watch_tenant_events(
+        &self,
+        listen_pool: PgPool,
+        pools: Pools,
+        shutdown: CancellationToken,
+    ) {
         let mut backoff = LISTEN_BACKOFF_MIN;
         while !shutdown.is_cancelled() {
             let connected = tokio::select! {
@@ -243,16 +296,23 @@ impl Directory {
             self.health.set_listening(true);
             // Events sent while we were not listening are lost: start from a clean slate.
             self.invalidate_all();
-            tracing::info!(channel = TENANT_EVENTS_CHANNEL, "listening for tenant events");
+            tracing::info!(
+                channel = TENANT_EVENTS_CHANNEL,
+                "listening for tenant events"
+            );
             loop {
                 let received = tokio::select! {
                     () = shutdown.cancelled() => break,
                     received = listener.try_recv() => received,
                 };
                 match received {
-                    Ok(Some(notification)) => self.on_tenant_event(notification.payload(), &pools).await,
+                    Ok(Some(notification)) => {
+                        self.on_tenant_event(notification.payload(), &pools).await
+                    }
                     Ok(None) => {
-                        tracing::warn!("lost the tenant-events connection to the catalog; reconnecting");
+                        tracing::warn!(
+                            "lost the tenant-events connection to the catalog; reconnecting"
+                        );
                         break;
                     }
                     Err(error) => {
@@ -281,15 +341,29 @@ mod tests {
     use super::*;
 
     fn route(status: TenantStatus) -> TenantRoute {
-        TenantRoute { slug: "acme".into(), status, server: "pg-1".into(), database: "tenant_acme".into() }
+        TenantRoute {
+            slug: "acme".into(),
+            status,
+            server: "pg-1".into(),
+            database: "tenant_acme".into(),
+        }
     }
 
     #[test]
     fn expiry_depends_on_what_is_cached() {
-        let expiry = CachedExpiry { positive: Duration::from_secs(60) };
+        let expiry = CachedExpiry {
+            positive: Duration::from_secs(60),
+        };
         let ttl = |route, stale| expiry.ttl(&Cached { route, stale });
-        assert_eq!(ttl(Some(route(TenantStatus::Active)), false), Duration::from_secs(60));
-        assert_eq!(ttl(Some(route(TenantStatus::Deleted)), false), Duration::from_secs(60));
+        assert_eq!(
+            ttl(Some(route(TenantStatus::Active)), false),
+            Duration::from_secs(60)
+        );
+        assert_eq!(ttl(Some(route(TenantStatus::Deleted)), false), NEGATIVE_TTL);
+        assert_eq!(
+            ttl(Some(route(TenantStatus::Provisioning)), false),
+            NEGATIVE_TTL
+        );
         assert_eq!(ttl(None, false), NEGATIVE_TTL);
         assert_eq!(ttl(Some(route(TenantStatus::Active)), true), STALE_TTL);
     }

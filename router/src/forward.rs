@@ -28,4 +28,3 @@ pub(crate) async fn forward(
         Err(never) => match never {},
     }
 }
-

@@ -16,6 +16,7 @@ use tracing::Instrument;
 use crate::directory::Directory;
 use crate::errors::RouterError;
 use crate::forward::forward;
+use crate::ops::Metrics;
 use crate::pools::Pools;
 use crate::resolve::{Resolution, Resolver};
 
@@ -26,6 +27,7 @@ pub(crate) struct RouterState {
     pub(crate) pools: Pools,
     /// The tenant app, built once.
     pub(crate) app: axum::Router,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// Serves one tenant request. Never fails: every error is a response.
@@ -33,19 +35,18 @@ pub(crate) async fn handle(state: Arc<RouterState>, request: Request<Incoming>) 
     let started = Instant::now();
     let request_id = uuid::Uuid::new_v4();
     let span = tracing::info_span!("request", %request_id, tenant = Empty, status = Empty);
-    let (response, outcome) = match route(&state, request.map(Body::new)).instrument(span.clone()).await {
+    let (response, outcome) = match route(&state, request.map(Body::new))
+        .instrument(span.clone())
+        .await
+    {
         Ok(response) => (response, "forwarded"),
         Err(error) => (error.into_response(), error.code()),
     };
     let status = response.status();
     span.record("status", status.as_u16());
-    metrics::counter!(
-        "silo_router_requests_total",
-        "outcome" => outcome,
-        "status_class" => status_class(status.as_u16()),
-    )
-    .increment(1);
-    metrics::histogram!("silo_router_request_duration_seconds").record(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .request(outcome, status.as_u16(), started.elapsed());
     span.in_scope(|| tracing::debug!(outcome, elapsed = ?started.elapsed(), "request done"));
     response
 }
@@ -65,7 +66,9 @@ async fn route(state: &RouterState, request: Request<Body>) -> Result<Response, 
     match route.status {
         TenantStatus::Active => {}
         TenantStatus::Suspended => return Err(RouterError::TenantSuspended),
-        TenantStatus::Provisioning | TenantStatus::Failed => return Err(RouterError::TenantUnavailable),
+        TenantStatus::Provisioning | TenantStatus::Failed => {
+            return Err(RouterError::TenantUnavailable)
+        }
         // Answered exactly like an unknown host.
         TenantStatus::Deleting | TenantStatus::Deleted => return Err(RouterError::TenantNotFound),
     }
@@ -73,16 +76,9 @@ async fn route(state: &RouterState, request: Request<Body>) -> Result<Response, 
         tracing::warn!(%error, "cannot open the tenant's pool");
         RouterError::TenantUnavailable
     })?;
-    let tenant = TenantContext { slug: route.slug, pool };
+    let tenant = TenantContext {
+        slug: route.slug,
+        pool,
+    };
     Ok(forward(&state.app, request, tenant, path).await)
-}
-
-fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
 }

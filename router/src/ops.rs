@@ -11,12 +11,16 @@ use axum::body::Body;
 use axum::response::Response;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, StatusCode};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 use tokio_util::sync::CancellationToken;
 
 const REQUEST_DURATION: &str = "silo_router_request_duration_seconds";
 /// Histogram buckets of request latency, in seconds.
-const DURATION_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 /// How often histograms are drained even if nobody scrapes.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -116,7 +120,10 @@ impl Metrics {
 
     /// A directory lookup: hit, miss, negative, stale or error.
     pub(crate) fn directory_lookup(&self, result: &'static str) {
-        self.with(|| metrics::counter!("silo_router_directory_lookups_total", "result" => result).increment(1));
+        self.with(|| {
+            metrics::counter!("silo_router_directory_lookups_total", "result" => result)
+                .increment(1)
+        });
     }
 
     /// The Prometheus text exposition.
@@ -139,11 +146,21 @@ impl Metrics {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!("silo_router_requests_total", "Requests by outcome and status class.");
-    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Time from request head to response head.");
+    describe_counter!(
+        "silo_router_requests_total",
+        "Requests by outcome and status class."
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Time from request head to response head."
+    );
     describe_gauge!("silo_router_pools_open", "Tenant pools currently open.");
     describe_counter!("silo_router_pool_creations_total", "Tenant pools built.");
-    describe_counter!("silo_router_pool_evictions_total", "Tenant pools evicted, by cause.");
+    describe_counter!(
+        "silo_router_pool_evictions_total",
+        "Tenant pools evicted, by cause."
+    );
     describe_counter!(
         "silo_router_directory_lookups_total",
         "Tenant directory lookups: hit, miss (catalog query), negative (cached unknown), stale, error."
@@ -161,9 +178,10 @@ pub(crate) fn respond<B>(health: &Health, metrics: &Metrics, request: &Request<B
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/metrics" => {
             let mut response = Response::new(Body::from(metrics.render()));
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
             response
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -173,9 +191,10 @@ pub(crate) fn respond<B>(health: &Health, metrics: &Metrics, request: &Request<B
 fn text(status: StatusCode, body: &'static str) -> Response {
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 
@@ -193,7 +212,10 @@ mod tests {
     fn readiness_needs_catalog_and_listener_and_no_drain() {
         let (health, metrics) = (Health::default(), Metrics::new().unwrap());
         let status = |h: &Health| respond(h, &metrics, &get("/readyz")).status();
-        assert_eq!(respond(&health, &metrics, &get("/healthz")).status(), StatusCode::OK);
+        assert_eq!(
+            respond(&health, &metrics, &get("/healthz")).status(),
+            StatusCode::OK
+        );
         assert_eq!(status(&health), StatusCode::SERVICE_UNAVAILABLE);
         health.catalog_answered();
         assert_eq!(status(&health), StatusCode::SERVICE_UNAVAILABLE);
@@ -204,7 +226,10 @@ mod tests {
         health.set_listening(true);
         health.set_draining();
         assert_eq!(status(&health), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(respond(&health, &metrics, &get("/nope")).status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            respond(&health, &metrics, &get("/nope")).status(),
+            StatusCode::NOT_FOUND
+        );
     }
 
     #[tokio::test]
@@ -216,9 +241,20 @@ mod tests {
         assert_eq!(response.status(), StatusCode::OK);
         let body = response.into_body().collect().await.unwrap().to_bytes();
         let text = String::from_utf8(body.to_vec()).unwrap();
-        assert!(text.contains(r#"silo_router_requests_total{outcome="forwarded",status_class="2xx"} 1"#), "{text}");
-        assert!(text.contains("silo_router_request_duration_seconds_bucket{le=\"0.005\"} 1"), "{text}");
+        assert!(
+            text.contains(
+                r#"silo_router_requests_total{outcome="forwarded",status_class="2xx"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("silo_router_request_duration_seconds_bucket{le=\"0.005\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("silo_router_pools_open 1"), "{text}");
-        assert!(!two.render().contains("silo_router_requests_total{"), "registries are separate");
+        assert!(
+            !two.render().contains("silo_router_requests_total{"),
+            "registries are separate"
+        );
     }
 }

@@ -15,13 +15,18 @@ use moka::future::Cache;
 use moka::notification::RemovalCause;
 use silo_control_plane::config::Config;
 use silo_control_plane::names::TenantSlug;
-use silo_control_plane::secrets::{tenant_secret_name, DbSecret, SecretStore, SecretStoreError, AWSCURRENT};
+use silo_control_plane::secrets::{
+    tenant_secret_name, DbSecret, SecretStore, SecretStoreError, AWSCURRENT,
+};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
+
+use crate::ops::Metrics;
+use crate::server::APPLICATION_NAME;
 
 /// At most this many tenant pools are open at once (least valuable evicted first).
 const MAX_POOLS: u64 = 10_000;
@@ -96,6 +101,7 @@ struct Inner {
     secrets: Arc<dyn SecretStore>,
     settings: PoolSettings,
     closer: Closer,
+    metrics: Arc<Metrics>,
 }
 
 /// Closes evicted pools in the background; [`Pools::close_all`] waits for it.
@@ -125,27 +131,44 @@ impl Closer {
 
 impl Pools {
     /// An empty pool map. Call inside the tokio runtime that will close the pools.
-    pub(crate) fn new(secrets: Arc<dyn SecretStore>, settings: PoolSettings) -> Self {
+    pub(crate) fn new(
+        secrets: Arc<dyn SecretStore>,
+        settings: PoolSettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let closer = Closer {
             runtime: Handle::current(),
             tasks: TaskTracker::new(),
             stopping: CancellationToken::new(),
         };
-        let listener_closer = closer.clone();
+        let (listener_closer, listener_metrics) = (closer.clone(), metrics.clone());
         let cache = Cache::builder()
             .name("silo-router-pools")
             .max_capacity(MAX_POOLS)
             .time_to_idle(settings.idle_timeout)
-            .eviction_listener(move |_slug: Arc<String>, pool: PgPool, cause: RemovalCause| {
-                on_evicted(&listener_closer, pool, cause);
-            })
+            .eviction_listener(
+                move |_slug: Arc<String>, pool: PgPool, cause: RemovalCause| {
+                    on_evicted(&listener_closer, &listener_metrics, pool, cause);
+                },
+            )
             .build();
-        Self { inner: Arc::new(Inner { cache, secrets, settings, closer }) }
+        Self {
+            inner: Arc::new(Inner {
+                cache,
+                secrets,
+                settings,
+                closer,
+                metrics,
+            }),
+        }
     }
 
     /// The pool of tenant `slug`, built on first use; concurrent callers share one build.
     pub(crate) async fn get(&self, slug: &str) -> Result<PgPool, Arc<PoolError>> {
-        self.inner.cache.try_get_with_by_ref(slug, self.build(slug)).await
+        self.inner
+            .cache
+            .try_get_with_by_ref(slug, self.build(slug))
+            .await
     }
 
     /// Reads the tenant's current secret and connects, all within `connect_timeout`.
@@ -156,8 +179,7 @@ impl Pools {
             .instrument(span)
             .await
             .map_err(|_| PoolError::Timeout(timeout))??;
-        metrics::counter!("silo_router_pool_creations_total").increment(1);
-        metrics::gauge!("silo_router_pools_open").increment(1.0);
+        self.inner.metrics.pool_opened();
         tracing::debug!(tenant = %slug, "tenant pool opened");
         Ok(pool)
     }
@@ -181,7 +203,7 @@ impl Pools {
             .test_before_acquire(false)
             .acquire_timeout(settings.connect_timeout)
             .idle_timeout(settings.idle_timeout)
-            .connect_with(secret.connect_options().application_name("silo-router"))
+            .connect_with(secret.connect_options().application_name(APPLICATION_NAME))
             .await
             .map_err(PoolError::Connect)
     }
@@ -224,15 +246,14 @@ impl Pools {
 /// The eviction listener: counts, and closes what expired or was pushed out. Explicit
 /// removals are closed by whoever removed them ([`Pools::evict`], [`Pools::close_all`]),
 /// since only they know whether to drain.
-fn on_evicted(closer: &Closer, pool: PgPool, cause: RemovalCause) {
+fn on_evicted(closer: &Closer, metrics: &Metrics, pool: PgPool, cause: RemovalCause) {
     let label = match cause {
         RemovalCause::Expired => "idle",
         RemovalCause::Size => "capacity",
         RemovalCause::Explicit => "explicit",
         RemovalCause::Replaced => "replaced",
     };
-    metrics::counter!("silo_router_pool_evictions_total", "cause" => label).increment(1);
-    metrics::gauge!("silo_router_pools_open").decrement(1.0);
+    metrics.pool_evicted(label);
     match cause {
         // Unused for the idle timeout: nothing to wait for.
         RemovalCause::Expired => closer.close(pool, Drain::Now),

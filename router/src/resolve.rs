@@ -69,12 +69,19 @@ impl Resolver {
     pub(crate) fn new(base_domains: &[String], path_prefix_routing: bool) -> Self {
         let mut base_domains: Vec<String> = base_domains.to_vec();
         base_domains.sort_by_key(|d| std::cmp::Reverse(d.len()));
-        Self { base_domains, path_prefix_routing }
+        Self {
+            base_domains,
+            path_prefix_routing,
+        }
     }
 
     /// Where the request with this URI and these headers goes. Every request must carry a
     /// well-formed host, even one routed by path.
-    pub(crate) fn resolve(&self, uri: &Uri, headers: &HeaderMap) -> Result<Resolution, InvalidHost> {
+    pub(crate) fn resolve(
+        &self,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> Result<Resolution, InvalidHost> {
         let host = request_host(uri, headers)?;
         if self.path_prefix_routing {
             if let Some(resolution) = by_path_prefix(uri) {
@@ -92,16 +99,24 @@ impl Resolver {
             if name == *base {
                 return Resolution::NoTenant;
             }
-            let label = name.strip_suffix(base.as_str()).and_then(|rest| rest.strip_suffix('.'));
+            let label = name
+                .strip_suffix(base.as_str())
+                .and_then(|rest| rest.strip_suffix('.'));
             if let Some(label) = label {
                 // Exactly one label in front of the base domain, and a valid slug.
                 return match TenantSlug::parse(label) {
-                    Ok(slug) => Resolution::Tenant { key: TenantKey::Slug(slug), path: None },
+                    Ok(slug) => Resolution::Tenant {
+                        key: TenantKey::Slug(slug),
+                        path: None,
+                    },
                     Err(_) => Resolution::NoTenant,
                 };
             }
         }
-        Resolution::Tenant { key: TenantKey::Domain(name), path: None }
+        Resolution::Tenant {
+            key: TenantKey::Domain(name),
+            path: None,
+        }
     }
 }
 
@@ -113,7 +128,9 @@ fn request_host(uri: &Uri, headers: &HeaderMap) -> Result<Host, InvalidHost> {
         return normalise_host(authority.as_str().as_bytes());
     }
     let mut hosts = headers.get_all(HOST).iter();
-    let host = hosts.next().ok_or(InvalidHost("the request has no Host header"))?;
+    let host = hosts
+        .next()
+        .ok_or(InvalidHost("the request has no Host header"))?;
     if hosts.next().is_some() {
         return Err(InvalidHost("the request has more than one Host header"));
     }
@@ -146,7 +163,10 @@ fn normalise_host(raw: &[u8]) -> Result<Host, InvalidHost> {
         return Err(InvalidHost("the Host header is too long"));
     }
     let lower = name.to_ascii_lowercase();
-    if !lower.iter().all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-') {
+    if !lower
+        .iter()
+        .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+    {
         return Err(MALFORMED);
     }
     // Only ASCII remains, so this cannot fail; an error would still be a 400, never a panic.
@@ -191,7 +211,10 @@ fn by_path_prefix(uri: &Uri) -> Option<Resolution> {
         None => PathAndQuery::try_from(tail),
     };
     Some(match path {
-        Ok(path) => Resolution::Tenant { key: TenantKey::Slug(slug), path: Some(path) },
+        Ok(path) => Resolution::Tenant {
+            key: TenantKey::Slug(slug),
+            path: Some(path),
+        },
         Err(_) => Resolution::NoTenant,
     })
 }
@@ -203,7 +226,10 @@ mod tests {
     use super::*;
 
     fn resolver() -> Resolver {
-        Resolver::new(&["localhost".to_owned(), "app.example.com".to_owned()], false)
+        Resolver::new(
+            &["localhost".to_owned(), "app.example.com".to_owned()],
+            false,
+        )
     }
 
     fn resolve_host(resolver: &Resolver, host: &[u8]) -> Result<Resolution, InvalidHost> {
@@ -213,11 +239,17 @@ mod tests {
     }
 
     fn slug(s: &str) -> Resolution {
-        Resolution::Tenant { key: TenantKey::Slug(TenantSlug::parse(s).unwrap()), path: None }
+        Resolution::Tenant {
+            key: TenantKey::Slug(TenantSlug::parse(s).unwrap()),
+            path: None,
+        }
     }
 
     fn domain(s: &str) -> Resolution {
-        Resolution::Tenant { key: TenantKey::Domain(s.to_owned()), path: None }
+        Resolution::Tenant {
+            key: TenantKey::Domain(s.to_owned()),
+            path: None,
+        }
     }
 
     #[test]
@@ -238,14 +270,23 @@ mod tests {
     #[test]
     fn other_hosts_are_custom_domains() {
         let r = resolver();
-        assert_eq!(resolve_host(&r, b"acme.example.com"), Ok(domain("acme.example.com")));
-        assert_eq!(resolve_host(&r, b"Shop.Acme.COM:443"), Ok(domain("shop.acme.com")));
+        assert_eq!(
+            resolve_host(&r, b"acme.example.com"),
+            Ok(domain("acme.example.com"))
+        );
+        assert_eq!(
+            resolve_host(&r, b"Shop.Acme.COM:443"),
+            Ok(domain("shop.acme.com"))
+        );
         // A base domain in the middle is not a base domain.
         assert_eq!(
             resolve_host(&r, b"acme.localhost.evil.com"),
             Ok(domain("acme.localhost.evil.com"))
         );
-        assert_eq!(resolve_host(&r, b"evillocalhost"), Ok(domain("evillocalhost")));
+        assert_eq!(
+            resolve_host(&r, b"evillocalhost"),
+            Ok(domain("evillocalhost"))
+        );
     }
 
     #[test]
@@ -264,7 +305,11 @@ mod tests {
             "[::1]",
             "[::1]:8080",
         ] {
-            assert_eq!(resolve_host(&r, host.as_bytes()), Ok(Resolution::NoTenant), "{host}");
+            assert_eq!(
+                resolve_host(&r, host.as_bytes()),
+                Ok(Resolution::NoTenant),
+                "{host}"
+            );
         }
     }
 
@@ -298,10 +343,16 @@ mod tests {
         ] {
             let mut headers = HeaderMap::new();
             // Some of these cannot even be a HeaderValue; the parser refuses those before us.
-            let Ok(value) = HeaderValue::from_bytes(host) else { continue };
+            let Ok(value) = HeaderValue::from_bytes(host) else {
+                continue;
+            };
             headers.insert(HOST, value);
             let got = r.resolve(&Uri::from_static("/"), &headers);
-            assert!(got.is_err(), "{:?} resolved to {got:?}", String::from_utf8_lossy(host));
+            assert!(
+                got.is_err(),
+                "{:?} resolved to {got:?}",
+                String::from_utf8_lossy(host)
+            );
         }
         // NUL cannot be in a HeaderValue; the normaliser refuses it on its own too.
         assert!(normalise_host(b"acme\0.localhost").is_err());
@@ -337,7 +388,10 @@ mod tests {
             key: TenantKey::Slug(TenantSlug::parse(s).unwrap()),
             path: Some(PathAndQuery::from_static(p)),
         };
-        assert_eq!(at("/t/acme/api/v1/tasks?limit=1"), Ok(tenant("acme", "/api/v1/tasks?limit=1")));
+        assert_eq!(
+            at("/t/acme/api/v1/tasks?limit=1"),
+            Ok(tenant("acme", "/api/v1/tasks?limit=1"))
+        );
         assert_eq!(at("/t/acme"), Ok(tenant("acme", "/")));
         assert_eq!(at("/t/acme/"), Ok(tenant("acme", "/")));
         assert_eq!(at("/t/acme?x=1"), Ok(tenant("acme", "/?x=1")));
@@ -349,7 +403,10 @@ mod tests {
         assert_eq!(at("/tx/acme"), Ok(Resolution::NoTenant));
         // Host routing still works in path mode.
         headers.insert(HOST, HeaderValue::from_static("acme.localhost"));
-        assert_eq!(r.resolve(&Uri::from_static("/api/v1/me"), &headers), Ok(slug("acme")));
+        assert_eq!(
+            r.resolve(&Uri::from_static("/api/v1/me"), &headers),
+            Ok(slug("acme"))
+        );
         // A malformed host is refused even when the path names the tenant.
         headers.insert(HOST, HeaderValue::from_static("bad_host"));
         assert!(r.resolve(&Uri::from_static("/t/acme/x"), &headers).is_err());
@@ -360,6 +417,9 @@ mod tests {
         let r = resolver();
         let mut headers = HeaderMap::new();
         headers.insert(HOST, HeaderValue::from_static("acme.localhost"));
-        assert_eq!(r.resolve(&Uri::from_static("/t/other/x"), &headers), Ok(slug("acme")));
+        assert_eq!(
+            r.resolve(&Uri::from_static("/t/other/x"), &headers),
+            Ok(slug("acme"))
+        );
     }
 }

@@ -18,10 +18,10 @@ use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use metrics_exporter_prometheus::PrometheusHandle;
 use silo_control_plane::catalog;
 use silo_control_plane::config::Config;
 use silo_control_plane::secrets;
+use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::directory::Directory;
 use crate::handler::{self, RouterState};
-use crate::ops::{self, Health};
+use crate::ops::{self, Health, Metrics};
 use crate::pools::{PoolSettings, Pools};
 use crate::resolve::Resolver;
 
@@ -39,6 +39,10 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Catalog connections for directory misses and the local secret store.
 const CATALOG_POOL_SIZE: u32 = 4;
+/// Waiting longer for a catalog connection than this fails the lookup.
+const CATALOG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// `application_name` of every connection the router opens.
+pub(crate) const APPLICATION_NAME: &str = "silo-router";
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
@@ -50,7 +54,6 @@ pub struct RouterServer {
     ops_addr: SocketAddr,
     state: Arc<RouterState>,
     health: Arc<Health>,
-    metrics: Option<PrometheusHandle>,
     catalog: PgPool,
     listen_pool: PgPool,
 }
@@ -80,13 +83,17 @@ impl RouterServer {
         let ops_listener = TcpListener::bind(cfg.metrics_listen)
             .await
             .with_context(|| format!("bind router.metrics_listen {}", cfg.metrics_listen))?;
-        let local_addr = listener.local_addr().context("read router.listen address")?;
-        let ops_addr = ops_listener.local_addr().context("read router.metrics_listen address")?;
+        let local_addr = listener
+            .local_addr()
+            .context("read router.listen address")?;
+        let ops_addr = ops_listener
+            .local_addr()
+            .context("read router.metrics_listen address")?;
 
-        let metrics = ops::prometheus();
-        let catalog = catalog::pool(&config.catalog, CATALOG_POOL_SIZE).context("open the catalog pool")?;
+        let metrics = Arc::new(Metrics::new().context("set up metrics")?);
+        let catalog = catalog_pool(&config, CATALOG_POOL_SIZE)?;
         // The events listener holds its connection for good: a pool of its own.
-        let listen_pool = catalog::pool(&config.catalog, 1).context("open the catalog pool")?;
+        let listen_pool = catalog_pool(&config, 1)?;
         let secrets = secrets::open(&config.secrets, catalog.clone())
             .await
             .context("open the secret store")?;
@@ -94,11 +101,26 @@ impl RouterServer {
         let health = Arc::new(Health::default());
         let state = Arc::new(RouterState {
             resolver: Resolver::new(&cfg.base_domains, cfg.path_prefix_routing),
-            directory: Arc::new(Directory::new(catalog.clone(), cfg.tenant_cache_ttl, health.clone())),
-            pools: Pools::new(secrets, PoolSettings::from_config(&config)),
+            directory: Arc::new(Directory::new(
+                catalog.clone(),
+                cfg.tenant_cache_ttl,
+                health.clone(),
+                metrics.clone(),
+            )),
+            pools: Pools::new(secrets, PoolSettings::from_config(&config), metrics.clone()),
             app: silo_tenant_app::app(),
+            metrics,
         });
-        Ok(RouterServer { listener, ops_listener, local_addr, ops_addr, state, health, metrics, catalog, listen_pool })
+        Ok(RouterServer {
+            listener,
+            ops_listener,
+            local_addr,
+            ops_addr,
+            state,
+            health,
+            catalog,
+            listen_pool,
+        })
     }
 
     /// The address tenant traffic is served on.
@@ -113,30 +135,48 @@ impl RouterServer {
 
     /// Serves until `shutdown` is cancelled, then drains and closes everything it opened.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Self { listener, ops_listener, state, health, metrics, catalog, listen_pool, .. } = self;
+        let Self {
+            listener,
+            ops_listener,
+            state,
+            health,
+            catalog,
+            listen_pool,
+            ..
+        } = self;
 
         // Background work, stopped after the connections have drained.
         let background = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (directory, pools) = (state.directory.clone(), state.pools.clone());
         let (events_pool, stop) = (listen_pool.clone(), background.clone());
-        tasks.spawn(async move { directory.watch_tenant_events(events_pool, pools, stop).await });
+        tasks.spawn(async move {
+            directory
+                .watch_tenant_events(events_pool, pools, stop)
+                .await
+        });
         let (pools, stop) = (state.pools.clone(), background.clone());
         tasks.spawn(async move { pools.sweep(stop).await });
-        if let Some(handle) = metrics.clone() {
-            tasks.spawn(ops::upkeep(handle, background.clone()));
-        }
+        let (metrics, stop) = (state.metrics.clone(), background.clone());
+        tasks.spawn(async move { metrics.upkeep(stop).await });
 
         // The operations port outlives tenant traffic, so /readyz can say "draining".
         let ops_stop = CancellationToken::new();
-        let ops_health = health.clone();
-        let ops_server = tokio::spawn(serve(ops_listener, ops_stop.clone(), move |request: Request<Incoming>| {
-            let response = ops::respond(&ops_health, metrics.as_ref(), &request);
-            async move { response }
-        }));
+        let (ops_health, ops_metrics) = (health.clone(), state.metrics.clone());
+        let ops_server = tokio::spawn(serve(
+            ops_listener,
+            ops_stop.clone(),
+            move |request: Request<Incoming>| {
+                let response = ops::respond(&ops_health, &ops_metrics, &request);
+                async move { response }
+            },
+        ));
 
         let tenant_state = state.clone();
-        serve(listener, shutdown, move |request| handler::handle(tenant_state.clone(), request)).await;
+        serve(listener, shutdown, move |request| {
+            handler::handle(tenant_state.clone(), request)
+        })
+        .await;
 
         health.set_draining();
         background.cancel();
@@ -154,6 +194,16 @@ impl RouterServer {
     }
 }
 
+/// A lazy pool on the catalog (the router starts, and serves known tenants, while the
+/// catalog is down), named `silo-router` in `pg_stat_activity`.
+fn catalog_pool(config: &Config, max_connections: u32) -> anyhow::Result<PgPool> {
+    let options = catalog::connect_options(&config.catalog).context("catalog_url")?;
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(CATALOG_ACQUIRE_TIMEOUT)
+        .connect_lazy_with(options.application_name(APPLICATION_NAME)))
+}
+
 /// Accepts connections until `stop`, serving each with `handle` in a task of its own; then
 /// drains them: graceful shutdown, [`DRAIN_DEADLINE`], then the rest are dropped.
 async fn serve<H, F>(listener: TcpListener, stop: CancellationToken, handle: H)
@@ -162,7 +212,10 @@ where
     F: Future<Output = Response> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().timer(TokioTimer::new());
     // Request body limits and request timeouts (a later issue) wrap `handle` here.
     let builder = Arc::new(builder);
@@ -182,7 +235,12 @@ where
             },
         };
         let _ = stream.set_nodelay(true);
-        let (builder, handle, stop, hard_stop) = (builder.clone(), handle.clone(), stop.clone(), hard_stop.clone());
+        let (builder, handle, stop, hard_stop) = (
+            builder.clone(),
+            handle.clone(),
+            stop.clone(),
+            hard_stop.clone(),
+        );
         connections.spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let response = handle(request);
@@ -211,8 +269,14 @@ where
 
     drop(listener);
     connections.close();
-    if tokio::time::timeout(DRAIN_DEADLINE, connections.wait()).await.is_err() {
-        tracing::warn!(open = connections.len(), "connections still open at the drain deadline; closing them");
+    if tokio::time::timeout(DRAIN_DEADLINE, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = connections.len(),
+            "connections still open at the drain deadline; closing them"
+        );
         hard_stop.cancel();
         connections.wait().await;
     }

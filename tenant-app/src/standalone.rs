@@ -110,7 +110,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let addr = server.local_addr().context("read the listen address")?;
     println!("listening on http://{addr}");
     let result = server.run(shutdown_signal()).await;
-    pool.close().await;
+    // Requests cut off by the drain deadline may still hold connections: don't wait forever.
+    if tokio::time::timeout(DRAIN_DEADLINE, pool.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("database connections still busy at exit");
+    }
     result.context("serve HTTP")
 }
 

@@ -43,7 +43,7 @@ async fn provisioning_interrupted_after_each_step_completes_on_retry() {
         let versions: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM secret_versions WHERE name = $1",
         )
-        .bind(format!("silo/tenants/{slug}"))
+        .bind(stack.secret_name(&slug))
         .fetch_one(stack.catalog())
         .await
         .unwrap();

@@ -1,6 +1,8 @@
 //! silo's end-to-end tests: real PostgreSQL clusters, real HTTP over sockets, the real
 //! binaries. One test binary (linking is the slow part on 2 cores); a module per capability.
 
+#![allow(clippy::unwrap_used)]
+
 mod harness;
 mod tenant_app;
 mod secrets;
@@ -9,3 +11,4 @@ mod tenants;
 mod router;
 mod admin_api;
 mod crash_safety;
+mod rotation;

@@ -31,7 +31,10 @@ where
         if f().await {
             return start.elapsed();
         }
-        assert!(start.elapsed() < within, "condition not met within {within:?}");
+        assert!(
+            start.elapsed() < within,
+            "condition not met within {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -39,14 +42,25 @@ where
 /// Sends `head` (request line and headers, without the final blank line) on a fresh
 /// connection and returns (status, body) of the response.
 async fn raw(stack: &Stack, head: &[u8]) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(stack.router_addr()).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(stack.router_addr())
+        .await
+        .unwrap();
     s.write_all(head).await.unwrap();
     s.write_all(b"Connection: close\r\n\r\n").await.unwrap();
     let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {text:?}"));
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let status = text
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -56,8 +70,12 @@ fn parse_metrics(text: &str) -> HashMap<String, f64> {
     text.lines()
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(|l| {
-            let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad metrics line {l:?}"));
-            let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad metrics value in {l:?}"));
+            let (series, value) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad metrics line {l:?}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad metrics value in {l:?}"));
             (series.to_owned(), value)
         })
         .collect()
@@ -94,7 +112,10 @@ async fn subdomains_and_custom_domains_reach_their_tenant() {
     let (a, b) = (unique_name("ra"), unique_name("rb"));
     let domain = format!("{b}.example.com");
     let key_a = stack.create_tenant(&a).await.unwrap();
-    let key_b = stack.create_tenant_with(json!({"slug": b, "domains": [domain.to_uppercase()]})).await.unwrap();
+    let key_b = stack
+        .create_tenant_with(json!({"slug": b, "domains": [domain.to_uppercase()]}))
+        .await
+        .unwrap();
 
     for (host, key, tenant) in [
         (format!("{a}.localhost"), &key_a, &a),
@@ -103,14 +124,36 @@ async fn subdomains_and_custom_domains_reach_their_tenant() {
         (domain.clone(), &key_b, &b),
         (format!("{}:443", domain.to_uppercase()), &key_b, &b),
     ] {
-        let (status, me) = get_json(stack.tenant_request(Method::GET, &host, "/api/v1/me").bearer_auth(key)).await;
-        assert_eq!((status, &me["tenant"]), (StatusCode::OK, &json!(tenant)), "{host}: {me}");
+        let (status, me) = get_json(
+            stack
+                .tenant_request(Method::GET, &host, "/api/v1/me")
+                .bearer_auth(key),
+        )
+        .await;
+        assert_eq!(
+            (status, &me["tenant"]),
+            (StatusCode::OK, &json!(tenant)),
+            "{host}: {me}"
+        );
     }
 
     // A base domain in the middle of a host is not a base domain; unknown domains are 404.
-    for host in [format!("{a}.localhost.evil.com"), format!("{a}.example.com"), "localhost".into()] {
-        let (status, body) = get_json(stack.tenant_request(Method::GET, &host, "/api/v1/me").bearer_auth(&key_a)).await;
-        assert_eq!((status, body["error"].as_str()), (StatusCode::NOT_FOUND, Some("tenant_not_found")), "{host}");
+    for host in [
+        format!("{a}.localhost.evil.com"),
+        format!("{a}.example.com"),
+        "localhost".into(),
+    ] {
+        let (status, body) = get_json(
+            stack
+                .tenant_request(Method::GET, &host, "/api/v1/me")
+                .bearer_auth(&key_a),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::NOT_FOUND, Some("tenant_not_found")),
+            "{host}"
+        );
     }
     stack.stop().await.unwrap();
 }
@@ -124,23 +167,66 @@ async fn hostile_hosts_get_json_errors_and_leak_nothing() {
     let get = |host: &[u8]| [b"GET /api/v1/tasks HTTP/1.1\r\nHost: ", host, b"\r\n"].concat();
 
     // The real tenant, unauthenticated: the app itself answers (401), proving the route.
-    let (status, body) = raw(&stack, &get(format!("{}.LOCALHOST:8080", slug.to_uppercase()).as_bytes())).await;
-    assert_eq!((status, serde_json::from_str::<Value>(&body).unwrap()["error"].clone()), (401, json!("unauthorized")));
+    let (status, body) = raw(
+        &stack,
+        &get(format!("{}.LOCALHOST:8080", slug.to_uppercase()).as_bytes()),
+    )
+    .await;
+    assert_eq!(
+        (
+            status,
+            serde_json::from_str::<Value>(&body).unwrap()["error"].clone()
+        ),
+        (401, json!("unauthorized"))
+    );
 
     let long = format!("{}.localhost", "a".repeat(290));
     let cases: Vec<(Vec<u8>, u16, &str)> = vec![
-        (get(format!("{slug}.localhost.evil.com").as_bytes()), 404, "tenant_not_found"),
-        (get(format!("x.{slug}.localhost").as_bytes()), 404, "tenant_not_found"),
+        (
+            get(format!("{slug}.localhost.evil.com").as_bytes()),
+            404,
+            "tenant_not_found",
+        ),
+        (
+            get(format!("x.{slug}.localhost").as_bytes()),
+            404,
+            "tenant_not_found",
+        ),
         (get(b"localhost"), 404, "tenant_not_found"),
         (get(b"127.0.0.1"), 404, "tenant_not_found"),
         (get(b""), 400, "invalid_host"),
-        (get(format!("{slug} .localhost").as_bytes()), 400, "invalid_host"),
-        (get(format!("{slug}_x.localhost").as_bytes()), 400, "invalid_host"),
-        (get(format!("user@{slug}.localhost").as_bytes()), 400, "invalid_host"),
-        (get(format!("\u{fc}{slug}.localhost").as_bytes()), 400, "invalid_host"),
+        (
+            get(format!("{slug} .localhost").as_bytes()),
+            400,
+            "invalid_host",
+        ),
+        (
+            get(format!("{slug}_x.localhost").as_bytes()),
+            400,
+            "invalid_host",
+        ),
+        (
+            get(format!("user@{slug}.localhost").as_bytes()),
+            400,
+            "invalid_host",
+        ),
+        (
+            get(format!("\u{fc}{slug}.localhost").as_bytes()),
+            400,
+            "invalid_host",
+        ),
         (get(long.as_bytes()), 400, "invalid_host"),
-        (b"GET /api/v1/tasks HTTP/1.1\r\n".to_vec(), 400, "invalid_host"),
-        (format!("GET / HTTP/1.1\r\nHost: {slug}.localhost\r\nHost: other.localhost\r\n").into_bytes(), 400, "invalid_host"),
+        (
+            b"GET /api/v1/tasks HTTP/1.1\r\n".to_vec(),
+            400,
+            "invalid_host",
+        ),
+        (
+            format!("GET / HTTP/1.1\r\nHost: {slug}.localhost\r\nHost: other.localhost\r\n")
+                .into_bytes(),
+            400,
+            "invalid_host",
+        ),
         // NUL never reaches the router: hyper's parser refuses the request head (400, no body).
         (get(format!("{slug}\0.localhost").as_bytes()), 400, ""),
     ];
@@ -149,12 +235,23 @@ async fn hostile_hosts_get_json_errors_and_leak_nothing() {
         let shown = String::from_utf8_lossy(&request).into_owned();
         assert_eq!(status, want_status, "{shown:?}: {body}");
         if !want_error.is_empty() {
-            let json: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{shown:?}: not JSON: {body}"));
+            let json: Value = serde_json::from_str(&body)
+                .unwrap_or_else(|_| panic!("{shown:?}: not JSON: {body}"));
             assert_eq!(json["error"], want_error, "{shown:?}");
             assert!(json["message"].is_string(), "{shown:?}");
         }
-        for secret in [slug.as_str(), db.as_str(), "postgres", "127.0.0.1", "sqlx", "password"] {
-            assert!(!body.contains(secret), "{shown:?} leaked {secret:?}: {body}");
+        for secret in [
+            slug.as_str(),
+            db.as_str(),
+            "postgres",
+            "127.0.0.1",
+            "sqlx",
+            "password",
+        ] {
+            assert!(
+                !body.contains(secret),
+                "{shown:?} leaked {secret:?}: {body}"
+            );
         }
     }
     stack.stop().await.unwrap();
@@ -162,13 +259,27 @@ async fn hostile_hosts_get_json_errors_and_leak_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn path_mode_strips_the_prefix() {
-    let stack = Stack::start(StackOptions { path_prefix_routing: true, ..Default::default() }).await.unwrap();
+    let stack = Stack::start(StackOptions {
+        path_prefix_routing: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let slug = unique_name("rp");
     let key = stack.create_tenant(&slug).await.unwrap();
     let host = stack.router_addr().to_string();
 
-    let (status, me) = get_json(stack.tenant_request(Method::GET, &host, &format!("/t/{slug}/api/v1/me")).bearer_auth(&key)).await;
-    assert_eq!((status, &me["tenant"]), (StatusCode::OK, &json!(slug)), "{me}");
+    let (status, me) = get_json(
+        stack
+            .tenant_request(Method::GET, &host, &format!("/t/{slug}/api/v1/me"))
+            .bearer_auth(&key),
+    )
+    .await;
+    assert_eq!(
+        (status, &me["tenant"]),
+        (StatusCode::OK, &json!(slug)),
+        "{me}"
+    );
     let (status, task) = get_json(
         stack
             .tenant_request(Method::POST, &host, &format!("/t/{slug}/api/v1/tasks"))
@@ -178,16 +289,46 @@ async fn path_mode_strips_the_prefix() {
     .await;
     assert_eq!(status, StatusCode::CREATED, "{task}");
     // The query string survives the rewrite.
-    let (status, list) =
-        get_json(stack.tenant_request(Method::GET, &host, &format!("/t/{slug}/api/v1/tasks?limit=1")).bearer_auth(&key)).await;
-    assert_eq!((status, &list["items"][0]["title"]), (StatusCode::OK, &json!("by path")), "{list}");
+    let (status, list) = get_json(
+        stack
+            .tenant_request(
+                Method::GET,
+                &host,
+                &format!("/t/{slug}/api/v1/tasks?limit=1"),
+            )
+            .bearer_auth(&key),
+    )
+    .await;
+    assert_eq!(
+        (status, &list["items"][0]["title"]),
+        (StatusCode::OK, &json!("by path")),
+        "{list}"
+    );
     // Host routing still works in path mode.
-    let (status, me) = get_json(stack.tenant_request(Method::GET, &format!("{slug}.localhost"), "/api/v1/me").bearer_auth(&key)).await;
+    let (status, me) = get_json(
+        stack
+            .tenant_request(Method::GET, &format!("{slug}.localhost"), "/api/v1/me")
+            .bearer_auth(&key),
+    )
+    .await;
     assert_eq!((status, &me["tenant"]), (StatusCode::OK, &json!(slug)));
     // Unknown or malformed slugs in the path: the router's 404, not the app's.
-    for path in ["/t/nobody-here/api/v1/me", "/t/Bad_Slug/api/v1/me", "/api/v1/me"] {
-        let (status, body) = get_json(stack.tenant_request(Method::GET, &host, path).bearer_auth(&key)).await;
-        assert_eq!((status, body["error"].as_str()), (StatusCode::NOT_FOUND, Some("tenant_not_found")), "{path}");
+    for path in [
+        "/t/nobody-here/api/v1/me",
+        "/t/Bad_Slug/api/v1/me",
+        "/api/v1/me",
+    ] {
+        let (status, body) = get_json(
+            stack
+                .tenant_request(Method::GET, &host, path)
+                .bearer_auth(&key),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::NOT_FOUND, Some("tenant_not_found")),
+            "{path}"
+        );
     }
     stack.stop().await.unwrap();
 }
@@ -195,22 +336,39 @@ async fn path_mode_strips_the_prefix() {
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_pool_is_closed_and_rebuilt_on_the_next_request() {
     let idle = Duration::from_secs(2);
-    let stack = Stack::start(StackOptions { pool_idle_timeout: idle, ..Default::default() }).await.unwrap();
+    let stack = Stack::start(StackOptions {
+        pool_idle_timeout: idle,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let slug = unique_name("ri");
     let key = stack.create_tenant(&slug).await.unwrap();
     let db = TenantSlug::parse(&slug).unwrap().database_name();
     let host = format!("{slug}.localhost");
-    let get = || stack.tenant_request(Method::GET, &host, "/api/v1/tasks").bearer_auth(&key);
+    let get = || {
+        stack
+            .tenant_request(Method::GET, &host, "/api/v1/tasks")
+            .bearer_auth(&key)
+    };
 
     assert_eq!(get().send().await.unwrap().status(), StatusCode::OK);
-    assert!(connections_to(&stack, &db).await > 0, "a request opens the tenant's pool");
+    assert!(
+        connections_to(&stack, &db).await > 0,
+        "a request opens the tenant's pool"
+    );
     let before = scrape(&stack).await;
 
     // No traffic: the sweeper evicts the pool after `idle` and closing it ends every session.
-    let took = eventually(idle * 4, || async { connections_to(&stack, &db).await == 0 }).await;
+    let took = eventually(idle * 4, || async {
+        connections_to(&stack, &db).await == 0
+    })
+    .await;
     assert!(took >= idle / 2, "closed too early: {took:?}");
     let after = scrape(&stack).await;
-    let idle_evictions = |m: &HashMap<String, f64>| metric(m, "silo_router_pool_evictions_total", &[r#"cause="idle""#]);
+    let idle_evictions = |m: &HashMap<String, f64>| {
+        metric(m, "silo_router_pool_evictions_total", &[r#"cause="idle""#])
+    };
     assert!(idle_evictions(&after) > idle_evictions(&before));
 
     // The next request builds a new pool.
@@ -229,15 +387,27 @@ async fn concurrent_first_requests_build_one_pool() {
     let creations = |m: &HashMap<String, f64>| metric(m, "silo_router_pool_creations_total", &[]);
     let before = creations(&scrape(&stack).await);
 
-    let requests = (0..20).map(|_| stack.tenant_request(Method::GET, &host, "/api/v1/me").bearer_auth(&key).send());
+    let requests = (0..20).map(|_| {
+        stack
+            .tenant_request(Method::GET, &host, "/api/v1/me")
+            .bearer_auth(&key)
+            .send()
+    });
     for response in futures_join_all(requests).await {
         assert_eq!(response.unwrap().status(), StatusCode::OK);
     }
 
-    assert_eq!(creations(&scrape(&stack).await) - before, 1.0, "20 concurrent first requests build one pool");
+    assert_eq!(
+        creations(&scrape(&stack).await) - before,
+        1.0,
+        "20 concurrent first requests build one pool"
+    );
     let max = i64::from(stack.config().router.max_connections_per_tenant);
     let open = connections_to(&stack, &db).await;
-    assert!((1..=max).contains(&open), "{open} connections, pool cap {max}");
+    assert!(
+        (1..=max).contains(&open),
+        "{open} connections, pool cap {max}"
+    );
     stack.stop().await.unwrap();
 }
 
@@ -249,29 +419,59 @@ async fn ops_port_reports_health_and_metrics_that_move_with_traffic() {
     let ops = format!("http://{}", stack.ops_addr());
     let http = reqwest::Client::new();
 
-    assert_eq!(http.get(format!("{ops}/healthz")).send().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        http.get(format!("{ops}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
     eventually(Duration::from_secs(5), || async {
-        http.get(format!("{ops}/readyz")).send().await.unwrap().status() == StatusCode::OK
+        http.get(format!("{ops}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == StatusCode::OK
     })
     .await;
 
     let forwarded = |m: &HashMap<String, f64>| {
-        metric(m, "silo_router_requests_total", &[r#"outcome="forwarded""#, r#"status_class="2xx""#])
+        metric(
+            m,
+            "silo_router_requests_total",
+            &[r#"outcome="forwarded""#, r#"status_class="2xx""#],
+        )
     };
     let not_found = |m: &HashMap<String, f64>| {
-        metric(m, "silo_router_requests_total", &[r#"outcome="tenant_not_found""#, r#"status_class="4xx""#])
+        metric(
+            m,
+            "silo_router_requests_total",
+            &[r#"outcome="tenant_not_found""#, r#"status_class="4xx""#],
+        )
     };
-    let durations = |m: &HashMap<String, f64>| metric(m, "silo_router_request_duration_seconds_count", &[]);
+    let durations =
+        |m: &HashMap<String, f64>| metric(m, "silo_router_request_duration_seconds_count", &[]);
     let lookups = |m: &HashMap<String, f64>| metric(m, "silo_router_directory_lookups_total", &[]);
     let before = scrape(&stack).await;
 
     let host = format!("{slug}.localhost");
     for _ in 0..3 {
-        let resp = stack.tenant_request(Method::GET, &host, "/api/v1/me").bearer_auth(&key).send().await.unwrap();
+        let resp = stack
+            .tenant_request(Method::GET, &host, "/api/v1/me")
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
     }
     let unknown = format!("{}.localhost", unique_name("nobody"));
-    let resp = stack.tenant_request(Method::GET, &unknown, "/api/v1/me").send().await.unwrap();
+    let resp = stack
+        .tenant_request(Method::GET, &unknown, "/api/v1/me")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 
     let after = scrape(&stack).await;
@@ -280,14 +480,126 @@ async fn ops_port_reports_health_and_metrics_that_move_with_traffic() {
     assert_eq!(durations(&after) - durations(&before), 4.0);
     assert!(lookups(&after) - lookups(&before) >= 4.0);
     assert!(metric(&after, "silo_router_pools_open", &[]) >= 1.0);
-    assert!(after.keys().any(|k| k.starts_with("silo_router_request_duration_seconds_bucket{")));
+    assert!(after
+        .keys()
+        .any(|k| k.starts_with("silo_router_request_duration_seconds_bucket{")));
     // Bounded labels: no series names a tenant.
-    assert!(after.keys().all(|k| !k.contains(&slug)), "a metric series names the tenant");
+    assert!(
+        after.keys().all(|k| !k.contains(&slug)),
+        "a metric series names the tenant"
+    );
+    stack.stop().await.unwrap();
+}
+
+/// The stack's catalog database name (the last path segment of `catalog_url`).
+fn catalog_db(stack: &Stack) -> String {
+    stack
+        .config()
+        .catalog
+        .url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_still_arrive_after_the_listener_connection_is_killed() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let slug = unique_name("rl");
+    let key = stack.create_tenant(&slug).await.unwrap();
+    let host = format!("{slug}.localhost");
+    let get = || {
+        stack
+            .tenant_request(Method::GET, &host, "/api/v1/me")
+            .bearer_auth(&key)
+    };
+    assert_eq!(get().send().await.unwrap().status(), StatusCode::OK);
+
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND application_name = 'silo-router' AND query ILIKE 'LISTEN%'",
+    )
+    .bind(catalog_db(&stack))
+    .fetch_all(stack.catalog())
+    .await
+    .unwrap();
+    assert_eq!(killed, [true], "exactly one LISTEN session per router");
+
+    // The router reconnects (readiness recovers) and the next change still reaches it.
+    let ops = format!("http://{}/readyz", stack.ops_addr());
+    eventually(Duration::from_secs(5), || async {
+        reqwest::get(&ops).await.unwrap().status() == StatusCode::OK
+    })
+    .await;
+    let (status, _) = stack
+        .admin(Method::POST, &format!("/v1/tenants/{slug}/suspend"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    eventually(Duration::from_secs(2), || async {
+        get().send().await.unwrap().status() == StatusCode::FORBIDDEN
+    })
+    .await;
+    stack.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn known_tenants_are_served_while_the_catalog_fails() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let slug = unique_name("rf");
+    let key = stack.create_tenant(&slug).await.unwrap();
+    let host = format!("{slug}.localhost");
+    let get = |host: String| {
+        stack
+            .tenant_request(Method::GET, &host, "/api/v1/me")
+            .bearer_auth(&key)
+    };
+    assert_eq!(
+        get(host.clone()).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    // Break the read model, then announce a change so the router drops its cache.
+    sqlx::query("ALTER TABLE tenants RENAME TO tenants_away")
+        .execute(stack.catalog())
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_notify('silo_tenant_events', $1)")
+        .bind(&slug)
+        .execute(stack.catalog())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    for _ in 0..3 {
+        let (status, me) = get_json(get(host.clone())).await;
+        assert_eq!(
+            (status, &me["tenant"]),
+            (StatusCode::OK, &json!(slug)),
+            "known tenant keeps being served"
+        );
+    }
+    let unknown = format!("{}.localhost", unique_name("nobody"));
+    let resp = get(unknown).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(resp.headers().contains_key("retry-after"));
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"],
+        "tenant_unavailable"
+    );
+
+    sqlx::query("ALTER TABLE tenants_away RENAME TO tenants")
+        .execute(stack.catalog())
+        .await
+        .unwrap();
     stack.stop().await.unwrap();
 }
 
 /// Awaits all `futures` concurrently (without pulling in the `futures` crate).
-async fn futures_join_all<F: std::future::Future + Send + 'static>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output>
 where
     F::Output: Send + 'static,
 {

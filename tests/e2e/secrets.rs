@@ -2,6 +2,10 @@
 //! run on both backends (the local store on a fresh catalog database, AWS on moto_server),
 //! plus the local store's encryption at rest.
 
+// Tests may unwrap (STYLE.md §2); clippy only knows that inside `#[test]` fns, not in the
+// suite functions and fixtures shared by the tests below.
+#![allow(clippy::unwrap_used)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

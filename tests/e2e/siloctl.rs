@@ -2,6 +2,9 @@
 //! behaviour (exit codes, one-line errors, auth, job waiting, context files), and against a
 //! full `siloctl dev` stack end to end.
 
+// Tests may unwrap (STYLE.md); that covers this module's helpers too.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -179,7 +179,7 @@ async fn delete_drops_everything_and_answers_like_an_unknown_host() {
         .unwrap();
     assert_eq!((dbs, roles), (0, 0));
     let secrets: i64 = sqlx::query_scalar("SELECT count(*) FROM secrets WHERE name = $1")
-        .bind(format!("silo/tenants/{slug}"))
+        .bind(stack.secret_name(&slug))
         .fetch_one(stack.catalog())
         .await
         .unwrap();

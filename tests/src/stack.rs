@@ -20,9 +20,20 @@ use crate::pg::TestCluster;
 /// Environment variable holding the shared cluster's superuser password for `[[servers]]`.
 const PG_PASSWORD_ENV: &str = "SILO_TEST_PG_PASSWORD";
 
+/// Which secret store a stack uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    /// The encrypted local store in the catalog.
+    Local,
+    /// AWS Secrets Manager, served by the process's shared `moto_server`.
+    Aws,
+}
+
 /// Knobs of a test stack.
 #[derive(Debug, Clone)]
 pub struct StackOptions {
+    /// The secret store.
+    pub secrets: Secrets,
     /// `router.pool_idle_timeout`.
     pub pool_idle_timeout: Duration,
     /// `router.path_prefix_routing`.
@@ -33,7 +44,12 @@ pub struct StackOptions {
 
 impl Default for StackOptions {
     fn default() -> Self {
-        Self { pool_idle_timeout: Duration::from_secs(300), path_prefix_routing: false, extra_toml: String::new() }
+        Self {
+            secrets: Secrets::Local,
+            pool_idle_timeout: Duration::from_secs(300),
+            path_prefix_routing: false,
+            extra_toml: String::new(),
+        }
     }
 }
 
@@ -60,15 +76,28 @@ impl Stack {
         let dir = tempfile::tempdir()?;
         let catalog_db = crate::unique_name("catalog_");
         pg.create_database(&catalog_db).await?;
-        let key_file = dir.path().join("master.key");
-        silo_control_plane::secrets::local::create_master_key(&key_file)?;
+        let secrets_toml = match options.secrets {
+            Secrets::Local => {
+                silo_control_plane::secrets::local::create_master_key(&dir.path().join("master.key"))?;
+                "backend = \"local\"\nlocal_master_key_file = \"master.key\"".to_owned()
+            }
+            Secrets::Aws => {
+                let moto = crate::moto::MotoServer::shared().await;
+                format!(
+                    "backend = \"aws\"\naws_region = \"us-east-1\"\naws_endpoint_url = \"{}\"",
+                    moto.endpoint_url()
+                )
+            }
+        };
+        // Secret names are unique per stack: moto is shared by every stack of the process.
+        let prefix = format!("{}/", crate::unique_name("silo"));
         std::env::set_var(PG_PASSWORD_ENV, pg.password().expose_secret());
         let toml = format!(
             r#"
 catalog_url = "postgres://postgres@127.0.0.1:{port}/{catalog_db}"
 [secrets]
-backend = "local"
-local_master_key_file = "master.key"
+{secrets_toml}
+name_prefix = "{prefix}"
 [[servers]]
 name = "pg-1"
 host = "127.0.0.1"
@@ -131,6 +160,11 @@ path_prefix_routing = {path}
     /// The stack's validated config.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The secret name of tenant `slug`.
+    pub fn secret_name(&self, slug: &str) -> String {
+        format!("{}tenants/{slug}", self.config.secrets.name_prefix)
     }
 
     /// The stack's directory (config, master key).

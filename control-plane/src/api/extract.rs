@@ -17,6 +17,21 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     }
 }
 
+/// `Option<Body<T>>`: `None` when the request has no body at all.
+impl<S: Send + Sync, T: DeserializeOwned> axum::extract::OptionalFromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Option<Self>, ApiError> {
+        use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
+        let headers = req.headers();
+        let no_body = headers.get(CONTENT_LENGTH).is_some_and(|v| v.as_bytes() == b"0")
+            || (headers.get(CONTENT_LENGTH).is_none() && headers.get(TRANSFER_ENCODING).is_none());
+        if no_body && headers.get(CONTENT_TYPE).is_none() {
+            return Ok(None);
+        }
+        <Self as FromRequest<S>>::from_request(req, state).await.map(Some)
+    }
+}
+
 /// A path parameter.
 pub struct Path<T>(pub T);
 

@@ -5,6 +5,7 @@ mod auth;
 pub mod error;
 mod extract;
 mod jobs;
+mod rotations;
 mod tenants;
 
 use std::sync::Arc;
@@ -54,6 +55,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/tenants/{slug}/resume", post(tenants::resume))
         .route("/tenants/{slug}/keys", post(tenants::create_key))
         .route("/tenants/{slug}/credentials", get(tenants::credentials))
+        .route("/tenants/{slug}/rotate", post(rotations::rotate_tenant))
+        .route("/rotations", post(rotations::rotate_many))
         .route("/jobs", get(jobs::list))
         .route("/jobs/{id}", get(jobs::show))
         .route("/jobs/{id}/retry", post(jobs::retry))

@@ -59,7 +59,7 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
                     Output::Json => print_json(&created),
                     Output::Table => {
                         let job = created.get("job").unwrap_or(&Value::Null);
-                        println!("tenant {slug} is being created by job {}", field(job, "id"));
+                        say!("tenant {slug} is being created by job {}", field(job, "id"));
                         print_api_key(&api_key);
                     }
                 }
@@ -70,7 +70,7 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
                 Output::Json => print_json(&json!({"tenant": tenant, "api_key": api_key})),
                 Output::Table => {
                     output::print_tenant(&tenant);
-                    println!();
+                    say!();
                     print_api_key(&api_key);
                 }
             }
@@ -100,7 +100,7 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
             match out {
                 Output::Json => print_json(&resp),
                 Output::Table => {
-                    println!("key {:?} created for tenant {slug}", field(&resp, "name"));
+                    say!("key {:?} created for tenant {slug}", field(&resp, "name"));
                     print_api_key(resp.get("api_key").unwrap_or(&Value::Null));
                 }
             }
@@ -125,8 +125,8 @@ pub(crate) async fn create_and_wait(client: &ApiClient, slug: &TenantSlug, creat
 }
 
 fn print_api_key(key: &Value) {
-    println!("API key: {}", output::text(key));
-    println!("(shown once: store it now; `siloctl tenant key create` mints another)");
+    say!("API key: {}", output::text(key));
+    say!("(shown once: store it now; `siloctl tenant key create` mints another)");
 }
 
 fn show(out: Output, tenant: &Value) -> anyhow::Result<()> {
@@ -164,7 +164,7 @@ async fn migrate(client: &ApiClient, out: Output, args: MigrateArgs) -> anyhow::
         match out {
             Output::Json => print_json(&status),
             Output::Table => {
-                println!("target version: {}", field(&status, "target_version"));
+                say!("target version: {}", field(&status, "target_version"));
                 let rows: Vec<Vec<String>> = items(&status)
                     .iter()
                     .map(|t| ["slug", "server", "schema_version", "status"].iter().map(|k| field(t, k)).collect())
@@ -259,7 +259,7 @@ async fn finish_jobs(client: &ApiClient, out: Output, resp: Value, no_wait: bool
     match out {
         Output::Json if single => print_json(&json!({ "job": finished.first() })),
         Output::Json => print_json(&json!({ "jobs": finished })),
-        Output::Table if finished.is_empty() => println!("nothing to do"),
+        Output::Table if finished.is_empty() => say!("nothing to do"),
         Output::Table if single => {
             if let Some(job) = finished.first() {
                 output::print_job(job);

@@ -5,6 +5,18 @@
 //! 2 usage error (bad arguments, invalid slug, missing `--yes`, no endpoint configured).
 //! Every error is one line on stderr, `error: <message>`; the admin token is never printed.
 
+/// `println!` that cannot panic: a closed stdout (`siloctl tenant list | head -1`) is not
+/// worth a crash, and the command's outcome is still reported by its exit code.
+macro_rules! say {
+    () => {
+        say!("")
+    };
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod args;
 mod client;
 mod commands;
@@ -38,6 +50,21 @@ pub(crate) fn usage(message: impl Into<String>) -> anyhow::Error {
 
 /// Runs `siloctl` with the process arguments and returns its exit code.
 pub fn run() -> i32 {
+    // Never a backtrace: even a bug ends as one `error:` line and exit code 1.
+    std::panic::set_hook(Box::new(|info| {
+        use std::io::Write as _;
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let _ = writeln!(std::io::stderr(), "error: internal error: {}", one_line(&message));
+    }));
+    std::panic::catch_unwind(run_cli).unwrap_or(1)
+}
+
+fn run_cli() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return clap_error(&e),

@@ -4,7 +4,7 @@ use serde_json::Value;
 
 /// Prints `value` as pretty JSON on stdout.
 pub(crate) fn print_json(value: &Value) {
-    println!("{}", serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string()));
+    say!("{}", serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string()));
 }
 
 /// A field of a JSON object as display text: strings as they are, lists joined with ",",
@@ -59,9 +59,9 @@ pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 /// Prints `table(headers, rows)`, or a note when there are no rows.
 pub(crate) fn print_table(headers: &[&str], rows: &[Vec<String>], empty: &str) {
     if rows.is_empty() {
-        println!("{empty}");
+        say!("{empty}");
     } else {
-        print!("{}", table(headers, rows));
+        say!("{}", table(headers, rows).trim_end());
     }
 }
 
@@ -69,7 +69,7 @@ pub(crate) fn print_table(headers: &[&str], rows: &[Vec<String>], empty: &str) {
 pub(crate) fn print_fields(fields: &[(&str, String)]) {
     let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in fields {
-        println!("{k:<width$}  {v}", k = format!("{k}:"), width = width + 1);
+        say!("{k:<width$}  {v}", k = format!("{k}:"), width = width + 1);
     }
 }
 

@@ -56,6 +56,8 @@ impl Child {
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
+            // The output goes to a file: no terminal colour codes in it.
+            .env("NO_COLOR", "1")
             // Own process group: a terminal's Ctrl-C reaches siloctl, which stops the
             // children in order, instead of every process at once.
             .process_group(0);

@@ -79,10 +79,8 @@ pub(super) fn prepare(args: &DevArgs) -> anyhow::Result<Prepared> {
         SecretString::from(format!("silo_admin_{}", Alphanumeric.sample_string(&mut rand::rng(), 32)))
     })?;
     if args.secrets == SecretsKind::Local {
-        let key = data_dir.join("master.key");
-        if !key.exists() {
-            create_master_key(&key)?;
-        }
+        // Created once; an existing key is kept (the store checks it when it opens it).
+        crate::secrets::local::create_master_key(&data_dir.join("master.key"))?;
     }
 
     let mut taken = Vec::new();
@@ -149,13 +147,6 @@ fn read_or_create(path: &Path, make: impl FnOnce() -> SecretString) -> anyhow::R
     let value = make();
     write_private(path, value.expose_secret().as_bytes())?;
     Ok(value)
-}
-
-/// A new master key for the local secret store: 32 random bytes, base64, mode 0600.
-fn create_master_key(path: &Path) -> anyhow::Result<()> {
-    use base64::Engine;
-    let key: [u8; 32] = rand::random();
-    write_private(path, base64::engine::general_purpose::STANDARD.encode(key).as_bytes())
 }
 
 /// True if nothing listens on 127.0.0.1:`port` right now.

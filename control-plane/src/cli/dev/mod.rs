@@ -37,7 +37,7 @@ pub(crate) fn run(args: DevArgs) -> anyhow::Result<()> {
     let result = rt.block_on(run_stack(&args, &prepared, &mut stack));
     stack.stop();
     if result.is_ok() {
-        println!("stopped");
+        say!("stopped");
     }
     result
 }
@@ -93,7 +93,7 @@ async fn run_stack(args: &DevArgs, p: &Prepared, stack: &mut Stack) -> anyhow::R
         _ = sigterm.recv() => bail!("interrupted before the stack was ready"),
         _ = sigint.recv() => bail!("interrupted before the stack was ready"),
     }
-    println!("ready");
+    say!("ready");
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
@@ -102,7 +102,7 @@ async fn run_stack(args: &DevArgs, p: &Prepared, stack: &mut Stack) -> anyhow::R
             _ = tick.tick() => stack.check_children()?,
         }
     }
-    println!("stopping");
+    say!("stopping");
     Ok(())
 }
 
@@ -149,21 +149,21 @@ async fn start(args: &DevArgs, p: &Prepared, stack: &mut Stack) -> anyhow::Resul
         demo(&ApiClient::new(ctx)?, p.http_port).await?;
     }
 
-    println!("silo dev stack (data dir {})", p.data_dir.display());
-    println!("  tenants      http://{{slug}}.localhost:{}/", p.http_port);
-    println!("  router       http://127.0.0.1:{}", p.http_port);
-    println!("  https        not served yet (--https-port {} is reserved for it)", args.https_port);
-    println!("  admin API    {endpoint}");
-    println!("  metrics      http://127.0.0.1:{}/metrics", p.metrics_port);
+    say!("silo dev stack (data dir {})", p.data_dir.display());
+    say!("  tenants      http://{{slug}}.localhost:{}/", p.http_port);
+    say!("  router       http://127.0.0.1:{}", p.http_port);
+    say!("  https        not served yet (--https-port {} is reserved for it)", args.https_port);
+    say!("  admin API    {endpoint}");
+    say!("  metrics      http://127.0.0.1:{}/metrics", p.metrics_port);
     for (i, port) in p.pg_ports.iter().enumerate() {
-        println!("  {:<12} 127.0.0.1:{port} (user postgres, password in {})", server_name(i + 1), p.data_dir.join("pg-password").display());
+        say!("  {:<12} 127.0.0.1:{port} (user postgres, password in {})", server_name(i + 1), p.data_dir.join("pg-password").display());
     }
-    println!("  logs         {}", logs.display());
+    say!("  logs         {}", logs.display());
     match &user_context {
-        Some(path) => println!("  env file     {} (also {})", env_file.display(), path.display()),
-        None => println!("  env file     {}", env_file.display()),
+        Some(path) => say!("  env file     {} (also {})", env_file.display(), path.display()),
+        None => say!("  env file     {}", env_file.display()),
     }
-    println!("  admin token  {}", p.admin_token.expose_secret());
+    say!("  admin token  {}", p.admin_token.expose_secret());
     Ok(())
 }
 
@@ -219,8 +219,8 @@ async fn demo(client: &ApiClient, http_port: u16) -> anyhow::Result<()> {
     let slug = TenantSlug::parse("demo").map_err(|e| anyhow!("{e}"))?;
     match client.get("/v1/tenants/demo").await {
         Ok(_) => {
-            println!("tenant demo exists already; its API key was shown when it was created.");
-            println!("a new key: siloctl tenant key create demo --name laptop");
+            say!("tenant demo exists already; its API key was shown when it was created.");
+            say!("a new key: siloctl tenant key create demo --name laptop");
             return Ok(());
         }
         Err(e) if e.is_not_found() => {}
@@ -232,7 +232,7 @@ async fn demo(client: &ApiClient, http_port: u16) -> anyhow::Result<()> {
         .map_err(|e| anyhow!("create tenant demo: {e}"))?;
     super::commands::create_and_wait(client, &slug, &created).await.context("create tenant demo")?;
     let key = created.get("api_key").and_then(|k| k.as_str()).unwrap_or_default();
-    println!("tenant demo created; its API key (shown once): {key}");
-    println!("  curl -H 'Authorization: Bearer {key}' http://demo.localhost:{http_port}/api/v1/tasks");
+    say!("tenant demo created; its API key (shown once): {key}");
+    say!("  curl -H 'Authorization: Bearer {key}' http://demo.localhost:{http_port}/api/v1/tasks");
     Ok(())
 }

@@ -1,0 +1,304 @@
+//! Credential rotation, on both secret stores: the four AWS steps as a resumable job, both
+//! strategies, stages afterwards, old credentials retired, zero failed requests under load,
+//! and the schedule running exactly once across control planes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use silo_control_plane::rotation::ROTATE_STEPS;
+use silo_control_plane::secrets::{self, SecretStore, AWSCURRENT, AWSPENDING, AWSPREVIOUS};
+use silo_control_plane::server::ControlPlane;
+use silo_tests::stack::{Secrets, Stack, StackOptions};
+use silo_tests::unique_name;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+use tokio_util::sync::CancellationToken;
+
+async fn stack(secrets: Secrets) -> Stack {
+    Stack::start(StackOptions { secrets, ..StackOptions::default() }).await.unwrap()
+}
+
+async fn store(stack: &Stack) -> Arc<dyn SecretStore> {
+    secrets::open(&stack.config().secrets, stack.catalog().clone()).await.unwrap()
+}
+
+async fn credentials(stack: &Stack, slug: &str) -> Value {
+    let (status, creds) = stack.admin(Method::GET, &format!("/v1/tenants/{slug}/credentials"), None).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{creds}");
+    creds
+}
+
+fn options(creds: &Value) -> PgConnectOptions {
+    PgConnectOptions::new()
+        .host(creds["host"].as_str().unwrap())
+        .port(creds["port"].as_u64().unwrap() as u16)
+        .username(creds["username"].as_str().unwrap())
+        .password(creds["password"].as_str().unwrap())
+        .database(creds["dbname"].as_str().unwrap())
+}
+
+async fn logs_in(creds: &Value) -> bool {
+    match options(creds).connect().await {
+        Ok(c) => {
+            c.close().await.unwrap();
+            true
+        }
+        Err(e) => {
+            assert!(e.to_string().contains("password authentication failed"), "{e}");
+            false
+        }
+    }
+}
+
+async fn rotate(stack: &Stack, slug: &str, strategy: &str) -> Value {
+    let (status, body) = stack
+        .admin(Method::POST, &format!("/v1/tenants/{slug}/rotate"), Some(json!({"strategy": strategy})))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap()
+}
+
+async fn assert_stages_after_rotation(stack: &Stack, store: &dyn SecretStore, slug: &str, old_version: &str) -> String {
+    let versions = store.list_version_stages(&stack.secret_name(slug)).await.unwrap().unwrap();
+    let with = |stage: &str| versions.iter().filter(|v| v.stages.iter().any(|s| s == stage)).collect::<Vec<_>>();
+    assert_eq!(with(AWSPENDING).len(), 0, "no AWSPENDING left: {versions:?}");
+    assert_eq!(with(AWSPREVIOUS).len(), 1, "{versions:?}");
+    assert_eq!(with(AWSPREVIOUS)[0].version_id, old_version);
+    assert_eq!(with(AWSCURRENT).len(), 1, "{versions:?}");
+    assert_ne!(with(AWSCURRENT)[0].version_id, old_version);
+    with(AWSCURRENT)[0].version_id.clone()
+}
+
+async fn stages_and_retired_credentials(secrets: Secrets) {
+    let stack = stack(secrets).await;
+    let store = store(&stack).await;
+    let slug = unique_name("rot");
+    let key = stack.create_tenant(&slug).await.unwrap();
+    let name = stack.secret_name(&slug);
+    let (_, before) = stack.admin(Method::GET, &format!("/v1/tenants/{slug}"), None).await.unwrap();
+
+    // single: the one login role gets a new password; the old one stops working at once.
+    let c0 = credentials(&stack, &slug).await;
+    let v0 = store.get_secret_value(&name, AWSCURRENT).await.unwrap().unwrap().version_id;
+    assert_eq!(rotate(&stack, &slug, "single").await["state"], "succeeded");
+    let v1 = assert_stages_after_rotation(&stack, store.as_ref(), &slug, &v0).await;
+    let c1 = credentials(&stack, &slug).await;
+    assert_eq!(c1["username"], c0["username"]);
+    assert!(!logs_in(&c0).await, "single: the old password no longer logs in");
+    assert!(logs_in(&c1).await);
+
+    // alternating: the other login role takes over; the previous credentials stay valid
+    // until the next rotation, and credentials two rotations old no longer log in.
+    assert_eq!(rotate(&stack, &slug, "alternating").await["state"], "succeeded");
+    let v2 = assert_stages_after_rotation(&stack, store.as_ref(), &slug, &v1).await;
+    let c2 = credentials(&stack, &slug).await;
+    assert_ne!(c2["username"], c1["username"]);
+    assert!(logs_in(&c1).await && logs_in(&c2).await);
+    assert_eq!(rotate(&stack, &slug, "alternating").await["state"], "succeeded");
+    assert_stages_after_rotation(&stack, store.as_ref(), &slug, &v2).await;
+    let c3 = credentials(&stack, &slug).await;
+    assert_eq!(c3["username"], c1["username"]);
+    assert!(!logs_in(&c1).await, "alternating: two rotations old no longer logs in");
+    assert!(logs_in(&c2).await && logs_in(&c3).await);
+
+    // Objects created through either login role belong to the owner: both can use them.
+    let mut as_c3 = options(&c3).connect().await.unwrap();
+    sqlx::query("CREATE TABLE notes (id int PRIMARY KEY, body text)").execute(&mut as_c3).await.unwrap();
+    sqlx::query("INSERT INTO notes VALUES (1, 'from c3')").execute(&mut as_c3).await.unwrap();
+    let mut as_c2 = options(&c2).connect().await.unwrap();
+    sqlx::query("INSERT INTO notes VALUES (2, 'from c2')").execute(&mut as_c2).await.unwrap();
+    sqlx::query("UPDATE notes SET body = 'edited by c2' WHERE id = 1").execute(&mut as_c2).await.unwrap();
+    sqlx::query("INSERT INTO tasks (title) VALUES ('direct')").execute(&mut as_c2).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notes").fetch_one(&mut as_c3).await.unwrap();
+    assert_eq!(n, 2);
+
+    // The tenant still serves, and the catalog shows the rotation time.
+    let resp = stack.tenant_request(Method::GET, &format!("{slug}.localhost"), "/api/v1/tasks").bearer_auth(&key).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (_, after) = stack.admin(Method::GET, &format!("/v1/tenants/{slug}"), None).await.unwrap();
+    assert!(after["credentials_rotated_at"].as_str() > before["credentials_rotated_at"].as_str());
+    stack.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stages_and_retired_credentials_local() {
+    stages_and_retired_credentials(Secrets::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stages_and_retired_credentials_aws() {
+    stages_and_retired_credentials(Secrets::Aws).await;
+}
+
+async fn interrupted_rotation_resumes(secrets: Secrets) {
+    let stack = stack(secrets).await;
+    let store = store(&stack).await;
+    let slug = unique_name("rint");
+    let key = stack.create_tenant(&slug).await.unwrap();
+    let host = format!("{slug}.localhost");
+    for strategy in ["single", "alternating"] {
+        for step in ROTATE_STEPS {
+            let old = store.get_secret_value(&stack.secret_name(&slug), AWSCURRENT).await.unwrap().unwrap().version_id;
+            fail::cfg("rotate-after-step", &format!("return({step})")).unwrap();
+            let job = rotate(&stack, &slug, strategy).await;
+            assert_eq!(job["state"], "failed", "{strategy}/{step}: {job}");
+            // The tenant keeps serving with whatever is current.
+            let resp = stack.tenant_request(Method::GET, &host, "/api/v1/tasks").bearer_auth(&key).send().await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "{strategy}/{step}: serving while interrupted");
+            fail::remove("rotate-after-step");
+            let id = job["id"].as_i64().unwrap();
+            let (status, _) = stack.admin(Method::POST, &format!("/v1/jobs/{id}/retry"), None).await.unwrap();
+            assert_eq!(status, StatusCode::ACCEPTED);
+            assert_eq!(stack.wait_job(id).await.unwrap()["state"], "succeeded", "{strategy}/{step}");
+            assert_stages_after_rotation(&stack, store.as_ref(), &slug, &old).await;
+            assert!(logs_in(&credentials(&stack, &slug).await).await);
+            let resp = stack.tenant_request(Method::GET, &host, "/api/v1/tasks").bearer_auth(&key).send().await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "{strategy}/{step}: serving after the retry");
+        }
+    }
+    stack.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interrupted_rotation_resumes_local() {
+    interrupted_rotation_resumes(Secrets::Local).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interrupted_rotation_resumes_aws() {
+    interrupted_rotation_resumes(Secrets::Aws).await;
+}
+
+/// Several keep-alive clients read and write tasks through the router while five rotations
+/// run back to back: every response must be 2xx.
+async fn no_failed_requests_under_load(secrets: Secrets, strategy: &str) {
+    let stack = Arc::new(stack(secrets).await);
+    let slug = unique_name("load");
+    let key = stack.create_tenant(&slug).await.unwrap();
+    let host = format!("{slug}.localhost");
+    let stop = CancellationToken::new();
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (stack, key, host, stop, ok, failed) =
+            (stack.clone(), key.clone(), host.clone(), stop.clone(), ok.clone(), failed.clone());
+        clients.push(tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut i = 0u64;
+            while !stop.is_cancelled() && Instant::now() < deadline {
+                i += 1;
+                let req = if i % 3 == 0 {
+                    stack.tenant_request(Method::POST, &host, "/api/v1/tasks").json(&json!({"title": format!("c{c} #{i}")}))
+                } else {
+                    stack.tenant_request(Method::GET, &host, "/api/v1/tasks?limit=5")
+                };
+                match req.bearer_auth(&key).send().await {
+                    Ok(r) if r.status().is_success() => ok.fetch_add(1, Ordering::Relaxed),
+                    Ok(r) => {
+                        eprintln!("client {c}: {} {}", r.status(), r.text().await.unwrap_or_default());
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(e) => {
+                        eprintln!("client {c}: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for n in 0..5 {
+        let job = rotate(&stack, &slug, strategy).await;
+        assert_eq!(job["state"], "succeeded", "rotation {n}: {job}");
+        // Let the pools open new connections with the new credentials between rotations.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.cancel();
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > 100, "the load ran: {ok} requests");
+    assert_eq!(failed, 0, "{failed} failed requests out of {}", ok + failed);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_failed_requests_under_load_alternating_local() {
+    no_failed_requests_under_load(Secrets::Local, "alternating").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_failed_requests_under_load_single_local() {
+    no_failed_requests_under_load(Secrets::Local, "single").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_failed_requests_under_load_alternating_aws() {
+    no_failed_requests_under_load(Secrets::Aws, "alternating").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_failed_requests_under_load_single_aws() {
+    no_failed_requests_under_load(Secrets::Aws, "single").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_schedulers_rotate_each_due_tenant_exactly_once() {
+    let extra = "[rotation]\ninterval = \"1d\"\ncheck_every = \"100ms\"\njitter = \"500ms\"\nmax_concurrent = 100\n";
+    let stack = Stack::start(StackOptions { extra_toml: extra.into(), ..StackOptions::default() }).await.unwrap();
+    let second = ControlPlane::bind(stack.config().clone()).await.unwrap();
+    let stop_second = CancellationToken::new();
+    let second = tokio::spawn(second.run(stop_second.clone()));
+
+    let slugs: Vec<String> = (0..4).map(|_| unique_name("due")).collect();
+    for slug in &slugs {
+        stack.create_tenant(slug).await.unwrap();
+    }
+    let fresh = unique_name("fresh");
+    stack.create_tenant(&fresh).await.unwrap();
+    // Make the four due (credentials 2 days old); `fresh` is not.
+    sqlx::query("UPDATE tenants SET credentials_rotated_at = now() - interval '2 days' WHERE slug = ANY($1)")
+        .bind(&slugs)
+        .execute(stack.catalog())
+        .await
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tenants WHERE slug = ANY($1) AND credentials_rotated_at > now() - interval '1 hour'",
+        )
+        .bind(&slugs)
+        .fetch_one(stack.catalog())
+        .await
+        .unwrap();
+        if done == 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {done} of 4 due tenants rotated");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Give both schedulers more passes to (wrongly) rotate again.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let per_tenant: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT tenant, count(*) FROM jobs WHERE kind = 'rotate' GROUP BY tenant ORDER BY tenant",
+    )
+    .fetch_all(stack.catalog())
+    .await
+    .unwrap();
+    let mut expected: Vec<(String, i64)> = slugs.iter().map(|s| (s.clone(), 1)).collect();
+    expected.sort();
+    assert_eq!(per_tenant, expected, "each due tenant exactly once, the fresh one never");
+    let states: Vec<String> = sqlx::query_scalar("SELECT DISTINCT state FROM jobs WHERE kind = 'rotate'")
+        .fetch_all(stack.catalog())
+        .await
+        .unwrap();
+    assert_eq!(states, ["succeeded"]);
+    stop_second.cancel();
+    second.await.unwrap().unwrap();
+    stack.stop().await.unwrap();
+}
