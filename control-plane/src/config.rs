@@ -61,7 +61,46 @@ struct RawConfig {
     #[serde(default)]
     rotation: RawRotation,
     #[serde(default)]
+    migrations: RawMigrations,
+    #[serde(default)]
     router: RawRouter,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMigrations {
+    #[serde(default = "default_rollout_concurrency")]
+    concurrency: usize,
+    #[serde(default = "default_per_server_concurrency")]
+    per_server_concurrency: usize,
+    #[serde(default = "default_canary")]
+    canary: usize,
+    #[serde(default = "default_max_failure_percent")]
+    max_failure_percent: u32,
+}
+
+impl Default for RawMigrations {
+    fn default() -> Self {
+        Self {
+            concurrency: default_rollout_concurrency(),
+            per_server_concurrency: default_per_server_concurrency(),
+            canary: default_canary(),
+            max_failure_percent: default_max_failure_percent(),
+        }
+    }
+}
+
+fn default_rollout_concurrency() -> usize {
+    8
+}
+fn default_per_server_concurrency() -> usize {
+    4
+}
+fn default_canary() -> usize {
+    1
+}
+fn default_max_failure_percent() -> u32 {
+    25
 }
 
 #[derive(Deserialize)]
@@ -282,6 +321,8 @@ pub struct Config {
     pub control_plane: ControlPlaneConfig,
     /// Credential rotation.
     pub rotation: RotationConfig,
+    /// Tenant migration rollouts.
+    pub migrations: MigrationsConfig,
     /// The router.
     pub router: RouterConfig,
 }
@@ -427,6 +468,19 @@ pub struct RotationConfig {
     pub max_concurrent: u32,
     /// How often the scheduler looks for due tenants.
     pub check_every: Duration,
+}
+
+/// The `[migrations]` section: defaults of a rollout.
+#[derive(Debug, Clone)]
+pub struct MigrationsConfig {
+    /// Tenants migrated at once.
+    pub concurrency: usize,
+    /// Tenants migrated at once on one PostgreSQL server.
+    pub per_server_concurrency: usize,
+    /// Tenants migrated first, alone; any failure among them stops the rollout.
+    pub canary: usize,
+    /// The rollout halts once more than this percentage of its tenants failed.
+    pub max_failure_percent: u32,
 }
 
 /// The `[router]` section.
@@ -587,6 +641,23 @@ impl Config {
             check_every: duration("rotation.check_every", &raw.rotation.check_every)?,
         };
 
+        let m = raw.migrations;
+        if m.concurrency == 0 {
+            return Err(invalid("migrations.concurrency", "must be at least 1"));
+        }
+        if m.per_server_concurrency == 0 {
+            return Err(invalid("migrations.per_server_concurrency", "must be at least 1"));
+        }
+        if m.max_failure_percent > 100 {
+            return Err(invalid("migrations.max_failure_percent", "must be between 0 and 100"));
+        }
+        let migrations = MigrationsConfig {
+            concurrency: m.concurrency,
+            per_server_concurrency: m.per_server_concurrency,
+            canary: m.canary,
+            max_failure_percent: m.max_failure_percent,
+        };
+
         let r = raw.router;
         let tls = match (r.tls_cert_file, r.tls_key_file) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert_file: resolve(cert), key_file: resolve(key) }),
@@ -631,6 +702,7 @@ impl Config {
             servers,
             control_plane,
             rotation,
+            migrations,
             router,
         })
     }

@@ -84,6 +84,14 @@ pub async fn get(pool: &PgPool, id: i64) -> Result<Option<Job>, sqlx::Error> {
         .await
 }
 
+/// The job `id`, inside a transaction.
+pub async fn get_in(exec: &mut PgConnection, id: i64) -> Result<Option<Job>, sqlx::Error> {
+    sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM jobs WHERE id = $1")))
+        .bind(id)
+        .fetch_optional(exec)
+        .await
+}
+
 /// The newest `limit` jobs.
 pub async fn list(pool: &PgPool, limit: i64) -> Result<Vec<Job>, sqlx::Error> {
     sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(

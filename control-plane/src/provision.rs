@@ -17,7 +17,8 @@ use crate::jobs::{self, Job};
 use crate::names::{quote_ident, quote_literal, TenantSlug};
 use crate::secrets::{self, DbSecret, SecretStore, AWSCURRENT};
 use crate::servers::{Server, Servers};
-use crate::tenant_schema::TenantMigrations;
+use crate::template;
+use crate::tenant_schema::{self, MigrationSource, TenantMigrations};
 
 /// Why a provisioning or deletion step failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,9 @@ pub enum ProvisionError {
     /// The secret store failed.
     #[error("secret store: {0}")]
     Secret(#[from] secrets::SecretStoreError),
+    /// A migration rollout failed or halted.
+    #[error("{0}")]
+    Rollout(String),
     /// A fail point interrupted the job (tests only).
     #[error("interrupted after step {0} (fail point)")]
     Interrupted(String),
@@ -77,8 +81,8 @@ pub const DELETE_STEPS: [&str; 4] = ["database", "roles", "secret", "tombstone"]
 pub struct Provisioner {
     pub(crate) catalog: PgPool,
     pub(crate) store: Arc<dyn SecretStore>,
-    servers: Arc<Servers>,
-    migrations: Arc<TenantMigrations>,
+    pub(crate) servers: Arc<Servers>,
+    pub(crate) migrations: MigrationSource,
     name_prefix: String,
 }
 
@@ -88,7 +92,7 @@ impl Provisioner {
         catalog: PgPool,
         store: Arc<dyn SecretStore>,
         servers: Arc<Servers>,
-        migrations: Arc<TenantMigrations>,
+        migrations: MigrationSource,
         name_prefix: String,
     ) -> Self {
         Self { catalog, store, servers, migrations, name_prefix }
@@ -119,6 +123,7 @@ impl Provisioner {
             .map_err(|e| ProvisionError::InvalidJob(format!("bad params: {e}")))?;
         let (slug, secret_name) = self.tenant_of(job)?;
         let server = self.server_of(&slug).await?;
+        let migrations = self.migrations.load().await?;
         {
             let mut tx = self.catalog.begin().await.step("mark provisioning")?;
             tenants::set_status(&mut tx, slug.as_str(), TenantStatus::Provisioning, None)
@@ -131,8 +136,8 @@ impl Provisioner {
             match step {
                 "secret" => self.ensure_secret(server, &slug, &secret_name, &params.secret_version).await?,
                 "roles" => self.ensure_roles(server, &slug, &secret_name).await?,
-                "database" => ensure_database(server, &slug).await?,
-                "schema" => self.ensure_schema(server, &slug).await?,
+                "database" => ensure_database(server, &slug, &migrations).await?,
+                "schema" => self.ensure_schema(server, &slug, &migrations).await?,
                 "api_key" => ensure_api_key(server, &slug, &params).await?,
                 _ => self.activate(&slug).await?,
             }
@@ -190,15 +195,32 @@ impl Provisioner {
         Ok(())
     }
 
-    /// Step `schema`: the public schema belongs to the owner, PUBLIC may not create in it, and
-    /// the tenant migrations are applied as the owner.
-    async fn ensure_schema(&self, server: &Server, slug: &TenantSlug) -> Result<(), ProvisionError> {
+    /// Step `schema`: everything in the database (copied from a template, or not) belongs
+    /// to the tenant's owner, PUBLIC may not create in `public`, pending migrations are
+    /// applied as the owner, and the version is checked and recorded.
+    async fn ensure_schema(
+        &self,
+        server: &Server,
+        slug: &TenantSlug,
+        migrations: &TenantMigrations,
+    ) -> Result<(), ProvisionError> {
         let owner = quote_ident(&slug.owner_role());
         let mut conn = server.connect(&slug.database_name()).await.step("connect to tenant database")?;
+        if role_exists(&mut conn, template::TEMPLATE_OWNER).await? {
+            let from = quote_ident(template::TEMPLATE_OWNER);
+            ddl(&mut conn, &format!("REASSIGN OWNED BY {from} TO {owner}"), "hand template objects to owner").await?;
+        }
         ddl(&mut conn, &format!("ALTER SCHEMA public OWNER TO {owner}"), "own public schema").await?;
         ddl(&mut conn, "REVOKE ALL ON SCHEMA public FROM PUBLIC", "lock public schema").await?;
-        let version = self.migrations.apply(&mut conn, &slug.owner_role()).await?;
+        migrations.apply(&mut conn, &slug.owner_role(), None).await?;
+        let version = tenant_schema::applied_version(&mut conn).await.step("read schema version")?;
         let _ = conn.close().await;
+        if version != migrations.latest_version() {
+            return Err(ProvisionError::InvalidJob(format!(
+                "tenant database is at schema version {version}, expected {}",
+                migrations.latest_version()
+            )));
+        }
         sqlx::query("UPDATE tenants SET schema_version = $2, updated_at = now() WHERE slug = $1")
             .bind(slug.as_str())
             .bind(version)
@@ -261,20 +283,34 @@ impl Provisioner {
     }
 }
 
-/// Step `database`: the tenant database, owned by the owner role, connectable only by the
-/// login role.
-async fn ensure_database(server: &Server, slug: &TenantSlug) -> Result<(), ProvisionError> {
+/// Step `database`: the tenant database, copied from the server's template at the current
+/// schema (or empty, if no template can be had), owned by the owner role, connectable only by
+/// the login role.
+async fn ensure_database(
+    server: &Server,
+    slug: &TenantSlug,
+    migrations: &TenantMigrations,
+) -> Result<(), ProvisionError> {
     let db = quote_ident(&slug.database_name());
-    let mut conn = server.admin.acquire().await.step("connect to server")?;
     let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
         .bind(slug.database_name())
-        .fetch_one(&mut *conn)
+        .fetch_one(&server.admin)
         .await
         .step("look up database")?;
     if !exists {
+        let template = match template::ensure(server, migrations).await {
+            Ok(name) => name,
+            Err(e) => {
+                tracing::warn!(error = %e, "no tenant template; creating an empty database and migrating it");
+                "template0".to_owned()
+            }
+        };
         let owner = quote_ident(&slug.owner_role());
-        ddl(&mut conn, &format!("CREATE DATABASE {db} OWNER {owner} TEMPLATE template0"), "create database").await?;
+        let mut conn = server.admin.acquire().await.step("connect to server")?;
+        let sql = format!("CREATE DATABASE {db} OWNER {owner} TEMPLATE {}", quote_ident(&template));
+        ddl(&mut conn, &sql, "create database").await?;
     }
+    let mut conn = server.admin.acquire().await.step("connect to server")?;
     ddl(&mut conn, &format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC"), "revoke connect from public").await?;
     ddl(
         &mut conn,

@@ -13,7 +13,7 @@ use crate::api::{self, AdminTokens, ApiState};
 use crate::config::{Config, SecretsBackend};
 use crate::provision::Provisioner;
 use crate::servers::Servers;
-use crate::tenant_schema::TenantMigrations;
+use crate::tenant_schema::MigrationSource;
 use crate::worker::Workers;
 use crate::{catalog, schedule, secrets};
 
@@ -51,9 +51,8 @@ impl ControlPlane {
                 config.control_plane.admin_token_env
             );
         }
-        let migrations = TenantMigrations::load(config.tenant_migrations_dir.as_deref())
-            .await
-            .context("load tenant migrations")?;
+        let migrations = MigrationSource::new(config.tenant_migrations_dir.as_deref());
+        migrations.load().await.context("load tenant migrations")?;
         let listener = TcpListener::bind(config.control_plane.listen)
             .await
             .with_context(|| format!("bind control_plane.listen {}", config.control_plane.listen))?;
@@ -61,7 +60,7 @@ impl ControlPlane {
             catalog.clone(),
             store.clone(),
             servers.clone(),
-            Arc::new(migrations),
+            migrations,
             config.secrets.name_prefix.clone(),
         ));
         // The local store has no recovery window; AWS keeps deleted secrets for the window.

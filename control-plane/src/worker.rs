@@ -93,6 +93,7 @@ impl Workers {
                 "provision" => self.provisioner.provision(&job).await,
                 "delete" => self.provisioner.delete(&job, self.force_secret_delete).await,
                 "rotate" => self.provisioner.rotate(&job).await,
+                "migrate" => self.provisioner.rollout(&job).await,
                 other => Err(ProvisionError::InvalidJob(format!("unknown job kind {other:?}"))),
             }
         };

@@ -73,9 +73,7 @@ impl CachedExpiry {
         match value {
             Cached { stale: true, .. } => STALE_TTL,
             Cached { route: None, .. } => NEGATIVE_TTL,
-            Cached {
-                route: Some(route), ..
-            } if route.status == TenantStatus::Active => self.positive,
+            Cached { route: Some(route), .. } if route.status == TenantStatus::Active => self.positive,
             // Provisioning, suspended, deleted...: events announce every change, but an
             // answer that is not "serve" is not worth keeping long if one were missed.
             Cached { route: Some(_), .. } => self.positive.min(NEGATIVE_TTL),
@@ -84,12 +82,7 @@ impl CachedExpiry {
 }
 
 impl Expiry<TenantKey, Cached> for CachedExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &TenantKey,
-        value: &Cached,
-        _created_at: Instant,
-    ) -> Option<Duration> {
+    fn expire_after_create(&self, _key: &TenantKey, value: &Cached, _created_at: Instant) -> Option<Duration> {
         Some(self.ttl(value))
     }
 
@@ -120,12 +113,7 @@ pub(crate) struct Directory {
 
 impl Directory {
     /// A directory over the catalog pool; positive entries live `ttl`.
-    pub(crate) fn new(
-        catalog: PgPool,
-        ttl: Duration,
-        health: Arc<Health>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub(crate) fn new(catalog: PgPool, ttl: Duration, health: Arc<Health>, metrics: Arc<Metrics>) -> Self {
         let cache = Cache::builder()
             .name("silo-router-directory")
             .max_capacity(MAX_CACHED_KEYS)
@@ -142,20 +130,12 @@ impl Directory {
     }
 
     /// The route of the tenant under `key` (`None`: no such tenant).
-    pub(crate) async fn lookup(
-        &self,
-        key: &TenantKey,
-    ) -> Result<Option<TenantRoute>, CatalogUnavailable> {
+    pub(crate) async fn lookup(&self, key: &TenantKey) -> Result<Option<TenantRoute>, CatalogUnavailable> {
         let generation = self.generation.load(Ordering::Acquire);
         let result = self
             .cache
             .entry_by_ref(key)
-            .or_try_insert_with(async {
-                self.fetch(key).await.map(|route| Cached {
-                    route,
-                    stale: false,
-                })
-            })
+            .or_try_insert_with(async { self.fetch(key).await.map(|route| Cached { route, stale: false }) })
             .await;
         let entry = match result {
             Ok(entry) => entry,
@@ -203,11 +183,7 @@ impl Directory {
 
     /// The catalog failed: serve the last known route (and keep it briefly, so each request
     /// does not wait for the catalog again), or report the tenant unavailable.
-    async fn fall_back(
-        &self,
-        key: &TenantKey,
-        error: &LookupError,
-    ) -> Result<Option<TenantRoute>, CatalogUnavailable> {
+    async fn fall_back(&self, key: &TenantKey, error: &LookupError) -> Result<Option<TenantRoute>, CatalogUnavailable> {
         let last = self.last_known.get(key).map(|route| route.value().clone());
         match last {
             Some(route) => {
@@ -242,37 +218,28 @@ impl Directory {
     async fn on_tenant_event(&self, payload: &str, pools: &Pools) {
         self.invalidate_all();
         let Ok(slug) = TenantSlug::parse(payload) else {
-            tracing::warn!(
-                payload,
-                "ignoring a tenant event whose payload is not a slug"
-            );
+            tracing::warn!(payload, "ignoring a tenant event whose payload is not a slug");
             return;
         };
-        // Let go of the tenant's pool: at once when it must no longer be served (suspended,
-        // deleted: also frees its database for DROP), after a drain otherwise (its
-        // credentials may have changed while requests are using the pool). The status is
-        // read past the cache: caching it here could pin a transitional status (say
-        // `provisioning`) that the next event, already on its way, will change.
-        let drain = match self.fetch(&TenantKey::Slug(slug.clone())).await {
-            Ok(Some(route)) if route.status == TenantStatus::Active => Drain::Graceful,
-            Ok(_) => Drain::Now,
+        // The status is read past the cache: caching it here could pin a transitional status
+        // (say `provisioning`) that the next event, already on its way, will change.
+        match self.fetch(&TenantKey::Slug(slug.clone())).await {
+            // Still served: its credentials may have changed (rotation).
+            Ok(Some(route)) if route.status == TenantStatus::Active => pools.refresh(slug.as_str()).await,
+            // No longer served (suspended, deleted...): close its pool at once, which also
+            // frees the database for DROP.
+            Ok(_) => pools.evict(slug.as_str(), Drain::Now).await,
             Err(error) => {
-                tracing::warn!(%error, tenant = %slug, "cannot read the changed tenant; draining its pool");
-                Drain::Graceful
+                tracing::warn!(%error, tenant = %slug, "cannot read the changed tenant; refreshing its pool");
+                pools.refresh(slug.as_str()).await;
             }
-        };
-        tracing::debug!(tenant = %slug, ?drain, "tenant changed");
-        pools.evict(slug.as_str(), drain).await;
+        }
+        tracing::debug!(tenant = %slug, "tenant changed");
     }
 
     /// Listens for tenant events on the catalog until `shutdown`, reconnecting with backoff.
     /// `listen_pool` is a pool of its own (the listener holds its connection for good).
-    pub(crate) async fn watch_tenant_events(
-        &self,
-        listen_pool: PgPool,
-        pools: Pools,
-        shutdown: CancellationToken,
-    ) {
+    pub(crate) async fn watch_tenant_events(&self, listen_pool: PgPool, pools: Pools, shutdown: CancellationToken) {
         let mut backoff = LISTEN_BACKOFF_MIN;
         while !shutdown.is_cancelled() {
             let connected = tokio::select! {
@@ -296,23 +263,16 @@ impl Directory {
             self.health.set_listening(true);
             // Events sent while we were not listening are lost: start from a clean slate.
             self.invalidate_all();
-            tracing::info!(
-                channel = TENANT_EVENTS_CHANNEL,
-                "listening for tenant events"
-            );
+            tracing::info!(channel = TENANT_EVENTS_CHANNEL, "listening for tenant events");
             loop {
                 let received = tokio::select! {
                     () = shutdown.cancelled() => break,
                     received = listener.try_recv() => received,
                 };
                 match received {
-                    Ok(Some(notification)) => {
-                        self.on_tenant_event(notification.payload(), &pools).await
-                    }
+                    Ok(Some(notification)) => self.on_tenant_event(notification.payload(), &pools).await,
                     Ok(None) => {
-                        tracing::warn!(
-                            "lost the tenant-events connection to the catalog; reconnecting"
-                        );
+                        tracing::warn!("lost the tenant-events connection to the catalog; reconnecting");
                         break;
                     }
                     Err(error) => {
@@ -355,15 +315,9 @@ mod tests {
             positive: Duration::from_secs(60),
         };
         let ttl = |route, stale| expiry.ttl(&Cached { route, stale });
-        assert_eq!(
-            ttl(Some(route(TenantStatus::Active)), false),
-            Duration::from_secs(60)
-        );
+        assert_eq!(ttl(Some(route(TenantStatus::Active)), false), Duration::from_secs(60));
         assert_eq!(ttl(Some(route(TenantStatus::Deleted)), false), NEGATIVE_TTL);
-        assert_eq!(
-            ttl(Some(route(TenantStatus::Provisioning)), false),
-            NEGATIVE_TTL
-        );
+        assert_eq!(ttl(Some(route(TenantStatus::Provisioning)), false), NEGATIVE_TTL);
         assert_eq!(ttl(None, false), NEGATIVE_TTL);
         assert_eq!(ttl(Some(route(TenantStatus::Active)), true), STALE_TTL);
     }

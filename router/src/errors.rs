@@ -65,8 +65,7 @@ impl RouterError {
 
     /// The response: status, JSON body, and `Retry-After` on 503.
     pub(crate) fn into_response(self) -> Response {
-        let body =
-            serde_json::json!({ "error": self.code(), "message": self.message() }).to_string();
+        let body = serde_json::json!({ "error": self.code(), "message": self.message() }).to_string();
         let mut response = Response::new(Body::from(body));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
@@ -92,11 +91,7 @@ mod tests {
     #[tokio::test]
     async fn each_error_has_its_status_and_code() {
         for (error, status, code) in [
-            (
-                RouterError::InvalidHost(InvalidHost("x")),
-                400,
-                "invalid_host",
-            ),
+            (RouterError::InvalidHost(InvalidHost("x")), 400, "invalid_host"),
             (RouterError::TenantNotFound, 404, "tenant_not_found"),
             (RouterError::TenantSuspended, 403, "tenant_suspended"),
             (RouterError::TenantUnavailable, 503, "tenant_unavailable"),

@@ -35,18 +35,13 @@ pub(crate) async fn handle(state: Arc<RouterState>, request: Request<Incoming>) 
     let started = Instant::now();
     let request_id = uuid::Uuid::new_v4();
     let span = tracing::info_span!("request", %request_id, tenant = Empty, status = Empty);
-    let (response, outcome) = match route(&state, request.map(Body::new))
-        .instrument(span.clone())
-        .await
-    {
+    let (response, outcome) = match route(&state, request.map(Body::new)).instrument(span.clone()).await {
         Ok(response) => (response, "forwarded"),
         Err(error) => (error.into_response(), error.code()),
     };
     let status = response.status();
     span.record("status", status.as_u16());
-    state
-        .metrics
-        .request(outcome, status.as_u16(), started.elapsed());
+    state.metrics.request(outcome, status.as_u16(), started.elapsed());
     span.in_scope(|| tracing::debug!(outcome, elapsed = ?started.elapsed(), "request done"));
     response
 }
@@ -66,9 +61,7 @@ async fn route(state: &RouterState, request: Request<Body>) -> Result<Response, 
     match route.status {
         TenantStatus::Active => {}
         TenantStatus::Suspended => return Err(RouterError::TenantSuspended),
-        TenantStatus::Provisioning | TenantStatus::Failed => {
-            return Err(RouterError::TenantUnavailable)
-        }
+        TenantStatus::Provisioning | TenantStatus::Failed => return Err(RouterError::TenantUnavailable),
         // Answered exactly like an unknown host.
         TenantStatus::Deleting | TenantStatus::Deleted => return Err(RouterError::TenantNotFound),
     }
@@ -76,9 +69,6 @@ async fn route(state: &RouterState, request: Request<Body>) -> Result<Response, 
         tracing::warn!(%error, "cannot open the tenant's pool");
         RouterError::TenantUnavailable
     })?;
-    let tenant = TenantContext {
-        slug: route.slug,
-        pool,
-    };
+    let tenant = TenantContext { slug: route.slug, pool };
     Ok(forward(&state.app, request, tenant, path).await)
 }

@@ -11,9 +11,7 @@ use axum::body::Body;
 use axum::response::Response;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, StatusCode};
-use metrics_exporter_prometheus::{
-    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
-};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use tokio_util::sync::CancellationToken;
 
 const REQUEST_DURATION: &str = "silo_router_request_duration_seconds";
@@ -120,10 +118,7 @@ impl Metrics {
 
     /// A directory lookup: hit, miss, negative, stale or error.
     pub(crate) fn directory_lookup(&self, result: &'static str) {
-        self.with(|| {
-            metrics::counter!("silo_router_directory_lookups_total", "result" => result)
-                .increment(1)
-        });
+        self.with(|| metrics::counter!("silo_router_directory_lookups_total", "result" => result).increment(1));
     }
 
     /// The Prometheus text exposition.
@@ -146,10 +141,7 @@ impl Metrics {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(
-        "silo_router_requests_total",
-        "Requests by outcome and status class."
-    );
+    describe_counter!("silo_router_requests_total", "Requests by outcome and status class.");
     describe_histogram!(
         REQUEST_DURATION,
         Unit::Seconds,
@@ -157,10 +149,7 @@ fn describe() {
     );
     describe_gauge!("silo_router_pools_open", "Tenant pools currently open.");
     describe_counter!("silo_router_pool_creations_total", "Tenant pools built.");
-    describe_counter!(
-        "silo_router_pool_evictions_total",
-        "Tenant pools evicted, by cause."
-    );
+    describe_counter!("silo_router_pool_evictions_total", "Tenant pools evicted, by cause.");
     describe_counter!(
         "silo_router_directory_lookups_total",
         "Tenant directory lookups: hit, miss (catalog query), negative (cached unknown), stale, error."
@@ -191,10 +180,9 @@ pub(crate) fn respond<B>(health: &Health, metrics: &Metrics, request: &Request<B
 fn text(status: StatusCode, body: &'static str) -> Response {
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }
 
@@ -212,10 +200,7 @@ mod tests {
     fn readiness_needs_catalog_and_listener_and_no_drain() {
         let (health, metrics) = (Health::default(), Metrics::new().unwrap());
         let status = |h: &Health| respond(h, &metrics, &get("/readyz")).status();
-        assert_eq!(
-            respond(&health, &metrics, &get("/healthz")).status(),
-            StatusCode::OK
-        );
+        assert_eq!(respond(&health, &metrics, &get("/healthz")).status(), StatusCode::OK);
         assert_eq!(status(&health), StatusCode::SERVICE_UNAVAILABLE);
         health.catalog_answered();
         assert_eq!(status(&health), StatusCode::SERVICE_UNAVAILABLE);
@@ -242,9 +227,7 @@ mod tests {
         let body = response.into_body().collect().await.unwrap().to_bytes();
         let text = String::from_utf8(body.to_vec()).unwrap();
         assert!(
-            text.contains(
-                r#"silo_router_requests_total{outcome="forwarded",status_class="2xx"} 1"#
-            ),
+            text.contains(r#"silo_router_requests_total{outcome="forwarded",status_class="2xx"} 1"#),
             "{text}"
         );
         assert!(

@@ -5,6 +5,8 @@
 //! requests for a tenant share one build (`try_get_with`). A build reads the tenant's
 //! current secret from the secret store and connects eagerly, so a database that is down
 //! fails the request within `router.connect_timeout` instead of when the app first queries.
+//! When a served tenant changes (credential rotation), its open pool switches to the new
+//! secret in place; when it stops being served (suspend, delete), its pool is closed.
 //!
 //! Connect options carry the tenant's password: they are built on one line and never logged.
 
@@ -15,10 +17,8 @@ use moka::future::Cache;
 use moka::notification::RemovalCause;
 use silo_control_plane::config::Config;
 use silo_control_plane::names::TenantSlug;
-use silo_control_plane::secrets::{
-    tenant_secret_name, DbSecret, SecretStore, SecretStoreError, AWSCURRENT,
-};
-use sqlx::postgres::PgPoolOptions;
+use silo_control_plane::secrets::{tenant_secret_name, DbSecret, SecretStore, SecretStoreError, AWSCURRENT};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -131,11 +131,7 @@ impl Closer {
 
 impl Pools {
     /// An empty pool map. Call inside the tokio runtime that will close the pools.
-    pub(crate) fn new(
-        secrets: Arc<dyn SecretStore>,
-        settings: PoolSettings,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub(crate) fn new(secrets: Arc<dyn SecretStore>, settings: PoolSettings, metrics: Arc<Metrics>) -> Self {
         let closer = Closer {
             runtime: Handle::current(),
             tasks: TaskTracker::new(),
@@ -146,11 +142,9 @@ impl Pools {
             .name("silo-router-pools")
             .max_capacity(MAX_POOLS)
             .time_to_idle(settings.idle_timeout)
-            .eviction_listener(
-                move |_slug: Arc<String>, pool: PgPool, cause: RemovalCause| {
-                    on_evicted(&listener_closer, &listener_metrics, pool, cause);
-                },
-            )
+            .eviction_listener(move |_slug: Arc<String>, pool: PgPool, cause: RemovalCause| {
+                on_evicted(&listener_closer, &listener_metrics, pool, cause);
+            })
             .build();
         Self {
             inner: Arc::new(Inner {
@@ -165,10 +159,7 @@ impl Pools {
 
     /// The pool of tenant `slug`, built on first use; concurrent callers share one build.
     pub(crate) async fn get(&self, slug: &str) -> Result<PgPool, Arc<PoolError>> {
-        self.inner
-            .cache
-            .try_get_with_by_ref(slug, self.build(slug))
-            .await
+        self.inner.cache.try_get_with_by_ref(slug, self.build(slug)).await
     }
 
     /// Reads the tenant's current secret and connects, all within `connect_timeout`.
@@ -186,15 +177,7 @@ impl Pools {
 
     async fn connect(&self, slug: &str) -> Result<PgPool, PoolError> {
         let settings = &self.inner.settings;
-        let slug = TenantSlug::parse(slug).map_err(|_| PoolError::BadSlug(slug.to_owned()))?;
-        let name = tenant_secret_name(&settings.secret_prefix, &slug);
-        let version = self
-            .inner
-            .secrets
-            .get_secret_value(&name, AWSCURRENT)
-            .await?
-            .ok_or_else(|| PoolError::SecretMissing(name.clone()))?;
-        let secret = DbSecret::from_secret(&version.value, &name)?;
+        let options = self.current_options(slug).await?;
         PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .min_connections(0)
@@ -203,9 +186,53 @@ impl Pools {
             .test_before_acquire(false)
             .acquire_timeout(settings.connect_timeout)
             .idle_timeout(settings.idle_timeout)
-            .connect_with(secret.connect_options().application_name(APPLICATION_NAME))
+            .connect_with(options)
             .await
             .map_err(PoolError::Connect)
+    }
+
+    /// Connect options from the tenant's `AWSCURRENT` secret. They hold the password: never
+    /// log them.
+    async fn current_options(&self, slug: &str) -> Result<PgConnectOptions, PoolError> {
+        let slug = TenantSlug::parse(slug).map_err(|_| PoolError::BadSlug(slug.to_owned()))?;
+        let name = tenant_secret_name(&self.inner.settings.secret_prefix, &slug);
+        let version = self
+            .inner
+            .secrets
+            .get_secret_value(&name, AWSCURRENT)
+            .await?
+            .ok_or_else(|| PoolError::SecretMissing(name.clone()))?;
+        let secret = DbSecret::from_secret(&version.value, &name)?;
+        Ok(secret.connect_options().application_name(APPLICATION_NAME))
+    }
+
+    /// Tenant `slug` changed but may still be served: point its open pool (if any) at the
+    /// current secret. New connections log in with it; open ones stay (PostgreSQL does not
+    /// re-authenticate sessions), so no request fails and the pool stays warm, which also
+    /// means it rarely needs a new login while a rotation is half done. A pool whose
+    /// database moved is drained and rebuilt instead.
+    pub(crate) async fn refresh(&self, slug: &str) {
+        let Some(pool) = self.inner.cache.get(slug).await else {
+            return;
+        };
+        let timeout = self.inner.settings.connect_timeout;
+        let current = tokio::time::timeout(timeout, self.current_options(slug))
+            .await
+            .unwrap_or(Err(PoolError::Timeout(timeout)));
+        match current {
+            Ok(options) if same_database(&pool.connect_options(), &options) => {
+                pool.set_connect_options(options);
+                tracing::debug!(tenant = %slug, "tenant pool credentials refreshed");
+            }
+            Ok(_) => {
+                tracing::info!(tenant = %slug, "tenant database moved; rebuilding its pool");
+                self.evict(slug, Drain::Graceful).await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, tenant = %slug, "cannot refresh the tenant's credentials; rebuilding its pool");
+                self.evict(slug, Drain::Graceful).await;
+            }
+        }
     }
 
     /// Removes tenant `slug`'s pool (if open) and closes it as `drain` says.
@@ -241,6 +268,11 @@ impl Pools {
         closer.tasks.close();
         closer.tasks.wait().await;
     }
+}
+
+/// Whether two connect options reach the same database (credentials aside).
+fn same_database(a: &PgConnectOptions, b: &PgConnectOptions) -> bool {
+    a.get_host() == b.get_host() && a.get_port() == b.get_port() && a.get_database() == b.get_database()
 }
 
 /// The eviction listener: counts, and closes what expired or was pushed out. Explicit

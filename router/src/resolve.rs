@@ -77,11 +77,7 @@ impl Resolver {
 
     /// Where the request with this URI and these headers goes. Every request must carry a
     /// well-formed host, even one routed by path.
-    pub(crate) fn resolve(
-        &self,
-        uri: &Uri,
-        headers: &HeaderMap,
-    ) -> Result<Resolution, InvalidHost> {
+    pub(crate) fn resolve(&self, uri: &Uri, headers: &HeaderMap) -> Result<Resolution, InvalidHost> {
         let host = request_host(uri, headers)?;
         if self.path_prefix_routing {
             if let Some(resolution) = by_path_prefix(uri) {
@@ -99,9 +95,7 @@ impl Resolver {
             if name == *base {
                 return Resolution::NoTenant;
             }
-            let label = name
-                .strip_suffix(base.as_str())
-                .and_then(|rest| rest.strip_suffix('.'));
+            let label = name.strip_suffix(base.as_str()).and_then(|rest| rest.strip_suffix('.'));
             if let Some(label) = label {
                 // Exactly one label in front of the base domain, and a valid slug.
                 return match TenantSlug::parse(label) {
@@ -128,9 +122,7 @@ fn request_host(uri: &Uri, headers: &HeaderMap) -> Result<Host, InvalidHost> {
         return normalise_host(authority.as_str().as_bytes());
     }
     let mut hosts = headers.get_all(HOST).iter();
-    let host = hosts
-        .next()
-        .ok_or(InvalidHost("the request has no Host header"))?;
+    let host = hosts.next().ok_or(InvalidHost("the request has no Host header"))?;
     if hosts.next().is_some() {
         return Err(InvalidHost("the request has more than one Host header"));
     }
@@ -226,10 +218,7 @@ mod tests {
     use super::*;
 
     fn resolver() -> Resolver {
-        Resolver::new(
-            &["localhost".to_owned(), "app.example.com".to_owned()],
-            false,
-        )
+        Resolver::new(&["localhost".to_owned(), "app.example.com".to_owned()], false)
     }
 
     fn resolve_host(resolver: &Resolver, host: &[u8]) -> Result<Resolution, InvalidHost> {
@@ -270,23 +259,14 @@ mod tests {
     #[test]
     fn other_hosts_are_custom_domains() {
         let r = resolver();
-        assert_eq!(
-            resolve_host(&r, b"acme.example.com"),
-            Ok(domain("acme.example.com"))
-        );
-        assert_eq!(
-            resolve_host(&r, b"Shop.Acme.COM:443"),
-            Ok(domain("shop.acme.com"))
-        );
+        assert_eq!(resolve_host(&r, b"acme.example.com"), Ok(domain("acme.example.com")));
+        assert_eq!(resolve_host(&r, b"Shop.Acme.COM:443"), Ok(domain("shop.acme.com")));
         // A base domain in the middle is not a base domain.
         assert_eq!(
             resolve_host(&r, b"acme.localhost.evil.com"),
             Ok(domain("acme.localhost.evil.com"))
         );
-        assert_eq!(
-            resolve_host(&r, b"evillocalhost"),
-            Ok(domain("evillocalhost"))
-        );
+        assert_eq!(resolve_host(&r, b"evillocalhost"), Ok(domain("evillocalhost")));
     }
 
     #[test]
@@ -305,11 +285,7 @@ mod tests {
             "[::1]",
             "[::1]:8080",
         ] {
-            assert_eq!(
-                resolve_host(&r, host.as_bytes()),
-                Ok(Resolution::NoTenant),
-                "{host}"
-            );
+            assert_eq!(resolve_host(&r, host.as_bytes()), Ok(Resolution::NoTenant), "{host}");
         }
     }
 
@@ -348,11 +324,7 @@ mod tests {
             };
             headers.insert(HOST, value);
             let got = r.resolve(&Uri::from_static("/"), &headers);
-            assert!(
-                got.is_err(),
-                "{:?} resolved to {got:?}",
-                String::from_utf8_lossy(host)
-            );
+            assert!(got.is_err(), "{:?} resolved to {got:?}", String::from_utf8_lossy(host));
         }
         // NUL cannot be in a HeaderValue; the normaliser refuses it on its own too.
         assert!(normalise_host(b"acme\0.localhost").is_err());
@@ -403,10 +375,7 @@ mod tests {
         assert_eq!(at("/tx/acme"), Ok(Resolution::NoTenant));
         // Host routing still works in path mode.
         headers.insert(HOST, HeaderValue::from_static("acme.localhost"));
-        assert_eq!(
-            r.resolve(&Uri::from_static("/api/v1/me"), &headers),
-            Ok(slug("acme"))
-        );
+        assert_eq!(r.resolve(&Uri::from_static("/api/v1/me"), &headers), Ok(slug("acme")));
         // A malformed host is refused even when the path names the tenant.
         headers.insert(HOST, HeaderValue::from_static("bad_host"));
         assert!(r.resolve(&Uri::from_static("/t/acme/x"), &headers).is_err());
@@ -417,9 +386,6 @@ mod tests {
         let r = resolver();
         let mut headers = HeaderMap::new();
         headers.insert(HOST, HeaderValue::from_static("acme.localhost"));
-        assert_eq!(
-            r.resolve(&Uri::from_static("/t/other/x"), &headers),
-            Ok(slug("acme"))
-        );
+        assert_eq!(r.resolve(&Uri::from_static("/t/other/x"), &headers), Ok(slug("acme")));
     }
 }

@@ -83,9 +83,7 @@ impl RouterServer {
         let ops_listener = TcpListener::bind(cfg.metrics_listen)
             .await
             .with_context(|| format!("bind router.metrics_listen {}", cfg.metrics_listen))?;
-        let local_addr = listener
-            .local_addr()
-            .context("read router.listen address")?;
+        let local_addr = listener.local_addr().context("read router.listen address")?;
         let ops_addr = ops_listener
             .local_addr()
             .context("read router.metrics_listen address")?;
@@ -150,11 +148,7 @@ impl RouterServer {
         let tasks = TaskTracker::new();
         let (directory, pools) = (state.directory.clone(), state.pools.clone());
         let (events_pool, stop) = (listen_pool.clone(), background.clone());
-        tasks.spawn(async move {
-            directory
-                .watch_tenant_events(events_pool, pools, stop)
-                .await
-        });
+        tasks.spawn(async move { directory.watch_tenant_events(events_pool, pools, stop).await });
         let (pools, stop) = (state.pools.clone(), background.clone());
         tasks.spawn(async move { pools.sweep(stop).await });
         let (metrics, stop) = (state.metrics.clone(), background.clone());
@@ -235,12 +229,7 @@ where
             },
         };
         let _ = stream.set_nodelay(true);
-        let (builder, handle, stop, hard_stop) = (
-            builder.clone(),
-            handle.clone(),
-            stop.clone(),
-            hard_stop.clone(),
-        );
+        let (builder, handle, stop, hard_stop) = (builder.clone(), handle.clone(), stop.clone(), hard_stop.clone());
         connections.spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let response = handle(request);
@@ -269,10 +258,7 @@ where
 
     drop(listener);
     connections.close();
-    if tokio::time::timeout(DRAIN_DEADLINE, connections.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(DRAIN_DEADLINE, connections.wait()).await.is_err() {
         tracing::warn!(
             open = connections.len(),
             "connections still open at the drain deadline; closing them"

@@ -12,3 +12,4 @@ mod router;
 mod admin_api;
 mod crash_safety;
 mod rotation;
+mod rollout;

@@ -40,6 +40,8 @@ pub struct StackOptions {
     pub path_prefix_routing: bool,
     /// Extra TOML appended to the generated config (e.g. a `[rotation]` section).
     pub extra_toml: String,
+    /// `tenant_migrations_dir` (embedded migrations when None).
+    pub tenant_migrations_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for StackOptions {
@@ -49,6 +51,7 @@ impl Default for StackOptions {
             pool_idle_timeout: Duration::from_secs(300),
             path_prefix_routing: false,
             extra_toml: String::new(),
+            tenant_migrations_dir: None,
         }
     }
 }
@@ -65,7 +68,8 @@ pub struct Stack {
     catalog: PgPool,
     http: reqwest::Client,
     shutdown: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    control_plane: Option<(CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>)>,
+    router: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Stack {
@@ -92,8 +96,13 @@ impl Stack {
         // Secret names are unique per stack: moto is shared by every stack of the process.
         let prefix = format!("{}/", crate::unique_name("silo"));
         std::env::set_var(PG_PASSWORD_ENV, pg.password().expose_secret());
+        let migrations_dir = match &options.tenant_migrations_dir {
+            Some(dir) => format!("tenant_migrations_dir = {:?}", dir.display().to_string()),
+            None => String::new(),
+        };
         let toml = format!(
             r#"
+{migrations_dir}
 catalog_url = "postgres://postgres@127.0.0.1:{port}/{catalog_db}"
 [secrets]
 {secrets_toml}
@@ -130,9 +139,11 @@ path_prefix_routing = {path}
         let shutdown = CancellationToken::new();
         let cp = ControlPlane::bind(config.clone()).await.context("start the control plane")?;
         let cp_addr = cp.local_addr();
+        let cp_shutdown = shutdown.child_token();
+        let control_plane = Some((cp_shutdown.clone(), tokio::spawn(cp.run(cp_shutdown))));
         let router = RouterServer::bind(config.clone()).await.context("start the router")?;
         let (router_addr, ops_addr) = (router.local_addr(), router.ops_addr());
-        let tasks = vec![tokio::spawn(cp.run(shutdown.clone())), tokio::spawn(router.run(shutdown.clone()))];
+        let router = Some(tokio::spawn(router.run(shutdown.clone())));
         let catalog = PgPoolOptions::new()
             .max_connections(4)
             .connect_with(pg.admin_options(&catalog_db))
@@ -148,7 +159,8 @@ path_prefix_routing = {path}
             catalog,
             http: reqwest::Client::new(),
             shutdown,
-            tasks,
+            control_plane,
+            router,
         })
     }
 
@@ -263,11 +275,29 @@ path_prefix_routing = {path}
         Ok(self.http.get(format!("http://{}/metrics", self.ops_addr)).send().await?.text().await?)
     }
 
+    /// Stops the control plane abruptly (its running jobs keep their leases, as after a
+    /// crash) and starts a new one on the same catalog and address.
+    pub async fn restart_control_plane(&mut self) -> anyhow::Result<()> {
+        if let Some((token, task)) = self.control_plane.take() {
+            token.cancel();
+            task.await??;
+        }
+        let mut config = self.config.clone();
+        config.control_plane.listen = self.cp_addr;
+        let cp = ControlPlane::bind(config).await.context("restart the control plane")?;
+        let token = self.shutdown.child_token();
+        self.control_plane = Some((token.clone(), tokio::spawn(cp.run(token))));
+        Ok(())
+    }
+
     /// Stops the control plane and the router and waits for them.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();
-        for t in self.tasks.drain(..) {
-            t.await??;
+        if let Some((_, task)) = self.control_plane.take() {
+            task.await??;
+        }
+        if let Some(task) = self.router.take() {
+            task.await??;
         }
         Ok(())
     }

@@ -5,6 +5,7 @@ mod auth;
 pub mod error;
 mod extract;
 mod jobs;
+mod migrations;
 mod rotations;
 mod tenants;
 
@@ -57,6 +58,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/tenants/{slug}/credentials", get(tenants::credentials))
         .route("/tenants/{slug}/rotate", post(rotations::rotate_tenant))
         .route("/rotations", post(rotations::rotate_many))
+        .route("/migrations", post(migrations::start))
+        .route("/migrations/status", get(migrations::status))
         .route("/jobs", get(jobs::list))
         .route("/jobs/{id}", get(jobs::show))
         .route("/jobs/{id}/retry", post(jobs::retry))
