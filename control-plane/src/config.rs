@@ -77,6 +77,12 @@ struct RawMigrations {
     canary: usize,
     #[serde(default = "default_max_failure_percent")]
     max_failure_percent: u32,
+    #[serde(default = "default_templates")]
+    templates: bool,
+}
+
+fn default_templates() -> bool {
+    true
 }
 
 impl Default for RawMigrations {
@@ -86,6 +92,7 @@ impl Default for RawMigrations {
             per_server_concurrency: default_per_server_concurrency(),
             canary: default_canary(),
             max_failure_percent: default_max_failure_percent(),
+            templates: default_templates(),
         }
     }
 }
@@ -481,6 +488,9 @@ pub struct MigrationsConfig {
     pub canary: usize,
     /// The rollout halts once more than this percentage of its tenants failed.
     pub max_failure_percent: u32,
+    /// New tenant databases are copied from a per-server template at the current schema
+    /// (false: created empty and migrated, slower).
+    pub templates: bool,
 }
 
 /// The `[router]` section.
@@ -656,6 +666,7 @@ impl Config {
             per_server_concurrency: m.per_server_concurrency,
             canary: m.canary,
             max_failure_percent: m.max_failure_percent,
+            templates: m.templates,
         };
 
         let r = raw.router;

@@ -84,6 +84,7 @@ pub struct Provisioner {
     pub(crate) servers: Arc<Servers>,
     pub(crate) migrations: MigrationSource,
     name_prefix: String,
+    templates: bool,
 }
 
 impl Provisioner {
@@ -94,8 +95,9 @@ impl Provisioner {
         servers: Arc<Servers>,
         migrations: MigrationSource,
         name_prefix: String,
+        templates: bool,
     ) -> Self {
-        Self { catalog, store, servers, migrations, name_prefix }
+        Self { catalog, store, servers, migrations, name_prefix, templates }
     }
 
     pub(crate) fn tenant_of(&self, job: &Job) -> Result<(TenantSlug, String), ProvisionError> {
@@ -136,7 +138,7 @@ impl Provisioner {
             match step {
                 "secret" => self.ensure_secret(server, &slug, &secret_name, &params.secret_version).await?,
                 "roles" => self.ensure_roles(server, &slug, &secret_name).await?,
-                "database" => ensure_database(server, &slug, &migrations).await?,
+                "database" => ensure_database(server, &slug, self.templates.then_some(&migrations)).await?,
                 "schema" => self.ensure_schema(server, &slug, &migrations).await?,
                 "api_key" => ensure_api_key(server, &slug, &params).await?,
                 _ => self.activate(&slug).await?,
@@ -283,13 +285,13 @@ impl Provisioner {
     }
 }
 
-/// Step `database`: the tenant database, copied from the server's template at the current
-/// schema (or empty, if no template can be had), owned by the owner role, connectable only by
+/// Step `database`: the tenant database, copied from the server's template for
+/// `template_of` (or empty, without templates or if no template can be had), owned by the owner role, connectable only by
 /// the login role.
 async fn ensure_database(
     server: &Server,
     slug: &TenantSlug,
-    migrations: &TenantMigrations,
+    template_of: Option<&TenantMigrations>,
 ) -> Result<(), ProvisionError> {
     let db = quote_ident(&slug.database_name());
     let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
@@ -298,12 +300,15 @@ async fn ensure_database(
         .await
         .step("look up database")?;
     if !exists {
-        let template = match template::ensure(server, migrations).await {
-            Ok(name) => name,
-            Err(e) => {
-                tracing::warn!(error = %e, "no tenant template; creating an empty database and migrating it");
-                "template0".to_owned()
-            }
+        let template = match template_of {
+            None => "template0".to_owned(),
+            Some(migrations) => match template::ensure(server, migrations).await {
+                Ok(name) => name,
+                Err(e) => {
+                    tracing::warn!(error = %e, "no tenant template; creating an empty database and migrating it");
+                    "template0".to_owned()
+                }
+            },
         };
         let owner = quote_ident(&slug.owner_role());
         let mut conn = server.admin.acquire().await.step("connect to server")?;

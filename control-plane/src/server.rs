@@ -62,6 +62,7 @@ impl ControlPlane {
             servers.clone(),
             migrations,
             config.secrets.name_prefix.clone(),
+            config.migrations.templates,
         ));
         // The local store has no recovery window; AWS keeps deleted secrets for the window.
         let force_secret_delete = matches!(config.secrets.backend, SecretsBackend::Local { .. });

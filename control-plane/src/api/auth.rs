@@ -22,7 +22,13 @@ pub struct Actor(pub String);
 /// The admin tokens known to this control plane.
 pub struct AdminTokens {
     catalog: PgPool,
-    hashes: RwLock<(Vec<(String, [u8; 32])>, Instant)>,
+    hashes: RwLock<Loaded>,
+}
+
+/// Token names and hashes, and when they were read from the catalog.
+struct Loaded {
+    tokens: Vec<(String, [u8; 32])>,
+    at: Instant,
 }
 
 /// How often a miss may reload the tokens from the catalog.
@@ -44,14 +50,14 @@ impl AdminTokens {
             .execute(&catalog)
             .await?;
         }
-        let tokens = Self { catalog, hashes: RwLock::new((Vec::new(), Instant::now())) };
+        let tokens = Self { catalog, hashes: RwLock::new(Loaded { tokens: Vec::new(), at: Instant::now() }) };
         tokens.reload().await?;
         Ok(tokens)
     }
 
     /// Number of registered tokens.
     pub fn len(&self) -> usize {
-        self.hashes.read().map(|h| h.0.len()).unwrap_or(0)
+        self.hashes.read().map(|h| h.tokens.len()).unwrap_or(0)
     }
 
     /// True when no token is registered.
@@ -68,7 +74,7 @@ impl AdminTokens {
             .filter_map(|(name, h)| Some((name, <[u8; 32]>::try_from(h).ok()?)))
             .collect();
         if let Ok(mut guard) = self.hashes.write() {
-            *guard = (hashes, Instant::now());
+            *guard = Loaded { tokens: hashes, at: Instant::now() };
         }
         Ok(())
     }
@@ -77,7 +83,7 @@ impl AdminTokens {
         let guard = self.hashes.read().ok()?;
         // Compare against every token, so timing does not tell which (or whether one) matched.
         let mut found = None;
-        for (name, h) in &guard.0 {
+        for (name, h) in &guard.tokens {
             if bool::from(h.ct_eq(presented)) {
                 found = Some(name.clone());
             }
@@ -92,7 +98,7 @@ impl AdminTokens {
         if let Some(name) = self.find(&presented) {
             return Some(name);
         }
-        let stale = self.hashes.read().map(|g| g.1.elapsed() > RELOAD_INTERVAL).unwrap_or(false);
+        let stale = self.hashes.read().map(|g| g.at.elapsed() > RELOAD_INTERVAL).unwrap_or(false);
         if stale && self.reload().await.is_ok() {
             return self.find(&presented);
         }
