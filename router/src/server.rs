@@ -178,8 +178,10 @@ impl RouterServer {
         tasks.wait().await;
         state.pools.close_all().await;
         ops_stop.cancel();
-        if let Err(error) = ops_server.await {
-            tracing::warn!(%error, "operations server task failed");
+        match ops_server.await {
+            // Cancelled: the runtime itself is shutting down (e.g. a test ending).
+            Err(error) if !error.is_cancelled() => tracing::warn!(%error, "operations server task failed"),
+            _ => {}
         }
         listen_pool.close().await;
         catalog.close().await;

@@ -31,10 +31,7 @@ where
         if f().await {
             return start.elapsed();
         }
-        assert!(
-            start.elapsed() < within,
-            "condition not met within {within:?}"
-        );
+        assert!(start.elapsed() < within, "condition not met within {within:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -42,9 +39,7 @@ where
 /// Sends `head` (request line and headers, without the final blank line) on a fresh
 /// connection and returns (status, body) of the response.
 async fn raw(stack: &Stack, head: &[u8]) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(stack.router_addr())
-        .await
-        .unwrap();
+    let mut s = tokio::net::TcpStream::connect(stack.router_addr()).await.unwrap();
     s.write_all(head).await.unwrap();
     s.write_all(b"Connection: close\r\n\r\n").await.unwrap();
     let mut out = Vec::new();
@@ -70,12 +65,8 @@ fn parse_metrics(text: &str) -> HashMap<String, f64> {
     text.lines()
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(|l| {
-            let (series, value) = l
-                .rsplit_once(' ')
-                .unwrap_or_else(|| panic!("bad metrics line {l:?}"));
-            let value: f64 = value
-                .parse()
-                .unwrap_or_else(|_| panic!("bad metrics value in {l:?}"));
+            let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad metrics line {l:?}"));
+            let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad metrics value in {l:?}"));
             (series.to_owned(), value)
         })
         .collect()
@@ -124,12 +115,7 @@ async fn subdomains_and_custom_domains_reach_their_tenant() {
         (domain.clone(), &key_b, &b),
         (format!("{}:443", domain.to_uppercase()), &key_b, &b),
     ] {
-        let (status, me) = get_json(
-            stack
-                .tenant_request(Method::GET, &host, "/api/v1/me")
-                .bearer_auth(key),
-        )
-        .await;
+        let (status, me) = get_json(stack.tenant_request(Method::GET, &host, "/api/v1/me").bearer_auth(key)).await;
         assert_eq!(
             (status, &me["tenant"]),
             (StatusCode::OK, &json!(tenant)),
@@ -173,10 +159,7 @@ async fn hostile_hosts_get_json_errors_and_leak_nothing() {
     )
     .await;
     assert_eq!(
-        (
-            status,
-            serde_json::from_str::<Value>(&body).unwrap()["error"].clone()
-        ),
+        (status, serde_json::from_str::<Value>(&body).unwrap()["error"].clone()),
         (401, json!("unauthorized"))
     );
 
@@ -187,43 +170,18 @@ async fn hostile_hosts_get_json_errors_and_leak_nothing() {
             404,
             "tenant_not_found",
         ),
-        (
-            get(format!("x.{slug}.localhost").as_bytes()),
-            404,
-            "tenant_not_found",
-        ),
+        (get(format!("x.{slug}.localhost").as_bytes()), 404, "tenant_not_found"),
         (get(b"localhost"), 404, "tenant_not_found"),
         (get(b"127.0.0.1"), 404, "tenant_not_found"),
         (get(b""), 400, "invalid_host"),
-        (
-            get(format!("{slug} .localhost").as_bytes()),
-            400,
-            "invalid_host",
-        ),
-        (
-            get(format!("{slug}_x.localhost").as_bytes()),
-            400,
-            "invalid_host",
-        ),
-        (
-            get(format!("user@{slug}.localhost").as_bytes()),
-            400,
-            "invalid_host",
-        ),
-        (
-            get(format!("\u{fc}{slug}.localhost").as_bytes()),
-            400,
-            "invalid_host",
-        ),
+        (get(format!("{slug} .localhost").as_bytes()), 400, "invalid_host"),
+        (get(format!("{slug}_x.localhost").as_bytes()), 400, "invalid_host"),
+        (get(format!("user@{slug}.localhost").as_bytes()), 400, "invalid_host"),
+        (get(format!("\u{fc}{slug}.localhost").as_bytes()), 400, "invalid_host"),
         (get(long.as_bytes()), 400, "invalid_host"),
+        (b"GET /api/v1/tasks HTTP/1.1\r\n".to_vec(), 400, "invalid_host"),
         (
-            b"GET /api/v1/tasks HTTP/1.1\r\n".to_vec(),
-            400,
-            "invalid_host",
-        ),
-        (
-            format!("GET / HTTP/1.1\r\nHost: {slug}.localhost\r\nHost: other.localhost\r\n")
-                .into_bytes(),
+            format!("GET / HTTP/1.1\r\nHost: {slug}.localhost\r\nHost: other.localhost\r\n").into_bytes(),
             400,
             "invalid_host",
         ),
@@ -235,23 +193,12 @@ async fn hostile_hosts_get_json_errors_and_leak_nothing() {
         let shown = String::from_utf8_lossy(&request).into_owned();
         assert_eq!(status, want_status, "{shown:?}: {body}");
         if !want_error.is_empty() {
-            let json: Value = serde_json::from_str(&body)
-                .unwrap_or_else(|_| panic!("{shown:?}: not JSON: {body}"));
+            let json: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{shown:?}: not JSON: {body}"));
             assert_eq!(json["error"], want_error, "{shown:?}");
             assert!(json["message"].is_string(), "{shown:?}");
         }
-        for secret in [
-            slug.as_str(),
-            db.as_str(),
-            "postgres",
-            "127.0.0.1",
-            "sqlx",
-            "password",
-        ] {
-            assert!(
-                !body.contains(secret),
-                "{shown:?} leaked {secret:?}: {body}"
-            );
+        for secret in [slug.as_str(), db.as_str(), "postgres", "127.0.0.1", "sqlx", "password"] {
+            assert!(!body.contains(secret), "{shown:?} leaked {secret:?}: {body}");
         }
     }
     stack.stop().await.unwrap();
@@ -275,11 +222,7 @@ async fn path_mode_strips_the_prefix() {
             .bearer_auth(&key),
     )
     .await;
-    assert_eq!(
-        (status, &me["tenant"]),
-        (StatusCode::OK, &json!(slug)),
-        "{me}"
-    );
+    assert_eq!((status, &me["tenant"]), (StatusCode::OK, &json!(slug)), "{me}");
     let (status, task) = get_json(
         stack
             .tenant_request(Method::POST, &host, &format!("/t/{slug}/api/v1/tasks"))
@@ -291,11 +234,7 @@ async fn path_mode_strips_the_prefix() {
     // The query string survives the rewrite.
     let (status, list) = get_json(
         stack
-            .tenant_request(
-                Method::GET,
-                &host,
-                &format!("/t/{slug}/api/v1/tasks?limit=1"),
-            )
+            .tenant_request(Method::GET, &host, &format!("/t/{slug}/api/v1/tasks?limit=1"))
             .bearer_auth(&key),
     )
     .await;
@@ -313,17 +252,8 @@ async fn path_mode_strips_the_prefix() {
     .await;
     assert_eq!((status, &me["tenant"]), (StatusCode::OK, &json!(slug)));
     // Unknown or malformed slugs in the path: the router's 404, not the app's.
-    for path in [
-        "/t/nobody-here/api/v1/me",
-        "/t/Bad_Slug/api/v1/me",
-        "/api/v1/me",
-    ] {
-        let (status, body) = get_json(
-            stack
-                .tenant_request(Method::GET, &host, path)
-                .bearer_auth(&key),
-        )
-        .await;
+    for path in ["/t/nobody-here/api/v1/me", "/t/Bad_Slug/api/v1/me", "/api/v1/me"] {
+        let (status, body) = get_json(stack.tenant_request(Method::GET, &host, path).bearer_auth(&key)).await;
         assert_eq!(
             (status, body["error"].as_str()),
             (StatusCode::NOT_FOUND, Some("tenant_not_found")),
@@ -360,15 +290,10 @@ async fn idle_pool_is_closed_and_rebuilt_on_the_next_request() {
     let before = scrape(&stack).await;
 
     // No traffic: the sweeper evicts the pool after `idle` and closing it ends every session.
-    let took = eventually(idle * 4, || async {
-        connections_to(&stack, &db).await == 0
-    })
-    .await;
+    let took = eventually(idle * 4, || async { connections_to(&stack, &db).await == 0 }).await;
     assert!(took >= idle / 2, "closed too early: {took:?}");
     let after = scrape(&stack).await;
-    let idle_evictions = |m: &HashMap<String, f64>| {
-        metric(m, "silo_router_pool_evictions_total", &[r#"cause="idle""#])
-    };
+    let idle_evictions = |m: &HashMap<String, f64>| metric(m, "silo_router_pool_evictions_total", &[r#"cause="idle""#]);
     assert!(idle_evictions(&after) > idle_evictions(&before));
 
     // The next request builds a new pool.
@@ -404,10 +329,7 @@ async fn concurrent_first_requests_build_one_pool() {
     );
     let max = i64::from(stack.config().router.max_connections_per_tenant);
     let open = connections_to(&stack, &db).await;
-    assert!(
-        (1..=max).contains(&open),
-        "{open} connections, pool cap {max}"
-    );
+    assert!((1..=max).contains(&open), "{open} connections, pool cap {max}");
     stack.stop().await.unwrap();
 }
 
@@ -420,20 +342,11 @@ async fn ops_port_reports_health_and_metrics_that_move_with_traffic() {
     let http = reqwest::Client::new();
 
     assert_eq!(
-        http.get(format!("{ops}/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        http.get(format!("{ops}/healthz")).send().await.unwrap().status(),
         StatusCode::OK
     );
     eventually(Duration::from_secs(5), || async {
-        http.get(format!("{ops}/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            == StatusCode::OK
+        http.get(format!("{ops}/readyz")).send().await.unwrap().status() == StatusCode::OK
     })
     .await;
 
@@ -451,8 +364,7 @@ async fn ops_port_reports_health_and_metrics_that_move_with_traffic() {
             &[r#"outcome="tenant_not_found""#, r#"status_class="4xx""#],
         )
     };
-    let durations =
-        |m: &HashMap<String, f64>| metric(m, "silo_router_request_duration_seconds_count", &[]);
+    let durations = |m: &HashMap<String, f64>| metric(m, "silo_router_request_duration_seconds_count", &[]);
     let lookups = |m: &HashMap<String, f64>| metric(m, "silo_router_directory_lookups_total", &[]);
     let before = scrape(&stack).await;
 
@@ -493,14 +405,7 @@ async fn ops_port_reports_health_and_metrics_that_move_with_traffic() {
 
 /// The stack's catalog database name (the last path segment of `catalog_url`).
 fn catalog_db(stack: &Stack) -> String {
-    stack
-        .config()
-        .catalog
-        .url
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_owned()
+    stack.config().catalog.url.rsplit('/').next().unwrap().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -509,11 +414,7 @@ async fn events_still_arrive_after_the_listener_connection_is_killed() {
     let slug = unique_name("rl");
     let key = stack.create_tenant(&slug).await.unwrap();
     let host = format!("{slug}.localhost");
-    let get = || {
-        stack
-            .tenant_request(Method::GET, &host, "/api/v1/me")
-            .bearer_auth(&key)
-    };
+    let get = || stack.tenant_request(Method::GET, &host, "/api/v1/me").bearer_auth(&key);
     assert_eq!(get().send().await.unwrap().status(), StatusCode::OK);
 
     let killed: Vec<bool> = sqlx::query_scalar(
@@ -550,15 +451,8 @@ async fn known_tenants_are_served_while_the_catalog_fails() {
     let slug = unique_name("rf");
     let key = stack.create_tenant(&slug).await.unwrap();
     let host = format!("{slug}.localhost");
-    let get = |host: String| {
-        stack
-            .tenant_request(Method::GET, &host, "/api/v1/me")
-            .bearer_auth(&key)
-    };
-    assert_eq!(
-        get(host.clone()).send().await.unwrap().status(),
-        StatusCode::OK
-    );
+    let get = |host: String| stack.tenant_request(Method::GET, &host, "/api/v1/me").bearer_auth(&key);
+    assert_eq!(get(host.clone()).send().await.unwrap().status(), StatusCode::OK);
 
     // Break the read model, then announce a change so the router drops its cache.
     sqlx::query("ALTER TABLE tenants RENAME TO tenants_away")
@@ -584,10 +478,7 @@ async fn known_tenants_are_served_while_the_catalog_fails() {
     let resp = get(unknown).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(resp.headers().contains_key("retry-after"));
-    assert_eq!(
-        resp.json::<Value>().await.unwrap()["error"],
-        "tenant_unavailable"
-    );
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"], "tenant_unavailable");
 
     sqlx::query("ALTER TABLE tenants_away RENAME TO tenants")
         .execute(stack.catalog())
@@ -597,9 +488,7 @@ async fn known_tenants_are_served_while_the_catalog_fails() {
 }
 
 /// Awaits all `futures` concurrently (without pulling in the `futures` crate).
-async fn futures_join_all<F: std::future::Future + Send + 'static>(
-    futures: impl Iterator<Item = F>,
-) -> Vec<F::Output>
+async fn futures_join_all<F: std::future::Future + Send + 'static>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
 where
     F::Output: Send + 'static,
 {
