@@ -4,6 +4,7 @@
 //! entries) and the values are read once, here, into `SecretString`s. Every error is one line
 //! naming the key and the problem.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -254,6 +255,10 @@ struct RawRouter {
     base_domains: Vec<String>,
     tls_cert_file: Option<PathBuf>,
     tls_key_file: Option<PathBuf>,
+    https_listen: Option<String>,
+    tls_sni_dir: Option<PathBuf>,
+    #[serde(default = "default_tls_sni_reload_interval")]
+    tls_sni_reload_interval: String,
     #[serde(default = "default_metrics_listen")]
     metrics_listen: String,
     #[serde(default = "default_max_conns_per_tenant")]
@@ -268,6 +273,48 @@ struct RawRouter {
     tenant_cache_ttl: String,
     #[serde(default = "default_connect_timeout")]
     connect_timeout: String,
+    #[serde(default = "default_budget_wait")]
+    budget_wait: String,
+    #[serde(default = "default_pool_max_lifetime")]
+    pool_max_lifetime: String,
+    #[serde(default = "default_header_read_timeout")]
+    header_read_timeout: String,
+    #[serde(default = "default_request_timeout")]
+    request_timeout: String,
+    #[serde(default = "default_max_body_bytes")]
+    max_body_bytes: usize,
+    #[serde(default = "default_router_max_connections")]
+    max_connections: usize,
+    #[serde(default = "default_shutdown_timeout")]
+    shutdown_timeout: String,
+    #[serde(default)]
+    per_tenant_metrics: bool,
+    #[serde(default = "default_plan")]
+    default_plan: String,
+    #[serde(default)]
+    plans: BTreeMap<String, RawPlan>,
+}
+
+/// `[router.plans.NAME]`: the limits of tenants on plan NAME.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlan {
+    #[serde(default = "default_requests_per_second")]
+    requests_per_second: u32,
+    #[serde(default = "default_burst")]
+    burst: u32,
+    #[serde(default = "default_max_in_flight")]
+    max_in_flight: u32,
+}
+
+impl Default for RawPlan {
+    fn default() -> Self {
+        Self {
+            requests_per_second: default_requests_per_second(),
+            burst: default_burst(),
+            max_in_flight: default_max_in_flight(),
+        }
+    }
 }
 
 impl Default for RawRouter {
@@ -277,6 +324,9 @@ impl Default for RawRouter {
             base_domains: default_base_domains(),
             tls_cert_file: None,
             tls_key_file: None,
+            https_listen: None,
+            tls_sni_dir: None,
+            tls_sni_reload_interval: default_tls_sni_reload_interval(),
             metrics_listen: default_metrics_listen(),
             max_connections_per_tenant: default_max_conns_per_tenant(),
             connection_budget_per_server: default_budget(),
@@ -284,6 +334,16 @@ impl Default for RawRouter {
             path_prefix_routing: false,
             tenant_cache_ttl: default_tenant_cache_ttl(),
             connect_timeout: default_connect_timeout(),
+            budget_wait: default_budget_wait(),
+            pool_max_lifetime: default_pool_max_lifetime(),
+            header_read_timeout: default_header_read_timeout(),
+            request_timeout: default_request_timeout(),
+            max_body_bytes: default_max_body_bytes(),
+            max_connections: default_router_max_connections(),
+            shutdown_timeout: default_shutdown_timeout(),
+            per_tenant_metrics: false,
+            default_plan: default_plan(),
+            plans: BTreeMap::new(),
         }
     }
 }
@@ -293,6 +353,9 @@ fn default_router_listen() -> String {
 }
 fn default_base_domains() -> Vec<String> {
     vec!["localhost".into()]
+}
+fn default_tls_sni_reload_interval() -> String {
+    "5s".into()
 }
 fn default_metrics_listen() -> String {
     "127.0.0.1:9090".into()
@@ -311,6 +374,40 @@ fn default_tenant_cache_ttl() -> String {
 }
 fn default_connect_timeout() -> String {
     "2s".into()
+}
+fn default_budget_wait() -> String {
+    "2s".into()
+}
+fn default_pool_max_lifetime() -> String {
+    "10m".into()
+}
+fn default_header_read_timeout() -> String {
+    "10s".into()
+}
+fn default_request_timeout() -> String {
+    "30s".into()
+}
+fn default_max_body_bytes() -> usize {
+    64 * 1024
+}
+fn default_router_max_connections() -> usize {
+    10_000
+}
+fn default_shutdown_timeout() -> String {
+    "10s".into()
+}
+fn default_plan() -> String {
+    "standard".into()
+}
+// Generous: a plan that should hold tenants back is configured as such.
+fn default_requests_per_second() -> u32 {
+    1000
+}
+fn default_burst() -> u32 {
+    2000
+}
+fn default_max_in_flight() -> u32 {
+    200
 }
 
 /// The validated configuration of a silo deployment.
@@ -496,12 +593,14 @@ pub struct MigrationsConfig {
 /// The `[router]` section.
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
-    /// Tenant traffic address (HTTPS when both TLS files are set).
+    /// Tenant traffic address (HTTPS when both TLS files are set and `https_listen` is not).
     pub listen: SocketAddr,
     /// `{slug}.{base_domain}` hosts route to `slug`. Lower case.
     pub base_domains: Vec<String>,
     /// PEM certificate chain and key for HTTPS.
     pub tls: Option<TlsFiles>,
+    /// With `tls`: HTTPS is served here and `listen` stays plain HTTP (`siloctl dev`).
+    pub https_listen: Option<SocketAddr>,
     /// `/healthz`, `/readyz`, `/metrics`.
     pub metrics_listen: SocketAddr,
     /// Pool size cap per tenant.
@@ -516,15 +615,52 @@ pub struct RouterConfig {
     pub tenant_cache_ttl: Duration,
     /// Connect timeout to a tenant database.
     pub connect_timeout: Duration,
+    /// How long a request may wait for room in its server's connection budget before it
+    /// gets 503 `tenant_unavailable`.
+    pub budget_wait: Duration,
+    /// A pooled connection older than this is closed (sessions of a retired login role drain).
+    pub pool_max_lifetime: Duration,
+    /// A client must send a request head within this long (slowloris).
+    pub header_read_timeout: Duration,
+    /// A request not answered within this long gets 503.
+    pub request_timeout: Duration,
+    /// Largest request body the router accepts; larger gets 413.
+    pub max_body_bytes: usize,
+    /// Client connections served at once; beyond it, accepting waits.
+    pub max_connections: usize,
+    /// On SIGTERM, in-flight requests get this long to finish.
+    pub shutdown_timeout: Duration,
+    /// Export per-tenant metric series (capped; the rest are folded into `tenant="other"`).
+    pub per_tenant_metrics: bool,
+    /// Limits of tenants whose plan is not in `plans`.
+    pub default_plan: String,
+    /// Per-plan limits, by plan name (always has `default_plan`).
+    pub plans: BTreeMap<String, PlanLimits>,
+}
+
+/// What a tenant on one plan may do at the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanLimits {
+    /// Sustained request rate.
+    pub requests_per_second: u32,
+    /// Requests allowed in a burst above the sustained rate.
+    pub burst: u32,
+    /// Requests of one tenant being served at once.
+    pub max_in_flight: u32,
 }
 
 /// TLS certificate and key files.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
-    /// PEM certificate chain.
+    /// PEM certificate chain: the default (e.g. wildcard) certificate.
     pub cert_file: PathBuf,
     /// PEM private key.
     pub key_file: PathBuf,
+    /// Per-domain certificates (`DOMAIN.crt` + `DOMAIN.key`, PEM), e.g. for tenants' custom
+    /// domains, chosen by SNI; re-read while the router runs.
+    pub sni_dir: Option<PathBuf>,
+    /// How often `sni_dir` is re-scanned for added, changed or removed certificates.
+    pub sni_reload_interval: Duration,
 }
 
 fn duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
@@ -671,11 +807,26 @@ impl Config {
 
         let r = raw.router;
         let tls = match (r.tls_cert_file, r.tls_key_file) {
-            (Some(cert), Some(key)) => Some(TlsFiles { cert_file: resolve(cert), key_file: resolve(key) }),
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert_file: resolve(cert),
+                key_file: resolve(key),
+                sni_dir: r.tls_sni_dir.map(resolve),
+                sni_reload_interval: duration("router.tls_sni_reload_interval", &r.tls_sni_reload_interval)?,
+            }),
+            (None, None) if r.tls_sni_dir.is_some() => {
+                return Err(invalid("router.tls_sni_dir", "needs router.tls_cert_file and router.tls_key_file"))
+            }
+            (None, None) if r.https_listen.is_some() => {
+                return Err(invalid("router.https_listen", "needs router.tls_cert_file and router.tls_key_file"))
+            }
             (None, None) => None,
             (Some(_), None) => return Err(invalid("router.tls_key_file", "is required with router.tls_cert_file")),
             (None, Some(_)) => return Err(invalid("router.tls_cert_file", "is required with router.tls_key_file")),
         };
+        if tls.as_ref().is_some_and(|t| t.sni_reload_interval.is_zero()) {
+            return Err(invalid("router.tls_sni_reload_interval", "must be more than 0"));
+        }
+        let https_listen = r.https_listen.as_deref().map(|a| socket_addr("router.https_listen", a)).transpose()?;
         let mut base_domains = Vec::with_capacity(r.base_domains.len());
         for d in r.base_domains {
             let d = d.trim_end_matches('.').to_ascii_lowercase();
@@ -693,10 +844,42 @@ impl Config {
                 "must be at least router.max_connections_per_tenant",
             ));
         }
+        if r.max_body_bytes == 0 {
+            return Err(invalid("router.max_body_bytes", "must be at least 1"));
+        }
+        if r.max_connections == 0 {
+            return Err(invalid("router.max_connections", "must be at least 1"));
+        }
+        let mut raw_plans = r.plans;
+        if !raw_plans.contains_key(&r.default_plan) {
+            if r.default_plan != default_plan() {
+                return Err(invalid("router.default_plan", format!("{:?} is not in router.plans", r.default_plan)));
+            }
+            raw_plans.insert(default_plan(), RawPlan::default());
+        }
+        let mut plans = BTreeMap::new();
+        for (name, p) in raw_plans {
+            for (field, value) in [
+                ("requests_per_second", p.requests_per_second),
+                ("burst", p.burst),
+                ("max_in_flight", p.max_in_flight),
+            ] {
+                if value == 0 {
+                    return Err(invalid(format!("router.plans.{name}.{field}"), "must be at least 1"));
+                }
+            }
+            let limits = PlanLimits {
+                requests_per_second: p.requests_per_second,
+                burst: p.burst,
+                max_in_flight: p.max_in_flight,
+            };
+            plans.insert(name, limits);
+        }
         let router = RouterConfig {
             listen: socket_addr("router.listen", &r.listen)?,
             base_domains,
             tls,
+            https_listen,
             metrics_listen: socket_addr("router.metrics_listen", &r.metrics_listen)?,
             max_connections_per_tenant: r.max_connections_per_tenant,
             connection_budget_per_server: r.connection_budget_per_server,
@@ -704,6 +887,16 @@ impl Config {
             path_prefix_routing: r.path_prefix_routing,
             tenant_cache_ttl: duration("router.tenant_cache_ttl", &r.tenant_cache_ttl)?,
             connect_timeout: duration("router.connect_timeout", &r.connect_timeout)?,
+            budget_wait: duration("router.budget_wait", &r.budget_wait)?,
+            pool_max_lifetime: duration("router.pool_max_lifetime", &r.pool_max_lifetime)?,
+            header_read_timeout: duration("router.header_read_timeout", &r.header_read_timeout)?,
+            request_timeout: duration("router.request_timeout", &r.request_timeout)?,
+            max_body_bytes: r.max_body_bytes,
+            max_connections: r.max_connections,
+            shutdown_timeout: duration("router.shutdown_timeout", &r.shutdown_timeout)?,
+            per_tenant_metrics: r.per_tenant_metrics,
+            default_plan: r.default_plan,
+            plans,
         };
 
         Ok(Self {
@@ -748,6 +941,8 @@ local_master_key_file = "master.key"
         let cfg = Config::parse(MINIMAL, Path::new("/etc/silo")).unwrap();
         assert_eq!(cfg.router.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(cfg.router.pool_idle_timeout, Duration::from_secs(300));
+        assert_eq!(cfg.router.max_body_bytes, 64 * 1024);
+        assert_eq!(cfg.router.plans["standard"].requests_per_second, 1000);
         assert_eq!(cfg.rotation.strategy, RotationStrategy::Alternating);
         assert_eq!(cfg.rotation.interval, Duration::from_secs(30 * 86400));
         match cfg.secrets.backend {
@@ -769,11 +964,38 @@ local_master_key_file = "master.key"
         for (extra, key) in [
             ("[router]\npool_idle_timeout = \"soon\"\n", "router.pool_idle_timeout"),
             ("[router]\nlisten = \"nowhere\"\n", "router.listen"),
+            ("[router]\nbudget_wait = \"later\"\n", "router.budget_wait"),
+            ("[router]\ndefault_plan = \"gold\"\n", "router.default_plan"),
+            ("[router.plans.gold]\nburst = 0\n", "router.plans.gold.burst"),
             ("[rotation]\nstrategy = \"double\"\n", "rotation.strategy"),
             (
                 "[[servers]]\nname = \"pg-1\"\nhost = \"h\"\nport = 5432\nadmin_user = \"u\"\n",
                 "servers[0].admin_password_env",
             ),
+        ] {
+            let err = Config::parse(&format!("{MINIMAL}\n{extra}"), Path::new(".")).unwrap_err();
+            assert!(err.to_string().contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn tls_keys_are_checked_together() {
+        let tls = "[router]\ntls_cert_file = \"c.pem\"\ntls_key_file = \"k.pem\"\n";
+        let cfg = Config::parse(
+            &format!("{MINIMAL}\n{tls}https_listen = \"127.0.0.1:8443\"\ntls_sni_dir = \"sni\"\n"),
+            Path::new("/etc/silo"),
+        )
+        .unwrap();
+        let files = cfg.router.tls.unwrap();
+        assert_eq!(files.sni_dir.as_deref(), Some(Path::new("/etc/silo/sni")));
+        assert_eq!(files.sni_reload_interval, Duration::from_secs(5));
+        assert_eq!(cfg.router.https_listen.map(|a| a.port()), Some(8443));
+        for (extra, key) in [
+            ("[router]\nhttps_listen = \"127.0.0.1:8443\"\n", "router.https_listen"),
+            ("[router]\ntls_sni_dir = \"sni\"\n", "router.tls_sni_dir"),
+            ("[router]\ntls_cert_file = \"c.pem\"\n", "router.tls_key_file"),
+            (&format!("{tls}https_listen = \"nowhere\"\n"), "router.https_listen"),
+            (&format!("{tls}tls_sni_reload_interval = \"0s\"\n"), "router.tls_sni_reload_interval"),
         ] {
             let err = Config::parse(&format!("{MINIMAL}\n{extra}"), Path::new(".")).unwrap_err();
             assert!(err.to_string().contains(key), "{err}");

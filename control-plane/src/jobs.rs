@@ -77,15 +77,7 @@ pub async fn enqueue_after(
 }
 
 /// The job `id`.
-pub async fn get(pool: &PgPool, id: i64) -> Result<Option<Job>, sqlx::Error> {
-    sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM jobs WHERE id = $1")))
-        .bind(id)
-        .fetch_optional(pool)
-        .await
-}
-
-/// The job `id`, inside a transaction.
-pub async fn get_in(exec: &mut PgConnection, id: i64) -> Result<Option<Job>, sqlx::Error> {
+pub async fn get(exec: &mut PgConnection, id: i64) -> Result<Option<Job>, sqlx::Error> {
     sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM jobs WHERE id = $1")))
         .bind(id)
         .fetch_optional(exec)
@@ -132,6 +124,11 @@ pub async fn renew(pool: &PgPool, id: i64, worker: &str, lease: Duration) -> Res
     .execute(pool)
     .await?;
     Ok(r.rows_affected() == 1)
+}
+
+/// Counts how long a job step took (`silo_job_step_seconds{kind,step}`: bounded labels).
+pub fn observe_step(kind: &'static str, step: &'static str, started: std::time::Instant) {
+    metrics::histogram!("silo_job_step_seconds", "kind" => kind, "step" => step).record(started.elapsed().as_secs_f64());
 }
 
 /// Records the step the job reached.

@@ -24,3 +24,13 @@ pub mod servers;
 pub mod template;
 pub mod tenant_schema;
 pub mod worker;
+
+/// Makes aws-lc-rs the process's default rustls crypto provider (idempotent).
+///
+/// The workspace builds one provider (aws-lc-rs, as sqlx and the AWS SDK use) and never ring,
+/// so reqwest's rustls backend has none of its own: every process must call this before it
+/// builds a `reqwest::Client`, or the build panics with "No provider set".
+pub fn install_crypto_provider() {
+    // Err means a provider is installed already, which is as good.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

@@ -135,6 +135,7 @@ impl Provisioner {
         }
         for step in PROVISION_STEPS {
             jobs::set_step(&self.catalog, job.id, step).await.step("record step")?;
+            let started = std::time::Instant::now();
             match step {
                 "secret" => self.ensure_secret(server, &slug, &secret_name, &params.secret_version).await?,
                 "roles" => self.ensure_roles(server, &slug, &secret_name).await?,
@@ -143,6 +144,7 @@ impl Provisioner {
                 "api_key" => ensure_api_key(server, &slug, &params).await?,
                 _ => self.activate(&slug).await?,
             }
+            jobs::observe_step("provision", step, started);
             fail_after("provision", step)?;
         }
         info!("tenant provisioned");
@@ -247,6 +249,7 @@ impl Provisioner {
         let server = self.server_of(&slug).await?;
         for step in DELETE_STEPS {
             jobs::set_step(&self.catalog, job.id, step).await.step("record step")?;
+            let started = std::time::Instant::now();
             match step {
                 "database" => {
                     let mut conn = server.admin.acquire().await.step("connect to server")?;
@@ -278,6 +281,7 @@ impl Provisioner {
                     tx.commit().await.step("tombstone")?;
                 }
             }
+            jobs::observe_step("delete", step, started);
             fail_after("delete", step)?;
         }
         info!("tenant deleted");

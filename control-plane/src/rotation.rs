@@ -60,6 +60,7 @@ impl Provisioner {
         let server = self.server_of(&slug).await?;
         for step in ROTATE_STEPS {
             jobs::set_step(&self.catalog, job.id, step).await.step("record step")?;
+            let started = std::time::Instant::now();
             match step {
                 "create_secret" => self.create_pending(&slug, &secret_name, &params.version, strategy).await?,
                 "set_secret" => {
@@ -72,6 +73,7 @@ impl Provisioner {
                 }
                 _ => self.finish(&slug, &secret_name, &params.version).await?,
             }
+            jobs::observe_step("rotate", step, started);
             fail_after("rotate", step)?;
         }
         info!(strategy = %params.strategy, "credentials rotated");

@@ -78,6 +78,10 @@ impl Workers {
 
     async fn execute(&self, worker: &str, job: Job) {
         info!(attempt = job.attempts, "job started");
+        if job.attempts == 1 {
+            let waited = (chrono::Utc::now() - job.created_at).to_std().unwrap_or_default();
+            metrics::histogram!("silo_job_wait_seconds").record(waited.as_secs_f64());
+        }
         let heartbeat = async {
             loop {
                 tokio::time::sleep(self.lease / 3).await;

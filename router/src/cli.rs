@@ -59,7 +59,12 @@ pub async fn run_cli() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("router listening on http://{}", server.local_addr());
+    if server.https_addr() != Some(server.local_addr()) {
+        println!("router listening on http://{}", server.local_addr());
+    }
+    if let Some(addr) = server.https_addr() {
+        println!("router listening on https://{addr}");
+    }
     println!("ops listening on http://{}", server.ops_addr());
 
     let shutdown = CancellationToken::new();

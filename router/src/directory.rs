@@ -306,6 +306,7 @@ mod tests {
             status,
             server: "pg-1".into(),
             database: "tenant_acme".into(),
+            plan: "standard".into(),
         }
     }
 

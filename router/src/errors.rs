@@ -32,6 +32,22 @@ pub(crate) enum RouterError {
     /// or the catalog unreachable).
     #[error("tenant unavailable")]
     TenantUnavailable,
+    /// The tenant is over its plan's request rate or in-flight cap; retry after this many
+    /// seconds.
+    #[error("rate limited")]
+    RateLimited {
+        /// Seconds until a retry can succeed (at least 1).
+        retry_after_secs: u64,
+    },
+    /// The request body is larger than `router.max_body_bytes`.
+    #[error("request body too large")]
+    PayloadTooLarge,
+    /// The request body could not be read (the client went away or sent a broken body).
+    #[error("request body unreadable")]
+    BodyUnreadable,
+    /// The request was not answered within `router.request_timeout`.
+    #[error("request timed out")]
+    RequestTimeout,
 }
 
 impl RouterError {
@@ -42,6 +58,10 @@ impl RouterError {
             Self::TenantNotFound => "tenant_not_found",
             Self::TenantSuspended => "tenant_suspended",
             Self::TenantUnavailable => "tenant_unavailable",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::BodyUnreadable => "invalid_request",
+            Self::RequestTimeout => "request_timeout",
         }
     }
 
@@ -50,7 +70,10 @@ impl RouterError {
             Self::InvalidHost(_) => StatusCode::BAD_REQUEST,
             Self::TenantNotFound => StatusCode::NOT_FOUND,
             Self::TenantSuspended => StatusCode::FORBIDDEN,
-            Self::TenantUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TenantUnavailable | Self::RequestTimeout => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyUnreadable => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -60,18 +83,28 @@ impl RouterError {
             Self::TenantNotFound => "no tenant is served at this address",
             Self::TenantSuspended => "this tenant is suspended",
             Self::TenantUnavailable => "this tenant is temporarily unavailable; retry later",
+            Self::RateLimited { .. } => "too many requests for this tenant; retry later",
+            Self::PayloadTooLarge => "the request body is too large",
+            Self::BodyUnreadable => "the request body could not be read",
+            Self::RequestTimeout => "the request took too long; retry later",
         }
     }
 
-    /// The response: status, JSON body, and `Retry-After` on 503.
+    /// The response: status, JSON body, and `Retry-After` on 429 and 503.
     pub(crate) fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.code(), "message": self.message() }).to_string();
         let mut response = Response::new(Body::from(body));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if self == Self::TenantUnavailable {
-            headers.insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+        match self {
+            Self::TenantUnavailable | Self::RequestTimeout => {
+                headers.insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+            }
+            Self::RateLimited { retry_after_secs } => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs.max(1)));
+            }
+            _ => {}
         }
         response
     }
@@ -95,11 +128,18 @@ mod tests {
             (RouterError::TenantNotFound, 404, "tenant_not_found"),
             (RouterError::TenantSuspended, 403, "tenant_suspended"),
             (RouterError::TenantUnavailable, 503, "tenant_unavailable"),
+            (RouterError::RequestTimeout, 503, "request_timeout"),
+            (RouterError::RateLimited { retry_after_secs: 2 }, 429, "rate_limited"),
+            (RouterError::PayloadTooLarge, 413, "payload_too_large"),
+            (RouterError::BodyUnreadable, 400, "invalid_request"),
         ] {
             let response = error.into_response();
             assert_eq!(response.status().as_u16(), status);
             assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
-            assert_eq!(response.headers().contains_key(RETRY_AFTER), status == 503);
+            assert_eq!(
+                response.headers().contains_key(RETRY_AFTER),
+                status == 503 || status == 429
+            );
             let json = body(response).await;
             assert_eq!(json["error"], code);
             assert!(json["message"].is_string());

@@ -1,21 +1,28 @@
 //! One request's way through the router: resolve → directory → pools → forward, inside a
-//! `request` span that gets the tenant once it is known, and measured once at the end.
+//! `request` span that gets the tenant once it is known, bounded by `router.request_timeout`,
+//! and measured once at the end.
+//!
+//! A request whose answer says PostgreSQL refused the pool's password (the app's
+//! [`DatabaseAuthFailed`] marker: a credential rotation is half done) is not answered yet:
+//! the pool switches credentials and the request is handed to the app once more. No
+//! statement ran on a connection that never logged in, so the retry is safe.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::response::Response;
 use hyper::body::Incoming;
 use hyper::Request;
 use silo_control_plane::catalog::routes::TenantStatus;
-use silo_tenant_app::TenantContext;
+use silo_tenant_app::{DatabaseAuthFailed, TenantContext};
 use tracing::field::Empty;
 use tracing::Instrument;
 
 use crate::directory::Directory;
 use crate::errors::RouterError;
-use crate::forward::forward;
+use crate::forward::{forward, BufferedRequest};
+use crate::limits::Limits;
 use crate::ops::Metrics;
 use crate::pools::Pools;
 use crate::resolve::{Resolution, Resolver};
@@ -28,6 +35,12 @@ pub(crate) struct RouterState {
     /// The tenant app, built once.
     pub(crate) app: axum::Router,
     pub(crate) metrics: Arc<Metrics>,
+    /// Per-tenant rate and in-flight limits.
+    pub(crate) limits: Arc<Limits>,
+    /// `router.max_body_bytes`.
+    pub(crate) max_body_bytes: usize,
+    /// `router.request_timeout`.
+    pub(crate) request_timeout: Duration,
 }
 
 /// Serves one tenant request. Never fails: every error is a response.
@@ -35,18 +48,33 @@ pub(crate) async fn handle(state: Arc<RouterState>, request: Request<Incoming>) 
     let started = Instant::now();
     let request_id = uuid::Uuid::new_v4();
     let span = tracing::info_span!("request", %request_id, tenant = Empty, status = Empty);
-    let (response, outcome) = match route(&state, request.map(Body::new)).instrument(span.clone()).await {
-        Ok(response) => (response, "forwarded"),
-        Err(error) => (error.into_response(), error.code()),
+    // The tenant once resolved, for per-tenant metrics.
+    let tenant = std::sync::OnceLock::new();
+    let routed = tokio::time::timeout(state.request_timeout, route(&state, request.map(Body::new), &tenant));
+    let (response, outcome) = match routed.instrument(span.clone()).await {
+        Ok(Ok(response)) => (response, "forwarded"),
+        Ok(Err(error)) => (error.into_response(), error.code()),
+        Err(_) => {
+            span.in_scope(|| tracing::warn!(timeout = ?state.request_timeout, "request timed out"));
+            let error = RouterError::RequestTimeout;
+            (error.into_response(), error.code())
+        }
     };
     let status = response.status();
     span.record("status", status.as_u16());
     state.metrics.request(outcome, status.as_u16(), started.elapsed());
+    if let Some(tenant) = tenant.get() {
+        state.metrics.tenant_request(tenant, status.as_u16());
+    }
     span.in_scope(|| tracing::debug!(outcome, elapsed = ?started.elapsed(), "request done"));
     response
 }
 
-async fn route(state: &RouterState, request: Request<Body>) -> Result<Response, RouterError> {
+async fn route(
+    state: &RouterState,
+    request: Request<Body>,
+    tenant: &std::sync::OnceLock<String>,
+) -> Result<Response, RouterError> {
     let (key, path) = match state.resolver.resolve(request.uri(), request.headers())? {
         Resolution::Tenant { key, path } => (key, path),
         Resolution::NoTenant => return Err(RouterError::TenantNotFound),
@@ -58,6 +86,7 @@ async fn route(state: &RouterState, request: Request<Body>) -> Result<Response, 
         .map_err(|_| RouterError::TenantUnavailable)?
         .ok_or(RouterError::TenantNotFound)?;
     tracing::Span::current().record("tenant", route.slug.as_str());
+    let _ = tenant.set(route.slug.clone());
     match route.status {
         TenantStatus::Active => {}
         TenantStatus::Suspended => return Err(RouterError::TenantSuspended),
@@ -65,10 +94,22 @@ async fn route(state: &RouterState, request: Request<Body>) -> Result<Response, 
         // Answered exactly like an unknown host.
         TenantStatus::Deleting | TenantStatus::Deleted => return Err(RouterError::TenantNotFound),
     }
-    let pool = state.pools.get(&route.slug).await.map_err(|error| {
+    state.limits.check_rate(&route.slug, &route.plan)?;
+    let request = BufferedRequest::read(request, state.max_body_bytes).await?;
+    let _in_flight = state.limits.enter(&route.slug, &route.plan)?;
+    let lease = state.pools.get(&route).await.map_err(|error| {
         tracing::warn!(%error, "cannot open the tenant's pool");
         RouterError::TenantUnavailable
     })?;
-    let tenant = TenantContext { slug: route.slug, pool };
-    Ok(forward(&state.app, request, tenant, path).await)
+    let tenant = TenantContext {
+        slug: route.slug.clone(),
+        pool: lease.pool().clone(),
+    };
+    let response = forward(&state.app, &request, tenant.clone(), path.as_ref()).await;
+    if response.extensions().get::<DatabaseAuthFailed>().is_none() {
+        return Ok(response);
+    }
+    state.pools.recover_from_auth_failure(&lease).await;
+    tracing::debug!("retrying after a refused password");
+    Ok(forward(&state.app, &request, tenant, path.as_ref()).await)
 }

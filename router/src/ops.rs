@@ -2,7 +2,9 @@
 //! catalog answered and tenant events are being received, and it is not shutting down), and
 //! `/metrics` (Prometheus text).
 //!
-//! Each router has its own Prometheus registry ([`Metrics`]). Every router metric is named `silo_router_*` and has bounded labels only: no tenant ids.
+//! Each router has its own Prometheus registry ([`Metrics`]). Every router metric is named
+//! `silo_router_*` and has bounded labels only: tenant ids only when the operator opts in
+//! (`router.per_tenant_metrics`), for at most [`PER_TENANT_CAP`] tenants.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -60,7 +62,13 @@ impl Health {
 pub(crate) struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// `router.per_tenant_metrics`: the tenants that have series of their own (at most
+    /// [`PER_TENANT_CAP`]; later ones are counted as `tenant="other"`).
+    per_tenant: Option<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
+
+/// Tenants with series of their own when per-tenant metrics are on.
+const PER_TENANT_CAP: usize = 100;
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -75,9 +83,40 @@ impl Metrics {
             .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), DURATION_BUCKETS)?
             .build_recorder();
         let handle = recorder.handle();
-        let metrics = Self { recorder, handle };
+        let metrics = Self {
+            recorder,
+            handle,
+            per_tenant: None,
+        };
         metrics.with(describe);
         Ok(metrics)
+    }
+
+    /// Turns per-tenant series on (`router.per_tenant_metrics`), capped at
+    /// [`PER_TENANT_CAP`] tenants.
+    pub(crate) fn with_per_tenant(mut self, enabled: bool) -> Self {
+        self.per_tenant = enabled.then(Default::default);
+        self
+    }
+
+    /// One request of `tenant` answered (only with per-tenant metrics on).
+    pub(crate) fn tenant_request(&self, tenant: &str, status: u16) {
+        let Some(known) = &self.per_tenant else {
+            return;
+        };
+        let label = {
+            let mut known = known.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if known.contains(tenant) || (known.len() < PER_TENANT_CAP && known.insert(tenant.to_owned())) {
+                tenant.to_owned()
+            } else {
+                "other".to_owned()
+            }
+        };
+        let class = status_class(status);
+        self.with(|| {
+            metrics::counter!("silo_router_tenant_requests_total", "tenant" => label, "status_class" => class)
+                .increment(1);
+        });
     }
 
     /// Runs `f` with this registry as the `metrics` recorder (synchronously, this thread).
@@ -87,13 +126,7 @@ impl Metrics {
 
     /// One request answered: `outcome` is "forwarded" or a router error code.
     pub(crate) fn request(&self, outcome: &'static str, status: u16, elapsed: Duration) {
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
+        let class = status_class(status);
         self.with(|| {
             metrics::counter!("silo_router_requests_total", "outcome" => outcome, "status_class" => class).increment(1);
             metrics::histogram!(REQUEST_DURATION).record(elapsed.as_secs_f64());
@@ -108,12 +141,45 @@ impl Metrics {
         });
     }
 
-    /// A tenant pool left the map; `cause` is one of idle, capacity, explicit, replaced.
+    /// A tenant pool left the map (for whatever cause).
+    pub(crate) fn pool_closed(&self) {
+        self.with(|| metrics::gauge!("silo_router_pools_open").decrement(1.0));
+    }
+
+    /// A tenant pool was evicted; `cause` is one of idle, capacity, budget, explicit, moved,
+    /// credentials, replaced.
     pub(crate) fn pool_evicted(&self, cause: &'static str) {
+        self.with(|| metrics::counter!("silo_router_pool_evictions_total", "cause" => cause).increment(1));
+    }
+
+    /// A pool-map lookup: hit or miss.
+    pub(crate) fn pool_lookup(&self, result: &'static str) {
+        self.with(|| metrics::counter!("silo_router_pool_lookups_total", "result" => result).increment(1));
+    }
+
+    /// Connections currently open to `server` (sampled).
+    pub(crate) fn server_connections(&self, server: &str, connections: f64) {
+        self.with(|| metrics::gauge!("silo_router_server_connections", "server" => server.to_owned()).set(connections));
+    }
+
+    /// Budget permits reserved on `server` changed by `delta`.
+    pub(crate) fn budget_reserved(&self, server: &str, delta: f64) {
         self.with(|| {
-            metrics::counter!("silo_router_pool_evictions_total", "cause" => cause).increment(1);
-            metrics::gauge!("silo_router_pools_open").decrement(1.0);
+            metrics::gauge!("silo_router_server_budget_reserved", "server" => server.to_owned()).increment(delta);
         });
+    }
+
+    /// A request gave up waiting for room in `server`'s connection budget.
+    pub(crate) fn budget_exhausted(&self, server: &str) {
+        self.with(|| {
+            metrics::counter!("silo_router_budget_exhausted_total", "server" => server.to_owned()).increment(1);
+        });
+    }
+
+    /// A pool switched credentials after PostgreSQL refused its password; `stage` is the
+    /// secret stage switched to.
+    pub(crate) fn credential_switch(&self, stage: &'static str) {
+        self.with(|| metrics::counter!("silo_router_credential_switches_total", "stage" => stage).increment(1));
     }
 
     /// A directory lookup: hit, miss, negative, stale or error.
@@ -139,6 +205,16 @@ impl Metrics {
     }
 }
 
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!("silo_router_requests_total", "Requests by outcome and status class.");
@@ -150,6 +226,27 @@ fn describe() {
     describe_gauge!("silo_router_pools_open", "Tenant pools currently open.");
     describe_counter!("silo_router_pool_creations_total", "Tenant pools built.");
     describe_counter!("silo_router_pool_evictions_total", "Tenant pools evicted, by cause.");
+    describe_counter!("silo_router_pool_lookups_total", "Pool-map lookups: hit or miss.");
+    describe_counter!(
+        "silo_router_tenant_requests_total",
+        "Requests per tenant (router.per_tenant_metrics; capped, the rest as tenant=\"other\")."
+    );
+    describe_gauge!(
+        "silo_router_server_connections",
+        "Connections open to each PostgreSQL server (sampled every second)."
+    );
+    describe_gauge!(
+        "silo_router_server_budget_reserved",
+        "Connection-budget permits reserved by open pools, per server."
+    );
+    describe_counter!(
+        "silo_router_budget_exhausted_total",
+        "Requests refused because a server's connection budget stayed spent."
+    );
+    describe_counter!(
+        "silo_router_credential_switches_total",
+        "Pools that switched credentials after a refused password, by secret stage."
+    );
     describe_counter!(
         "silo_router_directory_lookups_total",
         "Tenant directory lookups: hit, miss (catalog query), negative (cached unknown), stale, error."

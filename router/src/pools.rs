@@ -1,30 +1,48 @@
-//! The pool map: tenant slug → an sqlx pool on that tenant's own database.
+//! The pool map: tenant slug → a [`TenantPool`], an sqlx pool on that tenant's own database.
 //!
 //! A moka cache with a capacity, `time_to_idle = router.pool_idle_timeout`, and an eviction
 //! listener that closes evicted pools and counts evictions by cause. Concurrent first
-//! requests for a tenant share one build (`try_get_with`). A build reads the tenant's
-//! current secret from the secret store and connects eagerly, so a database that is down
-//! fails the request within `router.connect_timeout` instead of when the app first queries.
-//! When a served tenant changes (credential rotation), its open pool switches to the new
-//! secret in place; when it stops being served (suspend, delete), its pool is closed.
+//! requests for a tenant share one build (`try_get_with`). A build first reserves room in
+//! its server's connection budget (`budget`; when the budget is spent it closes the least
+//! recently used idle pool on that server and waits at most `router.budget_wait`), then
+//! reads the tenant's current secret and connects eagerly, so a database that is down fails
+//! the request within `router.connect_timeout` instead of when the app first queries.
+//!
+//! Credentials: when a served tenant changes (credential rotation event), its open pool
+//! switches to the `AWSCURRENT` secret in place; when a request failed because PostgreSQL
+//! refused the pool's password (a rotation between `set_secret` and `finish_secret`), the
+//! pool switches to the `AWSPENDING` secret if there is one, else re-reads `AWSCURRENT`, and
+//! the request is retried. Connections live at most `router.pool_max_lifetime`, so sessions
+//! of a retired login role drain. When a tenant stops being served (suspend, delete), its
+//! pool is closed.
+//!
+//! Every new connection checks it is in the tenant's database as one of the tenant's login
+//! roles (an isolation self-check); a mismatch is refused and logged as an error.
 //!
 //! Connect options carry the tenant's password: they are built on one line and never logged.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use moka::future::Cache;
 use moka::notification::RemovalCause;
+use silo_control_plane::catalog::routes::TenantRoute;
 use silo_control_plane::config::Config;
 use silo_control_plane::names::TenantSlug;
-use silo_control_plane::secrets::{tenant_secret_name, DbSecret, SecretStore, SecretStoreError, AWSCURRENT};
+use silo_control_plane::secrets::{
+    tenant_secret_name, DbSecret, SecretStore, SecretStoreError, AWSCURRENT, AWSPENDING,
+};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{ConnectOptions, PgConnection, PgPool};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::budget::{Budgets, Reservation};
 use crate::ops::Metrics;
 use crate::server::APPLICATION_NAME;
 
@@ -32,8 +50,17 @@ use crate::server::APPLICATION_NAME;
 const MAX_POOLS: u64 = 10_000;
 /// A pool replaced while requests may still be using it stays open this long.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
-/// How often expired pools are swept when there is no traffic to do it.
+/// How often expired pools are swept (and connection gauges sampled) when there is no
+/// traffic to do it.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// While waiting for budget, look for a newly idle pool to close this often.
+const BUDGET_RETRY: Duration = Duration::from_millis(50);
+/// A connection idle longer than this is pinged before use (it may have been terminated,
+/// e.g. by a server restart); busier connections are not, since a ping per checkout costs
+/// ~20 % of throughput (NOTES.md).
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+/// SQLSTATE `invalid_password`.
+const INVALID_PASSWORD: &str = "28P01";
 
 /// Why a tenant pool could not be built. Every variant means "tenant unavailable" to the
 /// client; the detail is for the log.
@@ -54,6 +81,12 @@ pub(crate) enum PoolError {
     /// Reading the secret and connecting took longer than `router.connect_timeout`.
     #[error("connect to the tenant database: no answer within {0:?}")]
     Timeout(Duration),
+    /// The server's connection budget stayed spent for `router.budget_wait`.
+    #[error("the server's connection budget stayed spent for {0:?}")]
+    BudgetExhausted(Duration),
+    /// The pool was closed under the request twice in a row (eviction races).
+    #[error("the tenant pool was closed while the request took it")]
+    Closed,
 }
 
 /// How an evicted pool is closed.
@@ -70,8 +103,14 @@ pub(crate) enum Drain {
 pub(crate) struct PoolSettings {
     /// `router.max_connections_per_tenant`.
     pub(crate) max_connections: u32,
+    /// `router.connection_budget_per_server`.
+    pub(crate) budget_per_server: u32,
+    /// `router.budget_wait`.
+    pub(crate) budget_wait: Duration,
     /// `router.pool_idle_timeout`: for the pool map and for each pool's connections.
     pub(crate) idle_timeout: Duration,
+    /// `router.pool_max_lifetime`.
+    pub(crate) max_lifetime: Duration,
     /// `router.connect_timeout`: secret read + first connection.
     pub(crate) connect_timeout: Duration,
     /// `secrets.name_prefix`.
@@ -81,12 +120,52 @@ pub(crate) struct PoolSettings {
 impl PoolSettings {
     /// The settings from a silo config.
     pub(crate) fn from_config(config: &Config) -> Self {
+        let router = &config.router;
         Self {
-            max_connections: config.router.max_connections_per_tenant,
-            idle_timeout: config.router.pool_idle_timeout,
-            connect_timeout: config.router.connect_timeout,
+            max_connections: router.max_connections_per_tenant,
+            budget_per_server: router.connection_budget_per_server,
+            budget_wait: router.budget_wait,
+            idle_timeout: router.pool_idle_timeout,
+            max_lifetime: router.pool_max_lifetime,
+            connect_timeout: router.connect_timeout,
             secret_prefix: config.secrets.name_prefix.clone(),
         }
+    }
+}
+
+/// One tenant's open pool and what the router knows about it.
+pub(crate) struct TenantPool {
+    pool: PgPool,
+    slug: String,
+    server: String,
+    /// Budget permits for `pool`'s connections: released only once the pool is closed.
+    reservation: Mutex<Option<Reservation>>,
+    /// Requests holding a [`PoolLease`]; a pool with none may be closed to make room.
+    in_flight: AtomicUsize,
+    /// Milliseconds since the map's epoch when it was last leased (least recently used).
+    last_used: AtomicU64,
+    /// Version id of the secret new connections log in with; the lock serialises switches.
+    credentials: tokio::sync::Mutex<String>,
+    /// When credentials were last verified by logging in (after a refused password).
+    verified_at: Mutex<Option<Instant>>,
+}
+
+/// A request's hold on its tenant's pool: the pool is not closed to make room while held.
+pub(crate) struct PoolLease {
+    tenant: Arc<TenantPool>,
+    taken_at: Instant,
+}
+
+impl PoolLease {
+    /// The sqlx pool to hand to the app.
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.tenant.pool
+    }
+}
+
+impl Drop for PoolLease {
+    fn drop(&mut self) {
+        self.tenant.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -97,14 +176,17 @@ pub(crate) struct Pools {
 }
 
 struct Inner {
-    cache: Cache<String, PgPool>,
+    cache: Cache<String, Arc<TenantPool>>,
     secrets: Arc<dyn SecretStore>,
     settings: PoolSettings,
+    budgets: Budgets,
     closer: Closer,
     metrics: Arc<Metrics>,
+    epoch: Instant,
 }
 
-/// Closes evicted pools in the background; [`Pools::close_all`] waits for it.
+/// Closes evicted pools in the background, then returns their budget; [`Pools::close_all`]
+/// waits for it.
 #[derive(Clone)]
 struct Closer {
     runtime: Handle,
@@ -114,7 +196,7 @@ struct Closer {
 }
 
 impl Closer {
-    fn close(&self, pool: PgPool, drain: Drain) {
+    fn close(&self, tenant: Arc<TenantPool>, drain: Drain) {
         let stopping = self.stopping.clone();
         let task = async move {
             if drain == Drain::Graceful {
@@ -123,10 +205,17 @@ impl Closer {
                     () = stopping.cancelled() => {}
                 }
             }
-            pool.close().await;
+            // Waits for checked-out connections, closes them all; only then is the budget
+            // given back.
+            tenant.pool.close().await;
+            drop(lock(&tenant.reservation).take());
         };
         self.tasks.spawn_on(task, &self.runtime);
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Pools {
@@ -142,116 +231,339 @@ impl Pools {
             .name("silo-router-pools")
             .max_capacity(MAX_POOLS)
             .time_to_idle(settings.idle_timeout)
-            .eviction_listener(move |_slug: Arc<String>, pool: PgPool, cause: RemovalCause| {
-                on_evicted(&listener_closer, &listener_metrics, pool, cause);
-            })
+            .eviction_listener(
+                move |_slug: Arc<String>, tenant: Arc<TenantPool>, cause: RemovalCause| {
+                    on_evicted(&listener_closer, &listener_metrics, tenant, cause);
+                },
+            )
             .build();
         Self {
             inner: Arc::new(Inner {
                 cache,
                 secrets,
+                budgets: Budgets::new(settings.budget_per_server, metrics.clone()),
                 settings,
                 closer,
                 metrics,
+                epoch: Instant::now(),
             }),
         }
     }
 
-    /// The pool of tenant `slug`, built on first use; concurrent callers share one build.
-    pub(crate) async fn get(&self, slug: &str) -> Result<PgPool, Arc<PoolError>> {
-        self.inner.cache.try_get_with_by_ref(slug, self.build(slug)).await
+    /// A lease on the pool of tenant `route`, built on first use; concurrent callers share
+    /// one build.
+    pub(crate) async fn get(&self, route: &TenantRoute) -> Result<PoolLease, Arc<PoolError>> {
+        for _ in 0..2 {
+            let tenant = match self.inner.cache.get(route.slug.as_str()).await {
+                Some(tenant) => {
+                    self.inner.metrics.pool_lookup("hit");
+                    tenant
+                }
+                None => {
+                    self.inner.metrics.pool_lookup("miss");
+                    self.inner
+                        .cache
+                        .try_get_with_by_ref(route.slug.as_str(), self.build(route))
+                        .await?
+                }
+            };
+            tenant.in_flight.fetch_add(1, Ordering::AcqRel);
+            let now = self.now_millis();
+            tenant.last_used.store(now, Ordering::Relaxed);
+            let lease = PoolLease {
+                tenant,
+                taken_at: Instant::now(),
+            };
+            // Closed to make room between the lookup and the lease: build a new one.
+            if !lease.pool().is_closed() {
+                return Ok(lease);
+            }
+        }
+        Err(Arc::new(PoolError::Closed))
     }
 
-    /// Reads the tenant's current secret and connects, all within `connect_timeout`.
-    async fn build(&self, slug: &str) -> Result<PgPool, PoolError> {
-        let timeout = self.inner.settings.connect_timeout;
-        let span = tracing::info_span!("build_pool", tenant = %slug);
-        let pool = tokio::time::timeout(timeout, self.connect(slug))
-            .instrument(span)
-            .await
-            .map_err(|_| PoolError::Timeout(timeout))??;
-        self.inner.metrics.pool_opened();
-        tracing::debug!(tenant = %slug, "tenant pool opened");
-        Ok(pool)
+    fn now_millis(&self) -> u64 {
+        u64::try_from(self.inner.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    async fn connect(&self, slug: &str) -> Result<PgPool, PoolError> {
+    /// Reserves budget, then reads the tenant's current secret and connects within
+    /// `connect_timeout`.
+    async fn build(&self, route: &TenantRoute) -> Result<Arc<TenantPool>, PoolError> {
+        let span = tracing::info_span!("build_pool", tenant = %route.slug);
+        async {
+            let reservation = self.reserve(&route.server).await?;
+            let timeout = self.inner.settings.connect_timeout;
+            let (pool, version) = tokio::time::timeout(timeout, self.connect(route, reservation.size()))
+                .await
+                .map_err(|_| PoolError::Timeout(timeout))??;
+            self.inner.metrics.pool_opened();
+            tracing::debug!(size = reservation.size(), "tenant pool opened");
+            Ok(Arc::new(TenantPool {
+                pool,
+                slug: route.slug.clone(),
+                server: route.server.clone(),
+                reservation: Mutex::new(Some(reservation)),
+                in_flight: AtomicUsize::new(0),
+                last_used: AtomicU64::new(self.now_millis()),
+                credentials: tokio::sync::Mutex::new(version),
+                verified_at: Mutex::new(None),
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Room for one more pool on `server`: up to `max_connections_per_tenant` permits, at
+    /// least one. While the budget is spent, closes the least recently used idle pool on
+    /// that server (one per round) and waits, for `budget_wait` at most.
+    async fn reserve(&self, server: &str) -> Result<Reservation, PoolError> {
+        let (want, wait) = (self.inner.settings.max_connections, self.inner.settings.budget_wait);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(reservation) = self.inner.budgets.try_reserve(server, want) {
+                return Ok(reservation);
+            }
+            self.evict_least_recently_used(server).await;
+            let round = (tokio::time::Instant::now() + BUDGET_RETRY).min(deadline);
+            if let Ok(reservation) = tokio::time::timeout_at(round, self.inner.budgets.reserve(server, want)).await {
+                return Ok(reservation);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.inner.metrics.budget_exhausted(server);
+                return Err(PoolError::BudgetExhausted(wait));
+            }
+        }
+    }
+
+    /// Closes the least recently used pool on `server` that no request holds.
+    async fn evict_least_recently_used(&self, server: &str) {
+        let victim = self
+            .inner
+            .cache
+            .iter()
+            .filter(|(_, tenant)| tenant.server == server && tenant.in_flight.load(Ordering::Acquire) == 0)
+            .min_by_key(|(_, tenant)| tenant.last_used.load(Ordering::Relaxed))
+            .map(|(slug, _)| slug);
+        if let Some(slug) = victim {
+            tracing::debug!(tenant = %slug, server, "closing an idle pool to make room in the connection budget");
+            self.remove(&slug, Drain::Now, "budget").await;
+        }
+    }
+
+    async fn connect(&self, route: &TenantRoute, size: u32) -> Result<(PgPool, String), PoolError> {
         let settings = &self.inner.settings;
-        let options = self.current_options(slug).await?;
-        PgPoolOptions::new()
-            .max_connections(settings.max_connections)
+        let (options, version) = self
+            .read_options(&route.slug, AWSCURRENT)
+            .await?
+            .ok_or_else(|| PoolError::SecretMissing(self.secret_name(&route.slug).unwrap_or_default()))?;
+        let slug = TenantSlug::parse(&route.slug).map_err(|_| PoolError::BadSlug(route.slug.clone()))?;
+        let expected = Arc::new(Expected {
+            database: route.database.clone(),
+            roles: slug.login_roles(),
+        });
+        let pool_options = PgPoolOptions::new()
+            .max_connections(size)
             .min_connections(0)
-            // A ping per checkout costs ~20 % of throughput (NOTES.md); a broken connection
-            // surfaces as a query error and is dropped by sqlx anyway.
             .test_before_acquire(false)
+            .before_acquire(|conn, meta| ping_if_idle(conn, meta.idle_for))
             .acquire_timeout(settings.connect_timeout)
             .idle_timeout(settings.idle_timeout)
-            .connect_with(options)
-            .await
-            .map_err(PoolError::Connect)
+            .max_lifetime(settings.max_lifetime)
+            .after_connect(move |conn, _| check_isolation(conn, expected.clone()));
+        let mut refused = match pool_options.clone().connect_with(options).await {
+            Ok(pool) => return Ok((pool, version)),
+            Err(error) if is_auth_failure(&error) => error,
+            Err(error) => return Err(PoolError::Connect(error)),
+        };
+        // Mid-rotation (`single`: the password changed at `set_secret`, AWSCURRENT moves at
+        // `finish_secret`): the pending version, or a current one that moved meanwhile.
+        let mut tried = vec![version];
+        for stage in [AWSPENDING, AWSCURRENT] {
+            let Some((options, version)) = self.read_options(&route.slug, stage).await? else {
+                continue;
+            };
+            if tried.contains(&version) {
+                continue;
+            }
+            match pool_options.clone().connect_with(options).await {
+                Ok(pool) => {
+                    tracing::info!(stage, "password refused; built the pool with another secret version");
+                    return Ok((pool, version));
+                }
+                Err(error) if is_auth_failure(&error) => {
+                    refused = error;
+                    tried.push(version);
+                }
+                Err(error) => return Err(PoolError::Connect(error)),
+            }
+        }
+        Err(PoolError::Connect(refused))
     }
 
-    /// Connect options from the tenant's `AWSCURRENT` secret. They hold the password: never
-    /// log them.
-    async fn current_options(&self, slug: &str) -> Result<PgConnectOptions, PoolError> {
+    fn secret_name(&self, slug: &str) -> Result<String, PoolError> {
         let slug = TenantSlug::parse(slug).map_err(|_| PoolError::BadSlug(slug.to_owned()))?;
-        let name = tenant_secret_name(&self.inner.settings.secret_prefix, &slug);
-        let version = self
-            .inner
-            .secrets
-            .get_secret_value(&name, AWSCURRENT)
-            .await?
-            .ok_or_else(|| PoolError::SecretMissing(name.clone()))?;
+        Ok(tenant_secret_name(&self.inner.settings.secret_prefix, &slug))
+    }
+
+    /// Connect options and version id from the tenant's secret version at `stage`, if there
+    /// is one. The options hold the password: never log them.
+    async fn read_options(&self, slug: &str, stage: &str) -> Result<Option<(PgConnectOptions, String)>, PoolError> {
+        let name = self.secret_name(slug)?;
+        let Some(version) = self.inner.secrets.get_secret_value(&name, stage).await? else {
+            return Ok(None);
+        };
         let secret = DbSecret::from_secret(&version.value, &name)?;
-        Ok(secret.connect_options().application_name(APPLICATION_NAME))
+        Ok(Some((
+            secret.connect_options().application_name(APPLICATION_NAME),
+            version.version_id,
+        )))
+    }
+
+    /// [`Pools::read_options`] within `connect_timeout`.
+    async fn read_options_timed(
+        &self,
+        slug: &str,
+        stage: &str,
+    ) -> Result<Option<(PgConnectOptions, String)>, PoolError> {
+        let timeout = self.inner.settings.connect_timeout;
+        tokio::time::timeout(timeout, self.read_options(slug, stage))
+            .await
+            .unwrap_or(Err(PoolError::Timeout(timeout)))
     }
 
     /// Tenant `slug` changed but may still be served: point its open pool (if any) at the
     /// current secret. New connections log in with it; open ones stay (PostgreSQL does not
-    /// re-authenticate sessions), so no request fails and the pool stays warm, which also
-    /// means it rarely needs a new login while a rotation is half done. A pool whose
-    /// database moved is drained and rebuilt instead.
+    /// re-authenticate sessions) until `pool_max_lifetime`, so no request fails and the pool
+    /// stays warm. A pool whose database moved is drained and rebuilt instead.
     pub(crate) async fn refresh(&self, slug: &str) {
-        let Some(pool) = self.inner.cache.get(slug).await else {
+        let Some(tenant) = self.inner.cache.get(slug).await else {
             return;
         };
-        let timeout = self.inner.settings.connect_timeout;
-        let current = tokio::time::timeout(timeout, self.current_options(slug))
-            .await
-            .unwrap_or(Err(PoolError::Timeout(timeout)));
-        match current {
-            Ok(options) if same_database(&pool.connect_options(), &options) => {
-                pool.set_connect_options(options);
+        let mut in_use = tenant.credentials.lock().await;
+        match self.read_options_timed(slug, AWSCURRENT).await {
+            Ok(Some((options, version))) if same_database(&tenant.pool.connect_options(), &options) => {
+                switch(&tenant, &mut in_use, options, version);
                 tracing::debug!(tenant = %slug, "tenant pool credentials refreshed");
             }
-            Ok(_) => {
+            Ok(Some(_)) => {
+                drop(in_use);
                 tracing::info!(tenant = %slug, "tenant database moved; rebuilding its pool");
-                self.evict(slug, Drain::Graceful).await;
+                self.remove(slug, Drain::Graceful, "moved").await;
+            }
+            // The pool keeps working with what it has (a refused password is recovered from
+            // per request): closing a serving pool over a secret-store hiccup would fail
+            // requests that need not fail.
+            Ok(None) => {
+                let error = PoolError::SecretMissing(self.secret_name(slug).unwrap_or_default());
+                tracing::warn!(%error, tenant = %slug, "cannot refresh the tenant's credentials; keeping its pool");
             }
             Err(error) => {
-                tracing::warn!(%error, tenant = %slug, "cannot refresh the tenant's credentials; rebuilding its pool");
-                self.evict(slug, Drain::Graceful).await;
+                tracing::warn!(%error, tenant = %slug, "cannot refresh the tenant's credentials; keeping its pool");
             }
+        }
+    }
+
+    /// PostgreSQL refused the password of `lease`'s pool (SQLSTATE 28P01): a rotation changed
+    /// it before the secret's `AWSCURRENT` moved (`single`: at `set_secret`), or the event
+    /// saying so is not here yet. Tries the `AWSPENDING` version (if any), then `AWSCURRENT`,
+    /// logging in once with each (a connection taken from the server's budget) and switches
+    /// the pool to the first that works. Failures that were already on their way when a
+    /// switch was verified are not re-examined. Without room in the budget to verify, the
+    /// pool switches to `AWSPENDING` if there is one, else `AWSCURRENT`.
+    pub(crate) async fn recover_from_auth_failure(&self, lease: &PoolLease) {
+        let tenant = &lease.tenant;
+        let mut in_use = tenant.credentials.lock().await;
+        if lock(&tenant.verified_at).is_some_and(|at| at > lease.taken_at) {
+            return;
+        }
+        let mut candidates = Vec::with_capacity(2);
+        for stage in [AWSPENDING, AWSCURRENT] {
+            match self.read_options_timed(&tenant.slug, stage).await {
+                Ok(Some((options, version))) if same_database(&tenant.pool.connect_options(), &options) => {
+                    candidates.push((stage, options, version));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, tenant = %tenant.slug, stage, "password refused and cannot read the tenant's secret");
+                    return;
+                }
+            }
+        }
+        let verify = self.inner.budgets.try_reserve(&tenant.server, 1);
+        for (stage, options, version) in candidates {
+            if verify.is_some() && !self.logs_in(&options).await {
+                continue;
+            }
+            if version != *in_use {
+                switch(tenant, &mut in_use, options, version);
+                self.inner.metrics.credential_switch(stage);
+                tracing::info!(tenant = %tenant.slug, stage, "password refused; switched the pool's credentials");
+            }
+            *lock(&tenant.verified_at) = Some(Instant::now());
+            return;
+        }
+        tracing::warn!(tenant = %tenant.slug, "password refused and no version of the tenant's secret logs in");
+    }
+
+    /// Whether `options` log in within `connect_timeout` (the connection is closed again).
+    async fn logs_in(&self, options: &PgConnectOptions) -> bool {
+        let timeout = self.inner.settings.connect_timeout;
+        match tokio::time::timeout(timeout, options.connect()).await {
+            Ok(Ok(conn)) => {
+                let _ = sqlx::Connection::close(conn).await;
+                true
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "candidate credentials do not log in");
+                false
+            }
+            Err(_) => false,
         }
     }
 
     /// Removes tenant `slug`'s pool (if open) and closes it as `drain` says.
     pub(crate) async fn evict(&self, slug: &str, drain: Drain) {
-        if let Some(pool) = self.inner.cache.remove(slug).await {
-            self.inner.closer.close(pool, drain);
+        self.remove(slug, drain, "explicit").await;
+    }
+
+    async fn remove(&self, slug: &str, drain: Drain, cause: &'static str) {
+        if let Some(tenant) = self.inner.cache.remove(slug).await {
+            self.inner.metrics.pool_evicted(cause);
+            // Leased between the choice and the removal: let that request finish.
+            let drain = if tenant.in_flight.load(Ordering::Acquire) > 0 {
+                Drain::Graceful.max_with(drain)
+            } else {
+                drain
+            };
+            self.inner.closer.close(tenant, drain);
         }
     }
 
-    /// Sweeps expired pools every second until `shutdown`, so an idle tenant's connections
-    /// are closed even when no request touches the map.
+    /// Sweeps expired pools and samples connections per server every second until
+    /// `shutdown`, so an idle tenant's connections are closed even when no request touches
+    /// the map.
     pub(crate) async fn sweep(&self, shutdown: CancellationToken) {
         let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = ticks.tick() => self.inner.cache.run_pending_tasks().await,
+                _ = ticks.tick() => {
+                    self.inner.cache.run_pending_tasks().await;
+                    self.sample_connections();
+                }
             }
+        }
+    }
+
+    /// Sets the connections-per-server gauge from the open pools.
+    fn sample_connections(&self) {
+        let mut per_server: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+        for (_, tenant) in self.inner.cache.iter() {
+            *per_server.entry(tenant.server.clone()).or_default() += u64::from(tenant.pool.size());
+        }
+        for (server, connections) in per_server {
+            self.inner.metrics.server_connections(&server, connections as f64);
         }
     }
 
@@ -259,15 +571,32 @@ impl Pools {
     pub(crate) async fn close_all(&self) {
         let closer = &self.inner.closer;
         closer.stopping.cancel();
-        let open: Vec<PgPool> = self.inner.cache.iter().map(|(_, pool)| pool).collect();
+        let open: Vec<Arc<TenantPool>> = self.inner.cache.iter().map(|(_, tenant)| tenant).collect();
         self.inner.cache.invalidate_all();
         self.inner.cache.run_pending_tasks().await;
-        for pool in open {
-            closer.close(pool, Drain::Now);
+        for tenant in open {
+            closer.close(tenant, Drain::Now);
         }
         closer.tasks.close();
         closer.tasks.wait().await;
     }
+}
+
+impl Drain {
+    /// The gentler of two drains.
+    fn max_with(self, other: Drain) -> Drain {
+        if self == Drain::Graceful || other == Drain::Graceful {
+            Drain::Graceful
+        } else {
+            Drain::Now
+        }
+    }
+}
+
+/// Points `tenant`'s new connections at `options` (secret `version`).
+fn switch(tenant: &TenantPool, in_use: &mut String, options: PgConnectOptions, version: String) {
+    tenant.pool.set_connect_options(options);
+    *in_use = version;
 }
 
 /// Whether two connect options reach the same database (credentials aside).
@@ -275,21 +604,75 @@ fn same_database(a: &PgConnectOptions, b: &PgConnectOptions) -> bool {
     a.get_host() == b.get_host() && a.get_port() == b.get_port() && a.get_database() == b.get_database()
 }
 
+fn is_auth_failure(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some(INVALID_PASSWORD))
+}
+
+/// `before_acquire`: pings a connection that sat idle for a while, so one the server
+/// dropped meanwhile is replaced instead of failing a request.
+fn ping_if_idle(
+    conn: &mut PgConnection,
+    idle_for: Duration,
+) -> Pin<Box<dyn Future<Output = Result<bool, sqlx::Error>> + Send + '_>> {
+    Box::pin(async move {
+        if idle_for < PING_IF_IDLE_FOR {
+            return Ok(true);
+        }
+        Ok(sqlx::Connection::ping(conn).await.is_ok())
+    })
+}
+
+/// Who a tenant's connections must be: its database, one of its login roles.
+struct Expected {
+    database: String,
+    roles: [String; 2],
+}
+
+type IsolationCheck<'c> = Pin<Box<dyn Future<Output = Result<(), sqlx::Error>> + Send + 'c>>;
+
+/// The isolation self-check on every new connection: `current_database()` is the tenant's
+/// database and `session_user` one of its login roles (`current_user` is the owner role the
+/// login role acts as). Anything else is refused and logged as an error.
+fn check_isolation(conn: &mut PgConnection, expected: Arc<Expected>) -> IsolationCheck<'_> {
+    Box::pin(async move {
+        let (database, session_user): (String, String) =
+            sqlx::query_as("SELECT current_database()::text, session_user::text")
+                .fetch_one(&mut *conn)
+                .await?;
+        if database != expected.database || !expected.roles.contains(&session_user) {
+            tracing::error!(
+                %database,
+                %session_user,
+                expected_database = %expected.database,
+                "isolation check failed: a new connection is not the tenant's; refusing it"
+            );
+            return Err(sqlx::Error::Protocol(
+                "isolation check failed: connection is not in the tenant's database as its login role".into(),
+            ));
+        }
+        Ok(())
+    })
+}
+
 /// The eviction listener: counts, and closes what expired or was pushed out. Explicit
-/// removals are closed by whoever removed them ([`Pools::evict`], [`Pools::close_all`]),
-/// since only they know whether to drain.
-fn on_evicted(closer: &Closer, metrics: &Metrics, pool: PgPool, cause: RemovalCause) {
-    let label = match cause {
-        RemovalCause::Expired => "idle",
-        RemovalCause::Size => "capacity",
-        RemovalCause::Explicit => "explicit",
-        RemovalCause::Replaced => "replaced",
-    };
-    metrics.pool_evicted(label);
+/// removals are counted and closed by whoever removed them ([`Pools::remove`],
+/// [`Pools::close_all`]), since only they know why and whether to drain.
+fn on_evicted(closer: &Closer, metrics: &Metrics, tenant: Arc<TenantPool>, cause: RemovalCause) {
+    metrics.pool_closed();
     match cause {
         // Unused for the idle timeout: nothing to wait for.
-        RemovalCause::Expired => closer.close(pool, Drain::Now),
-        RemovalCause::Size | RemovalCause::Replaced => closer.close(pool, Drain::Graceful),
+        RemovalCause::Expired => {
+            metrics.pool_evicted("idle");
+            closer.close(tenant, Drain::Now);
+        }
+        RemovalCause::Size => {
+            metrics.pool_evicted("capacity");
+            closer.close(tenant, Drain::Graceful);
+        }
+        RemovalCause::Replaced => {
+            metrics.pool_evicted("replaced");
+            closer.close(tenant, Drain::Graceful);
+        }
         RemovalCause::Explicit => {}
     }
 }

@@ -1,9 +1,10 @@
 //! [`RouterServer`]: binds the tenant and operations listeners, builds the router's state,
-//! serves connections (HTTP/1.1 and h2c, one task each), and shuts down gracefully.
+//! serves connections (HTTP/1.1 and HTTP/2, over TLS when configured, one task each), and
+//! shuts down gracefully.
 //!
 //! Shutdown, when the token is cancelled: stop accepting, mark not ready, ask every
 //! connection to finish its in-flight requests (hyper `graceful_shutdown`), wait up to
-//! [`DRAIN_DEADLINE`] then drop what is left, stop the background tasks, close every tenant
+//! `router.shutdown_timeout` then drop what is left, stop the background tasks, close every tenant
 //! pool, and finally stop the operations port.
 
 use std::convert::Infallible;
@@ -24,19 +25,24 @@ use silo_control_plane::secrets;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::directory::Directory;
 use crate::handler::{self, RouterState};
+use crate::limits::Limits;
 use crate::ops::{self, Health, Metrics};
 use crate::pools::{PoolSettings, Pools};
 use crate::resolve::Resolver;
+use crate::tls::{self, Tls};
 
-/// In-flight requests get this long to finish after shutdown starts.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
-/// A client must send its request head within this long (slowloris).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The operations port's connection settings (its own, not tenant traffic's).
+const OPS_CONNECTIONS: ConnectionLimits = ConnectionLimits {
+    header_read_timeout: Duration::from_secs(10),
+    drain_deadline: Duration::from_secs(10),
+    max_connections: 1024,
+};
 /// Catalog connections for directory misses and the local secret store.
 const CATALOG_POOL_SIZE: u32 = 4;
 /// Waiting longer for a catalog connection than this fails the lookup.
@@ -49,6 +55,10 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// A bound, not yet running router. Tests start it in-process; the binary via `run_cli`.
 pub struct RouterServer {
     listener: TcpListener,
+    /// `router.https_listen`: HTTPS here, plain HTTP on `listener`.
+    https_listener: Option<TcpListener>,
+    https_addr: Option<SocketAddr>,
+    tls: Option<Tls>,
     ops_listener: TcpListener,
     local_addr: SocketAddr,
     ops_addr: SocketAddr,
@@ -56,6 +66,17 @@ pub struct RouterServer {
     health: Arc<Health>,
     catalog: PgPool,
     listen_pool: PgPool,
+    connections: ConnectionLimits,
+}
+
+/// How client connections are bounded: `router.header_read_timeout` (slowloris),
+/// `router.shutdown_timeout` (drain deadline), `router.max_connections` (beyond it, accepting
+/// waits; shared by the HTTP and HTTPS listeners).
+#[derive(Debug, Clone, Copy)]
+struct ConnectionLimits {
+    header_read_timeout: Duration,
+    drain_deadline: Duration,
+    max_connections: usize,
 }
 
 impl std::fmt::Debug for RouterServer {
@@ -74,21 +95,27 @@ impl RouterServer {
     /// `/readyz` says so).
     pub async fn bind(config: Config) -> anyhow::Result<RouterServer> {
         let cfg = &config.router;
-        if cfg.tls.is_some() {
-            anyhow::bail!("config key `router.tls_cert_file`: HTTPS is not supported by this router version yet");
-        }
+        let tls = cfg.tls.as_ref().map(Tls::from_config).transpose()?;
         let listener = TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("bind router.listen {}", cfg.listen))?;
+        let https_listener = match cfg.https_listen.filter(|_| tls.is_some()) {
+            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("bind router.https_listen {addr}"))?),
+            None => None,
+        };
         let ops_listener = TcpListener::bind(cfg.metrics_listen)
             .await
             .with_context(|| format!("bind router.metrics_listen {}", cfg.metrics_listen))?;
         let local_addr = listener.local_addr().context("read router.listen address")?;
+        let https_addr = match &https_listener {
+            Some(https) => Some(https.local_addr().context("read router.https_listen address")?),
+            None => tls.as_ref().map(|_| local_addr),
+        };
         let ops_addr = ops_listener
             .local_addr()
             .context("read router.metrics_listen address")?;
 
-        let metrics = Arc::new(Metrics::new().context("set up metrics")?);
+        let metrics = Arc::new(Metrics::new().context("set up metrics")?.with_per_tenant(cfg.per_tenant_metrics));
         let catalog = catalog_pool(&config, CATALOG_POOL_SIZE)?;
         // The events listener holds its connection for good: a pool of its own.
         let listen_pool = catalog_pool(&config, 1)?;
@@ -108,9 +135,15 @@ impl RouterServer {
             pools: Pools::new(secrets, PoolSettings::from_config(&config), metrics.clone()),
             app: silo_tenant_app::app(),
             metrics,
+            limits: Arc::new(Limits::from_config(cfg)),
+            max_body_bytes: cfg.max_body_bytes,
+            request_timeout: cfg.request_timeout,
         });
         Ok(RouterServer {
             listener,
+            https_listener,
+            https_addr,
+            tls,
             ops_listener,
             local_addr,
             ops_addr,
@@ -118,12 +151,23 @@ impl RouterServer {
             health,
             catalog,
             listen_pool,
+            connections: ConnectionLimits {
+                header_read_timeout: cfg.header_read_timeout,
+                drain_deadline: cfg.shutdown_timeout,
+                max_connections: cfg.max_connections,
+            },
         })
     }
 
     /// The address tenant traffic is served on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address HTTPS is served on: `router.https_listen`, or `router.listen` when TLS is
+    /// configured without it; `None` without TLS.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https_addr
     }
 
     /// The address of `/healthz`, `/readyz` and `/metrics`.
@@ -135,13 +179,17 @@ impl RouterServer {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Self {
             listener,
+            https_listener,
+            tls,
             ops_listener,
             state,
             health,
             catalog,
             listen_pool,
+            connections,
             ..
         } = self;
+        let slots = Arc::new(Semaphore::new(connections.max_connections));
 
         // Background work, stopped after the connections have drained.
         let background = CancellationToken::new();
@@ -153,12 +201,20 @@ impl RouterServer {
         tasks.spawn(async move { pools.sweep(stop).await });
         let (metrics, stop) = (state.metrics.clone(), background.clone());
         tasks.spawn(async move { metrics.upkeep(stop).await });
+        let (limits, stop) = (state.limits.clone(), background.clone());
+        tasks.spawn(async move { limits.upkeep(stop).await });
+        if let Some(tls) = tls.clone() {
+            tasks.spawn(tls.reload(background.clone()));
+        }
 
         // The operations port outlives tenant traffic, so /readyz can say "draining".
         let ops_stop = CancellationToken::new();
         let (ops_health, ops_metrics) = (health.clone(), state.metrics.clone());
         let ops_server = tokio::spawn(serve(
             ops_listener,
+            None,
+            OPS_CONNECTIONS,
+            Arc::new(Semaphore::new(OPS_CONNECTIONS.max_connections)),
             ops_stop.clone(),
             move |request: Request<Incoming>| {
                 let response = ops::respond(&ops_health, &ops_metrics, &request);
@@ -167,10 +223,29 @@ impl RouterServer {
         ));
 
         let tenant_state = state.clone();
-        serve(listener, shutdown, move |request| {
-            handler::handle(tenant_state.clone(), request)
-        })
-        .await;
+        let tenant = move |request: Request<Incoming>| {
+            let state = tenant_state.clone();
+            async move {
+                match tls::misdirected(&request) {
+                    Some(response) => response,
+                    None => handler::handle(state, request).await,
+                }
+            }
+        };
+        // TLS on `listen`, unless `https_listen` takes it (then both are served).
+        let (listener_tls, https) = match https_listener {
+            Some(https) => (None, tls.map(|tls| (https, tls))),
+            None => (tls, None),
+        };
+        let serve_https = async {
+            if let Some((https, tls)) = https {
+                serve(https, Some(tls), connections, slots.clone(), shutdown.clone(), tenant.clone()).await;
+            }
+        };
+        tokio::join!(
+            serve(listener, listener_tls, connections, slots.clone(), shutdown.clone(), tenant.clone()),
+            serve_https
+        );
 
         health.set_draining();
         background.cancel();
@@ -200,10 +275,18 @@ fn catalog_pool(config: &Config, max_connections: u32) -> anyhow::Result<PgPool>
         .connect_lazy_with(options.application_name(APPLICATION_NAME)))
 }
 
-/// Accepts connections until `stop`, serving each with `handle` in a task of its own; then
-/// drains them: graceful shutdown, [`DRAIN_DEADLINE`], then the rest are dropped.
-async fn serve<H, F>(listener: TcpListener, stop: CancellationToken, handle: H)
-where
+/// Accepts connections until `stop`, serving each with `handle` in a task of its own (behind
+/// a TLS handshake when `tls` is set); then drains them: graceful shutdown,
+/// `limits.drain_deadline`, then the rest are dropped. At most as many connections as
+/// `slots` has permits are served at once; beyond that, accepting waits.
+async fn serve<H, F>(
+    listener: TcpListener,
+    tls: Option<Tls>,
+    limits: ConnectionLimits,
+    slots: Arc<Semaphore>,
+    stop: CancellationToken,
+    handle: H,
+) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response> + Send + 'static,
 {
@@ -211,14 +294,20 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(limits.header_read_timeout);
     builder.http2().timer(TokioTimer::new());
-    // Request body limits and request timeouts (a later issue) wrap `handle` here.
     let builder = Arc::new(builder);
     let connections = TaskTracker::new();
     let hard_stop = CancellationToken::new();
 
     loop {
+        let slot = tokio::select! {
+            () = stop.cancelled() => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+        };
         let (stream, peer) = tokio::select! {
             () = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -232,8 +321,18 @@ where
         };
         let _ = stream.set_nodelay(true);
         let (builder, handle, stop, hard_stop) = (builder.clone(), handle.clone(), stop.clone(), hard_stop.clone());
+        let tls = tls.clone();
         connections.spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
+            let _slot = slot;
+            let handshake = tokio::select! {
+                accepted = tls::handshake(tls.as_ref(), stream, peer) => accepted,
+                () = stop.cancelled() => None,
+            };
+            let Some((stream, sni)) = handshake else { return };
+            let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                if let Some(sni) = &sni {
+                    request.extensions_mut().insert(sni.clone());
+                }
                 let response = handle(request);
                 async move { Ok::<_, Infallible>(response.await) }
             });
@@ -260,7 +359,7 @@ where
 
     drop(listener);
     connections.close();
-    if tokio::time::timeout(DRAIN_DEADLINE, connections.wait()).await.is_err() {
+    if tokio::time::timeout(limits.drain_deadline, connections.wait()).await.is_err() {
         tracing::warn!(
             open = connections.len(),
             "connections still open at the drain deadline; closing them"

@@ -51,6 +51,16 @@ pub(crate) enum ApiError {
     Internal(#[source] Box<dyn StdError + Send + Sync>),
 }
 
+/// Response extension on a 503 whose cause was SQLSTATE 28P01 (password authentication
+/// failed): the pool's credentials are stale, e.g. mid-rotation. A host that can refresh the
+/// tenant's credentials (the silo router) does so and retries the request once; no statement
+/// ran on a connection that never logged in, so the retry is safe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatabaseAuthFailed;
+
+/// SQLSTATE `invalid_password`.
+const INVALID_PASSWORD: &str = "28P01";
+
 #[derive(Serialize)]
 struct ErrorBody<'a> {
     error: &'a str,
@@ -97,6 +107,7 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let auth_failed = matches!(&self, ApiError::TenantUnavailable(cause) if is_auth_failure(cause));
         let (status, code) = match &self {
             ApiError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
@@ -146,8 +157,16 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
+        if auth_failed {
+            response.extensions_mut().insert(DatabaseAuthFailed);
+        }
         response
     }
+}
+
+/// Whether `e` is PostgreSQL refusing the pool's password.
+fn is_auth_failure(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some(INVALID_PASSWORD))
 }
 
 /// Displays an error and its sources as `outer: inner: ...`, for one-line logs.

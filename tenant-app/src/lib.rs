@@ -22,6 +22,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
 
+pub use error::DatabaseAuthFailed;
 pub use standalone::SingleTenantServer;
 
 /// Largest request body the app accepts; bigger bodies get 413 `payload_too_large`.

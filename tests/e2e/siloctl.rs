@@ -372,6 +372,7 @@ async fn dev_stack_end_to_end() {
     assert!(slugs.contains(&"demo") && slugs.contains(&slug.as_str()), "{slugs:?}");
 
     // Tenant traffic through the router, as the printed curl line does it.
+    silo_control_plane::install_crypto_provider();
     let http = reqwest::Client::new();
     let tasks = |host: String, key: String| {
         http.get(format!("http://127.0.0.1:{router_port}/api/v1/tasks"))
@@ -385,6 +386,47 @@ async fn dev_stack_end_to_end() {
     assert_eq!(resp.status(), 200);
     let resp = tasks(format!("{slug}.localhost"), demo_key.clone()).await.unwrap();
     assert_eq!(resp.status(), 401, "demo's key must not open another tenant");
+
+    // HTTPS with the dev CA, as the printed `curl --cacert` line does it: HTTP/2 by ALPN.
+    assert!(!printed.iter().any(|l| l.contains("not served yet")), "{printed:#?}");
+    let (ca, https_port) = printed
+        .iter()
+        .find_map(|l| {
+            let rest = l.split("curl --cacert ").nth(1)?;
+            let (ca, url) = rest.split_once(' ')?;
+            let port = url.strip_prefix("https://demo.localhost:")?.split('/').next()?.parse::<u16>().ok()?;
+            Some((PathBuf::from(ca), port))
+        })
+        .unwrap_or_else(|| panic!("no `curl --cacert` line in {printed:#?}"));
+    assert_eq!(ca, data_dir.join("tls/ca.crt"));
+    let https = |host: &str| {
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap())
+            .resolve(host, ([127, 0, 0, 1], https_port).into())
+            .build()
+            .unwrap()
+    };
+    let resp = https("demo.localhost")
+        .get(format!("https://demo.localhost:{https_port}/api/v1/tasks"))
+        .bearer_auth(&demo_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    // A tenant created while dev runs gets its certificate within a few seconds.
+    let host = format!("{slug}.localhost");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let resp = loop {
+        match https(&host).get(format!("https://{host}:{https_port}/api/v1/tasks")).bearer_auth(&key).send().await {
+            Ok(resp) => break resp,
+            Err(e) if Instant::now() > deadline => panic!("no HTTPS for {host} within 15 s: {e:?}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    assert_eq!(resp.status(), 200);
 
     // SIGTERM: everything stops, exit 0.
     let pid = nix::unistd::Pid::from_raw(guard.0.id() as i32);

@@ -204,3 +204,47 @@ async fn delete_drops_everything_and_answers_like_an_unknown_host() {
     stack.create_tenant(&slug).await.unwrap();
     stack.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_admin_password_can_come_from_the_secret_store() {
+    use secrecy::{ExposeSecret, SecretString};
+    use silo_control_plane::config::AdminPassword;
+    use silo_control_plane::server::ControlPlane;
+
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let store = silo_control_plane::secrets::open(&stack.config().secrets, stack.catalog().clone()).await.unwrap();
+    let name = format!("{}servers/pg-1", stack.config().secrets.name_prefix);
+    let value = SecretString::from(json!({"password": stack.pg().password().expose_secret()}).to_string());
+    store.create_secret(&name, &uuid_like(), &value, &[]).await.unwrap();
+
+    let mut config = stack.config().clone();
+    config.servers[0].admin_password = AdminPassword::Secret(name);
+    let token = stack.admin_token().to_owned();
+    config.control_plane.admin_token = Some(SecretString::from(token.clone()));
+    let cp = ControlPlane::bind(config).await.unwrap();
+    let addr = cp.local_addr();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(cp.run(stop.clone()));
+
+    let slug = unique_name("vault");
+    let client = reqwest::Client::new();
+    let created: Value = client
+        .post(format!("http://{addr}/v1/tenants"))
+        .bearer_auth(&token)
+        .json(&json!({"slug": slug}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let job = stack.wait_job(created["job"]["id"].as_i64().unwrap()).await.unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    stack.stop().await.unwrap();
+}
+
+fn uuid_like() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}

@@ -16,8 +16,10 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}{}x{n}x{r}", std::process::id() % 100_000)
 }
 
-/// Turns on test logs when `TEST_LOG=1`.
+/// Turns on test logs when `TEST_LOG=1`, and installs the process's rustls crypto provider
+/// (reqwest needs it: see `silo_control_plane::install_crypto_provider`).
 pub fn init_logging() {
+    silo_control_plane::install_crypto_provider();
     if std::env::var_os("TEST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(

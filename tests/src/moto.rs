@@ -123,6 +123,7 @@ impl MotoServer {
     }
 
     async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        silo_control_plane::install_crypto_provider();
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
             .build()?;

@@ -40,6 +40,8 @@ pub struct StackOptions {
     pub path_prefix_routing: bool,
     /// Extra TOML appended to the generated config (e.g. a `[rotation]` section).
     pub extra_toml: String,
+    /// Extra `key = value` lines inside the generated `[router]` table.
+    pub router_toml: String,
     /// `tenant_migrations_dir` (embedded migrations when None).
     pub tenant_migrations_dir: Option<std::path::PathBuf>,
 }
@@ -51,6 +53,7 @@ impl Default for StackOptions {
             pool_idle_timeout: Duration::from_secs(300),
             path_prefix_routing: false,
             extra_toml: String::new(),
+            router_toml: String::new(),
             tenant_migrations_dir: None,
         }
     }
@@ -63,6 +66,7 @@ pub struct Stack {
     config: Config,
     cp_addr: SocketAddr,
     router_addr: SocketAddr,
+    https_addr: Option<SocketAddr>,
     ops_addr: SocketAddr,
     token: String,
     catalog: PgPool,
@@ -122,11 +126,13 @@ metrics_listen = "127.0.0.1:0"
 base_domains = ["localhost"]
 pool_idle_timeout = "{idle}ms"
 path_prefix_routing = {path}
+{router_extra}
 {extra}
 "#,
             port = pg.port(),
             idle = options.pool_idle_timeout.as_millis(),
             path = options.path_prefix_routing,
+            router_extra = options.router_toml,
             extra = options.extra_toml,
         );
         let path = dir.path().join("silo.toml");
@@ -142,7 +148,7 @@ path_prefix_routing = {path}
         let cp_shutdown = shutdown.child_token();
         let control_plane = Some((cp_shutdown.clone(), tokio::spawn(cp.run(cp_shutdown))));
         let router = RouterServer::bind(config.clone()).await.context("start the router")?;
-        let (router_addr, ops_addr) = (router.local_addr(), router.ops_addr());
+        let (router_addr, https_addr, ops_addr) = (router.local_addr(), router.https_addr(), router.ops_addr());
         let router = Some(tokio::spawn(router.run(shutdown.clone())));
         let catalog = PgPoolOptions::new()
             .max_connections(4)
@@ -154,6 +160,7 @@ path_prefix_routing = {path}
             config,
             cp_addr,
             router_addr,
+            https_addr,
             ops_addr,
             token,
             catalog,
@@ -197,6 +204,11 @@ path_prefix_routing = {path}
     /// Router tenant-traffic address.
     pub fn router_addr(&self) -> SocketAddr {
         self.router_addr
+    }
+
+    /// Router HTTPS address (`router.https_listen`, or `listen` when TLS is on it).
+    pub fn router_https_addr(&self) -> Option<SocketAddr> {
+        self.https_addr
     }
 
     /// Router ops address.

@@ -23,7 +23,7 @@ fn parse_id(id: &str) -> Result<i64, ApiError> {
 /// `GET /v1/jobs/{id}`.
 pub async fn show(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Json<jobs::Job>, ApiError> {
     let id = parse_id(&id)?;
-    jobs::get(&state.catalog, id)
+    jobs::get(&mut *state.catalog.acquire().await?, id)
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::NotFound("job_not_found", format!("job {id} does not exist")))

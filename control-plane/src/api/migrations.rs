@@ -62,7 +62,7 @@ pub async fn start(
             .fetch_optional(&mut *tx)
             .await?;
     let job = match running {
-        Some(id) => jobs::get_in(&mut tx, id).await?,
+        Some(id) => jobs::get(&mut tx, id).await?,
         None => {
             let params = serde_json::to_value(&params).map_err(|e| ApiError::Internal(e.into()))?;
             let job = jobs::enqueue(&mut tx, "migrate", None, params.clone()).await?;

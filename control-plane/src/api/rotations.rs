@@ -10,11 +10,11 @@ use sqlx::PgConnection;
 use super::auth::Actor;
 use super::error::ApiError;
 use super::extract::{Body, Path};
+use super::tenants::parse_slug;
 use super::ApiState;
 use crate::catalog::routes::TenantStatus;
 use crate::catalog::tenants;
 use crate::config::RotationStrategy;
-use crate::names::TenantSlug;
 use crate::rotation::RotateParams;
 use crate::{audit, jobs, schedule};
 
@@ -45,7 +45,7 @@ async fn queue_one(
     slug: &str,
     strategy: RotationStrategy,
 ) -> Result<jobs::Job, ApiError> {
-    let slug = TenantSlug::parse(slug).map_err(|e| ApiError::BadRequest("invalid_slug", e.to_string()))?;
+    let slug = parse_slug(slug)?;
     match tenants::lock_status(tx, slug.as_str()).await? {
         None | Some(TenantStatus::Deleted) => return Err(ApiError::tenant_not_found(slug.as_str())),
         Some(TenantStatus::Active | TenantStatus::Suspended) => {}

@@ -30,7 +30,7 @@ pub struct CreateTenant {
     server: Option<String>,
 }
 
-fn parse_slug(slug: &str) -> Result<TenantSlug, ApiError> {
+pub(super) fn parse_slug(slug: &str) -> Result<TenantSlug, ApiError> {
     TenantSlug::parse(slug).map_err(|e| ApiError::BadRequest("invalid_slug", e.to_string()))
 }
 

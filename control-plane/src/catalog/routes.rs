@@ -61,6 +61,8 @@ pub struct TenantRoute {
     pub server: String,
     /// The database name.
     pub database: String,
+    /// The tenant's plan (the router's per-plan limits).
+    pub plan: String,
 }
 
 #[derive(sqlx::FromRow)]
@@ -69,6 +71,7 @@ struct RouteRow {
     status: String,
     server: String,
     database: String,
+    plan: String,
 }
 
 impl TryFrom<RouteRow> for TenantRoute {
@@ -79,6 +82,7 @@ impl TryFrom<RouteRow> for TenantRoute {
             slug: r.slug,
             server: r.server,
             database: r.database,
+            plan: r.plan,
         })
     }
 }
@@ -86,7 +90,7 @@ impl TryFrom<RouteRow> for TenantRoute {
 /// The route of tenant `slug`, if the catalog has one (deleted tenants included; the caller
 /// treats `Deleted` like unknown).
 pub async fn by_slug(pool: &PgPool, slug: &str) -> Result<Option<TenantRoute>, sqlx::Error> {
-    sqlx::query_as::<_, RouteRow>("SELECT slug, status, server, database FROM tenants WHERE slug = $1")
+    sqlx::query_as::<_, RouteRow>("SELECT slug, status, server, database, plan FROM tenants WHERE slug = $1")
         .bind(slug)
         .fetch_optional(pool)
         .await?
@@ -97,7 +101,7 @@ pub async fn by_slug(pool: &PgPool, slug: &str) -> Result<Option<TenantRoute>, s
 /// The route of the tenant that registered custom domain `domain` (lower case, no port).
 pub async fn by_domain(pool: &PgPool, domain: &str) -> Result<Option<TenantRoute>, sqlx::Error> {
     sqlx::query_as::<_, RouteRow>(
-        "SELECT t.slug, t.status, t.server, t.database FROM tenant_domains d \
+        "SELECT t.slug, t.status, t.server, t.database, t.plan FROM tenant_domains d \
          JOIN tenants t ON t.slug = d.slug WHERE d.domain = $1",
     )
     .bind(domain)

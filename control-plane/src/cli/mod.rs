@@ -61,6 +61,7 @@ pub fn run() -> i32 {
             .unwrap_or_default();
         let _ = writeln!(std::io::stderr(), "error: internal error: {}", one_line(&message));
     }));
+    crate::install_crypto_provider();
     std::panic::catch_unwind(run_cli).unwrap_or(1)
 }
 

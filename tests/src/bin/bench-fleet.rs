@@ -69,6 +69,22 @@ async fn rollout(stack: &Stack, tenants: &[String], concurrency: Option<usize>) 
     Ok((elapsed, percentile(&per_tenant, 0.5)))
 }
 
+/// Where provisioning time goes: the control plane's own step timings (median).
+async fn print_step_medians(stack: &Stack) -> anyhow::Result<()> {
+    let text = reqwest::get(format!("http://{}/metrics", stack.control_plane_addr())).await?.text().await?;
+    println!("\ncontrol plane timings with the template, median ms:");
+    for line in text.lines() {
+        let wanted = (line.starts_with("silo_job_step_seconds{") && line.contains("kind=\"provision\""))
+            || line.starts_with("silo_job_wait_seconds{");
+        if wanted && line.contains("quantile=\"0.5\"") {
+            let (labels, value) = line.rsplit_once(' ').context("metric line")?;
+            let ms = value.parse::<f64>().unwrap_or(f64::NAN) * 1000.0;
+            println!("    {labels:<70} {ms:>7.1}");
+        }
+    }
+    Ok(())
+}
+
 fn add_migration(dir: &std::path::Path, version: u32) -> anyhow::Result<()> {
     std::fs::write(
         dir.join(format!("{version:04}_bench_column_{version}.sql")),
@@ -90,11 +106,13 @@ async fn main() -> anyhow::Result<()> {
     };
     println!("silo fleet benchmark: {n} tenants, PostgreSQL on 127.0.0.1, local secret store");
 
+    // Templates first, so the control plane's step timings printed below are theirs alone.
+    let stack = Stack::start(options(true)).await?;
+    let (slugs, with) = provision_times(&stack, "tmpl", n).await?;
+    print_step_medians(&stack).await?;
     let plain = Stack::start(options(false)).await?;
     let (_, without) = provision_times(&plain, "plain", n).await?;
     plain.stop().await?;
-    let stack = Stack::start(options(true)).await?;
-    let (slugs, with) = provision_times(&stack, "tmpl", n).await?;
     println!("\nprovisioning, ms per tenant        p50      p95");
     println!("  empty database + migrations  {:>8.1} {:>8.1}", percentile(&without, 0.5), percentile(&without, 0.95));
     println!("  from the template            {:>8.1} {:>8.1}", percentile(&with, 0.5), percentile(&with, 0.95));

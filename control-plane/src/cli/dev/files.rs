@@ -1,6 +1,7 @@
 //! What `siloctl dev` keeps in its data dir, prepared before anything starts: the generated
-//! secrets (kept across runs), the PostgreSQL ports (`ports.toml`, stable across runs) and
-//! the `silo.toml` the control plane and router run from.
+//! secrets (kept across runs), the dev CA and the router's certificate (`tls/`), the
+//! PostgreSQL ports (`ports.toml`, stable across runs) and the `silo.toml` the control plane
+//! and router run from.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::args::{DevArgs, SecretsKind};
 use crate::config::Config;
 use crate::localpg::{free_port, write_private};
+use super::tls::DevTls;
 
 /// Environment variable the dev config names for every dev cluster's superuser password.
 pub(super) const PG_PASSWORD_ENV: &str = "SILO_DEV_PG_PASSWORD";
@@ -38,6 +40,10 @@ pub(super) struct Prepared {
     pub(super) api_port: u16,
     /// Router HTTP port.
     pub(super) http_port: u16,
+    /// Router HTTPS port.
+    pub(super) https_port: u16,
+    /// The dev CA and the router's `*.localhost` certificate.
+    pub(super) tls: DevTls,
     /// Router operations port.
     pub(super) metrics_port: u16,
     /// Held while the stack runs: one `siloctl dev` per data dir.
@@ -87,6 +93,8 @@ pub(super) fn prepare(args: &DevArgs) -> anyhow::Result<Prepared> {
     let pg_ports = pg_ports(&data_dir, usize::from(args.servers), &mut taken)?;
     let api_port = listen_port("--api-port", args.api_port, &mut taken)?;
     let http_port = listen_port("--http-port", args.http_port, &mut taken)?;
+    let https_port = listen_port("--https-port", args.https_port, &mut taken)?;
+    let tls = DevTls::prepare(&data_dir)?;
     let metrics_port = listen_port("--metrics-port", args.metrics_port, &mut taken)?;
 
     let prepared = Prepared {
@@ -97,6 +105,8 @@ pub(super) fn prepare(args: &DevArgs) -> anyhow::Result<Prepared> {
         pg_ports,
         api_port,
         http_port,
+        https_port,
+        tls,
         metrics_port,
         _lock: lock,
     };
@@ -245,8 +255,16 @@ fn render_config(args: &DevArgs, p: &Prepared) -> String {
     }
     s.push_str(&format!(
         "\n[control_plane]\nlisten = \"127.0.0.1:{}\"\nadmin_token_env = \"SILO_ADMIN_TOKEN\"\n\n[router]\nlisten = \"127.0.0.1:{}\"\n\
-         base_domains = [\"localhost\"]\nmetrics_listen = \"127.0.0.1:{}\"\n",
-        p.api_port, p.http_port, p.metrics_port
+         base_domains = [\"localhost\"]\nmetrics_listen = \"127.0.0.1:{}\"\n\
+         https_listen = \"127.0.0.1:{}\"\ntls_cert_file = {}\ntls_key_file = {}\ntls_sni_dir = {}\n\
+         tls_sni_reload_interval = \"1s\"\n",
+        p.api_port,
+        p.http_port,
+        p.metrics_port,
+        p.https_port,
+        q(&p.tls.cert_file.display().to_string()),
+        q(&p.tls.key_file.display().to_string()),
+        q(&p.tls.sni_dir.display().to_string()),
     ));
     s
 }

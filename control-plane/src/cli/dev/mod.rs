@@ -2,12 +2,14 @@
 //! dir, the catalog, the control plane and the router as child processes, the siloctl
 //! context for later calls; Ctrl-C (or SIGTERM) stops everything it started.
 //!
-//! Order: prepare files and ports (no threads yet: it exports env vars) → start clusters →
-//! catalog database → control plane → router → wait until both answer → write the context →
-//! demo tenant → print `ready` → wait for a signal or a child's death → stop in reverse.
+//! Order: prepare files, ports and the dev CA (no threads yet: it exports env vars) → start
+//! clusters → catalog database → control plane → router → wait until both answer → write the
+//! context → demo tenant → print `ready` → wait for a signal or a child's death → stop in
+//! reverse.
 
 mod children;
 mod files;
+mod tls;
 
 use std::time::{Duration, Instant};
 
@@ -23,11 +25,14 @@ use crate::localpg::{ClusterOptions, LocalCluster};
 use crate::names::TenantSlug;
 use children::{sibling_binary, Child};
 use files::{server_name, Prepared, DATA_DIR_HINT};
+use tls::DevTls;
 
 /// How long the control plane and router get to answer after they start.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the children get to stop after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(8);
+/// How often new tenants are looked for, to issue their `{slug}.localhost` certificates.
+const TENANT_CERTS_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Runs `siloctl dev` until a signal, then stops everything.
 pub(crate) fn run(args: DevArgs) -> anyhow::Result<()> {
@@ -88,26 +93,37 @@ impl Stack {
 async fn run_stack(args: &DevArgs, p: &Prepared, stack: &mut Stack) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
-    tokio::select! {
+    let client = tokio::select! {
         result = start(args, p, stack) => result?,
         _ = sigterm.recv() => bail!("interrupted before the stack was ready"),
         _ = sigint.recv() => bail!("interrupted before the stack was ready"),
-    }
+    };
     say!("ready");
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut certs_tick = tokio::time::interval(TENANT_CERTS_INTERVAL);
+    let mut certs_error = None;
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = tick.tick() => stack.check_children()?,
+            _ = certs_tick.tick() => {
+                // Reported once per distinct cause: the control plane may be restarting.
+                let error = issue_tenant_certificates(&client, &p.tls).await.err().map(|e| format!("{e:#}"));
+                if let Some(e) = error.as_ref().filter(|e| certs_error.as_ref() != Some(*e)) {
+                    eprintln!("warning: tenant certificates: {e}");
+                }
+                certs_error = error;
+            }
         }
     }
     say!("stopping");
     Ok(())
 }
 
-/// Starts every component and prints where they are; `ready` follows.
-async fn start(args: &DevArgs, p: &Prepared, stack: &mut Stack) -> anyhow::Result<()> {
+/// Starts every component and prints where they are; `ready` follows. Returns an admin API
+/// client for the stack.
+async fn start(args: &DevArgs, p: &Prepared, stack: &mut Stack) -> anyhow::Result<ApiClient> {
     let control_plane = sibling_binary("silo-control-plane")?;
     let router = sibling_binary("silo-router")?;
 
@@ -144,15 +160,16 @@ async fn start(args: &DevArgs, p: &Prepared, stack: &mut Stack) -> anyhow::Resul
         context::write_env_file(path, &endpoint, &p.admin_token)?;
     }
 
+    let client = ApiClient::new(ApiContext { endpoint: endpoint.clone(), token: p.admin_token.clone() })?;
     if args.demo {
-        let ctx = ApiContext { endpoint: endpoint.clone(), token: p.admin_token.clone() };
-        demo(&ApiClient::new(ctx)?, p.http_port).await?;
+        demo(&client, p).await?;
     }
+    issue_tenant_certificates(&client, &p.tls).await?;
 
     say!("silo dev stack (data dir {})", p.data_dir.display());
     say!("  tenants      http://{{slug}}.localhost:{}/", p.http_port);
     say!("  router       http://127.0.0.1:{}", p.http_port);
-    say!("  https        not served yet (--https-port {} is reserved for it)", args.https_port);
+    say!("  https        https://{{slug}}.localhost:{}/ (certificate from the dev CA {})", p.https_port, p.tls.ca_cert.display());
     say!("  admin API    {endpoint}");
     say!("  metrics      http://127.0.0.1:{}/metrics", p.metrics_port);
     for (i, port) in p.pg_ports.iter().enumerate() {
@@ -164,7 +181,34 @@ async fn start(args: &DevArgs, p: &Prepared, stack: &mut Stack) -> anyhow::Resul
         None => say!("  env file     {}", env_file.display()),
     }
     say!("  admin token  {}", p.admin_token.expose_secret());
+    say!("trust the dev CA for HTTPS:");
+    say!("  curl         curl --cacert {} https://demo.localhost:{}/api/v1/tasks", p.tls.ca_cert.display(), p.https_port);
+    say!("  system       {}", system_trust_command(&p.tls.ca_cert));
+    Ok(client)
+}
+
+/// Issues the `{slug}.localhost` certificate of every tenant that has none yet (a
+/// `*.localhost` wildcard is refused by TLS clients, see [`tls`]); the router picks them up
+/// from its SNI dir.
+async fn issue_tenant_certificates(client: &ApiClient, tls: &DevTls) -> anyhow::Result<()> {
+    let list = client.get("/v1/tenants").await.map_err(|e| anyhow!("list tenants: {e}"))?;
+    let slugs = list["items"].as_array().into_iter().flatten().filter_map(|t| t["slug"].as_str());
+    for slug in slugs {
+        // Checked: the slug names a file.
+        let Ok(slug) = TenantSlug::parse(slug) else { continue };
+        tls.ensure_tenant(slug.as_str())?;
+    }
     Ok(())
+}
+
+/// A one-liner that adds the dev CA to the system trust store.
+fn system_trust_command(ca: &std::path::Path) -> String {
+    let ca = ca.display();
+    if cfg!(target_os = "macos") {
+        format!("sudo security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain {ca}")
+    } else {
+        format!("sudo cp {ca} /usr/local/share/ca-certificates/silo-dev-ca.crt && sudo update-ca-certificates")
+    }
 }
 
 async fn create_catalog_database(pg1: &LocalCluster) -> anyhow::Result<()> {
@@ -215,7 +259,7 @@ async fn wait_healthy(p: &Prepared, stack: &mut Stack) -> anyhow::Result<()> {
 }
 
 /// Creates tenant `demo` unless it exists, and prints how to call it.
-async fn demo(client: &ApiClient, http_port: u16) -> anyhow::Result<()> {
+async fn demo(client: &ApiClient, p: &Prepared) -> anyhow::Result<()> {
     let slug = TenantSlug::parse("demo").map_err(|e| anyhow!("{e}"))?;
     match client.get("/v1/tenants/demo").await {
         Ok(_) => {
@@ -233,6 +277,11 @@ async fn demo(client: &ApiClient, http_port: u16) -> anyhow::Result<()> {
     super::commands::create_and_wait(client, &slug, &created).await.context("create tenant demo")?;
     let key = created.get("api_key").and_then(|k| k.as_str()).unwrap_or_default();
     say!("tenant demo created; its API key (shown once): {key}");
-    say!("  curl -H 'Authorization: Bearer {key}' http://demo.localhost:{http_port}/api/v1/tasks");
+    say!("  curl -H 'Authorization: Bearer {key}' http://demo.localhost:{}/api/v1/tasks", p.http_port);
+    say!(
+        "  curl --cacert {} -H 'Authorization: Bearer {key}' https://demo.localhost:{}/api/v1/tasks",
+        p.tls.ca_cert.display(),
+        p.https_port
+    );
     Ok(())
 }

@@ -1,0 +1,376 @@
+//! The router under pressure: credentials that change under a warm pool, the connection
+//! budget per server, per-tenant limits, protection (timeouts, body limit, shutdown) and
+//! faults (a database that goes away and comes back).
+//!
+//! Metric assertions assume one test per process (`cargo nextest run`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use secrecy::ExposeSecret;
+use silo_control_plane::secrets::{self, DbSecret, AWSCURRENT, AWSPENDING};
+use silo_tests::stack::{Stack, StackOptions};
+use silo_tests::unique_name;
+use sqlx::{ConnectOptions, Connection};
+
+async fn stack_with(router_toml: &str) -> Stack {
+    Stack::start(StackOptions {
+        router_toml: router_toml.to_owned(),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// Superuser connection to the tenants' cluster.
+async fn superuser(stack: &Stack) -> sqlx::PgConnection {
+    stack.pg().admin_options("postgres").connect().await.unwrap()
+}
+
+/// Terminates the router's sessions on `database`.
+async fn terminate_router_sessions(stack: &Stack, database: &str) -> i64 {
+    let mut admin = superuser(stack).await;
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND application_name = 'silo-router') t",
+    )
+    .bind(database)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    admin.close().await.unwrap();
+    n
+}
+
+/// A rotation half done (`single`: PostgreSQL already has the AWSPENDING password,
+/// AWSCURRENT has not moved yet, no event sent): a warm pool that must open new
+/// connections switches to the pending secret and no request fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn pending_password_is_used_when_the_current_one_is_refused() {
+    let stack = Arc::new(stack_with("").await);
+    let slug = unique_name("pend");
+    let key = stack.create_tenant(&slug).await.unwrap();
+    let host = format!("{slug}.localhost");
+    let get = || {
+        stack
+            .tenant_request(Method::GET, &host, "/api/v1/tasks")
+            .bearer_auth(&key)
+    };
+    assert_eq!(get().send().await.unwrap().status(), StatusCode::OK, "warm the pool");
+
+    // Stage a new password as AWSPENDING and set it in PostgreSQL, as `set_secret` does.
+    let store = secrets::open(&stack.config().secrets, stack.catalog().clone())
+        .await
+        .unwrap();
+    let name = stack.secret_name(&slug);
+    let current = store.get_secret_value(&name, AWSCURRENT).await.unwrap().unwrap();
+    let mut pending = DbSecret::from_secret(&current.value, &name).unwrap();
+    pending.password = secrets::generate_password();
+    let version = uuid_like();
+    store
+        .put_secret_value(&name, &version, &pending.to_secret_string(), &[AWSPENDING])
+        .await
+        .unwrap();
+    let mut admin = superuser(&stack).await;
+    let alter = format!(
+        "ALTER ROLE \"{}\" PASSWORD '{}'",
+        pending.username,
+        pending.password.expose_secret()
+    );
+    sqlx::query(sqlx::AssertSqlSafe(alter))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+
+    // Force new connections: the pool's sessions are gone, and the idle ones are noticed.
+    assert!(terminate_router_sessions(&stack, &pending.dbname).await >= 1);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    for i in 0..10 {
+        let resp = get().send().await.unwrap();
+        let status = resp.status();
+        assert_eq!(status, StatusCode::OK, "request {i}: {}", resp.text().await.unwrap());
+    }
+    // Concurrent requests open more connections, all with the pending password.
+    let mut concurrent = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let request = get();
+        concurrent.spawn(async move { request.send().await.unwrap().status() });
+    }
+    let results = concurrent.join_all().await;
+    assert!(results.iter().all(|s| *s == StatusCode::OK), "{results:?}");
+    let metrics = stack.router_metrics().await.unwrap();
+    assert!(
+        metrics.contains(r#"silo_router_credential_switches_total{stage="AWSPENDING"} 1"#),
+        "{metrics}"
+    );
+    admin.close().await.unwrap();
+}
+
+fn uuid_like() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Creates `n` tenants named `{prefix}-{i}`, `parallel` at a time; returns (slug, key).
+async fn create_tenants(stack: &Arc<Stack>, prefix: &str, n: usize, parallel: usize) -> Vec<(String, String)> {
+    let slugs: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    let mut out = Vec::with_capacity(n);
+    for chunk in slugs.chunks(parallel) {
+        let mut set = tokio::task::JoinSet::new();
+        for slug in chunk {
+            let (stack, slug) = (stack.clone(), slug.clone());
+            set.spawn(async move {
+                let key = stack.create_tenant(&slug).await.unwrap();
+                (slug, key)
+            });
+        }
+        out.extend(set.join_all().await);
+    }
+    out
+}
+
+/// Router sessions on tenant databases, as PostgreSQL sees them.
+async fn router_tenant_sessions(admin: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE application_name = 'silo-router' AND datname LIKE 'tenant\\_%'",
+    )
+    .fetch_one(admin)
+    .await
+    .unwrap()
+}
+
+/// 300 tenants, a budget of 20: traffic across all of them succeeds, and PostgreSQL never
+/// sees more than 20 router connections to tenant databases.
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_budget_holds_across_300_tenants() {
+    const BUDGET: i64 = 20;
+    let stack = Arc::new(
+        stack_with("connection_budget_per_server = 20\nmax_connections_per_tenant = 2\nbudget_wait = \"5s\"").await,
+    );
+    let prefix = unique_name("bud");
+    let tenants = Arc::new(create_tenants(&stack, &prefix, 300, 8).await);
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sampler = {
+        let (stack, stop) = (stack.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut admin = superuser(&stack).await;
+            let (mut peak, mut samples) = (0, 0);
+            while !stop.is_cancelled() {
+                peak = peak.max(router_tenant_sessions(&mut admin).await);
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (peak, samples)
+        })
+    };
+
+    let mut clients = tokio::task::JoinSet::new();
+    for c in 0..8usize {
+        let (stack, tenants) = (stack.clone(), tenants.clone());
+        clients.spawn(async move {
+            let mut failures = Vec::new();
+            // Two passes over every tenant, each client in its own order.
+            for i in 0..tenants.len() * 2 / 8 {
+                let (slug, key) = &tenants[(i * 8 + c) * 37 % tenants.len()];
+                let resp = stack
+                    .tenant_request(Method::GET, &format!("{slug}.localhost"), "/api/v1/tasks?limit=1")
+                    .bearer_auth(key)
+                    .send()
+                    .await
+                    .unwrap();
+                if resp.status() != StatusCode::OK {
+                    failures.push(format!(
+                        "{slug}: {} {}",
+                        resp.status(),
+                        resp.text().await.unwrap_or_default()
+                    ));
+                }
+            }
+            failures
+        });
+    }
+    let failures: Vec<String> = clients.join_all().await.into_iter().flatten().collect();
+    stop.cancel();
+    let (peak, samples) = sampler.await.unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(samples > 10, "the sampler ran ({samples} samples)");
+    assert!(peak <= BUDGET, "peak {peak} router connections > budget {BUDGET}");
+    assert!(peak >= BUDGET / 2, "the budget was used (peak {peak})");
+    let metrics = stack.router_metrics().await.unwrap();
+    assert!(
+        metrics.contains(r#"silo_router_pool_evictions_total{cause="budget"}"#),
+        "{metrics}"
+    );
+}
+
+/// A tenant over its plan's rate gets 429 `rate_limited` with `Retry-After`; another
+/// tenant's concurrent requests all succeed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_over_its_rate_gets_429_and_others_are_served() {
+    let stack = Arc::new(
+        Stack::start(StackOptions {
+            extra_toml: "[router.plans.tiny]\nrequests_per_second = 1\nburst = 5\nmax_in_flight = 50\n".into(),
+            ..StackOptions::default()
+        })
+        .await
+        .unwrap(),
+    );
+    let (a, b) = (unique_name("noisy"), unique_name("calm"));
+    let key_a = stack
+        .create_tenant_with(serde_json::json!({ "slug": a, "plan": "tiny" }))
+        .await
+        .unwrap();
+    let key_b = stack.create_tenant(&b).await.unwrap();
+
+    let noisy = {
+        let (stack, a, key_a) = (stack.clone(), a.clone(), key_a.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut limited) = (0, Vec::new());
+            for _ in 0..30 {
+                let resp = stack
+                    .tenant_request(Method::GET, &format!("{a}.localhost"), "/api/v1/tasks")
+                    .bearer_auth(&key_a)
+                    .send()
+                    .await
+                    .unwrap();
+                match resp.status() {
+                    StatusCode::OK => ok += 1,
+                    StatusCode::TOO_MANY_REQUESTS => {
+                        let retry_after = resp.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap();
+                        let body: serde_json::Value = resp.json().await.unwrap();
+                        limited.push((retry_after, body["error"].as_str().unwrap_or_default().to_owned()));
+                    }
+                    other => panic!("noisy tenant: unexpected {other}"),
+                }
+            }
+            (ok, limited)
+        })
+    };
+    let mut calm = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (stack, b, key_b) = (stack.clone(), b.clone(), key_b.clone());
+        calm.spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in 0..15 {
+                let resp = stack
+                    .tenant_request(Method::GET, &format!("{b}.localhost"), "/api/v1/tasks")
+                    .bearer_auth(&key_b)
+                    .send()
+                    .await
+                    .unwrap();
+                statuses.push(resp.status());
+            }
+            statuses
+        });
+    }
+    let (ok, limited) = noisy.await.unwrap();
+    let calm: Vec<StatusCode> = calm.join_all().await.into_iter().flatten().collect();
+    assert!(calm.iter().all(|s| *s == StatusCode::OK), "the calm tenant: {calm:?}");
+    assert!(
+        (5..=10).contains(&ok),
+        "the noisy tenant got its burst and little more: {ok}"
+    );
+    assert!(!limited.is_empty());
+    assert!(
+        limited.iter().all(|(secs, code)| *secs >= 1 && code == "rate_limited"),
+        "{limited:?}"
+    );
+}
+
+/// A client that never finishes its request head is disconnected after
+/// `router.header_read_timeout`; a body over `router.max_body_bytes` gets 413 JSON.
+#[tokio::test(flavor = "multi_thread")]
+async fn slowloris_is_cut_off_and_oversize_bodies_get_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stack = stack_with("header_read_timeout = \"1s\"").await;
+    let slug = unique_name("prot");
+    let key = stack.create_tenant(&slug).await.unwrap();
+
+    let mut slow = tokio::net::TcpStream::connect(stack.router_addr()).await.unwrap();
+    slow.write_all(b"GET /api/v1/tasks HTTP/1.1\r\nHost: x").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf)).await;
+    let elapsed = started.elapsed();
+    assert!(read.is_ok(), "the connection was not closed within 5 s");
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(3),
+        "closed after {elapsed:?}"
+    );
+
+    let big = serde_json::json!({ "title": "x".repeat(70 * 1024) });
+    let resp = stack
+        .tenant_request(Method::POST, &format!("{slug}.localhost"), "/api/v1/tasks")
+        .bearer_auth(&key)
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "payload_too_large");
+    // A body within the limit still works.
+    let resp = stack
+        .tenant_request(Method::POST, &format!("{slug}.localhost"), "/api/v1/tasks")
+        .bearer_auth(&key)
+        .json(&serde_json::json!({ "title": "small" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    stack.stop().await.unwrap();
+}
+
+/// The tenants' PostgreSQL server stops: requests get 503 `tenant_unavailable` within the
+/// connect timeout (no hang); it comes back: requests succeed again, same router.
+#[tokio::test(flavor = "multi_thread")]
+async fn database_down_is_503_within_the_connect_timeout_and_recovers() {
+    let stack = stack_with("connect_timeout = \"2s\"").await;
+    let slug = unique_name("down");
+    let key = stack.create_tenant(&slug).await.unwrap();
+    let host = format!("{slug}.localhost");
+    let get = || {
+        stack
+            .tenant_request(Method::GET, &host, "/api/v1/tasks")
+            .bearer_auth(&key)
+            .send()
+    };
+    assert_eq!(get().await.unwrap().status(), StatusCode::OK);
+
+    stack.pg().stop();
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let resp = get().await.unwrap();
+        let elapsed = started.elapsed();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(resp.headers().contains_key("retry-after"));
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["error"], "tenant_unavailable");
+        assert!(elapsed < Duration::from_millis(4500), "answered after {elapsed:?}");
+    }
+
+    stack.pg().restart().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if get().await.unwrap().status() == StatusCode::OK {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not serving again after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Once back, it keeps serving.
+    for _ in 0..5 {
+        assert_eq!(get().await.unwrap().status(), StatusCode::OK);
+    }
+}
