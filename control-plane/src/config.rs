@@ -45,7 +45,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), problem: problem.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
 }
 
 #[derive(Deserialize)]
@@ -664,8 +667,12 @@ pub struct TlsFiles {
 }
 
 fn duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(value)
-        .map_err(|e| invalid(key, format!("{value:?} is not a duration like \"30s\", \"5m\", \"30d\": {e}")))
+    humantime::parse_duration(value).map_err(|e| {
+        invalid(
+            key,
+            format!("{value:?} is not a duration like \"30s\", \"5m\", \"30d\": {e}"),
+        )
+    })
 }
 
 fn socket_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -678,11 +685,16 @@ impl Config {
     /// Reads and validates the config file at `path`; relative paths in it are relative to
     /// the file's directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::parse(&text, base).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.to_owned(), message },
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
             other => other,
         })
     }
@@ -706,39 +718,54 @@ impl Config {
         }
         let catalog = CatalogConfig {
             url: raw.catalog_url,
-            password: std::env::var(CATALOG_PASSWORD_ENV).ok().filter(|p| !p.is_empty()).map(SecretString::from),
+            password: std::env::var(CATALOG_PASSWORD_ENV)
+                .ok()
+                .filter(|p| !p.is_empty())
+                .map(SecretString::from),
         };
 
-        let backend = match raw.secrets.backend.as_str() {
-            "local" => SecretsBackend::Local {
-                master_key_file: resolve(
-                    raw.secrets
-                        .local_master_key_file
-                        .ok_or_else(|| invalid("secrets.local_master_key_file", "is required with backend = \"local\""))?,
-                ),
-            },
-            "aws" => {
-                let days = raw.secrets.aws_recovery_window_days;
-                if !(7..=30).contains(&days) {
-                    return Err(invalid("secrets.aws_recovery_window_days", "must be between 7 and 30"));
+        let backend =
+            match raw.secrets.backend.as_str() {
+                "local" => SecretsBackend::Local {
+                    master_key_file: resolve(raw.secrets.local_master_key_file.ok_or_else(|| {
+                        invalid("secrets.local_master_key_file", "is required with backend = \"local\"")
+                    })?),
+                },
+                "aws" => {
+                    let days = raw.secrets.aws_recovery_window_days;
+                    if !(7..=30).contains(&days) {
+                        return Err(invalid("secrets.aws_recovery_window_days", "must be between 7 and 30"));
+                    }
+                    SecretsBackend::Aws {
+                        region: raw
+                            .secrets
+                            .aws_region
+                            .ok_or_else(|| invalid("secrets.aws_region", "is required with backend = \"aws\""))?,
+                        endpoint_url: raw.secrets.aws_endpoint_url,
+                        recovery_window_days: days,
+                    }
                 }
-                SecretsBackend::Aws {
-                    region: raw
-                        .secrets
-                        .aws_region
-                        .ok_or_else(|| invalid("secrets.aws_region", "is required with backend = \"aws\""))?,
-                    endpoint_url: raw.secrets.aws_endpoint_url,
-                    recovery_window_days: days,
+                other => {
+                    return Err(invalid(
+                        "secrets.backend",
+                        format!("must be \"local\" or \"aws\", not {other:?}"),
+                    ))
                 }
-            }
-            other => return Err(invalid("secrets.backend", format!("must be \"local\" or \"aws\", not {other:?}"))),
+            };
+        let secrets = SecretsConfig {
+            backend,
+            name_prefix: raw.secrets.name_prefix,
         };
-        let secrets = SecretsConfig { backend, name_prefix: raw.secrets.name_prefix };
 
         let mut servers: Vec<ServerConfig> = Vec::with_capacity(raw.servers.len());
         for (i, s) in raw.servers.into_iter().enumerate() {
             let key = |field: &str| format!("servers[{i}].{field}");
-            if s.name.is_empty() || !s.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            if s.name.is_empty()
+                || !s
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
                 return Err(invalid(key("name"), "must be non-empty letters, digits, '-' or '_'"));
             }
             if servers.iter().any(|o| o.name == s.name) {
@@ -773,14 +800,21 @@ impl Config {
         }
         let control_plane = ControlPlaneConfig {
             listen: socket_addr("control_plane.listen", &cp.listen)?,
-            admin_token: std::env::var(&cp.admin_token_env).ok().filter(|t| !t.is_empty()).map(SecretString::from),
+            admin_token: std::env::var(&cp.admin_token_env)
+                .ok()
+                .filter(|t| !t.is_empty())
+                .map(SecretString::from),
             admin_token_env: cp.admin_token_env,
             workers: cp.workers,
             job_lease: duration("control_plane.job_lease", &cp.job_lease)?,
         };
 
         let rotation = RotationConfig {
-            strategy: raw.rotation.strategy.parse().map_err(|e: String| invalid("rotation.strategy", e))?,
+            strategy: raw
+                .rotation
+                .strategy
+                .parse()
+                .map_err(|e: String| invalid("rotation.strategy", e))?,
             interval: duration("rotation.interval", &raw.rotation.interval)?,
             jitter: duration("rotation.jitter", &raw.rotation.jitter)?,
             max_concurrent: raw.rotation.max_concurrent.max(1),
@@ -814,10 +848,16 @@ impl Config {
                 sni_reload_interval: duration("router.tls_sni_reload_interval", &r.tls_sni_reload_interval)?,
             }),
             (None, None) if r.tls_sni_dir.is_some() => {
-                return Err(invalid("router.tls_sni_dir", "needs router.tls_cert_file and router.tls_key_file"))
+                return Err(invalid(
+                    "router.tls_sni_dir",
+                    "needs router.tls_cert_file and router.tls_key_file",
+                ))
             }
             (None, None) if r.https_listen.is_some() => {
-                return Err(invalid("router.https_listen", "needs router.tls_cert_file and router.tls_key_file"))
+                return Err(invalid(
+                    "router.https_listen",
+                    "needs router.tls_cert_file and router.tls_key_file",
+                ))
             }
             (None, None) => None,
             (Some(_), None) => return Err(invalid("router.tls_key_file", "is required with router.tls_cert_file")),
@@ -826,7 +866,11 @@ impl Config {
         if tls.as_ref().is_some_and(|t| t.sni_reload_interval.is_zero()) {
             return Err(invalid("router.tls_sni_reload_interval", "must be more than 0"));
         }
-        let https_listen = r.https_listen.as_deref().map(|a| socket_addr("router.https_listen", a)).transpose()?;
+        let https_listen = r
+            .https_listen
+            .as_deref()
+            .map(|a| socket_addr("router.https_listen", a))
+            .transpose()?;
         let mut base_domains = Vec::with_capacity(r.base_domains.len());
         for d in r.base_domains {
             let d = d.trim_end_matches('.').to_ascii_lowercase();
@@ -853,7 +897,10 @@ impl Config {
         let mut raw_plans = r.plans;
         if !raw_plans.contains_key(&r.default_plan) {
             if r.default_plan != default_plan() {
-                return Err(invalid("router.default_plan", format!("{:?} is not in router.plans", r.default_plan)));
+                return Err(invalid(
+                    "router.default_plan",
+                    format!("{:?} is not in router.plans", r.default_plan),
+                ));
             }
             raw_plans.insert(default_plan(), RawPlan::default());
         }
@@ -995,7 +1042,10 @@ local_master_key_file = "master.key"
             ("[router]\ntls_sni_dir = \"sni\"\n", "router.tls_sni_dir"),
             ("[router]\ntls_cert_file = \"c.pem\"\n", "router.tls_key_file"),
             (&format!("{tls}https_listen = \"nowhere\"\n"), "router.https_listen"),
-            (&format!("{tls}tls_sni_reload_interval = \"0s\"\n"), "router.tls_sni_reload_interval"),
+            (
+                &format!("{tls}tls_sni_reload_interval = \"0s\"\n"),
+                "router.tls_sni_reload_interval",
+            ),
         ] {
             let err = Config::parse(&format!("{MINIMAL}\n{extra}"), Path::new(".")).unwrap_err();
             assert!(err.to_string().contains(key), "{err}");

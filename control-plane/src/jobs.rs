@@ -46,7 +46,12 @@ pub struct Job {
 const COLUMNS: &str = "id, kind, tenant, state, step, attempts, error, progress, params, created_at, updated_at";
 
 /// Queues a job and wakes the workers (on commit).
-pub async fn enqueue(tx: &mut PgConnection, kind: &str, tenant: Option<&str>, params: Value) -> Result<Job, sqlx::Error> {
+pub async fn enqueue(
+    tx: &mut PgConnection,
+    kind: &str,
+    tenant: Option<&str>,
+    params: Value,
+) -> Result<Job, sqlx::Error> {
     enqueue_after(tx, kind, tenant, params, Duration::ZERO).await
 }
 
@@ -128,7 +133,8 @@ pub async fn renew(pool: &PgPool, id: i64, worker: &str, lease: Duration) -> Res
 
 /// Counts how long a job step took (`silo_job_step_seconds{kind,step}`: bounded labels).
 pub fn observe_step(kind: &'static str, step: &'static str, started: std::time::Instant) {
-    metrics::histogram!("silo_job_step_seconds", "kind" => kind, "step" => step).record(started.elapsed().as_secs_f64());
+    metrics::histogram!("silo_job_step_seconds", "kind" => kind, "step" => step)
+        .record(started.elapsed().as_secs_f64());
 }
 
 /// Records the step the job reached.

@@ -90,7 +90,10 @@ pub struct ClusterOptions {
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { fsync: true, max_connections: 300 }
+        Self {
+            fsync: true,
+            max_connections: 300,
+        }
     }
 }
 
@@ -134,7 +137,15 @@ impl LocalCluster {
         let mut cmd = Command::new(bindir.join("initdb"));
         cmd.arg("-D")
             .arg(data_dir)
-            .args(["-U", SUPERUSER, "--auth=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"])
+            .args([
+                "-U",
+                SUPERUSER,
+                "--auth=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ])
             .arg(format!("--pwfile={}", pwfile.display()))
             .stdin(Stdio::null());
         if let Some((uid, gid)) = owner {
@@ -166,12 +177,22 @@ impl LocalCluster {
         let bindir = find_bindir()?;
         let owner = run_as()?;
         let log_path = data_dir.join("server.log");
-        let log = fs::OpenOptions::new().create(true).append(true).open(&log_path)
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
             .with_context(|| format!("open {}", log_path.display()))?;
         let mut cmd = Command::new(bindir.join("postgres"));
         cmd.arg("-D")
             .arg(data_dir)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="])
+            .args([
+                "-p",
+                &port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "unix_socket_directories=",
+            ])
             .args(["-c", &format!("max_connections={}", options.max_connections)])
             .args(["-c", &format!("fsync={}", if options.fsync { "on" } else { "off" })])
             .stdin(Stdio::null())
@@ -182,7 +203,13 @@ impl LocalCluster {
         }
         set_parent_death_signal(&mut cmd);
         let (pid, supervisor) = spawn_supervised(cmd).context("start postgres")?;
-        let mut cluster = Self { data_dir: data_dir.to_owned(), port, password, pid, supervisor: Some(supervisor) };
+        let mut cluster = Self {
+            data_dir: data_dir.to_owned(),
+            port,
+            password,
+            pid,
+            supervisor: Some(supervisor),
+        };
         if let Err(e) = cluster.wait_ready(Duration::from_secs(30)).await {
             cluster.stop();
             let tail = log_tail(&log_path);
@@ -240,7 +267,9 @@ impl LocalCluster {
 
     /// Stops the server (fast shutdown: open sessions are disconnected) and waits for it.
     pub fn stop(&mut self) {
-        let Some(supervisor) = self.supervisor.take() else { return };
+        let Some(supervisor) = self.supervisor.take() else {
+            return;
+        };
         let _ = kill(self.pid, Signal::SIGINT);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !supervisor.is_finished() && Instant::now() < deadline {

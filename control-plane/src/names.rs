@@ -10,9 +10,30 @@ use serde::{Deserialize, Serialize};
 /// Words that cannot be tenant slugs: they collide with infrastructure host names or
 /// PostgreSQL's own databases and roles.
 const RESERVED: &[&str] = &[
-    "www", "api", "admin", "silo", "postgres", "template0", "template1", "root", "public",
-    "pg-catalog", "information-schema", "localhost", "mail", "status", "metrics", "health",
-    "static", "assets", "app", "dashboard", "internal", "system", "default", "test",
+    "www",
+    "api",
+    "admin",
+    "silo",
+    "postgres",
+    "template0",
+    "template1",
+    "root",
+    "public",
+    "pg-catalog",
+    "information-schema",
+    "localhost",
+    "mail",
+    "status",
+    "metrics",
+    "health",
+    "static",
+    "assets",
+    "app",
+    "dashboard",
+    "internal",
+    "system",
+    "default",
+    "test",
 ];
 
 /// Why a slug was refused.
@@ -141,8 +162,19 @@ mod tests {
     #[test]
     fn refuses_invalid_slugs() {
         for s in [
-            "", "ab", "1abc", "-abc", "abc-", "Acme", "ac_me", "ac.me", "acme\0", "acme ",
-            "a\"b", &"a".repeat(33), "ümlaut",
+            "",
+            "ab",
+            "1abc",
+            "-abc",
+            "abc-",
+            "Acme",
+            "ac_me",
+            "ac.me",
+            "acme\0",
+            "acme ",
+            "a\"b",
+            &"a".repeat(33),
+            "ümlaut",
         ] {
             assert_eq!(TenantSlug::parse(s), Err(SlugError::Invalid), "{s:?}");
         }

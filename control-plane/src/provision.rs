@@ -97,7 +97,14 @@ impl Provisioner {
         name_prefix: String,
         templates: bool,
     ) -> Self {
-        Self { catalog, store, servers, migrations, name_prefix, templates }
+        Self {
+            catalog,
+            store,
+            servers,
+            migrations,
+            name_prefix,
+            templates,
+        }
     }
 
     pub(crate) fn tenant_of(&self, job: &Job) -> Result<(TenantSlug, String), ProvisionError> {
@@ -115,7 +122,9 @@ impl Provisioner {
             .await
             .step("read tenant")?
             .ok_or_else(|| ProvisionError::InvalidJob(format!("tenant {slug} is not in the catalog")))?;
-        self.servers.get(&tenant.server).ok_or(ProvisionError::UnknownServer(tenant.server))
+        self.servers
+            .get(&tenant.server)
+            .ok_or(ProvisionError::UnknownServer(tenant.server))
     }
 
     /// Runs (or resumes) a `provision` job to completion.
@@ -137,7 +146,10 @@ impl Provisioner {
             jobs::set_step(&self.catalog, job.id, step).await.step("record step")?;
             let started = std::time::Instant::now();
             match step {
-                "secret" => self.ensure_secret(server, &slug, &secret_name, &params.secret_version).await?,
+                "secret" => {
+                    self.ensure_secret(server, &slug, &secret_name, &params.secret_version)
+                        .await?
+                }
                 "roles" => self.ensure_roles(server, &slug, &secret_name).await?,
                 "database" => ensure_database(server, &slug, self.templates.then_some(&migrations)).await?,
                 "schema" => self.ensure_schema(server, &slug, &migrations).await?,
@@ -171,7 +183,12 @@ impl Provisioner {
             dbname: slug.database_name(),
         };
         self.store
-            .create_secret(secret_name, version, &secret.to_secret_string(), &[("silo:tenant", slug.as_str())])
+            .create_secret(
+                secret_name,
+                version,
+                &secret.to_secret_string(),
+                &[("silo:tenant", slug.as_str())],
+            )
             .await?;
         sqlx::query("UPDATE tenants SET credentials_rotated_at = now() WHERE slug = $1")
             .bind(slug.as_str())
@@ -193,7 +210,12 @@ impl Provisioner {
         let mut conn = server.admin.acquire().await.step("connect to server")?;
         if !role_exists(&mut conn, &slug.owner_role()).await? {
             let owner = quote_ident(&slug.owner_role());
-            ddl(&mut conn, &format!("CREATE ROLE {owner} NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"), "create owner role").await?;
+            ddl(
+                &mut conn,
+                &format!("CREATE ROLE {owner} NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"),
+                "create owner role",
+            )
+            .await?;
         }
         ensure_login_role(&mut conn, slug, &secret.username, &secret.password).await?;
         Ok(())
@@ -209,15 +231,35 @@ impl Provisioner {
         migrations: &TenantMigrations,
     ) -> Result<(), ProvisionError> {
         let owner = quote_ident(&slug.owner_role());
-        let mut conn = server.connect(&slug.database_name()).await.step("connect to tenant database")?;
+        let mut conn = server
+            .connect(&slug.database_name())
+            .await
+            .step("connect to tenant database")?;
         if role_exists(&mut conn, template::TEMPLATE_OWNER).await? {
             let from = quote_ident(template::TEMPLATE_OWNER);
-            ddl(&mut conn, &format!("REASSIGN OWNED BY {from} TO {owner}"), "hand template objects to owner").await?;
+            ddl(
+                &mut conn,
+                &format!("REASSIGN OWNED BY {from} TO {owner}"),
+                "hand template objects to owner",
+            )
+            .await?;
         }
-        ddl(&mut conn, &format!("ALTER SCHEMA public OWNER TO {owner}"), "own public schema").await?;
-        ddl(&mut conn, "REVOKE ALL ON SCHEMA public FROM PUBLIC", "lock public schema").await?;
+        ddl(
+            &mut conn,
+            &format!("ALTER SCHEMA public OWNER TO {owner}"),
+            "own public schema",
+        )
+        .await?;
+        ddl(
+            &mut conn,
+            "REVOKE ALL ON SCHEMA public FROM PUBLIC",
+            "lock public schema",
+        )
+        .await?;
         migrations.apply(&mut conn, &slug.owner_role(), None).await?;
-        let version = tenant_schema::applied_version(&mut conn).await.step("read schema version")?;
+        let version = tenant_schema::applied_version(&mut conn)
+            .await
+            .step("read schema version")?;
         let _ = conn.close().await;
         if version != migrations.latest_version() {
             return Err(ProvisionError::InvalidJob(format!(
@@ -237,7 +279,9 @@ impl Provisioner {
     /// Step `activate`: the tenant is served.
     async fn activate(&self, slug: &TenantSlug) -> Result<(), ProvisionError> {
         let mut tx = self.catalog.begin().await.step("activate")?;
-        tenants::set_status(&mut tx, slug.as_str(), TenantStatus::Active, None).await.step("activate")?;
+        tenants::set_status(&mut tx, slug.as_str(), TenantStatus::Active, None)
+            .await
+            .step("activate")?;
         tx.commit().await.step("activate")
     }
 
@@ -255,7 +299,10 @@ impl Provisioner {
                     let mut conn = server.admin.acquire().await.step("connect to server")?;
                     ddl(
                         &mut conn,
-                        &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&slug.database_name())),
+                        &format!(
+                            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                            quote_ident(&slug.database_name())
+                        ),
                         "drop database",
                     )
                     .await?;
@@ -264,7 +311,12 @@ impl Provisioner {
                     let mut conn = server.admin.acquire().await.step("connect to server")?;
                     let [login, alternate] = slug.login_roles();
                     for role in [login, alternate, slug.owner_role()] {
-                        ddl(&mut conn, &format!("DROP ROLE IF EXISTS {}", quote_ident(&role)), "drop role").await?;
+                        ddl(
+                            &mut conn,
+                            &format!("DROP ROLE IF EXISTS {}", quote_ident(&role)),
+                            "drop role",
+                        )
+                        .await?;
                     }
                 }
                 "secret" => self.store.delete_secret(&secret_name, force_secret_delete).await?,
@@ -320,10 +372,18 @@ async fn ensure_database(
         ddl(&mut conn, &sql, "create database").await?;
     }
     let mut conn = server.admin.acquire().await.step("connect to server")?;
-    ddl(&mut conn, &format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC"), "revoke connect from public").await?;
     ddl(
         &mut conn,
-        &format!("GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {}", quote_ident(&slug.login_role())),
+        &format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC"),
+        "revoke connect from public",
+    )
+    .await?;
+    ddl(
+        &mut conn,
+        &format!(
+            "GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {}",
+            quote_ident(&slug.login_role())
+        ),
         "grant connect to login role",
     )
     .await
@@ -335,7 +395,10 @@ async fn ensure_api_key(server: &Server, slug: &TenantSlug, params: &ProvisionPa
         .ok()
         .and_then(|h| h.try_into().ok())
         .ok_or_else(|| ProvisionError::InvalidJob("bad api key hash".into()))?;
-    let mut conn = server.connect(&slug.database_name()).await.step("connect to tenant database")?;
+    let mut conn = server
+        .connect(&slug.database_name())
+        .await
+        .step("connect to tenant database")?;
     insert_key_as_owner(&mut conn, slug, &params.api_key_name, &hash).await?;
     let _ = conn.close().await;
     Ok(())
@@ -348,8 +411,15 @@ pub async fn insert_key_as_owner(
     name: &str,
     hash: &[u8; 32],
 ) -> Result<(), ProvisionError> {
-    ddl(conn, &format!("SET ROLE {}", quote_ident(&slug.owner_role())), "assume owner role").await?;
-    silo_tenant_app::api_keys::insert(&mut *conn, name, hash).await.step("insert api key")?;
+    ddl(
+        conn,
+        &format!("SET ROLE {}", quote_ident(&slug.owner_role())),
+        "assume owner role",
+    )
+    .await?;
+    silo_tenant_app::api_keys::insert(&mut *conn, name, hash)
+        .await
+        .step("insert api key")?;
     ddl(conn, "RESET ROLE", "reset role").await
 }
 
@@ -363,7 +433,9 @@ pub(crate) async fn ensure_login_role(
     password: &secrecy::SecretString,
 ) -> Result<(), ProvisionError> {
     if !slug.login_roles().iter().any(|r| r == role) {
-        return Err(ProvisionError::InvalidJob(format!("{role:?} is not a login role of tenant {slug}")));
+        return Err(ProvisionError::InvalidJob(format!(
+            "{role:?} is not a login role of tenant {slug}"
+        )));
     }
     let login = quote_ident(role);
     let attrs = "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT";
@@ -371,13 +443,32 @@ pub(crate) async fn ensure_login_role(
         use secrecy::ExposeSecret;
         quote_literal(password.expose_secret())
     };
-    let verb = if role_exists(conn, role).await? { "ALTER" } else { "CREATE" };
-    ddl(conn, &format!("{verb} ROLE {login} {attrs} PASSWORD {password}"), "set login role password").await?;
+    let verb = if role_exists(conn, role).await? {
+        "ALTER"
+    } else {
+        "CREATE"
+    };
+    ddl(
+        conn,
+        &format!("{verb} ROLE {login} {attrs} PASSWORD {password}"),
+        "set login role password",
+    )
+    .await?;
     let owner = slug.owner_role();
-    ddl(conn, &format!("GRANT {} TO {login}", quote_ident(&owner)), "grant owner role to login role").await?;
+    ddl(
+        conn,
+        &format!("GRANT {} TO {login}", quote_ident(&owner)),
+        "grant owner role to login role",
+    )
+    .await?;
     // Sessions of the login role act as the owner, so whatever the app creates belongs to the
     // owner and stays usable by both login roles across alternating rotations.
-    ddl(conn, &format!("ALTER ROLE {login} SET role = {}", quote_literal(&owner)), "act as owner role").await
+    ddl(
+        conn,
+        &format!("ALTER ROLE {login} SET role = {}", quote_literal(&owner)),
+        "act as owner role",
+    )
+    .await
 }
 
 async fn role_exists(conn: &mut PgConnection, role: &str) -> Result<bool, ProvisionError> {
@@ -391,7 +482,10 @@ async fn role_exists(conn: &mut PgConnection, role: &str) -> Result<bool, Provis
 /// Runs one DDL statement built only from validated, quoted identifiers and silo-generated
 /// literals.
 pub(crate) async fn ddl(conn: &mut PgConnection, sql: &str, step: &'static str) -> Result<(), ProvisionError> {
-    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned())).execute(conn).await.step(step)?;
+    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(conn)
+        .await
+        .step(step)?;
     Ok(())
 }
 

@@ -79,21 +79,39 @@ impl Provisioner {
         let canary_count = params.canary.min(pending.len());
         let mut pending = pending.into_iter();
         let canaries: Vec<Target> = pending.by_ref().take(canary_count).collect();
-        jobs::set_step(&self.catalog, job.id, "canary").await.step("record step")?;
-        jobs::set_progress(&self.catalog, job.id, &progress("canary")).await.step("record progress")?;
+        jobs::set_step(&self.catalog, job.id, "canary")
+            .await
+            .step("record step")?;
+        jobs::set_progress(&self.catalog, job.id, &progress("canary"))
+            .await
+            .step("record progress")?;
         let lanes = Lanes::new(params.canary.max(1), params.per_server_concurrency);
-        let canary_failures = self.migrate_all(job.id, canaries, &migrations, &lanes, &counters, usize::MAX).await;
+        let canary_failures = self
+            .migrate_all(job.id, canaries, &migrations, &lanes, &counters, usize::MAX)
+            .await;
         if let Some((slug, error)) = canary_failures.first() {
-            jobs::set_progress(&self.catalog, job.id, &progress("canary")).await.step("record progress")?;
-            return Err(ProvisionError::Rollout(format!("canary {slug} failed, rollout stopped: {error}")));
+            jobs::set_progress(&self.catalog, job.id, &progress("canary"))
+                .await
+                .step("record progress")?;
+            return Err(ProvisionError::Rollout(format!(
+                "canary {slug} failed, rollout stopped: {error}"
+            )));
         }
 
-        jobs::set_step(&self.catalog, job.id, "rollout").await.step("record step")?;
-        jobs::set_progress(&self.catalog, job.id, &progress("rollout")).await.step("record progress")?;
+        jobs::set_step(&self.catalog, job.id, "rollout")
+            .await
+            .step("record step")?;
+        jobs::set_progress(&self.catalog, job.id, &progress("rollout"))
+            .await
+            .step("record progress")?;
         let lanes = Lanes::new(params.concurrency, params.per_server_concurrency);
         let rest: Vec<Target> = pending.collect();
-        let failures = self.migrate_all(job.id, rest, &migrations, &lanes, &counters, max_failures).await;
-        jobs::set_progress(&self.catalog, job.id, &progress("finished")).await.step("record progress")?;
+        let failures = self
+            .migrate_all(job.id, rest, &migrations, &lanes, &counters, max_failures)
+            .await;
+        jobs::set_progress(&self.catalog, job.id, &progress("finished"))
+            .await
+            .step("record progress")?;
         let failed = counters.failed.load(Ordering::Relaxed);
         if failed > max_failures {
             return Err(ProvisionError::Rollout(format!(
@@ -122,8 +140,10 @@ impl Provisioner {
         .fetch_all(&self.catalog)
         .await
         .step("list tenants")?;
-        let mut targets: Vec<Target> =
-            rows.into_iter().map(|(slug, server, version)| Target { slug, server, version }).collect();
+        let mut targets: Vec<Target> = rows
+            .into_iter()
+            .map(|(slug, server, version)| Target { slug, server, version })
+            .collect();
         if let Some(only) = only {
             // Canaries are the first tenants the operator named.
             targets.sort_by_key(|t| only.iter().position(|s| *s == t.slug));
@@ -198,14 +218,25 @@ impl Lanes {
 
     async fn acquire(&self, server: &str) -> (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit) {
         let lane = {
-            let mut map = self.per_server.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut map = self
+                .per_server
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             map.entry(server.to_owned())
                 .or_insert_with(|| Arc::new(Semaphore::new(self.per_server_limit)))
                 .clone()
         };
         // The semaphores are never closed, so acquiring cannot fail.
-        let per_server = lane.acquire_owned().await.unwrap_or_else(|_| unreachable!("semaphore closed"));
-        let global = self.global.clone().acquire_owned().await.unwrap_or_else(|_| unreachable!("semaphore closed"));
+        let per_server = lane
+            .acquire_owned()
+            .await
+            .unwrap_or_else(|_| unreachable!("semaphore closed"));
+        let global = self
+            .global
+            .clone()
+            .acquire_owned()
+            .await
+            .unwrap_or_else(|_| unreachable!("semaphore closed"));
         (global, per_server)
     }
 }
@@ -261,8 +292,14 @@ impl TenantRun {
     async fn migrate(&self, t: &Target) -> Result<i64, (i64, String)> {
         let fail = |e: String| (t.version, e);
         let slug = TenantSlug::parse(&t.slug).map_err(|e| fail(e.to_string()))?;
-        let server = self.servers.get(&t.server).ok_or_else(|| fail(format!("server {} is not configured", t.server)))?;
-        let mut conn = server.connect(&slug.database_name()).await.map_err(|e| fail(format!("connect: {e}")))?;
+        let server = self
+            .servers
+            .get(&t.server)
+            .ok_or_else(|| fail(format!("server {} is not configured", t.server)))?;
+        let mut conn = server
+            .connect(&slug.database_name())
+            .await
+            .map_err(|e| fail(format!("connect: {e}")))?;
         let applied = self.migrations.apply(&mut conn, &slug.owner_role(), None).await;
         let version = tenant_schema::applied_version(&mut conn).await.unwrap_or(t.version);
         let _ = conn.close().await;

@@ -41,7 +41,10 @@ impl RotateParams {
             RotationStrategy::Single => "single",
             RotationStrategy::Alternating => "alternating",
         };
-        Self { strategy: strategy.into(), version: uuid::Uuid::new_v4().to_string() }
+        Self {
+            strategy: strategy.into(),
+            version: uuid::Uuid::new_v4().to_string(),
+        }
     }
 }
 
@@ -54,15 +57,20 @@ impl Provisioner {
     pub async fn rotate(&self, job: &Job) -> Result<(), ProvisionError> {
         let params: RotateParams = serde_json::from_value(job.params.clone())
             .map_err(|e| ProvisionError::InvalidJob(format!("bad params: {e}")))?;
-        let strategy: RotationStrategy =
-            params.strategy.parse().map_err(|e: String| ProvisionError::InvalidJob(e))?;
+        let strategy: RotationStrategy = params
+            .strategy
+            .parse()
+            .map_err(|e: String| ProvisionError::InvalidJob(e))?;
         let (slug, secret_name) = self.tenant_of(job)?;
         let server = self.server_of(&slug).await?;
         for step in ROTATE_STEPS {
             jobs::set_step(&self.catalog, job.id, step).await.step("record step")?;
             let started = std::time::Instant::now();
             match step {
-                "create_secret" => self.create_pending(&slug, &secret_name, &params.version, strategy).await?,
+                "create_secret" => {
+                    self.create_pending(&slug, &secret_name, &params.version, strategy)
+                        .await?
+                }
                 "set_secret" => {
                     let pending = self.pending(&secret_name, &params.version).await?;
                     set_password(server, &slug, &pending).await?;
@@ -102,10 +110,18 @@ impl Provisioner {
             RotationStrategy::Single => current.username.clone(),
             RotationStrategy::Alternating => {
                 let [a, b] = slug.login_roles();
-                if current.username == a { b } else { a }
+                if current.username == a {
+                    b
+                } else {
+                    a
+                }
             }
         };
-        let pending = DbSecret { username, password: secrets::generate_password(), ..current };
+        let pending = DbSecret {
+            username,
+            password: secrets::generate_password(),
+            ..current
+        };
         // Staging AWSPENDING on our version takes it off any version a dead rotation left.
         self.store
             .put_secret_value(secret_name, version, &pending.to_secret_string(), &[AWSPENDING])
@@ -152,8 +168,13 @@ impl Provisioner {
                 .update_version_stage(secret_name, AWSCURRENT, Some(version), from.as_deref())
                 .await?;
         }
-        if stages.iter().any(|v| v.version_id == version && v.stages.iter().any(|s| s == AWSPENDING)) {
-            self.store.update_version_stage(secret_name, AWSPENDING, None, Some(version)).await?;
+        if stages
+            .iter()
+            .any(|v| v.version_id == version && v.stages.iter().any(|s| s == AWSPENDING))
+        {
+            self.store
+                .update_version_stage(secret_name, AWSPENDING, None, Some(version))
+                .await?;
         }
         let mut tx = self.catalog.begin().await.step("record rotation")?;
         sqlx::query("UPDATE tenants SET credentials_rotated_at = now(), updated_at = now() WHERE slug = $1")
@@ -161,7 +182,9 @@ impl Provisioner {
             .execute(&mut *tx)
             .await
             .step("record rotation")?;
-        catalog::notify_tenant_changed(&mut *tx, slug.as_str()).await.step("record rotation")?;
+        catalog::notify_tenant_changed(&mut *tx, slug.as_str())
+            .await
+            .step("record rotation")?;
         tx.commit().await.step("record rotation")
     }
 }
@@ -186,7 +209,11 @@ async fn set_password(server: &Server, slug: &TenantSlug, pending: &DbSecret) ->
 /// Step `test_secret`: the pending secret logs in, to the right database, as the right role
 /// (`session_user`), acting as the tenant's owner role (`current_user`).
 async fn test_login(slug: &TenantSlug, pending: &DbSecret) -> Result<(), ProvisionError> {
-    let mut conn = pending.connect_options().connect().await.step("log in with the pending secret")?;
+    let mut conn = pending
+        .connect_options()
+        .connect()
+        .await
+        .step("log in with the pending secret")?;
     let (db, login, acting): (String, String, String) =
         sqlx::query_as("SELECT current_database()::text, session_user::text, current_user::text")
             .fetch_one(&mut conn)

@@ -39,7 +39,10 @@ pub async fn run(catalog: PgPool, cfg: RotationConfig, shutdown: CancellationTok
 /// One pass: queues rotations for due tenants; returns how many.
 pub async fn queue_due(catalog: &PgPool, cfg: &RotationConfig) -> Result<usize, sqlx::Error> {
     let mut tx = catalog.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(SCHEDULER_LOCK).execute(&mut *tx).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(SCHEDULER_LOCK)
+        .execute(&mut *tx)
+        .await?;
     let outstanding: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM jobs WHERE kind = 'rotate' AND state IN ('queued','running') \
          AND params->>'scheduled' = 'true'",
@@ -60,7 +63,14 @@ pub async fn queue_due(catalog: &PgPool, cfg: &RotationConfig) -> Result<usize, 
             rand::rng().random_range(Duration::ZERO..cfg.jitter)
         };
         let job = jobs::enqueue_after(&mut tx, "rotate", Some(slug), params, jitter).await?;
-        audit::record(&mut tx, "scheduler", "tenant.rotate", Some(slug), json!({"job": job.id})).await?;
+        audit::record(
+            &mut tx,
+            "scheduler",
+            "tenant.rotate",
+            Some(slug),
+            json!({"job": job.id}),
+        )
+        .await?;
     }
     tx.commit().await?;
     Ok(due.len())

@@ -38,8 +38,12 @@ impl ControlPlane {
     /// registers the bootstrap admin token and binds `control_plane.listen`.
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
         let catalog = catalog::pool(&config.catalog, 16)?;
-        catalog::migrate(&catalog).await.context("connect to the catalog and apply its migrations")?;
-        let store = secrets::open(&config.secrets, catalog.clone()).await.context("open the secret store")?;
+        catalog::migrate(&catalog)
+            .await
+            .context("connect to the catalog and apply its migrations")?;
+        let store = secrets::open(&config.secrets, catalog.clone())
+            .await
+            .context("open the secret store")?;
         let servers = Arc::new(Servers::open(&config, store.as_ref()).await?);
         servers.sync_catalog(&catalog).await?;
         let tokens = AdminTokens::load(catalog.clone(), config.control_plane.admin_token.as_ref())
@@ -86,7 +90,9 @@ impl ControlPlane {
 
     /// The admin API's address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or_else(|_| self.api.config.control_plane.listen)
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| self.api.config.control_plane.listen)
     }
 
     /// Serves the admin API and runs the workers until `shutdown`.

@@ -22,7 +22,9 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("name", &self.config.name).finish_non_exhaustive()
+        f.debug_struct("Server")
+            .field("name", &self.config.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -85,15 +87,27 @@ impl Servers {
                         })
                     }
                 },
-                AdminPassword::Secret(name) => admin_password_from_store(store, name)
-                    .await
-                    .map_err(|source| ServersError::Secret { server: s.name.clone(), source })?,
+                AdminPassword::Secret(name) => {
+                    admin_password_from_store(store, name)
+                        .await
+                        .map_err(|source| ServersError::Secret {
+                            server: s.name.clone(),
+                            source,
+                        })?
+                }
             };
             let admin = PgPoolOptions::new()
                 .max_connections(4)
                 .acquire_timeout(Duration::from_secs(10))
                 .connect_lazy_with(admin_options(s, &password, "postgres"));
-            by_name.insert(s.name.clone(), Server { config: s.clone(), password, admin });
+            by_name.insert(
+                s.name.clone(),
+                Server {
+                    config: s.clone(),
+                    password,
+                    admin,
+                },
+            );
         }
         Ok(Self { by_name })
     }
@@ -146,8 +160,10 @@ async fn admin_password_from_store(store: &dyn SecretStore, name: &str) -> Resul
     struct WithPassword {
         password: String,
     }
-    Ok(match serde_json::from_str::<WithPassword>(version.value.expose_secret()) {
-        Ok(p) => SecretString::from(p.password),
-        Err(_) => version.value,
-    })
+    Ok(
+        match serde_json::from_str::<WithPassword>(version.value.expose_secret()) {
+            Ok(p) => SecretString::from(p.password),
+            Err(_) => version.value,
+        },
+    )
 }

@@ -72,21 +72,58 @@ async fn build(server: &Server, migrations: &TenantMigrations, name: &str) -> Re
         .await
         .step("look up template owner")?;
     if !role_exists {
-        ddl(&mut admin, &format!("CREATE ROLE {} NOLOGIN", quote_ident(TEMPLATE_OWNER)), "create template owner").await?;
+        ddl(
+            &mut admin,
+            &format!("CREATE ROLE {} NOLOGIN", quote_ident(TEMPLATE_OWNER)),
+            "create template owner",
+        )
+        .await?;
     }
-    ddl(&mut admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&building)), "drop stale template build").await?;
-    ddl(&mut admin, &format!("CREATE DATABASE {} TEMPLATE template0", quote_ident(&building)), "create template").await?;
+    ddl(
+        &mut admin,
+        &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&building)),
+        "drop stale template build",
+    )
+    .await?;
+    ddl(
+        &mut admin,
+        &format!("CREATE DATABASE {} TEMPLATE template0", quote_ident(&building)),
+        "create template",
+    )
+    .await?;
     {
         let mut conn = server.connect(&building).await.step("connect to template")?;
-        ddl(&mut conn, &format!("ALTER SCHEMA public OWNER TO {}", quote_ident(TEMPLATE_OWNER)), "own public schema").await?;
-        ddl(&mut conn, "REVOKE ALL ON SCHEMA public FROM PUBLIC", "lock public schema").await?;
+        ddl(
+            &mut conn,
+            &format!("ALTER SCHEMA public OWNER TO {}", quote_ident(TEMPLATE_OWNER)),
+            "own public schema",
+        )
+        .await?;
+        ddl(
+            &mut conn,
+            "REVOKE ALL ON SCHEMA public FROM PUBLIC",
+            "lock public schema",
+        )
+        .await?;
         migrations.apply(&mut conn, TEMPLATE_OWNER, None).await?;
         conn.close().await.step("disconnect from template")?;
     }
-    ddl(&mut admin, &format!("ALTER DATABASE {} RENAME TO {}", quote_ident(&building), quote_ident(name)), "name template").await?;
     ddl(
         &mut admin,
-        &format!("ALTER DATABASE {} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false", quote_ident(name)),
+        &format!(
+            "ALTER DATABASE {} RENAME TO {}",
+            quote_ident(&building),
+            quote_ident(name)
+        ),
+        "name template",
+    )
+    .await?;
+    ddl(
+        &mut admin,
+        &format!(
+            "ALTER DATABASE {} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false",
+            quote_ident(name)
+        ),
         "close template",
     )
     .await?;
@@ -107,11 +144,23 @@ async fn drop_outdated(server: &Server, keep: &str) {
         Err(e) => return warn!(error = %e, "list outdated templates"),
     };
     for name in old {
-        let Ok(mut admin) = server.admin.acquire().await else { return };
+        let Ok(mut admin) = server.admin.acquire().await else {
+            return;
+        };
         let db = quote_ident(&name);
         let dropped = async {
-            ddl(&mut admin, &format!("ALTER DATABASE {db} WITH IS_TEMPLATE false"), "unmark template").await?;
-            ddl(&mut admin, &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"), "drop template").await
+            ddl(
+                &mut admin,
+                &format!("ALTER DATABASE {db} WITH IS_TEMPLATE false"),
+                "unmark template",
+            )
+            .await?;
+            ddl(
+                &mut admin,
+                &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+                "drop template",
+            )
+            .await
         }
         .await;
         if let Err(e) = dropped {

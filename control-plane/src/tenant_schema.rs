@@ -22,7 +22,9 @@ pub struct MigrationSource {
 impl MigrationSource {
     /// The embedded migrations, or those in `dir`.
     pub fn new(dir: Option<&Path>) -> Self {
-        Self { dir: dir.map(Path::to_owned) }
+        Self {
+            dir: dir.map(Path::to_owned),
+        }
     }
 
     /// The migrations as they are now.

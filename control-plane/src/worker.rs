@@ -35,7 +35,14 @@ impl Workers {
         force_secret_delete: bool,
     ) -> Self {
         let worker_id = format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple());
-        Self { catalog, provisioner, worker_id, lease, concurrency, force_secret_delete }
+        Self {
+            catalog,
+            provisioner,
+            worker_id,
+            lease,
+            concurrency,
+            force_secret_delete,
+        }
     }
 
     /// Runs until `shutdown`; a job in progress at shutdown is left to its lease and resumed

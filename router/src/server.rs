@@ -100,7 +100,11 @@ impl RouterServer {
             .await
             .with_context(|| format!("bind router.listen {}", cfg.listen))?;
         let https_listener = match cfg.https_listen.filter(|_| tls.is_some()) {
-            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("bind router.https_listen {addr}"))?),
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("bind router.https_listen {addr}"))?,
+            ),
             None => None,
         };
         let ops_listener = TcpListener::bind(cfg.metrics_listen)
@@ -115,7 +119,11 @@ impl RouterServer {
             .local_addr()
             .context("read router.metrics_listen address")?;
 
-        let metrics = Arc::new(Metrics::new().context("set up metrics")?.with_per_tenant(cfg.per_tenant_metrics));
+        let metrics = Arc::new(
+            Metrics::new()
+                .context("set up metrics")?
+                .with_per_tenant(cfg.per_tenant_metrics),
+        );
         let catalog = catalog_pool(&config, CATALOG_POOL_SIZE)?;
         // The events listener holds its connection for good: a pool of its own.
         let listen_pool = catalog_pool(&config, 1)?;
@@ -239,11 +247,26 @@ impl RouterServer {
         };
         let serve_https = async {
             if let Some((https, tls)) = https {
-                serve(https, Some(tls), connections, slots.clone(), shutdown.clone(), tenant.clone()).await;
+                serve(
+                    https,
+                    Some(tls),
+                    connections,
+                    slots.clone(),
+                    shutdown.clone(),
+                    tenant.clone(),
+                )
+                .await;
             }
         };
         tokio::join!(
-            serve(listener, listener_tls, connections, slots.clone(), shutdown.clone(), tenant.clone()),
+            serve(
+                listener,
+                listener_tls,
+                connections,
+                slots.clone(),
+                shutdown.clone(),
+                tenant.clone()
+            ),
             serve_https
         );
 
@@ -359,7 +382,10 @@ async fn serve<H, F>(
 
     drop(listener);
     connections.close();
-    if tokio::time::timeout(limits.drain_deadline, connections.wait()).await.is_err() {
+    if tokio::time::timeout(limits.drain_deadline, connections.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             open = connections.len(),
             "connections still open at the drain deadline; closing them"

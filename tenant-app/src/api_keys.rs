@@ -49,18 +49,12 @@ pub(crate) fn is_well_formed(key: &str) -> bool {
 ///
 /// Idempotent on `name`: if a key with that name exists, nothing changes (and the existing
 /// key stays valid), so a retried provisioning step converges.
-pub async fn insert<'e, E: sqlx::PgExecutor<'e>>(
-    exec: E,
-    name: &str,
-    hash: &[u8; 32],
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO api_keys (name, key_hash) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
-    )
-    .bind(name)
-    .bind(&hash[..])
-    .execute(exec)
-    .await?;
+pub async fn insert<'e, E: sqlx::PgExecutor<'e>>(exec: E, name: &str, hash: &[u8; 32]) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO api_keys (name, key_hash) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+        .bind(name)
+        .bind(&hash[..])
+        .execute(exec)
+        .await?;
     Ok(())
 }
 
@@ -75,9 +69,7 @@ mod tests {
         assert_eq!(key.len(), PREFIX.len() + ENCODED_LEN);
         assert!(is_well_formed(&key));
         assert_eq!(key_hash, hash(&key));
-        let secret = URL_SAFE_NO_PAD
-            .decode(&key[PREFIX.len()..])
-            .expect("base64url");
+        let secret = URL_SAFE_NO_PAD.decode(&key[PREFIX.len()..]).expect("base64url");
         assert_eq!(secret.len(), SECRET_BYTES);
     }
 
@@ -101,10 +93,7 @@ mod tests {
         assert!(!is_well_formed(&key[PREFIX.len()..]));
         assert!(!is_well_formed(&format!("{key}A")));
         assert!(!is_well_formed(&key[..key.len() - 1]));
-        assert!(!is_well_formed(&format!(
-            "silo_{}",
-            "+".repeat(ENCODED_LEN)
-        )));
+        assert!(!is_well_formed(&format!("silo_{}", "+".repeat(ENCODED_LEN))));
         assert!(!is_well_formed(&key.replace("silo_", "SILO_")));
     }
 }

@@ -43,11 +43,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
             return Err(ApiError::Unauthorized("unknown API key"));
         }
         let hash = api_keys::hash(key);
-        let key_name: Option<String> =
-            sqlx::query_scalar("SELECT name FROM api_keys WHERE key_hash = $1")
-                .bind(&hash[..])
-                .fetch_optional(&tenant.pool)
-                .await?;
+        let key_name: Option<String> = sqlx::query_scalar("SELECT name FROM api_keys WHERE key_hash = $1")
+            .bind(&hash[..])
+            .fetch_optional(&tenant.pool)
+            .await?;
         match key_name {
             Some(key_name) => Ok(Caller { tenant, key_name }),
             None => Err(ApiError::Unauthorized("unknown API key")),
@@ -57,8 +56,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 
 /// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
 fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
-    const MALFORMED: ApiError =
-        ApiError::Unauthorized("expected an `Authorization: Bearer <api key>` header");
+    const MALFORMED: ApiError = ApiError::Unauthorized("expected an `Authorization: Bearer <api key>` header");
     let value = headers.get(AUTHORIZATION).ok_or(MALFORMED)?;
     let value = value.to_str().map_err(|_| MALFORMED)?;
     let (scheme, token) = value.split_once(' ').ok_or(MALFORMED)?;

@@ -90,15 +90,7 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
             code.starts_with("08")
                 || matches!(
                     &*code,
-                    "57014"
-                        | "57P01"
-                        | "57P02"
-                        | "57P03"
-                        | "53300"
-                        | "25006"
-                        | "3D000"
-                        | "28000"
-                        | "28P01"
+                    "57014" | "57P01" | "57P02" | "57P03" | "53300" | "25006" | "3D000" | "28000" | "28P01"
                 )
         }),
         _ => false,
@@ -111,17 +103,11 @@ impl IntoResponse for ApiError {
         let (status, code) = match &self {
             ApiError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            ApiError::TaskNotFound | ApiError::RouteNotFound => {
-                (StatusCode::NOT_FOUND, "not_found")
-            }
+            ApiError::TaskNotFound | ApiError::RouteNotFound => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            ApiError::UnsupportedMediaType => {
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
-            }
-            ApiError::ValidationFailed(_) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
-            }
+            ApiError::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            ApiError::ValidationFailed(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
             ApiError::TenantUnavailable(cause) => {
                 tracing::warn!(error = %ErrorChain(cause), "tenant database unavailable");
                 (StatusCode::SERVICE_UNAVAILABLE, "tenant_unavailable")

@@ -58,9 +58,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
             }
         }
 
-        deserializer
-            .deserialize_map(ObjectVisitor(PhantomData))
-            .map(Object)
+        deserializer.deserialize_map(ObjectVisitor(PhantomData)).map(Object)
     }
 }
 

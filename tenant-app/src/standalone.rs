@@ -26,11 +26,7 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Command line of `silo-tenant-app`.
 #[derive(clap::Parser)]
-#[command(
-    name = "silo-tenant-app",
-    version,
-    about = "Serve one silo tenant database directly"
-)]
+#[command(name = "silo-tenant-app", version, about = "Serve one silo tenant database directly")]
 pub struct Args {
     /// PostgreSQL URL of the tenant database, e.g. postgres://USER@HOST:PORT/DB. Prefer the
     /// DATABASE_URL env var to keep a password out of `ps`; without a password in the URL,
@@ -111,10 +107,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("listening on http://{addr}");
     let result = server.run(shutdown_signal()).await;
     // Requests cut off by the drain deadline may still hold connections: don't wait forever.
-    if tokio::time::timeout(DRAIN_DEADLINE, pool.close())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(DRAIN_DEADLINE, pool.close()).await.is_err() {
         tracing::warn!("database connections still busy at exit");
     }
     result.context("serve HTTP")
@@ -174,8 +167,7 @@ impl SingleTenantServer {
     /// 10 s before returning.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
         let token = CancellationToken::new();
-        let serve = axum::serve(self.listener, self.app)
-            .with_graceful_shutdown(token.clone().cancelled_owned());
+        let serve = axum::serve(self.listener, self.app).with_graceful_shutdown(token.clone().cancelled_owned());
         let trigger = token.clone();
         tokio::spawn(async move {
             shutdown.await;

@@ -6,11 +6,16 @@ use silo_tests::stack::{Stack, StackOptions};
 use silo_tests::unique_name;
 
 async fn tenant_rows(stack: &Stack) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM tenants").fetch_one(stack.catalog()).await.unwrap()
+    sqlx::query_scalar("SELECT count(*) FROM tenants")
+        .fetch_one(stack.catalog())
+        .await
+        .unwrap()
 }
 
 async fn raw(stack: &Stack, token: Option<&str>, content_type: Option<&str>, body: Vec<u8>) -> (StatusCode, Value) {
-    let mut req = reqwest::Client::new().post(format!("http://{}/v1/tenants", stack.control_plane_addr())).body(body);
+    let mut req = reqwest::Client::new()
+        .post(format!("http://{}/v1/tenants", stack.control_plane_addr()))
+        .body(body);
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
@@ -34,56 +39,129 @@ async fn bad_input_gets_a_json_4xx_and_creates_nothing() {
         (json!({"slug": "ab"}), StatusCode::BAD_REQUEST, "invalid_slug"),
         (json!({"slug": "a".repeat(33)}), StatusCode::BAD_REQUEST, "invalid_slug"),
         (json!({"slug": "acme-"}), StatusCode::BAD_REQUEST, "invalid_slug"),
-        (json!({"slug": "x\"; DROP DATABASE postgres; --"}), StatusCode::BAD_REQUEST, "invalid_slug"),
+        (
+            json!({"slug": "x\"; DROP DATABASE postgres; --"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_slug",
+        ),
         (json!({"slug": "admin"}), StatusCode::BAD_REQUEST, "invalid_slug"),
         (json!({"slug": "postgres"}), StatusCode::BAD_REQUEST, "invalid_slug"),
         (json!({"slug": "template1"}), StatusCode::BAD_REQUEST, "invalid_slug"),
         (json!({"slug": taken}), StatusCode::CONFLICT, "tenant_exists"),
-        (json!({"slug": unique_name("ok"), "domains": ["evil.localhost"]}), StatusCode::BAD_REQUEST, "invalid_domain"),
-        (json!({"slug": unique_name("ok"), "domains": ["not a domain"]}), StatusCode::BAD_REQUEST, "invalid_domain"),
-        (json!({"slug": unique_name("ok"), "server": "pg-404"}), StatusCode::BAD_REQUEST, "unknown_server"),
-        (json!({"slug": unique_name("ok"), "plan": "Gold Plan"}), StatusCode::BAD_REQUEST, "invalid_plan"),
-        (json!({"slug": unique_name("ok"), "colour": "blue"}), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
+        (
+            json!({"slug": unique_name("ok"), "domains": ["evil.localhost"]}),
+            StatusCode::BAD_REQUEST,
+            "invalid_domain",
+        ),
+        (
+            json!({"slug": unique_name("ok"), "domains": ["not a domain"]}),
+            StatusCode::BAD_REQUEST,
+            "invalid_domain",
+        ),
+        (
+            json!({"slug": unique_name("ok"), "server": "pg-404"}),
+            StatusCode::BAD_REQUEST,
+            "unknown_server",
+        ),
+        (
+            json!({"slug": unique_name("ok"), "plan": "Gold Plan"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_plan",
+        ),
+        (
+            json!({"slug": unique_name("ok"), "colour": "blue"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        ),
         (json!({"slug": 42}), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
         (json!({}), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
     ];
     for (body, want_status, want_code) in cases {
-        let (status, answer) = stack.admin(Method::POST, "/v1/tenants", Some(body.clone())).await.unwrap();
-        assert_eq!((status, answer["error"].as_str()), (want_status, Some(want_code)), "{body}: {answer}");
+        let (status, answer) = stack
+            .admin(Method::POST, "/v1/tenants", Some(body.clone()))
+            .await
+            .unwrap();
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (want_status, Some(want_code)),
+            "{body}: {answer}"
+        );
         assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()), "{answer}");
     }
 
     let token = Some(stack.admin_token());
     let json_ct = Some("application/json");
     let (status, body) = raw(&stack, token, json_ct, b"{\"slug\": ".to_vec()).await;
-    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("malformed_json")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("malformed_json"))
+    );
     let (status, body) = raw(&stack, token, Some("text/plain"), b"{\"slug\":\"plain\"}".to_vec()).await;
-    assert_eq!((status, body["error"].as_str()), (StatusCode::UNSUPPORTED_MEDIA_TYPE, Some("unsupported_media_type")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, Some("unsupported_media_type"))
+    );
     let (status, body) = raw(&stack, token, json_ct, vec![b' '; 200_000]).await;
-    assert_eq!((status, body["error"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large"))
+    );
     let long = "x".repeat(5000);
     for bad_token in [None, Some("wrong"), Some(""), Some(long.as_str())] {
         let (status, body) = raw(&stack, bad_token, json_ct, br#"{"slug":"sneaky"}"#.to_vec()).await;
-        assert_eq!((status, body["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthorized")), "{bad_token:?}");
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("unauthorized")),
+            "{bad_token:?}"
+        );
     }
     assert_eq!(tenant_rows(&stack).await, before, "nothing was created");
 
     // Unknown things are 404 with JSON; bad ids are 400.
     let (status, body) = stack.admin(Method::GET, "/v1/jobs/999999", None).await.unwrap();
-    assert_eq!((status, body["error"].as_str()), (StatusCode::NOT_FOUND, Some("job_not_found")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("job_not_found"))
+    );
     let (status, body) = stack.admin(Method::GET, "/v1/jobs/abc", None).await.unwrap();
-    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_job_id")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_job_id"))
+    );
     let (status, body) = stack.admin(Method::GET, "/v1/tenants/Not_A_Slug", None).await.unwrap();
-    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_slug")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_slug"))
+    );
     let (status, body) = stack.admin(Method::GET, "/v1/nothing", None).await.unwrap();
-    assert_eq!((status, body["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
 
     // A duplicate key name is a conflict; the first key creation works.
-    let (status, body) = stack.admin(Method::POST, &format!("/v1/tenants/{taken}/keys"), Some(json!({"name": "ci"}))).await.unwrap();
+    let (status, body) = stack
+        .admin(
+            Method::POST,
+            &format!("/v1/tenants/{taken}/keys"),
+            Some(json!({"name": "ci"})),
+        )
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let key = body["api_key"].as_str().unwrap().to_owned();
-    let (status, body) = stack.admin(Method::POST, &format!("/v1/tenants/{taken}/keys"), Some(json!({"name": "ci"}))).await.unwrap();
-    assert_eq!((status, body["error"].as_str()), (StatusCode::CONFLICT, Some("key_exists")));
+    let (status, body) = stack
+        .admin(
+            Method::POST,
+            &format!("/v1/tenants/{taken}/keys"),
+            Some(json!({"name": "ci"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::CONFLICT, Some("key_exists"))
+    );
     let me: Value = stack
         .tenant_request(Method::GET, &format!("{taken}.localhost"), "/api/v1/me")
         .bearer_auth(&key)
@@ -98,7 +176,11 @@ async fn bad_input_gets_a_json_4xx_and_creates_nothing() {
     // Listing, the OpenAPI document and the server list answer.
     let (status, list) = stack.admin(Method::GET, "/v1/tenants", None).await.unwrap();
     assert_eq!(status, StatusCode::OK);
-    assert!(list["items"].as_array().unwrap().iter().any(|t| t["slug"] == taken.as_str()));
+    assert!(list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["slug"] == taken.as_str()));
     let (status, doc) = stack.admin(Method::GET, "/v1/openapi.json", None).await.unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(doc["openapi"], "3.1.0");
@@ -115,11 +197,27 @@ async fn tenant_json_has_the_documented_fields() {
     let slug = unique_name("fields");
     let domain = format!("{slug}.example.com");
     stack
-        .create_tenant_with(json!({"slug": slug, "name": "Fields Inc", "plan": "gold", "domains": [domain.to_uppercase()]}))
+        .create_tenant_with(
+            json!({"slug": slug, "name": "Fields Inc", "plan": "gold", "domains": [domain.to_uppercase()]}),
+        )
         .await
         .unwrap();
-    let (_, t) = stack.admin(Method::GET, &format!("/v1/tenants/{slug}"), None).await.unwrap();
-    for field in ["slug", "name", "status", "plan", "server", "database", "domains", "schema_version", "credentials_rotated_at", "created_at"] {
+    let (_, t) = stack
+        .admin(Method::GET, &format!("/v1/tenants/{slug}"), None)
+        .await
+        .unwrap();
+    for field in [
+        "slug",
+        "name",
+        "status",
+        "plan",
+        "server",
+        "database",
+        "domains",
+        "schema_version",
+        "credentials_rotated_at",
+        "created_at",
+    ] {
         assert!(t.get(field).is_some(), "missing {field}: {t}");
     }
     assert_eq!(t["status"], "active");
@@ -128,7 +226,15 @@ async fn tenant_json_has_the_documented_fields() {
     assert_eq!(t["schema_version"], 1);
     assert!(t["credentials_rotated_at"].is_string());
     // The custom domain routes to the tenant.
-    let resp = stack.tenant_request(Method::GET, &domain, "/api/v1/tasks").send().await.unwrap();
-    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "reached the tenant app, which wants a key");
+    let resp = stack
+        .tenant_request(Method::GET, &domain, "/api/v1/tasks")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::UNAUTHORIZED,
+        "reached the tenant app, which wants a key"
+    );
     stack.stop().await.unwrap();
 }

@@ -10,7 +10,11 @@ use sqlx::ConnectOptions;
 
 async fn count(stack: &Stack, sql: &str, arg: &str) -> i64 {
     let mut conn = stack.pg().admin_options("postgres").connect().await.unwrap();
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).bind(arg).fetch_one(&mut conn).await.unwrap()
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .bind(arg)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -19,7 +23,10 @@ async fn provisioning_interrupted_after_each_step_completes_on_retry() {
     for step in PROVISION_STEPS {
         let slug = unique_name("crash");
         fail::cfg("provision-after-step", &format!("return({step})")).unwrap();
-        let (status, created) = stack.admin(Method::POST, "/v1/tenants", Some(json!({"slug": slug}))).await.unwrap();
+        let (status, created) = stack
+            .admin(Method::POST, "/v1/tenants", Some(json!({"slug": slug})))
+            .await
+            .unwrap();
         assert_eq!(status, StatusCode::ACCEPTED);
         let key = created["api_key"].as_str().unwrap().to_owned();
         let job_id = created["job"]["id"].as_i64().unwrap();
@@ -27,26 +34,41 @@ async fn provisioning_interrupted_after_each_step_completes_on_retry() {
         assert_eq!(job["state"], "failed", "step {step}: {job}");
         assert_eq!(job["step"], step);
         assert!(job["error"].as_str().unwrap().contains(step), "{job}");
-        let (_, tenant) = stack.admin(Method::GET, &format!("/v1/tenants/{slug}"), None).await.unwrap();
+        let (_, tenant) = stack
+            .admin(Method::GET, &format!("/v1/tenants/{slug}"), None)
+            .await
+            .unwrap();
         assert_eq!(tenant["status"], "failed", "step {step}");
 
         fail::remove("provision-after-step");
-        let (status, _) = stack.admin(Method::POST, &format!("/v1/jobs/{job_id}/retry"), None).await.unwrap();
+        let (status, _) = stack
+            .admin(Method::POST, &format!("/v1/jobs/{job_id}/retry"), None)
+            .await
+            .unwrap();
         assert_eq!(status, StatusCode::ACCEPTED);
         let job = stack.wait_job(job_id).await.unwrap();
         assert_eq!(job["state"], "succeeded", "step {step}: {job}");
         assert_eq!(job["attempts"], 2);
 
         let db = format!("tenant_{}", slug.replace('-', "_"));
-        assert_eq!(count(&stack, "SELECT count(*) FROM pg_database WHERE datname = $1", &db).await, 1);
-        assert_eq!(count(&stack, "SELECT count(*) FROM pg_roles WHERE rolname LIKE $1 || '\\_%'", &db).await, 2);
-        let versions: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM secret_versions WHERE name = $1",
-        )
-        .bind(stack.secret_name(&slug))
-        .fetch_one(stack.catalog())
-        .await
-        .unwrap();
+        assert_eq!(
+            count(&stack, "SELECT count(*) FROM pg_database WHERE datname = $1", &db).await,
+            1
+        );
+        assert_eq!(
+            count(
+                &stack,
+                "SELECT count(*) FROM pg_roles WHERE rolname LIKE $1 || '\\_%'",
+                &db
+            )
+            .await,
+            2
+        );
+        let versions: i64 = sqlx::query_scalar("SELECT count(*) FROM secret_versions WHERE name = $1")
+            .bind(stack.secret_name(&slug))
+            .fetch_one(stack.catalog())
+            .await
+            .unwrap();
         assert_eq!(versions, 1, "step {step}: one secret version, not one per attempt");
 
         let resp = stack
@@ -55,7 +77,11 @@ async fn provisioning_interrupted_after_each_step_completes_on_retry() {
             .send()
             .await
             .unwrap();
-        assert_eq!(resp.status(), StatusCode::OK, "step {step}: the first API key works after the retry");
+        assert_eq!(
+            resp.status(),
+            StatusCode::OK,
+            "step {step}: the first API key works after the retry"
+        );
     }
     stack.stop().await.unwrap();
 }
@@ -67,17 +93,38 @@ async fn deletion_interrupted_after_each_step_completes_on_retry() {
         let slug = unique_name("gone");
         stack.create_tenant(&slug).await.unwrap();
         fail::cfg("delete-after-step", &format!("return({step})")).unwrap();
-        let (status, body) = stack.admin(Method::DELETE, &format!("/v1/tenants/{slug}"), None).await.unwrap();
+        let (status, body) = stack
+            .admin(Method::DELETE, &format!("/v1/tenants/{slug}"), None)
+            .await
+            .unwrap();
         assert_eq!(status, StatusCode::ACCEPTED);
         let job_id = body["job"]["id"].as_i64().unwrap();
         assert_eq!(stack.wait_job(job_id).await.unwrap()["state"], "failed");
         fail::remove("delete-after-step");
-        let (status, _) = stack.admin(Method::POST, &format!("/v1/jobs/{job_id}/retry"), None).await.unwrap();
+        let (status, _) = stack
+            .admin(Method::POST, &format!("/v1/jobs/{job_id}/retry"), None)
+            .await
+            .unwrap();
         assert_eq!(status, StatusCode::ACCEPTED);
-        assert_eq!(stack.wait_job(job_id).await.unwrap()["state"], "succeeded", "step {step}");
+        assert_eq!(
+            stack.wait_job(job_id).await.unwrap()["state"],
+            "succeeded",
+            "step {step}"
+        );
         let db = format!("tenant_{}", slug.replace('-', "_"));
-        assert_eq!(count(&stack, "SELECT count(*) FROM pg_database WHERE datname = $1", &db).await, 0);
-        assert_eq!(count(&stack, "SELECT count(*) FROM pg_roles WHERE rolname LIKE $1 || '\\_%'", &db).await, 0);
+        assert_eq!(
+            count(&stack, "SELECT count(*) FROM pg_database WHERE datname = $1", &db).await,
+            0
+        );
+        assert_eq!(
+            count(
+                &stack,
+                "SELECT count(*) FROM pg_roles WHERE rolname LIKE $1 || '\\_%'",
+                &db
+            )
+            .await,
+            0
+        );
         let status: String = sqlx::query_scalar("SELECT status FROM tenants WHERE slug = $1")
             .bind(&slug)
             .fetch_one(stack.catalog())

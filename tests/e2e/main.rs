@@ -3,15 +3,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod harness;
-mod tenant_app;
-mod secrets;
-mod siloctl;
-mod tenants;
-mod router;
-mod router_limits;
 mod admin_api;
 mod crash_safety;
-mod rotation;
+mod harness;
 mod rollout;
+mod rotation;
+mod router;
+mod router_limits;
+mod secrets;
+mod siloctl;
+mod tenant_app;
+mod tenants;
 mod tls;

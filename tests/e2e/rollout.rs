@@ -34,21 +34,30 @@ fn add_failing_migration(dir: &Path, sleep_ms: u64) {
 }
 
 async fn stack_with(dir: &Path) -> Stack {
-    let options = StackOptions { tenant_migrations_dir: Some(PathBuf::from(dir)), ..StackOptions::default() };
+    let options = StackOptions {
+        tenant_migrations_dir: Some(PathBuf::from(dir)),
+        ..StackOptions::default()
+    };
     Stack::start(options).await.unwrap()
 }
 
 async fn tenant_sql(stack: &Stack, slug: &str, sql: &str) {
     let db = format!("tenant_{}", slug.replace('-', "_"));
     let mut conn = stack.pg().admin_options(&db).connect().await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut conn).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(&mut conn)
+        .await
+        .unwrap();
     conn.close().await.unwrap();
 }
 
 async fn versions(stack: &Stack, slugs: &[String]) -> Vec<i64> {
     let mut out = Vec::new();
     for slug in slugs {
-        let (_, t) = stack.admin(Method::GET, &format!("/v1/tenants/{slug}"), None).await.unwrap();
+        let (_, t) = stack
+            .admin(Method::GET, &format!("/v1/tenants/{slug}"), None)
+            .await
+            .unwrap();
         out.push(t["schema_version"].as_i64().unwrap());
     }
     out
@@ -86,17 +95,36 @@ async fn canary_failures_stop_tenant_failures_are_isolated_and_reruns_resume() {
     assert_eq!(status["target_version"], 2);
 
     // A failing canary stops the rollout before any other tenant is touched.
-    tenant_sql(&stack, &slugs[0], &format!("INSERT INTO tasks (title) VALUES ('{MARKER}')")).await;
+    tenant_sql(
+        &stack,
+        &slugs[0],
+        &format!("INSERT INTO tasks (title) VALUES ('{MARKER}')"),
+    )
+    .await;
     let job = rollout(&stack, json!({"tenants": slugs, "canary": 1, "concurrency": 4})).await;
     assert_eq!(job["state"], "failed", "{job}");
     assert!(job["error"].as_str().unwrap().contains("canary"), "{job}");
-    assert_eq!(versions(&stack, &slugs).await, vec![1; 20], "nothing beyond the canary ran");
+    assert_eq!(
+        versions(&stack, &slugs).await,
+        vec![1; 20],
+        "nothing beyond the canary ran"
+    );
 
     // Clean canary, three bad tenants: they fail and keep version 1, the rest reach 2.
-    tenant_sql(&stack, &slugs[0], &format!("DELETE FROM tasks WHERE title = '{MARKER}'")).await;
+    tenant_sql(
+        &stack,
+        &slugs[0],
+        &format!("DELETE FROM tasks WHERE title = '{MARKER}'"),
+    )
+    .await;
     let bad = [3usize, 9, 15];
     for i in bad {
-        tenant_sql(&stack, &slugs[i], &format!("INSERT INTO tasks (title) VALUES ('{MARKER}')")).await;
+        tenant_sql(
+            &stack,
+            &slugs[i],
+            &format!("INSERT INTO tasks (title) VALUES ('{MARKER}')"),
+        )
+        .await;
     }
     let job = rollout(&stack, json!({"tenants": slugs, "canary": 1, "concurrency": 4})).await;
     assert_eq!(job["state"], "failed", "{job}");
@@ -121,12 +149,22 @@ async fn canary_failures_stop_tenant_failures_are_isolated_and_reruns_resume() {
         assert!(error.as_deref().unwrap().contains("marker row found"), "{error:?}");
     }
     let (_, status) = stack.admin(Method::GET, "/v1/migrations/status", None).await.unwrap();
-    let at_one = status["items"].as_array().unwrap().iter().filter(|t| t["schema_version"] == 1).count();
+    let at_one = status["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["schema_version"] == 1)
+        .count();
     assert_eq!(at_one, 3);
 
     // Fix the data, run again: only the three are migrated, the rest are skipped.
     for i in bad {
-        tenant_sql(&stack, &slugs[i], &format!("DELETE FROM tasks WHERE title = '{MARKER}'")).await;
+        tenant_sql(
+            &stack,
+            &slugs[i],
+            &format!("DELETE FROM tasks WHERE title = '{MARKER}'"),
+        )
+        .await;
     }
     let job = rollout(&stack, json!({"tenants": slugs})).await;
     assert_eq!(job["state"], "succeeded", "{job}");
@@ -144,19 +182,21 @@ async fn canary_failures_stop_tenant_failures_are_isolated_and_reruns_resume() {
     let key = stack.create_tenant(&fresh).await.unwrap();
     assert_eq!(versions(&stack, std::slice::from_ref(&fresh)).await, vec![2]);
     let mut admin = stack.pg().admin_options("postgres").connect().await.unwrap();
-    let templates: Vec<String> =
-        sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE datistemplate AND datname LIKE 'silo\\_template\\_%'")
-            .fetch_all(&mut admin)
-            .await
-            .unwrap();
+    let templates: Vec<String> = sqlx::query_scalar(
+        "SELECT datname::text FROM pg_database WHERE datistemplate AND datname LIKE 'silo\\_template\\_%'",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
     assert_eq!(templates.len(), 1, "{templates:?}");
     assert!(templates[0].starts_with("silo_template_v2_"), "{templates:?}");
     let db = format!("tenant_{}", fresh.replace('-', "_"));
     let mut conn = stack.pg().admin_options(&db).connect().await.unwrap();
-    let owners: Vec<String> = sqlx::query_scalar("SELECT DISTINCT tableowner::text FROM pg_tables WHERE schemaname = 'public'")
-        .fetch_all(&mut conn)
-        .await
-        .unwrap();
+    let owners: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT tableowner::text FROM pg_tables WHERE schemaname = 'public'")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
     assert_eq!(owners, [format!("{db}_owner")]);
     let resp = stack
         .tenant_request(Method::POST, &format!("{fresh}.localhost"), "/api/v1/tasks")
@@ -178,8 +218,14 @@ async fn a_rollout_resumes_after_the_control_plane_restarts() {
         stack.create_tenant(slug).await.unwrap();
     }
     add_failing_migration(dir.path(), 150);
-    let (status, started) =
-        stack.admin(Method::POST, "/v1/migrations", Some(json!({"concurrency": 1, "canary": 1}))).await.unwrap();
+    let (status, started) = stack
+        .admin(
+            Method::POST,
+            "/v1/migrations",
+            Some(json!({"concurrency": 1, "canary": 1})),
+        )
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::ACCEPTED);
     let id = started["job"]["id"].as_i64().unwrap();
     // Wait until the rollout is under way, then kill the control plane.
@@ -203,7 +249,10 @@ async fn a_rollout_resumes_after_the_control_plane_restarts() {
     assert!(at_restart < 20, "the restart happened mid-rollout ({at_restart} done)");
     let job = wait_long(&stack, id).await;
     assert_eq!(job["state"], "succeeded", "{job}");
-    assert!(job["attempts"].as_i64().unwrap() >= 2, "the job was claimed again: {job}");
+    assert!(
+        job["attempts"].as_i64().unwrap() >= 2,
+        "the job was claimed again: {job}"
+    );
     assert_eq!(versions(&stack, &slugs).await, vec![2; 20]);
     stack.stop().await.unwrap();
 }
@@ -215,7 +264,10 @@ async fn a_tenant_serves_requests_while_it_is_migrated() {
     let slug = unique_name("busy");
     let key = stack.create_tenant(&slug).await.unwrap();
     add_failing_migration(dir.path(), 1500);
-    let (status, started) = stack.admin(Method::POST, "/v1/migrations", Some(json!({"tenants": [slug]}))).await.unwrap();
+    let (status, started) = stack
+        .admin(Method::POST, "/v1/migrations", Some(json!({"tenants": [slug]})))
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::ACCEPTED);
     let id = started["job"]["id"].as_i64().unwrap();
     let host = format!("{slug}.localhost");
@@ -226,7 +278,12 @@ async fn a_tenant_serves_requests_while_it_is_migrated() {
             break;
         }
         assert_ne!(job["state"], "failed", "{job}");
-        let resp = stack.tenant_request(Method::GET, &host, "/api/v1/tasks").bearer_auth(&key).send().await.unwrap();
+        let resp = stack
+            .tenant_request(Method::GET, &host, "/api/v1/tasks")
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         served += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;

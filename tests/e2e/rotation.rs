@@ -18,15 +18,25 @@ use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
 
 async fn stack(secrets: Secrets) -> Stack {
-    Stack::start(StackOptions { secrets, ..StackOptions::default() }).await.unwrap()
+    Stack::start(StackOptions {
+        secrets,
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap()
 }
 
 async fn store(stack: &Stack) -> Arc<dyn SecretStore> {
-    secrets::open(&stack.config().secrets, stack.catalog().clone()).await.unwrap()
+    secrets::open(&stack.config().secrets, stack.catalog().clone())
+        .await
+        .unwrap()
 }
 
 async fn credentials(stack: &Stack, slug: &str) -> Value {
-    let (status, creds) = stack.admin(Method::GET, &format!("/v1/tenants/{slug}/credentials"), None).await.unwrap();
+    let (status, creds) = stack
+        .admin(Method::GET, &format!("/v1/tenants/{slug}/credentials"), None)
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::OK, "{creds}");
     creds
 }
@@ -55,7 +65,11 @@ async fn logs_in(creds: &Value) -> bool {
 
 async fn rotate(stack: &Stack, slug: &str, strategy: &str) -> Value {
     let (status, body) = stack
-        .admin(Method::POST, &format!("/v1/tenants/{slug}/rotate"), Some(json!({"strategy": strategy})))
+        .admin(
+            Method::POST,
+            &format!("/v1/tenants/{slug}/rotate"),
+            Some(json!({"strategy": strategy})),
+        )
         .await
         .unwrap();
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
@@ -63,8 +77,17 @@ async fn rotate(stack: &Stack, slug: &str, strategy: &str) -> Value {
 }
 
 async fn assert_stages_after_rotation(stack: &Stack, store: &dyn SecretStore, slug: &str, old_version: &str) -> String {
-    let versions = store.list_version_stages(&stack.secret_name(slug)).await.unwrap().unwrap();
-    let with = |stage: &str| versions.iter().filter(|v| v.stages.iter().any(|s| s == stage)).collect::<Vec<_>>();
+    let versions = store
+        .list_version_stages(&stack.secret_name(slug))
+        .await
+        .unwrap()
+        .unwrap();
+    let with = |stage: &str| {
+        versions
+            .iter()
+            .filter(|v| v.stages.iter().any(|s| s == stage))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(with(AWSPENDING).len(), 0, "no AWSPENDING left: {versions:?}");
     assert_eq!(with(AWSPREVIOUS).len(), 1, "{versions:?}");
     assert_eq!(with(AWSPREVIOUS)[0].version_id, old_version);
@@ -79,11 +102,19 @@ async fn stages_and_retired_credentials(secrets: Secrets) {
     let slug = unique_name("rot");
     let key = stack.create_tenant(&slug).await.unwrap();
     let name = stack.secret_name(&slug);
-    let (_, before) = stack.admin(Method::GET, &format!("/v1/tenants/{slug}"), None).await.unwrap();
+    let (_, before) = stack
+        .admin(Method::GET, &format!("/v1/tenants/{slug}"), None)
+        .await
+        .unwrap();
 
     // single: the one login role gets a new password; the old one stops working at once.
     let c0 = credentials(&stack, &slug).await;
-    let v0 = store.get_secret_value(&name, AWSCURRENT).await.unwrap().unwrap().version_id;
+    let v0 = store
+        .get_secret_value(&name, AWSCURRENT)
+        .await
+        .unwrap()
+        .unwrap()
+        .version_id;
     assert_eq!(rotate(&stack, &slug, "single").await["state"], "succeeded");
     let v1 = assert_stages_after_rotation(&stack, store.as_ref(), &slug, &v0).await;
     let c1 = credentials(&stack, &slug).await;
@@ -107,19 +138,45 @@ async fn stages_and_retired_credentials(secrets: Secrets) {
 
     // Objects created through either login role belong to the owner: both can use them.
     let mut as_c3 = options(&c3).connect().await.unwrap();
-    sqlx::query("CREATE TABLE notes (id int PRIMARY KEY, body text)").execute(&mut as_c3).await.unwrap();
-    sqlx::query("INSERT INTO notes VALUES (1, 'from c3')").execute(&mut as_c3).await.unwrap();
+    sqlx::query("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+        .execute(&mut as_c3)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO notes VALUES (1, 'from c3')")
+        .execute(&mut as_c3)
+        .await
+        .unwrap();
     let mut as_c2 = options(&c2).connect().await.unwrap();
-    sqlx::query("INSERT INTO notes VALUES (2, 'from c2')").execute(&mut as_c2).await.unwrap();
-    sqlx::query("UPDATE notes SET body = 'edited by c2' WHERE id = 1").execute(&mut as_c2).await.unwrap();
-    sqlx::query("INSERT INTO tasks (title) VALUES ('direct')").execute(&mut as_c2).await.unwrap();
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notes").fetch_one(&mut as_c3).await.unwrap();
+    sqlx::query("INSERT INTO notes VALUES (2, 'from c2')")
+        .execute(&mut as_c2)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE notes SET body = 'edited by c2' WHERE id = 1")
+        .execute(&mut as_c2)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO tasks (title) VALUES ('direct')")
+        .execute(&mut as_c2)
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notes")
+        .fetch_one(&mut as_c3)
+        .await
+        .unwrap();
     assert_eq!(n, 2);
 
     // The tenant still serves, and the catalog shows the rotation time.
-    let resp = stack.tenant_request(Method::GET, &format!("{slug}.localhost"), "/api/v1/tasks").bearer_auth(&key).send().await.unwrap();
+    let resp = stack
+        .tenant_request(Method::GET, &format!("{slug}.localhost"), "/api/v1/tasks")
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let (_, after) = stack.admin(Method::GET, &format!("/v1/tenants/{slug}"), None).await.unwrap();
+    let (_, after) = stack
+        .admin(Method::GET, &format!("/v1/tenants/{slug}"), None)
+        .await
+        .unwrap();
     assert!(after["credentials_rotated_at"].as_str() > before["credentials_rotated_at"].as_str());
     stack.stop().await.unwrap();
 }
@@ -142,22 +199,52 @@ async fn interrupted_rotation_resumes(secrets: Secrets) {
     let host = format!("{slug}.localhost");
     for strategy in ["single", "alternating"] {
         for step in ROTATE_STEPS {
-            let old = store.get_secret_value(&stack.secret_name(&slug), AWSCURRENT).await.unwrap().unwrap().version_id;
+            let old = store
+                .get_secret_value(&stack.secret_name(&slug), AWSCURRENT)
+                .await
+                .unwrap()
+                .unwrap()
+                .version_id;
             fail::cfg("rotate-after-step", &format!("return({step})")).unwrap();
             let job = rotate(&stack, &slug, strategy).await;
             assert_eq!(job["state"], "failed", "{strategy}/{step}: {job}");
             // The tenant keeps serving with whatever is current.
-            let resp = stack.tenant_request(Method::GET, &host, "/api/v1/tasks").bearer_auth(&key).send().await.unwrap();
-            assert_eq!(resp.status(), StatusCode::OK, "{strategy}/{step}: serving while interrupted");
+            let resp = stack
+                .tenant_request(Method::GET, &host, "/api/v1/tasks")
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                resp.status(),
+                StatusCode::OK,
+                "{strategy}/{step}: serving while interrupted"
+            );
             fail::remove("rotate-after-step");
             let id = job["id"].as_i64().unwrap();
-            let (status, _) = stack.admin(Method::POST, &format!("/v1/jobs/{id}/retry"), None).await.unwrap();
+            let (status, _) = stack
+                .admin(Method::POST, &format!("/v1/jobs/{id}/retry"), None)
+                .await
+                .unwrap();
             assert_eq!(status, StatusCode::ACCEPTED);
-            assert_eq!(stack.wait_job(id).await.unwrap()["state"], "succeeded", "{strategy}/{step}");
+            assert_eq!(
+                stack.wait_job(id).await.unwrap()["state"],
+                "succeeded",
+                "{strategy}/{step}"
+            );
             assert_stages_after_rotation(&stack, store.as_ref(), &slug, &old).await;
             assert!(logs_in(&credentials(&stack, &slug).await).await);
-            let resp = stack.tenant_request(Method::GET, &host, "/api/v1/tasks").bearer_auth(&key).send().await.unwrap();
-            assert_eq!(resp.status(), StatusCode::OK, "{strategy}/{step}: serving after the retry");
+            let resp = stack
+                .tenant_request(Method::GET, &host, "/api/v1/tasks")
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                resp.status(),
+                StatusCode::OK,
+                "{strategy}/{step}: serving after the retry"
+            );
         }
     }
     stack.stop().await.unwrap();
@@ -184,15 +271,23 @@ async fn no_failed_requests_under_load(secrets: Secrets, strategy: &str) {
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut clients = Vec::new();
     for c in 0..4 {
-        let (stack, key, host, stop, ok, failed) =
-            (stack.clone(), key.clone(), host.clone(), stop.clone(), ok.clone(), failed.clone());
+        let (stack, key, host, stop, ok, failed) = (
+            stack.clone(),
+            key.clone(),
+            host.clone(),
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+        );
         clients.push(tokio::spawn(async move {
             let deadline = Instant::now() + Duration::from_secs(60);
             let mut i = 0u64;
             while !stop.is_cancelled() && Instant::now() < deadline {
                 i += 1;
                 let req = if i % 3 == 0 {
-                    stack.tenant_request(Method::POST, &host, "/api/v1/tasks").json(&json!({"title": format!("c{c} #{i}")}))
+                    stack
+                        .tenant_request(Method::POST, &host, "/api/v1/tasks")
+                        .json(&json!({"title": format!("c{c} #{i}")}))
                 } else {
                     stack.tenant_request(Method::GET, &host, "/api/v1/tasks?limit=5")
                 };
@@ -249,7 +344,12 @@ async fn no_failed_requests_under_load_single_aws() {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_schedulers_rotate_each_due_tenant_exactly_once() {
     let extra = "[rotation]\ninterval = \"1d\"\ncheck_every = \"100ms\"\njitter = \"500ms\"\nmax_concurrent = 100\n";
-    let stack = Stack::start(StackOptions { extra_toml: extra.into(), ..StackOptions::default() }).await.unwrap();
+    let stack = Stack::start(StackOptions {
+        extra_toml: extra.into(),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
     let second = ControlPlane::bind(stack.config().clone()).await.unwrap();
     let stop_second = CancellationToken::new();
     let second = tokio::spawn(second.run(stop_second.clone()));
@@ -284,15 +384,17 @@ async fn two_schedulers_rotate_each_due_tenant_exactly_once() {
     }
     // Give both schedulers more passes to (wrongly) rotate again.
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let per_tenant: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT tenant, count(*) FROM jobs WHERE kind = 'rotate' GROUP BY tenant ORDER BY tenant",
-    )
-    .fetch_all(stack.catalog())
-    .await
-    .unwrap();
+    let per_tenant: Vec<(String, i64)> =
+        sqlx::query_as("SELECT tenant, count(*) FROM jobs WHERE kind = 'rotate' GROUP BY tenant ORDER BY tenant")
+            .fetch_all(stack.catalog())
+            .await
+            .unwrap();
     let mut expected: Vec<(String, i64)> = slugs.iter().map(|s| (s.clone(), 1)).collect();
     expected.sort();
-    assert_eq!(per_tenant, expected, "each due tenant exactly once, the fresh one never");
+    assert_eq!(
+        per_tenant, expected,
+        "each due tenant exactly once, the fresh one never"
+    );
     let states: Vec<String> = sqlx::query_scalar("SELECT DISTINCT state FROM jobs WHERE kind = 'rotate'")
         .fetch_all(stack.catalog())
         .await

@@ -14,8 +14,7 @@ use secrecy::{ExposeSecret, SecretString};
 use silo_control_plane::config::{SecretsBackend, SecretsConfig};
 use silo_control_plane::secrets::local::{create_master_key, LocalSecretStore};
 use silo_control_plane::secrets::{
-    self, DbSecret, SecretStore, SecretStoreError, VersionStages, AWSCURRENT, AWSPENDING,
-    AWSPREVIOUS,
+    self, DbSecret, SecretStore, SecretStoreError, VersionStages, AWSCURRENT, AWSPENDING, AWSPREVIOUS,
 };
 use silo_tests::moto::{MotoServer, REGION};
 use silo_tests::pg::TestCluster;
@@ -66,11 +65,7 @@ fn stages(list: &[(&str, &[&str])]) -> Vec<VersionStages> {
 
 /// `list_version_stages` with each version's stages sorted, for comparisons.
 async fn listed(store: &dyn SecretStore, name: &str) -> Vec<VersionStages> {
-    let mut v = store
-        .list_version_stages(name)
-        .await
-        .unwrap()
-        .expect("secret exists");
+    let mut v = store.list_version_stages(name).await.unwrap().expect("secret exists");
     for vs in &mut v {
         vs.stages.sort();
     }
@@ -94,11 +89,7 @@ async fn create_then_get_current(store: &dyn SecretStore) {
         .create_secret(&name, &v1, &val, &[("silo:tenant", "acme")])
         .await
         .unwrap();
-    let got = store
-        .get_secret_value(&name, AWSCURRENT)
-        .await
-        .unwrap()
-        .unwrap();
+    let got = store.get_secret_value(&name, AWSCURRENT).await.unwrap().unwrap();
     assert_eq!(got.version_id, v1);
     assert_eq!(got.stages, vec![AWSCURRENT.to_owned()]);
     assert_eq!(got.value.expose_secret(), val.expose_secret());
@@ -113,16 +104,10 @@ async fn create_is_idempotent_by_version_id(store: &dyn SecretStore) {
     store.create_secret(&name, &v1, &val, &[]).await.unwrap();
     assert_eq!(listed(store, &name).await, stages(&[(&v1, &[AWSCURRENT])]));
     // Same version id, other value: versions are immutable.
-    let err = store
-        .create_secret(&name, &v1, &value(), &[])
-        .await
-        .unwrap_err();
+    let err = store.create_secret(&name, &v1, &value(), &[]).await.unwrap_err();
     assert!(matches!(err, SecretStoreError::Backend(_)), "{err}");
     // Another version id: the name is taken.
-    let err = store
-        .create_secret(&name, &version_id(), &val, &[])
-        .await
-        .unwrap_err();
+    let err = store.create_secret(&name, &version_id(), &val, &[]).await.unwrap_err();
     assert!(matches!(err, SecretStoreError::Backend(_)), "{err}");
     assert_eq!(
         current(store, &name, AWSCURRENT).await,
@@ -134,10 +119,7 @@ async fn put_pending_adds_a_staged_version(store: &dyn SecretStore) {
     let (name, v1, v2, v3) = (secret_name(), version_id(), version_id(), version_id());
     let (val1, val2, val3) = (value(), value(), value());
     store.create_secret(&name, &v1, &val1, &[]).await.unwrap();
-    store
-        .put_secret_value(&name, &v2, &val2, &[AWSPENDING])
-        .await
-        .unwrap();
+    store.put_secret_value(&name, &v2, &val2, &[AWSPENDING]).await.unwrap();
     assert_eq!(
         current(store, &name, AWSPENDING).await,
         (v2.clone(), val2.expose_secret().to_owned())
@@ -154,10 +136,7 @@ async fn put_pending_adds_a_staged_version(store: &dyn SecretStore) {
     // A retried put is a no-op; the same version id with another value is refused. (Not
     // checked on the AWSPENDING version: moto overwrites a pending version's value, AWS
     // refuses it.)
-    store
-        .put_secret_value(&name, &v2, &val2, &[AWSPENDING])
-        .await
-        .unwrap();
+    store.put_secret_value(&name, &v2, &val2, &[AWSPENDING]).await.unwrap();
     let err = store
         .put_secret_value(&name, &v1, &val3, &[AWSCURRENT])
         .await
@@ -166,10 +145,7 @@ async fn put_pending_adds_a_staged_version(store: &dyn SecretStore) {
     assert!(!err.to_string().contains(val3.expose_secret()), "{err}");
 
     // A newer pending version takes the stage: a stage is on one version only.
-    store
-        .put_secret_value(&name, &v3, &val3, &[AWSPENDING])
-        .await
-        .unwrap();
+    store.put_secret_value(&name, &v3, &val3, &[AWSPENDING]).await.unwrap();
     assert_eq!(
         listed(store, &name).await,
         stages(&[(&v1, &[AWSCURRENT]), (&v3, &[AWSPENDING])])
@@ -180,10 +156,7 @@ async fn put_current_makes_the_old_version_previous(store: &dyn SecretStore) {
     let (name, v1, v2) = (secret_name(), version_id(), version_id());
     let (val1, val2) = (value(), value());
     store.create_secret(&name, &v1, &val1, &[]).await.unwrap();
-    store
-        .put_secret_value(&name, &v2, &val2, &[AWSCURRENT])
-        .await
-        .unwrap();
+    store.put_secret_value(&name, &v2, &val2, &[AWSCURRENT]).await.unwrap();
     assert_eq!(
         listed(store, &name).await,
         stages(&[(&v1, &[AWSPREVIOUS]), (&v2, &[AWSCURRENT])])
@@ -215,10 +188,7 @@ async fn rotation_moves_stages_like_aws(store: &dyn SecretStore) {
             .unwrap();
         assert_eq!(
             listed(store, &name).await,
-            stages(&[
-                (&old.0, &[AWSPREVIOUS]),
-                (&new_id, &[AWSCURRENT, AWSPENDING])
-            ])
+            stages(&[(&old.0, &[AWSPREVIOUS]), (&new_id, &[AWSCURRENT, AWSPENDING])])
         );
         store
             .update_version_stage(&name, AWSPENDING, None, Some(&new_id))
@@ -237,22 +207,14 @@ async fn rotation_moves_stages_like_aws(store: &dyn SecretStore) {
             current(store, &name, AWSPREVIOUS).await,
             (old.0.clone(), old.1.expose_secret().to_owned())
         );
-        assert!(store
-            .get_secret_value(&name, AWSPENDING)
-            .await
-            .unwrap()
-            .is_none());
+        assert!(store.get_secret_value(&name, AWSPENDING).await.unwrap().is_none());
         old = (new_id, new_val);
     }
 }
 
 async fn missing_secrets_and_stages_are_none(store: &dyn SecretStore) {
     let name = secret_name();
-    assert!(store
-        .get_secret_value(&name, AWSCURRENT)
-        .await
-        .unwrap()
-        .is_none());
+    assert!(store.get_secret_value(&name, AWSCURRENT).await.unwrap().is_none());
     assert!(store.list_version_stages(&name).await.unwrap().is_none());
     let err = store
         .put_secret_value(&name, &version_id(), &value(), &[AWSPENDING])
@@ -265,36 +227,18 @@ async fn missing_secrets_and_stages_are_none(store: &dyn SecretStore) {
         .unwrap_err();
     assert!(matches!(err, SecretStoreError::NotFound(_)), "{err}");
 
-    store
-        .create_secret(&name, &version_id(), &value(), &[])
-        .await
-        .unwrap();
-    assert!(store
-        .get_secret_value(&name, AWSPENDING)
-        .await
-        .unwrap()
-        .is_none());
-    assert!(store
-        .get_secret_value(&name, AWSPREVIOUS)
-        .await
-        .unwrap()
-        .is_none());
+    store.create_secret(&name, &version_id(), &value(), &[]).await.unwrap();
+    assert!(store.get_secret_value(&name, AWSPENDING).await.unwrap().is_none());
+    assert!(store.get_secret_value(&name, AWSPREVIOUS).await.unwrap().is_none());
 }
 
 async fn deleted_secrets_are_gone(store: &dyn SecretStore) {
     for force in [false, true] {
         let name = secret_name();
-        store
-            .create_secret(&name, &version_id(), &value(), &[])
-            .await
-            .unwrap();
+        store.create_secret(&name, &version_id(), &value(), &[]).await.unwrap();
         store.delete_secret(&name, force).await.unwrap();
         assert!(
-            store
-                .get_secret_value(&name, AWSCURRENT)
-                .await
-                .unwrap()
-                .is_none(),
+            store.get_secret_value(&name, AWSCURRENT).await.unwrap().is_none(),
             "force={force}"
         );
         assert!(
@@ -309,10 +253,7 @@ async fn deleted_secrets_are_gone(store: &dyn SecretStore) {
 
 async fn malformed_version_ids_are_refused(store: &dyn SecretStore) {
     let name = secret_name();
-    let err = store
-        .create_secret(&name, "v1", &value(), &[])
-        .await
-        .unwrap_err();
+    let err = store.create_secret(&name, "v1", &value(), &[]).await.unwrap_err();
     assert!(err.to_string().contains("32 to 64"), "{err}");
     assert!(store.list_version_stages(&name).await.unwrap().is_none());
 }
@@ -441,12 +382,11 @@ async fn local_ciphertext_does_not_contain_the_value() {
         )
         .await
         .unwrap();
-    let rows: Vec<(Vec<u8>, Vec<u8>)> =
-        sqlx::query_as("SELECT nonce, ciphertext FROM secret_versions WHERE name = $1")
-            .bind(&name)
-            .fetch_all(&f.pool)
-            .await
-            .unwrap();
+    let rows: Vec<(Vec<u8>, Vec<u8>)> = sqlx::query_as("SELECT nonce, ciphertext FROM secret_versions WHERE name = $1")
+        .bind(&name)
+        .fetch_all(&f.pool)
+        .await
+        .unwrap();
     assert_eq!(rows.len(), 1);
     let (nonce, ciphertext) = &rows[0];
     assert_eq!(nonce.len(), 12);
@@ -480,17 +420,9 @@ async fn local_wrong_master_key_cannot_decrypt() {
     create_master_key(&other_key).unwrap();
     let other = LocalSecretStore::open(&other_key, f.pool.clone()).unwrap();
     let err = other.get_secret_value(&name, AWSCURRENT).await.unwrap_err();
-    assert!(
-        matches!(err, SecretStoreError::Decrypt(ref n) if *n == name),
-        "{err}"
-    );
+    assert!(matches!(err, SecretStoreError::Decrypt(ref n) if *n == name), "{err}");
     // The right key still works.
-    assert!(f
-        .store
-        .get_secret_value(&name, AWSCURRENT)
-        .await
-        .unwrap()
-        .is_some());
+    assert!(f.store.get_secret_value(&name, AWSCURRENT).await.unwrap().is_some());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -502,9 +434,7 @@ async fn local_master_key_file_is_checked() {
     let good = "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=\n";
 
     let path = write_key(dir.path(), good, 0o644);
-    let err = LocalSecretStore::open(&path, pool.clone())
-        .unwrap_err()
-        .to_string();
+    let err = LocalSecretStore::open(&path, pool.clone()).unwrap_err().to_string();
     assert!(
         err.contains(&path.display().to_string()) && err.contains("0644"),
         "{err}"
@@ -512,27 +442,18 @@ async fn local_master_key_file_is_checked() {
     assert!(!err.contains(good.trim()), "{err}");
 
     let path = write_key(dir.path(), "c2hvcnQ=\n", 0o600);
-    let err = LocalSecretStore::open(&path, pool.clone())
-        .unwrap_err()
-        .to_string();
+    let err = LocalSecretStore::open(&path, pool.clone()).unwrap_err().to_string();
     assert!(
         err.contains(&path.display().to_string()) && err.contains("expected 32"),
         "{err}"
     );
 
     let path = write_key(dir.path(), "not base64 at all!\n", 0o600);
-    let err = LocalSecretStore::open(&path, pool.clone())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("not base64") && !err.contains("at all"),
-        "{err}"
-    );
+    let err = LocalSecretStore::open(&path, pool.clone()).unwrap_err().to_string();
+    assert!(err.contains("not base64") && !err.contains("at all"), "{err}");
 
     let missing = dir.path().join("missing.key");
-    let err = LocalSecretStore::open(&missing, pool.clone())
-        .unwrap_err()
-        .to_string();
+    let err = LocalSecretStore::open(&missing, pool.clone()).unwrap_err().to_string();
     assert!(
         err.contains(&missing.display().to_string()) && err.contains("does not exist"),
         "{err}"
@@ -569,12 +490,7 @@ async fn local_ciphertexts_are_bound_to_their_secret_and_version() {
     .unwrap();
     let err = f.store.get_secret_value(&a, AWSCURRENT).await.unwrap_err();
     assert!(matches!(err, SecretStoreError::Decrypt(_)), "{err}");
-    assert!(f
-        .store
-        .get_secret_value(&b, AWSCURRENT)
-        .await
-        .unwrap()
-        .is_some());
+    assert!(f.store.get_secret_value(&b, AWSCURRENT).await.unwrap().is_some());
 
     // Same secret, another version: a rotation rolled back by copying rows fails too.
     let v2 = version_id();
@@ -607,47 +523,29 @@ async fn local_debug_output_has_no_secrets() {
         .create_secret(&name, &version_id(), &secret.to_secret_string(), &[])
         .await
         .unwrap();
-    let version = f
-        .store
-        .get_secret_value(&name, AWSCURRENT)
-        .await
-        .unwrap()
-        .unwrap();
+    let version = f.store.get_secret_value(&name, AWSCURRENT).await.unwrap().unwrap();
     assert!(!format!("{version:?}").contains(&password));
 
     let store = LocalSecretStore::open(&f.key_file, f.pool.clone()).unwrap();
     let key = std::fs::read_to_string(&f.key_file).unwrap();
     let debug = format!("{store:?}");
-    assert!(
-        !debug.contains(key.trim()) && debug.contains("redacted"),
-        "{debug}"
-    );
+    assert!(!debug.contains(key.trim()) && debug.contains("redacted"), "{debug}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn local_stage_moves_follow_aws_rules() {
     let f = LocalFixture::new().await;
     let (name, v1, v2, v3) = (secret_name(), version_id(), version_id(), version_id());
-    f.store
-        .create_secret(&name, &v1, &value(), &[])
-        .await
-        .unwrap();
+    f.store.create_secret(&name, &v1, &value(), &[]).await.unwrap();
     f.store
         .put_secret_value(&name, &v2, &value(), &[AWSPENDING])
         .await
         .unwrap();
-    f.store
-        .put_secret_value(&name, &v3, &value(), &[])
-        .await
-        .unwrap();
+    f.store.put_secret_value(&name, &v3, &value(), &[]).await.unwrap();
     // No stages means AWSCURRENT.
     assert_eq!(
         listed(f.store.as_ref(), &name).await,
-        stages(&[
-            (&v1, &[AWSPREVIOUS]),
-            (&v2, &[AWSPENDING]),
-            (&v3, &[AWSCURRENT])
-        ])
+        stages(&[(&v1, &[AWSPREVIOUS]), (&v2, &[AWSPENDING]), (&v3, &[AWSCURRENT])])
     );
     // A pending version cannot be overwritten either (AWS refuses it; moto does not).
     let err = f
@@ -676,11 +574,7 @@ async fn local_stage_moves_follow_aws_rules() {
         .unwrap();
     assert_eq!(
         listed(f.store.as_ref(), &name).await,
-        stages(&[
-            (&v1, &[AWSCURRENT]),
-            (&v2, &[AWSPENDING]),
-            (&v3, &[AWSPREVIOUS])
-        ])
+        stages(&[(&v1, &[AWSCURRENT]), (&v2, &[AWSPENDING]), (&v3, &[AWSPREVIOUS])])
     );
 }
 
@@ -693,15 +587,10 @@ async fn local_concurrent_writers_keep_one_current() {
         .await
         .unwrap();
     // Two "control planes" on the same catalog, each putting new current versions.
-    let other: Arc<dyn SecretStore> =
-        Arc::new(LocalSecretStore::open(&f.key_file, f.pool.clone()).unwrap());
+    let other: Arc<dyn SecretStore> = Arc::new(LocalSecretStore::open(&f.key_file, f.pool.clone()).unwrap());
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..16 {
-        let store = if i % 2 == 0 {
-            f.store.clone()
-        } else {
-            other.clone()
-        };
+        let store = if i % 2 == 0 { f.store.clone() } else { other.clone() };
         let name = name.clone();
         tasks.spawn(async move {
             store
@@ -713,11 +602,7 @@ async fn local_concurrent_writers_keep_one_current() {
         r.unwrap().unwrap();
     }
     let list = listed(f.store.as_ref(), &name).await;
-    let count = |stage: &str| {
-        list.iter()
-            .filter(|v| v.stages.iter().any(|s| s == stage))
-            .count()
-    };
+    let count = |stage: &str| list.iter().filter(|v| v.stages.iter().any(|s| s == stage)).count();
     assert_eq!((count(AWSCURRENT), count(AWSPREVIOUS)), (1, 1), "{list:?}");
     assert_eq!(list.len(), 2, "{list:?}");
     // Unstaged versions are pruned to the newest ten.

@@ -20,7 +20,11 @@ fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(Path::parent).unwrap();
     let path = dir.join(name);
-    assert!(path.is_file(), "{} is not built: run `cargo build --workspace --all-targets` first", path.display());
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build --workspace --all-targets` first",
+        path.display()
+    );
     path
 }
 
@@ -38,9 +42,16 @@ fn siloctl(cwd: &Path, home: &Path) -> Command {
 
 fn stderr_line(out: &Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(stderr.lines().count(), 1, "expected exactly one stderr line, got {stderr:?}");
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "expected exactly one stderr line, got {stderr:?}"
+    );
     assert!(stderr.starts_with("error: "), "{stderr:?}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr:?}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr:?}"
+    );
     stderr.trim_end().to_owned()
 }
 
@@ -66,7 +77,10 @@ impl FakeApi {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let mut script: HashMap<String, Vec<(u16, String)>> = HashMap::new();
         for (route, status, body) in routes {
-            script.entry(route.to_owned()).or_default().push((status, body.to_string()));
+            script
+                .entry(route.to_owned())
+                .or_default()
+                .push((status, body.to_string()));
         }
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
@@ -79,7 +93,10 @@ impl FakeApi {
                 let (status, body) = match script.get_mut(&route) {
                     Some(answers) if answers.len() > 1 => answers.remove(0),
                     Some(answers) => answers[0].clone(),
-                    None => (404, json!({"error": "not_found", "message": "no such route"}).to_string()),
+                    None => (
+                        404,
+                        json!({"error": "not_found", "message": "no such route"}).to_string(),
+                    ),
                 };
                 let mut stream = stream;
                 let _ = write!(
@@ -122,7 +139,12 @@ fn read_request(stream: &TcpStream) -> Option<Seen> {
     }
     let mut body = vec![0; length];
     reader.read_exact(&mut body).ok()?;
-    Some(Seen { method, path, authorization, body: String::from_utf8_lossy(&body).into_owned() })
+    Some(Seen {
+        method,
+        path,
+        authorization,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
 fn tenant(slug: &str, status: &str) -> Value {
@@ -168,7 +190,10 @@ fn usage_errors_exit_2_without_a_request() {
 #[test]
 fn no_endpoint_configured_is_a_usage_error_with_a_hint() {
     let dir = tempfile::tempdir().unwrap();
-    let out = siloctl(dir.path(), dir.path()).args(["tenant", "list"]).output().unwrap();
+    let out = siloctl(dir.path(), dir.path())
+        .args(["tenant", "list"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let line = stderr_line(&out);
     assert!(line.contains("siloctl dev") && line.contains("SILO_ENDPOINT"), "{line}");
@@ -186,7 +211,10 @@ fn unreachable_endpoint_fails_with_one_line() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let line = stderr_line(&out);
-    assert!(line.contains("cannot reach") && line.contains(&port.to_string()), "{line}");
+    assert!(
+        line.contains("cannot reach") && line.contains(&port.to_string()),
+        "{line}"
+    );
     assert!(!line.contains("s3cr3t-token"));
 }
 
@@ -199,7 +227,17 @@ fn api_errors_show_code_and_message_and_never_the_token() {
     )]);
     let dir = tempfile::tempdir().unwrap();
     let out = siloctl(dir.path(), dir.path())
-        .args(["--endpoint", &api.url, "--token", "s3cr3t-token", "tenant", "create", "acme", "--plan", "pro"])
+        .args([
+            "--endpoint",
+            &api.url,
+            "--token",
+            "s3cr3t-token",
+            "tenant",
+            "create",
+            "acme",
+            "--plan",
+            "pro",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -215,7 +253,11 @@ fn api_errors_show_code_and_message_and_never_the_token() {
 #[test]
 fn create_waits_for_the_job_and_prints_the_finished_tenant() {
     let api = FakeApi::start(vec![
-        ("POST /v1/tenants", 202, json!({"tenant": tenant("acme", "provisioning"), "job": job(7, "queued", None), "api_key": "silo_k3y"})),
+        (
+            "POST /v1/tenants",
+            202,
+            json!({"tenant": tenant("acme", "provisioning"), "job": job(7, "queued", None), "api_key": "silo_k3y"}),
+        ),
         ("GET /v1/jobs/7", 200, job(7, "running", None)),
         ("GET /v1/jobs/7", 200, job(7, "succeeded", None)),
         ("GET /v1/tenants/acme", 200, tenant("acme", "active")),
@@ -223,18 +265,34 @@ fn create_waits_for_the_job_and_prints_the_finished_tenant() {
     let dir = tempfile::tempdir().unwrap();
     // The context comes from ./.silo/env, as `siloctl dev` writes it.
     std::fs::create_dir(dir.path().join(".silo")).unwrap();
-    std::fs::write(dir.path().join(".silo/env"), format!("SILO_ENDPOINT={}\nSILO_TOKEN=from-file\n", api.url)).unwrap();
-    let out = siloctl(dir.path(), dir.path()).args(["-o", "json", "tenant", "create", "acme"]).output().unwrap();
+    std::fs::write(
+        dir.path().join(".silo/env"),
+        format!("SILO_ENDPOINT={}\nSILO_TOKEN=from-file\n", api.url),
+    )
+    .unwrap();
+    let out = siloctl(dir.path(), dir.path())
+        .args(["-o", "json", "tenant", "create", "acme"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
     let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(printed, json!({"tenant": tenant("acme", "active"), "api_key": "silo_k3y"}));
+    assert_eq!(
+        printed,
+        json!({"tenant": tenant("acme", "active"), "api_key": "silo_k3y"})
+    );
     let seen = api.seen();
-    assert!(seen.iter().all(|s| s.authorization.as_deref() == Some("Bearer from-file")));
+    assert!(seen
+        .iter()
+        .all(|s| s.authorization.as_deref() == Some("Bearer from-file")));
     assert_eq!(seen.iter().filter(|s| s.path == "/v1/jobs/7").count(), 2);
 
     // The table output shows the key once, with the warning.
     let api = FakeApi::start(vec![
-        ("POST /v1/tenants", 202, json!({"tenant": tenant("acme", "provisioning"), "job": job(7, "succeeded", None), "api_key": "silo_k3y"})),
+        (
+            "POST /v1/tenants",
+            202,
+            json!({"tenant": tenant("acme", "provisioning"), "job": job(7, "succeeded", None), "api_key": "silo_k3y"}),
+        ),
         ("GET /v1/tenants/acme", 200, tenant("acme", "active")),
     ]);
     let out = siloctl(dir.path(), dir.path())
@@ -245,14 +303,25 @@ fn create_waits_for_the_job_and_prints_the_finished_tenant() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("silo_k3y") && stdout.contains("shown once") && stdout.contains("active"), "{stdout}");
+    assert!(
+        stdout.contains("silo_k3y") && stdout.contains("shown once") && stdout.contains("active"),
+        "{stdout}"
+    );
 }
 
 #[test]
 fn failed_job_exits_1_with_the_job_error() {
     let api = FakeApi::start(vec![
-        ("DELETE /v1/tenants/acme?backup=true", 202, json!({"job": job(9, "queued", None)})),
-        ("GET /v1/jobs/9", 200, job(9, "failed", Some("server pg-1 is unreachable"))),
+        (
+            "DELETE /v1/tenants/acme?backup=true",
+            202,
+            json!({"job": job(9, "queued", None)}),
+        ),
+        (
+            "GET /v1/jobs/9",
+            200,
+            job(9, "failed", Some("server pg-1 is unreachable")),
+        ),
     ]);
     let dir = tempfile::tempdir().unwrap();
     let out = siloctl(dir.path(), dir.path())
@@ -263,18 +332,34 @@ fn failed_job_exits_1_with_the_job_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let line = stderr_line(&out);
-    assert!(line.contains("job 9") && line.contains("server pg-1 is unreachable"), "{line}");
+    assert!(
+        line.contains("job 9") && line.contains("server pg-1 is unreachable"),
+        "{line}"
+    );
 }
 
 #[test]
 fn list_commands_print_aligned_tables() {
     let api = FakeApi::start(vec![
-        ("GET /v1/tenants", 200, json!({"items": [tenant("acme", "active"), tenant("globex-industries", "suspended")]})),
-        ("GET /v1/servers", 200, json!({"items": [{"name": "pg-1", "host": "127.0.0.1", "port": 5432, "max_tenants": 1000, "tenants": 2}]})),
+        (
+            "GET /v1/tenants",
+            200,
+            json!({"items": [tenant("acme", "active"), tenant("globex-industries", "suspended")]}),
+        ),
+        (
+            "GET /v1/servers",
+            200,
+            json!({"items": [{"name": "pg-1", "host": "127.0.0.1", "port": 5432, "max_tenants": 1000, "tenants": 2}]}),
+        ),
     ]);
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {
-        let out = siloctl(dir.path(), dir.path()).args(args).env("SILO_ENDPOINT", &api.url).env("SILO_TOKEN", "t").output().unwrap();
+        let out = siloctl(dir.path(), dir.path())
+            .args(args)
+            .env("SILO_ENDPOINT", &api.url)
+            .env("SILO_TOKEN", "t")
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{out:?}");
         String::from_utf8(out.stdout).unwrap()
     };
@@ -315,7 +400,17 @@ async fn dev_stack_end_to_end() {
         .arg("dev")
         .arg("--data-dir")
         .arg(&data_dir)
-        .args(["--http-port", "0", "--https-port", "0", "--api-port", "0", "--metrics-port", "0", "--demo"])
+        .args([
+            "--http-port",
+            "0",
+            "--https-port",
+            "0",
+            "--api-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--demo",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -341,7 +436,14 @@ async fn dev_stack_end_to_end() {
     }
     let router_port: u16 = printed
         .iter()
-        .find_map(|l| l.trim().strip_prefix("router")?.trim().strip_prefix("http://127.0.0.1:")?.parse().ok())
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("router")?
+                .trim()
+                .strip_prefix("http://127.0.0.1:")?
+                .parse()
+                .ok()
+        })
         .unwrap_or_else(|| panic!("no router URL in {printed:#?}"));
     let demo_key = printed
         .iter()
@@ -351,24 +453,41 @@ async fn dev_stack_end_to_end() {
     // The env file is private and names the admin API.
     let env_file = data_dir.join("env");
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&env_file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&env_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let env = std::fs::read_to_string(&env_file).unwrap();
-    assert!(env.contains("SILO_ENDPOINT=http://127.0.0.1:") && env.contains("SILO_TOKEN=silo_admin_"), "{env}");
+    assert!(
+        env.contains("SILO_ENDPOINT=http://127.0.0.1:") && env.contains("SILO_TOKEN=silo_admin_"),
+        "{env}"
+    );
 
     // siloctl finds the stack through the user context file that dev wrote.
     let cwd = tempfile::tempdir().unwrap();
     let slug = silo_tests::unique_name("cli");
-    let out = siloctl(cwd.path(), home.path()).args(["-o", "json", "tenant", "create", &slug]).output().unwrap();
+    let out = siloctl(cwd.path(), home.path())
+        .args(["-o", "json", "tenant", "create", &slug])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "tenant create: {out:?}");
     let created: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(created["tenant"]["slug"], slug.as_str());
     assert_eq!(created["tenant"]["status"], "active");
     let key = created["api_key"].as_str().unwrap().to_owned();
 
-    let out = siloctl(cwd.path(), home.path()).args(["-o", "json", "tenant", "list"]).output().unwrap();
+    let out = siloctl(cwd.path(), home.path())
+        .args(["-o", "json", "tenant", "list"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "tenant list: {out:?}");
     let list: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let slugs: Vec<&str> = list["items"].as_array().unwrap().iter().filter_map(|t| t["slug"].as_str()).collect();
+    let slugs: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["slug"].as_str())
+        .collect();
     assert!(slugs.contains(&"demo") && slugs.contains(&slug.as_str()), "{slugs:?}");
 
     // Tenant traffic through the router, as the printed curl line does it.
@@ -394,7 +513,12 @@ async fn dev_stack_end_to_end() {
         .find_map(|l| {
             let rest = l.split("curl --cacert ").nth(1)?;
             let (ca, url) = rest.split_once(' ')?;
-            let port = url.strip_prefix("https://demo.localhost:")?.split('/').next()?.parse::<u16>().ok()?;
+            let port = url
+                .strip_prefix("https://demo.localhost:")?
+                .split('/')
+                .next()?
+                .parse::<u16>()
+                .ok()?;
             Some((PathBuf::from(ca), port))
         })
         .unwrap_or_else(|| panic!("no `curl --cacert` line in {printed:#?}"));
@@ -420,7 +544,12 @@ async fn dev_stack_end_to_end() {
     let host = format!("{slug}.localhost");
     let deadline = Instant::now() + Duration::from_secs(15);
     let resp = loop {
-        match https(&host).get(format!("https://{host}:{https_port}/api/v1/tasks")).bearer_auth(&key).send().await {
+        match https(&host)
+            .get(format!("https://{host}:{https_port}/api/v1/tasks"))
+            .bearer_auth(&key)
+            .send()
+            .await
+        {
             Ok(resp) => break resp,
             Err(e) if Instant::now() > deadline => panic!("no HTTPS for {host} within 15 s: {e:?}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -436,7 +565,10 @@ async fn dev_stack_end_to_end() {
         if let Some(status) = guard.0.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "siloctl dev did not exit within 15 s of SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "siloctl dev did not exit within 15 s of SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "siloctl dev exited with {status}");

@@ -42,10 +42,7 @@ impl Tenant {
             .connect_with(options)
             .await
             .unwrap();
-        sqlx::migrate!("../migrations/tenant")
-            .run(&pool)
-            .await
-            .unwrap();
+        sqlx::migrate!("../migrations/tenant").run(&pool).await.unwrap();
         let (key, hash) = api_keys::generate();
         api_keys::insert(&pool, "ci", &hash).await.unwrap();
         let slug = unique_name("t");
@@ -91,17 +88,12 @@ impl Tenant {
 async fn assert_error(resp: Response, status: StatusCode, code: &str) -> Value {
     assert_eq!(resp.status(), status, "{}", resp.url());
     assert_eq!(
-        resp.headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok()),
+        resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()),
         Some("application/json")
     );
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"], code, "{body}");
-    assert!(
-        body["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
     body
 }
 
@@ -126,23 +118,11 @@ async fn crud_round_trip() {
     assert_eq!(created["created_at"], created["updated_at"]);
 
     let path = format!("/api/v1/tasks/{id}");
-    let got: Value = t
-        .req(Method::GET, &path)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got: Value = t.req(Method::GET, &path).send().await.unwrap().json().await.unwrap();
     assert_eq!(got, created);
 
     // An empty patch changes nothing, not even updated_at.
-    let resp = t
-        .req(Method::PATCH, &path)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    let resp = t.req(Method::PATCH, &path).json(&json!({})).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.json::<Value>().await.unwrap(), created);
 
@@ -170,14 +150,7 @@ async fn crud_round_trip() {
         .unwrap();
     assert_eq!(patched["title"], "write better docs");
     assert_eq!(patched["done"], false);
-    let got: Value = t
-        .req(Method::GET, &path)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got: Value = t.req(Method::GET, &path).send().await.unwrap().json().await.unwrap();
     assert_eq!(got, patched);
 
     // POST honours "done", and the row is really in the tenant's database.
@@ -287,11 +260,7 @@ async fn bad_list_parameters_are_invalid_requests() {
             .unwrap();
         assert_error(resp, StatusCode::BAD_REQUEST, "invalid_request").await;
     }
-    let resp = t
-        .req(Method::GET, "/api/v1/tasks?limit=200")
-        .send()
-        .await
-        .unwrap();
+    let resp = t.req(Method::GET, "/api/v1/tasks?limit=200").send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
 }
 
@@ -299,14 +268,10 @@ async fn bad_list_parameters_are_invalid_requests() {
 async fn me_names_the_tenant_and_the_key() {
     let t = Tenant::start().await;
     let (key, hash) = api_keys::generate();
-    api_keys::insert(&t.pool, "deploy-bot", &hash)
-        .await
-        .unwrap();
+    api_keys::insert(&t.pool, "deploy-bot", &hash).await.unwrap();
     // Idempotent on the name: a second insert neither fails nor replaces the key.
     let (_, other_hash) = api_keys::generate();
-    api_keys::insert(&t.pool, "deploy-bot", &other_hash)
-        .await
-        .unwrap();
+    api_keys::insert(&t.pool, "deploy-bot", &other_hash).await.unwrap();
 
     let resp = t.req(Method::GET, "/api/v1/me").send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
@@ -419,12 +384,7 @@ async fn invalid_tasks_fail_validation() {
         json!(["title"]),
     ];
     for body in &invalid {
-        let resp = t
-            .req(Method::POST, "/api/v1/tasks")
-            .json(body)
-            .send()
-            .await
-            .unwrap();
+        let resp = t.req(Method::POST, "/api/v1/tasks").json(body).send().await.unwrap();
         assert_error(resp, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
     }
 
@@ -441,22 +401,10 @@ async fn invalid_tasks_fail_validation() {
         json!({ "done": 1 }),
         json!({ "id": 7 }),
     ] {
-        let resp = t
-            .req(Method::PATCH, &path)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let resp = t.req(Method::PATCH, &path).json(&body).send().await.unwrap();
         assert_error(resp, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
     }
-    let unchanged: Value = t
-        .req(Method::GET, &path)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let unchanged: Value = t.req(Method::GET, &path).send().await.unwrap().json().await.unwrap();
     assert_eq!(unchanged, task);
 }
 
@@ -464,12 +412,7 @@ async fn invalid_tasks_fail_validation() {
 async fn bodies_over_64_kib_are_too_large() {
     let t = Tenant::start().await;
     let body = json!({ "title": "x".repeat(64 * 1024) });
-    let resp = t
-        .req(Method::POST, "/api/v1/tasks")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = t.req(Method::POST, "/api/v1/tasks").json(&body).send().await.unwrap();
     assert_error(resp, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
 
     let id = t.create("x").await["id"].as_i64().unwrap();
@@ -487,26 +430,14 @@ async fn non_json_bodies_are_unsupported_media_types() {
     let t = Tenant::start().await;
     let id = t.create("x").await["id"].as_i64().unwrap();
     let task_path = format!("/api/v1/tasks/{id}");
-    for (method, path) in [
-        (Method::POST, "/api/v1/tasks"),
-        (Method::PATCH, task_path.as_str()),
-    ] {
-        for content_type in [
-            None,
-            Some("text/plain"),
-            Some("application/x-www-form-urlencoded"),
-        ] {
+    for (method, path) in [(Method::POST, "/api/v1/tasks"), (Method::PATCH, task_path.as_str())] {
+        for content_type in [None, Some("text/plain"), Some("application/x-www-form-urlencoded")] {
             let mut req = t.req(method.clone(), path).body(r#"{"title":"x"}"#);
             if let Some(content_type) = content_type {
                 req = req.header(CONTENT_TYPE, content_type);
             }
             let resp = req.send().await.unwrap();
-            assert_error(
-                resp,
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-            )
-            .await;
+            assert_error(resp, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type").await;
         }
     }
     // A charset parameter is fine.
@@ -523,11 +454,7 @@ async fn non_json_bodies_are_unsupported_media_types() {
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_tasks_routes_and_methods() {
     let t = Tenant::start().await;
-    let resp = t
-        .req(Method::GET, "/api/v1/tasks/999999")
-        .send()
-        .await
-        .unwrap();
+    let resp = t.req(Method::GET, "/api/v1/tasks/999999").send().await.unwrap();
     assert_error(resp, StatusCode::NOT_FOUND, "not_found").await;
     for path in [
         "/api/v1/tasks/abc",
@@ -576,12 +503,7 @@ async fn a_database_that_is_down_is_tenant_unavailable() {
     pg.restart().await.unwrap();
     let mut status = StatusCode::SERVICE_UNAVAILABLE;
     for _ in 0..50 {
-        status = t
-            .req(Method::GET, "/api/v1/tasks")
-            .send()
-            .await
-            .unwrap()
-            .status();
+        status = t.req(Method::GET, "/api/v1/tasks").send().await.unwrap().status();
         if status == StatusCode::OK {
             break;
         }

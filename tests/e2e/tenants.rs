@@ -40,56 +40,101 @@ async fn two_tenants_are_served_and_isolated() {
     let (host_a, host_b) = (format!("{a}.localhost"), format!("{b}.LOCALHOST:8080"));
 
     let (status, task) = get_json(
-        stack.tenant_request(Method::POST, &host_a, "/api/v1/tasks").bearer_auth(&key_a).json(&json!({"title": "a's task"})),
+        stack
+            .tenant_request(Method::POST, &host_a, "/api/v1/tasks")
+            .bearer_auth(&key_a)
+            .json(&json!({"title": "a's task"})),
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{task}");
-    let (status, list) = get_json(stack.tenant_request(Method::GET, &host_a, "/api/v1/tasks").bearer_auth(&key_a)).await;
+    let (status, list) = get_json(
+        stack
+            .tenant_request(Method::GET, &host_a, "/api/v1/tasks")
+            .bearer_auth(&key_a),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(list["items"][0]["title"], "a's task");
 
     // B sees none of A's tasks, and the Host decides the tenant (case and port ignored).
-    let (status, list) = get_json(stack.tenant_request(Method::GET, &host_b, "/api/v1/tasks").bearer_auth(&key_b)).await;
+    let (status, list) = get_json(
+        stack
+            .tenant_request(Method::GET, &host_b, "/api/v1/tasks")
+            .bearer_auth(&key_b),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(list["items"], json!([]));
-    let (_, me) = get_json(stack.tenant_request(Method::GET, &host_b, "/api/v1/me").bearer_auth(&key_b)).await;
+    let (_, me) = get_json(
+        stack
+            .tenant_request(Method::GET, &host_b, "/api/v1/me")
+            .bearer_auth(&key_b),
+    )
+    .await;
     assert_eq!(me, json!({"tenant": b, "key": "default"}));
 
     // A's key is unknown at B's host.
-    let (status, body) = get_json(stack.tenant_request(Method::GET, &host_b, "/api/v1/tasks").bearer_auth(&key_a)).await;
+    let (status, body) = get_json(
+        stack
+            .tenant_request(Method::GET, &host_b, "/api/v1/tasks")
+            .bearer_auth(&key_a),
+    )
+    .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(body["error"], "unauthorized");
 
     // A's database role cannot open B's database, nor create databases or roles.
-    let (status, creds_a) = stack.admin(Method::GET, &format!("/v1/tenants/{a}/credentials"), None).await.unwrap();
+    let (status, creds_a) = stack
+        .admin(Method::GET, &format!("/v1/tenants/{a}/credentials"), None)
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::OK);
     let a_opts = sqlx::postgres::PgConnectOptions::new()
         .host("127.0.0.1")
         .port(creds_a["port"].as_u64().unwrap() as u16)
         .username(creds_a["username"].as_str().unwrap())
         .password(creds_a["password"].as_str().unwrap());
-    let (_, tenant_b) = stack.admin(Method::GET, &format!("/v1/tenants/{b}"), None).await.unwrap();
-    let err = a_opts.clone().database(tenant_b["database"].as_str().unwrap()).connect().await.unwrap_err();
+    let (_, tenant_b) = stack
+        .admin(Method::GET, &format!("/v1/tenants/{b}"), None)
+        .await
+        .unwrap();
+    let err = a_opts
+        .clone()
+        .database(tenant_b["database"].as_str().unwrap())
+        .connect()
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("permission denied"), "{err}");
-    let mut conn = a_opts.clone().database(creds_a["dbname"].as_str().unwrap()).connect().await.unwrap();
-    for ddl in ["CREATE DATABASE stolen", "CREATE ROLE intruder", "ALTER ROLE CURRENT_USER CREATEDB"] {
+    let mut conn = a_opts
+        .clone()
+        .database(creds_a["dbname"].as_str().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    for ddl in [
+        "CREATE DATABASE stolen",
+        "CREATE ROLE intruder",
+        "ALTER ROLE CURRENT_USER CREATEDB",
+    ] {
         let err = sqlx::query(ddl).execute(&mut conn).await.unwrap_err();
         assert!(err.to_string().contains("permission denied"), "{ddl}: {err}");
     }
     // ... but it can use its own tables.
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(&mut conn).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(n, 1);
     conn.close().await.unwrap();
 
     // The secret is in the catalog only as ciphertext.
     let password = creds_a["password"].as_str().unwrap();
-    let leaked: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM secret_versions WHERE position($1::bytea IN ciphertext) > 0",
-    )
-    .bind(password.as_bytes())
-    .fetch_one(stack.catalog())
-    .await
-    .unwrap();
+    let leaked: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM secret_versions WHERE position($1::bytea IN ciphertext) > 0")
+            .bind(password.as_bytes())
+            .fetch_one(stack.catalog())
+            .await
+            .unwrap();
     assert_eq!(leaked, 0);
 
     // Every change is in the audit log.
@@ -108,10 +153,17 @@ async fn suspend_and_resume_reach_the_router_within_a_second() {
     let slug = unique_name("s");
     let key = stack.create_tenant(&slug).await.unwrap();
     let host = format!("{slug}.localhost");
-    let get = || stack.tenant_request(Method::GET, &host, "/api/v1/tasks").bearer_auth(&key);
+    let get = || {
+        stack
+            .tenant_request(Method::GET, &host, "/api/v1/tasks")
+            .bearer_auth(&key)
+    };
     assert_eq!(get().send().await.unwrap().status(), StatusCode::OK);
 
-    let (status, tenant) = stack.admin(Method::POST, &format!("/v1/tenants/{slug}/suspend"), None).await.unwrap();
+    let (status, tenant) = stack
+        .admin(Method::POST, &format!("/v1/tenants/{slug}/suspend"), None)
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(tenant["status"], "suspended");
     let took = eventually(Duration::from_secs(1), || async {
@@ -121,15 +173,30 @@ async fn suspend_and_resume_reach_the_router_within_a_second() {
     .await;
     assert!(took < Duration::from_secs(1), "{took:?}");
 
-    let (status, _) = stack.admin(Method::POST, &format!("/v1/tenants/{slug}/resume"), None).await.unwrap();
+    let (status, _) = stack
+        .admin(Method::POST, &format!("/v1/tenants/{slug}/resume"), None)
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::OK);
-    eventually(Duration::from_secs(1), || async { get().send().await.unwrap().status() == StatusCode::OK }).await;
+    eventually(Duration::from_secs(1), || async {
+        get().send().await.unwrap().status() == StatusCode::OK
+    })
+    .await;
 
     // Resuming an active tenant is a no-op; suspending a missing one is 404.
-    let (status, _) = stack.admin(Method::POST, &format!("/v1/tenants/{slug}/resume"), None).await.unwrap();
+    let (status, _) = stack
+        .admin(Method::POST, &format!("/v1/tenants/{slug}/resume"), None)
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::OK);
-    let (status, body) = stack.admin(Method::POST, "/v1/tenants/nobody-here/suspend", None).await.unwrap();
-    assert_eq!((status, body["error"].as_str()), (StatusCode::NOT_FOUND, Some("tenant_not_found")));
+    let (status, body) = stack
+        .admin(Method::POST, "/v1/tenants/nobody-here/suspend", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("tenant_not_found"))
+    );
     stack.stop().await.unwrap();
 }
 
@@ -157,10 +224,18 @@ async fn delete_drops_everything_and_answers_like_an_unknown_host() {
     let key = stack.create_tenant(&slug).await.unwrap();
     let host = format!("{slug}.localhost");
     // Open a pool on the tenant database: deletion must terminate its sessions.
-    let ok = stack.tenant_request(Method::GET, &host, "/api/v1/tasks").bearer_auth(&key).send().await.unwrap();
+    let ok = stack
+        .tenant_request(Method::GET, &host, "/api/v1/tasks")
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ok.status(), StatusCode::OK);
 
-    let (status, body) = stack.admin(Method::DELETE, &format!("/v1/tenants/{slug}"), None).await.unwrap();
+    let (status, body) = stack
+        .admin(Method::DELETE, &format!("/v1/tenants/{slug}"), None)
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
     assert_eq!(job["state"], "succeeded", "{job}");
@@ -190,14 +265,23 @@ async fn delete_drops_everything_and_answers_like_an_unknown_host() {
         .await
         .unwrap();
     assert_eq!(status, "deleted", "a tombstone stays for audit");
-    let (status, _) = stack.admin(Method::GET, &format!("/v1/tenants/{slug}"), None).await.unwrap();
+    let (status, _) = stack
+        .admin(Method::GET, &format!("/v1/tenants/{slug}"), None)
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     let unknown = format!("{}.localhost", unique_name("never"));
-    eventually(Duration::from_secs(2), || async { raw_response(&stack, &host).await.starts_with(b"HTTP/1.1 404") }).await;
+    eventually(Duration::from_secs(2), || async {
+        raw_response(&stack, &host).await.starts_with(b"HTTP/1.1 404")
+    })
+    .await;
     let deleted_answer = raw_response(&stack, &host).await;
     let unknown_answer = raw_response(&stack, &unknown).await;
-    assert_eq!(String::from_utf8_lossy(&deleted_answer), String::from_utf8_lossy(&unknown_answer));
+    assert_eq!(
+        String::from_utf8_lossy(&deleted_answer),
+        String::from_utf8_lossy(&unknown_answer)
+    );
     assert!(String::from_utf8_lossy(&unknown_answer).contains("tenant_not_found"));
 
     // The slug can be used again.
@@ -212,7 +296,9 @@ async fn server_admin_password_can_come_from_the_secret_store() {
     use silo_control_plane::server::ControlPlane;
 
     let stack = Stack::start(StackOptions::default()).await.unwrap();
-    let store = silo_control_plane::secrets::open(&stack.config().secrets, stack.catalog().clone()).await.unwrap();
+    let store = silo_control_plane::secrets::open(&stack.config().secrets, stack.catalog().clone())
+        .await
+        .unwrap();
     let name = format!("{}servers/pg-1", stack.config().secrets.name_prefix);
     let value = SecretString::from(json!({"password": stack.pg().password().expose_secret()}).to_string());
     store.create_secret(&name, &uuid_like(), &value, &[]).await.unwrap();

@@ -41,8 +41,7 @@ fn find_moto_server() -> anyhow::Result<PathBuf> {
         .into_iter()
         .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
         .map(|dir| dir.join("moto_server"));
-    let in_venv = std::env::var_os("HOME")
-        .map(|home| PathBuf::from(home).join(".cache/silo/venv/bin/moto_server"));
+    let in_venv = std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/silo/venv/bin/moto_server"));
     on_path.chain(in_venv).find(|p| p.is_file()).context(
         "moto_server not found on PATH or in ~/.cache/silo/venv/bin: run scripts/install-deps \
          (it installs moto[server]) to run the AWS secret store tests",
@@ -68,11 +67,7 @@ impl MotoServer {
     pub async fn shared() -> &'static MotoServer {
         static SHARED: OnceCell<MotoServer> = OnceCell::const_new();
         SHARED
-            .get_or_init(|| async {
-                MotoServer::start()
-                    .await
-                    .expect("start the shared moto_server")
-            })
+            .get_or_init(|| async { MotoServer::start().await.expect("start the shared moto_server") })
             .await
     }
 
@@ -94,16 +89,14 @@ impl MotoServer {
 
     async fn start_on(program: &PathBuf, port: u16) -> anyhow::Result<MotoServer> {
         let log = std::env::temp_dir().join(format!("silo-moto-{}-{port}.log", std::process::id()));
-        let log_file =
-            std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let log_file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let mut cmd = Command::new(program);
         cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
         localpg::set_parent_death_signal(&mut cmd);
-        let (pid, supervisor) =
-            localpg::spawn_supervised(cmd).with_context(|| format!("run {}", program.display()))?;
+        let (pid, supervisor) = localpg::spawn_supervised(cmd).with_context(|| format!("run {}", program.display()))?;
         let mut server = MotoServer {
             port,
             pid,
@@ -124,17 +117,11 @@ impl MotoServer {
 
     async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         silo_control_plane::install_crypto_provider();
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()?;
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
         let url = format!("{}/moto-api/", self.endpoint_url());
         let deadline = Instant::now() + timeout;
         loop {
-            if self
-                .supervisor
-                .as_ref()
-                .is_some_and(JoinHandle::is_finished)
-            {
+            if self.supervisor.as_ref().is_some_and(JoinHandle::is_finished) {
                 bail!("moto_server exited");
             }
             match client.get(&url).send().await {

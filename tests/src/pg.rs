@@ -39,14 +39,20 @@ impl TestCluster {
     pub async fn start() -> anyhow::Result<TestCluster> {
         static N: AtomicU32 = AtomicU32::new(0);
         sweep_stale_dirs();
-        let dir = std::env::temp_dir()
-            .join(format!("{DIR_PREFIX}{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let dir = std::env::temp_dir().join(format!(
+            "{DIR_PREFIX}{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let data_dir = dir.join("data");
         let password = SecretString::from(format!("pw-{}", crate::unique_name("")));
         tokio::task::block_in_place(|| LocalCluster::init(&data_dir, &password))?;
-        let options = ClusterOptions { fsync: false, max_connections: 400 };
+        let options = ClusterOptions {
+            fsync: false,
+            max_connections: 400,
+        };
         let mut last_err = None;
         for _ in 0..3 {
             let port = localpg::free_port()?;
@@ -88,7 +94,8 @@ impl TestCluster {
     /// Creates an empty database `name` (a validated identifier: letters, digits, `_`).
     pub async fn create_database(&self, name: &str) -> anyhow::Result<()> {
         anyhow::ensure!(
-            name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+            name.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
             "test database names are [a-z0-9_]"
         );
         let mut conn = self.admin_options("postgres").connect().await?;
@@ -111,7 +118,10 @@ impl TestCluster {
     /// Starts a stopped cluster again on the same port.
     pub async fn restart(&self) -> anyhow::Result<()> {
         self.stop();
-        let options = ClusterOptions { fsync: false, max_connections: 400 };
+        let options = ClusterOptions {
+            fsync: false,
+            max_connections: 400,
+        };
         let cluster = LocalCluster::start(&self.dir.join("data"), self.port, self.password.clone(), &options).await?;
         *self.lock() = Some(cluster);
         Ok(())
@@ -132,11 +142,17 @@ impl Drop for TestCluster {
 /// Removes cluster dirs left by test processes that no longer exist (a shared cluster is
 /// stopped by the parent-death signal at exit, but its files stay).
 fn sweep_stale_dirs() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
         let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
         if !alive {
             let _ = std::fs::remove_dir_all(entry.path());

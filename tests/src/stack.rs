@@ -143,7 +143,9 @@ path_prefix_routing = {path}
         config.control_plane.admin_token = Some(SecretString::from(token.clone()));
 
         let shutdown = CancellationToken::new();
-        let cp = ControlPlane::bind(config.clone()).await.context("start the control plane")?;
+        let cp = ControlPlane::bind(config.clone())
+            .await
+            .context("start the control plane")?;
         let cp_addr = cp.local_addr();
         let cp_shutdown = shutdown.child_token();
         let control_plane = Some((cp_shutdown.clone(), tokio::spawn(cp.run(cp_shutdown))));
@@ -284,7 +286,13 @@ path_prefix_routing = {path}
 
     /// Fetches the router's `/metrics` text.
     pub async fn router_metrics(&self) -> anyhow::Result<String> {
-        Ok(self.http.get(format!("http://{}/metrics", self.ops_addr)).send().await?.text().await?)
+        Ok(self
+            .http
+            .get(format!("http://{}/metrics", self.ops_addr))
+            .send()
+            .await?
+            .text()
+            .await?)
     }
 
     /// Stops the control plane abruptly (its running jobs keep their leases, as after a

@@ -50,7 +50,13 @@ impl AdminTokens {
             .execute(&catalog)
             .await?;
         }
-        let tokens = Self { catalog, hashes: RwLock::new(Loaded { tokens: Vec::new(), at: Instant::now() }) };
+        let tokens = Self {
+            catalog,
+            hashes: RwLock::new(Loaded {
+                tokens: Vec::new(),
+                at: Instant::now(),
+            }),
+        };
         tokens.reload().await?;
         Ok(tokens)
     }
@@ -74,7 +80,10 @@ impl AdminTokens {
             .filter_map(|(name, h)| Some((name, <[u8; 32]>::try_from(h).ok()?)))
             .collect();
         if let Ok(mut guard) = self.hashes.write() {
-            *guard = Loaded { tokens: hashes, at: Instant::now() };
+            *guard = Loaded {
+                tokens: hashes,
+                at: Instant::now(),
+            };
         }
         Ok(())
     }
@@ -98,7 +107,11 @@ impl AdminTokens {
         if let Some(name) = self.find(&presented) {
             return Some(name);
         }
-        let stale = self.hashes.read().map(|g| g.at.elapsed() > RELOAD_INTERVAL).unwrap_or(false);
+        let stale = self
+            .hashes
+            .read()
+            .map(|g| g.at.elapsed() > RELOAD_INTERVAL)
+            .unwrap_or(false);
         if stale && self.reload().await.is_ok() {
             return self.find(&presented);
         }

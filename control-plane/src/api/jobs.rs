@@ -17,7 +17,8 @@ pub async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError
 }
 
 fn parse_id(id: &str) -> Result<i64, ApiError> {
-    id.parse().map_err(|_| ApiError::BadRequest("invalid_job_id", format!("{id:?} is not a job id")))
+    id.parse()
+        .map_err(|_| ApiError::BadRequest("invalid_job_id", format!("{id:?} is not a job id")))
 }
 
 /// `GET /v1/jobs/{id}`.
@@ -40,7 +41,10 @@ pub async fn retry(
     let job = match jobs::requeue(&mut tx, id).await? {
         None => return Err(ApiError::NotFound("job_not_found", format!("job {id} does not exist"))),
         Some(Err(job_state)) => {
-            return Err(ApiError::Conflict("invalid_state", format!("job {id} is {job_state}; only failed jobs are retried")))
+            return Err(ApiError::Conflict(
+                "invalid_state",
+                format!("job {id} is {job_state}; only failed jobs are retried"),
+            ))
         }
         Some(Ok(job)) => job,
     };

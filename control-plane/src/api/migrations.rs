@@ -37,26 +37,38 @@ pub async fn start(
     let defaults = &state.config.migrations;
     if let Some(tenants) = &req.tenants {
         if tenants.is_empty() {
-            return Err(ApiError::BadRequest("invalid_request", "tenants must not be empty; omit it for all".into()));
+            return Err(ApiError::BadRequest(
+                "invalid_request",
+                "tenants must not be empty; omit it for all".into(),
+            ));
         }
         for t in tenants {
             TenantSlug::parse(t).map_err(|e| ApiError::BadRequest("invalid_slug", format!("{t:?}: {e}")))?;
         }
     }
     let positive = |v: Option<usize>, default: usize, name: &str| match v {
-        Some(0) => Err(ApiError::BadRequest("invalid_request", format!("{name} must be at least 1"))),
+        Some(0) => Err(ApiError::BadRequest(
+            "invalid_request",
+            format!("{name} must be at least 1"),
+        )),
         Some(n) => Ok(n.min(256)),
         None => Ok(default),
     };
     let params = RolloutParams {
         tenants: req.tenants,
         concurrency: positive(req.concurrency, defaults.concurrency, "concurrency")?,
-        per_server_concurrency: positive(req.per_server_concurrency, defaults.per_server_concurrency, "per_server_concurrency")?,
+        per_server_concurrency: positive(
+            req.per_server_concurrency,
+            defaults.per_server_concurrency,
+            "per_server_concurrency",
+        )?,
         canary: req.canary.unwrap_or(defaults.canary),
         max_failure_percent: req.max_failure_percent.unwrap_or(defaults.max_failure_percent).min(100),
     };
     let mut tx = state.catalog.begin().await?;
-    sqlx::query("LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await?;
+    sqlx::query("LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
     let running: Option<i64> =
         sqlx::query_scalar("SELECT id FROM jobs WHERE kind = 'migrate' AND state IN ('queued','running') LIMIT 1")
             .fetch_optional(&mut *tx)
@@ -66,7 +78,14 @@ pub async fn start(
         None => {
             let params = serde_json::to_value(&params).map_err(|e| ApiError::Internal(e.into()))?;
             let job = jobs::enqueue(&mut tx, "migrate", None, params.clone()).await?;
-            audit::record(&mut tx, &actor, "migrations.rollout", None, json!({"job": job.id, "params": params})).await?;
+            audit::record(
+                &mut tx,
+                &actor,
+                "migrations.rollout",
+                None,
+                json!({"job": job.id, "params": params}),
+            )
+            .await?;
             Some(job)
         }
     };
@@ -90,5 +109,7 @@ pub async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiErr
         .into_iter()
         .map(|(slug, server, v, status)| json!({"slug": slug, "server": server, "schema_version": v, "status": status}))
         .collect();
-    Ok(Json(json!({"target_version": migrations.latest_version(), "items": items})))
+    Ok(Json(
+        json!({"target_version": migrations.latest_version(), "items": items}),
+    ))
 }

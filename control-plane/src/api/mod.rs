@@ -77,7 +77,10 @@ pub fn router(state: ApiState) -> Router {
 
 async fn healthz(axum::extract::State(state): axum::extract::State<ApiState>) -> impl IntoResponse {
     match sqlx::query("SELECT 1").execute(&state.catalog).await {
-        Ok(_) => (axum::http::StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"}))),
+        Ok(_) => (
+            axum::http::StatusCode::OK,
+            axum::Json(serde_json::json!({"status": "ok"})),
+        ),
         Err(_) => (
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(serde_json::json!({"status": "catalog_unavailable"})),

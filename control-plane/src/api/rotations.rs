@@ -34,7 +34,9 @@ pub struct RotateRequest {
 fn strategy(state: &ApiState, requested: Option<&str>) -> Result<RotationStrategy, ApiError> {
     match requested {
         None => Ok(state.config.rotation.strategy),
-        Some(s) => s.parse().map_err(|e: String| ApiError::BadRequest("invalid_strategy", e)),
+        Some(s) => s
+            .parse()
+            .map_err(|e: String| ApiError::BadRequest("invalid_strategy", e)),
     }
 }
 
@@ -52,7 +54,10 @@ async fn queue_one(
         Some(other) => {
             return Err(ApiError::Conflict(
                 "invalid_state",
-                format!("tenant {slug} is {}; only active or suspended tenants rotate", other.as_str()),
+                format!(
+                    "tenant {slug} is {}; only active or suspended tenants rotate",
+                    other.as_str()
+                ),
             ))
         }
     }
@@ -95,7 +100,10 @@ pub async fn rotate_many(
     let strategy = strategy(&state, req.strategy.as_deref())?;
     let chosen = usize::from(!req.tenants.is_empty()) + usize::from(req.all) + usize::from(req.due);
     if chosen != 1 {
-        return Err(ApiError::BadRequest("invalid_request", "give exactly one of tenants, all, due".into()));
+        return Err(ApiError::BadRequest(
+            "invalid_request",
+            "give exactly one of tenants, all, due".into(),
+        ));
     }
     let mut tx = state.catalog.begin().await?;
     let slugs: Vec<String> = if req.all {

@@ -42,7 +42,8 @@ fn parse_domain(domain: &str, base_domains: &[String]) -> Result<String, ApiErro
     let labels: Vec<&str> = d.split('.').collect();
     let label_ok = |l: &&str| {
         (1..=63).contains(&l.len())
-            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !l.starts_with('-')
             && !l.ends_with('-')
     };
@@ -58,9 +59,14 @@ fn parse_domain(domain: &str, base_domains: &[String]) -> Result<String, ApiErro
 fn parse_plan(plan: Option<String>) -> Result<String, ApiError> {
     let plan = plan.unwrap_or_else(|| "standard".into());
     let ok = (1..=32).contains(&plan.len())
-        && plan.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        && plan
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if !ok {
-        return Err(ApiError::BadRequest("invalid_plan", "plan must be 1-32 characters of a-z, 0-9, '-'".into()));
+        return Err(ApiError::BadRequest(
+            "invalid_plan",
+            "plan must be 1-32 characters of a-z, 0-9, '-'".into(),
+        ));
     }
     Ok(plan)
 }
@@ -69,7 +75,10 @@ fn parse_name(name: Option<String>, slug: &TenantSlug) -> Result<String, ApiErro
     let name = name.unwrap_or_else(|| slug.to_string());
     let len = name.chars().count();
     if len == 0 || len > 200 || name.chars().any(char::is_control) {
-        return Err(ApiError::BadRequest("invalid_name", "name must be 1-200 printable characters".into()));
+        return Err(ApiError::BadRequest(
+            "invalid_name",
+            "name must be 1-200 printable characters".into(),
+        ));
     }
     Ok(name)
 }
@@ -92,7 +101,10 @@ pub async fn create(
     }
     if let Some(server) = &req.server {
         if state.servers.get(server).is_none() {
-            return Err(ApiError::BadRequest("unknown_server", format!("server {server:?} is not configured")));
+            return Err(ApiError::BadRequest(
+                "unknown_server",
+                format!("server {server:?} is not configured"),
+            ));
         }
     }
 
@@ -103,9 +115,9 @@ pub async fn create(
         secret_version: uuid::Uuid::new_v4().to_string(),
     };
     let mut tx = state.catalog.begin().await?;
-    let server = tenants::place(&mut tx, req.server.as_deref()).await?.ok_or_else(|| {
-        ApiError::Unavailable("no_capacity", "every server is at max_tenants".into())
-    })?;
+    let server = tenants::place(&mut tx, req.server.as_deref())
+        .await?
+        .ok_or_else(|| ApiError::Unavailable("no_capacity", "every server is at max_tenants".into()))?;
     let tenant = tenants::insert(
         &mut tx,
         &NewTenant {
@@ -134,7 +146,10 @@ pub async fn create(
     )
     .await?;
     tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({"tenant": tenant, "job": job, "api_key": api_key}))))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"tenant": tenant, "job": job, "api_key": api_key})),
+    ))
 }
 
 /// `GET /v1/tenants`.
@@ -197,7 +212,14 @@ pub async fn delete(
             jobs::enqueue(&mut tx, "delete", Some(slug.as_str()), json!({})).await?
         }
     };
-    audit::record(&mut tx, &actor, "tenant.delete", Some(slug.as_str()), json!({"job": job.id})).await?;
+    audit::record(
+        &mut tx,
+        &actor,
+        "tenant.delete",
+        Some(slug.as_str()),
+        json!({"job": job.id}),
+    )
+    .await?;
     tx.commit().await?;
     Ok((StatusCode::ACCEPTED, Json(json!({"job": job}))))
 }
@@ -222,11 +244,18 @@ async fn change_status(
         Some(s) => {
             return Err(ApiError::Conflict(
                 "invalid_state",
-                format!("tenant is {}; only a {} tenant can be changed to {}", s.as_str(), from.as_str(), to.as_str()),
+                format!(
+                    "tenant is {}; only a {} tenant can be changed to {}",
+                    s.as_str(),
+                    from.as_str(),
+                    to.as_str()
+                ),
             ))
         }
     }
-    let tenant = tenants::get(&mut tx, slug.as_str()).await?.ok_or_else(|| ApiError::tenant_not_found(slug.as_str()))?;
+    let tenant = tenants::get(&mut tx, slug.as_str())
+        .await?
+        .ok_or_else(|| ApiError::tenant_not_found(slug.as_str()))?;
     tx.commit().await?;
     Ok(Json(tenant))
 }
@@ -237,7 +266,15 @@ pub async fn suspend(
     Extension(Actor(actor)): Extension<Actor>,
     Path(slug): Path<String>,
 ) -> Result<Json<Tenant>, ApiError> {
-    change_status(&state, &actor, &slug, TenantStatus::Active, TenantStatus::Suspended, "tenant.suspend").await
+    change_status(
+        &state,
+        &actor,
+        &slug,
+        TenantStatus::Active,
+        TenantStatus::Suspended,
+        "tenant.suspend",
+    )
+    .await
 }
 
 /// `POST /v1/tenants/{slug}/resume`.
@@ -246,7 +283,15 @@ pub async fn resume(
     Extension(Actor(actor)): Extension<Actor>,
     Path(slug): Path<String>,
 ) -> Result<Json<Tenant>, ApiError> {
-    change_status(&state, &actor, &slug, TenantStatus::Suspended, TenantStatus::Active, "tenant.resume").await
+    change_status(
+        &state,
+        &actor,
+        &slug,
+        TenantStatus::Suspended,
+        TenantStatus::Active,
+        "tenant.resume",
+    )
+    .await
 }
 
 /// `POST /v1/tenants/{slug}/keys` body.
@@ -277,7 +322,10 @@ pub async fn create_key(
     let slug = parse_slug(&tenant.slug)?;
     let len = req.name.chars().count();
     if len == 0 || len > 100 || req.name.chars().any(char::is_control) {
-        return Err(ApiError::BadRequest("invalid_key_name", "key name must be 1-100 printable characters".into()));
+        return Err(ApiError::BadRequest(
+            "invalid_key_name",
+            "key name must be 1-100 printable characters".into(),
+        ));
     }
     with_database(&tenant)?;
     let server = state
@@ -293,14 +341,24 @@ pub async fn create_key(
         .fetch_one(&mut conn)
         .await?;
     if taken {
-        return Err(ApiError::Conflict("key_exists", format!("tenant already has a key named {:?}", req.name)));
+        return Err(ApiError::Conflict(
+            "key_exists",
+            format!("tenant already has a key named {:?}", req.name),
+        ));
     }
     let (api_key, hash) = silo_tenant_app::api_keys::generate();
     insert_key_as_owner(&mut conn, &slug, &req.name, &hash)
         .await
         .map_err(|e| ApiError::Internal(e.into()))?;
     let mut tx = state.catalog.begin().await?;
-    audit::record(&mut tx, &actor, "tenant.key.create", Some(slug.as_str()), json!({"name": req.name})).await?;
+    audit::record(
+        &mut tx,
+        &actor,
+        "tenant.key.create",
+        Some(slug.as_str()),
+        json!({"name": req.name}),
+    )
+    .await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(json!({"name": req.name, "api_key": api_key}))))
 }
@@ -316,7 +374,14 @@ pub async fn credentials(
     let slug = parse_slug(&tenant.slug)?;
     with_database(&tenant)?;
     let mut tx = state.catalog.begin().await?;
-    audit::record(&mut tx, &actor, "tenant.credentials.read", Some(slug.as_str()), json!({})).await?;
+    audit::record(
+        &mut tx,
+        &actor,
+        "tenant.credentials.read",
+        Some(slug.as_str()),
+        json!({}),
+    )
+    .await?;
     tx.commit().await?;
     let name = secrets::tenant_secret_name(&state.config.secrets.name_prefix, &slug);
     let version = state
@@ -338,7 +403,16 @@ mod tests {
     fn domains_are_validated() {
         let base = vec!["localhost".to_string()];
         assert_eq!(parse_domain("Acme.Example.COM.", &base).unwrap(), "acme.example.com");
-        for bad in ["localhost", "x.localhost", "example", "a..b", "-a.com", "a_b.com", "a b.com", ""] {
+        for bad in [
+            "localhost",
+            "x.localhost",
+            "example",
+            "a..b",
+            "-a.com",
+            "a_b.com",
+            "a b.com",
+            "",
+        ] {
             assert!(parse_domain(bad, &base).is_err(), "{bad}");
         }
     }

@@ -202,5 +202,7 @@ pub async fn insert(tx: &mut PgConnection, t: &NewTenant<'_>) -> Result<Tenant, 
         }
     }
     super::notify_tenant_changed(&mut *tx, t.slug).await?;
-    get(tx, t.slug).await?.ok_or(InsertError::Database(sqlx::Error::RowNotFound))
+    get(tx, t.slug)
+        .await?
+        .ok_or(InsertError::Database(sqlx::Error::RowNotFound))
 }

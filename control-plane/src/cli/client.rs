@@ -89,7 +89,10 @@ impl ApiClient {
 
     async fn send(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value, ApiError> {
         let url = format!("{}{path}", self.ctx.endpoint);
-        let mut req = self.http.request(method, &url).bearer_auth(self.ctx.token.expose_secret());
+        let mut req = self
+            .http
+            .request(method, &url)
+            .bearer_auth(self.ctx.token.expose_secret());
         if let Some(body) = body {
             req = req.json(body);
         }
@@ -116,7 +119,10 @@ impl ApiClient {
             }
             inner.to_string()
         };
-        ApiError::Unreachable { endpoint: self.ctx.endpoint.clone(), cause }
+        ApiError::Unreachable {
+            endpoint: self.ctx.endpoint.clone(),
+            cause,
+        }
     }
 }
 
@@ -129,7 +135,11 @@ fn status_error(status: StatusCode, body: &[u8]) -> ApiError {
         message: String,
     }
     match serde_json::from_slice::<Body>(body) {
-        Ok(b) => ApiError::Status { status, code: b.error, message: b.message },
+        Ok(b) => ApiError::Status {
+            status,
+            code: b.error,
+            message: b.message,
+        },
         Err(_) => {
             let text: String = String::from_utf8_lossy(body).chars().take(200).collect();
             let message = if text.trim().is_empty() {
@@ -137,7 +147,11 @@ fn status_error(status: StatusCode, body: &[u8]) -> ApiError {
             } else {
                 super::one_line(&text)
             };
-            ApiError::Status { status, code: format!("HTTP {}", status.as_u16()), message }
+            ApiError::Status {
+                status,
+                code: format!("HTTP {}", status.as_u16()),
+                message,
+            }
         }
     }
 }
@@ -161,7 +175,10 @@ mod tests {
 
     #[test]
     fn api_error_body_becomes_code_and_message() {
-        let e = status_error(StatusCode::CONFLICT, br#"{"error":"tenant_exists","message":"slug taken"}"#);
+        let e = status_error(
+            StatusCode::CONFLICT,
+            br#"{"error":"tenant_exists","message":"slug taken"}"#,
+        );
         assert_eq!(e.to_string(), "tenant_exists: slug taken");
         let e = status_error(StatusCode::BAD_GATEWAY, b"<html>\nbad\n</html>");
         assert_eq!(e.to_string(), "HTTP 502: <html> bad </html>");

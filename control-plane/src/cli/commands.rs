@@ -17,7 +17,9 @@ use crate::names::TenantSlug;
 pub(crate) async fn run(global: GlobalArgs, command: Command) -> anyhow::Result<()> {
     // Usage problems the parser cannot see are caught before anything is resolved or sent.
     if let Command::Tenant(TenantCommand::Delete { slug, yes: false, .. }) = &command {
-        return Err(usage(format!("deleting tenant {slug} destroys its database: pass --yes to confirm")));
+        return Err(usage(format!(
+            "deleting tenant {slug} destroys its database: pass --yes to confirm"
+        )));
     }
     let client = ApiClient::new(context::resolve(&global)?)?;
     let out = global.output;
@@ -37,7 +39,14 @@ fn tenant_path(slug: &TenantSlug) -> String {
 
 async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::Result<()> {
     match cmd {
-        TenantCommand::Create { slug, name, plan, domains, server, no_wait } => {
+        TenantCommand::Create {
+            slug,
+            name,
+            plan,
+            domains,
+            server,
+            no_wait,
+        } => {
             let mut body = Map::new();
             body.insert("slug".into(), json!(slug.as_str()));
             if let Some(name) = name {
@@ -85,18 +94,33 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
             Ok(())
         }
         TenantCommand::Show { slug } => show(out, &client.get(&tenant_path(&slug)).await?),
-        TenantCommand::Suspend { slug } => {
-            show(out, &client.post(&format!("{}/suspend", tenant_path(&slug)), &json!({})).await?)
-        }
-        TenantCommand::Resume { slug } => {
-            show(out, &client.post(&format!("{}/resume", tenant_path(&slug)), &json!({})).await?)
-        }
-        TenantCommand::Delete { slug, yes: _, backup, no_wait } => {
-            let resp = client.delete(&format!("{}?backup={backup}", tenant_path(&slug))).await?;
+        TenantCommand::Suspend { slug } => show(
+            out,
+            &client
+                .post(&format!("{}/suspend", tenant_path(&slug)), &json!({}))
+                .await?,
+        ),
+        TenantCommand::Resume { slug } => show(
+            out,
+            &client
+                .post(&format!("{}/resume", tenant_path(&slug)), &json!({}))
+                .await?,
+        ),
+        TenantCommand::Delete {
+            slug,
+            yes: _,
+            backup,
+            no_wait,
+        } => {
+            let resp = client
+                .delete(&format!("{}?backup={backup}", tenant_path(&slug)))
+                .await?;
             finish_jobs(client, out, resp, no_wait, &format!("deleting {slug}")).await
         }
         TenantCommand::Key(KeyCommand::Create { slug, name }) => {
-            let resp = client.post(&format!("{}/keys", tenant_path(&slug)), &json!({ "name": name })).await?;
+            let resp = client
+                .post(&format!("{}/keys", tenant_path(&slug)), &json!({ "name": name }))
+                .await?;
             match out {
                 Output::Json => print_json(&resp),
                 Output::Table => {
@@ -150,7 +174,9 @@ async fn rotate(client: &ApiClient, out: Output, args: RotateArgs) -> anyhow::Re
     } else {
         let mut jobs = Vec::with_capacity(args.slugs.len());
         for slug in &args.slugs {
-            let resp = client.post(&format!("{}/rotate", tenant_path(slug)), &Value::Object(body.clone())).await?;
+            let resp = client
+                .post(&format!("{}/rotate", tenant_path(slug)), &Value::Object(body.clone()))
+                .await?;
             jobs.push(resp.get("job").cloned().unwrap_or(Value::Null));
         }
         json!({ "jobs": jobs })
@@ -167,7 +193,12 @@ async fn migrate(client: &ApiClient, out: Output, args: MigrateArgs) -> anyhow::
                 say!("target version: {}", field(&status, "target_version"));
                 let rows: Vec<Vec<String>> = items(&status)
                     .iter()
-                    .map(|t| ["slug", "server", "schema_version", "status"].iter().map(|k| field(t, k)).collect())
+                    .map(|t| {
+                        ["slug", "server", "schema_version", "status"]
+                            .iter()
+                            .map(|k| field(t, k))
+                            .collect()
+                    })
                     .collect();
                 print_table(&["SLUG", "SERVER", "VERSION", "STATUS"], &rows, "no tenants");
             }
@@ -208,7 +239,9 @@ async fn jobs(client: &ApiClient, out: Output, cmd: JobsCommand) -> anyhow::Resu
             Ok(())
         }
         JobsCommand::Retry { id, no_wait } => {
-            let resp = client.post(&format!("/v1/jobs/{}/retry", segment(&id)), &json!({})).await?;
+            let resp = client
+                .post(&format!("/v1/jobs/{}/retry", segment(&id)), &json!({}))
+                .await?;
             finish_jobs(client, out, resp, no_wait, "retrying").await
         }
     }
@@ -221,7 +254,12 @@ async fn servers(client: &ApiClient, out: Output) -> anyhow::Result<()> {
         Output::Table => {
             let rows: Vec<Vec<String>> = items(&list)
                 .iter()
-                .map(|s| ["name", "host", "port", "tenants", "max_tenants"].iter().map(|k| field(s, k)).collect())
+                .map(|s| {
+                    ["name", "host", "port", "tenants", "max_tenants"]
+                        .iter()
+                        .map(|k| field(s, k))
+                        .collect()
+                })
                 .collect();
             print_table(&["NAME", "HOST", "PORT", "TENANTS", "MAX"], &rows, "no servers");
         }

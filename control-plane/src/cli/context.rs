@@ -48,7 +48,9 @@ pub(crate) fn resolve(global: &GlobalArgs) -> anyhow::Result<ApiContext> {
         Some(endpoint) => {
             // Only send a token from a context file to the endpoint that file is for.
             let token = global.token.clone().or_else(|| {
-                files().and_then(|(e, t)| (trim_url(&e) == trim_url(endpoint)).then_some(t)).flatten()
+                files()
+                    .and_then(|(e, t)| (trim_url(&e) == trim_url(endpoint)).then_some(t))
+                    .flatten()
             });
             (endpoint.to_owned(), token)
         }
@@ -63,12 +65,17 @@ pub(crate) fn resolve(global: &GlobalArgs) -> anyhow::Result<ApiContext> {
     };
     let endpoint = trim_url(&endpoint).to_owned();
     if !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
-        return Err(usage(format!("endpoint {endpoint:?} must be an http:// or https:// URL")));
+        return Err(usage(format!(
+            "endpoint {endpoint:?} must be an http:// or https:// URL"
+        )));
     }
     let token = token
         .filter(|t| !t.is_empty())
         .ok_or_else(|| usage("no admin token: set SILO_TOKEN or pass --token"))?;
-    Ok(ApiContext { endpoint, token: SecretString::from(token) })
+    Ok(ApiContext {
+        endpoint,
+        token: SecretString::from(token),
+    })
 }
 
 fn trim_url(url: &str) -> &str {
@@ -83,7 +90,9 @@ fn read_env_file(path: &Path) -> Option<(String, Option<String>)> {
     for line in text.lines() {
         let line = line.trim();
         let line = line.strip_prefix("export ").unwrap_or(line);
-        let Some((key, value)) = line.split_once('=') else { continue };
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
         let value = value.trim().trim_matches(|c| c == '"' || c == '\'').to_owned();
         match key.trim() {
             ENDPOINT_KEY => endpoint = Some(value),

@@ -84,7 +84,10 @@ fn run_cli() -> i32 {
 /// A single-threaded runtime: the CLI does one thing at a time.
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     use anyhow::Context;
-    tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the async runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")
 }
 
 /// Prints `e` as one line and returns its exit code.

@@ -4,7 +4,10 @@ use serde_json::Value;
 
 /// Prints `value` as pretty JSON on stdout.
 pub(crate) fn print_json(value: &Value) {
-    say!("{}", serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string()));
+    say!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+    );
 }
 
 /// A field of a JSON object as display text: strings as they are, lists joined with ",",
@@ -94,14 +97,25 @@ pub(crate) fn print_tenants(tenants: &[Value]) {
     let rows: Vec<Vec<String>> = tenants
         .iter()
         .map(|t| {
-            ["slug", "name", "status", "plan", "server", "schema_version", "domains", "created_at"]
-                .iter()
-                .map(|k| field(t, k))
-                .collect()
+            [
+                "slug",
+                "name",
+                "status",
+                "plan",
+                "server",
+                "schema_version",
+                "domains",
+                "created_at",
+            ]
+            .iter()
+            .map(|k| field(t, k))
+            .collect()
         })
         .collect();
     print_table(
-        &["SLUG", "NAME", "STATUS", "PLAN", "SERVER", "SCHEMA", "DOMAINS", "CREATED"],
+        &[
+            "SLUG", "NAME", "STATUS", "PLAN", "SERVER", "SCHEMA", "DOMAINS", "CREATED",
+        ],
         &rows,
         "no tenants",
     );
@@ -112,13 +126,19 @@ pub(crate) fn print_jobs(jobs: &[Value]) {
     let rows: Vec<Vec<String>> = jobs
         .iter()
         .map(|j| {
-            let mut row: Vec<String> =
-                ["id", "kind", "tenant", "state", "step", "attempts", "updated_at"].iter().map(|k| field(j, k)).collect();
+            let mut row: Vec<String> = ["id", "kind", "tenant", "state", "step", "attempts", "updated_at"]
+                .iter()
+                .map(|k| field(j, k))
+                .collect();
             row.push(super::one_line(&field(j, "error")));
             row
         })
         .collect();
-    print_table(&["ID", "KIND", "TENANT", "STATE", "STEP", "ATTEMPTS", "UPDATED", "ERROR"], &rows, "no jobs");
+    print_table(
+        &["ID", "KIND", "TENANT", "STATE", "STEP", "ATTEMPTS", "UPDATED", "ERROR"],
+        &rows,
+        "no jobs",
+    );
 }
 
 /// A job as `key: value` lines.
@@ -147,7 +167,10 @@ mod tests {
 
     #[test]
     fn columns_line_up() {
-        let t = table(&["A", "LONG"], &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]]);
+        let t = table(
+            &["A", "LONG"],
+            &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]],
+        );
         assert_eq!(t, "A    LONG\nxyz  1\nq    22\n");
     }
 

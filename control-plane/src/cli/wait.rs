@@ -41,7 +41,11 @@ pub(crate) fn failure(job: &Value) -> String {
     let kind = text(job.get("kind").unwrap_or(&Value::Null));
     let step = text(job.get("step").unwrap_or(&Value::Null));
     let error = text(job.get("error").unwrap_or(&Value::Null));
-    let at = if step == "-" { String::new() } else { format!(" at step {step}") };
+    let at = if step == "-" {
+        String::new()
+    } else {
+        format!(" at step {step}")
+    };
     format!("job {id} ({kind}) failed{at}: {error} (retry with `siloctl jobs retry {id}`)")
 }
 
@@ -96,15 +100,19 @@ impl Progress {
         if let Some(total) = count("total").filter(|t| *t > 0) {
             if bar.length() != Some(total) {
                 bar.set_length(total);
-                if let Ok(style) =
-                    ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg}").map(|s| s.progress_chars("=> "))
+                if let Ok(style) = ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg}")
+                    .map(|s| s.progress_chars("=> "))
                 {
                     bar.set_style(style);
                 }
             }
             bar.set_position(count("done").unwrap_or(0) + count("failed").unwrap_or(0));
             let failed = count("failed").unwrap_or(0);
-            let suffix = if failed > 0 { format!(" ({failed} failed)") } else { String::new() };
+            let suffix = if failed > 0 {
+                format!(" ({failed} failed)")
+            } else {
+                String::new()
+            };
             bar.set_message(format!("{}{suffix}", message.trim_end()));
         } else {
             bar.set_message(message.trim_end().to_owned());

@@ -55,8 +55,7 @@ impl AwsSecretStore {
     /// identity, container/instance roles) and `endpoint_url` overriding the AWS endpoint.
     /// `recovery_window_days` (7..=30) applies to deletions without `force`.
     pub async fn new(region: &str, endpoint_url: Option<&str>, recovery_window_days: u32) -> Self {
-        let mut loader =
-            aws_config::defaults(BehaviorVersion::latest()).region(Region::new(region.to_owned()));
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(Region::new(region.to_owned()));
         if let Some(url) = endpoint_url {
             loader = loader.endpoint_url(url);
         }
@@ -152,10 +151,7 @@ impl SecretStore for AwsSecretStore {
             .await;
         match result {
             Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_resource_exists_exception()) =>
-            {
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_resource_exists_exception()) => {
                 self.check_existing_version(name, version_id, value).await
             }
             Err(e) => Err(backend("CreateSecret", name, &e)),
@@ -193,11 +189,7 @@ impl SecretStore for AwsSecretStore {
         }
     }
 
-    async fn get_secret_value(
-        &self,
-        name: &str,
-        stage: &str,
-    ) -> Result<Option<SecretVersion>, SecretStoreError> {
+    async fn get_secret_value(&self, name: &str, stage: &str) -> Result<Option<SecretVersion>, SecretStoreError> {
         let result = self
             .client
             .get_secret_value()
@@ -213,10 +205,7 @@ impl SecretStore for AwsSecretStore {
             {
                 return Ok(None)
             }
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_invalid_request_exception()) =>
-            {
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_invalid_request_exception()) => {
                 return if self.is_gone(name).await? {
                     Ok(None)
                 } else {
@@ -237,10 +226,7 @@ impl SecretStore for AwsSecretStore {
         }))
     }
 
-    async fn list_version_stages(
-        &self,
-        name: &str,
-    ) -> Result<Option<Vec<VersionStages>>, SecretStoreError> {
+    async fn list_version_stages(&self, name: &str) -> Result<Option<Vec<VersionStages>>, SecretStoreError> {
         let out = match self.client.describe_secret().secret_id(name).send().await {
             Ok(out) => out,
             Err(e)
@@ -311,11 +297,7 @@ impl SecretStore for AwsSecretStore {
                 Ok(())
             }
             // Already scheduled for deletion: deleting it again is done.
-            Err(e)
-                if !force
-                    && e.as_service_error()
-                        .is_some_and(|e| e.is_invalid_request_exception()) =>
-            {
+            Err(e) if !force && e.as_service_error().is_some_and(|e| e.is_invalid_request_exception()) => {
                 if self.is_gone(name).await? {
                     Ok(())
                 } else {

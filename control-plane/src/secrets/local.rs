@@ -19,10 +19,7 @@ use secrecy::{ExposeSecret, SecretBox, SecretString};
 use sqlx::{PgPool, Postgres, Transaction};
 use subtle::ConstantTimeEq;
 
-use super::{
-    check_version_id, SecretStore, SecretStoreError, SecretVersion, VersionStages, AWSCURRENT,
-    AWSPREVIOUS,
-};
+use super::{check_version_id, SecretStore, SecretStoreError, SecretVersion, VersionStages, AWSCURRENT, AWSPREVIOUS};
 
 /// Versions without stages kept per secret (older ones are deleted, as AWS deprecates them).
 const KEEP_UNSTAGED_VERSIONS: usize = 10;
@@ -61,10 +58,7 @@ fn db_error(e: sqlx::Error) -> SecretStoreError {
 pub fn create_master_key(path: &Path) -> Result<(), SecretStoreError> {
     use std::io::Write;
     let key = Zeroizing::new(rand::random::<[u8; KEY_LEN]>());
-    let text = Zeroizing::new(format!(
-        "{}\n",
-        base64::engine::general_purpose::STANDARD.encode(*key)
-    ));
+    let text = Zeroizing::new(format!("{}\n", base64::engine::general_purpose::STANDARD.encode(*key)));
     let mut file = match std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -96,26 +90,17 @@ fn load_master_key(path: &Path) -> Result<SecretBox<[u8; KEY_LEN]>, SecretStoreE
             format!("mode is {mode:04o}, must be 0600 (readable by its owner only)"),
         ));
     }
-    let text = Zeroizing::new(
-        std::fs::read(path).map_err(|e| key_error(path, format!("cannot read: {e}")))?,
-    );
+    let text = Zeroizing::new(std::fs::read(path).map_err(|e| key_error(path, format!("cannot read: {e}")))?);
     // The decoder's own error would quote the offending byte of the key: report only the kind.
     let bytes = Zeroizing::new(
         base64::engine::general_purpose::STANDARD
             .decode(text.trim_ascii())
-            .map_err(|_| {
-                key_error(
-                    path,
-                    "is not base64 (expected `openssl rand -base64 32` output)",
-                )
-            })?,
+            .map_err(|_| key_error(path, "is not base64 (expected `openssl rand -base64 32` output)"))?,
     );
-    let key: [u8; KEY_LEN] = bytes.as_slice().try_into().map_err(|_| {
-        key_error(
-            path,
-            format!("decodes to {} bytes, expected {KEY_LEN}", bytes.len()),
-        )
-    })?;
+    let key: [u8; KEY_LEN] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| key_error(path, format!("decodes to {} bytes, expected {KEY_LEN}", bytes.len())))?;
     Ok(SecretBox::new(Box::new(key)))
 }
 
@@ -156,9 +141,7 @@ impl LocalSecretStore {
         let ciphertext = self
             .cipher()
             .encrypt(Nonce::from_slice(&nonce), payload)
-            .map_err(|_| {
-                SecretStoreError::Backend(format!("secret {name:?}: encryption failed"))
-            })?;
+            .map_err(|_| SecretStoreError::Backend(format!("secret {name:?}: encryption failed")))?;
         Ok((nonce.to_vec(), ciphertext))
     }
 
@@ -186,22 +169,17 @@ impl LocalSecretStore {
         );
         // An exact-size copy: converting the buffer itself could reallocate and leave a copy
         // that is never zeroed.
-        let text =
-            std::str::from_utf8(&plain).map_err(|_| SecretStoreError::Decrypt(name.to_owned()))?;
+        let text = std::str::from_utf8(&plain).map_err(|_| SecretStoreError::Decrypt(name.to_owned()))?;
         Ok(SecretString::from(text.to_owned()))
     }
 
     /// Locks the secret's row for the rest of `tx`; false if there is no such secret.
-    async fn lock(
-        tx: &mut Transaction<'_, Postgres>,
-        name: &str,
-    ) -> Result<bool, SecretStoreError> {
-        let row: Option<(String,)> =
-            sqlx::query_as("SELECT name FROM secrets WHERE name = $1 FOR UPDATE")
-                .bind(name)
-                .fetch_optional(&mut **tx)
-                .await
-                .map_err(db_error)?;
+    async fn lock(tx: &mut Transaction<'_, Postgres>, name: &str) -> Result<bool, SecretStoreError> {
+        let row: Option<(String,)> = sqlx::query_as("SELECT name FROM secrets WHERE name = $1 FOR UPDATE")
+            .bind(name)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db_error)?;
         Ok(row.is_some())
     }
 
@@ -214,14 +192,13 @@ impl LocalSecretStore {
         version_id: &str,
         value: &SecretString,
     ) -> Result<bool, SecretStoreError> {
-        let row: Option<(Vec<u8>, Vec<u8>)> = sqlx::query_as(
-            "SELECT nonce, ciphertext FROM secret_versions WHERE name = $1 AND version_id = $2",
-        )
-        .bind(name)
-        .bind(version_id)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(db_error)?;
+        let row: Option<(Vec<u8>, Vec<u8>)> =
+            sqlx::query_as("SELECT nonce, ciphertext FROM secret_versions WHERE name = $1 AND version_id = $2")
+                .bind(name)
+                .bind(version_id)
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(db_error)?;
         let Some((nonce, ciphertext)) = row else {
             return Ok(false);
         };
@@ -273,10 +250,7 @@ struct StageMap {
 }
 
 impl StageMap {
-    async fn load(
-        tx: &mut Transaction<'_, Postgres>,
-        name: &str,
-    ) -> Result<Self, SecretStoreError> {
+    async fn load(tx: &mut Transaction<'_, Postgres>, name: &str) -> Result<Self, SecretStoreError> {
         let versions = sqlx::query_as(
             "SELECT version_id, stages FROM secret_versions WHERE name = $1 ORDER BY created_at, version_id",
         )
@@ -292,9 +266,7 @@ impl StageMap {
     }
 
     fn holder(&self, stage: &str) -> Option<usize> {
-        self.versions
-            .iter()
-            .position(|(_, s)| s.iter().any(|x| x == stage))
+        self.versions.iter().position(|(_, s)| s.iter().any(|x| x == stage))
     }
 
     fn remove(&mut self, i: usize, stage: &str) {
@@ -334,22 +306,14 @@ impl StageMap {
 
     /// UpdateSecretVersionStage: like AWS, a stage attached to another version can only be
     /// moved when that version is named as `from`.
-    fn move_stage(
-        &mut self,
-        stage: &str,
-        to: Option<&str>,
-        from: Option<&str>,
-    ) -> Result<(), String> {
+    fn move_stage(&mut self, stage: &str, to: Option<&str>, from: Option<&str>) -> Result<(), String> {
         let find = |v: &str| self.index(v).ok_or_else(|| format!("no version {v:?}"));
         let to = to.map(find).transpose()?;
         let from = from.map(find).transpose()?;
         let holder = self.holder(stage);
         if let Some(f) = from {
             if holder != Some(f) {
-                return Err(format!(
-                    "stage {stage} is not on version {:?}",
-                    self.versions[f].0
-                ));
+                return Err(format!("stage {stage} is not on version {:?}", self.versions[f].0));
             }
         }
         if to.is_some() && holder == to {
@@ -394,21 +358,15 @@ impl StageMap {
         name: &str,
     ) -> Result<(), SecretStoreError> {
         for (version_id, stages) in &self.versions {
-            let old = before
-                .versions
-                .iter()
-                .find(|(v, _)| v == version_id)
-                .map(|(_, s)| s);
+            let old = before.versions.iter().find(|(v, _)| v == version_id).map(|(_, s)| s);
             if old.is_some_and(|old| old != stages) {
-                sqlx::query(
-                    "UPDATE secret_versions SET stages = $3 WHERE name = $1 AND version_id = $2",
-                )
-                .bind(name)
-                .bind(version_id)
-                .bind(stages)
-                .execute(&mut **tx)
-                .await
-                .map_err(db_error)?;
+                sqlx::query("UPDATE secret_versions SET stages = $3 WHERE name = $1 AND version_id = $2")
+                    .bind(name)
+                    .bind(version_id)
+                    .bind(stages)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db_error)?;
             }
         }
         let prune = self.prunable();
@@ -439,22 +397,17 @@ impl SecretStore for LocalSecretStore {
             .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v)))
             .collect();
         let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let created = sqlx::query(
-            "INSERT INTO secrets (name, tags) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(name)
-        .bind(sqlx::types::Json(&tags))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?
-        .rows_affected()
+        let created = sqlx::query("INSERT INTO secrets (name, tags) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+            .bind(name)
+            .bind(sqlx::types::Json(&tags))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?
+            .rows_affected()
             == 1;
         Self::lock(&mut tx, name).await?;
         if !created {
-            if self
-                .check_existing_version(&mut tx, name, version_id, value)
-                .await?
-            {
+            if self.check_existing_version(&mut tx, name, version_id, value).await? {
                 return Ok(());
             }
             return Err(SecretStoreError::Backend(format!(
@@ -478,10 +431,7 @@ impl SecretStore for LocalSecretStore {
         if !Self::lock(&mut tx, name).await? {
             return Err(SecretStoreError::NotFound(name.to_owned()));
         }
-        if self
-            .check_existing_version(&mut tx, name, version_id, value)
-            .await?
-        {
+        if self.check_existing_version(&mut tx, name, version_id, value).await? {
             return Ok(());
         }
         // As on AWS, a new version without explicit stages becomes AWSCURRENT.
@@ -498,22 +448,13 @@ impl SecretStore for LocalSecretStore {
         let before = StageMap::load(&mut tx, name).await?;
         let mut after = before.clone();
         after.push_version(version_id, &wanted);
-        let staged = after
-            .versions
-            .last()
-            .map(|(_, s)| s.clone())
-            .unwrap_or_default();
-        self.insert_version(&mut tx, name, version_id, value, &staged)
-            .await?;
+        let staged = after.versions.last().map(|(_, s)| s.clone()).unwrap_or_default();
+        self.insert_version(&mut tx, name, version_id, value, &staged).await?;
         after.save(&before, &mut tx, name).await?;
         tx.commit().await.map_err(db_error)
     }
 
-    async fn get_secret_value(
-        &self,
-        name: &str,
-        stage: &str,
-    ) -> Result<Option<SecretVersion>, SecretStoreError> {
+    async fn get_secret_value(&self, name: &str, stage: &str) -> Result<Option<SecretVersion>, SecretStoreError> {
         let row: Option<(String, Vec<String>, Vec<u8>, Vec<u8>)> = sqlx::query_as(
             "SELECT version_id, stages, nonce, ciphertext FROM secret_versions \
              WHERE name = $1 AND $2 = ANY (stages)",
@@ -534,10 +475,7 @@ impl SecretStore for LocalSecretStore {
         }))
     }
 
-    async fn list_version_stages(
-        &self,
-        name: &str,
-    ) -> Result<Option<Vec<VersionStages>>, SecretStoreError> {
+    async fn list_version_stages(&self, name: &str) -> Result<Option<Vec<VersionStages>>, SecretStoreError> {
         let rows: Vec<(Option<String>, Option<Vec<String>>)> = sqlx::query_as(
             "SELECT v.version_id, v.stages FROM secrets s \
              LEFT JOIN secret_versions v ON v.name = s.name AND cardinality(v.stages) > 0 \
@@ -616,11 +554,7 @@ mod tests {
         m.push_version("c", &strings(&["AWSCURRENT"]));
         assert_eq!(
             m,
-            map(&[
-                ("a", &[]),
-                ("b", &["custom", "AWSPREVIOUS"]),
-                ("c", &["AWSCURRENT"])
-            ])
+            map(&[("a", &[]), ("b", &["custom", "AWSPREVIOUS"]), ("c", &["AWSCURRENT"])])
         );
     }
 
@@ -628,10 +562,7 @@ mod tests {
     fn putting_a_pending_version_takes_the_stage_from_the_old_pending() {
         let mut m = map(&[("a", &["AWSCURRENT"]), ("b", &["AWSPENDING"])]);
         m.push_version("c", &strings(&["AWSPENDING"]));
-        assert_eq!(
-            m,
-            map(&[("a", &["AWSCURRENT"]), ("b", &[]), ("c", &["AWSPENDING"])])
-        );
+        assert_eq!(m, map(&[("a", &["AWSCURRENT"]), ("b", &[]), ("c", &["AWSPENDING"])]));
     }
 
     #[test]
@@ -641,13 +572,7 @@ mod tests {
         assert!(m.move_stage("AWSCURRENT", Some("b"), Some("b")).is_err());
         assert!(m.move_stage("AWSCURRENT", Some("zz"), Some("a")).is_err());
         m.move_stage("AWSCURRENT", Some("b"), Some("a")).unwrap();
-        assert_eq!(
-            m,
-            map(&[
-                ("a", &["AWSPREVIOUS"]),
-                ("b", &["AWSPENDING", "AWSCURRENT"])
-            ])
-        );
+        assert_eq!(m, map(&[("a", &["AWSPREVIOUS"]), ("b", &["AWSPENDING", "AWSCURRENT"])]));
         m.move_stage("AWSPENDING", None, Some("b")).unwrap();
         assert_eq!(m, map(&[("a", &["AWSPREVIOUS"]), ("b", &["AWSCURRENT"])]));
         // Already there: nothing to do.
@@ -664,8 +589,7 @@ mod tests {
 
     #[test]
     fn only_old_unstaged_versions_are_pruned() {
-        let mut versions: Vec<(String, Vec<String>)> =
-            (0..15).map(|i| (format!("v{i:02}"), Vec::new())).collect();
+        let mut versions: Vec<(String, Vec<String>)> = (0..15).map(|i| (format!("v{i:02}"), Vec::new())).collect();
         versions[3].1.push("AWSPREVIOUS".into());
         let m = StageMap { versions };
         assert_eq!(m.prunable(), strings(&["v00", "v01", "v02", "v04"]));

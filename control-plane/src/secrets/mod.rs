@@ -101,18 +101,11 @@ pub trait SecretStore: Send + Sync + 'static {
     ) -> Result<(), SecretStoreError>;
 
     /// The version carrying `stage`, or `None` if the secret or the stage does not exist.
-    async fn get_secret_value(
-        &self,
-        name: &str,
-        stage: &str,
-    ) -> Result<Option<SecretVersion>, SecretStoreError>;
+    async fn get_secret_value(&self, name: &str, stage: &str) -> Result<Option<SecretVersion>, SecretStoreError>;
 
     /// Every version that carries at least one stage, ordered by version id. `None` if the
     /// secret does not exist (or is scheduled for deletion).
-    async fn list_version_stages(
-        &self,
-        name: &str,
-    ) -> Result<Option<Vec<VersionStages>>, SecretStoreError>;
+    async fn list_version_stages(&self, name: &str) -> Result<Option<Vec<VersionStages>>, SecretStoreError>;
 
     /// Moves `stage` to `to_version` (or only removes it when `None`) and off `from_version`
     /// when given. Moving `AWSCURRENT` puts `AWSPREVIOUS` on the version that had it.
@@ -139,16 +132,12 @@ pub async fn open(
 ) -> Result<Arc<dyn SecretStore>, SecretStoreError> {
     use crate::config::SecretsBackend;
     Ok(match &cfg.backend {
-        SecretsBackend::Local { master_key_file } => {
-            Arc::new(local::LocalSecretStore::open(master_key_file, catalog)?)
-        }
+        SecretsBackend::Local { master_key_file } => Arc::new(local::LocalSecretStore::open(master_key_file, catalog)?),
         SecretsBackend::Aws {
             region,
             endpoint_url,
             recovery_window_days,
-        } => Arc::new(
-            aws::AwsSecretStore::new(region, endpoint_url.as_deref(), *recovery_window_days).await,
-        ),
+        } => Arc::new(aws::AwsSecretStore::new(region, endpoint_url.as_deref(), *recovery_window_days).await),
     })
 }
 
@@ -206,9 +195,8 @@ impl DbSecret {
 
     /// Parses the JSON stored in the secret store.
     pub fn from_secret(value: &SecretString, name: &str) -> Result<Self, SecretStoreError> {
-        serde_json::from_str(value.expose_secret()).map_err(|_| {
-            SecretStoreError::Backend(format!("secret {name:?} is not a database secret"))
-        })
+        serde_json::from_str(value.expose_secret())
+            .map_err(|_| SecretStoreError::Backend(format!("secret {name:?} is not a database secret")))
     }
 
     /// Connect options for this secret.

@@ -71,7 +71,10 @@ async fn rollout(stack: &Stack, tenants: &[String], concurrency: Option<usize>) 
 
 /// Where provisioning time goes: the control plane's own step timings (median).
 async fn print_step_medians(stack: &Stack) -> anyhow::Result<()> {
-    let text = reqwest::get(format!("http://{}/metrics", stack.control_plane_addr())).await?.text().await?;
+    let text = reqwest::get(format!("http://{}/metrics", stack.control_plane_addr()))
+        .await?
+        .text()
+        .await?;
     println!("\ncontrol plane timings with the template, median ms:");
     for line in text.lines() {
         let wanted = (line.starts_with("silo_job_step_seconds{") && line.contains("kind=\"provision\""))
@@ -95,7 +98,10 @@ fn add_migration(dir: &std::path::Path, version: u32) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let n: usize = std::env::var("SILO_BENCH_TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let n: usize = std::env::var("SILO_BENCH_TENANTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
     let dir = tempfile::tempdir()?;
     let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations/tenant/0001_init.sql");
     std::fs::copy(shipped, dir.path().join("0001_init.sql"))?;
@@ -114,9 +120,21 @@ async fn main() -> anyhow::Result<()> {
     let (_, without) = provision_times(&plain, "plain", n).await?;
     plain.stop().await?;
     println!("\nprovisioning, ms per tenant        p50      p95");
-    println!("  empty database + migrations  {:>8.1} {:>8.1}", percentile(&without, 0.5), percentile(&without, 0.95));
-    println!("  from the template            {:>8.1} {:>8.1}", percentile(&with, 0.5), percentile(&with, 0.95));
-    println!("  ratio (template / empty)     {:>8.2} {:>8.2}", percentile(&with, 0.5) / percentile(&without, 0.5), percentile(&with, 0.95) / percentile(&without, 0.95));
+    println!(
+        "  empty database + migrations  {:>8.1} {:>8.1}",
+        percentile(&without, 0.5),
+        percentile(&without, 0.95)
+    );
+    println!(
+        "  from the template            {:>8.1} {:>8.1}",
+        percentile(&with, 0.5),
+        percentile(&with, 0.95)
+    );
+    println!(
+        "  ratio (template / empty)     {:>8.2} {:>8.2}",
+        percentile(&with, 0.5) / percentile(&without, 0.5),
+        percentile(&with, 0.95) / percentile(&without, 0.95)
+    );
 
     add_migration(dir.path(), 2)?;
     let (serial, one) = rollout(&stack, &slugs, Some(1)).await?;
@@ -125,16 +143,33 @@ async fn main() -> anyhow::Result<()> {
     let concurrency = stack.config().migrations.concurrency;
     let bound = 1.2 * (n as f64 / concurrency as f64) * one_p;
     println!("\nrollout of an added column across {n} tenants");
-    println!("  concurrency 1                {:>8.0} ms  (one tenant: {one:.1} ms median)", serial.as_secs_f64() * 1000.0);
-    println!("  concurrency {concurrency:<2} (default)     {:>8.0} ms  (one tenant: {one_p:.1} ms median)", parallel.as_secs_f64() * 1000.0);
-    println!("  speed-up                     {:>8.2}x", serial.as_secs_f64() / parallel.as_secs_f64());
-    println!("  vs 1.2 x (N/P) x one tenant  {:>8.0} ms  -> ratio {:.2}", bound, parallel.as_secs_f64() * 1000.0 / bound);
+    println!(
+        "  concurrency 1                {:>8.0} ms  (one tenant: {one:.1} ms median)",
+        serial.as_secs_f64() * 1000.0
+    );
+    println!(
+        "  concurrency {concurrency:<2} (default)     {:>8.0} ms  (one tenant: {one_p:.1} ms median)",
+        parallel.as_secs_f64() * 1000.0
+    );
+    println!(
+        "  speed-up                     {:>8.2}x",
+        serial.as_secs_f64() / parallel.as_secs_f64()
+    );
+    println!(
+        "  vs 1.2 x (N/P) x one tenant  {:>8.0} ms  -> ratio {:.2}",
+        bound,
+        parallel.as_secs_f64() * 1000.0 / bound
+    );
 
     add_migration(dir.path(), 4)?;
     let fifty = &slugs[..50.min(slugs.len())];
     let (fifty_time, _) = rollout(&stack, fifty, None).await?;
     println!("\nrollout across 50 tenants (django-tenants reference: 810 ms)");
-    println!("  default concurrency          {:>8.0} ms  -> {:.1}x faster than the reference", fifty_time.as_secs_f64() * 1000.0, 810.0 / (fifty_time.as_secs_f64() * 1000.0));
+    println!(
+        "  default concurrency          {:>8.0} ms  -> {:.1}x faster than the reference",
+        fifty_time.as_secs_f64() * 1000.0,
+        810.0 / (fifty_time.as_secs_f64() * 1000.0)
+    );
     stack.stop().await?;
     Ok(())
 }

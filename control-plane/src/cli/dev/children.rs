@@ -30,7 +30,10 @@ pub(super) struct Child {
 /// The binary `name` next to the running executable.
 pub(super) fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locate the siloctl executable")?;
-    let path = exe.parent().map(|dir| dir.join(name)).unwrap_or_else(|| PathBuf::from(name));
+    let path = exe
+        .parent()
+        .map(|dir| dir.join(name))
+        .unwrap_or_else(|| PathBuf::from(name));
     if !path.is_file() {
         bail!(
             "{name} not found next to siloctl (looked for {}): build every binary with `cargo build --bins` \
@@ -49,7 +52,11 @@ impl Child {
             .append(true)
             .open(&log)
             .with_context(|| format!("open {}", log.display()))?;
-        let _ = writeln!(file, "--- siloctl dev: starting {what} at {}", chrono::Utc::now().to_rfc3339());
+        let _ = writeln!(
+            file,
+            "--- siloctl dev: starting {what} at {}",
+            chrono::Utc::now().to_rfc3339()
+        );
         let mut cmd = Command::new(binary);
         cmd.arg("--config")
             .arg(config)
@@ -64,7 +71,13 @@ impl Child {
         set_parent_death_signal(&mut cmd);
         let (pid, supervisor) =
             spawn_supervised(cmd).with_context(|| format!("start {what} ({})", binary.display()))?;
-        Ok(Self { what, log, pid, supervisor: Some(supervisor), status: None })
+        Ok(Self {
+            what,
+            log,
+            pid,
+            supervisor: Some(supervisor),
+            status: None,
+        })
     }
 
     /// `Some(exit status)` once the process has exited.
@@ -105,7 +118,10 @@ impl Child {
     pub(super) fn log_tail(&self, n: usize) -> Vec<String> {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].iter().map(|l| (*l).to_owned()).collect()
+        lines[lines.len().saturating_sub(n)..]
+            .iter()
+            .map(|l| (*l).to_owned())
+            .collect()
     }
 }
 

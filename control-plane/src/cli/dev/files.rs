@@ -14,10 +14,10 @@ use nix::fcntl::{Flock, FlockArg};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+use super::tls::DevTls;
 use crate::cli::args::{DevArgs, SecretsKind};
 use crate::config::Config;
 use crate::localpg::{free_port, write_private};
-use super::tls::DevTls;
 
 /// Environment variable the dev config names for every dev cluster's superuser password.
 pub(super) const PG_PASSWORD_ENV: &str = "SILO_DEV_PG_PASSWORD";
@@ -82,7 +82,10 @@ pub(super) fn prepare(args: &DevArgs) -> anyhow::Result<Prepared> {
     let pg_password = read_or_create(&data_dir.join("pg-password"), crate::secrets::generate_password)?;
     let admin_token = read_or_create(&data_dir.join("admin-token"), || {
         use rand::distr::{Alphanumeric, SampleString};
-        SecretString::from(format!("silo_admin_{}", Alphanumeric.sample_string(&mut rand::rng(), 32)))
+        SecretString::from(format!(
+            "silo_admin_{}",
+            Alphanumeric.sample_string(&mut rand::rng(), 32)
+        ))
     })?;
     if args.secrets == SecretsKind::Local {
         // Created once; an existing key is kept (the store checks it when it opens it).
@@ -120,7 +123,10 @@ pub(super) fn prepare(args: &DevArgs) -> anyhow::Result<Prepared> {
 /// Every directory above the data dir must be traversable by others (the postgres user).
 fn check_ancestors_traversable(data_dir: &Path) -> anyhow::Result<()> {
     for dir in data_dir.ancestors().skip(1) {
-        let mode = fs::metadata(dir).with_context(|| format!("inspect {}", dir.display()))?.permissions().mode();
+        let mode = fs::metadata(dir)
+            .with_context(|| format!("inspect {}", dir.display()))?
+            .permissions()
+            .mode();
         if mode & 0o001 == 0 {
             bail!(
                 "PostgreSQL runs as user postgres and cannot reach {}: {} is not traversable (mode {:o}); {DATA_DIR_HINT}",
@@ -142,7 +148,10 @@ fn lock(data_dir: &Path) -> anyhow::Result<Flock<File>> {
         .open(&path)
         .with_context(|| format!("open {}", path.display()))?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| {
-        anyhow::anyhow!("another `siloctl dev` is already running with data dir {}", data_dir.display())
+        anyhow::anyhow!(
+            "another `siloctl dev` is already running with data dir {}",
+            data_dir.display()
+        )
     })
 }
 

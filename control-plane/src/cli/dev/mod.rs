@@ -84,7 +84,11 @@ impl Stack {
             for line in child.log_tail(15) {
                 eprintln!("  | {line}");
             }
-            bail!("the {} exited ({status}); its log is {}", child.what, child.log.display());
+            bail!(
+                "the {} exited ({status}); its log is {}",
+                child.what,
+                child.log.display()
+            );
         }
         Ok(())
     }
@@ -148,8 +152,18 @@ async fn start(args: &DevArgs, p: &Prepared, stack: &mut Stack) -> anyhow::Resul
     }
 
     let logs = p.data_dir.join("logs");
-    stack.children.push(Child::spawn("control plane", &control_plane, &p.config_path, logs.join("control-plane.log"))?);
-    stack.children.push(Child::spawn("router", &router, &p.config_path, logs.join("router.log"))?);
+    stack.children.push(Child::spawn(
+        "control plane",
+        &control_plane,
+        &p.config_path,
+        logs.join("control-plane.log"),
+    )?);
+    stack.children.push(Child::spawn(
+        "router",
+        &router,
+        &p.config_path,
+        logs.join("router.log"),
+    )?);
     wait_healthy(p, stack).await?;
 
     let endpoint = format!("http://127.0.0.1:{}", p.api_port);
@@ -160,7 +174,10 @@ async fn start(args: &DevArgs, p: &Prepared, stack: &mut Stack) -> anyhow::Resul
         context::write_env_file(path, &endpoint, &p.admin_token)?;
     }
 
-    let client = ApiClient::new(ApiContext { endpoint: endpoint.clone(), token: p.admin_token.clone() })?;
+    let client = ApiClient::new(ApiContext {
+        endpoint: endpoint.clone(),
+        token: p.admin_token.clone(),
+    })?;
     if args.demo {
         demo(&client, p).await?;
     }
@@ -169,11 +186,19 @@ async fn start(args: &DevArgs, p: &Prepared, stack: &mut Stack) -> anyhow::Resul
     say!("silo dev stack (data dir {})", p.data_dir.display());
     say!("  tenants      http://{{slug}}.localhost:{}/", p.http_port);
     say!("  router       http://127.0.0.1:{}", p.http_port);
-    say!("  https        https://{{slug}}.localhost:{}/ (certificate from the dev CA {})", p.https_port, p.tls.ca_cert.display());
+    say!(
+        "  https        https://{{slug}}.localhost:{}/ (certificate from the dev CA {})",
+        p.https_port,
+        p.tls.ca_cert.display()
+    );
     say!("  admin API    {endpoint}");
     say!("  metrics      http://127.0.0.1:{}/metrics", p.metrics_port);
     for (i, port) in p.pg_ports.iter().enumerate() {
-        say!("  {:<12} 127.0.0.1:{port} (user postgres, password in {})", server_name(i + 1), p.data_dir.join("pg-password").display());
+        say!(
+            "  {:<12} 127.0.0.1:{port} (user postgres, password in {})",
+            server_name(i + 1),
+            p.data_dir.join("pg-password").display()
+        );
     }
     say!("  logs         {}", logs.display());
     match &user_context {
@@ -182,7 +207,11 @@ async fn start(args: &DevArgs, p: &Prepared, stack: &mut Stack) -> anyhow::Resul
     }
     say!("  admin token  {}", p.admin_token.expose_secret());
     say!("trust the dev CA for HTTPS:");
-    say!("  curl         curl --cacert {} https://demo.localhost:{}/api/v1/tasks", p.tls.ca_cert.display(), p.https_port);
+    say!(
+        "  curl         curl --cacert {} https://demo.localhost:{}/api/v1/tasks",
+        p.tls.ca_cert.display(),
+        p.https_port
+    );
     say!("  system       {}", system_trust_command(&p.tls.ca_cert));
     Ok(client)
 }
@@ -191,8 +220,15 @@ async fn start(args: &DevArgs, p: &Prepared, stack: &mut Stack) -> anyhow::Resul
 /// `*.localhost` wildcard is refused by TLS clients, see [`tls`]); the router picks them up
 /// from its SNI dir.
 async fn issue_tenant_certificates(client: &ApiClient, tls: &DevTls) -> anyhow::Result<()> {
-    let list = client.get("/v1/tenants").await.map_err(|e| anyhow!("list tenants: {e}"))?;
-    let slugs = list["items"].as_array().into_iter().flatten().filter_map(|t| t["slug"].as_str());
+    let list = client
+        .get("/v1/tenants")
+        .await
+        .map_err(|e| anyhow!("list tenants: {e}"))?;
+    let slugs = list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["slug"].as_str());
     for slug in slugs {
         // Checked: the slug names a file.
         let Ok(slug) = TenantSlug::parse(slug) else { continue };
@@ -212,14 +248,20 @@ fn system_trust_command(ca: &std::path::Path) -> String {
 }
 
 async fn create_catalog_database(pg1: &LocalCluster) -> anyhow::Result<()> {
-    let mut conn = pg1.connect_options("postgres").connect().await.context("connect to pg-1")?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'silo_catalog')")
-            .fetch_one(&mut conn)
-            .await
-            .context("look for the catalog database")?;
+    let mut conn = pg1
+        .connect_options("postgres")
+        .connect()
+        .await
+        .context("connect to pg-1")?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'silo_catalog')")
+        .fetch_one(&mut conn)
+        .await
+        .context("look for the catalog database")?;
     if !exists {
-        sqlx::query("CREATE DATABASE silo_catalog").execute(&mut conn).await.context("create the catalog database")?;
+        sqlx::query("CREATE DATABASE silo_catalog")
+            .execute(&mut conn)
+            .await
+            .context("create the catalog database")?;
     }
     Ok(())
 }
@@ -251,7 +293,11 @@ async fn wait_healthy(p: &Prepared, stack: &mut Stack) -> anyhow::Result<()> {
         }
         if Instant::now() > deadline {
             let (what, url) = pending[0];
-            bail!("the {what} did not answer {url} within {}s; see {}", STARTUP_TIMEOUT.as_secs(), p.data_dir.join("logs").display());
+            bail!(
+                "the {what} did not answer {url} within {}s; see {}",
+                STARTUP_TIMEOUT.as_secs(),
+                p.data_dir.join("logs").display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -274,10 +320,15 @@ async fn demo(client: &ApiClient, p: &Prepared) -> anyhow::Result<()> {
         .post("/v1/tenants", &serde_json::json!({"slug": "demo", "name": "Demo"}))
         .await
         .map_err(|e| anyhow!("create tenant demo: {e}"))?;
-    super::commands::create_and_wait(client, &slug, &created).await.context("create tenant demo")?;
+    super::commands::create_and_wait(client, &slug, &created)
+        .await
+        .context("create tenant demo")?;
     let key = created.get("api_key").and_then(|k| k.as_str()).unwrap_or_default();
     say!("tenant demo created; its API key (shown once): {key}");
-    say!("  curl -H 'Authorization: Bearer {key}' http://demo.localhost:{}/api/v1/tasks", p.http_port);
+    say!(
+        "  curl -H 'Authorization: Bearer {key}' http://demo.localhost:{}/api/v1/tasks",
+        p.http_port
+    );
     say!(
         "  curl --cacert {} -H 'Authorization: Bearer {key}' https://demo.localhost:{}/api/v1/tasks",
         p.tls.ca_cert.display(),
