@@ -120,6 +120,7 @@ admin_password_env = "{PG_PASSWORD_ENV}"
 [control_plane]
 listen = "127.0.0.1:0"
 job_lease = "5s"
+workers = 8
 [router]
 listen = "127.0.0.1:0"
 metrics_listen = "127.0.0.1:0"
