@@ -73,7 +73,7 @@ pub struct ProvisionParams {
 }
 
 /// The steps of a `provision` job, in order.
-pub const PROVISION_STEPS: [&str; 6] = ["secret", "roles", "database", "schema", "api_key", "activate"];
+pub const PROVISION_STEPS: [&str; 5] = ["secret", "roles", "database", "schema", "activate"];
 /// The steps of a `delete` job, in order.
 pub const DELETE_STEPS: [&str; 4] = ["database", "roles", "secret", "tombstone"];
 
@@ -152,8 +152,7 @@ impl Provisioner {
                 }
                 "roles" => self.ensure_roles(server, &slug, &secret_name).await?,
                 "database" => ensure_database(server, &slug, self.templates.then_some(&migrations)).await?,
-                "schema" => self.ensure_schema(server, &slug, &migrations).await?,
-                "api_key" => ensure_api_key(server, &slug, &params).await?,
+                "schema" => self.ensure_schema(server, &slug, &migrations, &params).await?,
                 _ => self.activate(&slug).await?,
             }
             jobs::observe_step("provision", step, started);
@@ -223,13 +222,19 @@ impl Provisioner {
 
     /// Step `schema`: everything in the database (copied from a template, or not) belongs
     /// to the tenant's owner, PUBLIC may not create in `public`, pending migrations are
-    /// applied as the owner, and the version is checked and recorded.
+    /// applied as the owner, the version is checked and recorded, and the first API key's
+    /// hash is stored — all on one connection (the first to a new database is the costly one).
     async fn ensure_schema(
         &self,
         server: &Server,
         slug: &TenantSlug,
         migrations: &TenantMigrations,
+        params: &ProvisionParams,
     ) -> Result<(), ProvisionError> {
+        let key_hash: [u8; 32] = hex::decode(&params.api_key_hash)
+            .ok()
+            .and_then(|h| h.try_into().ok())
+            .ok_or_else(|| ProvisionError::InvalidJob("bad api key hash".into()))?;
         let owner = quote_ident(&slug.owner_role());
         let mut conn = server
             .connect(&slug.database_name())
@@ -260,13 +265,14 @@ impl Provisioner {
         let version = tenant_schema::applied_version(&mut conn)
             .await
             .step("read schema version")?;
-        let _ = conn.close().await;
         if version != migrations.latest_version() {
             return Err(ProvisionError::InvalidJob(format!(
                 "tenant database is at schema version {version}, expected {}",
                 migrations.latest_version()
             )));
         }
+        insert_key_as_owner(&mut conn, slug, &params.api_key_name, &key_hash).await?;
+        let _ = conn.close().await;
         sqlx::query("UPDATE tenants SET schema_version = $2, updated_at = now() WHERE slug = $1")
             .bind(slug.as_str())
             .bind(version)
@@ -387,21 +393,6 @@ async fn ensure_database(
         "grant connect to login role",
     )
     .await
-}
-
-/// Step `api_key`: the first API key's hash is in the tenant database.
-async fn ensure_api_key(server: &Server, slug: &TenantSlug, params: &ProvisionParams) -> Result<(), ProvisionError> {
-    let hash: [u8; 32] = hex::decode(&params.api_key_hash)
-        .ok()
-        .and_then(|h| h.try_into().ok())
-        .ok_or_else(|| ProvisionError::InvalidJob("bad api key hash".into()))?;
-    let mut conn = server
-        .connect(&slug.database_name())
-        .await
-        .step("connect to tenant database")?;
-    insert_key_as_owner(&mut conn, slug, &params.api_key_name, &hash).await?;
-    let _ = conn.close().await;
-    Ok(())
 }
 
 /// Inserts an API key hash into a tenant database as its owner role. Idempotent by name.

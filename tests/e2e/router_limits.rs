@@ -147,7 +147,7 @@ async fn router_tenant_sessions(admin: &mut sqlx::PgConnection) -> i64 {
 async fn connection_budget_holds_across_300_tenants() {
     const BUDGET: i64 = 20;
     let stack = Arc::new(
-        stack_with("connection_budget_per_server = 20\nmax_connections_per_tenant = 2\nbudget_wait = \"5s\"").await,
+        stack_with("connection_budget_per_server = 20\nmax_connections_per_tenant = 2\nbudget_wait = \"15s\"").await,
     );
     let prefix = unique_name("bud");
     let tenants = Arc::new(create_tenants(&stack, &prefix, 300, 8).await);
@@ -333,7 +333,9 @@ async fn slowloris_is_cut_off_and_oversize_bodies_get_413() {
 /// connect timeout (no hang); it comes back: requests succeed again, same router.
 #[tokio::test(flavor = "multi_thread")]
 async fn database_down_is_503_within_the_connect_timeout_and_recovers() {
-    let stack = stack_with("connect_timeout = \"2s\"").await;
+    let stack = Stack::start(StackOptions { connect_timeout: Duration::from_secs(2), ..StackOptions::default() })
+        .await
+        .unwrap();
     let slug = unique_name("down");
     let key = stack.create_tenant(&slug).await.unwrap();
     let host = format!("{slug}.localhost");

@@ -42,6 +42,9 @@ pub struct StackOptions {
     pub extra_toml: String,
     /// Extra `key = value` lines inside the generated `[router]` table.
     pub router_toml: String,
+    /// `router.connect_timeout`. Generous by default: the whole suite shares 2 cores, and a
+    /// starved connect must not read as a failed rotation or budget test.
+    pub connect_timeout: Duration,
     /// `tenant_migrations_dir` (embedded migrations when None).
     pub tenant_migrations_dir: Option<std::path::PathBuf>,
 }
@@ -54,6 +57,7 @@ impl Default for StackOptions {
             path_prefix_routing: false,
             extra_toml: String::new(),
             router_toml: String::new(),
+            connect_timeout: Duration::from_secs(10),
             tenant_migrations_dir: None,
         }
     }
@@ -127,12 +131,14 @@ metrics_listen = "127.0.0.1:0"
 base_domains = ["localhost"]
 pool_idle_timeout = "{idle}ms"
 path_prefix_routing = {path}
+connect_timeout = "{connect}ms"
 {router_extra}
 {extra}
 "#,
             port = pg.port(),
             idle = options.pool_idle_timeout.as_millis(),
             path = options.path_prefix_routing,
+            connect = options.connect_timeout.as_millis(),
             router_extra = options.router_toml,
             extra = options.extra_toml,
         );
