@@ -11,6 +11,7 @@ mod rotation;
 mod router;
 mod router_limits;
 mod secrets;
+mod shutdown;
 mod siloctl;
 mod tenant_app;
 mod tenants;

@@ -333,9 +333,12 @@ async fn slowloris_is_cut_off_and_oversize_bodies_get_413() {
 /// connect timeout (no hang); it comes back: requests succeed again, same router.
 #[tokio::test(flavor = "multi_thread")]
 async fn database_down_is_503_within_the_connect_timeout_and_recovers() {
-    let stack = Stack::start(StackOptions { connect_timeout: Duration::from_secs(2), ..StackOptions::default() })
-        .await
-        .unwrap();
+    let stack = Stack::start(StackOptions {
+        connect_timeout: Duration::from_secs(2),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
     let slug = unique_name("down");
     let key = stack.create_tenant(&slug).await.unwrap();
     let host = format!("{slug}.localhost");

@@ -15,17 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-/// A binary of the workspace, built next to this test binary (`target/debug/`).
 fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is not built: run `cargo build --workspace --all-targets` first",
-        path.display()
-    );
-    path
+    silo_tests::workspace_binary(name)
 }
 
 /// `siloctl` with a clean environment: no SILO_* variables, an empty HOME, run in `cwd`.

@@ -279,18 +279,6 @@ async fn custom_domain_certificates_come_from_the_sni_dir_and_are_reloaded() {
     stack.stop().await.unwrap();
 }
 
-/// `silo-router` from this build (`target/debug/`).
-fn router_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().and_then(Path::parent).unwrap().join("silo-router");
-    assert!(
-        path.is_file(),
-        "{} is not built: run `cargo build --workspace` first",
-        path.display()
-    );
-    path
-}
-
 #[test]
 fn unusable_tls_files_stop_the_router_with_one_line_naming_the_key() {
     let certs = Certs::new(&["localhost"]);
@@ -308,7 +296,7 @@ fn unusable_tls_files_stop_the_router_with_one_line_naming_the_key() {
             ),
         )
         .unwrap();
-        let out = Command::new(router_binary())
+        let out = Command::new(silo_tests::workspace_binary("silo-router"))
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "off")

@@ -29,3 +29,17 @@ pub fn init_logging() {
             .try_init();
     }
 }
+
+/// A binary of the workspace (`silo-router`, `siloctl`, ...), built next to the running test
+/// binary in `target/debug/`. Panics with the build command when it is missing.
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("path of the test binary");
+    let dir = exe.parent().and_then(std::path::Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build --workspace --all-targets` first",
+        path.display()
+    );
+    path
+}
