@@ -6,6 +6,7 @@
 mod admin_api;
 mod crash_safety;
 mod harness;
+mod isolation;
 mod rollout;
 mod rotation;
 mod router;
