@@ -249,19 +249,7 @@ impl Provisioner {
             )
             .await?;
         }
-        ddl(
-            &mut conn,
-            &format!("ALTER SCHEMA public OWNER TO {owner}"),
-            "own public schema",
-        )
-        .await?;
-        ddl(
-            &mut conn,
-            "REVOKE ALL ON SCHEMA public FROM PUBLIC",
-            "lock public schema",
-        )
-        .await?;
-        migrations.apply(&mut conn, &slug.owner_role(), None).await?;
+        own_schema_and_migrate(&mut conn, &slug.owner_role(), migrations).await?;
         let version = tenant_schema::applied_version(&mut conn)
             .await
             .step("read schema version")?;
@@ -412,6 +400,25 @@ pub async fn insert_key_as_owner(
         .await
         .step("insert api key")?;
     ddl(conn, "RESET ROLE", "reset role").await
+}
+
+/// Gives the `public` schema to `owner_role`, closes it to PUBLIC and applies every pending
+/// migration as `owner_role` (a tenant's owner, or the template owner).
+pub(crate) async fn own_schema_and_migrate(
+    conn: &mut PgConnection,
+    owner_role: &str,
+    migrations: &TenantMigrations,
+) -> Result<(), ProvisionError> {
+    let owner = quote_ident(owner_role);
+    ddl(
+        conn,
+        &format!("ALTER SCHEMA public OWNER TO {owner}"),
+        "own public schema",
+    )
+    .await?;
+    ddl(conn, "REVOKE ALL ON SCHEMA public FROM PUBLIC", "lock public schema").await?;
+    migrations.apply(conn, owner_role, None).await?;
+    Ok(())
 }
 
 /// Creates login role `role` of the tenant, or resets it: login allowed with `password`, no

@@ -12,7 +12,7 @@ use sqlx::Connection;
 use tracing::{info, warn};
 
 use crate::names::quote_ident;
-use crate::provision::{ddl, ProvisionError, StepContext};
+use crate::provision::{ddl, own_schema_and_migrate, ProvisionError, StepContext};
 use crate::servers::Server;
 use crate::tenant_schema::TenantMigrations;
 
@@ -93,19 +93,7 @@ async fn build(server: &Server, migrations: &TenantMigrations, name: &str) -> Re
     .await?;
     {
         let mut conn = server.connect(&building).await.step("connect to template")?;
-        ddl(
-            &mut conn,
-            &format!("ALTER SCHEMA public OWNER TO {}", quote_ident(TEMPLATE_OWNER)),
-            "own public schema",
-        )
-        .await?;
-        ddl(
-            &mut conn,
-            "REVOKE ALL ON SCHEMA public FROM PUBLIC",
-            "lock public schema",
-        )
-        .await?;
-        migrations.apply(&mut conn, TEMPLATE_OWNER, None).await?;
+        own_schema_and_migrate(&mut conn, TEMPLATE_OWNER, migrations).await?;
         conn.close().await.step("disconnect from template")?;
     }
     ddl(
