@@ -8,7 +8,7 @@
 
 use axum::body::Body;
 use axum::response::Response;
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::header::{CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, StatusCode};
 
 use crate::resolve::InvalidHost;
@@ -90,7 +90,7 @@ impl RouterError {
         }
     }
 
-    /// The response: status, JSON body, and `Retry-After` on 429 and 503.
+    /// The response: status, JSON body, `Retry-After` on 429 and 503, `Connection: close` on 413.
     pub(crate) fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.code(), "message": self.message() }).to_string();
         let mut response = Response::new(Body::from(body));
@@ -103,6 +103,11 @@ impl RouterError {
             }
             Self::RateLimited { retry_after_secs } => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs.max(1)));
+            }
+            // The rest of the body was not read: the connection cannot carry another request,
+            // and the client must know not to reuse it.
+            Self::PayloadTooLarge => {
+                headers.insert(CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }

@@ -26,18 +26,21 @@ async fn sigterm_lets_in_flight_requests_finish_and_exits_in_time() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Read stdout to the end on its own thread: the router still prints while it stops, and
+    // a closed pipe would make that fail.
     let stdout = router.stdout.take().unwrap();
-    let addr = tokio::task::spawn_blocking(move || {
-        for line in BufReader::new(stdout).lines() {
-            let line = line.unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(addr) = line.strip_prefix("router listening on http://") {
-                return addr.trim().to_owned();
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(addr.trim().to_owned());
+                }
             }
         }
-        panic!("the router never said where it listens");
-    })
-    .await
-    .unwrap();
+    });
+    let addr = rx.await.expect("the router never said where it listens");
 
     // A request whose body is still arriving when SIGTERM comes.
     let body = r#"{"title":"written during shutdown"}"#;
