@@ -443,6 +443,10 @@ impl Pools {
         match self.read_options_timed(slug, AWSCURRENT).await {
             Ok(Some((options, version))) if same_database(&tenant.pool.connect_options(), &options) => {
                 switch(&tenant, &mut in_use, options, version);
+                // Not verified: by the time this event is handled, the next `single` rotation
+                // may already have changed the password, and a request refused with these
+                // credentials must get to verify and switch again.
+                *lock(&tenant.verified_at) = None;
                 tracing::debug!(tenant = %slug, "tenant pool credentials refreshed");
             }
             Ok(Some(_)) => {
