@@ -41,16 +41,11 @@ async fn provisioning_interrupted_after_each_step_completes_on_retry() {
         assert_eq!(tenant["status"], "failed", "step {step}");
 
         fail::remove("provision-after-step");
-        let (status, _) = stack
-            .admin(Method::POST, &format!("/v1/jobs/{job_id}/retry"), None)
-            .await
-            .unwrap();
-        assert_eq!(status, StatusCode::ACCEPTED);
-        let job = stack.wait_job(job_id).await.unwrap();
+        let job = stack.retry_job(job_id).await.unwrap();
         assert_eq!(job["state"], "succeeded", "step {step}: {job}");
         assert_eq!(job["attempts"], 2);
 
-        let db = format!("tenant_{}", slug.replace('-', "_"));
+        let db = silo_tests::database_of(&slug);
         assert_eq!(
             count(&stack, "SELECT count(*) FROM pg_database WHERE datname = $1", &db).await,
             1
@@ -101,17 +96,12 @@ async fn deletion_interrupted_after_each_step_completes_on_retry() {
         let job_id = body["job"]["id"].as_i64().unwrap();
         assert_eq!(stack.wait_job(job_id).await.unwrap()["state"], "failed");
         fail::remove("delete-after-step");
-        let (status, _) = stack
-            .admin(Method::POST, &format!("/v1/jobs/{job_id}/retry"), None)
-            .await
-            .unwrap();
-        assert_eq!(status, StatusCode::ACCEPTED);
         assert_eq!(
-            stack.wait_job(job_id).await.unwrap()["state"],
+            stack.retry_job(job_id).await.unwrap()["state"],
             "succeeded",
             "step {step}"
         );
-        let db = format!("tenant_{}", slug.replace('-', "_"));
+        let db = silo_tests::database_of(&slug);
         assert_eq!(
             count(&stack, "SELECT count(*) FROM pg_database WHERE datname = $1", &db).await,
             0

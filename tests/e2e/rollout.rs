@@ -42,7 +42,7 @@ async fn stack_with(dir: &Path) -> Stack {
 }
 
 async fn tenant_sql(stack: &Stack, slug: &str, sql: &str) {
-    let db = format!("tenant_{}", slug.replace('-', "_"));
+    let db = silo_tests::database_of(slug);
     let mut conn = stack.pg().admin_options(&db).connect().await.unwrap();
     sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
         .execute(&mut conn)
@@ -190,7 +190,7 @@ async fn canary_failures_stop_tenant_failures_are_isolated_and_reruns_resume() {
     .unwrap();
     assert_eq!(templates.len(), 1, "{templates:?}");
     assert!(templates[0].starts_with("silo_template_v2_"), "{templates:?}");
-    let db = format!("tenant_{}", fresh.replace('-', "_"));
+    let db = silo_tests::database_of(&fresh);
     let mut conn = stack.pg().admin_options(&db).connect().await.unwrap();
     let owners: Vec<String> =
         sqlx::query_scalar("SELECT DISTINCT tableowner::text FROM pg_tables WHERE schemaname = 'public'")

@@ -241,7 +241,7 @@ async fn delete_drops_everything_and_answers_like_an_unknown_host() {
     assert_eq!(job["state"], "succeeded", "{job}");
 
     let mut admin = stack.pg().admin_options("postgres").connect().await.unwrap();
-    let db = format!("tenant_{}", slug.replace('-', "_"));
+    let db = silo_tests::database_of(&slug);
     let dbs: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
         .bind(&db)
         .fetch_one(&mut admin)

@@ -43,3 +43,10 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     );
     path
 }
+
+/// The database of tenant `slug`, named as the control plane names it.
+pub fn database_of(slug: &str) -> String {
+    silo_control_plane::names::TenantSlug::parse(slug)
+        .expect("a valid slug")
+        .database_name()
+}

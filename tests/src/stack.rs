@@ -264,6 +264,15 @@ connect_timeout = "{connect}ms"
         }
     }
 
+    /// Retries failed job `id` through the admin API (expects 202) and waits for it.
+    pub async fn retry_job(&self, id: i64) -> anyhow::Result<Value> {
+        let (status, body) = self.admin(Method::POST, &format!("/v1/jobs/{id}/retry"), None).await?;
+        if status != StatusCode::ACCEPTED {
+            bail!("retry job {id}: {status} {body}");
+        }
+        self.wait_job(id).await
+    }
+
     /// Creates tenant `slug` through the admin API, waits for its job to succeed and returns
     /// its first API key.
     pub async fn create_tenant(&self, slug: &str) -> anyhow::Result<String> {
