@@ -4,8 +4,8 @@
 //!
 //! A request whose answer says PostgreSQL refused the pool's password (the app's
 //! [`DatabaseAuthFailed`] marker: a credential rotation is half done) is not answered yet:
-//! the pool switches credentials and the request is handed to the app once more. No
-//! statement ran on a connection that never logged in, so the retry is safe.
+//! the pool switches credentials and the request is handed to the app again (a few times at
+//! most). No statement ran on a connection that never logged in, so a retry is safe.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use axum::response::Response;
 use hyper::body::Incoming;
 use hyper::Request;
 use silo_control_plane::catalog::routes::TenantStatus;
-use silo_tenant_app::{DatabaseAuthFailed, TenantContext};
+use silo_tenant_app::DatabaseAuthFailed;
 use tracing::field::Empty;
 use tracing::Instrument;
 
@@ -26,6 +26,11 @@ use crate::limits::Limits;
 use crate::ops::Metrics;
 use crate::pools::Pools;
 use crate::resolve::{Resolution, Resolver};
+
+/// How often a request refused by PostgreSQL's password check is retried, each time after
+/// the pool's credentials were checked: more than once, because under back-to-back `single`
+/// rotations a retry that waited for a connection can meet the next password change.
+const AUTH_RETRIES: usize = 3;
 
 /// Everything a tenant request needs; shared by all connections.
 pub(crate) struct RouterState {
@@ -101,15 +106,17 @@ async fn route(
         tracing::warn!(%error, "cannot open the tenant's pool");
         RouterError::TenantUnavailable
     })?;
-    let tenant = TenantContext {
-        slug: route.slug.clone(),
-        pool: lease.pool().clone(),
-    };
-    let response = forward(&state.app, &request, tenant.clone(), path.as_ref()).await;
-    if response.extensions().get::<DatabaseAuthFailed>().is_none() {
-        return Ok(response);
+    let tenant = lease.context().clone();
+    let mut attempted_at = Instant::now();
+    let mut response = forward(&state.app, &request, tenant.clone(), path.as_ref()).await;
+    for _ in 0..AUTH_RETRIES {
+        if response.extensions().get::<DatabaseAuthFailed>().is_none() {
+            break;
+        }
+        state.pools.recover_from_auth_failure(&lease, attempted_at).await;
+        tracing::debug!("retrying after a refused password");
+        attempted_at = Instant::now();
+        response = forward(&state.app, &request, tenant.clone(), path.as_ref()).await;
     }
-    state.pools.recover_from_auth_failure(&lease).await;
-    tracing::debug!("retrying after a refused password");
-    Ok(forward(&state.app, &request, tenant, path.as_ref()).await)
+    Ok(response)
 }

@@ -35,6 +35,7 @@ use silo_control_plane::names::TenantSlug;
 use silo_control_plane::secrets::{
     tenant_secret_name, DbSecret, SecretStore, SecretStoreError, AWSCURRENT, AWSPENDING,
 };
+use silo_tenant_app::TenantContext;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgConnection, PgPool};
 use tokio::runtime::Handle;
@@ -135,8 +136,8 @@ impl PoolSettings {
 
 /// One tenant's open pool and what the router knows about it.
 pub(crate) struct TenantPool {
-    pool: PgPool,
-    slug: String,
+    /// The tenant's slug and pool as the app sees them (with its recently verified keys).
+    context: TenantContext,
     server: String,
     /// Budget permits for `pool`'s connections: released only once the pool is closed.
     reservation: Mutex<Option<Reservation>>,
@@ -153,13 +154,26 @@ pub(crate) struct TenantPool {
 /// A request's hold on its tenant's pool: the pool is not closed to make room while held.
 pub(crate) struct PoolLease {
     tenant: Arc<TenantPool>,
-    taken_at: Instant,
 }
 
 impl PoolLease {
-    /// The sqlx pool to hand to the app.
-    pub(crate) fn pool(&self) -> &PgPool {
-        &self.tenant.pool
+    /// The tenant context to hand to the app.
+    pub(crate) fn context(&self) -> &TenantContext {
+        &self.tenant.context
+    }
+
+    fn pool(&self) -> &PgPool {
+        self.tenant.pool()
+    }
+}
+
+impl TenantPool {
+    fn pool(&self) -> &PgPool {
+        &self.context.pool
+    }
+
+    fn slug(&self) -> &str {
+        &self.context.slug
     }
 }
 
@@ -207,7 +221,7 @@ impl Closer {
             }
             // Waits for checked-out connections, closes them all; only then is the budget
             // given back.
-            tenant.pool.close().await;
+            tenant.pool().close().await;
             drop(lock(&tenant.reservation).take());
         };
         self.tasks.spawn_on(task, &self.runtime);
@@ -270,10 +284,7 @@ impl Pools {
             tenant.in_flight.fetch_add(1, Ordering::AcqRel);
             let now = self.now_millis();
             tenant.last_used.store(now, Ordering::Relaxed);
-            let lease = PoolLease {
-                tenant,
-                taken_at: Instant::now(),
-            };
+            let lease = PoolLease { tenant };
             // Closed to make room between the lookup and the lease: build a new one.
             if !lease.pool().is_closed() {
                 return Ok(lease);
@@ -299,8 +310,7 @@ impl Pools {
             self.inner.metrics.pool_opened();
             tracing::debug!(size = reservation.size(), "tenant pool opened");
             Ok(Arc::new(TenantPool {
-                pool,
-                slug: route.slug.clone(),
+                context: TenantContext::new(route.slug.clone(), pool),
                 server: route.server.clone(),
                 reservation: Mutex::new(Some(reservation)),
                 in_flight: AtomicUsize::new(0),
@@ -441,7 +451,7 @@ impl Pools {
         };
         let mut in_use = tenant.credentials.lock().await;
         match self.read_options_timed(slug, AWSCURRENT).await {
-            Ok(Some((options, version))) if same_database(&tenant.pool.connect_options(), &options) => {
+            Ok(Some((options, version))) if same_database(&tenant.pool().connect_options(), &options) => {
                 switch(&tenant, &mut in_use, options, version);
                 // Not verified: by the time this event is handled, the next `single` rotation
                 // may already have changed the password, and a request refused with these
@@ -467,28 +477,29 @@ impl Pools {
         }
     }
 
-    /// PostgreSQL refused the password of `lease`'s pool (SQLSTATE 28P01): a rotation changed
-    /// it before the secret's `AWSCURRENT` moved (`single`: at `set_secret`), or the event
-    /// saying so is not here yet. Tries the `AWSPENDING` version (if any), then `AWSCURRENT`,
-    /// logging in once with each (a connection taken from the server's budget) and switches
-    /// the pool to the first that works. Failures that were already on their way when a
-    /// switch was verified are not re-examined. Without room in the budget to verify, the
-    /// pool switches to `AWSPENDING` if there is one, else `AWSCURRENT`.
-    pub(crate) async fn recover_from_auth_failure(&self, lease: &PoolLease) {
+    /// PostgreSQL refused the password of `lease`'s pool (SQLSTATE 28P01) to an attempt that
+    /// started at `attempted_at`: a rotation changed it before the secret's `AWSCURRENT` moved
+    /// (`single`: at `set_secret`), or the event saying so is not here yet. Tries the
+    /// `AWSPENDING` version (if any), then `AWSCURRENT`, logging in once with each (a
+    /// connection taken from the server's budget) and switches the pool to the first that
+    /// works. Failures of attempts that started before a switch was verified are not
+    /// re-examined. Without room in the budget to verify, the pool switches to `AWSPENDING`
+    /// if there is one, else `AWSCURRENT`.
+    pub(crate) async fn recover_from_auth_failure(&self, lease: &PoolLease, attempted_at: Instant) {
         let tenant = &lease.tenant;
         let mut in_use = tenant.credentials.lock().await;
-        if lock(&tenant.verified_at).is_some_and(|at| at > lease.taken_at) {
+        if lock(&tenant.verified_at).is_some_and(|at| at > attempted_at) {
             return;
         }
         let mut candidates = Vec::with_capacity(2);
         for stage in [AWSPENDING, AWSCURRENT] {
-            match self.read_options_timed(&tenant.slug, stage).await {
-                Ok(Some((options, version))) if same_database(&tenant.pool.connect_options(), &options) => {
+            match self.read_options_timed(tenant.slug(), stage).await {
+                Ok(Some((options, version))) if same_database(&tenant.pool().connect_options(), &options) => {
                     candidates.push((stage, options, version));
                 }
                 Ok(_) => {}
                 Err(error) => {
-                    tracing::warn!(%error, tenant = %tenant.slug, stage, "password refused and cannot read the tenant's secret");
+                    tracing::warn!(%error, tenant = %tenant.slug(), stage, "password refused and cannot read the tenant's secret");
                     return;
                 }
             }
@@ -501,12 +512,12 @@ impl Pools {
             if version != *in_use {
                 switch(tenant, &mut in_use, options, version);
                 self.inner.metrics.credential_switch(stage);
-                tracing::info!(tenant = %tenant.slug, stage, "password refused; switched the pool's credentials");
+                tracing::info!(tenant = %tenant.slug(), stage, "password refused; switched the pool's credentials");
             }
             *lock(&tenant.verified_at) = Some(Instant::now());
             return;
         }
-        tracing::warn!(tenant = %tenant.slug, "password refused and no version of the tenant's secret logs in");
+        tracing::warn!(tenant = %tenant.slug(), "password refused and no version of the tenant's secret logs in");
     }
 
     /// Whether `options` log in within `connect_timeout` (the connection is closed again).
@@ -564,7 +575,7 @@ impl Pools {
     fn sample_connections(&self) {
         let mut per_server: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
         for (_, tenant) in self.inner.cache.iter() {
-            *per_server.entry(tenant.server.clone()).or_default() += u64::from(tenant.pool.size());
+            *per_server.entry(tenant.server.clone()).or_default() += u64::from(tenant.pool().size());
         }
         for (server, connections) in per_server {
             self.inner.metrics.server_connections(&server, connections as f64);
@@ -599,7 +610,7 @@ impl Drain {
 
 /// Points `tenant`'s new connections at `options` (secret `version`).
 fn switch(tenant: &TenantPool, in_use: &mut String, options: PgConnectOptions, version: String) {
-    tenant.pool.set_connect_options(options);
+    tenant.pool().set_connect_options(options);
     *in_use = version;
 }
 

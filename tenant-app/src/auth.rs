@@ -1,9 +1,11 @@
 //! Bearer-key authentication, and `GET /api/v1/me`.
 //!
-//! [`Caller`] is the only way a handler reaches the tenant's pool, so a handler cannot touch
-//! the database without having authenticated the request first. Keys are checked against the
-//! tenant's own `api_keys` table with one indexed query on the key's SHA-256; nothing is
-//! cached, so a deleted key stops working on the next request.
+//! [`Caller`] is the only way a handler reaches the tenant's database, so a handler cannot
+//! touch it without having authenticated the request first. A key is accepted when the
+//! tenant's own `api_keys` table has its SHA-256 (one indexed query), or when that table
+//! confirmed it less than `VERIFIED_KEY_TTL` ago (`verified_keys`). The connection the
+//! lookup took stays with the request for the handler's query: one checkout per request, so
+//! a cold pool opens one connection, not two.
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
@@ -11,6 +13,8 @@ use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use axum::Json;
 use serde::Serialize;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, Postgres};
 
 use crate::api_keys;
 use crate::error::ApiError;
@@ -20,12 +24,18 @@ use crate::TenantContext;
 pub(crate) struct Caller {
     pub(crate) tenant: TenantContext,
     pub(crate) key_name: String,
+    /// Checked out on first use and kept for the rest of the request.
+    conn: Option<PoolConnection<Postgres>>,
 }
 
 impl Caller {
-    /// The tenant's pool: the only database this request may use.
-    pub(crate) fn pool(&self) -> &sqlx::PgPool {
-        &self.tenant.pool
+    /// A connection to the tenant's own database: the only database this request may use.
+    pub(crate) async fn db(&mut self) -> Result<&mut PgConnection, ApiError> {
+        let conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => self.tenant.pool.acquire().await?,
+        };
+        Ok(&mut **self.conn.insert(conn))
     }
 }
 
@@ -43,14 +53,25 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
             return Err(ApiError::Unauthorized("unknown API key"));
         }
         let hash = api_keys::hash(key);
+        if let Some(key_name) = tenant.keys.get(&hash) {
+            return Ok(Caller {
+                tenant,
+                key_name,
+                conn: None,
+            });
+        }
+        let mut conn = tenant.pool.acquire().await?;
         let key_name: Option<String> = sqlx::query_scalar("SELECT name FROM api_keys WHERE key_hash = $1")
             .bind(&hash[..])
-            .fetch_optional(&tenant.pool)
+            .fetch_optional(&mut *conn)
             .await?;
-        match key_name {
-            Some(key_name) => Ok(Caller { tenant, key_name }),
-            None => Err(ApiError::Unauthorized("unknown API key")),
-        }
+        let key_name = key_name.ok_or(ApiError::Unauthorized("unknown API key"))?;
+        tenant.keys.confirm(hash, &key_name);
+        Ok(Caller {
+            tenant,
+            key_name,
+            conn: Some(conn),
+        })
     }
 }
 

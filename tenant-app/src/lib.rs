@@ -5,16 +5,20 @@
 //! request extension, and every handler takes its database pool from there and nowhere else.
 //! One [`app()`] therefore serves every tenant.
 //!
-//! Request path: `auth` (bearer key → key name, one query) → `tasks` (one query) → JSON.
+//! Request path: `auth` (bearer key → key name: from the tenant's recently verified keys, or
+//! one query) → `tasks` (one query, on the connection auth took if it took one) → JSON.
+//! A request checks out at most one connection, after its body has been read (`body`).
 //! Every failure leaves through `error::ApiError`, the single mapping to
 //! `{"error","message"}` bodies.
 
 pub mod api_keys;
 mod auth;
+mod body;
 mod error;
 mod json;
 pub mod standalone;
 mod tasks;
+mod verified_keys;
 
 use std::fmt;
 
@@ -24,6 +28,8 @@ use axum::Router;
 
 pub use error::DatabaseAuthFailed;
 pub use standalone::SingleTenantServer;
+use verified_keys::VerifiedKeys;
+pub use verified_keys::TTL as VERIFIED_KEY_TTL;
 
 /// Largest request body the app accepts; bigger bodies get 413 `payload_too_large`.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -31,13 +37,27 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// The tenant a request belongs to: inserted as a request extension by the host of [`app()`].
 ///
 /// The pool must point at the tenant's own database; API keys are looked up there, so a key
-/// of tenant A is unknown to tenant B.
+/// of tenant A is unknown to tenant B. Build one per tenant pool and clone it per request:
+/// clones share the tenant's [`VerifiedKeys`].
 #[derive(Clone)]
 pub struct TenantContext {
     /// The tenant's slug, echoed by `GET /api/v1/me`.
     pub slug: String,
     /// Pool of connections to the tenant's own database.
     pub pool: sqlx::PgPool,
+    /// Keys this tenant's database confirmed recently.
+    keys: VerifiedKeys,
+}
+
+impl TenantContext {
+    /// The context of tenant `slug`, whose own database `pool` points at.
+    pub fn new(slug: impl Into<String>, pool: sqlx::PgPool) -> Self {
+        Self {
+            slug: slug.into(),
+            pool,
+            keys: VerifiedKeys::default(),
+        }
+    }
 }
 
 // Hand-written so that no pool or connect-option internals ever reach a log line.
@@ -64,6 +84,7 @@ pub fn app() -> Router {
         // Must come after the routes: it applies to the method routers that exist now.
         .method_not_allowed_fallback(error::method_not_allowed)
         .fallback(error::not_found)
+        .layer(axum::middleware::from_fn(body::read_whole))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
 

@@ -98,10 +98,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .context("apply tenant migrations")?;
         tracing::info!("tenant migrations applied");
     }
-    let tenant = TenantContext {
-        slug: args.tenant,
-        pool: pool.clone(),
-    };
+    let tenant = TenantContext::new(args.tenant, pool.clone());
     let server = SingleTenantServer::new(listener, tenant);
     let addr = server.local_addr().context("read the listen address")?;
     println!("listening on http://{addr}");

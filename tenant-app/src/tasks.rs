@@ -116,7 +116,7 @@ fn decode_cursor(cursor: &str) -> Result<i64, ApiError> {
 }
 
 /// `GET /api/v1/tasks?limit=&cursor=`: one page of tasks by ascending id.
-pub(crate) async fn list(caller: Caller, params: ListParams) -> Result<Json<Page>, ApiError> {
+pub(crate) async fn list(mut caller: Caller, params: ListParams) -> Result<Json<Page>, ApiError> {
     let limit = params.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
         return Err(ApiError::InvalidRequest(format!(
@@ -133,7 +133,7 @@ pub(crate) async fn list(caller: Caller, params: ListParams) -> Result<Json<Page
     )
     .bind(after)
     .bind(i64::from(limit) + 1)
-    .fetch_all(caller.pool())
+    .fetch_all(caller.db().await?)
     .await?;
     let next_cursor = if items.len() > limit as usize {
         items.truncate(limit as usize);
@@ -146,7 +146,7 @@ pub(crate) async fn list(caller: Caller, params: ListParams) -> Result<Json<Page
 
 /// `POST /api/v1/tasks`: creates a task; 201 with the task.
 pub(crate) async fn create(
-    caller: Caller,
+    mut caller: Caller,
     ApiJson(new): ApiJson<NewTask>,
 ) -> Result<(StatusCode, Json<Task>), ApiError> {
     validate_title(&new.title)?;
@@ -156,27 +156,27 @@ pub(crate) async fn create(
     )
     .bind(&new.title)
     .bind(new.done)
-    .fetch_one(caller.pool())
+    .fetch_one(caller.db().await?)
     .await?;
     Ok((StatusCode::CREATED, Json(task)))
 }
 
 /// `GET /api/v1/tasks/{id}`.
-pub(crate) async fn get(caller: Caller, TaskId(id): TaskId) -> Result<Json<Task>, ApiError> {
-    fetch(&caller, id).await.map(Json)
+pub(crate) async fn get(mut caller: Caller, TaskId(id): TaskId) -> Result<Json<Task>, ApiError> {
+    fetch(&mut caller, id).await.map(Json)
 }
 
-async fn fetch(caller: &Caller, id: i64) -> Result<Task, ApiError> {
+async fn fetch(caller: &mut Caller, id: i64) -> Result<Task, ApiError> {
     sqlx::query_as("SELECT id, title, done, created_at, updated_at FROM tasks WHERE id = $1")
         .bind(id)
-        .fetch_optional(caller.pool())
+        .fetch_optional(caller.db().await?)
         .await?
         .ok_or(ApiError::TaskNotFound)
 }
 
 /// `PATCH /api/v1/tasks/{id}`: changes the given fields (see the module docs).
 pub(crate) async fn update(
-    caller: Caller,
+    mut caller: Caller,
     TaskId(id): TaskId,
     ApiJson(patch): ApiJson<TaskPatch>,
 ) -> Result<Json<Task>, ApiError> {
@@ -185,7 +185,7 @@ pub(crate) async fn update(
     }
     if patch.title.is_none() && patch.done.is_none() {
         // Nothing to change: read instead of writing a new row version.
-        return fetch(&caller, id).await.map(Json);
+        return fetch(&mut caller, id).await.map(Json);
     }
     // In SET, column names refer to the old row, so the CASE compares old and new values.
     let task: Option<Task> = sqlx::query_as(
@@ -202,16 +202,16 @@ pub(crate) async fn update(
     .bind(id)
     .bind(patch.title.as_deref())
     .bind(patch.done)
-    .fetch_optional(caller.pool())
+    .fetch_optional(caller.db().await?)
     .await?;
     task.map(Json).ok_or(ApiError::TaskNotFound)
 }
 
 /// `DELETE /api/v1/tasks/{id}`: 204, or 404 if there was no such task.
-pub(crate) async fn delete(caller: Caller, TaskId(id): TaskId) -> Result<StatusCode, ApiError> {
+pub(crate) async fn delete(mut caller: Caller, TaskId(id): TaskId) -> Result<StatusCode, ApiError> {
     let deleted = sqlx::query("DELETE FROM tasks WHERE id = $1")
         .bind(id)
-        .execute(caller.pool())
+        .execute(caller.db().await?)
         .await?
         .rows_affected();
     if deleted == 0 {

@@ -7,7 +7,7 @@
 use reqwest::header::{ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
 use reqwest::{Client, Method, RequestBuilder, Response, StatusCode};
 use serde_json::{json, Value};
-use silo_tenant_app::{api_keys, SingleTenantServer, TenantContext};
+use silo_tenant_app::{api_keys, SingleTenantServer, TenantContext, VERIFIED_KEY_TTL};
 use silo_tests::pg::TestCluster;
 use silo_tests::unique_name;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -47,13 +47,7 @@ impl Tenant {
         api_keys::insert(&pool, "ci", &hash).await.unwrap();
         let slug = unique_name("t");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = SingleTenantServer::new(
-            listener,
-            TenantContext {
-                slug: slug.clone(),
-                pool: pool.clone(),
-            },
-        );
+        let server = SingleTenantServer::new(listener, TenantContext::new(slug.clone(), pool.clone()));
         let base = format!("http://{}", server.local_addr().unwrap());
         tokio::spawn(server.run(std::future::pending()));
         Tenant {
@@ -340,6 +334,33 @@ async fn a_key_of_another_tenant_database_is_unknown() {
             .await
             .unwrap();
         assert_error(resp, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_key_stops_working_within_the_verified_key_ttl() {
+    let t = Tenant::start().await;
+    let me = || t.req(Method::GET, "/api/v1/me").send();
+    assert_eq!(me().await.unwrap().status(), StatusCode::OK);
+
+    sqlx::query("DELETE FROM api_keys WHERE name = 'ci'")
+        .execute(&t.pool)
+        .await
+        .unwrap();
+    let deleted = std::time::Instant::now();
+    let limit = VERIFIED_KEY_TTL + std::time::Duration::from_secs(2);
+    loop {
+        let resp = me().await.unwrap();
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(deleted.elapsed() < limit, "a deleted key still works after {limit:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Once refused, it stays refused: only confirmations are remembered.
+    for _ in 0..3 {
+        assert_error(me().await.unwrap(), StatusCode::UNAUTHORIZED, "unauthorized").await;
     }
 }
 

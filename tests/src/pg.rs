@@ -17,26 +17,45 @@ use tokio::sync::OnceCell;
 
 const DIR_PREFIX: &str = "silo-test-";
 
+/// `max_connections` of the shared cluster (see [`TestCluster::set_shared_max_connections`]).
+static SHARED_MAX_CONNECTIONS: AtomicU32 = AtomicU32::new(400);
+
 /// A running throw-away cluster; superuser `postgres` with a random password.
 pub struct TestCluster {
     cluster: std::sync::Mutex<Option<LocalCluster>>,
     dir: PathBuf,
     port: u16,
     password: SecretString,
+    max_connections: u32,
 }
 
 impl TestCluster {
+    /// Sets `max_connections` of the shared cluster (default 400, enough for any test);
+    /// benchmarks that open a connection per tenant for many tenants raise it. Takes effect
+    /// only before the first [`TestCluster::shared`].
+    pub fn set_shared_max_connections(max_connections: u32) {
+        SHARED_MAX_CONNECTIONS.store(max_connections, Ordering::Relaxed);
+    }
+
     /// One cluster shared by every test in this process (with nextest, a process runs one
     /// test). Never stop it: other tests may use it.
     pub async fn shared() -> &'static TestCluster {
         static SHARED: OnceCell<TestCluster> = OnceCell::const_new();
         SHARED
-            .get_or_init(|| async { TestCluster::start().await.expect("start the shared test cluster") })
+            .get_or_init(|| async {
+                TestCluster::start_with(SHARED_MAX_CONNECTIONS.load(Ordering::Relaxed))
+                    .await
+                    .expect("start the shared test cluster")
+            })
             .await
     }
 
     /// A cluster of its own, for tests that stop or restart it.
     pub async fn start() -> anyhow::Result<TestCluster> {
+        TestCluster::start_with(400).await
+    }
+
+    async fn start_with(max_connections: u32) -> anyhow::Result<TestCluster> {
         static N: AtomicU32 = AtomicU32::new(0);
         sweep_stale_dirs();
         let dir = std::env::temp_dir().join(format!(
@@ -51,7 +70,7 @@ impl TestCluster {
         tokio::task::block_in_place(|| LocalCluster::init(&data_dir, &password))?;
         let options = ClusterOptions {
             fsync: false,
-            max_connections: 400,
+            max_connections,
         };
         let mut last_err = None;
         for _ in 0..3 {
@@ -63,6 +82,7 @@ impl TestCluster {
                         dir,
                         port,
                         password,
+                        max_connections,
                     })
                 }
                 Err(e) => last_err = Some(e),
@@ -120,7 +140,7 @@ impl TestCluster {
         self.stop();
         let options = ClusterOptions {
             fsync: false,
-            max_connections: 400,
+            max_connections: self.max_connections,
         };
         let cluster = LocalCluster::start(&self.dir.join("data"), self.port, self.password.clone(), &options).await?;
         *self.lock() = Some(cluster);

@@ -4,13 +4,16 @@
 //! p50/p99 of the authenticated `GET /api/v1/tasks?limit=1` for
 //! - (a) the baseline: the `silo-tenant-app` binary serving one tenant on one pool;
 //! - (b) the `silo-router` binary with one tenant;
-//! - (c') the router with as many tenants as the connection budget keeps warm (budget /
-//!   pool size), Zipf-distributed traffic (s = 1), every tenant touched once first;
-//! - (c) the same with `SILO_BENCH_TENANTS` (default 1000) tenants;
+//! - (c) the router with `SILO_BENCH_TENANTS` (default 1000) tenants, Zipf-distributed
+//!   traffic (s = 1), every tenant touched once first (warm), under a connection budget
+//!   that holds every tenant's pool (tenants × pool size; the cluster is started with that
+//!   many `max_connections` plus headroom);
+//! - (d) the same tenants through a router restarted with a tight budget (300 connections),
+//!   so the Zipf tail keeps evicting and rebuilding pools: what too small a budget costs;
 //!
 //! then the added p99 of the router at half of (a)'s saturation rate (open loop), the cold
 //! first request against one raw PostgreSQL connect, and the peak router connections seen in
-//! `pg_stat_activity` during (c) against the configured budget.
+//! `pg_stat_activity` during (c) and (d) against their budgets.
 //!
 //! Both servers run as their release binaries, each in a process of its own (built first if
 //! needed), so neither shares a tokio runtime with the load generator; all of them and
@@ -35,6 +38,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use secrecy::ExposeSecret;
 use silo_control_plane::secrets::DbSecret;
+use silo_tests::pg::TestCluster;
 use silo_tests::stack::{Stack, StackOptions};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -55,9 +59,12 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// `router.max_connections_per_tenant`, and the baseline's pool size, unless
 /// `SILO_BENCH_POOL_SIZE` says otherwise.
 const POOL_SIZE: u32 = 2;
-/// `router.connection_budget_per_server`: room under the cluster's 400 `max_connections` for
-/// the control plane, the catalog pools and this program.
-const BUDGET: u32 = 300;
+/// `router.connection_budget_per_server` of the tight-budget phase (d): fewer connections
+/// than tenants, so pools are evicted and rebuilt under traffic.
+const TIGHT_BUDGET: u32 = 300;
+/// Connections of the cluster beyond the router's budget: control plane, catalog pools, this
+/// program.
+const CLUSTER_HEADROOM: u32 = 150;
 /// Tenants created at once through the admin API.
 const CREATE_CONCURRENCY: usize = 8;
 /// Tasks the measured tenant holds (the others get two when they are touched).
@@ -470,6 +477,46 @@ fn sample_connections(
     })
 }
 
+/// How touching every tenant before a Zipf phase went, and the peak connections during it.
+struct Touch {
+    took: Duration,
+    errors: u64,
+    /// Peak router connections to tenant databases, and peak client connections in all.
+    peak: (i64, i64),
+}
+
+/// Touches every tenant once, then runs a closed loop over all of them with Zipf-distributed
+/// traffic, sampling `pg_stat_activity` throughout.
+async fn zipf_phase(
+    router: &Server,
+    stack: &Stack,
+    tenants: &Arc<Vec<Tenant>>,
+    measured: Duration,
+) -> anyhow::Result<(Summary, Touch)> {
+    let catalog_db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(stack.catalog())
+        .await?;
+    let stop_sampling = CancellationToken::new();
+    let sampler = sample_connections(stack.pg().admin_options("postgres"), catalog_db, stop_sampling.clone());
+    let started = Instant::now();
+    let errors = touch_all(router.addr, tenants, tenants.len()).await?;
+    let took = started.elapsed();
+    let summary = closed_loop(&Traffic::new(router.addr, tenants, tenants.len()), measured).await?;
+    stop_sampling.cancel();
+    let peak = sampler.await??;
+    Ok((summary, Touch { took, errors, peak }))
+}
+
+/// Starts the `silo-router` binary on `config`.
+async fn start_router(bin_dir: &Path, stack: &Stack, config: &Path, log: &Path) -> anyhow::Result<Server> {
+    let mut router = Command::new(bin_dir.join("silo-router"));
+    router
+        .arg("--config")
+        .arg(config)
+        .env("SILO_CATALOG_PASSWORD", stack.pg().password().expose_secret());
+    Server::start(router, "router listening on http://", log).await
+}
+
 /// The 1-minute load average (Linux), to tell a quiet run from one that shared the machine.
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -490,7 +537,8 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 async fn main() -> anyhow::Result<()> {
     let n: usize = env_or("SILO_BENCH_TENANTS", 1000).max(2);
     let measured = Duration::from_secs(env_or("SILO_BENCH_SECONDS", 10).max(1));
-    let pool_size: u32 = env_or("SILO_BENCH_POOL_SIZE", POOL_SIZE).clamp(1, BUDGET);
+    let pool_size: u32 = env_or("SILO_BENCH_POOL_SIZE", POOL_SIZE).clamp(1, 8);
+    let budget = u32::try_from(n)?.saturating_mul(pool_size);
     let bin_dir = build_servers().await?;
     let run = Instant::now();
     let logs = std::env::temp_dir();
@@ -505,13 +553,18 @@ async fn main() -> anyhow::Result<()> {
         WARMUP.as_secs(),
         measured.as_secs()
     );
-    println!("pools: {pool_size} connections per tenant (baseline: one pool of {pool_size}); budget {BUDGET} per server;\n       per-tenant limits 10^6 req/s (checked on every request, never tripped)\n");
+    println!(
+        "pools: {pool_size} connections per tenant (baseline: one pool of {pool_size}); budget {budget} per server \
+         ({TIGHT_BUDGET} in (d)); max_connections {};\n       per-tenant limits 10^6 req/s (checked on every request, never tripped)\n",
+        budget + CLUSTER_HEADROOM
+    );
 
+    TestCluster::set_shared_max_connections(budget + CLUSTER_HEADROOM);
     let stack =
         Arc::new(
             Stack::start(StackOptions {
                 router_toml: format!(
-                    "max_connections_per_tenant = {pool_size}\nconnection_budget_per_server = {BUDGET}\n"
+                    "max_connections_per_tenant = {pool_size}\nconnection_budget_per_server = {budget}\n"
                 ),
                 // Limits are checked on every request but never trip: this measures throughput.
                 extra_toml:
@@ -552,13 +605,8 @@ async fn main() -> anyhow::Result<()> {
         )
         .env("PGPASSWORD", secret.password.expose_secret());
     let baseline = Server::start(app, "listening on http://", &logs.join("silo-bench-tenant-app.log")).await?;
-    let mut router = Command::new(bin_dir.join("silo-router"));
-    router
-        .arg("--config")
-        .arg(stack.dir().join("silo.toml"))
-        .env("SILO_CATALOG_PASSWORD", stack.pg().password().expose_secret());
     let router_log = logs.join("silo-bench-router.log");
-    let router = Server::start(router, "router listening on http://", &router_log).await?;
+    let router = start_router(&bin_dir, &stack, &stack.dir().join("silo.toml"), &router_log).await?;
 
     let mut sender = connect(router.addr).await?;
     for _ in 0..TASKS {
@@ -608,47 +656,40 @@ async fn main() -> anyhow::Result<()> {
     colds.sort_by(f64::total_cmp);
     seconds.sort_by(f64::total_cmp);
 
-    let catalog_db: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(stack.catalog())
-        .await?;
-    let stop_sampling = CancellationToken::new();
-    let sampler = sample_connections(stack.pg().admin_options("postgres"), catalog_db, stop_sampling.clone());
-    // (c') As many tenants as the budget keeps warm at full pool size: the router's cost of
-    // many tenants without pool churn. Then (c): all of them, which may not fit the budget.
-    let fits = (BUDGET / pool_size) as usize;
     println!("\nclosed loop, Zipf s = {ZIPF_S}, tenants touched first      req/s   p50 ms   p99 ms  errors");
-    let mut c_fits = None;
-    if fits < n {
-        let touch_errors = touch_all(router.addr, &tenants, fits).await?;
-        let summary = closed_loop(&Traffic::new(router.addr, &tenants, fits), measured).await?;
-        summary.row(&format!("(c') router, {fits} tenants (budget / pool size)"));
-        c_fits = Some((summary, touch_errors));
+    let (c, c_touch) = zipf_phase(&router, &stack, &tenants, measured).await?;
+    c.row(&format!("(c) router, {n} tenants, budget {budget}"));
+    router.stop().await?;
+
+    // (d) The same tenants through a router whose budget cannot hold every pool.
+    let tight_config = stack.dir().join("silo-tight.toml");
+    let config = std::fs::read_to_string(stack.dir().join("silo.toml"))?;
+    std::fs::write(
+        &tight_config,
+        config.replace(
+            &format!("connection_budget_per_server = {budget}\n"),
+            &format!("connection_budget_per_server = {TIGHT_BUDGET}\n"),
+        ),
+    )?;
+    let router = start_router(&bin_dir, &stack, &tight_config, &router_log).await?;
+    let (d, d_touch) = zipf_phase(&router, &stack, &tenants, measured).await?;
+    d.row(&format!("(d) router, {n} tenants, budget {TIGHT_BUDGET}"));
+    for (label, touch) in [("(c)", &c_touch), ("(d)", &d_touch)] {
+        println!(
+            "  {label}: touching all {n} tenants took {:.1} s, {} errors",
+            touch.took.as_secs_f64(),
+            touch.errors
+        );
     }
-    let touched = Instant::now();
-    let touch_errors = touch_all(router.addr, &tenants, n).await?;
-    let touch_time = touched.elapsed();
-    let c = closed_loop(&Traffic::new(router.addr, &tenants, n), measured).await?;
-    stop_sampling.cancel();
-    let (peak_router, peak_all) = sampler.await??;
-    c.row(&format!("(c) router, {n} tenants"));
-    println!(
-        "  (touching all {n} tenants took {:.1} s, {touch_errors} errors{})",
-        touch_time.as_secs_f64(),
-        c_fits
-            .as_ref()
-            .map_or(String::new(), |(_, e)| format!("; the first {fits}: {e} errors"))
-    );
     router.stop().await?;
 
     println!("\nresults against targets");
     println!("  b/a                     {:>7.2}", b.rps / a.rps);
     println!("  c/a                     {:>7.2}   target >= 0.90", c.rps / a.rps);
-    if let Some((c_fits, _)) = &c_fits {
-        println!(
-            "  c'/a                    {:>7.2}   ({fits} tenants, all warm within the budget)",
-            c_fits.rps / a.rps
-        );
-    }
+    println!(
+        "  d/a                     {:>7.2}   (budget {TIGHT_BUDGET} for {n} tenants: pools evicted and rebuilt)",
+        d.rps / a.rps
+    );
     println!(
         "  added p99 at 50 % load  {:>+7.2} ms   target <= 1 ms   (p99 {:.2} ms router vs {:.2} ms baseline)",
         half_b.p99_ms - half_a.p99_ms,
@@ -666,10 +707,15 @@ async fn main() -> anyhow::Result<()> {
         "  (the same tenants' second request: median {:.2} ms)",
         percentile(&seconds, 0.5)
     );
-    println!(
-        "  peak router connections {peak_router:>7}      target <= budget {BUDGET}   (to tenant databases, pg_stat_activity every {} ms during (c); all client connections: {peak_all} of 400)",
-        SAMPLE_EVERY.as_millis()
-    );
+    for (label, peak, limit) in [("(c)", c_touch.peak, budget), ("(d)", d_touch.peak, TIGHT_BUDGET)] {
+        println!(
+            "  peak router connections {:>7}      target <= budget {limit}   (to tenant databases, pg_stat_activity every {} ms during {label}; all client connections: {} of {})",
+            peak.0,
+            SAMPLE_EVERY.as_millis(),
+            peak.1,
+            budget + CLUSTER_HEADROOM
+        );
+    }
     println!(
         "  vs Django + django-tenants + DRF (~{DJANGO_RPS:.0} req/s): (a) {:.1}x  (b) {:.1}x  (c) {:.1}x   target >= 10x",
         a.rps / DJANGO_RPS,
