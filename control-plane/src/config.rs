@@ -83,11 +83,18 @@ struct RawMigrations {
     max_failure_percent: u32,
     #[serde(default = "default_templates")]
     templates: bool,
+    #[serde(default = "default_spare_databases")]
+    spare_databases: usize,
 }
 
 fn default_templates() -> bool {
     true
 }
+fn default_spare_databases() -> usize {
+    2
+}
+/// More spares than this is a typo, not a plan: each is a full copy of the template.
+const MAX_SPARE_DATABASES: usize = 64;
 
 impl Default for RawMigrations {
     fn default() -> Self {
@@ -97,6 +104,7 @@ impl Default for RawMigrations {
             canary: default_canary(),
             max_failure_percent: default_max_failure_percent(),
             templates: default_templates(),
+            spare_databases: default_spare_databases(),
         }
     }
 }
@@ -591,6 +599,9 @@ pub struct MigrationsConfig {
     /// New tenant databases are copied from a per-server template at the current schema
     /// (false: created empty and migrated, slower).
     pub templates: bool,
+    /// Copies of the template kept ready per server, so onboarding renames a database
+    /// instead of copying one (with `templates` only; 0 turns them off).
+    pub spare_databases: usize,
 }
 
 /// The `[router]` section.
@@ -831,12 +842,19 @@ impl Config {
         if m.max_failure_percent > 100 {
             return Err(invalid("migrations.max_failure_percent", "must be between 0 and 100"));
         }
+        if m.spare_databases > MAX_SPARE_DATABASES {
+            return Err(invalid(
+                "migrations.spare_databases",
+                format!("must be at most {MAX_SPARE_DATABASES}"),
+            ));
+        }
         let migrations = MigrationsConfig {
             concurrency: m.concurrency,
             per_server_concurrency: m.per_server_concurrency,
             canary: m.canary,
             max_failure_percent: m.max_failure_percent,
             templates: m.templates,
+            spare_databases: m.spare_databases,
         };
 
         let r = raw.router;
@@ -1001,6 +1019,14 @@ local_master_key_file = "master.key"
     }
 
     #[test]
+    fn the_shipped_example_is_valid() {
+        let example = include_str!("../../deploy/silo.toml.example");
+        let cfg = Config::parse(example, Path::new("/etc/silo")).unwrap();
+        assert_eq!(cfg.migrations.spare_databases, 2);
+        assert!(cfg.migrations.templates);
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = Config::parse(&format!("{MINIMAL}\n[router]\nlisten_addr = \"x\"\n"), Path::new(".")).unwrap_err();
         assert!(err.to_string().contains("listen_addr"), "{err}");
@@ -1010,6 +1036,7 @@ local_master_key_file = "master.key"
     fn bad_values_name_their_key() {
         for (extra, key) in [
             ("[router]\npool_idle_timeout = \"soon\"\n", "router.pool_idle_timeout"),
+            ("[migrations]\nspare_databases = 1000\n", "migrations.spare_databases"),
             ("[router]\nlisten = \"nowhere\"\n", "router.listen"),
             ("[router]\nbudget_wait = \"later\"\n", "router.budget_wait"),
             ("[router]\ndefault_plan = \"gold\"\n", "router.default_plan"),

@@ -21,6 +21,7 @@ pub mod schedule;
 pub mod secrets;
 pub mod server;
 pub mod servers;
+pub mod spares;
 pub mod template;
 pub mod tenant_schema;
 pub mod worker;

@@ -17,8 +17,8 @@ use crate::jobs::{self, Job};
 use crate::names::{quote_ident, quote_literal, TenantSlug};
 use crate::secrets::{self, DbSecret, SecretStore, AWSCURRENT};
 use crate::servers::{Server, Servers};
-use crate::template;
 use crate::tenant_schema::{self, MigrationSource, TenantMigrations};
+use crate::{spares, template};
 
 /// Why a provisioning or deletion step failed.
 #[derive(Debug, thiserror::Error)]
@@ -85,10 +85,14 @@ pub struct Provisioner {
     pub(crate) migrations: MigrationSource,
     name_prefix: String,
     templates: bool,
+    /// Notified when a spare database was claimed (`spares::keep_filled` makes another);
+    /// None when spares are off.
+    spares: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Provisioner {
-    /// A provisioner over these parts.
+    /// A provisioner over these parts. With `templates`, new databases are copied from a
+    /// template; with `spares` too, taken from the spare databases when there are some.
     pub fn new(
         catalog: PgPool,
         store: Arc<dyn SecretStore>,
@@ -96,6 +100,7 @@ impl Provisioner {
         migrations: MigrationSource,
         name_prefix: String,
         templates: bool,
+        spares: Option<Arc<tokio::sync::Notify>>,
     ) -> Self {
         Self {
             catalog,
@@ -104,6 +109,7 @@ impl Provisioner {
             migrations,
             name_prefix,
             templates,
+            spares: spares.filter(|_| templates),
         }
     }
 
@@ -151,7 +157,15 @@ impl Provisioner {
                         .await?
                 }
                 "roles" => self.ensure_roles(server, &slug, &secret_name).await?,
-                "database" => ensure_database(server, &slug, self.templates.then_some(&migrations)).await?,
+                "database" => {
+                    ensure_database(
+                        server,
+                        &slug,
+                        self.templates.then_some(&migrations),
+                        self.spares.as_deref(),
+                    )
+                    .await?
+                }
                 "schema" => self.ensure_schema(server, &slug, &migrations, &params).await?,
                 _ => self.activate(&slug).await?,
             }
@@ -338,34 +352,53 @@ impl Provisioner {
 /// Step `database`: the tenant database, copied from the server's template for
 /// `template_of` (or empty, without templates or if no template can be had), owned by the owner role, connectable only by
 /// the login role.
+/// Step `database`: the tenant's database exists, owned by its owner role, closed to
+/// `PUBLIC`, open to its login role. Taken from the server's spares when there is one, else
+/// copied from the template (or created empty when templates are off or not ready).
 async fn ensure_database(
     server: &Server,
     slug: &TenantSlug,
     template_of: Option<&TenantMigrations>,
+    spares_claimed: Option<&tokio::sync::Notify>,
 ) -> Result<(), ProvisionError> {
-    let db = quote_ident(&slug.database_name());
+    let name = slug.database_name();
+    let db = quote_ident(&name);
     let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(slug.database_name())
+        .bind(&name)
         .fetch_one(&server.admin)
         .await
         .step("look up database")?;
     if !exists {
-        let template = match template_of {
-            None => "template0".to_owned(),
-            Some(migrations) => match template::ensure(server, migrations).await {
-                Ok(name) => name,
+        let source = match (template_of, spares_claimed) {
+            (Some(migrations), Some(claimed)) if spares::claim(server, migrations, &name).await? => {
+                claimed.notify_one();
+                "spare"
+            }
+            (Some(migrations), _) => match template::ensure(server, migrations).await {
+                Ok(template) => {
+                    create_database(server, &db, &template).await?;
+                    "template"
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "no tenant template; creating an empty database and migrating it");
-                    "template0".to_owned()
+                    create_database(server, &db, "template0").await?;
+                    "empty"
                 }
             },
+            (None, _) => {
+                create_database(server, &db, "template0").await?;
+                "empty"
+            }
         };
-        let owner = quote_ident(&slug.owner_role());
-        let mut conn = server.admin.acquire().await.step("connect to server")?;
-        let sql = format!("CREATE DATABASE {db} OWNER {owner} TEMPLATE {}", quote_ident(&template));
-        ddl(&mut conn, &sql, "create database").await?;
+        metrics::counter!("silo_tenant_databases_created_total", "source" => source).increment(1);
     }
     let mut conn = server.admin.acquire().await.step("connect to server")?;
+    ddl(
+        &mut conn,
+        &format!("ALTER DATABASE {db} OWNER TO {}", quote_ident(&slug.owner_role())),
+        "hand database to owner role",
+    )
+    .await?;
     ddl(
         &mut conn,
         &format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC"),
@@ -379,6 +412,16 @@ async fn ensure_database(
             quote_ident(&slug.login_role())
         ),
         "grant connect to login role",
+    )
+    .await
+}
+
+async fn create_database(server: &Server, db: &str, template: &str) -> Result<(), ProvisionError> {
+    let mut conn = server.admin.acquire().await.step("connect to server")?;
+    ddl(
+        &mut conn,
+        &format!("CREATE DATABASE {db} TEMPLATE {}", quote_ident(template)),
+        "create database",
     )
     .await
 }

@@ -15,13 +15,24 @@ use crate::provision::Provisioner;
 use crate::servers::Servers;
 use crate::tenant_schema::MigrationSource;
 use crate::worker::Workers;
-use crate::{catalog, schedule, secrets};
+use crate::{catalog, schedule, secrets, spares};
 
 /// A bound, ready control plane.
 pub struct ControlPlane {
     listener: TcpListener,
     api: ApiState,
     workers: Workers,
+    spares: Spares,
+}
+
+/// What keeps the servers' spare databases filled.
+struct Spares {
+    servers: Arc<Servers>,
+    migrations: MigrationSource,
+    /// Per server; 0 when spares (or templates) are off.
+    count: usize,
+    /// Notified by provisionings that took a spare.
+    claimed: Arc<tokio::sync::Notify>,
 }
 
 /// The process-wide Prometheus recorder (installed once; several control planes may run in
@@ -57,6 +68,16 @@ impl ControlPlane {
         }
         let migrations = MigrationSource::new(config.tenant_migrations_dir.as_deref());
         migrations.load().await.context("load tenant migrations")?;
+        let spares = Spares {
+            servers: servers.clone(),
+            migrations: migrations.clone(),
+            count: if config.migrations.templates {
+                config.migrations.spare_databases
+            } else {
+                0
+            },
+            claimed: Arc::new(tokio::sync::Notify::new()),
+        };
         let listener = TcpListener::bind(config.control_plane.listen)
             .await
             .with_context(|| format!("bind control_plane.listen {}", config.control_plane.listen))?;
@@ -67,6 +88,7 @@ impl ControlPlane {
             migrations,
             config.secrets.name_prefix.clone(),
             config.migrations.templates,
+            (spares.count > 0).then(|| spares.claimed.clone()),
         ));
         // The local store has no recovery window; AWS keeps deleted secrets for the window.
         let force_secret_delete = matches!(config.secrets.backend, SecretsBackend::Local { .. });
@@ -85,7 +107,12 @@ impl ControlPlane {
             tokens: Arc::new(tokens),
             metrics: prometheus(),
         };
-        Ok(Self { listener, api, workers })
+        Ok(Self {
+            listener,
+            api,
+            workers,
+            spares,
+        })
     }
 
     /// The admin API's address.
@@ -103,12 +130,20 @@ impl ControlPlane {
             self.api.config.rotation.clone(),
             shutdown.clone(),
         ));
+        let spares = tokio::spawn(spares::keep_filled(
+            self.spares.servers,
+            self.spares.migrations,
+            self.spares.count,
+            self.spares.claimed,
+            shutdown.clone(),
+        ));
         let app = api::router(self.api.clone());
         let serve = axum::serve(self.listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let result = serve.await.context("serve the admin API");
         shutdown.cancel();
         let _ = workers.await;
         let _ = scheduler.await;
+        let _ = spares.await;
         self.api.catalog.close().await;
         result
     }

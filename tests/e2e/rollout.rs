@@ -292,3 +292,98 @@ async fn a_tenant_serves_requests_while_it_is_migrated() {
     assert_eq!(versions(&stack, &[slug]).await, vec![2]);
     stack.stop().await.unwrap();
 }
+
+/// Claimable spare databases on the stack's server: (name, oid), and whether PUBLIC may
+/// connect to any of them.
+async fn spares(stack: &Stack) -> (Vec<(String, i64)>, bool) {
+    let mut admin = stack.pg().admin_options("postgres").connect().await.unwrap();
+    let spares: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT datname::text, oid::int8 FROM pg_database WHERE starts_with(datname::text, 'silo_spare_') ORDER BY 1",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    let public: bool = sqlx::query_scalar(
+        "SELECT COALESCE(bool_or(has_database_privilege('public', datname, 'CONNECT')), false) \
+         FROM pg_database WHERE starts_with(datname::text, 'silo_spare_')",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    (spares, public)
+}
+
+async fn until_spares(stack: &Stack, count: usize) -> Vec<(String, i64)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (spares, public) = spares(stack).await;
+        assert!(!public, "PUBLIC may connect to a spare database");
+        if spares.len() == count {
+            return spares;
+        }
+        assert!(Instant::now() < deadline, "{} spares, expected {count}", spares.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn onboarding_takes_a_spare_database_and_the_spares_refill() {
+    let stack = std::sync::Arc::new(Stack::start(StackOptions::default()).await.unwrap());
+    let ready = until_spares(&stack, stack.config().migrations.spare_databases).await;
+
+    // The tenant's database is one of the spares, renamed: same oid, new name, its owner's.
+    let slug = unique_name("spare");
+    let key = stack.create_tenant(&slug).await.unwrap();
+    let db = silo_tests::database_of(&slug);
+    let mut admin = stack.pg().admin_options("postgres").connect().await.unwrap();
+    let (oid, owner): (i64, String) =
+        sqlx::query_as("SELECT oid::int8, pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1")
+            .bind(&db)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    assert!(
+        ready.iter().any(|(_, spare)| *spare == oid),
+        "{db} is not one of {ready:?}"
+    );
+    assert_eq!(owner, format!("{db}_owner"));
+    let mut conn = stack.pg().admin_options(&db).connect().await.unwrap();
+    let owners: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT tableowner::text FROM pg_tables WHERE schemaname = 'public'")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(owners, [format!("{db}_owner")]);
+    let resp = stack
+        .tenant_request(Method::POST, &format!("{slug}.localhost"), "/api/v1/tasks")
+        .bearer_auth(&key)
+        .json(&json!({"title": "in a spare"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+
+    // Spares are made again; more tenants at once than there are spares all succeed.
+    until_spares(&stack, ready.len()).await;
+    let burst: Vec<String> = (0..ready.len() + 2).map(|_| unique_name("burst")).collect();
+    let creations: Vec<_> = burst
+        .iter()
+        .map(|slug| {
+            let (stack, slug) = (stack.clone(), slug.clone());
+            tokio::spawn(async move { stack.create_tenant(&slug).await.unwrap() })
+        })
+        .collect();
+    for (slug, creation) in burst.iter().zip(creations) {
+        let key = creation.await.unwrap();
+        let resp = stack
+            .tenant_request(Method::GET, &format!("{slug}.localhost"), "/api/v1/tasks")
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{slug}");
+    }
+    assert_eq!(versions(&stack, &burst).await, vec![1; burst.len()]);
+    until_spares(&stack, ready.len()).await;
+    std::sync::Arc::into_inner(stack).unwrap().stop().await.unwrap();
+}
