@@ -17,7 +17,7 @@ use crate::jobs::{self, Job};
 use crate::names::{quote_ident, quote_literal, TenantSlug};
 use crate::secrets::{self, DbSecret, SecretStore, AWSCURRENT};
 use crate::servers::{Server, Servers};
-use crate::tenant_schema::{self, MigrationSource, TenantMigrations};
+use crate::tenant_schema::{MigrationSource, TenantMigrations};
 use crate::{spares, template};
 
 /// Why a provisioning or deletion step failed.
@@ -263,10 +263,7 @@ impl Provisioner {
             )
             .await?;
         }
-        own_schema_and_migrate(&mut conn, &slug.owner_role(), migrations).await?;
-        let version = tenant_schema::applied_version(&mut conn)
-            .await
-            .step("read schema version")?;
+        let version = own_schema_and_migrate(&mut conn, &slug.owner_role(), migrations).await?;
         if version != migrations.latest_version() {
             return Err(ProvisionError::InvalidJob(format!(
                 "tenant database is at schema version {version}, expected {}",
@@ -451,17 +448,15 @@ pub(crate) async fn own_schema_and_migrate(
     conn: &mut PgConnection,
     owner_role: &str,
     migrations: &TenantMigrations,
-) -> Result<(), ProvisionError> {
+) -> Result<i64, ProvisionError> {
     let owner = quote_ident(owner_role);
-    ddl(
-        conn,
-        &format!("ALTER SCHEMA public OWNER TO {owner}"),
-        "own public schema",
-    )
-    .await?;
-    ddl(conn, "REVOKE ALL ON SCHEMA public FROM PUBLIC", "lock public schema").await?;
-    migrations.apply(conn, owner_role, None).await?;
-    Ok(())
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER SCHEMA public OWNER TO {owner}; REVOKE ALL ON SCHEMA public FROM PUBLIC"
+    )))
+    .execute(&mut *conn)
+    .await
+    .step("own public schema")?;
+    Ok(migrations.apply(conn, owner_role, None).await?)
 }
 
 /// Creates login role `role` of the tenant, or resets it: login allowed with `password`, no

@@ -301,7 +301,10 @@ impl TenantRun {
             .await
             .map_err(|e| fail(format!("connect: {e}")))?;
         let applied = self.migrations.apply(&mut conn, &slug.owner_role(), None).await;
-        let version = tenant_schema::applied_version(&mut conn).await.unwrap_or(t.version);
+        let version = match &applied {
+            Ok(version) => *version,
+            Err(_) => tenant_schema::applied_version(&mut conn).await.unwrap_or(t.version),
+        };
         let _ = conn.close().await;
         let recorded = sqlx::query("UPDATE tenants SET schema_version = $2, updated_at = now() WHERE slug = $1")
             .bind(&t.slug)
@@ -310,8 +313,8 @@ impl TenantRun {
             .await;
         match (applied, recorded) {
             (Err(e), _) => Err((version, e.to_string())),
-            (Ok(()), Err(e)) => Err((version, format!("record schema version: {e}"))),
-            (Ok(()), Ok(_)) => Ok(version),
+            (Ok(_), Err(e)) => Err((version, format!("record schema version: {e}"))),
+            (Ok(_), Ok(_)) => Ok(version),
         }
     }
 }

@@ -15,5 +15,6 @@ mod secrets;
 mod shutdown;
 mod siloctl;
 mod tenant_app;
+mod tenant_migrations;
 mod tenants;
 mod tls;
