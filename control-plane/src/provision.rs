@@ -484,27 +484,21 @@ pub(crate) async fn ensure_login_role(
     } else {
         "CREATE"
     };
-    ddl(
-        conn,
-        &format!("{verb} ROLE {login} {attrs} PASSWORD {password}"),
-        "set login role password",
-    )
-    .await?;
     let owner = slug.owner_role();
-    ddl(
-        conn,
-        &format!("GRANT {} TO {login}", quote_ident(&owner)),
-        "grant owner role to login role",
-    )
-    .await?;
-    // Sessions of the login role act as the owner, so whatever the app creates belongs to the
-    // owner and stays usable by both login roles across alternating rotations.
-    ddl(
-        conn,
-        &format!("ALTER ROLE {login} SET role = {}", quote_literal(&owner)),
-        "act as owner role",
-    )
+    // One batch: the password, membership in the owner, and acting as the owner, so
+    // whatever the app creates belongs to the owner and stays usable by both login roles
+    // across alternating rotations.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "{verb} ROLE {login} {attrs} PASSWORD {password};\n\
+         GRANT {} TO {login};\n\
+         ALTER ROLE {login} SET role = {}",
+        quote_ident(&owner),
+        quote_literal(&owner)
+    )))
+    .execute(&mut *conn)
     .await
+    .step("set up login role")?;
+    Ok(())
 }
 
 async fn role_exists(conn: &mut PgConnection, role: &str) -> Result<bool, ProvisionError> {
