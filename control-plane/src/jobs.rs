@@ -171,6 +171,27 @@ pub async fn finish(tx: &mut PgConnection, id: i64, error: Option<&str>) -> Resu
     Ok(())
 }
 
+/// Queues a job that failed transiently to run again after `delay`, keeping `error` as the
+/// reason it is waiting.
+pub async fn retry_later(
+    tx: &mut PgConnection,
+    id: i64,
+    error: &str,
+    delay: std::time::Duration,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE jobs SET state = 'queued', error = $2, locked_by = NULL, locked_until = NULL, \
+           run_after = now() + make_interval(secs => $3), updated_at = now() \
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(error)
+    .bind(delay.as_secs_f64())
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
 /// Queues a failed job again. Returns None if there is no such job; Err(state) if it is not
 /// failed.
 pub async fn requeue(tx: &mut PgConnection, id: i64) -> Result<Option<Result<Job, String>>, sqlx::Error> {

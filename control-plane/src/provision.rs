@@ -51,6 +51,35 @@ pub enum ProvisionError {
     Interrupted(String),
 }
 
+impl ProvisionError {
+    /// Whether the same job may succeed later with nobody changing anything: a database or
+    /// the secret store was unreachable, restarting, overloaded, or lost a lock race.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ProvisionError::Database { source, .. } => is_transient(source),
+            ProvisionError::Migrate(sqlx::migrate::MigrateError::Execute(source)) => is_transient(source),
+            ProvisionError::Secret(secrets::SecretStoreError::Backend(_)) => true,
+            _ => false,
+        }
+    }
+}
+
+fn is_transient(error: &sqlx::Error) -> bool {
+    use sqlx::Error as E;
+    match error {
+        E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) | E::WorkerCrashed => true,
+        E::Database(db) => db.code().is_some_and(|code| {
+            // Class 08: connection exception; 53: insufficient resources (too many
+            // connections, ...); shutdown and restart; serialization failure, deadlock,
+            // lock not available.
+            code.starts_with("08")
+                || code.starts_with("53")
+                || matches!(&*code, "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "55P03")
+        }),
+        _ => false,
+    }
+}
+
 pub(crate) trait StepContext<T> {
     fn step(self, step: &'static str) -> Result<T, ProvisionError>;
 }
@@ -521,12 +550,21 @@ pub(crate) async fn ddl(conn: &mut PgConnection, sql: &str, step: &'static str) 
 
 /// Tests interrupt a job after a given step with the fail point `{job}-after-step`, configured
 /// as `return(STEP)`.
+///
+/// `{job}-unavailable-after-{step}` (e.g. `1*return`) fails the job after that step the way
+/// an unreachable database does (a pool timeout), to exercise automatic retries.
 pub(crate) fn fail_after(job: &str, step: &str) -> Result<(), ProvisionError> {
     #[cfg(feature = "failpoints")]
     {
         let name = format!("{job}-after-step");
         if fail::eval(&name, |arg| arg.as_deref() == Some(step)) == Some(true) {
             return Err(ProvisionError::Interrupted(step.to_owned()));
+        }
+        if fail::eval(&format!("{job}-unavailable-after-{step}"), |_| ()).is_some() {
+            return Err(ProvisionError::Database {
+                step: "fail point",
+                source: sqlx::Error::PoolTimedOut,
+            });
         }
     }
     let _ = (job, step);

@@ -15,6 +15,12 @@ use crate::catalog::tenants;
 use crate::jobs::{self, Job, JOBS_CHANNEL};
 use crate::provision::{ProvisionError, Provisioner};
 
+/// A job that failed transiently (see `ProvisionError::is_transient`) runs again until it
+/// has been tried this many times; then it fails for an operator to look at.
+const MAX_ATTEMPTS: i32 = 5;
+/// Wait before the first automatic retry; doubled for each further one (1, 2, 4, 8 s).
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+
 /// Runs jobs from the catalog queue.
 pub struct Workers {
     catalog: PgPool,
@@ -124,6 +130,15 @@ impl Workers {
     async fn record(&self, job: &Job, failure: Option<&ProvisionError>) -> Result<(), sqlx::Error> {
         let message = failure.map(ToString::to_string);
         let mut tx = self.catalog.begin().await?;
+        if let (Some(failure), Some(message)) = (failure, &message) {
+            if failure.is_transient() && job.attempts < MAX_ATTEMPTS {
+                // Every step checks what exists first, so running the job again resumes it.
+                let delay = RETRY_DELAY * 2u32.pow(u32::try_from(job.attempts - 1).unwrap_or(0));
+                warn!(error = %message, attempt = job.attempts, retry_in = ?delay, "job failed transiently; it runs again");
+                jobs::retry_later(&mut tx, job.id, message, delay).await?;
+                return tx.commit().await;
+            }
+        }
         jobs::finish(&mut tx, job.id, message.as_deref()).await?;
         if let Some(message) = &message {
             error!(error = %message, "job failed");

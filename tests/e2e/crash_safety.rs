@@ -1,5 +1,6 @@
 //! Provisioning interrupted after each step in turn (a fail point) leaves a `failed` tenant
-//! that a retry completes, with no orphaned or duplicated database, role or secret.
+//! that a retry completes, with no orphaned or duplicated database, role or secret; a
+//! transient failure (an unreachable database) is retried by the control plane itself.
 
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -15,6 +16,32 @@ async fn count(stack: &Stack, sql: &str, arg: &str) -> i64 {
         .fetch_one(&mut conn)
         .await
         .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transient_failure_is_retried_without_an_operator() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    // Twice in a row, after different steps: the job waits 1 s, then 2 s, and resumes.
+    fail::cfg("provision-unavailable-after-roles", "1*return").unwrap();
+    fail::cfg("provision-unavailable-after-database", "1*return").unwrap();
+    let slug = unique_name("flaky");
+    let (status, created) = stack
+        .admin(Method::POST, "/v1/tenants", Some(json!({"slug": slug})))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let job = stack.wait_job(created["job"]["id"].as_i64().unwrap()).await.unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 3, "{job}");
+    assert_eq!(job["error"], serde_json::Value::Null, "{job}");
+    let resp = stack
+        .tenant_request(Method::GET, &format!("{slug}.localhost"), "/api/v1/me")
+        .bearer_auth(created["api_key"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    stack.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]

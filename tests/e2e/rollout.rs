@@ -81,6 +81,28 @@ async fn wait_long(stack: &Stack, id: i64) -> Value {
     }
 }
 
+/// Every table of `slug`'s database belongs to its owner role, and its key creates a task
+/// through the router.
+async fn assert_owned_and_served(stack: &Stack, slug: &str, key: &str) {
+    let db = silo_tests::database_of(slug);
+    let mut conn = stack.pg().admin_options(&db).connect().await.unwrap();
+    let owners: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT tableowner::text FROM pg_tables WHERE schemaname = 'public'")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(owners, [format!("{db}_owner")]);
+    conn.close().await.unwrap();
+    let resp = stack
+        .tenant_request(Method::POST, &format!("{slug}.localhost"), "/api/v1/tasks")
+        .bearer_auth(key)
+        .json(&json!({"title": "a task"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn canary_failures_stop_tenant_failures_are_isolated_and_reruns_resume() {
     let dir = migrations_dir();
@@ -190,22 +212,7 @@ async fn canary_failures_stop_tenant_failures_are_isolated_and_reruns_resume() {
     .unwrap();
     assert_eq!(templates.len(), 1, "{templates:?}");
     assert!(templates[0].starts_with("silo_template_v2_"), "{templates:?}");
-    let db = silo_tests::database_of(&fresh);
-    let mut conn = stack.pg().admin_options(&db).connect().await.unwrap();
-    let owners: Vec<String> =
-        sqlx::query_scalar("SELECT DISTINCT tableowner::text FROM pg_tables WHERE schemaname = 'public'")
-            .fetch_all(&mut conn)
-            .await
-            .unwrap();
-    assert_eq!(owners, [format!("{db}_owner")]);
-    let resp = stack
-        .tenant_request(Method::POST, &format!("{fresh}.localhost"), "/api/v1/tasks")
-        .bearer_auth(&key)
-        .json(&json!({"title": "on v2"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_owned_and_served(&stack, &fresh, &key).await;
     stack.stop().await.unwrap();
 }
 
@@ -347,21 +354,7 @@ async fn onboarding_takes_a_spare_database_and_the_spares_refill() {
         "{db} is not one of {ready:?}"
     );
     assert_eq!(owner, format!("{db}_owner"));
-    let mut conn = stack.pg().admin_options(&db).connect().await.unwrap();
-    let owners: Vec<String> =
-        sqlx::query_scalar("SELECT DISTINCT tableowner::text FROM pg_tables WHERE schemaname = 'public'")
-            .fetch_all(&mut conn)
-            .await
-            .unwrap();
-    assert_eq!(owners, [format!("{db}_owner")]);
-    let resp = stack
-        .tenant_request(Method::POST, &format!("{slug}.localhost"), "/api/v1/tasks")
-        .bearer_auth(&key)
-        .json(&json!({"title": "in a spare"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_owned_and_served(&stack, &slug, &key).await;
 
     // Spares are made again; more tenants at once than there are spares all succeed.
     until_spares(&stack, ready.len()).await;
