@@ -337,4 +337,31 @@ mod tests {
             "registries are separate"
         );
     }
+
+    #[test]
+    fn per_tenant_series_are_opt_in_and_capped() {
+        let off = Metrics::new().unwrap();
+        off.tenant_request("acme", 200);
+        assert!(!off.render().contains("silo_router_tenant_requests_total{"));
+
+        let on = Metrics::new().unwrap().with_per_tenant(true);
+        for i in 0..PER_TENANT_CAP + 5 {
+            on.tenant_request(&format!("t{i}"), 200);
+        }
+        on.tenant_request("t0", 503);
+        let text = on.render();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("silo_router_tenant_requests_total{"))
+            .collect();
+        assert_eq!(series.len(), PER_TENANT_CAP + 2, "{text}");
+        assert!(
+            text.contains(r#"silo_router_tenant_requests_total{tenant="other",status_class="2xx"} 5"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"silo_router_tenant_requests_total{tenant="t0",status_class="5xx"} 1"#),
+            "{text}"
+        );
+    }
 }

@@ -345,6 +345,49 @@ async fn concurrent_first_requests_build_one_pool() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn per_tenant_series_appear_when_the_operator_opts_in() {
+    let stack = Stack::start(StackOptions {
+        router_toml: "per_tenant_metrics = true\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (a, b) = (unique_name("pa"), unique_name("pb"));
+    let key_a = stack.create_tenant(&a).await.unwrap();
+    stack.create_tenant(&b).await.unwrap();
+    for _ in 0..2 {
+        let resp = stack
+            .tenant_request(Method::GET, &format!("{a}.localhost"), "/api/v1/me")
+            .bearer_auth(&key_a)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    // A's key at B: B's series, as a client error.
+    let resp = stack
+        .tenant_request(Method::GET, &format!("{b}.localhost"), "/api/v1/me")
+        .bearer_auth(&key_a)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    let m = scrape(&stack).await;
+    let tenant = |slug: &str, class: &str| {
+        metric(
+            &m,
+            "silo_router_tenant_requests_total",
+            &[&format!("tenant=\"{slug}\""), &format!("status_class=\"{class}\"")],
+        )
+    };
+    assert_eq!(tenant(&a, "2xx"), 2.0);
+    assert_eq!(tenant(&b, "4xx"), 1.0);
+    assert_eq!(tenant(&b, "2xx"), 0.0);
+    stack.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn ops_port_reports_health_and_metrics_that_move_with_traffic() {
     let stack = Stack::start(StackOptions::default()).await.unwrap();
     let slug = unique_name("rm");
