@@ -217,14 +217,6 @@ fn version_of(applied: &[Applied]) -> i64 {
 }
 
 /// The version a tenant database is at: the highest successfully applied migration.
-pub async fn applied_version(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations') IS NOT NULL")
-        .fetch_one(&mut *conn)
-        .await?;
-    if !exists {
-        return Ok(0);
-    }
-    sqlx::query_scalar("SELECT COALESCE(max(version), 0) FROM public._sqlx_migrations WHERE success")
-        .fetch_one(conn)
-        .await
+pub async fn applied_version(conn: &mut PgConnection) -> Result<i64, MigrateError> {
+    Ok(version_of(&read_applied(conn).await?))
 }

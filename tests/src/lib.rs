@@ -1,6 +1,7 @@
 //! Test support for silo's end-to-end tests: throw-away PostgreSQL clusters ([`pg`]) and
 //! unique names so tests run in parallel without sharing state.
 
+pub mod bench;
 pub mod moto;
 pub mod pg;
 pub mod stack;

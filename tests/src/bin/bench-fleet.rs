@@ -18,14 +18,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use reqwest::Method;
 use serde_json::{json, Value};
+use silo_tests::bench::{load_average, percentile};
 use silo_tests::stack::{Stack, StackOptions};
 use sqlx::{ConnectOptions, Connection};
 use tokio::task::JoinSet;
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
 
 async fn provision_times(stack: &Stack, prefix: &str, n: usize) -> anyhow::Result<(Vec<String>, Vec<f64>)> {
     let mut slugs = Vec::with_capacity(n);
@@ -250,12 +246,4 @@ async fn main() -> anyhow::Result<()> {
     println!("\nload average at the end: {}", load_average());
     stack.stop().await?;
     Ok(())
-}
-
-/// The 1-minute load average (Linux), to tell a quiet run from one that shared the machine.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
 }

@@ -38,6 +38,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use secrecy::ExposeSecret;
 use silo_control_plane::secrets::DbSecret;
+use silo_tests::bench::{load_average, percentile};
 use silo_tests::pg::TestCluster;
 use silo_tests::stack::{Stack, StackOptions};
 use sqlx::postgres::PgConnectOptions;
@@ -195,14 +196,6 @@ impl Summary {
             self.rps, self.p50_ms, self.p99_ms, self.errors
         );
     }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 /// Waits for every worker and merges their records over `measured`.
@@ -515,14 +508,6 @@ async fn start_router(bin_dir: &Path, stack: &Stack, config: &Path, log: &Path) 
         .arg(config)
         .env("SILO_CATALOG_PASSWORD", stack.pg().password().expose_secret());
     Server::start(router, "router listening on http://", log).await
-}
-
-/// The 1-minute load average (Linux), to tell a quiet run from one that shared the machine.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
 }
 
 fn ms(d: Duration) -> f64 {
