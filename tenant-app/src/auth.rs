@@ -13,19 +13,18 @@ use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use axum::Json;
 use serde::Serialize;
-use sqlx::pool::PoolConnection;
-use sqlx::{PgConnection, Postgres};
+use sqlx::PgConnection;
 
 use crate::api_keys;
 use crate::error::ApiError;
-use crate::TenantContext;
+use crate::{DbConnection, TenantContext};
 
 /// An authenticated request: the tenant it is for and the name of the key it presented.
 pub(crate) struct Caller {
     pub(crate) tenant: TenantContext,
     pub(crate) key_name: String,
     /// Checked out on first use and kept for the rest of the request.
-    conn: Option<PoolConnection<Postgres>>,
+    conn: Option<DbConnection>,
 }
 
 impl Caller {

@@ -58,6 +58,11 @@ pub(crate) enum ApiError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DatabaseAuthFailed;
 
+/// Response extension on every 503 `tenant_unavailable`: connections of the tenant's pool may
+/// be broken (`db::verify_after_failure`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DatabaseUnreachable;
+
 /// SQLSTATE `invalid_password`.
 const INVALID_PASSWORD: &str = "28P01";
 
@@ -140,6 +145,7 @@ impl IntoResponse for ApiError {
             }
             StatusCode::SERVICE_UNAVAILABLE => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                response.extensions_mut().insert(DatabaseUnreachable);
             }
             _ => {}
         }

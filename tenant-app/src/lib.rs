@@ -14,6 +14,7 @@
 pub mod api_keys;
 mod auth;
 mod body;
+mod db;
 mod error;
 mod json;
 pub mod standalone;
@@ -26,6 +27,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
 
+pub use db::{AfterConnect, DbConnection, DbPool, DbPoolSettings};
 pub use error::DatabaseAuthFailed;
 pub use standalone::SingleTenantServer;
 use verified_keys::VerifiedKeys;
@@ -44,14 +46,14 @@ pub struct TenantContext {
     /// The tenant's slug, echoed by `GET /api/v1/me`.
     pub slug: String,
     /// Pool of connections to the tenant's own database.
-    pub pool: sqlx::PgPool,
+    pub pool: DbPool,
     /// Keys this tenant's database confirmed recently.
     keys: VerifiedKeys,
 }
 
 impl TenantContext {
     /// The context of tenant `slug`, whose own database `pool` points at.
-    pub fn new(slug: impl Into<String>, pool: sqlx::PgPool) -> Self {
+    pub fn new(slug: impl Into<String>, pool: DbPool) -> Self {
         Self {
             slug: slug.into(),
             pool,
@@ -85,6 +87,7 @@ pub fn app() -> Router {
         .method_not_allowed_fallback(error::method_not_allowed)
         .fallback(error::not_found)
         .layer(axum::middleware::from_fn(body::read_whole))
+        .layer(axum::middleware::from_fn(db::verify_after_failure))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
 

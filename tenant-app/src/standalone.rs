@@ -11,12 +11,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use axum::Router;
 use secrecy::{ExposeSecret as _, SecretString};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
 
-use crate::TenantContext;
+use crate::{DbPool, DbPoolSettings, TenantContext};
 
 /// How long in-flight requests may take to finish once shutdown starts.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -82,18 +82,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("bind {}", args.listen))?;
-    let pool = PgPoolOptions::new()
-        .max_connections(args.max_connections)
-        .acquire_timeout(ACQUIRE_TIMEOUT)
-        // A ping per checkout costs ~20 % of throughput; a dead connection surfaces as one
-        // failed request instead, and the pool replaces it.
-        .test_before_acquire(false)
-        .connect_with(options)
+    let pool = DbPool::connect(options, DbPoolSettings::new(args.max_connections, ACQUIRE_TIMEOUT))
         .await
         .context("connect to the tenant database")?;
     if args.migrate {
+        let mut conn = pool.acquire().await.context("connect to the tenant database")?;
         sqlx::migrate!("../migrations/tenant")
-            .run(&pool)
+            .run(&mut *conn)
             .await
             .context("apply tenant migrations")?;
         tracing::info!("tenant migrations applied");
@@ -104,7 +99,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("listening on http://{addr}");
     let result = server.run(shutdown_signal()).await;
     // Requests cut off by the drain deadline may still hold connections: don't wait forever.
-    if tokio::time::timeout(DRAIN_DEADLINE, pool.close()).await.is_err() {
+    if tokio::time::timeout(DRAIN_DEADLINE, pool.close_and_wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("database connections still busy at exit");
     }
     result.context("serve HTTP")

@@ -298,6 +298,16 @@ async fn idle_pool_is_closed_and_rebuilt_on_the_next_request() {
         1,
         "a request opens the tenant's pool, with one connection"
     );
+    // Requests one after another take turns on that connection: it is back in the pool as
+    // soon as a request is done with it.
+    for _ in 0..20 {
+        assert_eq!(get().send().await.unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(
+        router_connections_to(&stack, &db).await,
+        1,
+        "sequential requests opened another connection"
+    );
     let before = scrape(&stack).await;
 
     // No traffic: the sweeper evicts the pool after `idle` and closing it ends every session.

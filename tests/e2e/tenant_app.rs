@@ -7,7 +7,7 @@
 use reqwest::header::{ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
 use reqwest::{Client, Method, RequestBuilder, Response, StatusCode};
 use serde_json::{json, Value};
-use silo_tenant_app::{api_keys, SingleTenantServer, TenantContext, VERIFIED_KEY_TTL};
+use silo_tenant_app::{api_keys, DbPool, DbPoolSettings, SingleTenantServer, TenantContext, VERIFIED_KEY_TTL};
 use silo_tests::pg::TestCluster;
 use silo_tests::unique_name;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -20,6 +20,7 @@ struct Tenant {
     base: String,
     key: String,
     http: Client,
+    /// The test's own pool on the tenant database (the server has another).
     pool: PgPool,
 }
 
@@ -34,12 +35,9 @@ impl Tenant {
 
     async fn serve(options: PgConnectOptions) -> Tenant {
         silo_tests::init_logging();
-        // The same pool settings as the standalone bin: no ping per checkout.
         let pool = PgPoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(std::time::Duration::from_secs(2))
-            .test_before_acquire(false)
-            .connect_with(options)
+            .max_connections(2)
+            .connect_with(options.clone())
             .await
             .unwrap();
         sqlx::migrate!("../migrations/tenant").run(&pool).await.unwrap();
@@ -47,7 +45,11 @@ impl Tenant {
         api_keys::insert(&pool, "ci", &hash).await.unwrap();
         let slug = unique_name("t");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = SingleTenantServer::new(listener, TenantContext::new(slug.clone(), pool.clone()));
+        // The pool the standalone bin uses.
+        let served = DbPool::connect(options, DbPoolSettings::new(4, std::time::Duration::from_secs(2)))
+            .await
+            .unwrap();
+        let server = SingleTenantServer::new(listener, TenantContext::new(slug.clone(), served));
         let base = format!("http://{}", server.local_addr().unwrap());
         tokio::spawn(server.run(std::future::pending()));
         Tenant {
