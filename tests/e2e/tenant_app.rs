@@ -534,3 +534,67 @@ async fn a_database_that_is_down_is_tenant_unavailable() {
     }
     assert_eq!(status, StatusCode::OK);
 }
+
+/// Sessions on `db` as PostgreSQL counts them.
+async fn sessions_on(pool: &PgPool, db: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+        .bind(db)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pool_reuses_its_busiest_connection_and_closes_one_left_idle() {
+    use std::time::Duration;
+    let pg = TestCluster::shared().await;
+    let db = unique_name("tapp_");
+    pg.create_database(&db).await.unwrap();
+    let observer = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(pg.admin_options("postgres"))
+        .await
+        .unwrap();
+    let pool = DbPool::connect(pg.admin_options(&db), DbPoolSettings::new(4, Duration::from_secs(2)))
+        .await
+        .unwrap();
+    // Two requests at once: two connections.
+    let (first, second) = (pool.acquire().await.unwrap(), pool.acquire().await.unwrap());
+    drop((first, second));
+    assert_eq!(sessions_on(&observer, &db).await, 2);
+
+    // Requests one at a time keep taking the connection used last; the other idles.
+    for _ in 0..10 {
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query("SELECT 1").execute(&mut *conn).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pool.close_idle(Duration::from_millis(400));
+    assert_eq!(pool.size(), 1, "the connection left idle is closed, the busy one kept");
+    assert_eq!(sessions_on(&observer, &db).await, 1);
+
+    // Closing waits for the connection a request still holds, then ends every session.
+    let held = pool.acquire().await.unwrap();
+    let closing = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.close_and_wait().await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !closing.is_finished(),
+        "close_and_wait returned while a connection was out"
+    );
+    assert!(pool.acquire().await.is_err(), "a closed pool hands out nothing");
+    drop(held);
+    tokio::time::timeout(Duration::from_secs(5), closing)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pool.size(), 0);
+    let ended = async {
+        while sessions_on(&observer, &db).await > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), ended).await.unwrap();
+}
