@@ -12,7 +12,8 @@
 //!   so the Zipf tail keeps evicting and rebuilding pools: what too small a budget costs;
 //!
 //! then the added p99 of the router at half of (a)'s saturation rate (open loop), the cold
-//! first request against one raw PostgreSQL connect, and the peak router connections seen in
+//! first request against one raw PostgreSQL connect to a tenant database in the same state
+//! (nobody has served it yet), and the peak router connections seen in
 //! `pg_stat_activity` during (c) and (d) against their budgets.
 //!
 //! Both servers run as their release binaries, each in a process of its own (built first if
@@ -70,7 +71,7 @@ const CLUSTER_HEADROOM: u32 = 150;
 const CREATE_CONCURRENCY: usize = 8;
 /// Tasks the measured tenant holds (the others get two when they are touched).
 const TASKS: usize = 5;
-/// Cold requests and raw connects timed.
+/// Cold requests and raw connects timed (each to a different untouched tenant).
 const SAMPLES: usize = 20;
 /// Zipf exponent of (c)'s traffic.
 const ZIPF_S: f64 = 1.0;
@@ -512,6 +513,30 @@ async fn start_router(bin_dir: &Path, stack: &Stack, config: &Path, log: &Path) 
     Server::start(router, "router listening on http://", log).await
 }
 
+/// The credentials of `tenant`, read through the admin API.
+async fn credentials(stack: &Stack, tenant: &Tenant) -> anyhow::Result<DbSecret> {
+    let (status, credentials) = stack
+        .admin(
+            reqwest::Method::GET,
+            &format!("/v1/tenants/{}/credentials", tenant.slug),
+            None,
+        )
+        .await?;
+    if !status.is_success() {
+        bail!("read the credentials of {}: {status}", tenant.slug);
+    }
+    serde_json::from_value(credentials).context("parse the tenant's credentials")
+}
+
+/// Milliseconds one SCRAM connect (and close) takes.
+async fn time_connect(options: &PgConnectOptions) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let conn = PgConnection::connect_with(options).await?;
+    let took = ms(started.elapsed());
+    conn.close().await?;
+    Ok(took)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -578,17 +603,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let measured_tenant = &tenants[0];
-    let (status, credentials) = stack
-        .admin(
-            reqwest::Method::GET,
-            &format!("/v1/tenants/{}/credentials", measured_tenant.slug),
-            None,
-        )
-        .await?;
-    if !status.is_success() {
-        bail!("read credentials: {status}");
-    }
-    let secret: DbSecret = serde_json::from_value(credentials).context("parse the tenant's credentials")?;
+    let secret = credentials(&stack, measured_tenant).await?;
     let mut app = Command::new(bin_dir.join("silo-tenant-app"));
     app.args(["--listen", "127.0.0.1:0", "--tenant", &measured_tenant.slug])
         .args(["--max-connections", &pool_size.to_string()])
@@ -626,20 +641,30 @@ async fn main() -> anyhow::Result<()> {
     half_b.row("(b) router, 1 tenant");
     baseline.stop().await?;
 
-    let options = secret.connect_options();
-    let mut connects = Vec::with_capacity(SAMPLES);
-    for _ in 0..SAMPLES {
-        let started = Instant::now();
-        let conn = PgConnection::connect_with(&options).await?;
-        connects.push(ms(started.elapsed()));
-        conn.close().await?;
+    // Tenants nobody has served yet, least popular first, in two disjoint groups of the same
+    // size: one for raw connects, one for cold requests, so the connect a cold request makes
+    // is compared with connects to databases in the same state. The measured tenant's warm
+    // database is connected to as well, for comparison.
+    let untouched: Vec<&Tenant> = tenants.iter().skip(1).rev().collect();
+    let samples = SAMPLES.min(untouched.len() / 2);
+    let (cold_tenants, connect_tenants) = untouched.split_at(samples);
+    let mut connects = Vec::with_capacity(samples);
+    for tenant in &connect_tenants[..samples] {
+        let options = credentials(&stack, tenant).await?.connect_options();
+        connects.push(time_connect(&options).await?);
     }
     connects.sort_by(f64::total_cmp);
-    // The least popular tenants, not touched yet: directory lookup + secret + connect + queries.
-    // Each one's second request (pool open, backend warm) is timed too, for comparison.
+    let options = secret.connect_options();
+    let mut warm_connects = Vec::with_capacity(SAMPLES);
+    for _ in 0..SAMPLES {
+        warm_connects.push(time_connect(&options).await?);
+    }
+    warm_connects.sort_by(f64::total_cmp);
+    // Directory lookup + secret + connect + isolation check + the app's queries. Each
+    // tenant's second request (pool open, backend warm) is timed too, for comparison.
     let mut sender = connect(router.addr).await?;
-    let (mut colds, mut seconds) = (Vec::with_capacity(SAMPLES), Vec::with_capacity(SAMPLES));
-    for tenant in tenants.iter().rev().take(SAMPLES.min(n - 1)) {
+    let (mut colds, mut seconds) = (Vec::with_capacity(samples), Vec::with_capacity(samples));
+    for tenant in cold_tenants {
         for times in [&mut colds, &mut seconds] {
             let started = Instant::now();
             let status = list_tasks(&mut sender, tenant).await?;
@@ -694,10 +719,12 @@ async fn main() -> anyhow::Result<()> {
     );
     let (cold, connect_ms) = (percentile(&colds, 0.5), percentile(&connects, 0.5));
     println!(
-        "  cold first request      {cold:>7.2} ms   target <= connect + 5 = {:.2} ms   (median of {}, max {:.2} ms; one PostgreSQL connect: median {connect_ms:.2} ms of {SAMPLES})",
+        "  cold first request      {cold:>7.2} ms   target <= connect + 5 = {:.2} ms   (median of {}, max {:.2} ms; one PostgreSQL connect to an untouched tenant database: median {connect_ms:.2} ms of {}; to the measured tenant's warm one: {:.2} ms)",
         connect_ms + 5.0,
         colds.len(),
-        colds.last().copied().unwrap_or(f64::NAN)
+        colds.last().copied().unwrap_or(f64::NAN),
+        connects.len(),
+        percentile(&warm_connects, 0.5)
     );
     println!(
         "  (the same tenants' second request: median {:.2} ms)",
