@@ -1,4 +1,4 @@
-//! The pool map: tenant slug → a [`TenantPool`], an sqlx pool on that tenant's own database.
+//! The pool map: tenant slug → a [`TenantPool`], a [`DbPool`] on that tenant's own database.
 //!
 //! A moka cache with a capacity, `time_to_idle = router.pool_idle_timeout`, and an eviction
 //! listener that closes evicted pools and counts evictions by cause. Concurrent first
@@ -56,10 +56,6 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// While waiting for budget, look for a newly idle pool to close this often.
 const BUDGET_RETRY: Duration = Duration::from_millis(50);
-/// A connection idle longer than this is pinged before use (it may have been terminated,
-/// e.g. by a server restart); busier connections are not, since a ping per checkout costs
-/// ~20 % of throughput (NOTES.md).
-const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 /// SQLSTATE `invalid_password`.
 const INVALID_PASSWORD: &str = "28P01";
 
@@ -373,7 +369,6 @@ impl Pools {
         });
         let check: AfterConnect = Arc::new(move |conn| check_isolation(conn, expected.clone()));
         let pool_settings = DbPoolSettings {
-            ping_if_idle_for: PING_IF_IDLE_FOR,
             max_lifetime: Some(settings.max_lifetime),
             after_connect: Some(check),
             ..DbPoolSettings::new(size, settings.connect_timeout)
