@@ -163,9 +163,7 @@ async fn bad_input_gets_a_json_4xx_and_creates_nothing() {
         (StatusCode::CONFLICT, Some("key_exists"))
     );
     let me: Value = stack
-        .tenant_request(Method::GET, &format!("{taken}.localhost"), "/api/v1/me")
-        .bearer_auth(&key)
-        .send()
+        .tenant_get(&taken, &key, "/api/v1/me")
         .await
         .unwrap()
         .json()

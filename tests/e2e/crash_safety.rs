@@ -93,12 +93,7 @@ async fn provisioning_interrupted_after_each_step_completes_on_retry() {
             .unwrap();
         assert_eq!(versions, 1, "step {step}: one secret version, not one per attempt");
 
-        let resp = stack
-            .tenant_request(Method::GET, &format!("{slug}.localhost"), "/api/v1/me")
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap();
+        let resp = stack.tenant_get(&slug, &key, "/api/v1/me").await.unwrap();
         assert_eq!(
             resp.status(),
             StatusCode::OK,

@@ -50,12 +50,7 @@ async fn a_connection_into_another_tenants_database_is_refused() {
         .await
         .unwrap();
 
-    let resp = stack
-        .tenant_request(Method::GET, &format!("{a}.localhost"), "/api/v1/tasks")
-        .bearer_auth(&key_a)
-        .send()
-        .await
-        .unwrap();
+    let resp = stack.tenant_get(&a, &key_a, "/api/v1/tasks").await.unwrap();
     let status = resp.status();
     let body: Value = resp.json().await.unwrap_or(Value::Null);
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");

@@ -368,12 +368,7 @@ async fn onboarding_takes_a_spare_database_and_the_spares_refill() {
         .collect();
     for (slug, creation) in burst.iter().zip(creations) {
         let key = creation.await.unwrap();
-        let resp = stack
-            .tenant_request(Method::GET, &format!("{slug}.localhost"), "/api/v1/tasks")
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap();
+        let resp = stack.tenant_get(slug, &key, "/api/v1/tasks").await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "{slug}");
     }
     assert_eq!(versions(&stack, &burst).await, vec![1; burst.len()]);

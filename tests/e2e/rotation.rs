@@ -168,12 +168,7 @@ async fn stages_and_retired_credentials(secrets: Secrets) {
     assert_eq!(n, 2);
 
     // The tenant still serves, and the catalog shows the rotation time.
-    let resp = stack
-        .tenant_request(Method::GET, &format!("{slug}.localhost"), "/api/v1/tasks")
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
+    let resp = stack.tenant_get(&slug, &key, "/api/v1/tasks").await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let (_, after) = stack
         .admin(Method::GET, &format!("/v1/tenants/{slug}"), None)

@@ -366,21 +366,11 @@ async fn per_tenant_series_appear_when_the_operator_opts_in() {
     let key_a = stack.create_tenant(&a).await.unwrap();
     stack.create_tenant(&b).await.unwrap();
     for _ in 0..2 {
-        let resp = stack
-            .tenant_request(Method::GET, &format!("{a}.localhost"), "/api/v1/me")
-            .bearer_auth(&key_a)
-            .send()
-            .await
-            .unwrap();
+        let resp = stack.tenant_get(&a, &key_a, "/api/v1/me").await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
     }
     // A's key at B: B's series, as a client error.
-    let resp = stack
-        .tenant_request(Method::GET, &format!("{b}.localhost"), "/api/v1/me")
-        .bearer_auth(&key_a)
-        .send()
-        .await
-        .unwrap();
+    let resp = stack.tenant_get(&b, &key_a, "/api/v1/me").await.unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
 
     let m = scrape(&stack).await;

@@ -175,12 +175,7 @@ async fn connection_budget_holds_across_300_tenants() {
             // Two passes over every tenant, each client in its own order.
             for i in 0..tenants.len() * 2 / 8 {
                 let (slug, key) = &tenants[(i * 8 + c) * 37 % tenants.len()];
-                let resp = stack
-                    .tenant_request(Method::GET, &format!("{slug}.localhost"), "/api/v1/tasks?limit=1")
-                    .bearer_auth(key)
-                    .send()
-                    .await
-                    .unwrap();
+                let resp = stack.tenant_get(slug, key, "/api/v1/tasks?limit=1").await.unwrap();
                 if resp.status() != StatusCode::OK {
                     failures.push(format!(
                         "{slug}: {} {}",
@@ -235,12 +230,7 @@ async fn a_tenant_over_its_rate_gets_429_and_others_are_served() {
         tokio::spawn(async move {
             let (mut ok, mut limited) = (0, Vec::new());
             for _ in 0..30 {
-                let resp = stack
-                    .tenant_request(Method::GET, &format!("{a}.localhost"), "/api/v1/tasks")
-                    .bearer_auth(&key_a)
-                    .send()
-                    .await
-                    .unwrap();
+                let resp = stack.tenant_get(&a, &key_a, "/api/v1/tasks").await.unwrap();
                 match resp.status() {
                     StatusCode::OK => ok += 1,
                     StatusCode::TOO_MANY_REQUESTS => {
@@ -260,12 +250,7 @@ async fn a_tenant_over_its_rate_gets_429_and_others_are_served() {
         calm.spawn(async move {
             let mut statuses = Vec::new();
             for _ in 0..15 {
-                let resp = stack
-                    .tenant_request(Method::GET, &format!("{b}.localhost"), "/api/v1/tasks")
-                    .bearer_auth(&key_b)
-                    .send()
-                    .await
-                    .unwrap();
+                let resp = stack.tenant_get(&b, &key_b, "/api/v1/tasks").await.unwrap();
                 statuses.push(resp.status());
             }
             statuses

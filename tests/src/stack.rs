@@ -300,6 +300,15 @@ connect_timeout = "{connect}ms"
             .header(reqwest::header::HOST, host)
     }
 
+    /// `GET path` through the router for tenant `slug` (by its subdomain) with API key `key`.
+    pub async fn tenant_get(&self, slug: &str, key: &str, path: &str) -> anyhow::Result<reqwest::Response> {
+        Ok(self
+            .tenant_request(Method::GET, &format!("{slug}.localhost"), path)
+            .bearer_auth(key)
+            .send()
+            .await?)
+    }
+
     /// Fetches the router's `/metrics` text.
     pub async fn router_metrics(&self) -> anyhow::Result<String> {
         Ok(self
