@@ -21,8 +21,6 @@
 //!
 //! Connect options carry the tenant's password: they are built on one line and never logged.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,7 +33,7 @@ use silo_control_plane::names::TenantSlug;
 use silo_control_plane::secrets::{
     tenant_secret_name, DbSecret, SecretStore, SecretStoreError, AWSCURRENT, AWSPENDING,
 };
-use silo_tenant_app::{AfterConnect, DbPool, DbPoolSettings, TenantContext};
+use silo_tenant_app::{AfterConnect, AfterConnectFuture, DbPool, DbPoolSettings, TenantContext};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgConnection, Row};
 use tokio::runtime::Handle;
@@ -623,8 +621,6 @@ struct Expected {
     roles: [String; 2],
 }
 
-type IsolationCheck<'c> = Pin<Box<dyn Future<Output = Result<(), sqlx::Error>> + Send + 'c>>;
-
 /// The isolation self-check on every new connection: `current_catalog` (the current
 /// database) is the tenant's database and `session_user` one of its login roles
 /// (`current_user` is the owner role the login role acts as). Anything else is refused and
@@ -634,7 +630,7 @@ type IsolationCheck<'c> = Pin<Box<dyn Future<Output = Result<(), sqlx::Error>> +
 /// lookup: a simple-protocol query (no prepared statement) of two SQL keywords, not function
 /// calls and casts, which a fresh backend would first look up in `pg_proc` and `pg_cast`
 /// (0.4 ms instead of 1.0 ms here).
-fn check_isolation(conn: &mut PgConnection, expected: Arc<Expected>) -> IsolationCheck<'_> {
+fn check_isolation(conn: &mut PgConnection, expected: Arc<Expected>) -> AfterConnectFuture<'_> {
     Box::pin(async move {
         let row = sqlx::raw_sql("SELECT current_catalog, session_user")
             .fetch_one(&mut *conn)

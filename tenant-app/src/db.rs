@@ -38,11 +38,10 @@ use crate::TenantContext;
 pub type DbConnection = managed::Object<Connector>;
 
 /// Runs on every new connection before it is used; an error refuses the connection.
-pub type AfterConnect = Arc<
-    dyn for<'c> Fn(&'c mut PgConnection) -> Pin<Box<dyn Future<Output = Result<(), sqlx::Error>> + Send + 'c>>
-        + Send
-        + Sync,
->;
+pub type AfterConnect = Arc<dyn for<'c> Fn(&'c mut PgConnection) -> AfterConnectFuture<'c> + Send + Sync>;
+
+/// What an [`AfterConnect`] check returns.
+pub type AfterConnectFuture<'c> = Pin<Box<dyn Future<Output = Result<(), sqlx::Error>> + Send + 'c>>;
 
 /// A connection idle this long is pinged before use (it may have been terminated, e.g. by a
 /// server restart); busier connections are not, since a ping per checkout costs ~20 % of
