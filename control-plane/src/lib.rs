@@ -18,6 +18,7 @@ pub mod provision;
 pub mod rollout;
 pub mod rotation;
 pub mod schedule;
+mod scram;
 pub mod secrets;
 pub mod server;
 pub mod servers;

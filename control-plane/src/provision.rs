@@ -504,10 +504,8 @@ pub(crate) async fn ensure_login_role(
     }
     let login = quote_ident(role);
     let attrs = "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT";
-    let password = {
-        use secrecy::ExposeSecret;
-        quote_literal(password.expose_secret())
-    };
+    // A verifier, never the password itself: PostgreSQL may log this statement.
+    let password = quote_literal(&crate::scram::verifier(password));
     let verb = if role_exists(conn, role).await? {
         "ALTER"
     } else {

@@ -183,6 +183,58 @@ async fn stages_and_retired_credentials_local() {
     stages_and_retired_credentials(Secrets::Local).await;
 }
 
+async fn set_log_statement(admin: &mut sqlx::PgConnection, value: &str) {
+    for statement in [
+        format!("ALTER SYSTEM SET log_statement = {value}"),
+        "SELECT pg_reload_conf()".into(),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+            .execute(&mut *admin)
+            .await
+            .unwrap();
+    }
+}
+
+/// Login passwords reach PostgreSQL only as SCRAM verifiers: with every DDL statement
+/// logged, neither the first password nor the ones rotations set are in the server log.
+#[tokio::test(flavor = "multi_thread")]
+async fn passwords_never_reach_the_server_log() {
+    let stack = stack(Secrets::Local).await;
+    let mut admin = stack.pg().admin_options("postgres").connect().await.unwrap();
+    set_log_statement(&mut admin, "'ddl'").await;
+    let slug = unique_name("t");
+    stack.create_tenant(&slug).await.unwrap();
+    let mut passwords = vec![credentials(&stack, &slug).await["password"]
+        .as_str()
+        .unwrap()
+        .to_owned()];
+    for strategy in ["single", "alternating"] {
+        assert_eq!(rotate(&stack, &slug, strategy).await["state"], "succeeded");
+        passwords.push(
+            credentials(&stack, &slug).await["password"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    set_log_statement(&mut admin, "DEFAULT").await;
+
+    let log = stack.pg().server_log().unwrap();
+    let role_statements = log
+        .lines()
+        .filter(|l| l.contains("ROLE") && l.contains("PASSWORD"))
+        .count();
+    assert!(
+        role_statements >= 3,
+        "the role statements were logged: {role_statements}\n{log}"
+    );
+    assert!(log.contains("PASSWORD 'SCRAM-SHA-256$4096:"), "{log}");
+    for password in &passwords {
+        assert!(!log.contains(password.as_str()), "a password is in the server log");
+    }
+    stack.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn stages_and_retired_credentials_aws() {
     stages_and_retired_credentials(Secrets::Aws).await;

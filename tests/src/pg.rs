@@ -101,6 +101,12 @@ impl TestCluster {
         &self.password
     }
 
+    /// What the server has written to its log so far.
+    pub fn server_log(&self) -> anyhow::Result<String> {
+        let path = self.dir.join("data").join("server.log");
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))
+    }
+
     /// Superuser connect options to `db`.
     pub fn admin_options(&self, db: &str) -> PgConnectOptions {
         PgConnectOptions::new()
