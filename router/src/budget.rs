@@ -1,12 +1,12 @@
 //! The connection budget: how many connections this router may open to each PostgreSQL
 //! server (`router.connection_budget_per_server`), whatever the number of tenants.
 //!
-//! One tokio semaphore per server with `budget` permits. A tenant pool is built only with a
-//! [`Reservation`] of permits from its server, and its sqlx `max_connections` is the size of
-//! that reservation; the reservation is released only after the pool has been closed (every
-//! connection gone). So the connections of all pools on a server never exceed the budget, by
-//! construction. Making room when the budget is spent (evicting idle pools) is the pool
-//! map's job; this module only counts.
+//! One tokio semaphore per server with `budget` permits. Every connection of a tenant pool
+//! holds a [`ConnectionPermit`] from its server, taken before it connects and given back
+//! when it is closed, so the connections of all pools on a server never exceed the budget,
+//! by construction, and a pool costs the budget only the connections it has open. Making
+//! room when the budget is spent (evicting idle pools) is the pool map's job; this module
+//! only counts.
 
 use std::sync::Arc;
 
@@ -43,67 +43,43 @@ impl Budgets {
             .clone()
     }
 
-    /// Up to `want` permits on `server` if at least one is free right now.
-    pub(crate) fn try_reserve(&self, server: &str, want: u32) -> Option<Reservation> {
-        let semaphore = self.semaphore(server);
-        let first = semaphore.clone().try_acquire_owned().ok()?;
-        Some(self.grow(server, &semaphore, first, want))
+    /// A permit for one connection to `server` if one is free right now.
+    pub(crate) fn try_take(&self, server: &str) -> Option<ConnectionPermit> {
+        let permit = self.semaphore(server).try_acquire_owned().ok()?;
+        Some(self.counted(server, permit))
     }
 
-    /// Waits for one permit on `server` (the caller bounds the wait), then takes up to
-    /// `want` if they are free.
-    pub(crate) async fn reserve(&self, server: &str, want: u32) -> Reservation {
-        let semaphore = self.semaphore(server);
+    /// Waits for a permit for one connection to `server` (the caller bounds the wait).
+    pub(crate) async fn take(&self, server: &str) -> ConnectionPermit {
         // Never closed: the budgets live as long as the router.
-        let first = semaphore
-            .clone()
+        let permit = self
+            .semaphore(server)
             .acquire_owned()
             .await
             .expect("budget semaphores are never closed");
-        self.grow(server, &semaphore, first, want)
+        self.counted(server, permit)
     }
 
-    fn grow(
-        &self,
-        server: &str,
-        semaphore: &Arc<Semaphore>,
-        mut permit: OwnedSemaphorePermit,
-        want: u32,
-    ) -> Reservation {
-        for _ in 1..want {
-            match semaphore.clone().try_acquire_owned() {
-                Ok(more) => permit.merge(more),
-                Err(_) => break,
-            }
-        }
-        let reservation = Reservation {
-            permit,
+    fn counted(&self, server: &str, permit: OwnedSemaphorePermit) -> ConnectionPermit {
+        self.metrics.budget_taken(server, 1.0);
+        ConnectionPermit {
+            _permit: permit,
             server: server.to_owned(),
             metrics: self.metrics.clone(),
-        };
-        self.metrics
-            .budget_reserved(&reservation.server, reservation.size() as f64);
-        reservation
+        }
     }
 }
 
-/// Permits for the connections of one tenant pool; returned to the server's budget on drop.
-pub(crate) struct Reservation {
-    permit: OwnedSemaphorePermit,
+/// Room for one connection to a server; back in the server's budget when dropped.
+pub(crate) struct ConnectionPermit {
+    _permit: OwnedSemaphorePermit,
     server: String,
     metrics: Arc<Metrics>,
 }
 
-impl Reservation {
-    /// How many connections the pool may open.
-    pub(crate) fn size(&self) -> u32 {
-        u32::try_from(self.permit.num_permits()).unwrap_or(u32::MAX)
-    }
-}
-
-impl Drop for Reservation {
+impl Drop for ConnectionPermit {
     fn drop(&mut self) {
-        self.metrics.budget_reserved(&self.server, -(self.size() as f64));
+        self.metrics.budget_taken(&self.server, -1.0);
     }
 }
 
@@ -112,19 +88,18 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn reservations_never_exceed_the_budget() {
-        let budgets = Budgets::new(5, Arc::new(Metrics::new().unwrap()));
-        let a = budgets.try_reserve("pg-1", 3).unwrap();
-        assert_eq!(a.size(), 3);
-        let b = budgets.try_reserve("pg-1", 3).unwrap();
-        assert_eq!(b.size(), 2, "takes what is left");
-        assert!(budgets.try_reserve("pg-1", 1).is_none());
-        assert_eq!(
-            budgets.try_reserve("pg-2", 5).unwrap().size(),
-            5,
-            "budgets are per server"
-        );
-        drop(a);
-        assert_eq!(budgets.reserve("pg-1", 5).await.size(), 3);
+    async fn permits_never_exceed_the_budget() {
+        let budgets = Budgets::new(3, Arc::new(Metrics::new().unwrap()));
+        let held: Vec<ConnectionPermit> = (0..3).map(|_| budgets.try_take("pg-1").unwrap()).collect();
+        assert!(budgets.try_take("pg-1").is_none());
+        assert!(budgets.try_take("pg-2").is_some(), "budgets are per server");
+        let waiting = tokio::spawn({
+            let budgets = Arc::new(budgets);
+            async move { budgets.take("pg-1").await.server.clone() }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "waits while the budget is spent");
+        drop(held);
+        assert_eq!(waiting.await.unwrap(), "pg-1");
     }
 }

@@ -162,8 +162,8 @@ impl Metrics {
         self.with(|| metrics::gauge!("silo_router_server_connections", "server" => server.to_owned()).set(connections));
     }
 
-    /// Budget permits reserved on `server` changed by `delta`.
-    pub(crate) fn budget_reserved(&self, server: &str, delta: f64) {
+    /// Budget permits held on `server` changed by `delta`.
+    pub(crate) fn budget_taken(&self, server: &str, delta: f64) {
         self.with(|| {
             metrics::gauge!("silo_router_server_budget_reserved", "server" => server.to_owned()).increment(delta);
         });
@@ -237,7 +237,7 @@ fn describe() {
     );
     describe_gauge!(
         "silo_router_server_budget_reserved",
-        "Connection-budget permits reserved by open pools, per server."
+        "Connection-budget permits held by open tenant connections, per server."
     );
     describe_counter!(
         "silo_router_budget_exhausted_total",

@@ -2,11 +2,15 @@
 //!
 //! A moka cache with a capacity, `time_to_idle = router.pool_idle_timeout`, and an eviction
 //! listener that closes evicted pools and counts evictions by cause. Concurrent first
-//! requests for a tenant share one build (`try_get_with`). A build first reserves room in
-//! its server's connection budget (`budget`; when the budget is spent it closes the least
-//! recently used idle pool on that server and waits at most `router.budget_wait`), then
-//! reads the tenant's current secret and connects eagerly, so a database that is down fails
-//! the request within `router.connect_timeout` instead of when the app first queries.
+//! requests for a tenant share one build (`try_get_with`). Every connection holds a permit
+//! of its server's connection budget (`budget`) while it is open. A build first takes one
+//! for its first connection (when the budget is spent it closes the least recently used
+//! idle pool on that server and waits at most `router.budget_wait`), then reads the
+//! tenant's current secret and connects eagerly, so a database that is down fails the
+//! request within `router.connect_timeout` instead of when the app first queries. A pool
+//! opens further connections (up to `max_connections_per_tenant`) only with permits that
+//! are free: it never closes other pools to grow, and a request waiting for one takes the
+//! pool's own connection if that comes back first.
 //!
 //! Credentials: when a served tenant changes (credential rotation event), its open pool
 //! switches to the `AWSCURRENT` secret in place; when a request failed because PostgreSQL
@@ -33,7 +37,9 @@ use silo_control_plane::names::TenantSlug;
 use silo_control_plane::secrets::{
     tenant_secret_name, DbSecret, SecretStore, SecretStoreError, AWSCURRENT, AWSPENDING,
 };
-use silo_tenant_app::{AfterConnect, AfterConnectFuture, DbPool, DbPoolSettings, TenantContext};
+use silo_tenant_app::{
+    AfterConnect, AfterConnectFuture, BudgetPermit, ConnectionBudget, DbPool, DbPoolSettings, TenantContext,
+};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgConnection, Row};
 use tokio::runtime::Handle;
@@ -41,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::budget::{Budgets, Reservation};
+use crate::budget::{Budgets, ConnectionPermit};
 use crate::ops::Metrics;
 use crate::server::APPLICATION_NAME;
 
@@ -133,8 +139,6 @@ pub(crate) struct TenantPool {
     /// The tenant's slug and pool as the app sees them (with its recently verified keys).
     context: TenantContext,
     server: String,
-    /// Budget permits for `pool`'s connections: released only once the pool is closed.
-    reservation: Mutex<Option<Reservation>>,
     /// Requests holding a [`PoolLease`]; a pool with none may be closed to make room.
     in_flight: AtomicUsize,
     /// Milliseconds since the map's epoch when it was last leased (least recently used).
@@ -213,10 +217,9 @@ impl Closer {
                     () = stopping.cancelled() => {}
                 }
             }
-            // Waits for checked-out connections, closes them all; only then is the budget
-            // given back.
+            // Waits for checked-out connections and closes them all (each gives its budget
+            // permit back as it closes).
             tenant.pool().close_and_wait().await;
-            drop(lock(&tenant.reservation).take());
         };
         self.tasks.spawn_on(task, &self.runtime);
     }
@@ -296,17 +299,16 @@ impl Pools {
     async fn build(&self, route: &TenantRoute) -> Result<Arc<TenantPool>, PoolError> {
         let span = tracing::info_span!("build_pool", tenant = %route.slug);
         async {
-            let reservation = self.reserve(&route.server).await?;
+            let permit = self.make_room(&route.server).await?;
             let timeout = self.inner.settings.connect_timeout;
-            let (pool, version) = tokio::time::timeout(timeout, self.connect(route, reservation.size()))
+            let (pool, version) = tokio::time::timeout(timeout, self.connect(route, permit))
                 .await
                 .map_err(|_| PoolError::Timeout(timeout))??;
             self.inner.metrics.pool_opened();
-            tracing::debug!(size = reservation.size(), "tenant pool opened");
+            tracing::debug!("tenant pool opened");
             Ok(Arc::new(TenantPool {
                 context: TenantContext::new(route.slug.clone(), pool),
                 server: route.server.clone(),
-                reservation: Mutex::new(Some(reservation)),
                 in_flight: AtomicUsize::new(0),
                 last_used: AtomicU64::new(self.now_millis()),
                 credentials: tokio::sync::Mutex::new(version),
@@ -317,20 +319,20 @@ impl Pools {
         .await
     }
 
-    /// Room for one more pool on `server`: up to `max_connections_per_tenant` permits, at
-    /// least one. While the budget is spent, closes the least recently used idle pool on
-    /// that server (one per round) and waits, for `budget_wait` at most.
-    async fn reserve(&self, server: &str) -> Result<Reservation, PoolError> {
-        let (want, wait) = (self.inner.settings.max_connections, self.inner.settings.budget_wait);
+    /// A permit for the first connection of a pool on `server`. While the budget is spent,
+    /// closes the least recently used idle pool on that server (one per round) and waits,
+    /// for `budget_wait` at most.
+    async fn make_room(&self, server: &str) -> Result<ConnectionPermit, PoolError> {
+        let wait = self.inner.settings.budget_wait;
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            if let Some(reservation) = self.inner.budgets.try_reserve(server, want) {
-                return Ok(reservation);
+            if let Some(permit) = self.inner.budgets.try_take(server) {
+                return Ok(permit);
             }
             self.evict_least_recently_used(server).await;
             let round = (tokio::time::Instant::now() + BUDGET_RETRY).min(deadline);
-            if let Ok(reservation) = tokio::time::timeout_at(round, self.inner.budgets.reserve(server, want)).await {
-                return Ok(reservation);
+            if let Ok(permit) = tokio::time::timeout_at(round, self.inner.budgets.take(server)).await {
+                return Ok(permit);
             }
             if tokio::time::Instant::now() >= deadline {
                 self.inner.metrics.budget_exhausted(server);
@@ -339,13 +341,27 @@ impl Pools {
         }
     }
 
-    /// Closes the least recently used pool on `server` that no request holds.
+    /// A permit for a further connection of a pool on `server` once one is free, for
+    /// `budget_wait` at most.
+    async fn free_permit(&self, server: &str) -> Option<ConnectionPermit> {
+        let wait = self.inner.settings.budget_wait;
+        let permit = tokio::time::timeout(wait, self.inner.budgets.take(server)).await.ok();
+        if permit.is_none() {
+            self.inner.metrics.budget_exhausted(server);
+        }
+        permit
+    }
+
+    /// Closes the least recently used pool on `server` that has connections open and no
+    /// request holding it.
     async fn evict_least_recently_used(&self, server: &str) {
         let victim = self
             .inner
             .cache
             .iter()
-            .filter(|(_, tenant)| tenant.server == server && tenant.in_flight.load(Ordering::Acquire) == 0)
+            .filter(|(_, tenant)| {
+                tenant.server == server && tenant.in_flight.load(Ordering::Acquire) == 0 && tenant.pool().size() > 0
+            })
             .min_by_key(|(_, tenant)| tenant.last_used.load(Ordering::Relaxed))
             .map(|(slug, _)| slug);
         if let Some(slug) = victim {
@@ -354,7 +370,8 @@ impl Pools {
         }
     }
 
-    async fn connect(&self, route: &TenantRoute, size: u32) -> Result<(DbPool, String), PoolError> {
+    /// The tenant's pool with one connection open, which holds `permit`.
+    async fn connect(&self, route: &TenantRoute, permit: ConnectionPermit) -> Result<(DbPool, String), PoolError> {
         let settings = &self.inner.settings;
         let (options, version) = self
             .read_options(&route.slug, AWSCURRENT)
@@ -366,16 +383,22 @@ impl Pools {
             roles: slug.login_roles(),
         });
         let check: AfterConnect = Arc::new(move |conn| check_isolation(conn, expected.clone()));
+        let budget: Arc<dyn ConnectionBudget> = Arc::new(ServerBudget {
+            pools: Arc::downgrade(&self.inner),
+            server: route.server.clone(),
+        });
         let pool_settings = DbPoolSettings {
             max_lifetime: Some(settings.max_lifetime),
             after_connect: Some(check),
-            ..DbPoolSettings::new(size, settings.connect_timeout)
+            budget: Some(budget),
+            ..DbPoolSettings::new(settings.max_connections, settings.connect_timeout)
         };
-        let mut refused = match DbPool::connect(options, pool_settings.clone()).await {
-            Ok(pool) => return Ok((pool, version)),
-            Err(error) if is_auth_failure(&error) => error,
-            Err(error) => return Err(PoolError::Connect(error)),
-        };
+        let mut refused =
+            match DbPool::connect_with_permit(options, pool_settings.clone(), BudgetPermit::new(permit)).await {
+                Ok(pool) => return Ok((pool, version)),
+                Err(error) if is_auth_failure(&error) => error,
+                Err(error) => return Err(PoolError::Connect(error)),
+            };
         // Mid-rotation (`single`: the password changed at `set_secret`, AWSCURRENT moves at
         // `finish_secret`): the pending version, or a current one that moved meanwhile.
         let mut tried = vec![version];
@@ -495,7 +518,7 @@ impl Pools {
                 }
             }
         }
-        let verify = self.inner.budgets.try_reserve(&tenant.server, 1);
+        let verify = self.inner.budgets.try_take(&tenant.server);
         for (stage, options, version) in candidates {
             if verify.is_some() && !self.logs_in(&options).await {
                 continue;
@@ -613,6 +636,32 @@ fn same_database(a: &PgConnectOptions, b: &PgConnectOptions) -> bool {
 
 fn is_auth_failure(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some(INVALID_PASSWORD))
+}
+
+/// A tenant pool's share of its server's connection budget.
+struct ServerBudget {
+    pools: std::sync::Weak<Inner>,
+    server: String,
+}
+
+impl ConnectionBudget for ServerBudget {
+    fn take(
+        &self,
+        first: bool,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<BudgetPermit>> + Send + '_>> {
+        Box::pin(async move {
+            // The map is gone only once the router has shut down.
+            let pools = Pools {
+                inner: self.pools.upgrade()?,
+            };
+            let permit = if first {
+                pools.make_room(&self.server).await.ok()
+            } else {
+                pools.free_permit(&self.server).await
+            };
+            permit.map(BudgetPermit::new)
+        })
+    }
 }
 
 /// Who a tenant's connections must be: its database, one of its login roles.

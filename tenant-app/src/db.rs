@@ -16,26 +16,107 @@
 //!
 //! The connect options can be swapped while the pool is open (credential rotation): new
 //! connections use the new ones, open connections stay.
+//!
+//! A pool may share a [`ConnectionBudget`] with other pools (the router's budget per
+//! PostgreSQL server): then each connection holds a [`BudgetPermit`] from it for as long as
+//! it is open, so a pool costs the budget what it has open, not its maximum. A request that
+//! needs a new connection while the budget is spent waits for a permit or for one of its own
+//! pool's connections to come back, whichever is first.
 
 use std::future::Future;
+use std::ops::{Deref, DerefMut};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::Response;
-use deadpool::managed::{self, Metrics, PoolError, QueueMode, RecycleError, RecycleResult};
+use deadpool::managed::{self, Metrics, PoolError, QueueMode, RecycleError, RecycleResult, Timeouts};
 use deadpool::Runtime;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
+use tokio::sync::Notify;
 
 use crate::error::DatabaseUnreachable;
 use crate::TenantContext;
 
 /// A connection checked out of a [`DbPool`]; back in the pool when dropped.
-pub type DbConnection = managed::Object<Connector>;
+pub struct DbConnection {
+    /// `Some` until dropped.
+    object: Option<managed::Object<Connector>>,
+}
+
+impl Deref for DbConnection {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        &self
+            .object
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("taken only on drop"))
+            .conn
+    }
+}
+
+impl DerefMut for DbConnection {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self
+            .object
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("taken only on drop"))
+            .conn
+    }
+}
+
+impl Drop for DbConnection {
+    fn drop(&mut self) {
+        if let Some(object) = self.object.take() {
+            let pool = managed::Object::pool(&object);
+            drop(object);
+            // A request waiting for budget to open a connection takes this one instead.
+            if let Some(pool) = pool {
+                pool.manager().returned.notify_one();
+            }
+        }
+    }
+}
+
+/// An open connection and the budget permit it holds (released when it closes).
+pub struct BudgetedConnection {
+    conn: PgConnection,
+    _permit: Option<BudgetPermit>,
+    /// The pool's count of open connections.
+    open: Arc<AtomicUsize>,
+}
+
+impl Drop for BudgetedConnection {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Room for connections that several pools share (the router's budget per server).
+pub trait ConnectionBudget: Send + Sync {
+    /// A permit for one more connection of a pool: at once if one is free; else, for a pool
+    /// with no connection open (`first`), once room has been made (by closing other pools),
+    /// and for a further connection once a permit is given back. `None` if none came within
+    /// the budget's own bounded wait.
+    fn take(&self, first: bool) -> Pin<Box<dyn Future<Output = Option<BudgetPermit>> + Send + '_>>;
+}
+
+/// One connection's share of a [`ConnectionBudget`], given back when dropped.
+pub struct BudgetPermit {
+    _held: Box<dyn Send + Sync>,
+}
+
+impl BudgetPermit {
+    /// A permit that holds `held` (e.g. a semaphore permit) until it is dropped.
+    pub fn new(held: impl Send + Sync + 'static) -> Self {
+        Self { _held: Box::new(held) }
+    }
+}
 
 /// Runs on every new connection before it is used; an error refuses the connection.
 pub type AfterConnect = Arc<dyn for<'c> Fn(&'c mut PgConnection) -> AfterConnectFuture<'c> + Send + Sync>;
@@ -64,10 +145,13 @@ pub struct DbPoolSettings {
     pub max_lifetime: Option<Duration>,
     /// Check on every new connection.
     pub after_connect: Option<AfterConnect>,
+    /// Shared room every connection takes a permit from.
+    pub budget: Option<Arc<dyn ConnectionBudget>>,
 }
 
 impl DbPoolSettings {
-    /// `max_connections` connections, pinged after 1 s idle, no lifetime limit, no check.
+    /// `max_connections` connections, pinged after 1 s idle, no lifetime limit, no check, no
+    /// shared budget.
     pub fn new(max_connections: u32, acquire_timeout: Duration) -> Self {
         Self {
             max_connections,
@@ -75,6 +159,7 @@ impl DbPoolSettings {
             ping_if_idle_for: PING_IF_IDLE_FOR,
             max_lifetime: None,
             after_connect: None,
+            budget: None,
         }
     }
 }
@@ -89,6 +174,39 @@ pub struct Connector {
     /// Connections last handed out before this (nanoseconds after `epoch`) are pinged before
     /// their next use.
     suspect_until: AtomicU64,
+    /// The permit the pool's builder reserved for its first connection.
+    first_permit: Mutex<Option<BudgetPermit>>,
+    /// Signalled when a connection comes back to the pool.
+    returned: Notify,
+    /// Connections open (idle or checked out).
+    open: Arc<AtomicUsize>,
+}
+
+/// Why a connection could not be opened.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// PostgreSQL refused or failed it, or the check after connecting failed.
+    Database(sqlx::Error),
+    /// The shared budget stayed spent.
+    NoBudget,
+    /// One of the pool's connections came back while waiting for budget: take it instead.
+    Returned,
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Database(error) => error.fmt(f),
+            ConnectError::NoBudget => f.write_str("the connection budget stayed spent"),
+            ConnectError::Returned => f.write_str("a connection came back"),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ConnectError {
+    fn from(error: sqlx::Error) -> Self {
+        ConnectError::Database(error)
+    }
 }
 
 impl Connector {
@@ -105,29 +223,55 @@ impl Connector {
 }
 
 impl managed::Manager for Connector {
-    type Type = PgConnection;
-    type Error = sqlx::Error;
+    type Type = BudgetedConnection;
+    type Error = ConnectError;
 
-    async fn create(&self) -> Result<PgConnection, sqlx::Error> {
+    async fn create(&self) -> Result<BudgetedConnection, ConnectError> {
+        let permit = self.budget_permit().await?;
         let options = self.options.read().unwrap_or_else(PoisonError::into_inner).clone();
         let mut conn = PgConnection::connect_with(&options).await?;
         if let Some(check) = &self.settings.after_connect {
             if let Err(error) = check(&mut conn).await {
                 let _ = conn.close().await;
-                return Err(error);
+                return Err(error.into());
             }
         }
-        Ok(conn)
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Ok(BudgetedConnection {
+            conn,
+            _permit: permit,
+            open: self.open.clone(),
+        })
     }
 
-    async fn recycle(&self, conn: &mut PgConnection, metrics: &Metrics) -> RecycleResult<sqlx::Error> {
+    async fn recycle(&self, conn: &mut BudgetedConnection, metrics: &Metrics) -> RecycleResult<ConnectError> {
         if self.settings.max_lifetime.is_some_and(|max| metrics.age() >= max) {
             return Err(RecycleError::message("past its max lifetime"));
         }
         if self.must_ping(metrics) {
-            conn.ping().await?;
+            conn.conn.ping().await.map_err(ConnectError::Database)?;
         }
         Ok(())
+    }
+}
+
+impl Connector {
+    /// The budget permit a new connection holds: the one reserved for the first connection,
+    /// else one from the shared budget, unless one of the pool's own connections comes back
+    /// first.
+    async fn budget_permit(&self) -> Result<Option<BudgetPermit>, ConnectError> {
+        let Some(budget) = &self.settings.budget else {
+            return Ok(None);
+        };
+        if let Some(permit) = self.first_permit.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            return Ok(Some(permit));
+        }
+        let first = self.open.load(Ordering::Acquire) == 0;
+        tokio::select! {
+            biased;
+            permit = budget.take(first) => permit.map(Some).ok_or(ConnectError::NoBudget),
+            () = self.returned.notified() => Err(ConnectError::Returned),
+        }
     }
 }
 
@@ -140,6 +284,12 @@ pub struct DbPool {
 impl DbPool {
     /// A pool that connects on first use.
     pub fn new(options: PgConnectOptions, settings: DbPoolSettings) -> Self {
+        Self::with_first_permit(options, settings, None)
+    }
+
+    /// A pool whose first connection holds `permit` (reserved by the caller from the pool's
+    /// budget) instead of taking one.
+    fn with_first_permit(options: PgConnectOptions, settings: DbPoolSettings, permit: Option<BudgetPermit>) -> Self {
         let max_size = usize::try_from(settings.max_connections.max(1)).unwrap_or(usize::MAX);
         let timeout = Some(settings.acquire_timeout);
         let pool = managed::Pool::builder(Connector {
@@ -147,6 +297,9 @@ impl DbPool {
             settings,
             epoch: Instant::now(),
             suspect_until: AtomicU64::new(0),
+            first_permit: Mutex::new(permit),
+            returned: Notify::new(),
+            open: Arc::new(AtomicUsize::new(0)),
         })
         .max_size(max_size)
         .queue_mode(QueueMode::Lifo)
@@ -161,19 +314,48 @@ impl DbPool {
 
     /// A pool with one connection open (so that bad options fail here, not on first use).
     pub async fn connect(options: PgConnectOptions, settings: DbPoolSettings) -> Result<Self, sqlx::Error> {
-        let pool = Self::new(options, settings);
-        drop(pool.acquire().await?);
-        Ok(pool)
+        Self::with_first_permit(options, settings, None).opened().await
     }
 
-    /// An idle connection, or a new one while fewer than `max_connections` are open; waits at
-    /// most `acquire_timeout`.
+    /// [`DbPool::connect`] for a pool with a budget, whose first connection holds `permit`
+    /// (which the caller took from that budget).
+    pub async fn connect_with_permit(
+        options: PgConnectOptions,
+        settings: DbPoolSettings,
+        permit: BudgetPermit,
+    ) -> Result<Self, sqlx::Error> {
+        Self::with_first_permit(options, settings, Some(permit)).opened().await
+    }
+
+    async fn opened(self) -> Result<Self, sqlx::Error> {
+        drop(self.acquire().await?);
+        Ok(self)
+    }
+
+    /// An idle connection, or a new one while fewer than `max_connections` are open (and the
+    /// budget, if any, has room); waits at most `acquire_timeout`. A spent budget is
+    /// `PoolTimedOut`.
     pub async fn acquire(&self) -> Result<DbConnection, sqlx::Error> {
-        self.pool.get().await.map_err(|error| match error {
-            PoolError::Backend(error) => error,
-            PoolError::Timeout(_) => sqlx::Error::PoolTimedOut,
-            PoolError::Closed | PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => sqlx::Error::PoolClosed,
-        })
+        let deadline = Instant::now() + self.pool.manager().settings.acquire_timeout;
+        loop {
+            let left = Some(deadline.saturating_duration_since(Instant::now()));
+            let timeouts = Timeouts {
+                wait: left,
+                create: left,
+                recycle: left,
+            };
+            match self.pool.timeout_get(&timeouts).await {
+                Ok(object) => return Ok(DbConnection { object: Some(object) }),
+                Err(PoolError::Backend(ConnectError::Returned)) if left.is_some_and(|left| !left.is_zero()) => {}
+                Err(PoolError::Backend(ConnectError::Database(error))) => return Err(error),
+                Err(PoolError::Backend(ConnectError::NoBudget | ConnectError::Returned) | PoolError::Timeout(_)) => {
+                    return Err(sqlx::Error::PoolTimedOut)
+                }
+                Err(PoolError::Closed | PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_)) => {
+                    return Err(sqlx::Error::PoolClosed)
+                }
+            }
+        }
     }
 
     /// A request found the database unreachable: every connection handed out until now is

@@ -323,6 +323,64 @@ async fn idle_pool_is_closed_and_rebuilt_on_the_next_request() {
     stack.stop().await.unwrap();
 }
 
+/// The budget counts open connections, not pool sizes: with a budget of 4 and up to 2
+/// connections per tenant, 4 tenants served one request at a time keep 4 pools of one
+/// connection each; a fifth tenant's pool closes the least recently used one.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_budget_counts_open_connections_not_pool_sizes() {
+    let stack = Stack::start(StackOptions {
+        router_toml: "connection_budget_per_server = 4\nmax_connections_per_tenant = 2".into(),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let mut tenants = Vec::new();
+    for _ in 0..5 {
+        let slug = unique_name("bc");
+        let key = stack.create_tenant(&slug).await.unwrap();
+        tenants.push((slug, key));
+    }
+    let budget_evictions =
+        |m: &HashMap<String, f64>| metric(m, "silo_router_pool_evictions_total", &[r#"cause="budget""#]);
+    let status = |(slug, key): &(String, String)| {
+        let (slug, key) = (slug.clone(), key.clone());
+        let stack = &stack;
+        async move {
+            stack
+                .tenant_get(&slug, &key, "/api/v1/tasks?limit=1")
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    for _ in 0..3 {
+        for tenant in &tenants[..4] {
+            assert_eq!(status(tenant).await, StatusCode::OK);
+        }
+    }
+    let served = scrape(&stack).await;
+    assert_eq!(
+        budget_evictions(&served),
+        0.0,
+        "four one-connection pools fit a budget of four"
+    );
+    assert_eq!(metric(&served, "silo_router_pools_open", &[]), 4.0);
+    assert_eq!(metric(&served, "silo_router_server_budget_reserved", &[]), 4.0);
+
+    assert_eq!(status(&tenants[4]).await, StatusCode::OK);
+    let after = scrape(&stack).await;
+    assert_eq!(budget_evictions(&after), 1.0, "the fifth pool made room");
+    assert_eq!(metric(&after, "silo_router_pools_open", &[]), 4.0);
+    assert_eq!(metric(&after, "silo_router_server_budget_reserved", &[]), 4.0);
+    // The evicted pool was the least recently used: the first tenant's.
+    let first = TenantSlug::parse(&tenants[0].0).unwrap().database_name();
+    eventually(Duration::from_secs(5), || async {
+        router_connections_to(&stack, &first).await == 0
+    })
+    .await;
+    stack.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_first_requests_build_one_pool() {
     let stack = Stack::start(StackOptions::default()).await.unwrap();

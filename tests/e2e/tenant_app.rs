@@ -4,10 +4,18 @@
 //! Each test gets its own database on the process's shared cluster and its own
 //! `SingleTenantServer` on 127.0.0.1:0, exactly as the standalone bin serves.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use reqwest::header::{ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
 use reqwest::{Client, Method, RequestBuilder, Response, StatusCode};
 use serde_json::{json, Value};
-use silo_tenant_app::{api_keys, DbPool, DbPoolSettings, SingleTenantServer, TenantContext, VERIFIED_KEY_TTL};
+use silo_tenant_app::{
+    api_keys, BudgetPermit, ConnectionBudget, DbPool, DbPoolSettings, SingleTenantServer, TenantContext,
+    VERIFIED_KEY_TTL,
+};
 use silo_tests::pg::TestCluster;
 use silo_tests::unique_name;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -597,4 +605,67 @@ async fn the_pool_reuses_its_busiest_connection_and_closes_one_left_idle() {
         }
     };
     tokio::time::timeout(Duration::from_secs(5), ended).await.unwrap();
+}
+
+/// A budget of `permits` connections shared by the pools given it; gives up after 300 ms.
+struct SemaphoreBudget(Arc<tokio::sync::Semaphore>);
+
+impl ConnectionBudget for SemaphoreBudget {
+    fn take(&self, _first: bool) -> Pin<Box<dyn Future<Output = Option<BudgetPermit>> + Send + '_>> {
+        Box::pin(async move {
+            let permit = tokio::time::timeout(Duration::from_millis(300), self.0.clone().acquire_owned()).await;
+            permit.ok()?.ok().map(BudgetPermit::new)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pools_hold_one_budget_permit_per_open_connection_and_wait_for_their_own_when_it_is_spent() {
+    let pg = TestCluster::shared().await;
+    let db = unique_name("tapp_");
+    pg.create_database(&db).await.unwrap();
+    let permits = Arc::new(tokio::sync::Semaphore::new(2));
+    let settings = DbPoolSettings {
+        budget: Some(Arc::new(SemaphoreBudget(permits.clone()))),
+        ..DbPoolSettings::new(4, Duration::from_secs(5))
+    };
+    let (a, b) = (
+        DbPool::new(pg.admin_options(&db), settings.clone()),
+        DbPool::new(pg.admin_options(&db), settings),
+    );
+
+    // Pool a opens two connections: the whole budget.
+    let (first, second) = (a.acquire().await.unwrap(), a.acquire().await.unwrap());
+    assert_eq!(permits.available_permits(), 0);
+
+    // A third request on a waits for budget, and takes a's own connection when it comes back.
+    let third = tokio::spawn({
+        let a = a.clone();
+        async move {
+            let started = Instant::now();
+            let mut conn = a.acquire().await.unwrap();
+            sqlx::query("SELECT 1").execute(&mut *conn).await.unwrap();
+            started.elapsed()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!third.is_finished(), "no connection and no budget: it waits");
+    drop(first);
+    let waited = third.await.unwrap();
+    assert!(
+        waited < Duration::from_millis(300),
+        "took the returned connection ({waited:?})"
+    );
+    assert_eq!(a.size(), 2, "no third connection");
+
+    // Pool b has no room: it gets a timeout, not an error from PostgreSQL.
+    let refused = b.acquire().await.err().unwrap();
+    assert!(matches!(refused, sqlx::Error::PoolTimedOut), "{refused:?}");
+
+    // Connections closed for being idle give their permits back; b can connect then.
+    drop(second);
+    a.close_idle(Duration::ZERO);
+    assert_eq!((a.size(), permits.available_permits()), (0, 2));
+    drop(b.acquire().await.unwrap());
+    assert_eq!((b.size(), permits.available_permits()), (1, 1));
 }
