@@ -183,30 +183,17 @@ pub struct Connector {
 }
 
 /// Why a connection could not be opened.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// PostgreSQL refused or failed it, or the check after connecting failed.
-    Database(sqlx::Error),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
     /// The shared budget stayed spent.
+    #[error("the connection budget stayed spent")]
     NoBudget,
     /// One of the pool's connections came back while waiting for budget: take it instead.
+    #[error("a connection came back")]
     Returned,
-}
-
-impl std::fmt::Display for ConnectError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ConnectError::Database(error) => error.fmt(f),
-            ConnectError::NoBudget => f.write_str("the connection budget stayed spent"),
-            ConnectError::Returned => f.write_str("a connection came back"),
-        }
-    }
-}
-
-impl From<sqlx::Error> for ConnectError {
-    fn from(error: sqlx::Error) -> Self {
-        ConnectError::Database(error)
-    }
 }
 
 impl Connector {
@@ -219,6 +206,24 @@ impl Connector {
         let handed_out = metrics.recycled.unwrap_or(metrics.created);
         metrics.last_used() >= self.settings.ping_if_idle_for
             || self.nanos_since_epoch(handed_out) < self.suspect_until.load(Ordering::Acquire)
+    }
+
+    /// The budget permit a new connection holds: the one reserved for the first connection,
+    /// else one from the shared budget, unless one of the pool's own connections comes back
+    /// first.
+    async fn budget_permit(&self) -> Result<Option<BudgetPermit>, ConnectError> {
+        let Some(budget) = &self.settings.budget else {
+            return Ok(None);
+        };
+        if let Some(permit) = self.first_permit.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            return Ok(Some(permit));
+        }
+        let first = self.open.load(Ordering::Acquire) == 0;
+        tokio::select! {
+            biased;
+            permit = budget.take(first) => permit.map(Some).ok_or(ConnectError::NoBudget),
+            () = self.returned.notified() => Err(ConnectError::Returned),
+        }
     }
 }
 
@@ -252,26 +257,6 @@ impl managed::Manager for Connector {
             conn.conn.ping().await.map_err(ConnectError::Database)?;
         }
         Ok(())
-    }
-}
-
-impl Connector {
-    /// The budget permit a new connection holds: the one reserved for the first connection,
-    /// else one from the shared budget, unless one of the pool's own connections comes back
-    /// first.
-    async fn budget_permit(&self) -> Result<Option<BudgetPermit>, ConnectError> {
-        let Some(budget) = &self.settings.budget else {
-            return Ok(None);
-        };
-        if let Some(permit) = self.first_permit.lock().unwrap_or_else(PoisonError::into_inner).take() {
-            return Ok(Some(permit));
-        }
-        let first = self.open.load(Ordering::Acquire) == 0;
-        tokio::select! {
-            biased;
-            permit = budget.take(first) => permit.map(Some).ok_or(ConnectError::NoBudget),
-            () = self.returned.notified() => Err(ConnectError::Returned),
-        }
     }
 }
 
