@@ -24,6 +24,9 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a request waits for a pooled connection before answering 503.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often connections left idle are looked for.
+const IDLE_SWEEP: Duration = Duration::from_secs(1);
+
 /// Command line of `silo-tenant-app`.
 #[derive(clap::Parser)]
 #[command(name = "silo-tenant-app", version, about = "Serve one silo tenant database directly")]
@@ -46,9 +49,17 @@ pub struct Args {
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_connections: u32,
 
+    /// Close a pooled connection unused this long (e.g. 10m, 30s).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
     /// Apply the tenant schema migrations before serving.
     #[arg(long)]
     pub migrate: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
 fn parse_secret(s: &str) -> Result<SecretString, String> {
@@ -93,11 +104,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .context("apply tenant migrations")?;
         tracing::info!("tenant migrations applied");
     }
+    let sweeper = tokio::spawn(close_idle_connections(pool.clone(), args.idle_timeout));
     let tenant = TenantContext::new(args.tenant, pool.clone());
     let server = SingleTenantServer::new(listener, tenant);
     let addr = server.local_addr().context("read the listen address")?;
     println!("listening on http://{addr}");
     let result = server.run(shutdown_signal()).await;
+    sweeper.abort();
     // Requests cut off by the drain deadline may still hold connections: don't wait forever.
     if tokio::time::timeout(DRAIN_DEADLINE, pool.close_and_wait())
         .await
@@ -106,6 +119,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tracing::warn!("database connections still busy at exit");
     }
     result.context("serve HTTP")
+}
+
+/// Every [`IDLE_SWEEP`], closes the connections unused for `idle_timeout`: an app nobody
+/// calls for hours should not keep PostgreSQL backends waiting with it.
+async fn close_idle_connections(pool: DbPool, idle_timeout: Duration) {
+    let mut ticks = tokio::time::interval(IDLE_SWEEP);
+    loop {
+        ticks.tick().await;
+        pool.close_idle(idle_timeout);
+    }
 }
 
 /// `error` and its causes on one line, `outer: inner`, skipping a cause whose text the

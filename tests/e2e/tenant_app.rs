@@ -669,3 +669,67 @@ async fn pools_hold_one_budget_permit_per_open_connection_and_wait_for_their_own
     drop(b.acquire().await.unwrap());
     assert_eq!((b.size(), permits.available_permits()), (1, 1));
 }
+
+/// The standalone bin closes a connection left idle for `--idle-timeout`, and opens one again
+/// for the next request.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_standalone_app_closes_connections_left_idle() {
+    use secrecy::ExposeSecret;
+    use tokio::io::AsyncBufReadExt;
+
+    silo_tests::init_logging();
+    let pg = TestCluster::shared().await;
+    let db = unique_name("tapp_");
+    pg.create_database(&db).await.unwrap();
+    let observer = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(pg.admin_options("postgres"))
+        .await
+        .unwrap();
+    let setup = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(pg.admin_options(&db))
+        .await
+        .unwrap();
+    sqlx::migrate!("../migrations/tenant").run(&setup).await.unwrap();
+    let (key, hash) = api_keys::generate();
+    api_keys::insert(&setup, "ci", &hash).await.unwrap();
+    setup.close().await;
+
+    let url = format!(
+        "postgres://{}@127.0.0.1:{}/{db}",
+        silo_control_plane::localpg::SUPERUSER,
+        pg.port()
+    );
+    let mut app = tokio::process::Command::new(silo_tests::workspace_binary("silo-tenant-app"))
+        .args(["--listen", "127.0.0.1:0", "--tenant", "acme", "--idle-timeout", "1s"])
+        .env("DATABASE_URL", url)
+        .env("PGPASSWORD", pg.password().expose_secret())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(app.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next_line().await.unwrap().expect("the app printed its address");
+        if let Some(addr) = line.strip_prefix("listening on http://") {
+            break addr.to_owned();
+        }
+    };
+    let http = Client::new();
+    let get = || http.get(format!("http://{addr}/api/v1/tasks")).bearer_auth(&key).send();
+
+    assert_eq!(get().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(sessions_on(&observer, &db).await, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sessions_on(&observer, &db).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the idle connection is still open after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(sessions_on(&observer, &db).await, 1);
+    app.kill().await.unwrap();
+}
