@@ -38,7 +38,7 @@ use silo_control_plane::secrets::{
     tenant_secret_name, DbSecret, SecretStore, SecretStoreError, AWSCURRENT, AWSPENDING,
 };
 use silo_tenant_app::{
-    AfterConnect, AfterConnectFuture, BudgetPermit, ConnectionBudget, DbPool, DbPoolSettings, TenantContext,
+    AfterConnect, AfterConnectFuture, BudgetPermit, ConnectionBudget, DbPool, DbPoolSettings, TakePermit, TenantContext,
 };
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgConnection, Row};
@@ -645,10 +645,7 @@ struct ServerBudget {
 }
 
 impl ConnectionBudget for ServerBudget {
-    fn take(
-        &self,
-        first: bool,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<BudgetPermit>> + Send + '_>> {
+    fn take(&self, first: bool) -> TakePermit<'_> {
         Box::pin(async move {
             // The map is gone only once the router has shut down.
             let pools = Pools {

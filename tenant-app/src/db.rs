@@ -103,8 +103,11 @@ pub trait ConnectionBudget: Send + Sync {
     /// with no connection open (`first`), once room has been made (by closing other pools),
     /// and for a further connection once a permit is given back. `None` if none came within
     /// the budget's own bounded wait.
-    fn take(&self, first: bool) -> Pin<Box<dyn Future<Output = Option<BudgetPermit>> + Send + '_>>;
+    fn take(&self, first: bool) -> TakePermit<'_>;
 }
+
+/// What [`ConnectionBudget::take`] returns.
+pub type TakePermit<'a> = Pin<Box<dyn Future<Output = Option<BudgetPermit>> + Send + 'a>>;
 
 /// One connection's share of a [`ConnectionBudget`], given back when dropped.
 pub struct BudgetPermit {

@@ -27,7 +27,9 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
 
-pub use db::{AfterConnect, AfterConnectFuture, BudgetPermit, ConnectionBudget, DbConnection, DbPool, DbPoolSettings};
+pub use db::{
+    AfterConnect, AfterConnectFuture, BudgetPermit, ConnectionBudget, DbConnection, DbPool, DbPoolSettings, TakePermit,
+};
 pub use error::DatabaseAuthFailed;
 pub use standalone::SingleTenantServer;
 use verified_keys::VerifiedKeys;

@@ -4,8 +4,6 @@
 //! Each test gets its own database on the process's shared cluster and its own
 //! `SingleTenantServer` on 127.0.0.1:0, exactly as the standalone bin serves.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +11,7 @@ use reqwest::header::{ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
 use reqwest::{Client, Method, RequestBuilder, Response, StatusCode};
 use serde_json::{json, Value};
 use silo_tenant_app::{
-    api_keys, BudgetPermit, ConnectionBudget, DbPool, DbPoolSettings, SingleTenantServer, TenantContext,
+    api_keys, BudgetPermit, ConnectionBudget, DbPool, DbPoolSettings, SingleTenantServer, TakePermit, TenantContext,
     VERIFIED_KEY_TTL,
 };
 use silo_tests::pg::TestCluster;
@@ -611,7 +609,7 @@ async fn the_pool_reuses_its_busiest_connection_and_closes_one_left_idle() {
 struct SemaphoreBudget(Arc<tokio::sync::Semaphore>);
 
 impl ConnectionBudget for SemaphoreBudget {
-    fn take(&self, _first: bool) -> Pin<Box<dyn Future<Output = Option<BudgetPermit>> + Send + '_>> {
+    fn take(&self, _first: bool) -> TakePermit<'_> {
         Box::pin(async move {
             let permit = tokio::time::timeout(Duration::from_millis(300), self.0.clone().acquire_owned()).await;
             permit.ok()?.ok().map(BudgetPermit::new)
