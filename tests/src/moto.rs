@@ -125,14 +125,26 @@ impl MotoServer {
                 bail!("moto_server exited");
             }
             match client.get(&url).send().await {
-                Ok(r) if r.status().is_success() => return Ok(()),
+                // Another test's server may hold the port this one failed to bind: only
+                // this process's own startup line says the answer came from it.
+                Ok(r) if r.status().is_success() && self.says_it_listens() => return Ok(()),
                 Ok(r) if Instant::now() > deadline => {
-                    bail!("GET /moto-api/ answered {}", r.status())
+                    bail!(
+                        "GET /moto-api/ answered {}, and the log says it listens: {}",
+                        r.status(),
+                        self.says_it_listens()
+                    )
                 }
                 Err(e) if Instant::now() > deadline => return Err(e).context("GET /moto-api/"),
                 _ => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
+    }
+
+    /// Whether the server's log says it bound its port (werkzeug prints this after binding).
+    fn says_it_listens(&self) -> bool {
+        let line = format!("Running on http://127.0.0.1:{}", self.port);
+        std::fs::read_to_string(&self.log).is_ok_and(|log| log.contains(&line))
     }
 
     /// `http://127.0.0.1:PORT`, for `aws_endpoint_url`.
