@@ -20,6 +20,36 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
+/// A new empty database on `pg`; its name.
+async fn fresh_database(pg: &TestCluster) -> String {
+    let db = unique_name("tapp_");
+    pg.create_database(&db).await.unwrap();
+    db
+}
+
+/// Applies the tenant migrations to the database `options` reach and stores API key `ci`;
+/// returns a pool on that database and the key.
+async fn migrated_with_key(options: PgConnectOptions) -> (PgPool, String) {
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options)
+        .await
+        .unwrap();
+    sqlx::migrate!("../migrations/tenant").run(&pool).await.unwrap();
+    let (key, hash) = api_keys::generate();
+    api_keys::insert(&pool, "ci", &hash).await.unwrap();
+    (pool, key)
+}
+
+/// A connection to `pg`'s `postgres` database, to count sessions from.
+async fn observer(pg: &TestCluster) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(pg.admin_options("postgres"))
+        .await
+        .unwrap()
+}
+
 /// A tenant database with the tenant schema and one key, served over HTTP.
 struct Tenant {
     slug: String,
@@ -34,21 +64,13 @@ impl Tenant {
     /// A fresh database on the shared cluster, migrated, with key `ci`, and its server.
     async fn start() -> Tenant {
         let pg = TestCluster::shared().await;
-        let db = unique_name("tapp_");
-        pg.create_database(&db).await.unwrap();
+        let db = fresh_database(pg).await;
         Tenant::serve(pg.admin_options(&db)).await
     }
 
     async fn serve(options: PgConnectOptions) -> Tenant {
         silo_tests::init_logging();
-        let pool = PgPoolOptions::new()
-            .max_connections(2)
-            .connect_with(options.clone())
-            .await
-            .unwrap();
-        sqlx::migrate!("../migrations/tenant").run(&pool).await.unwrap();
-        let (key, hash) = api_keys::generate();
-        api_keys::insert(&pool, "ci", &hash).await.unwrap();
+        let (pool, key) = migrated_with_key(options.clone()).await;
         let slug = unique_name("t");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         // The pool the standalone bin uses.
@@ -514,8 +536,7 @@ async fn unknown_tasks_routes_and_methods() {
 async fn a_database_that_is_down_is_tenant_unavailable() {
     // A cluster of its own: this test stops it.
     let pg = TestCluster::start().await.unwrap();
-    let db = unique_name("tapp_");
-    pg.create_database(&db).await.unwrap();
+    let db = fresh_database(&pg).await;
     let t = Tenant::serve(pg.admin_options(&db)).await;
     t.create("before").await;
 
@@ -554,13 +575,8 @@ async fn sessions_on(pool: &PgPool, db: &str) -> i64 {
 async fn the_pool_reuses_its_busiest_connection_and_closes_one_left_idle() {
     use std::time::Duration;
     let pg = TestCluster::shared().await;
-    let db = unique_name("tapp_");
-    pg.create_database(&db).await.unwrap();
-    let observer = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(pg.admin_options("postgres"))
-        .await
-        .unwrap();
+    let db = fresh_database(pg).await;
+    let observer = observer(pg).await;
     let pool = DbPool::connect(pg.admin_options(&db), DbPoolSettings::new(4, Duration::from_secs(2)))
         .await
         .unwrap();
@@ -620,8 +636,7 @@ impl ConnectionBudget for SemaphoreBudget {
 #[tokio::test(flavor = "multi_thread")]
 async fn pools_hold_one_budget_permit_per_open_connection_and_wait_for_their_own_when_it_is_spent() {
     let pg = TestCluster::shared().await;
-    let db = unique_name("tapp_");
-    pg.create_database(&db).await.unwrap();
+    let db = fresh_database(pg).await;
     let permits = Arc::new(tokio::sync::Semaphore::new(2));
     let settings = DbPoolSettings {
         budget: Some(Arc::new(SemaphoreBudget(permits.clone()))),
@@ -677,21 +692,9 @@ async fn the_standalone_app_closes_connections_left_idle() {
 
     silo_tests::init_logging();
     let pg = TestCluster::shared().await;
-    let db = unique_name("tapp_");
-    pg.create_database(&db).await.unwrap();
-    let observer = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(pg.admin_options("postgres"))
-        .await
-        .unwrap();
-    let setup = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(pg.admin_options(&db))
-        .await
-        .unwrap();
-    sqlx::migrate!("../migrations/tenant").run(&setup).await.unwrap();
-    let (key, hash) = api_keys::generate();
-    api_keys::insert(&setup, "ci", &hash).await.unwrap();
+    let db = fresh_database(pg).await;
+    let observer = observer(pg).await;
+    let (setup, key) = migrated_with_key(pg.admin_options(&db)).await;
     setup.close().await;
 
     let url = format!(
