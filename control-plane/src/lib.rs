@@ -14,6 +14,7 @@ pub mod cp_main;
 pub mod jobs;
 pub mod localpg;
 pub mod names;
+pub mod pooling;
 pub mod provision;
 pub mod rollout;
 pub mod rotation;

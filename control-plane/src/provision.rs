@@ -105,6 +105,8 @@ pub struct ProvisionParams {
 pub const PROVISION_STEPS: [&str; 5] = ["secret", "roles", "database", "schema", "activate"];
 /// The steps of a `delete` job, in order.
 pub const DELETE_STEPS: [&str; 4] = ["database", "roles", "secret", "tombstone"];
+/// SQLSTATE of a role (or other object) that does not exist.
+const UNDEFINED_OBJECT: &str = "42704";
 
 /// Runs the steps of tenant jobs: provisioning and deletion here, rotation in `rotation`.
 pub struct Provisioner {
@@ -283,14 +285,21 @@ impl Provisioner {
             .connect(&slug.database_name())
             .await
             .step("connect to tenant database")?;
-        if role_exists(&mut conn, template::TEMPLATE_OWNER).await? {
-            let from = quote_ident(template::TEMPLATE_OWNER);
-            ddl(
-                &mut conn,
-                &format!("REASSIGN OWNED BY {from} TO {owner}"),
-                "hand template objects to owner",
-            )
-            .await?;
+        // What was copied from a template or a spare belongs to the template owner; without
+        // that role (templates never built) there is nothing to hand over.
+        let from = quote_ident(template::TEMPLATE_OWNER);
+        match ddl(
+            &mut conn,
+            &format!("REASSIGN OWNED BY {from} TO {owner}"),
+            "hand template objects to owner",
+        )
+        .await
+        {
+            Err(ProvisionError::Database {
+                source: sqlx::Error::Database(e),
+                ..
+            }) if e.code().as_deref() == Some(UNDEFINED_OBJECT) => {}
+            other => other?,
         }
         let version = own_schema_and_migrate(&mut conn, &slug.owner_role(), migrations).await?;
         if version != migrations.latest_version() {
@@ -537,9 +546,10 @@ async fn role_exists(conn: &mut PgConnection, role: &str) -> Result<bool, Provis
 }
 
 /// Runs one DDL statement built only from validated, quoted identifiers and silo-generated
-/// literals.
+/// literals, as a simple query: one round trip, and no prepared statement left behind for a
+/// text that never comes again.
 pub(crate) async fn ddl(conn: &mut PgConnection, sql: &str, step: &'static str) -> Result<(), ProvisionError> {
-    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
         .execute(conn)
         .await
         .step(step)?;

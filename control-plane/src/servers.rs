@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgConnection, PgPool};
 
 use crate::config::{AdminPassword, Config, ServerConfig};
@@ -96,7 +96,7 @@ impl Servers {
                         })?
                 }
             };
-            let admin = PgPoolOptions::new()
+            let admin = crate::pooling::options()
                 .max_connections(4)
                 .acquire_timeout(Duration::from_secs(10))
                 .connect_lazy_with(admin_options(s, &password, "postgres"));

@@ -63,7 +63,7 @@ pub async fn claim(server: &Server, migrations: &TenantMigrations, database: &st
             quote_ident(&spare),
             quote_ident(database)
         );
-        match sqlx::query(sqlx::AssertSqlSafe(rename)).execute(&mut *admin).await {
+        match sqlx::raw_sql(sqlx::AssertSqlSafe(rename)).execute(&mut *admin).await {
             Ok(_) => {
                 metrics::counter!("silo_spare_claims_total", "outcome" => "claimed").increment(1);
                 debug!(spare, database, "claimed a spare database");
@@ -145,10 +145,11 @@ async fn fill(
     if current >= count && others.is_empty() {
         return Ok(());
     }
-    let mut lock_conn = server.connect("postgres").await.step("connect to server")?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+    // Held by a transaction on a pooled connection: released with it, however this ends.
+    let mut lock = server.admin.begin().await.step("lock spare databases")?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
         .bind(FILL_LOCK)
-        .fetch_one(&mut lock_conn)
+        .fetch_one(&mut *lock)
         .await
         .step("lock spare databases")?;
     let filled = async {
@@ -169,7 +170,7 @@ async fn fill(
         Ok(())
     }
     .await;
-    let _ = lock_conn.close().await;
+    let _ = lock.rollback().await;
     filled
 }
 

@@ -82,7 +82,7 @@ impl TenantMigrations {
             return Ok(version_of(&applied));
         }
         let setup = format!(
-            "DO $$ BEGIN PERFORM pg_advisory_lock({LOCK_KEY}); END $$;\nSET ROLE {};\n{CREATE_TABLE}",
+            "SELECT pg_advisory_lock({LOCK_KEY});\nSET ROLE {};\n{CREATE_TABLE}",
             quote_ident(owner_role)
         );
         let result = match sqlx::raw_sql(sqlx::AssertSqlSafe(setup)).execute(&mut *conn).await {

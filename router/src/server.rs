@@ -22,7 +22,6 @@ use hyper_util::server::conn::auto;
 use silo_control_plane::catalog;
 use silo_control_plane::config::Config;
 use silo_control_plane::secrets;
-use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -292,7 +291,7 @@ impl RouterServer {
 /// catalog is down), named `silo-router` in `pg_stat_activity`.
 fn catalog_pool(config: &Config, max_connections: u32) -> anyhow::Result<PgPool> {
     let options = catalog::connect_options(&config.catalog).context("catalog_url")?;
-    Ok(PgPoolOptions::new()
+    Ok(silo_control_plane::pooling::options()
         .max_connections(max_connections)
         .acquire_timeout(CATALOG_ACQUIRE_TIMEOUT)
         .connect_lazy_with(options.application_name(APPLICATION_NAME)))

@@ -557,6 +557,41 @@ async fn events_still_arrive_after_the_listener_connection_is_killed() {
     stack.stop().await.unwrap();
 }
 
+/// Pooled catalog connections cut while idle (a catalog restart or failover, an idle timeout
+/// on the way) are found dead and replaced before a statement runs on them: the next
+/// lookups of router and control plane succeed.
+#[tokio::test(flavor = "multi_thread")]
+async fn catalog_connections_cut_while_idle_are_replaced_before_use() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let (first, second) = (unique_name("rc"), unique_name("rc"));
+    let first_key = stack.create_tenant(&first).await.unwrap();
+    let second_key = stack.create_tenant(&second).await.unwrap();
+    let get = |slug: &str, key: &str| {
+        stack
+            .tenant_request(Method::GET, &format!("{slug}.localhost"), "/api/v1/me")
+            .bearer_auth(key)
+            .send()
+    };
+    assert_eq!(get(&first, &first_key).await.unwrap().status(), StatusCode::OK);
+
+    let cut: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid() AND query NOT ILIKE 'LISTEN%'",
+    )
+    .bind(catalog_db(&stack))
+    .fetch_all(stack.catalog())
+    .await
+    .unwrap();
+    assert!(cut.len() >= 2, "router and control plane had catalog connections open");
+    tokio::time::sleep(silo_control_plane::pooling::PING_IDLE_AFTER + Duration::from_millis(500)).await;
+
+    // Not cached by the router yet: resolved through its catalog pool.
+    assert_eq!(get(&second, &second_key).await.unwrap().status(), StatusCode::OK);
+    let (status, body) = stack.admin(Method::GET, "/v1/tenants", None).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    stack.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn known_tenants_are_served_while_the_catalog_fails() {
     let stack = Stack::start(StackOptions::default()).await.unwrap();

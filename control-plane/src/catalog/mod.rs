@@ -10,7 +10,7 @@ pub mod tenants;
 use std::time::Duration;
 
 use secrecy::ExposeSecret;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 
 use crate::config::CatalogConfig;
@@ -44,7 +44,7 @@ pub fn connect_options(cfg: &CatalogConfig) -> Result<PgConnectOptions, CatalogE
 /// A pool on the catalog. Connects lazily so a router can start (and keep serving known
 /// tenants) while the catalog is down.
 pub fn pool(cfg: &CatalogConfig, max_connections: u32) -> Result<PgPool, CatalogError> {
-    Ok(PgPoolOptions::new()
+    Ok(crate::pooling::options()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy_with(connect_options(cfg)?))

@@ -120,7 +120,8 @@ async fn connect_each(stack: &Stack, tenants: &[String], concurrency: usize) -> 
     Ok(started.elapsed())
 }
 
-/// Where provisioning time goes: the control plane's own step timings (median).
+/// Where provisioning time goes: the control plane's own step timings (median), and how many
+/// databases were spares.
 async fn print_step_medians(stack: &Stack) -> anyhow::Result<()> {
     let text = reqwest::get(format!("http://{}/metrics", stack.control_plane_addr()))
         .await?
@@ -134,6 +135,13 @@ async fn print_step_medians(stack: &Stack) -> anyhow::Result<()> {
             let (labels, value) = line.rsplit_once(' ').context("metric line")?;
             let ms = value.parse::<f64>().unwrap_or(f64::NAN) * 1000.0;
             println!("    {labels:<70} {ms:>7.1}");
+        }
+    }
+    println!("  where the databases came from (a spare, or a copy of the template when none was left):");
+    for line in text.lines() {
+        if line.starts_with("silo_tenant_databases_created_total{") {
+            let (labels, count) = line.rsplit_once(' ').context("metric line")?;
+            println!("    {labels:<70} {count:>7}");
         }
     }
     Ok(())
