@@ -199,6 +199,17 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
+    // Creating 600 databases dirtied gigabytes of page cache; rolling out while the kernel
+    // writes them back would measure the disk. Wait for it, as a fleet between sign-up
+    // bursts would have.
+    let flushing = Instant::now();
+    tokio::task::spawn_blocking(nix::unistd::sync).await?;
+    println!(
+        "\npage cache written back in {:.1} s; load average {}",
+        flushing.elapsed().as_secs_f64(),
+        load_average()
+    );
+
     let m = &stack.config().migrations;
     let servers = stack.config().servers.len();
     let lanes = m.concurrency.min(m.per_server_concurrency * servers);
