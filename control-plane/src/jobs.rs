@@ -30,6 +30,9 @@ pub struct Job {
     pub step: Option<String>,
     /// Times it was claimed.
     pub attempts: i32,
+    /// `attempts` when an operator last queued it again (0 if never).
+    #[serde(skip)]
+    pub attempts_before_requeue: i32,
     /// Why it failed.
     pub error: Option<String>,
     /// Kind-specific progress.
@@ -43,7 +46,15 @@ pub struct Job {
     pub updated_at: DateTime<Utc>,
 }
 
-const COLUMNS: &str = "id, kind, tenant, state, step, attempts, error, progress, params, created_at, updated_at";
+const COLUMNS: &str =
+    "id, kind, tenant, state, step, attempts, attempts_before_requeue, error, progress, params, created_at, updated_at";
+
+impl Job {
+    /// Times it was claimed since it was last queued (by its creation or an operator's retry).
+    pub fn attempts_since_queued(&self) -> i32 {
+        self.attempts - self.attempts_before_requeue
+    }
+}
 
 /// Queues a job and wakes the workers (on commit).
 pub async fn enqueue(
@@ -203,7 +214,8 @@ pub async fn requeue(tx: &mut PgConnection, id: i64) -> Result<Option<Result<Job
         None => Ok(None),
         Some("failed") => {
             let job = sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(
-                "UPDATE jobs SET state = 'queued', error = NULL, updated_at = now(), finished_at = NULL \
+                "UPDATE jobs SET state = 'queued', error = NULL, attempts_before_requeue = attempts, \
+                   updated_at = now(), finished_at = NULL \
                  WHERE id = $1 RETURNING {COLUMNS}"
             )))
             .bind(id)

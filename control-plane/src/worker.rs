@@ -16,7 +16,8 @@ use crate::jobs::{self, Job, JOBS_CHANNEL};
 use crate::provision::{ProvisionError, Provisioner};
 
 /// A job that failed transiently (see `ProvisionError::is_transient`) runs again until it
-/// has been tried this many times; then it fails for an operator to look at.
+/// has been tried this many times since it was queued; then it fails for an operator to look
+/// at, whose retry queues it with as many again.
 const MAX_ATTEMPTS: i32 = 5;
 /// Wait before the first automatic retry; doubled for each further one (1, 2, 4, 8 s).
 const RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -131,9 +132,10 @@ impl Workers {
         let message = failure.map(ToString::to_string);
         let mut tx = self.catalog.begin().await?;
         if let (Some(failure), Some(message)) = (failure, &message) {
-            if failure.is_transient() && job.attempts < MAX_ATTEMPTS {
+            let attempt = job.attempts_since_queued();
+            if failure.is_transient() && attempt < MAX_ATTEMPTS {
                 // Every step checks what exists first, so running the job again resumes it.
-                let delay = RETRY_DELAY * 2u32.pow(u32::try_from(job.attempts - 1).unwrap_or(0));
+                let delay = RETRY_DELAY * 2u32.pow(u32::try_from(attempt - 1).unwrap_or(0));
                 warn!(error = %message, attempt = job.attempts, retry_in = ?delay, "job failed transiently; it runs again");
                 jobs::retry_later(&mut tx, job.id, message, delay).await?;
                 return tx.commit().await;

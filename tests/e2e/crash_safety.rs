@@ -44,6 +44,43 @@ async fn a_transient_failure_is_retried_without_an_operator() {
     stack.stop().await.unwrap();
 }
 
+/// An operator's retry queues a job with all its automatic retries, however often it ran
+/// before: a transient failure after the fifth manual retry is still retried by itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_retried_by_an_operator_gets_its_automatic_retries_again() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    fail::cfg("provision-after-step", "return(roles)").unwrap();
+    let slug = unique_name("again");
+    let (status, created) = stack
+        .admin(Method::POST, "/v1/tenants", Some(json!({"slug": slug})))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let job_id = created["job"]["id"].as_i64().unwrap();
+    let mut job = stack.wait_job(job_id).await.unwrap();
+    for _ in 0..4 {
+        assert_eq!(job["state"], "failed", "{job}");
+        job = stack.retry_job(job_id).await.unwrap();
+    }
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["attempts"], 5, "{job}");
+
+    fail::remove("provision-after-step");
+    fail::cfg("provision-unavailable-after-database", "1*return").unwrap();
+    let job = stack.retry_job(job_id).await.unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(
+        job["attempts"], 7,
+        "one transient failure, retried automatically: {job}"
+    );
+    let resp = stack
+        .tenant_get(&slug, created["api_key"].as_str().unwrap(), "/api/v1/me")
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    stack.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn provisioning_interrupted_after_each_step_completes_on_retry() {
     let stack = Stack::start(StackOptions::default()).await.unwrap();
