@@ -16,3 +16,17 @@ pub fn load_average() -> String {
         .and_then(|s| s.split_whitespace().next().map(str::to_owned))
         .unwrap_or_else(|| "?".into())
 }
+
+/// Waits until the kernel has written dirty pages back to disk, and prints how long that took.
+/// Creating databases dirties gigabytes of page cache; measuring while the kernel writes them
+/// back would measure the disk.
+pub async fn wait_for_write_back() -> anyhow::Result<()> {
+    let flushing = std::time::Instant::now();
+    tokio::task::spawn_blocking(nix::unistd::sync).await?;
+    println!(
+        "page cache written back in {:.1} s; load average {}",
+        flushing.elapsed().as_secs_f64(),
+        load_average()
+    );
+    Ok(())
+}

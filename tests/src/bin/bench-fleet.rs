@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use reqwest::Method;
 use serde_json::{json, Value};
-use silo_tests::bench::{load_average, percentile};
+use silo_tests::bench::{load_average, percentile, wait_for_write_back};
 use silo_tests::stack::{Stack, StackOptions};
 use sqlx::{ConnectOptions, Connection};
 use tokio::task::JoinSet;
@@ -199,16 +199,9 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
-    // Creating 600 databases dirtied gigabytes of page cache; rolling out while the kernel
-    // writes them back would measure the disk. Wait for it, as a fleet between sign-up
-    // bursts would have.
-    let flushing = Instant::now();
-    tokio::task::spawn_blocking(nix::unistd::sync).await?;
-    println!(
-        "\npage cache written back in {:.1} s; load average {}",
-        flushing.elapsed().as_secs_f64(),
-        load_average()
-    );
+    // After 600 new databases, as a fleet between sign-up bursts would be.
+    println!();
+    wait_for_write_back().await?;
 
     let m = &stack.config().migrations;
     let servers = stack.config().servers.len();

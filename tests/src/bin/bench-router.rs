@@ -39,7 +39,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use secrecy::ExposeSecret;
 use silo_control_plane::secrets::DbSecret;
-use silo_tests::bench::{load_average, percentile};
+use silo_tests::bench::{load_average, percentile, wait_for_write_back};
 use silo_tests::pg::TestCluster;
 use silo_tests::stack::{Stack, StackOptions};
 use sqlx::postgres::PgConnectOptions;
@@ -592,15 +592,7 @@ async fn main() -> anyhow::Result<()> {
         "{n} tenants created in {:.0} s ({CREATE_CONCURRENCY} at a time)",
         started.elapsed().as_secs_f64()
     );
-    // Creating the databases dirtied gigabytes of page cache; measuring while the kernel
-    // writes them back would measure the disk. Wait for it.
-    let flushing = Instant::now();
-    tokio::task::spawn_blocking(nix::unistd::sync).await?;
-    println!(
-        "page cache written back in {:.0} s; load average {}",
-        flushing.elapsed().as_secs_f64(),
-        load_average()
-    );
+    wait_for_write_back().await?;
 
     let measured_tenant = &tenants[0];
     let secret = credentials(&stack, measured_tenant).await?;
