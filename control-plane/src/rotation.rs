@@ -77,7 +77,7 @@ impl Provisioner {
                 }
                 "test_secret" => {
                     let pending = self.pending(&secret_name, &params.version).await?;
-                    test_login(&slug, &pending).await?;
+                    test_login(server, &slug, &pending).await?;
                 }
                 _ => self.finish(&slug, &secret_name, &params.version).await?,
             }
@@ -208,9 +208,9 @@ async fn set_password(server: &Server, slug: &TenantSlug, pending: &DbSecret) ->
 
 /// Step `test_secret`: the pending secret logs in, to the right database, as the right role
 /// (`session_user`), acting as the tenant's owner role (`current_user`).
-async fn test_login(slug: &TenantSlug, pending: &DbSecret) -> Result<(), ProvisionError> {
+async fn test_login(server: &Server, slug: &TenantSlug, pending: &DbSecret) -> Result<(), ProvisionError> {
     let mut conn = pending
-        .connect_options()
+        .connect_options(&server.config.tls)
         .connect()
         .await
         .step("log in with the pending secret")?;

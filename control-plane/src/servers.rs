@@ -142,12 +142,13 @@ impl Servers {
 }
 
 fn admin_options(config: &ServerConfig, password: &SecretString, database: &str) -> PgConnectOptions {
-    PgConnectOptions::new()
+    let options = PgConnectOptions::new_without_pgpass()
         .host(&config.host)
         .port(config.port)
         .username(&config.admin_user)
         .password(password.expose_secret())
-        .database(database)
+        .database(database);
+    config.tls.apply(options)
 }
 
 /// Reads an admin password stored as a database secret (`{"password": ...}`) or as plain text.

@@ -23,8 +23,12 @@
 //! Every new connection checks it is in the tenant's database as one of the tenant's login
 //! roles (an isolation self-check); a mismatch is refused and logged as an error.
 //!
+//! Connections use the TLS settings (`sslmode`, `sslrootcert`) of the tenant's server in the
+//! router's `[[servers]]`; a tenant on a server missing from there is not served.
+//!
 //! Connect options carry the tenant's password: they are built on one line and never logged.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,7 +36,7 @@ use std::time::{Duration, Instant};
 use moka::future::Cache;
 use moka::notification::RemovalCause;
 use silo_control_plane::catalog::routes::TenantRoute;
-use silo_control_plane::config::Config;
+use silo_control_plane::config::{Config, ServerTls};
 use silo_control_plane::names::TenantSlug;
 use silo_control_plane::secrets::{
     tenant_secret_name, DbSecret, SecretStore, SecretStoreError, AWSCURRENT, AWSPENDING,
@@ -70,6 +74,10 @@ pub(crate) enum PoolError {
     /// The catalog holds a slug that does not validate (never expected).
     #[error("tenant {0:?} in the catalog is not a valid slug")]
     BadSlug(String),
+    /// The tenant's server is not among this router's `[[servers]]`, so how to reach it
+    /// (its TLS settings) is unknown.
+    #[error("server {0:?} is not in the router's config")]
+    UnknownServer(String),
     /// The tenant has no current secret.
     #[error("secret {0:?} has no AWSCURRENT version")]
     SecretMissing(String),
@@ -116,6 +124,8 @@ pub(crate) struct PoolSettings {
     pub(crate) connect_timeout: Duration,
     /// `secrets.name_prefix`.
     pub(crate) secret_prefix: String,
+    /// `[[servers]]` TLS settings by server name.
+    pub(crate) server_tls: HashMap<String, ServerTls>,
 }
 
 impl PoolSettings {
@@ -130,6 +140,11 @@ impl PoolSettings {
             max_lifetime: router.pool_max_lifetime,
             connect_timeout: router.connect_timeout,
             secret_prefix: config.secrets.name_prefix.clone(),
+            server_tls: config
+                .servers
+                .iter()
+                .map(|server| (server.name.clone(), server.tls.clone()))
+                .collect(),
         }
     }
 }
@@ -374,7 +389,7 @@ impl Pools {
     async fn connect(&self, route: &TenantRoute, permit: ConnectionPermit) -> Result<(DbPool, String), PoolError> {
         let settings = &self.inner.settings;
         let (options, version) = self
-            .read_options(&route.slug, AWSCURRENT)
+            .read_options(&route.slug, &route.server, AWSCURRENT)
             .await?
             .ok_or_else(|| PoolError::SecretMissing(self.secret_name(&route.slug).unwrap_or_default()))?;
         let slug = TenantSlug::parse(&route.slug).map_err(|_| PoolError::BadSlug(route.slug.clone()))?;
@@ -403,7 +418,7 @@ impl Pools {
         // `finish_secret`): the pending version, or a current one that moved meanwhile.
         let mut tried = vec![version];
         for stage in [AWSPENDING, AWSCURRENT] {
-            let Some((options, version)) = self.read_options(&route.slug, stage).await? else {
+            let Some((options, version)) = self.read_options(&route.slug, &route.server, stage).await? else {
                 continue;
             };
             if tried.contains(&version) {
@@ -429,16 +444,27 @@ impl Pools {
         Ok(tenant_secret_name(&self.inner.settings.secret_prefix, &slug))
     }
 
-    /// Connect options and version id from the tenant's secret version at `stage`, if there
-    /// is one. The options hold the password: never log them.
-    async fn read_options(&self, slug: &str, stage: &str) -> Result<Option<(PgConnectOptions, String)>, PoolError> {
+    /// Connect options (with `server`'s TLS settings) and version id from the tenant's secret
+    /// version at `stage`, if there is one. The options hold the password: never log them.
+    async fn read_options(
+        &self,
+        slug: &str,
+        server: &str,
+        stage: &str,
+    ) -> Result<Option<(PgConnectOptions, String)>, PoolError> {
+        let tls = self
+            .inner
+            .settings
+            .server_tls
+            .get(server)
+            .ok_or_else(|| PoolError::UnknownServer(server.to_owned()))?;
         let name = self.secret_name(slug)?;
         let Some(version) = self.inner.secrets.get_secret_value(&name, stage).await? else {
             return Ok(None);
         };
         let secret = DbSecret::from_secret(&version.value, &name)?;
         Ok(Some((
-            secret.connect_options().application_name(APPLICATION_NAME),
+            secret.connect_options(tls).application_name(APPLICATION_NAME),
             version.version_id,
         )))
     }
@@ -447,10 +473,11 @@ impl Pools {
     async fn read_options_timed(
         &self,
         slug: &str,
+        server: &str,
         stage: &str,
     ) -> Result<Option<(PgConnectOptions, String)>, PoolError> {
         let timeout = self.inner.settings.connect_timeout;
-        tokio::time::timeout(timeout, self.read_options(slug, stage))
+        tokio::time::timeout(timeout, self.read_options(slug, server, stage))
             .await
             .unwrap_or(Err(PoolError::Timeout(timeout)))
     }
@@ -464,7 +491,7 @@ impl Pools {
             return;
         };
         let mut in_use = tenant.credentials.lock().await;
-        match self.read_options_timed(slug, AWSCURRENT).await {
+        match self.read_options_timed(slug, &tenant.server, AWSCURRENT).await {
             Ok(Some((options, version))) if same_database(&tenant.pool().connect_options(), &options) => {
                 switch(&tenant, &mut in_use, options, version);
                 // Not verified: by the time this event is handled, the next `single` rotation
@@ -507,7 +534,7 @@ impl Pools {
         }
         let mut candidates = Vec::with_capacity(2);
         for stage in [AWSPENDING, AWSCURRENT] {
-            match self.read_options_timed(tenant.slug(), stage).await {
+            match self.read_options_timed(tenant.slug(), &tenant.server, stage).await {
                 Ok(Some((options, version))) if same_database(&tenant.pool().connect_options(), &options) => {
                     candidates.push((stage, options, version));
                 }

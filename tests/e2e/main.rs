@@ -12,6 +12,7 @@ mod rotation;
 mod router;
 mod router_limits;
 mod secrets;
+mod server_tls;
 mod shutdown;
 mod siloctl;
 mod tenant_app;

@@ -23,13 +23,13 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 /// A certificate authority of the test's own.
-struct TestCa {
+pub(crate) struct TestCa {
     issuer: Issuer<'static, KeyPair>,
-    pem: String,
+    pub(crate) pem: String,
 }
 
 impl TestCa {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name.push(DnType::CommonName, "silo test CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -43,7 +43,7 @@ impl TestCa {
     }
 
     /// A certificate for `names`, written to `{dir}/{file}.crt` and `.key`; returns its DER.
-    fn issue(&self, names: &[&str], dir: &Path, file: &str) -> CertificateDer<'static> {
+    pub(crate) fn issue(&self, names: &[&str], dir: &Path, file: &str) -> CertificateDer<'static> {
         let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name.push(DnType::CommonName, names[0]);
         let key = KeyPair::generate().unwrap();

@@ -55,7 +55,21 @@ impl TestCluster {
         TestCluster::start_with(400).await
     }
 
+    /// A cluster of its own that refuses every connection not over TLS (`hostssl` only in
+    /// `pg_hba.conf`), serving the certificate `cert_pem` with key `key_pem`.
+    pub async fn start_tls_only(cert_pem: &str, key_pem: &str) -> anyhow::Result<TestCluster> {
+        TestCluster::start_configured(400, |data_dir| require_tls(data_dir, cert_pem, key_pem)).await
+    }
+
     async fn start_with(max_connections: u32) -> anyhow::Result<TestCluster> {
+        TestCluster::start_configured(max_connections, |_| Ok(())).await
+    }
+
+    /// Inits a cluster, lets `configure` change its data directory, then starts it.
+    async fn start_configured(
+        max_connections: u32,
+        configure: impl FnOnce(&std::path::Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<TestCluster> {
         static N: AtomicU32 = AtomicU32::new(0);
         sweep_stale_dirs();
         let dir = std::env::temp_dir().join(format!(
@@ -68,6 +82,7 @@ impl TestCluster {
         let data_dir = dir.join("data");
         let password = SecretString::from(format!("pw-{}", crate::unique_name("")));
         tokio::task::block_in_place(|| LocalCluster::init(&data_dir, &password))?;
+        configure(&data_dir)?;
         let options = ClusterOptions {
             fsync: false,
             max_connections,
@@ -184,4 +199,38 @@ fn sweep_stale_dirs() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// Turns TLS on in the cluster at `data_dir` with this certificate and key, and lets only TLS
+/// connections in (SCRAM still required). Files are given to the data directory's owner.
+fn require_tls(data_dir: &std::path::Path, cert_pem: &str, key_pem: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+
+    let owner = std::fs::metadata(data_dir)?;
+    let give = |name: &str, contents: &str| -> anyhow::Result<()> {
+        let path = data_dir.join(name);
+        std::fs::write(&path, contents).with_context(|| format!("write {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        nix::unistd::chown(
+            &path,
+            Some(nix::unistd::Uid::from_raw(owner.uid())),
+            Some(nix::unistd::Gid::from_raw(owner.gid())),
+        )?;
+        Ok(())
+    };
+    give("server.crt", cert_pem)?;
+    give("server.key", key_pem)?;
+    give(
+        "pg_hba.conf",
+        "hostssl all all 127.0.0.1/32 scram-sha-256\nhostnossl all all 127.0.0.1/32 reject\n",
+    )?;
+    let mut conf = std::fs::OpenOptions::new()
+        .append(true)
+        .open(data_dir.join("postgresql.conf"))?;
+    writeln!(
+        conf,
+        "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'"
+    )?;
+    Ok(())
 }

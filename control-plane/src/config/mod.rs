@@ -12,8 +12,10 @@ use std::time::Duration;
 use secrecy::SecretString;
 
 use raw::{default_plan, RawConfig, RawPlan};
+pub use server_tls::ServerTls;
 
 mod raw;
+mod server_tls;
 
 /// More spares than this is a typo, not a plan: each is a full copy of the template.
 const MAX_SPARE_DATABASES: usize = 64;
@@ -158,6 +160,8 @@ pub struct ServerConfig {
     pub admin_password: AdminPassword,
     /// No more tenants are placed here beyond this many.
     pub max_tenants: u32,
+    /// TLS of every connection silo opens to it (`sslmode`, `sslrootcert`).
+    pub tls: ServerTls,
 }
 
 /// The `[control_plane]` section.
@@ -431,6 +435,9 @@ impl Config {
                     ))
                 }
             };
+            let root_cert = s.sslrootcert.map(|p| resolve(PathBuf::from(p)));
+            let tls = ServerTls::parse(s.sslmode.as_deref(), root_cert.as_deref())
+                .map_err(|(field, problem)| invalid(key(field), problem))?;
             servers.push(ServerConfig {
                 name: s.name,
                 host: s.host,
@@ -438,6 +445,7 @@ impl Config {
                 admin_user: s.admin_user,
                 admin_password,
                 max_tenants: s.max_tenants,
+                tls,
             });
         }
 
@@ -681,6 +689,16 @@ local_master_key_file = "master.key"
             (
                 "[[servers]]\nname = \"pg-1\"\nhost = \"h\"\nport = 5432\nadmin_user = \"u\"\n",
                 "servers[0].admin_password_env",
+            ),
+            (
+                "[[servers]]\nname = \"pg-1\"\nhost = \"h\"\nport = 5432\nadmin_user = \"u\"\n\
+                 admin_password_env = \"P\"\nsslmode = \"strict\"\n",
+                "servers[0].sslmode",
+            ),
+            (
+                "[[servers]]\nname = \"pg-1\"\nhost = \"h\"\nport = 5432\nadmin_user = \"u\"\n\
+                 admin_password_env = \"P\"\nsslmode = \"verify-full\"\nsslrootcert = \"/nonexistent/ca.pem\"\n",
+                "servers[0].sslrootcert",
             ),
         ] {
             let err = Config::parse(&format!("{MINIMAL}\n{extra}"), Path::new(".")).unwrap_err();

@@ -123,6 +123,8 @@ pub(super) struct RawServer {
     pub(super) admin_password_secret: Option<String>,
     #[serde(default = "default_max_tenants")]
     pub(super) max_tenants: u32,
+    pub(super) sslmode: Option<String>,
+    pub(super) sslrootcert: Option<String>,
 }
 
 fn default_max_tenants() -> u32 {

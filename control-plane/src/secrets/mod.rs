@@ -199,14 +199,16 @@ impl DbSecret {
             .map_err(|_| SecretStoreError::Backend(format!("secret {name:?} is not a database secret")))
     }
 
-    /// Connect options for this secret.
-    pub fn connect_options(&self) -> sqlx::postgres::PgConnectOptions {
-        sqlx::postgres::PgConnectOptions::new()
+    /// Connect options for this secret, with the TLS settings of its server. Never from
+    /// `~/.pgpass`: the secret holds the password.
+    pub fn connect_options(&self, tls: &crate::config::ServerTls) -> sqlx::postgres::PgConnectOptions {
+        let options = sqlx::postgres::PgConnectOptions::new_without_pgpass()
             .host(&self.host)
             .port(self.port)
             .username(&self.username)
             .password(self.password.expose_secret())
-            .database(&self.dbname)
+            .database(&self.dbname);
+        tls.apply(options)
     }
 }
 

@@ -640,13 +640,14 @@ async fn main() -> anyhow::Result<()> {
     let untouched: Vec<&Tenant> = tenants.iter().skip(1).rev().collect();
     let samples = SAMPLES.min(untouched.len() / 2);
     let (cold_tenants, connect_tenants) = untouched.split_at(samples);
+    let tls = &stack.config().servers[0].tls;
     let mut connects = Vec::with_capacity(samples);
     for tenant in &connect_tenants[..samples] {
-        let options = credentials(&stack, tenant).await?.connect_options();
+        let options = credentials(&stack, tenant).await?.connect_options(tls);
         connects.push(time_connect(&options).await?);
     }
     connects.sort_by(f64::total_cmp);
-    let options = secret.connect_options();
+    let options = secret.connect_options(tls);
     let mut warm_connects = Vec::with_capacity(SAMPLES);
     for _ in 0..SAMPLES {
         warm_connects.push(time_connect(&options).await?);

@@ -1,0 +1,142 @@
+//! How silo's connections to one PostgreSQL server use TLS: `[[servers]] sslmode` and
+//! `sslrootcert`, with libpq's names and meanings.
+//!
+//! Every connection silo opens to a server takes its mode from here, whatever the process
+//! environment says (`PGSSLMODE` does not apply): the control plane's admin connections, the
+//! rollout's and rotation's connections to tenant databases, and the router's tenant pools.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
+
+/// A server's TLS settings.
+#[derive(Clone)]
+pub struct ServerTls {
+    mode: PgSslMode,
+    /// PEM of the CAs that verify the server's certificate (`verify-ca`, `verify-full`);
+    /// without it, the Mozilla roots shipped with silo do.
+    root_cert: Option<Arc<Vec<u8>>>,
+}
+
+impl Default for ServerTls {
+    /// libpq's default: TLS when the server offers it, the certificate not verified.
+    fn default() -> Self {
+        Self {
+            mode: PgSslMode::Prefer,
+            root_cert: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("mode", &self.mode)
+            .field("root_cert", &self.root_cert.is_some())
+            .finish()
+    }
+}
+
+impl ServerTls {
+    /// Settings from the `sslmode` and `sslrootcert` values (the latter already resolved
+    /// against the config file's directory). The error names what is wrong, for the key the
+    /// caller reports.
+    pub(super) fn parse(mode: Option<&str>, root_cert: Option<&Path>) -> Result<Self, (&'static str, String)> {
+        let mode = match mode.unwrap_or("prefer") {
+            "disable" => PgSslMode::Disable,
+            "allow" => PgSslMode::Allow,
+            "prefer" => PgSslMode::Prefer,
+            "require" => PgSslMode::Require,
+            "verify-ca" => PgSslMode::VerifyCa,
+            "verify-full" => PgSslMode::VerifyFull,
+            other => {
+                return Err((
+                    "sslmode",
+                    format!("must be one of disable, allow, prefer, require, verify-ca, verify-full; not {other:?}"),
+                ))
+            }
+        };
+        let root_cert = match root_cert {
+            None => None,
+            Some(path) => {
+                let pem =
+                    std::fs::read(path).map_err(|e| ("sslrootcert", format!("cannot read {}: {e}", path.display())))?;
+                let certificates = CertificateDer::pem_slice_iter(&pem)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| ("sslrootcert", format!("{} is not PEM: {e}", path.display())))?;
+                if certificates.is_empty() {
+                    return Err(("sslrootcert", format!("{} holds no certificate", path.display())));
+                }
+                Some(Arc::new(pem))
+            }
+        };
+        Ok(Self { mode, root_cert })
+    }
+
+    /// `options` set to connect with these settings.
+    pub fn apply(&self, options: PgConnectOptions) -> PgConnectOptions {
+        let options = options.ssl_mode(self.mode);
+        match &self.root_cert {
+            Some(pem) => options.ssl_root_cert_from_pem(pem.as_ref().clone()),
+            None => options,
+        }
+    }
+
+    /// Whether the server's certificate is checked (`verify-ca` or `verify-full`).
+    pub fn verifies_server(&self) -> bool {
+        matches!(self.mode, PgSslMode::VerifyCa | PgSslMode::VerifyFull)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_is_libpqs() {
+        let tls = ServerTls::parse(None, None).expect("default");
+        assert!(matches!(tls.mode, PgSslMode::Prefer));
+        assert!(!tls.verifies_server());
+    }
+
+    #[test]
+    fn every_libpq_mode_is_accepted() {
+        for mode in ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] {
+            assert!(ServerTls::parse(Some(mode), None).is_ok(), "{mode}");
+        }
+        assert!(ServerTls::parse(Some("verify-full"), None)
+            .expect("mode")
+            .verifies_server());
+    }
+
+    #[test]
+    fn unknown_modes_are_refused() {
+        let (key, problem) = ServerTls::parse(Some("VERIFY_FULL"), None).expect_err("refused");
+        assert_eq!(key, "sslmode");
+        assert!(problem.contains("verify-full"), "{problem}");
+    }
+
+    #[test]
+    fn a_root_certificate_file_must_hold_a_certificate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing.pem");
+        let (key, problem) = ServerTls::parse(Some("verify-full"), Some(&missing)).expect_err("missing");
+        assert_eq!(key, "sslrootcert");
+        assert!(problem.contains("cannot read"), "{problem}");
+
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").expect("write");
+        let (_, problem) = ServerTls::parse(Some("verify-full"), Some(&empty)).expect_err("empty");
+        assert!(problem.contains("no certificate"), "{problem}");
+
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+        let good = dir.path().join("ca.pem");
+        std::fs::write(&good, ca.cert.pem()).expect("write");
+        let tls = ServerTls::parse(Some("verify-full"), Some(&good)).expect("a certificate");
+        assert!(tls.root_cert.is_some());
+        assert!(!format!("{tls:?}").contains("BEGIN"), "Debug shows whether, not what");
+    }
+}
