@@ -41,6 +41,9 @@ pub struct RolloutParams {
     pub max_failure_percent: u32,
 }
 
+/// How often a running rollout writes its progress.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 struct Target {
     slug: String,
     server: String,
@@ -87,7 +90,11 @@ impl Provisioner {
             .step("record progress")?;
         let lanes = Lanes::new(params.canary.max(1), params.per_server_concurrency);
         let canary_failures = self
-            .migrate_all(job.id, canaries, &migrations, &lanes, &counters, usize::MAX)
+            .reporting_progress(
+                job.id,
+                || progress("canary"),
+                self.migrate_all(job.id, canaries, &migrations, &lanes, &counters, usize::MAX),
+            )
             .await;
         if let Some((slug, error)) = canary_failures.first() {
             jobs::set_progress(&self.catalog, job.id, &progress("canary"))
@@ -107,7 +114,11 @@ impl Provisioner {
         let lanes = Lanes::new(params.concurrency, params.per_server_concurrency);
         let rest: Vec<Target> = pending.collect();
         let failures = self
-            .migrate_all(job.id, rest, &migrations, &lanes, &counters, max_failures)
+            .reporting_progress(
+                job.id,
+                || progress("rollout"),
+                self.migrate_all(job.id, rest, &migrations, &lanes, &counters, max_failures),
+            )
             .await;
         jobs::set_progress(&self.catalog, job.id, &progress("finished"))
             .await
@@ -149,6 +160,36 @@ impl Provisioner {
             targets.sort_by_key(|t| only.iter().position(|s| *s == t.slug));
         }
         Ok(targets)
+    }
+
+    /// Runs `phase`, writing the job's `progress()` every [`PROGRESS_EVERY`] meanwhile when
+    /// it changed, so `GET /v1/jobs/{id}` and `siloctl migrate`'s progress bar follow the
+    /// tenants as they finish. A failed write is logged: the rollout goes on.
+    async fn reporting_progress<T>(
+        &self,
+        job_id: i64,
+        progress: impl Fn() -> serde_json::Value,
+        phase: impl std::future::Future<Output = T>,
+    ) -> T {
+        tokio::pin!(phase);
+        let mut ticks = tokio::time::interval(PROGRESS_EVERY);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await;
+        let mut written = progress();
+        loop {
+            tokio::select! {
+                done = &mut phase => return done,
+                _ = ticks.tick() => {
+                    let now = progress();
+                    if now != written {
+                        if let Err(e) = jobs::set_progress(&self.catalog, job_id, &now).await {
+                            warn!(error = %e, "record rollout progress");
+                        }
+                        written = now;
+                    }
+                }
+            }
+        }
     }
 
     /// Migrates `targets` through `lanes`, stopping to launch new ones once more than
@@ -251,16 +292,19 @@ struct TenantRun {
 }
 
 impl TenantRun {
+    /// Migrates one tenant, then records in one catalog statement the version it is at and
+    /// its `migration_runs` row.
     async fn run(&self, t: &Target) -> Result<(), String> {
         let started = Instant::now();
         let target = self.migrations.latest_version();
-        let (to, result) = match self.migrate(t).await {
+        let (to, migrated) = match self.migrate(t).await {
             Ok(to) => (to, Ok(())),
             Err((to, e)) => (to, Err(e)),
         };
         let elapsed = started.elapsed().as_millis() as i64;
-        let record = sqlx::query(
-            "INSERT INTO migration_runs (job_id, slug, from_version, to_version, target_version, outcome, error, duration_ms) \
+        let recorded = sqlx::query(
+            "WITH version AS (UPDATE tenants SET schema_version = $4, updated_at = now() WHERE slug = $2) \
+             INSERT INTO migration_runs (job_id, slug, from_version, to_version, target_version, outcome, error, duration_ms) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (job_id, slug) DO UPDATE SET \
              from_version = EXCLUDED.from_version, to_version = EXCLUDED.to_version, outcome = EXCLUDED.outcome, \
              error = EXCLUDED.error, duration_ms = EXCLUDED.duration_ms, finished_at = now()",
@@ -270,14 +314,21 @@ impl TenantRun {
         .bind(t.version)
         .bind(to)
         .bind(target)
-        .bind(if result.is_ok() { "succeeded" } else { "failed" })
-        .bind(result.as_ref().err())
+        .bind(if migrated.is_ok() { "succeeded" } else { "failed" })
+        .bind(migrated.as_ref().err())
         .bind(elapsed)
         .execute(&self.catalog)
         .await;
-        if let Err(e) = record {
-            warn!(error = %e, tenant = %t.slug, "record migration run");
-        }
+        let result = match (migrated, recorded) {
+            (Err(e), recorded) => {
+                if let Err(record) = recorded {
+                    warn!(error = %record, tenant = %t.slug, "record migration run");
+                }
+                Err(e)
+            }
+            (Ok(()), Err(e)) => Err(format!("record schema version: {e}")),
+            (Ok(()), Ok(_)) => Ok(()),
+        };
         match &result {
             Ok(()) => self.counters.done.fetch_add(1, Ordering::Relaxed),
             Err(e) => {
@@ -300,21 +351,12 @@ impl TenantRun {
             .connect(&slug.database_name())
             .await
             .map_err(|e| fail(format!("connect: {e}")))?;
-        let applied = self.migrations.apply(&mut conn, &slug.owner_role(), None).await;
+        let applied = self.migrations.apply_behind(&mut conn, &slug.owner_role(), None).await;
         let version = match &applied {
             Ok(version) => *version,
             Err(_) => tenant_schema::applied_version(&mut conn).await.unwrap_or(t.version),
         };
         let _ = conn.close().await;
-        let recorded = sqlx::query("UPDATE tenants SET schema_version = $2, updated_at = now() WHERE slug = $1")
-            .bind(&t.slug)
-            .bind(version)
-            .execute(&self.catalog)
-            .await;
-        match (applied, recorded) {
-            (Err(e), _) => Err((version, e.to_string())),
-            (Ok(_), Err(e)) => Err((version, format!("record schema version: {e}"))),
-            (Ok(_), Ok(_)) => Ok(version),
-        }
+        applied.map_err(|e| (version, e.to_string()))
     }
 }

@@ -11,7 +11,8 @@ use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
 use sqlx::migrate::{MigrateError, Migration, Migrator};
-use sqlx::PgConnection;
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, Row};
 
 use crate::names::{quote_ident, quote_literal};
 
@@ -68,9 +69,9 @@ impl TenantMigrations {
     ///
     /// Same rules and bookkeeping table as sqlx's migrator (`_sqlx_migrations`: a dirty or
     /// changed applied migration is an error), in fewer round trips, since a rollout pays
-    /// them once per tenant: one to read what is applied, then one per pending migration
-    /// (statements sent as one batch). Nothing pending: no lock, no role change. Otherwise
-    /// the database is locked for migrators (an advisory lock) and read again first.
+    /// them once per tenant: one to read what is applied (a simple query: no statement to
+    /// prepare on a connection used once), and when something is pending, what
+    /// [`TenantMigrations::apply_behind`] sends. Nothing pending: no lock, no role change.
     pub async fn apply(
         &self,
         conn: &mut PgConnection,
@@ -81,18 +82,45 @@ impl TenantMigrations {
         if self.pending(&applied, target)?.is_empty() {
             return Ok(version_of(&applied));
         }
+        self.apply_behind(conn, owner_role, target).await
+    }
+
+    /// [`TenantMigrations::apply`] for a database believed to be behind (a rollout's
+    /// tenants), without the unlocked look first: one round trip locks the database for
+    /// migrators (an advisory lock), becomes `owner_role` and reads what is applied, then one
+    /// per pending migration (its statements and bookkeeping row as one batch; the last one
+    /// also unlocks and resets the role).
+    pub async fn apply_behind(
+        &self,
+        conn: &mut PgConnection,
+        owner_role: &str,
+        target: Option<i64>,
+    ) -> Result<i64, MigrateError> {
         let setup = format!(
-            "SELECT pg_advisory_lock({LOCK_KEY});\nSET ROLE {};\n{CREATE_TABLE}",
+            "SELECT pg_advisory_lock({LOCK_KEY});\nSET ROLE {};\n{CREATE_TABLE}\n{READ_APPLIED}",
             quote_ident(owner_role)
         );
-        let result = match sqlx::raw_sql(sqlx::AssertSqlSafe(setup)).execute(&mut *conn).await {
-            Ok(_) => self.apply_pending(conn, target).await,
-            Err(e) => Err(e.into()),
+        let result = match applied_rows(sqlx::raw_sql(sqlx::AssertSqlSafe(setup)).fetch_all(&mut *conn).await) {
+            Ok(applied) => self.apply_pending(conn, applied, target).await,
+            Err(e) => Err(e),
         };
-        let release = sqlx::raw_sql(sqlx::AssertSqlSafe(RELEASE)).execute(&mut *conn).await;
-        let version = result?;
-        release?;
-        Ok(version)
+        match result {
+            Ok(Applying {
+                version,
+                released: true,
+            }) => Ok(version),
+            Ok(Applying {
+                version,
+                released: false,
+            }) => {
+                sqlx::raw_sql(RELEASE).execute(&mut *conn).await?;
+                Ok(version)
+            }
+            Err(e) => {
+                let _ = sqlx::raw_sql(RELEASE).execute(&mut *conn).await;
+                Err(e)
+            }
+        }
     }
 
     /// The migrations up to `target` that `applied` lacks, after checking `applied` against
@@ -123,11 +151,18 @@ impl TenantMigrations {
             .collect())
     }
 
-    /// Under the lock, as the owner: reads what is applied again and applies the rest.
-    async fn apply_pending(&self, conn: &mut PgConnection, target: Option<i64>) -> Result<i64, MigrateError> {
-        let mut applied = read_applied(conn).await?;
+    /// Under the lock, as the owner: applies what `applied` lacks. The last transactional
+    /// batch releases the lock when it commits.
+    async fn apply_pending(
+        &self,
+        conn: &mut PgConnection,
+        mut applied: Vec<Applied>,
+        target: Option<i64>,
+    ) -> Result<Applying, MigrateError> {
         let pending = self.pending(&applied, target)?;
-        for m in pending {
+        let last = pending.len().saturating_sub(1);
+        let mut released = false;
+        for (i, m) in pending.into_iter().enumerate() {
             let record = format!(
                 "INSERT INTO {TABLE} (version, description, success, checksum, execution_time) \
                  VALUES ({}, {}, TRUE, '\\x{}'::bytea, -1);",
@@ -145,11 +180,14 @@ impl TenantMigrations {
                     Err(e) => Err(e),
                 }
             } else {
-                let batch = format!("BEGIN;\n{sql}\n;\n{record}\nCOMMIT;");
+                released = i == last;
+                let release = if released { RELEASE } else { "" };
+                let batch = format!("BEGIN;\n{sql}\n;\n{record}\nCOMMIT;\n{release}");
                 sqlx::raw_sql(sqlx::AssertSqlSafe(batch)).execute(&mut *conn).await
             };
             if let Err(e) = outcome {
-                // A failed statement leaves the batch's transaction aborted: end it.
+                // A failed statement leaves the batch's transaction aborted (and the rest of
+                // the batch, its release included, unsent): end it.
                 let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
                 return Err(MigrateError::ExecuteMigration(e, m.version));
             }
@@ -159,7 +197,10 @@ impl TenantMigrations {
                 success: true,
             });
         }
-        Ok(version_of(&applied))
+        Ok(Applying {
+            version: version_of(&applied),
+            released,
+        })
     }
 }
 
@@ -179,6 +220,17 @@ const RELEASE: &str = "SELECT pg_advisory_unlock(hashtext('silo-migrate:' || cur
 /// SQLSTATE `undefined_table`.
 const UNDEFINED_TABLE: &str = "42P01";
 
+/// What the bookkeeping table holds, oldest first.
+const READ_APPLIED: &str = "SELECT version, checksum, success FROM public._sqlx_migrations ORDER BY version";
+
+/// Where [`TenantMigrations::apply_pending`] left the database.
+struct Applying {
+    /// The version it is at.
+    version: i64,
+    /// Whether the last batch released the migrators' lock and reset the role.
+    released: bool,
+}
+
 /// A row of the bookkeeping table.
 struct Applied {
     version: i64,
@@ -188,22 +240,24 @@ struct Applied {
 
 /// What the bookkeeping table says is applied (nothing when there is no table yet).
 async fn read_applied(conn: &mut PgConnection) -> Result<Vec<Applied>, MigrateError> {
-    let rows: Result<Vec<(i64, Vec<u8>, bool)>, sqlx::Error> =
-        sqlx::query_as("SELECT version, checksum, success FROM public._sqlx_migrations ORDER BY version")
-            .fetch_all(&mut *conn)
-            .await;
-    match rows {
-        Ok(rows) => Ok(rows
-            .into_iter()
-            .map(|(version, checksum, success)| Applied {
-                version,
-                checksum,
-                success,
-            })
-            .collect()),
+    match sqlx::raw_sql(READ_APPLIED).fetch_all(&mut *conn).await {
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNDEFINED_TABLE) => Ok(Vec::new()),
-        Err(e) => Err(e.into()),
+        rows => applied_rows(rows),
     }
+}
+
+/// The bookkeeping rows among the result rows of a batch ending in [`READ_APPLIED`] (the
+/// only statement of the batch that returns three columns).
+fn applied_rows(rows: Result<Vec<PgRow>, sqlx::Error>) -> Result<Vec<Applied>, MigrateError> {
+    let mut applied = Vec::new();
+    for row in rows?.iter().filter(|row| row.len() == 3) {
+        applied.push(Applied {
+            version: row.try_get(0)?,
+            checksum: row.try_get(1)?,
+            success: row.try_get(2)?,
+        });
+    }
+    Ok(applied)
 }
 
 /// The highest successfully applied version (0 for none).

@@ -248,6 +248,19 @@ async fn a_rollout_resumes_after_the_control_plane_restarts() {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The job's progress (what `siloctl migrate` draws its bar from) moves as tenants finish,
+    // not only when a phase ends.
+    let progress = loop {
+        let (_, job) = stack.admin(Method::GET, &format!("/v1/jobs/{id}"), None).await.unwrap();
+        let progress = job["progress"].clone();
+        if progress["done"].as_u64().is_some_and(|done| done >= 3) {
+            break progress;
+        }
+        assert!(Instant::now() < deadline, "progress did not move: {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(progress["phase"], "rollout", "{progress}");
+    assert!(progress["done"].as_u64() < Some(20), "{progress}");
     stack.restart_control_plane().await.unwrap();
     let at_restart: i64 = sqlx::query_scalar("SELECT count(*) FROM tenants WHERE schema_version = 2")
         .fetch_one(stack.catalog())
