@@ -44,6 +44,10 @@ impl ServerTls {
     /// Settings from the `sslmode` and `sslrootcert` values (the latter already resolved
     /// against the config file's directory). The error names what is wrong, for the key the
     /// caller reports.
+    ///
+    /// As with libpq, `require` with a root certificate verifies the server's certificate
+    /// against it (`verify-ca`); a root certificate with a mode that may not use TLS at all
+    /// is refused rather than silently ignored.
     pub(super) fn parse(mode: Option<&str>, root_cert: Option<&Path>) -> Result<Self, (&'static str, String)> {
         let mode = match mode.unwrap_or("prefer") {
             "disable" => PgSslMode::Disable,
@@ -72,6 +76,16 @@ impl ServerTls {
                 }
                 Some(Arc::new(pem))
             }
+        };
+        let mode = match (mode, &root_cert) {
+            (PgSslMode::Require, Some(_)) => PgSslMode::VerifyCa,
+            (PgSslMode::Disable | PgSslMode::Allow | PgSslMode::Prefer, Some(_)) => {
+                return Err((
+                    "sslrootcert",
+                    "is used only with sslmode require, verify-ca or verify-full".to_owned(),
+                ))
+            }
+            (mode, _) => mode,
         };
         Ok(Self { mode, root_cert })
     }
@@ -138,5 +152,14 @@ mod tests {
         let tls = ServerTls::parse(Some("verify-full"), Some(&good)).expect("a certificate");
         assert!(tls.root_cert.is_some());
         assert!(!format!("{tls:?}").contains("BEGIN"), "Debug shows whether, not what");
+
+        // libpq's rule: `require` with a root certificate verifies against it.
+        let tls = ServerTls::parse(Some("require"), Some(&good)).expect("require");
+        assert!(matches!(tls.mode, PgSslMode::VerifyCa));
+        for mode in ["disable", "allow", "prefer"] {
+            let (key, problem) = ServerTls::parse(Some(mode), Some(&good)).expect_err(mode);
+            assert_eq!(key, "sslrootcert");
+            assert!(problem.contains("only with"), "{problem}");
+        }
     }
 }
