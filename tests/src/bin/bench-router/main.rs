@@ -21,22 +21,16 @@
 //! PostgreSQL still share the machine's cores. `SILO_BENCH_SECONDS` (default 10) sets the
 //! measured time of each phase, `SILO_BENCH_POOL_SIZE` (default 2) the pool size.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+mod load;
+mod servers;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
-use hyper::{Request, StatusCode};
-use hyper_util::rt::TokioIo;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use hyper::header::HeaderValue;
+use hyper::StatusCode;
 use secrecy::ExposeSecret;
 use silo_control_plane::secrets::DbSecret;
 use silo_tests::bench::{load_average, percentile, wait_for_write_back};
@@ -44,286 +38,46 @@ use silo_tests::pg::TestCluster;
 use silo_tests::stack::{Stack, StackOptions};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-/// The measured request.
-const PATH: &str = "/api/v1/tasks?limit=1";
-/// Keep-alive connections of the load generator (like `wrk -c32`).
-const CONNECTIONS: usize = 32;
-/// Unmeasured time at the start of each phase.
-const WARMUP: Duration = Duration::from_secs(2);
-/// A request that takes longer fails the phase's worker.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+use load::{
+    closed_loop, connect, create_task, list_tasks, ms, open_loop, touch_all, Summary, Tenant, Traffic, CONNECTIONS,
+    PATH, WARMUP, ZIPF_S,
+};
+use servers::{build_servers, start_router, Server};
+
 /// `router.max_connections_per_tenant`, and the baseline's pool size, unless
 /// `SILO_BENCH_POOL_SIZE` says otherwise.
 const POOL_SIZE: u32 = 2;
+
 /// `router.connection_budget_per_server` of the tight-budget phase (d): fewer connections
 /// than tenants, so pools are evicted and rebuilt under traffic.
 const TIGHT_BUDGET: u32 = 300;
+
 /// Connections of the cluster beyond the router's budget: control plane, catalog pools, this
 /// program.
 const CLUSTER_HEADROOM: u32 = 150;
+
 /// Tenants created at once through the admin API.
 const CREATE_CONCURRENCY: usize = 8;
+
 /// Tasks the measured tenant holds (the others get two when they are touched).
 const TASKS: usize = 5;
+
 /// Cold requests and raw connects timed (each to a different untouched tenant).
 const SAMPLES: usize = 20;
-/// Zipf exponent of (c)'s traffic.
-const ZIPF_S: f64 = 1.0;
+
 /// `pg_stat_activity` sampling period during (c) and (d), and the most samples taken. Not
 /// more often: PostgreSQL builds `pg_stat_activity` in time quadratic in the number of
 /// backends, and sampling 1,500 backends every 50 ms took a tenth of this 2-core machine.
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
+
 const MAX_SAMPLES: u32 = 600;
+
 /// Django + django-tenants + DRF on the same request, same machine (NOTES.md).
 const DJANGO_RPS: f64 = 1_100.0;
-
-/// A tenant as the load generator addresses it.
-struct Tenant {
-    slug: String,
-    host: HeaderValue,
-    auth: HeaderValue,
-}
-
-/// Where one phase's load goes: a server and tenants drawn by Zipf rank (tenant 0 first).
-struct Traffic {
-    addr: SocketAddr,
-    tenants: Arc<Vec<Tenant>>,
-    /// Cumulative Zipf weights over `tenants`; one entry means "always tenant 0".
-    cdf: Vec<f64>,
-}
-
-impl Traffic {
-    fn new(addr: SocketAddr, tenants: &Arc<Vec<Tenant>>, count: usize) -> Arc<Self> {
-        let cdf = (1..=count.min(tenants.len()))
-            .scan(0.0, |sum, rank| {
-                *sum += 1.0 / (rank as f64).powf(ZIPF_S);
-                Some(*sum)
-            })
-            .collect();
-        Arc::new(Traffic {
-            addr,
-            tenants: tenants.clone(),
-            cdf,
-        })
-    }
-
-    fn pick(&self, rng: &mut StdRng) -> &Tenant {
-        let total = self.cdf.last().copied().unwrap_or(0.0);
-        let u = rng.random::<f64>() * total;
-        let rank = self.cdf.partition_point(|&c| c < u).min(self.cdf.len() - 1);
-        &self.tenants[rank]
-    }
-}
-
-type Sender = SendRequest<Full<Bytes>>;
-
-/// One keep-alive HTTP/1.1 connection.
-async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
-    let stream = tokio::time::timeout(REQUEST_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .context("connect: timed out")??;
-    stream.set_nodelay(true)?;
-    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(sender)
-}
-
-/// Sends one request and reads the whole response; returns its status.
-async fn send(sender: &mut Sender, req: Request<Full<Bytes>>) -> anyhow::Result<StatusCode> {
-    let exchange = async {
-        sender.ready().await?;
-        let resp = sender.send_request(req).await?;
-        let status = resp.status();
-        resp.into_body().collect().await?;
-        Ok::<_, anyhow::Error>(status)
-    };
-    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-        .await
-        .context("request timed out")?
-}
-
-/// The measured request for `tenant`.
-async fn list_tasks(sender: &mut Sender, tenant: &Tenant) -> anyhow::Result<StatusCode> {
-    let req = Request::get(PATH)
-        .header(HOST, &tenant.host)
-        .header(AUTHORIZATION, &tenant.auth)
-        .body(Full::default())?;
-    send(sender, req).await
-}
-
-async fn create_task(sender: &mut Sender, tenant: &Tenant) -> anyhow::Result<StatusCode> {
-    let req = Request::post("/api/v1/tasks")
-        .header(HOST, &tenant.host)
-        .header(AUTHORIZATION, &tenant.auth)
-        .header(CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from_static(br#"{"title":"benchmark task"}"#)))?;
-    send(sender, req).await
-}
-
-/// Latencies of successful requests (µs) and the count of failed ones.
-#[derive(Default)]
-struct Record {
-    micros: Vec<u32>,
-    errors: u64,
-}
-
-impl Record {
-    fn add(&mut self, outcome: &anyhow::Result<StatusCode>, took: Duration) {
-        match outcome {
-            Ok(StatusCode::OK) => self.micros.push(u32::try_from(took.as_micros()).unwrap_or(u32::MAX)),
-            _ => self.errors += 1,
-        }
-    }
-}
-
-/// A phase's result.
-struct Summary {
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    errors: u64,
-}
-
-impl Summary {
-    fn row(&self, label: &str) {
-        println!(
-            "  {label:<44} {:>8.0} {:>8.2} {:>8.2} {:>7}",
-            self.rps, self.p50_ms, self.p99_ms, self.errors
-        );
-    }
-}
-
-/// Waits for every worker and merges their records over `measured`.
-async fn summarize(mut workers: JoinSet<anyhow::Result<Record>>, measured: Duration) -> anyhow::Result<Summary> {
-    let mut all = Record::default();
-    while let Some(record) = workers.join_next().await {
-        let record = record??;
-        all.micros.extend(record.micros);
-        all.errors += record.errors;
-    }
-    let mut ms: Vec<f64> = all.micros.iter().map(|&us| f64::from(us) / 1000.0).collect();
-    ms.sort_by(f64::total_cmp);
-    Ok(Summary {
-        rps: ms.len() as f64 / measured.as_secs_f64(),
-        p50_ms: percentile(&ms, 0.50),
-        p99_ms: percentile(&ms, 0.99),
-        errors: all.errors,
-    })
-}
-
-/// Closed loop: each connection sends its next request as soon as the previous one is
-/// answered, for `WARMUP` + `measured`; latencies of requests sent after the warm-up count.
-async fn closed_loop(traffic: &Arc<Traffic>, measured: Duration) -> anyhow::Result<Summary> {
-    let start = Instant::now();
-    let (from, until) = (start + WARMUP, start + WARMUP + measured);
-    let mut workers = JoinSet::new();
-    for seed in 0..CONNECTIONS as u64 {
-        let traffic = traffic.clone();
-        workers.spawn(async move {
-            let mut rng = StdRng::seed_from_u64(seed);
-            let mut sender = connect(traffic.addr).await?;
-            let mut record = Record::default();
-            loop {
-                let sent = Instant::now();
-                if sent >= until {
-                    break;
-                }
-                let outcome = list_tasks(&mut sender, traffic.pick(&mut rng)).await;
-                if sent >= from {
-                    record.add(&outcome, sent.elapsed());
-                }
-                if outcome.is_err() {
-                    sender = connect(traffic.addr).await?;
-                }
-            }
-            Ok::<_, anyhow::Error>(record)
-        });
-    }
-    summarize(workers, measured).await
-}
-
-/// Open loop at `rate` req/s over up to `CONNECTIONS` connections (wrk2-style): request i is
-/// due at start + i/rate, and its latency runs from when it was due if every connection was
-/// busy then (queueing counts), else from when it was sent (timer slack does not).
-async fn open_loop(traffic: &Arc<Traffic>, rate: f64, measured: Duration) -> anyhow::Result<Summary> {
-    let start = Instant::now();
-    let total = ((WARMUP + measured).as_secs_f64() * rate) as u64;
-    let warm = (WARMUP.as_secs_f64() * rate) as u64;
-    let next = Arc::new(AtomicU64::new(0));
-    let mut workers = JoinSet::new();
-    for _ in 0..CONNECTIONS {
-        let (traffic, next) = (traffic.clone(), next.clone());
-        workers.spawn(async move {
-            let mut sender = connect(traffic.addr).await?;
-            let mut record = Record::default();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total {
-                    break;
-                }
-                let due = start + Duration::from_secs_f64(i as f64 / rate);
-                let begin = if Instant::now() < due {
-                    tokio::time::sleep_until(due.into()).await;
-                    Instant::now()
-                } else {
-                    due
-                };
-                let outcome = list_tasks(&mut sender, &traffic.tenants[0]).await;
-                if i >= warm {
-                    record.add(&outcome, begin.elapsed());
-                }
-                if outcome.is_err() {
-                    sender = connect(traffic.addr).await?;
-                }
-            }
-            Ok::<_, anyhow::Error>(record)
-        });
-    }
-    summarize(workers, measured).await
-}
-
-/// Touches the first `count` tenants once (two task creations each) over `CONNECTIONS` connections;
-/// returns the number of failed requests.
-async fn touch_all(addr: SocketAddr, tenants: &Arc<Vec<Tenant>>, count: usize) -> anyhow::Result<u64> {
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut workers = JoinSet::new();
-    for _ in 0..CONNECTIONS {
-        let (tenants, next) = (tenants.clone(), next.clone());
-        workers.spawn(async move {
-            let mut sender = connect(addr).await?;
-            let mut errors = 0;
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(tenant) = tenants.get(i).filter(|_| i < count) else {
-                    break;
-                };
-                for _ in 0..2 {
-                    let outcome = create_task(&mut sender, tenant).await;
-                    if !matches!(outcome, Ok(StatusCode::CREATED)) {
-                        errors += 1;
-                    }
-                    if outcome.is_err() {
-                        sender = connect(addr).await?;
-                    }
-                }
-            }
-            Ok::<u64, anyhow::Error>(errors)
-        });
-    }
-    let mut errors = 0;
-    while let Some(n) = workers.join_next().await {
-        errors += n??;
-    }
-    Ok(errors)
-}
 
 /// Creates tenants `bench-0000`… through the admin API, `CREATE_CONCURRENCY` at a time.
 async fn create_tenants(stack: &Arc<Stack>, n: usize) -> anyhow::Result<Vec<Tenant>> {
@@ -366,82 +120,6 @@ async fn create_tenants(stack: &Arc<Stack>, n: usize) -> anyhow::Result<Vec<Tena
             })
         })
         .collect()
-}
-
-/// Builds the two server binaries next to this one (a no-op when they are up to date).
-async fn build_servers() -> anyhow::Result<PathBuf> {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.args(["build", "-q", "--manifest-path"]).arg(&manifest);
-    if !cfg!(debug_assertions) {
-        build.arg("--release");
-    }
-    build.args([
-        "-p",
-        "silo-router",
-        "--bin",
-        "silo-router",
-        "-p",
-        "silo-tenant-app",
-        "--bin",
-        "silo-tenant-app",
-    ]);
-    if !build.status().await.context("run cargo build")?.success() {
-        bail!("building silo-router and silo-tenant-app failed");
-    }
-    let exe = std::env::current_exe().context("locate this binary")?;
-    Ok(exe.parent().context("binary directory")?.to_owned())
-}
-
-/// A server process; SIGTERM and wait on [`Server::stop`], killed if dropped.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Server {
-    /// Starts `cmd` and waits (30 s at most) for the stdout line `{prefix}ADDR`. Its stderr
-    /// goes to `log`.
-    async fn start(mut cmd: Command, prefix: &str, log: &Path) -> anyhow::Result<Server> {
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "warn");
-        }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(log)?)
-            .kill_on_drop(true)
-            .spawn()
-            .context("start the server")?;
-        let mut lines = BufReader::new(child.stdout.take().context("server stdout")?).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(addr) = line.strip_prefix(prefix) {
-                    return Ok(addr.parse::<SocketAddr>()?);
-                }
-            }
-            bail!("the server exited; see {}", log.display())
-        })
-        .await
-        .context("the server did not print its address within 30 s")??;
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Server { child, addr })
-    }
-
-    async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(pid) = self.child.id() {
-            let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
-            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
-        }
-        if tokio::time::timeout(Duration::from_secs(15), self.child.wait())
-            .await
-            .is_err()
-        {
-            self.child.kill().await?;
-        }
-        Ok(())
-    }
 }
 
 /// Samples router connections to tenant databases (and all connections) every
@@ -503,16 +181,6 @@ async fn zipf_phase(
     Ok((summary, Touch { took, errors, peak }))
 }
 
-/// Starts the `silo-router` binary on `config`.
-async fn start_router(bin_dir: &Path, stack: &Stack, config: &Path, log: &Path) -> anyhow::Result<Server> {
-    let mut router = Command::new(bin_dir.join("silo-router"));
-    router
-        .arg("--config")
-        .arg(config)
-        .env("SILO_CATALOG_PASSWORD", stack.pg().password().expose_secret());
-    Server::start(router, "router listening on http://", log).await
-}
-
 /// The credentials of `tenant`, read through the admin API.
 async fn credentials(stack: &Stack, tenant: &Tenant) -> anyhow::Result<DbSecret> {
     let (status, credentials) = stack
@@ -535,10 +203,6 @@ async fn time_connect(options: &PgConnectOptions) -> anyhow::Result<f64> {
     let took = ms(started.elapsed());
     conn.close().await?;
     Ok(took)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
