@@ -2,6 +2,7 @@
 //! `[[servers]] sslmode = "verify-full"` and the server's CA in `sslrootcert`: the control
 //! plane provisions and rotates over verified TLS, the router serves the tenant over it, and
 //! the same settings with a CA that did not sign the server's certificate get no connection.
+//! `PGSSLMODE=disable` in the environment changes none of it.
 
 use reqwest::{Method, StatusCode};
 use secrecy::ExposeSecret;
@@ -37,6 +38,9 @@ async fn a_tls_only_server_is_provisioned_rotated_and_served_over_verified_tls()
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, &ca.pem).unwrap();
     std::env::set_var(PASSWORD_ENV, pg.password().expose_secret());
+    // Were silo's connections built from the environment, they would go without TLS and be
+    // refused.
+    std::env::set_var("PGSSLMODE", "disable");
     let stack = Stack::start(StackOptions {
         extra_toml: server_toml("pg-tls", pg.port(), &ca_file),
         ..StackOptions::default()
@@ -64,7 +68,12 @@ async fn a_tls_only_server_is_provisioned_rotated_and_served_over_verified_tls()
 
     // The router's sessions on the tenant database are TLS sessions (pg_hba.conf refuses any
     // other, so this checks they are the router's, on this server).
-    let mut admin = pg.admin_options("postgres").connect().await.unwrap();
+    let mut admin = pg
+        .admin_options("postgres")
+        .ssl_mode(sqlx::postgres::PgSslMode::Require)
+        .connect()
+        .await
+        .unwrap();
     let router_sessions: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
          WHERE a.application_name = 'silo-router' AND a.datname = $1 AND s.ssl",
