@@ -21,16 +21,6 @@ pub struct ServerTls {
     root_cert: Option<Arc<Vec<u8>>>,
 }
 
-impl Default for ServerTls {
-    /// libpq's default: TLS when the server offers it, the certificate not verified.
-    fn default() -> Self {
-        Self {
-            mode: PgSslMode::Prefer,
-            root_cert: None,
-        }
-    }
-}
-
 impl std::fmt::Debug for ServerTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerTls")
@@ -42,7 +32,8 @@ impl std::fmt::Debug for ServerTls {
 
 impl ServerTls {
     /// Settings from the `sslmode` and `sslrootcert` values (the latter already resolved
-    /// against the config file's directory). The error names what is wrong, for the key the
+    /// against the config file's directory); without `sslmode`, libpq's default `prefer`
+    /// (TLS when the server offers it, its certificate not checked). The error names what is wrong, for the key the
     /// caller reports.
     ///
     /// As with libpq, `require` with a root certificate verifies the server's certificate
@@ -98,11 +89,6 @@ impl ServerTls {
             None => options,
         }
     }
-
-    /// Whether the server's certificate is checked (`verify-ca` or `verify-full`).
-    pub fn verifies_server(&self) -> bool {
-        matches!(self.mode, PgSslMode::VerifyCa | PgSslMode::VerifyFull)
-    }
 }
 
 #[cfg(test)]
@@ -113,7 +99,6 @@ mod tests {
     fn the_default_is_libpqs() {
         let tls = ServerTls::parse(None, None).expect("default");
         assert!(matches!(tls.mode, PgSslMode::Prefer));
-        assert!(!tls.verifies_server());
     }
 
     #[test]
@@ -121,9 +106,8 @@ mod tests {
         for mode in ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] {
             assert!(ServerTls::parse(Some(mode), None).is_ok(), "{mode}");
         }
-        assert!(ServerTls::parse(Some("verify-full"), None)
-            .expect("mode")
-            .verifies_server());
+        let tls = ServerTls::parse(Some("verify-full"), None).expect("mode");
+        assert!(matches!(tls.mode, PgSslMode::VerifyFull));
     }
 
     #[test]
