@@ -77,6 +77,9 @@ impl Servers {
     pub async fn open(cfg: &Config, store: &dyn SecretStore) -> Result<Self, ServersError> {
         let mut by_name = BTreeMap::new();
         for s in &cfg.servers {
+            if let Some(warning) = s.unverified_tls_warning() {
+                tracing::warn!("{warning}");
+            }
             let password = match &s.admin_password {
                 AdminPassword::Env(var) => match std::env::var(var) {
                     Ok(p) if !p.is_empty() => SecretString::from(p),

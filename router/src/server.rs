@@ -93,6 +93,9 @@ impl RouterServer {
     /// the catalog itself may still be down (known tenants are served once it answers, and
     /// `/readyz` says so).
     pub async fn bind(config: Config) -> anyhow::Result<RouterServer> {
+        for warning in config.servers.iter().filter_map(|s| s.unverified_tls_warning()) {
+            tracing::warn!("{warning}");
+        }
         let cfg = &config.router;
         let tls = cfg.tls.as_ref().map(Tls::from_config).transpose()?;
         let listener = TcpListener::bind(cfg.listen)

@@ -164,6 +164,25 @@ pub struct ServerConfig {
     pub tls: ServerTls,
 }
 
+impl ServerConfig {
+    /// Why silo's connections to this server could be answered by an impostor, if they
+    /// could: its `sslmode` does not verify the server's certificate and the host is not this
+    /// machine. For a warning at start (both the control plane and the router give it).
+    pub fn unverified_tls_warning(&self) -> Option<String> {
+        let local = self.host == "localhost"
+            || self.host.starts_with('/')
+            || self.host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        (!local && !self.tls.verifies_server()).then(|| {
+            format!(
+                "server {} ({}): sslmode = \"{}\" does not verify who answers; set sslmode = \"verify-full\" (and sslrootcert)",
+                self.name,
+                self.host,
+                self.tls.mode_name()
+            )
+        })
+    }
+}
+
 /// The `[control_plane]` section.
 #[derive(Clone)]
 pub struct ControlPlaneConfig {
@@ -703,6 +722,30 @@ local_master_key_file = "master.key"
         ] {
             let err = Config::parse(&format!("{MINIMAL}\n{extra}"), Path::new(".")).unwrap_err();
             assert!(err.to_string().contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn servers_reached_without_verification_are_named_unless_local() {
+        let server = |host: &str, tls: &str| {
+            let toml = format!(
+                "{MINIMAL}\n[[servers]]\nname = \"pg-1\"\nhost = \"{host}\"\nport = 5432\nadmin_user = \"u\"\n\
+                 admin_password_env = \"P\"\n{tls}"
+            );
+            Config::parse(&toml, Path::new(".")).unwrap().servers.remove(0)
+        };
+        let warning = server("db.example.com", "")
+            .unverified_tls_warning()
+            .expect("a warning");
+        assert!(warning.contains("pg-1") && warning.contains("\"prefer\""), "{warning}");
+        assert!(server("db.example.com", "sslmode = \"require\"\n")
+            .unverified_tls_warning()
+            .is_some());
+        assert!(server("db.example.com", "sslmode = \"verify-full\"\n")
+            .unverified_tls_warning()
+            .is_none());
+        for local in ["127.0.0.1", "::1", "localhost", "/var/run/postgresql"] {
+            assert!(server(local, "").unverified_tls_warning().is_none(), "{local}");
         }
     }
 

@@ -81,6 +81,23 @@ impl ServerTls {
         Ok(Self { mode, root_cert })
     }
 
+    /// Whether the server's certificate is checked (`verify-ca`, `verify-full`).
+    pub(super) fn verifies_server(&self) -> bool {
+        matches!(self.mode, PgSslMode::VerifyCa | PgSslMode::VerifyFull)
+    }
+
+    /// The `sslmode` value these settings act as.
+    pub(super) fn mode_name(&self) -> &'static str {
+        match self.mode {
+            PgSslMode::Disable => "disable",
+            PgSslMode::Allow => "allow",
+            PgSslMode::Prefer => "prefer",
+            PgSslMode::Require => "require",
+            PgSslMode::VerifyCa => "verify-ca",
+            PgSslMode::VerifyFull => "verify-full",
+        }
+    }
+
     /// `options` set to connect with these settings.
     pub fn apply(&self, options: PgConnectOptions) -> PgConnectOptions {
         let options = options.ssl_mode(self.mode);
