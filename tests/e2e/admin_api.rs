@@ -185,6 +185,7 @@ async fn bad_input_gets_a_json_4xx_and_creates_nothing() {
     let (status, servers) = stack.admin(Method::GET, "/v1/servers", None).await.unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(servers["items"][0]["name"], "pg-1");
+    assert_eq!(servers["items"][0]["sslmode"], "prefer", "the default, as libpq's");
     assert!(servers["items"][0]["tenants"].as_i64().unwrap() >= 1);
     stack.stop().await.unwrap();
 }

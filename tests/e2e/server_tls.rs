@@ -55,6 +55,16 @@ async fn a_tls_only_server_is_provisioned_rotated_and_served_over_verified_tls()
         .unwrap();
     let me = stack.tenant_get(&slug, &api_key, "/api/v1/me").await.unwrap();
     assert_eq!(me.status(), StatusCode::OK);
+    let (_, servers) = stack.admin(Method::GET, "/v1/servers", None).await.unwrap();
+    let tls_server = servers["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "pg-tls")
+        .cloned()
+        .unwrap();
+    assert_eq!(tls_server["sslmode"], "verify-full", "{servers}");
+    assert_eq!(tls_server["tenants"], 1, "{servers}");
 
     let (status, rotation) = stack
         .admin(Method::POST, &format!("/v1/tenants/{slug}/rotate"), Some(json!({})))

@@ -340,7 +340,7 @@ fn list_commands_print_aligned_tables() {
         (
             "GET /v1/servers",
             200,
-            json!({"items": [{"name": "pg-1", "host": "127.0.0.1", "port": 5432, "max_tenants": 1000, "tenants": 2}]}),
+            json!({"items": [{"name": "pg-1", "host": "127.0.0.1", "port": 5432, "max_tenants": 1000, "tenants": 2, "sslmode": "prefer"}]}),
         ),
     ]);
     let dir = tempfile::tempdir().unwrap();
@@ -360,7 +360,17 @@ fn list_commands_print_aligned_tables() {
     let status_col = lines[0].find("STATUS").unwrap();
     assert_eq!(&lines[1][status_col..status_col + 6], "active");
     assert_eq!(&lines[2][status_col..status_col + 9], "suspended");
-    assert!(run(&["server", "list"]).contains("pg-1"));
+    let servers = run(&["server", "list"]);
+    assert!(
+        servers.lines().next().is_some_and(|header| header.contains("SSLMODE")),
+        "{servers}"
+    );
+    assert!(
+        servers
+            .lines()
+            .any(|line| line.contains("pg-1") && line.contains("prefer")),
+        "{servers}"
+    );
     let json: Value = serde_json::from_str(&run(&["-o", "json", "tenant", "list"])).unwrap();
     assert_eq!(json["items"][1]["slug"], "globex-industries");
 }

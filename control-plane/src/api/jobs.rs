@@ -53,7 +53,8 @@ pub async fn retry(
     Ok((StatusCode::ACCEPTED, Json(json!({"job": job}))))
 }
 
-/// `GET /v1/servers`: configured servers and how many live tenants each holds.
+/// `GET /v1/servers`: configured servers, how many live tenants each holds, and the
+/// `sslmode` this control plane reaches it with.
 pub async fn servers(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     let rows: Vec<(String, String, i32, i32, i64)> = sqlx::query_as(
         "SELECT s.name, s.host, s.port, s.max_tenants, count(t.slug) FROM servers s \
@@ -64,9 +65,12 @@ pub async fn servers(State(state): State<ApiState>) -> Result<Json<Value>, ApiEr
     .await?;
     let items: Vec<Value> = rows
         .into_iter()
-        .filter(|(name, ..)| state.servers.get(name).is_some())
-        .map(|(name, host, port, max, tenants)| {
-            json!({"name": name, "host": host, "port": port, "max_tenants": max, "tenants": tenants})
+        .filter_map(|(name, host, port, max, tenants)| {
+            let sslmode = state.servers.get(&name)?.config.tls.mode_name();
+            Some(json!({
+                "name": name, "host": host, "port": port, "max_tenants": max, "tenants": tenants,
+                "sslmode": sslmode,
+            }))
         })
         .collect();
     Ok(Json(json!({"items": items})))

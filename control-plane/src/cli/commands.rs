@@ -255,13 +255,17 @@ async fn servers(client: &ApiClient, out: Output) -> anyhow::Result<()> {
             let rows: Vec<Vec<String>> = items(&list)
                 .iter()
                 .map(|s| {
-                    ["name", "host", "port", "tenants", "max_tenants"]
+                    ["name", "host", "port", "tenants", "max_tenants", "sslmode"]
                         .iter()
                         .map(|k| field(s, k))
                         .collect()
                 })
                 .collect();
-            print_table(&["NAME", "HOST", "PORT", "TENANTS", "MAX"], &rows, "no servers");
+            print_table(
+                &["NAME", "HOST", "PORT", "TENANTS", "MAX", "SSLMODE"],
+                &rows,
+                "no servers",
+            );
         }
     }
     Ok(())

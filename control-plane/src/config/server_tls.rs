@@ -87,7 +87,7 @@ impl ServerTls {
     }
 
     /// The `sslmode` value these settings act as.
-    pub(super) fn mode_name(&self) -> &'static str {
+    pub fn mode_name(&self) -> &'static str {
         match self.mode {
             PgSslMode::Disable => "disable",
             PgSslMode::Allow => "allow",
