@@ -12,6 +12,16 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
+/// Every `sslmode`, by its libpq name.
+const MODES: [(&str, PgSslMode); 6] = [
+    ("disable", PgSslMode::Disable),
+    ("allow", PgSslMode::Allow),
+    ("prefer", PgSslMode::Prefer),
+    ("require", PgSslMode::Require),
+    ("verify-ca", PgSslMode::VerifyCa),
+    ("verify-full", PgSslMode::VerifyFull),
+];
+
 /// A server's TLS settings.
 #[derive(Clone)]
 pub struct ServerTls {
@@ -40,19 +50,10 @@ impl ServerTls {
     /// against it (`verify-ca`); a root certificate with a mode that may not use TLS at all
     /// is refused rather than silently ignored.
     pub(super) fn parse(mode: Option<&str>, root_cert: Option<&Path>) -> Result<Self, (&'static str, String)> {
-        let mode = match mode.unwrap_or("prefer") {
-            "disable" => PgSslMode::Disable,
-            "allow" => PgSslMode::Allow,
-            "prefer" => PgSslMode::Prefer,
-            "require" => PgSslMode::Require,
-            "verify-ca" => PgSslMode::VerifyCa,
-            "verify-full" => PgSslMode::VerifyFull,
-            other => {
-                return Err((
-                    "sslmode",
-                    format!("must be one of disable, allow, prefer, require, verify-ca, verify-full; not {other:?}"),
-                ))
-            }
+        let name = mode.unwrap_or("prefer");
+        let Some(&(_, mode)) = MODES.iter().find(|(known, _)| *known == name) else {
+            let names: Vec<&str> = MODES.iter().map(|(known, _)| *known).collect();
+            return Err(("sslmode", format!("must be one of {}; not {name:?}", names.join(", "))));
         };
         let root_cert = match root_cert {
             None => None,
@@ -88,14 +89,11 @@ impl ServerTls {
 
     /// The `sslmode` value these settings act as.
     pub fn mode_name(&self) -> &'static str {
-        match self.mode {
-            PgSslMode::Disable => "disable",
-            PgSslMode::Allow => "allow",
-            PgSslMode::Prefer => "prefer",
-            PgSslMode::Require => "require",
-            PgSslMode::VerifyCa => "verify-ca",
-            PgSslMode::VerifyFull => "verify-full",
-        }
+        let this = std::mem::discriminant(&self.mode);
+        MODES
+            .iter()
+            .find(|(_, mode)| std::mem::discriminant(mode) == this)
+            .map_or("prefer", |(name, _)| name)
     }
 
     /// `options` set to connect with these settings.
@@ -121,7 +119,8 @@ mod tests {
     #[test]
     fn every_libpq_mode_is_accepted() {
         for mode in ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] {
-            assert!(ServerTls::parse(Some(mode), None).is_ok(), "{mode}");
+            let tls = ServerTls::parse(Some(mode), None).expect(mode);
+            assert_eq!(tls.mode_name(), mode, "named back as configured");
         }
         let tls = ServerTls::parse(Some("verify-full"), None).expect("mode");
         assert!(matches!(tls.mode, PgSslMode::VerifyFull));
