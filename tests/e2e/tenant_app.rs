@@ -571,9 +571,21 @@ async fn sessions_on(pool: &PgPool, db: &str) -> i64 {
         .unwrap()
 }
 
+/// Sessions on `db` once they have settled at `expected` (a closed connection's backend
+/// leaves `pg_stat_activity` a moment after the client hangs up), or after 5 s.
+async fn settled_sessions_on(pool: &PgPool, db: &str, expected: i64) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let sessions = sessions_on(pool, db).await;
+        if sessions == expected || Instant::now() > deadline {
+            return sessions;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_pool_reuses_its_busiest_connection_and_closes_one_left_idle() {
-    use std::time::Duration;
     let pg = TestCluster::shared().await;
     let db = fresh_database(pg).await;
     let observer = observer(pg).await;
@@ -593,7 +605,7 @@ async fn the_pool_reuses_its_busiest_connection_and_closes_one_left_idle() {
     }
     pool.close_idle(Duration::from_millis(400));
     assert_eq!(pool.size(), 1, "the connection left idle is closed, the busy one kept");
-    assert_eq!(sessions_on(&observer, &db).await, 1);
+    assert_eq!(settled_sessions_on(&observer, &db, 1).await, 1);
 
     // Closing waits for the connection a request still holds, then ends every session.
     let held = pool.acquire().await.unwrap();
@@ -613,12 +625,7 @@ async fn the_pool_reuses_its_busiest_connection_and_closes_one_left_idle() {
         .unwrap()
         .unwrap();
     assert_eq!(pool.size(), 0);
-    let ended = async {
-        while sessions_on(&observer, &db).await > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), ended).await.unwrap();
+    assert_eq!(settled_sessions_on(&observer, &db, 0).await, 0);
 }
 
 /// A budget of `permits` connections shared by the pools given it; gives up after 300 ms.
