@@ -1,11 +1,17 @@
 //! The tenant directory: [`TenantKey`] → the tenant's [`TenantRoute`] (slug, status, server).
 //!
-//! A moka cache in front of the catalog's read model. Known tenants are cached for
-//! `router.tenant_cache_ttl`, unknown keys for [`NEGATIVE_TTL`] (so a flood of made-up hosts
-//! costs one catalog query per host, not one per request); concurrent misses share one
-//! query. The catalog pushes changes: a LISTEN task drops the cache on every tenant event
-//! (and lets go of that tenant's pool), and drops it entirely whenever it had to reconnect,
-//! since events may have been missed meanwhile.
+//! A moka cache in front of the catalog's read model, filled ahead of requests: once the
+//! router listens for tenant events, it loads every tenant's route (slug and custom
+//! domains), and loads them again every half `router.tenant_cache_ttl`, so a tenant's first
+//! request does not wait for the catalog and a catalog outage does not stop any tenant that
+//! existed before it. Entries live for the TTL (a safety net should a change ever come without
+//! its event); unknown keys for [`NEGATIVE_TTL`] (so a flood of made-up hosts costs one
+//! catalog query per host, not one per request); concurrent misses share one query.
+//!
+//! The catalog pushes changes: an event names one tenant, whose route is read again (and its
+//! pool refreshed or let go); only that tenant's entries change, so a fleet-wide rotation does
+//! not send every other tenant's requests to the catalog. Whenever the listener had to
+//! reconnect, events may have been missed: everything is dropped and loaded again.
 //!
 //! When the catalog cannot be reached, a key that was found before keeps its last known route
 //! (tenants keep being served through a catalog outage); an unknown key is "unavailable".
@@ -35,6 +41,10 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 const STALE_TTL: Duration = Duration::from_secs(5);
 /// A catalog lookup slower than this counts as a failure (so requests fall back quickly).
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Loading every route slower than this counts as a failure (tried again at the next load).
+const LOAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Routes are not loaded again more often than this, however short the TTL.
+const MIN_RELOAD_EVERY: Duration = Duration::from_secs(1);
 /// Upper bound on cached keys (each negative entry is a host someone sent).
 const MAX_CACHED_KEYS: u64 = 100_000;
 /// Waits between attempts to re-establish the LISTEN connection.
@@ -51,8 +61,8 @@ pub(crate) struct CatalogUnavailable;
 enum LookupError {
     #[error("catalog lookup: {0}")]
     Database(#[from] sqlx::Error),
-    #[error("catalog lookup timed out after {LOOKUP_TIMEOUT:?}")]
-    Timeout,
+    #[error("the catalog did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
 /// A cached answer: the route (`None`: no such tenant), and whether it is a last known route
@@ -100,13 +110,21 @@ impl Expiry<TenantKey, Cached> for CachedExpiry {
 /// Tenant routes by key, cached, with catalog-outage fallback.
 pub(crate) struct Directory {
     catalog: PgPool,
-    cache: Cache<TenantKey, Cached>,
+    /// Slug keys: one per tenant.
+    slugs: Cache<TenantKey, Cached>,
+    /// Custom-domain keys, apart: an event drops the ones that may have moved to or from its
+    /// tenant, which means looking at each (there are far fewer than slugs).
+    domains: Cache<TenantKey, Cached>,
+    positive_ttl: Duration,
     /// The last route the catalog returned for each key that exists: the outage fallback.
     /// Bounded by the number of tenants and their domains (misses are never stored).
     last_known: DashMap<TenantKey, TenantRoute>,
-    /// Bumped on every invalidation, so a lookup that raced with one does not leave the
+    /// Bumped on every change applied, so a lookup that raced with one does not leave the
     /// route it read (possibly from before the change) in the cache.
     generation: AtomicU64,
+    /// Held while an event or a load is applied: a load that read the catalog before a
+    /// change cannot write over what that change's event wrote.
+    applying: tokio::sync::Mutex<()>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
 }
@@ -114,18 +132,30 @@ pub(crate) struct Directory {
 impl Directory {
     /// A directory over the catalog pool; positive entries live `ttl`.
     pub(crate) fn new(catalog: PgPool, ttl: Duration, health: Arc<Health>, metrics: Arc<Metrics>) -> Self {
-        let cache = Cache::builder()
-            .name("silo-router-directory")
-            .max_capacity(MAX_CACHED_KEYS)
-            .expire_after(CachedExpiry { positive: ttl })
-            .build();
+        let cache = |name: &str| {
+            Cache::builder()
+                .name(name)
+                .max_capacity(MAX_CACHED_KEYS)
+                .expire_after(CachedExpiry { positive: ttl })
+                .build()
+        };
         Self {
             catalog,
-            cache,
+            slugs: cache("silo-router-directory-slugs"),
+            domains: cache("silo-router-directory-domains"),
+            positive_ttl: ttl,
             last_known: DashMap::new(),
             generation: AtomicU64::new(0),
+            applying: tokio::sync::Mutex::new(()),
             health,
             metrics,
+        }
+    }
+
+    fn cache(&self, key: &TenantKey) -> &Cache<TenantKey, Cached> {
+        match key {
+            TenantKey::Slug(_) => &self.slugs,
+            TenantKey::Domain(_) => &self.domains,
         }
     }
 
@@ -133,7 +163,7 @@ impl Directory {
     pub(crate) async fn lookup(&self, key: &TenantKey) -> Result<Option<TenantRoute>, CatalogUnavailable> {
         let generation = self.generation.load(Ordering::Acquire);
         let result = self
-            .cache
+            .cache(key)
             .entry_by_ref(key)
             .or_try_insert_with(async { self.fetch(key).await.map(|route| Cached { route, stale: false }) })
             .await;
@@ -153,7 +183,7 @@ impl Directory {
         if fresh && self.generation.load(Ordering::Acquire) != generation {
             // Invalidated while we were reading: what we read may predate the change. Serve
             // it this once (it was true a moment ago) but do not keep it.
-            self.cache.invalidate(key).await;
+            self.cache(key).invalidate(key).await;
         }
         Ok(route)
     }
@@ -168,7 +198,7 @@ impl Directory {
         };
         let route = tokio::time::timeout(LOOKUP_TIMEOUT, query)
             .await
-            .map_err(|_| LookupError::Timeout)??;
+            .map_err(|_| LookupError::Timeout(LOOKUP_TIMEOUT))??;
         self.health.catalog_answered();
         match &route {
             Some(route) => {
@@ -189,7 +219,7 @@ impl Directory {
             Some(route) => {
                 self.metrics.directory_lookup("stale");
                 tracing::warn!(%error, tenant = %route.slug, "catalog lookup failed; serving the last known route");
-                self.cache
+                self.cache(key)
                     .insert(
                         key.clone(),
                         Cached {
@@ -208,28 +238,112 @@ impl Directory {
         }
     }
 
-    /// Forgets every cached answer (tenant changes are rare; one dropped cache is cheap).
-    pub(crate) fn invalidate_all(&self) {
+    /// Forgets every cached answer.
+    fn invalidate_all(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.cache.invalidate_all();
+        self.slugs.invalidate_all();
+        self.domains.invalidate_all();
+    }
+
+    /// Caches every tenant's route the catalog has, under its slug and its custom domains.
+    async fn load_all(&self) -> Result<usize, LookupError> {
+        let _applying = self.applying.lock().await;
+        let started = Instant::now();
+        let routes = tokio::time::timeout(LOAD_TIMEOUT, routes::all(&self.catalog))
+            .await
+            .map_err(|_| LookupError::Timeout(LOAD_TIMEOUT))??;
+        self.health.catalog_answered();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let count = routes.len();
+        for (route, domains) in routes {
+            let Ok(slug) = TenantSlug::parse(&route.slug) else {
+                tracing::warn!(
+                    tenant = route.slug,
+                    "the catalog has a tenant whose slug is not valid; not loaded"
+                );
+                continue;
+            };
+            for domain in domains {
+                self.remember(TenantKey::Domain(domain), route.clone()).await;
+            }
+            self.remember(TenantKey::Slug(slug), route).await;
+        }
+        tracing::debug!(tenants = count, elapsed = ?started.elapsed(), "tenant routes loaded");
+        Ok(count)
+    }
+
+    /// Caches `route` under `key`, and keeps it for catalog outages.
+    async fn remember(&self, key: TenantKey, route: TenantRoute) {
+        self.last_known.insert(key.clone(), route.clone());
+        let cached = Cached {
+            route: Some(route),
+            stale: false,
+        };
+        self.cache(&key).insert(key, cached).await;
+    }
+
+    /// [`Directory::load_all`], logging the outcome.
+    async fn load_all_logged(&self) {
+        match self.load_all().await {
+            Ok(count) => tracing::info!(tenants = count, "tenant routes loaded from the catalog"),
+            Err(error) => tracing::warn!(%error, "cannot load the tenant routes; tenants are looked up as they come"),
+        }
+    }
+
+    /// Loads every route again every half TTL until `shutdown`, so entries are renewed before
+    /// they expire (no-op with a TTL of zero: nothing is cached then).
+    pub(crate) async fn reload_periodically(&self, shutdown: CancellationToken) {
+        if self.positive_ttl.is_zero() {
+            return;
+        }
+        let every = (self.positive_ttl / 2).max(MIN_RELOAD_EVERY);
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            if self.health.is_listening() {
+                self.load_all_logged().await;
+            }
+        }
     }
 
     /// Applies one catalog event: the tenant `payload` changed.
     async fn on_tenant_event(&self, payload: &str, pools: &Pools) {
-        self.invalidate_all();
         let Ok(slug) = TenantSlug::parse(payload) else {
-            tracing::warn!(payload, "ignoring a tenant event whose payload is not a slug");
+            tracing::warn!(
+                payload,
+                "a tenant event whose payload is not a slug; dropping every cached route"
+            );
+            self.invalidate_all();
             return;
         };
-        // The status is read past the cache: caching it here could pin a transitional status
-        // (say `provisioning`) that the next event, already on its way, will change.
-        match self.fetch(&TenantKey::Slug(slug.clone())).await {
-            // Still served: its credentials may have changed (rotation).
-            Ok(Some(route)) if route.status == TenantStatus::Active => pools.refresh(slug.as_str()).await,
-            // No longer served (suspended, deleted...): close its pool at once, which also
-            // frees the database for DROP.
-            Ok(_) => pools.evict(slug.as_str(), Drain::Now).await,
+        let _applying = self.applying.lock().await;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        // A custom domain may have moved to or from this tenant (or been unknown until now).
+        for (key, cached) in self.domains.iter() {
+            if cached.route.as_ref().is_none_or(|route| route.slug == slug.as_str()) {
+                self.domains.invalidate(&*key).await;
+            }
+        }
+        let key = TenantKey::Slug(slug.clone());
+        match self.fetch(&key).await {
+            Ok(route) => {
+                let serve = route.as_ref().is_some_and(|route| route.status == TenantStatus::Active);
+                self.slugs.insert(key, Cached { route, stale: false }).await;
+                if serve {
+                    // Still served: its credentials may have changed (rotation).
+                    pools.refresh(slug.as_str()).await;
+                } else {
+                    // No longer served (suspended, deleted...): close its pool at once, which
+                    // also frees the database for DROP.
+                    pools.evict(slug.as_str(), Drain::Now).await;
+                }
+            }
             Err(error) => {
+                self.slugs.invalidate(&key).await;
                 tracing::warn!(%error, tenant = %slug, "cannot read the changed tenant; refreshing its pool");
                 pools.refresh(slug.as_str()).await;
             }
@@ -260,9 +374,13 @@ impl Directory {
             };
             backoff = LISTEN_BACKOFF_MIN;
             self.health.catalog_answered();
-            self.health.set_listening(true);
             // Events sent while we were not listening are lost: start from a clean slate.
+            // Events sent from here on wait in the listener until the load is done.
             self.invalidate_all();
+            if !self.positive_ttl.is_zero() {
+                self.load_all_logged().await;
+            }
+            self.health.set_listening(true);
             tracing::info!(channel = TENANT_EVENTS_CHANNEL, "listening for tenant events");
             loop {
                 let received = tokio::select! {

@@ -43,15 +43,18 @@ impl Health {
         self.listening.store(listening, Ordering::Release);
     }
 
+    /// Whether the tenant-events listener is connected (what is cached is kept up to date).
+    pub(crate) fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::Acquire)
+    }
+
     /// The router is shutting down: load balancers should stop sending traffic.
     pub(crate) fn set_draining(&self) {
         self.draining.store(true, Ordering::Release);
     }
 
     fn is_ready(&self) -> bool {
-        self.catalog_answered.load(Ordering::Acquire)
-            && self.listening.load(Ordering::Acquire)
-            && !self.draining.load(Ordering::Acquire)
+        self.catalog_answered.load(Ordering::Acquire) && self.is_listening() && !self.draining.load(Ordering::Acquire)
     }
 }
 

@@ -207,6 +207,8 @@ impl RouterServer {
         let (directory, pools) = (state.directory.clone(), state.pools.clone());
         let (events_pool, stop) = (listen_pool.clone(), background.clone());
         tasks.spawn(async move { directory.watch_tenant_events(events_pool, pools, stop).await });
+        let (directory, stop) = (state.directory.clone(), background.clone());
+        tasks.spawn(async move { directory.reload_periodically(stop).await });
         let (pools, stop) = (state.pools.clone(), background.clone());
         tasks.spawn(async move { pools.sweep(stop).await });
         let (metrics, stop) = (state.metrics.clone(), background.clone());

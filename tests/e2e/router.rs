@@ -634,6 +634,168 @@ async fn known_tenants_are_served_while_the_catalog_fails() {
     stack.stop().await.unwrap();
 }
 
+/// A second router on the stack's configuration, started after everything the test set up:
+/// it has served no request and received no tenant event. Ready when this returns.
+struct LateRouter {
+    addr: std::net::SocketAddr,
+    ops: std::net::SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl LateRouter {
+    async fn start(stack: &Stack) -> LateRouter {
+        let router = silo_router::RouterServer::bind(stack.config().clone()).await.unwrap();
+        let (addr, ops) = (router.local_addr(), router.ops_addr());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(router.run(stop.clone()));
+        let ready = format!("http://{ops}/readyz");
+        eventually(Duration::from_secs(10), || async {
+            reqwest::get(&ready).await.unwrap().status() == StatusCode::OK
+        })
+        .await;
+        LateRouter { addr, ops, stop, task }
+    }
+
+    async fn get(&self, host: &str, key: &str) -> reqwest::Response {
+        reqwest::Client::new()
+            .get(format!("http://{}/api/v1/me", self.addr))
+            .header(reqwest::header::HOST, host)
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn metrics(&self) -> HashMap<String, f64> {
+        let text = reqwest::get(format!("http://{}/metrics", self.ops)).await.unwrap();
+        parse_metrics(&text.text().await.unwrap())
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// A router loads every tenant's route when it starts: a tenant's first request finds it
+/// without asking the catalog, and tenants nobody has requested yet are served through a
+/// catalog outage too, by slug and by custom domain.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_router_serves_tenants_it_never_saw_through_a_catalog_outage() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let (a, b) = (unique_name("rl"), unique_name("rl"));
+    let domain = format!("{b}.example.com");
+    let key_a = stack.create_tenant(&a).await.unwrap();
+    let key_b = stack
+        .create_tenant_with(json!({"slug": b, "domains": [domain]}))
+        .await
+        .unwrap();
+    let late = LateRouter::start(&stack).await;
+
+    let resp = late.get(&format!("{a}.localhost"), &key_a).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let lookups = late.metrics().await;
+    let outcome = |result: &str| {
+        metric(
+            &lookups,
+            "silo_router_directory_lookups_total",
+            &[&format!("result=\"{result}\"")],
+        )
+    };
+    assert_eq!(
+        (outcome("hit"), outcome("miss")),
+        (1.0, 0.0),
+        "the first request found the route loaded"
+    );
+
+    // The catalog's read model breaks: lookups fail from here on.
+    sqlx::query("ALTER TABLE tenants RENAME TO tenants_away")
+        .execute(stack.catalog())
+        .await
+        .unwrap();
+    let (status, me) = get_json(
+        reqwest::Client::new()
+            .get(format!("http://{}/api/v1/me", late.addr))
+            .header(reqwest::header::HOST, &domain)
+            .bearer_auth(&key_b),
+    )
+    .await;
+    assert_eq!(
+        (status, &me["tenant"]),
+        (StatusCode::OK, &json!(b)),
+        "never requested, served by its domain"
+    );
+    assert_eq!(
+        late.get(&format!("{b}.localhost"), &key_b).await.status(),
+        StatusCode::OK
+    );
+    let unknown = late.get(&format!("{}.localhost", unique_name("nobody")), &key_a).await;
+    assert_eq!(unknown.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    sqlx::query("ALTER TABLE tenants_away RENAME TO tenants")
+        .execute(stack.catalog())
+        .await
+        .unwrap();
+    late.stop().await;
+    stack.stop().await.unwrap();
+}
+
+/// An event about one tenant changes that tenant's route only: the others' requests keep
+/// finding theirs in the cache (a fleet-wide rotation does not send every request to the
+/// catalog), while the changed tenant's new status applies at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_event_leaves_the_other_tenants_routes_cached() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let (a, b) = (unique_name("re"), unique_name("re"));
+    let domain = format!("{a}.example.com");
+    let key_a = stack
+        .create_tenant_with(json!({"slug": a, "domains": [domain]}))
+        .await
+        .unwrap();
+    let key_b = stack.create_tenant(&b).await.unwrap();
+    let get = |host: String, key: &str| {
+        stack
+            .tenant_request(Method::GET, &host, "/api/v1/me")
+            .bearer_auth(key)
+            .send()
+    };
+    assert_eq!(
+        get(format!("{a}.localhost"), &key_a).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(get(domain.clone(), &key_a).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        get(format!("{b}.localhost"), &key_b).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let misses = |m: &HashMap<String, f64>| metric(m, "silo_router_directory_lookups_total", &[r#"result="miss""#]);
+    let before = misses(&scrape(&stack).await);
+
+    let (status, body) = stack
+        .admin(Method::POST, &format!("/v1/tenants/{b}/suspend"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    eventually(Duration::from_secs(2), || async {
+        get(format!("{b}.localhost"), &key_b).await.unwrap().status() == StatusCode::FORBIDDEN
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            get(format!("{a}.localhost"), &key_a).await.unwrap().status(),
+            StatusCode::OK
+        );
+        assert_eq!(get(domain.clone(), &key_a).await.unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(
+        misses(&scrape(&stack).await),
+        before,
+        "suspending one tenant sent another's requests to the catalog"
+    );
+    stack.stop().await.unwrap();
+}
+
 /// Awaits all `futures` concurrently (without pulling in the `futures` crate).
 async fn futures_join_all<F: std::future::Future + Send + 'static>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
 where

@@ -74,6 +74,13 @@ struct RouteRow {
     plan: String,
 }
 
+#[derive(sqlx::FromRow)]
+struct RouteWithDomains {
+    #[sqlx(flatten)]
+    route: RouteRow,
+    domains: Vec<String>,
+}
+
 impl TryFrom<RouteRow> for TenantRoute {
     type Error = sqlx::Error;
     fn try_from(r: RouteRow) -> Result<Self, Self::Error> {
@@ -96,6 +103,22 @@ pub async fn by_slug(pool: &PgPool, slug: &str) -> Result<Option<TenantRoute>, s
         .await?
         .map(TenantRoute::try_from)
         .transpose()
+}
+
+/// Every tenant that is not deleted, with its custom domains: what a router loads so that
+/// a tenant's first request does not wait for the catalog.
+pub async fn all(pool: &PgPool) -> Result<Vec<(TenantRoute, Vec<String>)>, sqlx::Error> {
+    sqlx::query_as::<_, RouteWithDomains>(
+        "SELECT t.slug, t.status, t.server, t.database, t.plan, \
+                coalesce(array_agg(d.domain) FILTER (WHERE d.domain IS NOT NULL), '{}') AS domains \
+         FROM tenants t LEFT JOIN tenant_domains d ON d.slug = t.slug \
+         WHERE t.status <> 'deleted' GROUP BY t.slug",
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|row| Ok((TenantRoute::try_from(row.route)?, row.domains)))
+    .collect()
 }
 
 /// The route of the tenant that registered custom domain `domain` (lower case, no port).

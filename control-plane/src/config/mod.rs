@@ -284,7 +284,8 @@ pub struct RouterConfig {
     pub pool_idle_timeout: Duration,
     /// Route `/t/{slug}/...` as well as by Host.
     pub path_prefix_routing: bool,
-    /// How long tenant metadata is cached (changes are pushed sooner by NOTIFY).
+    /// How long tenant metadata is cached; the router loads every route again each half of it
+    /// (changes are pushed at once by NOTIFY).
     pub tenant_cache_ttl: Duration,
     /// Connect timeout to a tenant database.
     pub connect_timeout: Duration,
