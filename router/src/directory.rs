@@ -272,9 +272,14 @@ impl Directory {
         Ok(count)
     }
 
-    /// Caches `route` under `key`, and keeps it for catalog outages.
+    /// Keeps `route` for catalog outages under `key`, and caches it if it is served. Other
+    /// statuses are left to lookups: one may be a passing one (`provisioning`) whose successor
+    /// reaches a client before its event reaches this router.
     async fn remember(&self, key: TenantKey, route: TenantRoute) {
         self.last_known.insert(key.clone(), route.clone());
+        if route.status != TenantStatus::Active {
+            return;
+        }
         let cached = Cached {
             route: Some(route),
             stale: false,
@@ -330,17 +335,26 @@ impl Directory {
         }
         let key = TenantKey::Slug(slug.clone());
         match self.fetch(&key).await {
-            Ok(route) => {
-                let serve = route.as_ref().is_some_and(|route| route.status == TenantStatus::Active);
-                self.slugs.insert(key, Cached { route, stale: false }).await;
-                if serve {
-                    // Still served: its credentials may have changed (rotation).
-                    pools.refresh(slug.as_str()).await;
-                } else {
-                    // No longer served (suspended, deleted...): close its pool at once, which
-                    // also frees the database for DROP.
-                    pools.evict(slug.as_str(), Drain::Now).await;
-                }
+            Ok(Some(route)) if route.status == TenantStatus::Active => {
+                self.slugs
+                    .insert(
+                        key,
+                        Cached {
+                            route: Some(route),
+                            stale: false,
+                        },
+                    )
+                    .await;
+                // Still served: its credentials may have changed (rotation).
+                pools.refresh(slug.as_str()).await;
+            }
+            Ok(_) => {
+                // No longer served (suspended, deleted...): close its pool at once, which
+                // also frees the database for DROP. The status is not cached: it may be a
+                // passing one (`provisioning`) whose successor reaches a client (the
+                // tenant-creation call returning) before its event reaches this router.
+                self.slugs.invalidate(&key).await;
+                pools.evict(slug.as_str(), Drain::Now).await;
             }
             Err(error) => {
                 self.slugs.invalidate(&key).await;
