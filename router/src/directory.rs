@@ -323,8 +323,10 @@ impl Directory {
                 "a tenant event whose payload is not a slug; dropping every cached route"
             );
             self.invalidate_all();
+            pools.forget_all_credentials();
             return;
         };
+        pools.forget_credentials(slug.as_str()).await;
         let _applying = self.applying.lock().await;
         self.generation.fetch_add(1, Ordering::AcqRel);
         // A custom domain may have moved to or from this tenant (or been unknown until now).
@@ -391,6 +393,7 @@ impl Directory {
             // Events sent while we were not listening are lost: start from a clean slate.
             // Events sent from here on wait in the listener until the load is done.
             self.invalidate_all();
+            pools.forget_all_credentials();
             if !self.positive_ttl.is_zero() {
                 self.load_all_logged().await;
             }

@@ -14,6 +14,7 @@
 
 mod budget;
 mod cli;
+mod credentials;
 mod directory;
 mod errors;
 mod forward;

@@ -181,6 +181,11 @@ impl Metrics {
 
     /// A pool switched credentials after PostgreSQL refused its password; `stage` is the
     /// secret stage switched to.
+    /// A tenant's secret read for a pool: from the secret store, or kept from an earlier read.
+    pub(crate) fn secret_read(&self, source: &'static str) {
+        self.with(|| metrics::counter!("silo_router_secret_reads_total", "source" => source).increment(1));
+    }
+
     pub(crate) fn credential_switch(&self, stage: &'static str) {
         self.with(|| metrics::counter!("silo_router_credential_switches_total", "stage" => stage).increment(1));
     }
@@ -230,6 +235,10 @@ fn describe() {
     describe_counter!("silo_router_pool_creations_total", "Tenant pools built.");
     describe_counter!("silo_router_pool_evictions_total", "Tenant pools evicted, by cause.");
     describe_counter!("silo_router_pool_lookups_total", "Pool-map lookups: hit or miss.");
+    describe_counter!(
+        "silo_router_secret_reads_total",
+        "Tenant secrets read for pools: from the secret store, or kept from an earlier read."
+    );
     describe_counter!(
         "silo_router_tenant_requests_total",
         "Requests per tenant (router.per_tenant_metrics; capped, the rest as tenant=\"other\")."

@@ -5,11 +5,11 @@
 //! requests for a tenant share one build (`try_get_with`). Every connection holds a permit
 //! of its server's connection budget (`budget`) while it is open. A build first takes one
 //! for its first connection (when the budget is spent it closes the least recently used
-//! idle pool on that server and waits at most `router.budget_wait`), then reads the
-//! tenant's current secret and connects eagerly, so a database that is down fails the
-//! request within `router.connect_timeout` instead of when the app first queries. A pool
-//! opens further connections (up to `max_connections_per_tenant`) only with permits that
-//! are free: it never closes other pools to grow, and a request waiting for one takes the
+//! idle pool on that server and waits at most `router.budget_wait`), then takes the tenant's current secret (kept from an
+//! earlier read, see [`crate::credentials`]) and connects eagerly, so a database that is down
+//! fails the request within `router.connect_timeout` instead of when the app first queries.
+//! A pool opens further connections (up to `max_connections_per_tenant`) only with permits
+//! that are free: it never closes other pools to grow, and a request waiting for one takes the
 //! pool's own connection if that comes back first.
 //!
 //! Credentials: when a served tenant changes (credential rotation event), its open pool
@@ -38,9 +38,7 @@ use moka::notification::RemovalCause;
 use silo_control_plane::catalog::routes::TenantRoute;
 use silo_control_plane::config::{Config, ServerTls};
 use silo_control_plane::names::TenantSlug;
-use silo_control_plane::secrets::{
-    tenant_secret_name, DbSecret, SecretStore, SecretStoreError, AWSCURRENT, AWSPENDING,
-};
+use silo_control_plane::secrets::{SecretStore, SecretStoreError, AWSCURRENT, AWSPENDING};
 use silo_tenant_app::{
     AfterConnect, AfterConnectFuture, BudgetPermit, ConnectionBudget, DbPool, DbPoolSettings, TakePermit, TenantContext,
 };
@@ -52,8 +50,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::budget::{Budgets, ConnectionPermit};
+use crate::credentials::Credentials;
 use crate::ops::Metrics;
-use crate::server::APPLICATION_NAME;
 
 /// At most this many tenant pools are open at once (least valuable evicted first).
 const MAX_POOLS: u64 = 10_000;
@@ -204,7 +202,7 @@ pub(crate) struct Pools {
 
 struct Inner {
     cache: Cache<String, Arc<TenantPool>>,
-    secrets: Arc<dyn SecretStore>,
+    credentials: Credentials,
     settings: PoolSettings,
     budgets: Budgets,
     closer: Closer,
@@ -266,7 +264,12 @@ impl Pools {
         Self {
             inner: Arc::new(Inner {
                 cache,
-                secrets,
+                credentials: Credentials::new(
+                    secrets,
+                    settings.secret_prefix.clone(),
+                    settings.server_tls.clone(),
+                    metrics.clone(),
+                ),
                 budgets: Budgets::new(settings.budget_per_server, metrics.clone()),
                 settings,
                 closer,
@@ -388,10 +391,11 @@ impl Pools {
     /// The tenant's pool with one connection open, which holds `permit`.
     async fn connect(&self, route: &TenantRoute, permit: ConnectionPermit) -> Result<(DbPool, String), PoolError> {
         let settings = &self.inner.settings;
-        let (options, version) = self
-            .read_options(&route.slug, &route.server, AWSCURRENT)
+        let credentials = &self.inner.credentials;
+        let (options, version) = credentials
+            .current(&route.slug, &route.server)
             .await?
-            .ok_or_else(|| PoolError::SecretMissing(self.secret_name(&route.slug).unwrap_or_default()))?;
+            .ok_or_else(|| PoolError::SecretMissing(credentials.secret_name(&route.slug).unwrap_or_default()))?;
         let slug = TenantSlug::parse(&route.slug).map_err(|_| PoolError::BadSlug(route.slug.clone()))?;
         let expected = Arc::new(Expected {
             database: route.database.clone(),
@@ -418,7 +422,7 @@ impl Pools {
         // `finish_secret`): the pending version, or a current one that moved meanwhile.
         let mut tried = vec![version];
         for stage in [AWSPENDING, AWSCURRENT] {
-            let Some((options, version)) = self.read_options(&route.slug, &route.server, stage).await? else {
+            let Some((options, version)) = credentials.read(&route.slug, &route.server, stage).await? else {
                 continue;
             };
             if tried.contains(&version) {
@@ -439,37 +443,7 @@ impl Pools {
         Err(PoolError::Connect(refused))
     }
 
-    fn secret_name(&self, slug: &str) -> Result<String, PoolError> {
-        let slug = TenantSlug::parse(slug).map_err(|_| PoolError::BadSlug(slug.to_owned()))?;
-        Ok(tenant_secret_name(&self.inner.settings.secret_prefix, &slug))
-    }
-
-    /// Connect options (with `server`'s TLS settings) and version id from the tenant's secret
-    /// version at `stage`, if there is one. The options hold the password: never log them.
-    async fn read_options(
-        &self,
-        slug: &str,
-        server: &str,
-        stage: &str,
-    ) -> Result<Option<(PgConnectOptions, String)>, PoolError> {
-        let tls = self
-            .inner
-            .settings
-            .server_tls
-            .get(server)
-            .ok_or_else(|| PoolError::UnknownServer(server.to_owned()))?;
-        let name = self.secret_name(slug)?;
-        let Some(version) = self.inner.secrets.get_secret_value(&name, stage).await? else {
-            return Ok(None);
-        };
-        let secret = DbSecret::from_secret(&version.value, &name)?;
-        Ok(Some((
-            secret.connect_options(tls).application_name(APPLICATION_NAME),
-            version.version_id,
-        )))
-    }
-
-    /// [`Pools::read_options`] within `connect_timeout`.
+    /// The tenant's secret version at `stage`, read from the store within `connect_timeout`.
     async fn read_options_timed(
         &self,
         slug: &str,
@@ -477,7 +451,7 @@ impl Pools {
         stage: &str,
     ) -> Result<Option<(PgConnectOptions, String)>, PoolError> {
         let timeout = self.inner.settings.connect_timeout;
-        tokio::time::timeout(timeout, self.read_options(slug, server, stage))
+        tokio::time::timeout(timeout, self.inner.credentials.read(slug, server, stage))
             .await
             .unwrap_or(Err(PoolError::Timeout(timeout)))
     }
@@ -509,7 +483,7 @@ impl Pools {
             // per request): closing a serving pool over a secret-store hiccup would fail
             // requests that need not fail.
             Ok(None) => {
-                let error = PoolError::SecretMissing(self.secret_name(slug).unwrap_or_default());
+                let error = PoolError::SecretMissing(self.inner.credentials.secret_name(slug).unwrap_or_default());
                 tracing::warn!(%error, tenant = %slug, "cannot refresh the tenant's credentials; keeping its pool");
             }
             Err(error) => {
@@ -575,6 +549,16 @@ impl Pools {
             }
             Err(_) => false,
         }
+    }
+
+    /// Tenant `slug` changed: the credentials kept for its next pool may be out of date.
+    pub(crate) async fn forget_credentials(&self, slug: &str) {
+        self.inner.credentials.forget(slug).await;
+    }
+
+    /// Tenant changes may have been missed: forget every tenant's kept credentials.
+    pub(crate) fn forget_all_credentials(&self) {
+        self.inner.credentials.forget_all();
     }
 
     /// Removes tenant `slug`'s pool (if open) and closes it as `drain` says.

@@ -108,6 +108,100 @@ async fn pending_password_is_used_when_the_current_one_is_refused() {
     admin.close().await.unwrap();
 }
 
+/// The login role of the router's sessions on `database` (one role expected).
+async fn router_session_role(stack: &Stack, database: &str) -> String {
+    let mut admin = superuser(stack).await;
+    let roles: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT usename::text FROM pg_stat_activity WHERE datname = $1 AND application_name = 'silo-router'",
+    )
+    .bind(database)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(roles.len(), 1, "{roles:?}");
+    roles.into_iter().next().unwrap()
+}
+
+/// `silo_router_secret_reads_total{source}` on the stack's router.
+async fn secret_reads(stack: &Stack, source: &str) -> u64 {
+    let metrics = stack.router_metrics().await.unwrap();
+    let series = format!("silo_router_secret_reads_total{{source=\"{source}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .map_or(0, |value| value.parse().unwrap())
+}
+
+/// Waits until the router has closed every tenant pool (idle timeout).
+async fn until_pools_closed(stack: &Stack) {
+    for _ in 0..100 {
+        if stack
+            .router_metrics()
+            .await
+            .unwrap()
+            .contains("silo_router_pools_open 0\n")
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the router kept its tenant pools open");
+}
+
+/// A pool rebuilt soon after it closed logs in with the secret read for the last one, without
+/// asking AWS Secrets Manager again; once a rotation has moved the tenant to another login
+/// role (`alternating`), the next pool logs in as that role, though its pool had closed
+/// before the rotation's event arrived.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuilt_pool_reuses_the_secret_read_last_until_the_tenant_changes() {
+    let stack = Stack::start(StackOptions {
+        secrets: silo_tests::stack::Secrets::Aws,
+        pool_idle_timeout: Duration::from_millis(300),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let slug = unique_name("kc");
+    let key = stack.create_tenant(&slug).await.unwrap();
+    let database = silo_tests::database_of(&slug);
+    let served = || async { stack.tenant_get(&slug, &key, "/api/v1/me").await.unwrap().status() };
+    assert_eq!(served().await, StatusCode::OK);
+    let first_role = router_session_role(&stack, &database).await;
+    let from_store = secret_reads(&stack, "store").await;
+    assert!(from_store >= 1);
+
+    until_pools_closed(&stack).await;
+    assert_eq!(served().await, StatusCode::OK);
+    assert_eq!(
+        secret_reads(&stack, "store").await,
+        from_store,
+        "the secret store was asked again"
+    );
+    assert_eq!(secret_reads(&stack, "kept").await, 1);
+
+    until_pools_closed(&stack).await;
+    let (status, body) = stack
+        .admin(
+            Method::POST,
+            &format!("/v1/tenants/{slug}/rotate"),
+            Some(serde_json::json!({"strategy": "alternating"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    until_pools_closed(&stack).await;
+    assert_eq!(served().await, StatusCode::OK);
+    let role = router_session_role(&stack, &database).await;
+    assert_ne!(
+        role, first_role,
+        "the new pool logged in with the secret kept from before the rotation"
+    );
+    stack.stop().await.unwrap();
+}
+
 fn uuid_like() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
