@@ -181,6 +181,11 @@ impl Metrics {
 
     /// A pool switched credentials after PostgreSQL refused its password; `stage` is the
     /// secret stage switched to.
+    /// A pool's idle spare connection closed to make room in the connection budget.
+    pub(crate) fn spare_connection_closed(&self) {
+        self.with(|| metrics::counter!("silo_router_spare_connections_closed_total").increment(1));
+    }
+
     /// A tenant's secret read for a pool: from the secret store, or kept from an earlier read.
     pub(crate) fn secret_read(&self, source: &'static str) {
         self.with(|| metrics::counter!("silo_router_secret_reads_total", "source" => source).increment(1));
@@ -235,6 +240,10 @@ fn describe() {
     describe_counter!("silo_router_pool_creations_total", "Tenant pools built.");
     describe_counter!("silo_router_pool_evictions_total", "Tenant pools evicted, by cause.");
     describe_counter!("silo_router_pool_lookups_total", "Pool-map lookups: hit or miss.");
+    describe_counter!(
+        "silo_router_spare_connections_closed_total",
+        "Idle connections of pools that had more than one, closed to make room in the connection budget."
+    );
     describe_counter!(
         "silo_router_secret_reads_total",
         "Tenant secrets read for pools: from the secret store, or kept from an earlier read."

@@ -4,8 +4,9 @@
 //! listener that closes evicted pools and counts evictions by cause. Concurrent first
 //! requests for a tenant share one build (`try_get_with`). Every connection holds a permit
 //! of its server's connection budget (`budget`) while it is open. A build first takes one
-//! for its first connection (when the budget is spent it closes the least recently used
-//! idle pool on that server and waits at most `router.budget_wait`), then takes the tenant's current secret (kept from an
+//! for its first connection (when the budget is spent it closes an idle spare connection of
+//! a pool that has two or more, else the least recently used idle pool on that server, and
+//! waits at most `router.budget_wait`), then takes the tenant's current secret (kept from an
 //! earlier read, see [`crate::credentials`]) and connects eagerly, so a database that is down
 //! fails the request within `router.connect_timeout` instead of when the app first queries.
 //! A pool opens further connections (up to `max_connections_per_tenant`) only with permits
@@ -338,8 +339,8 @@ impl Pools {
     }
 
     /// A permit for the first connection of a pool on `server`. While the budget is spent,
-    /// closes the least recently used idle pool on that server (one per round) and waits,
-    /// for `budget_wait` at most.
+    /// closes an idle spare connection, else the least recently used idle pool, on that
+    /// server (one per round) and waits, for `budget_wait` at most.
     async fn make_room(&self, server: &str) -> Result<ConnectionPermit, PoolError> {
         let wait = self.inner.settings.budget_wait;
         let deadline = tokio::time::Instant::now() + wait;
@@ -347,7 +348,9 @@ impl Pools {
             if let Some(permit) = self.inner.budgets.try_take(server) {
                 return Ok(permit);
             }
-            self.evict_least_recently_used(server).await;
+            if !self.close_spare_connection(server) {
+                self.evict_least_recently_used(server).await;
+            }
             let round = (tokio::time::Instant::now() + BUDGET_RETRY).min(deadline);
             if let Ok(permit) = tokio::time::timeout_at(round, self.inner.budgets.take(server)).await {
                 return Ok(permit);
@@ -368,6 +371,26 @@ impl Pools {
             self.inner.metrics.budget_exhausted(server);
         }
         permit
+    }
+
+    /// Closes an idle connection of a pool on `server` that has another one open, the least
+    /// recently used such pool first: the cheapest room there is, since no tenant is left
+    /// without a connection (closing a whole pool makes its tenant's next request connect).
+    fn close_spare_connection(&self, server: &str) -> bool {
+        let mut candidates: Vec<(u64, Arc<TenantPool>)> = self
+            .inner
+            .cache
+            .iter()
+            .filter(|(_, tenant)| tenant.server == server && tenant.pool().size() > 1)
+            .map(|(_, tenant)| (tenant.last_used.load(Ordering::Relaxed), tenant))
+            .collect();
+        candidates.sort_by_key(|(last_used, _)| *last_used);
+        let closed = candidates.iter().find(|(_, tenant)| tenant.pool().close_spare());
+        if let Some((_, tenant)) = closed {
+            tracing::debug!(tenant = %tenant.slug(), server, "closed a spare connection to make room in the connection budget");
+            self.inner.metrics.spare_connection_closed();
+        }
+        closed.is_some()
     }
 
     /// Closes the least recently used pool on `server` that has connections open and no

@@ -387,6 +387,34 @@ impl DbPool {
         });
     }
 
+    /// Closes the idle connection handed out longest ago, if the pool has another connection
+    /// open: frees a connection (and its budget permit) without leaving the tenant without
+    /// one. False when no connection is idle or the pool has only one.
+    pub fn close_spare(&self) -> bool {
+        if self.pool.status().size < 2 {
+            return false;
+        }
+        let handed_out = |metrics: &Metrics| metrics.recycled.unwrap_or(metrics.created);
+        let mut oldest = None;
+        self.pool.retain(|_, metrics| {
+            let at = handed_out(&metrics);
+            oldest = Some(oldest.map_or(at, |oldest: Instant| oldest.min(at)));
+            true
+        });
+        let Some(oldest) = oldest else {
+            return false;
+        };
+        let mut closed = false;
+        self.pool.retain(|_, metrics| {
+            if closed || handed_out(&metrics) != oldest {
+                return true;
+            }
+            closed = true;
+            false
+        });
+        closed
+    }
+
     /// Whether [`DbPool::close`] was called.
     pub fn is_closed(&self) -> bool {
         self.pool.is_closed()

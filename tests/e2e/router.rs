@@ -381,6 +381,63 @@ async fn the_budget_counts_open_connections_not_pool_sizes() {
     stack.stop().await.unwrap();
 }
 
+/// When a new pool finds the budget spent, the idle spare connection of a pool that has two
+/// makes room before any whole pool is closed: every tenant keeps a connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spare_connection_makes_room_before_a_pool_is_closed() {
+    let stack = Stack::start(StackOptions {
+        router_toml: "connection_budget_per_server = 3\nmax_connections_per_tenant = 2".into(),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let mut tenants = Vec::new();
+    for _ in 0..3 {
+        let slug = unique_name("sp");
+        let key = stack.create_tenant(&slug).await.unwrap();
+        let db = TenantSlug::parse(&slug).unwrap().database_name();
+        tenants.push((slug, key, db));
+    }
+    let get = |(slug, key, _): &(String, String, String)| {
+        stack
+            .tenant_request(Method::GET, &format!("{slug}.localhost"), "/api/v1/tasks?limit=1")
+            .bearer_auth(key)
+            .send()
+    };
+    // Concurrent requests grow the first tenant's pool to two connections.
+    for _ in 0..50 {
+        let burst = futures_join_all((0..16).map(|_| get(&tenants[0]))).await;
+        assert!(burst.into_iter().all(|resp| resp.unwrap().status() == StatusCode::OK));
+        if router_connections_to(&stack, &tenants[0].2).await == 2 {
+            break;
+        }
+    }
+    assert_eq!(router_connections_to(&stack, &tenants[0].2).await, 2);
+    assert_eq!(get(&tenants[1]).await.unwrap().status(), StatusCode::OK);
+    let full = scrape(&stack).await;
+    assert_eq!(metric(&full, "silo_router_server_budget_reserved", &[]), 3.0);
+
+    // The budget is spent: the third tenant's pool takes the first one's spare connection.
+    assert_eq!(get(&tenants[2]).await.unwrap().status(), StatusCode::OK);
+    let after = scrape(&stack).await;
+    assert_eq!(metric(&after, "silo_router_spare_connections_closed_total", &[]), 1.0);
+    assert_eq!(
+        metric(&after, "silo_router_pool_evictions_total", &[r#"cause="budget""#]),
+        0.0,
+        "a whole pool was closed although a spare connection was idle"
+    );
+    assert_eq!(metric(&after, "silo_router_pools_open", &[]), 3.0);
+    eventually(Duration::from_secs(5), || async {
+        router_connections_to(&stack, &tenants[0].2).await == 1
+    })
+    .await;
+    for tenant in &tenants {
+        assert_eq!(get(tenant).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(router_connections_to(&stack, &tenant.2).await, 1, "{}", tenant.0);
+    }
+    stack.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_first_requests_build_one_pool() {
     let stack = Stack::start(StackOptions::default()).await.unwrap();
