@@ -1,12 +1,14 @@
 //! The tenant directory: [`TenantKey`] → the tenant's [`TenantRoute`] (slug, status, server).
 //!
 //! A moka cache in front of the catalog's read model, filled ahead of requests: once the
-//! router listens for tenant events, it loads every tenant's route (slug and custom
-//! domains), and loads them again every half `router.tenant_cache_ttl`, so a tenant's first
-//! request does not wait for the catalog and a catalog outage does not stop any tenant that
-//! existed before it. Entries live for the TTL (a safety net should a change ever come without
-//! its event); unknown keys for [`NEGATIVE_TTL`] (so a flood of made-up hosts costs one
-//! catalog query per host, not one per request); concurrent misses share one query.
+//! router listens for tenant events, it caches the route of every active tenant (by slug and
+//! by custom domain), and does so again every half `router.tenant_cache_ttl`, so a tenant's
+//! first request does not wait for the catalog and a catalog outage does not stop any tenant
+//! that was active before it. Other statuses are cached only by lookups (a `provisioning`
+//! read from an event could outlive the creation call that already returned the tenant
+//! active). Entries live for the TTL (a safety net should a change ever come without its
+//! event); unknown keys for [`NEGATIVE_TTL`] (so a flood of made-up hosts costs one catalog
+//! query per host, not one per request); concurrent misses share one query.
 //!
 //! The catalog pushes changes: an event names one tenant, whose route is read again (and its
 //! pool refreshed or let go); only that tenant's entries change, so a fleet-wide rotation does
@@ -245,10 +247,10 @@ impl Directory {
         self.domains.invalidate_all();
     }
 
-    /// Caches every tenant's route the catalog has, under its slug and its custom domains.
+    /// Reads every tenant's route from the catalog: caches the active ones under their slug
+    /// and custom domains, and keeps all of them for catalog outages. Returns how many.
     async fn load_all(&self) -> Result<usize, LookupError> {
         let _applying = self.applying.lock().await;
-        let started = Instant::now();
         let routes = tokio::time::timeout(LOAD_TIMEOUT, routes::all(&self.catalog))
             .await
             .map_err(|_| LookupError::Timeout(LOAD_TIMEOUT))??;
@@ -268,7 +270,6 @@ impl Directory {
             }
             self.remember(TenantKey::Slug(slug), route).await;
         }
-        tracing::debug!(tenants = count, elapsed = ?started.elapsed(), "tenant routes loaded");
         Ok(count)
     }
 
@@ -289,8 +290,9 @@ impl Directory {
 
     /// [`Directory::load_all`], logging the outcome.
     async fn load_all_logged(&self) {
+        let started = Instant::now();
         match self.load_all().await {
-            Ok(count) => tracing::info!(tenants = count, "tenant routes loaded from the catalog"),
+            Ok(count) => tracing::debug!(tenants = count, elapsed = ?started.elapsed(), "tenant routes loaded"),
             Err(error) => tracing::warn!(%error, "cannot load the tenant routes; tenants are looked up as they come"),
         }
     }

@@ -65,19 +65,6 @@ async fn logs_in(creds: &Value) -> bool {
     }
 }
 
-async fn rotate(stack: &Stack, slug: &str, strategy: &str) -> Value {
-    let (status, body) = stack
-        .admin(
-            Method::POST,
-            &format!("/v1/tenants/{slug}/rotate"),
-            Some(json!({"strategy": strategy})),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap()
-}
-
 async fn assert_stages_after_rotation(stack: &Stack, store: &dyn SecretStore, slug: &str, old_version: &str) -> String {
     let versions = store
         .list_version_stages(&stack.secret_name(slug))
@@ -117,7 +104,7 @@ async fn stages_and_retired_credentials(secrets: Secrets) {
         .unwrap()
         .unwrap()
         .version_id;
-    assert_eq!(rotate(&stack, &slug, "single").await["state"], "succeeded");
+    assert_eq!(stack.rotate(&slug, "single").await.unwrap()["state"], "succeeded");
     let v1 = assert_stages_after_rotation(&stack, store.as_ref(), &slug, &v0).await;
     let c1 = credentials(&stack, &slug).await;
     assert_eq!(c1["username"], c0["username"]);
@@ -126,12 +113,12 @@ async fn stages_and_retired_credentials(secrets: Secrets) {
 
     // alternating: the other login role takes over; the previous credentials stay valid
     // until the next rotation, and credentials two rotations old no longer log in.
-    assert_eq!(rotate(&stack, &slug, "alternating").await["state"], "succeeded");
+    assert_eq!(stack.rotate(&slug, "alternating").await.unwrap()["state"], "succeeded");
     let v2 = assert_stages_after_rotation(&stack, store.as_ref(), &slug, &v1).await;
     let c2 = credentials(&stack, &slug).await;
     assert_ne!(c2["username"], c1["username"]);
     assert!(logs_in(&c1).await && logs_in(&c2).await);
-    assert_eq!(rotate(&stack, &slug, "alternating").await["state"], "succeeded");
+    assert_eq!(stack.rotate(&slug, "alternating").await.unwrap()["state"], "succeeded");
     assert_stages_after_rotation(&stack, store.as_ref(), &slug, &v2).await;
     let c3 = credentials(&stack, &slug).await;
     assert_eq!(c3["username"], c1["username"]);
@@ -209,7 +196,7 @@ async fn passwords_never_reach_the_server_log() {
         .unwrap()
         .to_owned()];
     for strategy in ["single", "alternating"] {
-        assert_eq!(rotate(&stack, &slug, strategy).await["state"], "succeeded");
+        assert_eq!(stack.rotate(&slug, strategy).await.unwrap()["state"], "succeeded");
         passwords.push(
             credentials(&stack, &slug).await["password"]
                 .as_str()
@@ -255,7 +242,7 @@ async fn interrupted_rotation_resumes(secrets: Secrets) {
                 .unwrap()
                 .version_id;
             fail::cfg("rotate-after-step", &format!("return({step})")).unwrap();
-            let job = rotate(&stack, &slug, strategy).await;
+            let job = stack.rotate(&slug, strategy).await.unwrap();
             assert_eq!(job["state"], "failed", "{strategy}/{step}: {job}");
             // The tenant keeps serving with whatever is current.
             let resp = stack
@@ -354,7 +341,7 @@ async fn no_failed_requests_under_load(secrets: Secrets, strategy: &str) {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     for n in 0..5 {
-        let job = rotate(&stack, &slug, strategy).await;
+        let job = stack.rotate(&slug, strategy).await.unwrap();
         assert_eq!(job["state"], "succeeded", "rotation {n}: {job}");
         // Let the pools open new connections with the new credentials between rotations.
         tokio::time::sleep(Duration::from_millis(200)).await;

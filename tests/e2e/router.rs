@@ -831,12 +831,7 @@ async fn a_tenant_event_leaves_the_other_tenants_routes_cached() {
     let misses = |m: &HashMap<String, f64>| metric(m, "silo_router_directory_lookups_total", &[r#"result="miss""#]);
     let before = misses(&scrape(&stack).await);
 
-    let (status, body) = stack
-        .admin(Method::POST, &format!("/v1/tenants/{b}/rotate"), None)
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
+    let job = stack.rotate(&b, "single").await.unwrap();
     assert_eq!(job["state"], "succeeded", "{job}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     serve_all().await;

@@ -180,16 +180,7 @@ async fn a_rebuilt_pool_reuses_the_secret_read_last_until_the_tenant_changes() {
     assert_eq!(secret_reads(&stack, "kept").await, 1);
 
     until_pools_closed(&stack).await;
-    let (status, body) = stack
-        .admin(
-            Method::POST,
-            &format!("/v1/tenants/{slug}/rotate"),
-            Some(serde_json::json!({"strategy": "alternating"})),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
+    let job = stack.rotate(&slug, "alternating").await.unwrap();
     assert_eq!(job["state"], "succeeded", "{job}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     until_pools_closed(&stack).await;

@@ -273,6 +273,22 @@ connect_timeout = "{connect}ms"
         self.wait_job(id).await
     }
 
+    /// Rotates tenant `slug`'s credentials with `strategy` through the admin API (expects
+    /// 202) and returns the finished job.
+    pub async fn rotate(&self, slug: &str, strategy: &str) -> anyhow::Result<Value> {
+        let body = serde_json::json!({ "strategy": strategy });
+        let (status, accepted) = self
+            .admin(Method::POST, &format!("/v1/tenants/{slug}/rotate"), Some(body))
+            .await?;
+        if status != StatusCode::ACCEPTED {
+            bail!("rotate {slug}: {status} {accepted}");
+        }
+        let id = accepted["job"]["id"]
+            .as_i64()
+            .with_context(|| format!("no job id in {accepted}"))?;
+        self.wait_job(id).await
+    }
+
     /// Creates tenant `slug` through the admin API, waits for its job to succeed and returns
     /// its first API key.
     pub async fn create_tenant(&self, slug: &str) -> anyhow::Result<String> {
