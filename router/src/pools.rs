@@ -63,6 +63,8 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// While waiting for budget, look for a newly idle pool to close this often.
 const BUDGET_RETRY: Duration = Duration::from_millis(50);
+/// While a pool waits for budget to grow, look for a free permit this often.
+const GROWTH_RETRY: Duration = Duration::from_millis(10);
 /// SQLSTATE `invalid_password`.
 const INVALID_PASSWORD: &str = "28P01";
 
@@ -363,14 +365,22 @@ impl Pools {
     }
 
     /// A permit for a further connection of a pool on `server` once one is free, for
-    /// `budget_wait` at most.
+    /// `budget_wait` at most. It looks for one every [`GROWTH_RETRY`] instead of queueing
+    /// for the budget: a permit given back goes to the queue first, that is to a tenant
+    /// that has no connection at all (whose pool closed a spare connection or a pool to make
+    /// that room), not to a pool that has one and will usually get it back first.
     async fn free_permit(&self, server: &str) -> Option<ConnectionPermit> {
-        let wait = self.inner.settings.budget_wait;
-        let permit = tokio::time::timeout(wait, self.inner.budgets.take(server)).await.ok();
-        if permit.is_none() {
-            self.inner.metrics.budget_exhausted(server);
+        let deadline = tokio::time::Instant::now() + self.inner.settings.budget_wait;
+        loop {
+            if let Some(permit) = self.inner.budgets.try_take(server) {
+                return Some(permit);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                self.inner.metrics.budget_exhausted(server);
+                return None;
+            }
+            tokio::time::sleep(GROWTH_RETRY).await;
         }
-        permit
     }
 
     /// Closes an idle connection of a pool on `server` that has another one open, the least

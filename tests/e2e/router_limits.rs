@@ -293,6 +293,96 @@ async fn connection_budget_holds_across_300_tenants() {
 
 /// A tenant over its plan's rate gets 429 `rate_limited` with `Retry-After`; another
 /// tenant's concurrent requests all succeed.
+/// Sessions of `database` waiting for a lock.
+async fn sessions_waiting_for_a_lock(stack: &Stack, database: &str) -> i64 {
+    let mut admin = superuser(stack).await;
+    sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'")
+        .bind(database)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap()
+}
+
+/// With the budget spent, room made by closing an idle pool goes to the tenant that has no
+/// connection, not to a busier tenant's pool waiting to grow (which gets its own connection
+/// back when its request is done).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_without_a_connection_gets_the_room_before_a_pool_that_grows() {
+    let stack =
+        stack_with("connection_budget_per_server = 2\nmax_connections_per_tenant = 2\nbudget_wait = \"3s\"").await;
+    let mut tenants = Vec::new();
+    for _ in 0..3 {
+        let slug = unique_name("gr");
+        let key = stack.create_tenant(&slug).await.unwrap();
+        tenants.push((slug, key));
+    }
+    let [(busy, busy_key), (idle, idle_key), (new, new_key)] = &tenants[..] else {
+        unreachable!()
+    };
+    let created = stack
+        .tenant_request(Method::POST, &format!("{busy}.localhost"), "/api/v1/tasks")
+        .bearer_auth(busy_key)
+        .json(&serde_json::json!({ "title": "contended" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let task = created.json::<serde_json::Value>().await.unwrap()["id"].clone();
+    assert_eq!(
+        stack.tenant_get(idle, idle_key, "/api/v1/me").await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    // The busy tenant's requests wait on a row lock: its first holds its one connection, its
+    // second waits for budget to grow the pool. The budget (2) is spent: busy 1 + idle 1.
+    let busy_db = silo_tests::database_of(busy);
+    let mut options = stack.pg().admin_options(&busy_db);
+    options = options.application_name("test-lock");
+    let mut locker = options.connect().await.unwrap();
+    let mut lock = locker.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE")
+        .bind(task.as_i64().unwrap())
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let update = || {
+        stack
+            .tenant_request(
+                Method::PATCH,
+                &format!("{busy}.localhost"),
+                &format!("/api/v1/tasks/{task}"),
+            )
+            .bearer_auth(busy_key)
+            .json(&serde_json::json!({ "done": true }))
+            .send()
+    };
+    let first = tokio::spawn(update());
+    for _ in 0..100 {
+        if sessions_waiting_for_a_lock(&stack, &busy_db).await == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(sessions_waiting_for_a_lock(&stack, &busy_db).await, 1);
+    let second = tokio::spawn(update());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A tenant with no pool: the idle tenant's pool is closed for it, and the room is its.
+    let served = stack.tenant_get(new, new_key, "/api/v1/me").await.unwrap();
+    assert_eq!(served.status(), StatusCode::OK, "the room went to the pool that grows");
+
+    lock.commit().await.unwrap();
+    for request in [first, second] {
+        assert_eq!(request.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    let metrics = stack.router_metrics().await.unwrap();
+    assert!(
+        metrics.contains(r#"silo_router_pool_evictions_total{cause="budget"} 1"#),
+        "{metrics}"
+    );
+    stack.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tenant_over_its_rate_gets_429_and_others_are_served() {
     let stack = Arc::new(
