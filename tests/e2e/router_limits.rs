@@ -336,9 +336,7 @@ async fn a_tenant_without_a_connection_gets_the_room_before_a_pool_that_grows() 
     // The busy tenant's requests wait on a row lock: its first holds its one connection, its
     // second waits for budget to grow the pool. The budget (2) is spent: busy 1 + idle 1.
     let busy_db = silo_tests::database_of(busy);
-    let mut options = stack.pg().admin_options(&busy_db);
-    options = options.application_name("test-lock");
-    let mut locker = options.connect().await.unwrap();
+    let mut locker = stack.pg().admin_options(&busy_db).connect().await.unwrap();
     let mut lock = locker.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE")
         .bind(task.as_i64().unwrap())
