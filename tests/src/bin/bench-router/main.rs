@@ -21,6 +21,7 @@
 //! PostgreSQL still share the machine's cores. `SILO_BENCH_SECONDS` (default 10) sets the
 //! measured time of each phase, `SILO_BENCH_POOL_SIZE` (default 2) the pool size.
 
+mod counters;
 mod load;
 mod servers;
 
@@ -42,6 +43,7 @@ use tokio::process::Command;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use counters::RouterCounters;
 use load::{
     closed_loop, connect, create_task, list_tasks, ms, open_loop, touch_all, Summary, Tenant, Traffic, CONNECTIONS,
     PATH, WARMUP, ZIPF_S,
@@ -157,6 +159,8 @@ struct Touch {
     errors: u64,
     /// Peak router connections to tenant databases, and peak client connections in all.
     peak: (i64, i64),
+    /// The router's counters before and after the measured window.
+    counters: (RouterCounters, RouterCounters),
 }
 
 /// Touches every tenant once, then runs a closed loop over all of them with Zipf-distributed
@@ -175,10 +179,21 @@ async fn zipf_phase(
     let started = Instant::now();
     let errors = touch_all(router.addr, tenants, tenants.len()).await?;
     let took = started.elapsed();
+    let ops = router.ops.context("the router's ops address")?;
+    let before = RouterCounters::read(ops).await?;
     let summary = closed_loop(&Traffic::new(router.addr, tenants, tenants.len()), measured).await?;
+    let counters = (before, RouterCounters::read(ops).await?);
     stop_sampling.cancel();
     let peak = sampler.await??;
-    Ok((summary, Touch { took, errors, peak }))
+    Ok((
+        summary,
+        Touch {
+            took,
+            errors,
+            peak,
+            counters,
+        },
+    ))
 }
 
 /// The credentials of `tenant`, read through the admin API.
@@ -271,7 +286,13 @@ async fn main() -> anyhow::Result<()> {
             ),
         )
         .env("PGPASSWORD", secret.password.expose_secret());
-    let baseline = Server::start(app, "listening on http://", &logs.join("silo-bench-tenant-app.log")).await?;
+    let baseline = Server::start(
+        app,
+        "listening on http://",
+        None,
+        &logs.join("silo-bench-tenant-app.log"),
+    )
+    .await?;
     let router_log = logs.join("silo-bench-router.log");
     let router = start_router(&bin_dir, &stack, &stack.dir().join("silo.toml"), &router_log).await?;
 
@@ -358,6 +379,11 @@ async fn main() -> anyhow::Result<()> {
             touch.took.as_secs_f64(),
             touch.errors
         );
+    }
+    println!("\nthe router's counters over the measured (warm-up included) window of (c) and (d)");
+    for (label, touch) in [("(c)", &c_touch), ("(d)", &d_touch)] {
+        let (before, after) = &touch.counters;
+        after.print_since(before, label);
     }
     router.stop().await?;
 

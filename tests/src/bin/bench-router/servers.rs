@@ -42,12 +42,19 @@ pub(crate) async fn build_servers() -> anyhow::Result<PathBuf> {
 pub(crate) struct Server {
     pub(crate) child: Child,
     pub(crate) addr: SocketAddr,
+    /// The ops port (`/metrics`), for servers that print one.
+    pub(crate) ops: Option<SocketAddr>,
 }
 
 impl Server {
-    /// Starts `cmd` and waits (30 s at most) for the stdout line `{prefix}ADDR`. Its stderr
-    /// goes to `log`.
-    pub(crate) async fn start(mut cmd: Command, prefix: &str, log: &Path) -> anyhow::Result<Server> {
+    /// Starts `cmd` and waits (30 s at most) for the stdout line `{prefix}ADDR`, and then
+    /// for `{ops_prefix}ADDR` when there is an ops prefix. Its stderr goes to `log`.
+    pub(crate) async fn start(
+        mut cmd: Command,
+        prefix: &str,
+        ops_prefix: Option<&str>,
+        log: &Path,
+    ) -> anyhow::Result<Server> {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
         }
@@ -59,18 +66,24 @@ impl Server {
             .spawn()
             .context("start the server")?;
         let mut lines = BufReader::new(child.stdout.take().context("server stdout")?).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        let (addr, ops) = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut addr = None;
             while let Some(line) = lines.next_line().await? {
-                if let Some(addr) = line.strip_prefix(prefix) {
-                    return Ok(addr.parse::<SocketAddr>()?);
+                if let Some(found) = line.strip_prefix(prefix) {
+                    addr = Some(found.parse::<SocketAddr>()?);
+                } else if let Some(found) = ops_prefix.and_then(|ops| line.strip_prefix(ops)) {
+                    return Ok((addr.context("the ops address came first")?, Some(found.parse()?)));
+                }
+                if let (Some(addr), None) = (addr, ops_prefix) {
+                    return Ok((addr, None));
                 }
             }
             bail!("the server exited; see {}", log.display())
         })
         .await
-        .context("the server did not print its address within 30 s")??;
+        .context("the server did not print its addresses within 30 s")??;
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Server { child, addr })
+        Ok(Server { child, addr, ops })
     }
 
     pub(crate) async fn stop(mut self) -> anyhow::Result<()> {
@@ -95,5 +108,11 @@ pub(crate) async fn start_router(bin_dir: &Path, stack: &Stack, config: &Path, l
         .arg("--config")
         .arg(config)
         .env("SILO_CATALOG_PASSWORD", stack.pg().password().expose_secret());
-    Server::start(router, "router listening on http://", log).await
+    Server::start(
+        router,
+        "router listening on http://",
+        Some("ops listening on http://"),
+        log,
+    )
+    .await
 }
