@@ -25,6 +25,7 @@ mod pools;
 mod resolve;
 mod server;
 mod tls;
+mod usage;
 
 pub use cli::run_cli;
 pub use server::RouterServer;

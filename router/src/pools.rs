@@ -5,10 +5,12 @@
 //! requests for a tenant share one build (`try_get_with`). Every connection holds a permit
 //! of its server's connection budget (`budget`) while it is open. A build first takes one
 //! for its first connection (when the budget is spent it closes an idle spare connection of
-//! a pool that has two or more, else the least recently used idle pool on that server, and
-//! waits at most `router.budget_wait`), then takes the tenant's current secret (kept from an
+//! a pool that has two or more, else the least valuable idle pool on that server (see
+//! [`crate::usage`]), and waits at most `router.budget_wait`), then takes the tenant's current secret (kept from an
 //! earlier read, see [`crate::credentials`]) and connects eagerly, so a database that is down
 //! fails the request within `router.connect_timeout` instead of when the app first queries.
+//! A pool closed to make room is marked closing only while no request holds it, after which
+//! no request can lease it (a request that found it in the map builds a new one).
 //! A pool opens further connections (up to `max_connections_per_tenant`) only with permits
 //! that are free: it never closes other pools to grow, and a request waiting for one takes the
 //! pool's own connection if that comes back first.
@@ -30,7 +32,7 @@
 //! Connect options carry the tenant's password: they are built on one line and never logged.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,6 +55,7 @@ use tracing::Instrument;
 use crate::budget::{Budgets, ConnectionPermit};
 use crate::credentials::Credentials;
 use crate::ops::Metrics;
+use crate::usage::{Usage, UsageHistory};
 
 /// At most this many tenant pools are open at once (least valuable evicted first).
 const MAX_POOLS: u64 = 10_000;
@@ -65,6 +68,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const BUDGET_RETRY: Duration = Duration::from_millis(50);
 /// While a pool waits for budget to grow, look for a free permit this often.
 const GROWTH_RETRY: Duration = Duration::from_millis(10);
+/// `in_flight` of a pool that is being closed: no request can lease it any more.
+const CLOSING: usize = usize::MAX / 2;
 /// SQLSTATE `invalid_password`.
 const INVALID_PASSWORD: &str = "28P01";
 
@@ -155,10 +160,12 @@ pub(crate) struct TenantPool {
     /// The tenant's slug and pool as the app sees them (with its recently verified keys).
     context: TenantContext,
     server: String,
-    /// Requests holding a [`PoolLease`]; a pool with none may be closed to make room.
+    /// Requests holding a [`PoolLease`]; a pool with none may be closed to make room, and
+    /// is then marked [`CLOSING`].
     in_flight: AtomicUsize,
-    /// Milliseconds since the map's epoch when it was last leased (least recently used).
-    last_used: AtomicU64,
+    /// The tenant's recent requests, in milliseconds since the map's epoch: what the pool is
+    /// worth keeping when the budget needs room.
+    usage: Mutex<Usage>,
     /// Version id of the secret new connections log in with; the lock serialises switches.
     credentials: tokio::sync::Mutex<String>,
     /// When credentials were last verified by logging in (after a refused password).
@@ -189,6 +196,28 @@ impl TenantPool {
     fn slug(&self) -> &str {
         &self.context.slug
     }
+
+    /// What keeping the pool is worth at `now` (milliseconds since the map's epoch).
+    fn value_at(&self, now: u64) -> f64 {
+        lock(&self.usage).value_at(now)
+    }
+
+    /// A lease on the pool, unless it is being closed.
+    fn lease(self: Arc<Self>) -> Option<PoolLease> {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= CLOSING {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(PoolLease { tenant: self })
+    }
+
+    /// Marks the pool closing if no request holds it, so none can lease it from now on: then
+    /// it may be closed at once; otherwise its requests must be let finish.
+    fn close_if_unused(&self) -> bool {
+        self.in_flight
+            .compare_exchange(0, CLOSING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
 }
 
 impl Drop for PoolLease {
@@ -210,6 +239,8 @@ struct Inner {
     budgets: Budgets,
     closer: Closer,
     metrics: Arc<Metrics>,
+    /// What the pools closed to make room were worth, for their tenants' next pools.
+    history: Mutex<UsageHistory>,
     epoch: Instant,
 }
 
@@ -277,6 +308,7 @@ impl Pools {
                 settings,
                 closer,
                 metrics,
+                history: Mutex::new(UsageHistory::default()),
                 epoch: Instant::now(),
             }),
         }
@@ -286,24 +318,30 @@ impl Pools {
     /// one build.
     pub(crate) async fn get(&self, route: &TenantRoute) -> Result<PoolLease, Arc<PoolError>> {
         for _ in 0..2 {
-            let tenant = match self.inner.cache.get(route.slug.as_str()).await {
+            // A build counts the request that made it (see `build`); a hit is counted here.
+            let (tenant, hit) = match self.inner.cache.get(route.slug.as_str()).await {
                 Some(tenant) => {
                     self.inner.metrics.pool_lookup("hit");
-                    tenant
+                    (tenant, true)
                 }
                 None => {
                     self.inner.metrics.pool_lookup("miss");
-                    self.inner
+                    let built = self
+                        .inner
                         .cache
                         .try_get_with_by_ref(route.slug.as_str(), self.build(route))
-                        .await?
+                        .await?;
+                    (built, false)
                 }
             };
-            tenant.in_flight.fetch_add(1, Ordering::AcqRel);
-            let now = self.now_millis();
-            tenant.last_used.store(now, Ordering::Relaxed);
-            let lease = PoolLease { tenant };
-            // Closed to make room between the lookup and the lease: build a new one.
+            // Closed to make room between the lookup and the lease (it has left the map by
+            // then): build a new one.
+            let Some(lease) = tenant.lease() else {
+                continue;
+            };
+            if hit {
+                lock(&lease.tenant.usage).record(self.now_millis());
+            }
             if !lease.pool().is_closed() {
                 return Ok(lease);
             }
@@ -313,6 +351,16 @@ impl Pools {
 
     fn now_millis(&self) -> u64 {
         u64::try_from(self.inner.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A new pool's usage: what the tenant's last pool was worth, if it was closed to make
+    /// room, and the request building this one. Counted at once, so that the new pool is
+    /// not the least valuable one before its request leases it.
+    fn first_usage(&self, slug: &str) -> Usage {
+        let now = self.now_millis();
+        let mut usage = lock(&self.inner.history).take(slug, now);
+        usage.record(now);
+        usage
     }
 
     /// Reserves budget, then reads the tenant's current secret and connects within
@@ -331,7 +379,7 @@ impl Pools {
                 context: TenantContext::new(route.slug.clone(), pool),
                 server: route.server.clone(),
                 in_flight: AtomicUsize::new(0),
-                last_used: AtomicU64::new(self.now_millis()),
+                usage: Mutex::new(self.first_usage(&route.slug)),
                 credentials: tokio::sync::Mutex::new(version),
                 verified_at: Mutex::new(None),
             }))
@@ -341,8 +389,8 @@ impl Pools {
     }
 
     /// A permit for the first connection of a pool on `server`. While the budget is spent,
-    /// closes an idle spare connection, else the least recently used idle pool, on that
-    /// server (one per round) and waits, for `budget_wait` at most.
+    /// closes an idle spare connection, else the least valuable idle pool, on that server
+    /// (one per round) and waits, for `budget_wait` at most.
     async fn make_room(&self, server: &str) -> Result<ConnectionPermit, PoolError> {
         let wait = self.inner.settings.budget_wait;
         let deadline = tokio::time::Instant::now() + wait;
@@ -351,7 +399,7 @@ impl Pools {
                 return Ok(permit);
             }
             if !self.close_spare_connection(server) {
-                self.evict_least_recently_used(server).await;
+                self.evict_least_valuable(server).await;
             }
             let round = (tokio::time::Instant::now() + BUDGET_RETRY).min(deadline);
             if let Ok(permit) = tokio::time::timeout_at(round, self.inner.budgets.take(server)).await {
@@ -384,17 +432,18 @@ impl Pools {
     }
 
     /// Closes an idle connection of a pool on `server` that has another one open, the least
-    /// recently used such pool first: the cheapest room there is, since no tenant is left
-    /// without a connection (closing a whole pool makes its tenant's next request connect).
+    /// valuable such pool first: the cheapest room there is, since no tenant is left without
+    /// a connection (closing a whole pool makes its tenant's next request connect).
     fn close_spare_connection(&self, server: &str) -> bool {
-        let mut candidates: Vec<(u64, Arc<TenantPool>)> = self
+        let now = self.now_millis();
+        let mut candidates: Vec<(f64, Arc<TenantPool>)> = self
             .inner
             .cache
             .iter()
             .filter(|(_, tenant)| tenant.server == server && tenant.pool().size() > 1)
-            .map(|(_, tenant)| (tenant.last_used.load(Ordering::Relaxed), tenant))
+            .map(|(_, tenant)| (tenant.value_at(now), tenant))
             .collect();
-        candidates.sort_by_key(|(last_used, _)| *last_used);
+        candidates.sort_by(|(a, _), (b, _)| a.total_cmp(b));
         let closed = candidates.iter().find(|(_, tenant)| tenant.pool().close_spare());
         if let Some((_, tenant)) = closed {
             tracing::debug!(tenant = %tenant.slug(), server, "closed a spare connection to make room in the connection budget");
@@ -403,9 +452,10 @@ impl Pools {
         closed.is_some()
     }
 
-    /// Closes the least recently used pool on `server` that has connections open and no
-    /// request holding it.
-    async fn evict_least_recently_used(&self, server: &str) {
+    /// Closes the least valuable pool on `server` that has connections open and no request
+    /// holding it, and remembers what it was worth for the tenant's next pool.
+    async fn evict_least_valuable(&self, server: &str) {
+        let now = self.now_millis();
         let victim = self
             .inner
             .cache
@@ -413,10 +463,11 @@ impl Pools {
             .filter(|(_, tenant)| {
                 tenant.server == server && tenant.in_flight.load(Ordering::Acquire) == 0 && tenant.pool().size() > 0
             })
-            .min_by_key(|(_, tenant)| tenant.last_used.load(Ordering::Relaxed))
-            .map(|(slug, _)| slug);
-        if let Some(slug) = victim {
+            .map(|(slug, tenant)| (slug, *lock(&tenant.usage)))
+            .min_by(|(_, a), (_, b)| a.value_at(now).total_cmp(&b.value_at(now)));
+        if let Some((slug, usage)) = victim {
             tracing::debug!(tenant = %slug, server, "closing an idle pool to make room in the connection budget");
+            lock(&self.inner.history).remember(&slug, usage, now);
             self.remove(&slug, Drain::Now, "budget").await;
         }
     }
@@ -603,10 +654,10 @@ impl Pools {
         if let Some(tenant) = self.inner.cache.remove(slug).await {
             self.inner.metrics.pool_evicted(cause);
             // Leased between the choice and the removal: let that request finish.
-            let drain = if tenant.in_flight.load(Ordering::Acquire) > 0 {
-                Drain::Graceful.max_with(drain)
-            } else {
+            let drain = if tenant.close_if_unused() {
                 drain
+            } else {
+                Drain::Graceful
             };
             self.inner.closer.close(tenant, drain);
         }
@@ -653,17 +704,6 @@ impl Pools {
         }
         closer.tasks.close();
         closer.tasks.wait().await;
-    }
-}
-
-impl Drain {
-    /// The gentler of two drains.
-    fn max_with(self, other: Drain) -> Drain {
-        if self == Drain::Graceful || other == Drain::Graceful {
-            Drain::Graceful
-        } else {
-            Drain::Now
-        }
     }
 }
 
@@ -747,10 +787,15 @@ fn check_isolation(conn: &mut PgConnection, expected: Arc<Expected>) -> AfterCon
 fn on_evicted(closer: &Closer, metrics: &Metrics, tenant: Arc<TenantPool>, cause: RemovalCause) {
     metrics.pool_closed();
     match cause {
-        // Unused for the idle timeout: nothing to wait for.
+        // Unused for the idle timeout: nothing to wait for, unless leased as it expired.
         RemovalCause::Expired => {
             metrics.pool_evicted("idle");
-            closer.close(tenant, Drain::Now);
+            let drain = if tenant.close_if_unused() {
+                Drain::Now
+            } else {
+                Drain::Graceful
+            };
+            closer.close(tenant, drain);
         }
         RemovalCause::Size => {
             metrics.pool_evicted("capacity");
@@ -761,5 +806,47 @@ fn on_evicted(closer: &Closer, metrics: &Metrics, tenant: Arc<TenantPool>, cause
             closer.close(tenant, Drain::Graceful);
         }
         RemovalCause::Explicit => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant_pool() -> Arc<TenantPool> {
+        let pool = DbPool::new(PgConnectOptions::new(), DbPoolSettings::new(2, Duration::from_secs(1)));
+        Arc::new(TenantPool {
+            context: TenantContext::new("acme", pool),
+            server: "main".into(),
+            in_flight: AtomicUsize::new(0),
+            usage: Mutex::new(Usage::new(0)),
+            credentials: tokio::sync::Mutex::new(String::new()),
+            verified_at: Mutex::new(None),
+        })
+    }
+
+    /// The race a full budget had: a request took the pool from the map, the pool was chosen
+    /// to make room while unused, the request leased it, and its query found it closed.
+    #[tokio::test]
+    async fn a_pool_marked_closing_is_never_leased() {
+        let tenant = tenant_pool();
+        assert!(tenant.close_if_unused());
+        assert!(tenant.clone().lease().is_none());
+        assert!(
+            tenant.clone().lease().is_none(),
+            "a refused lease leaves nothing behind"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_leased_pool_is_closed_only_once_its_requests_are_done() {
+        let tenant = tenant_pool();
+        let (first, second) = (tenant.clone().lease().unwrap(), tenant.clone().lease().unwrap());
+        assert!(!tenant.close_if_unused());
+        drop(first);
+        assert!(!tenant.close_if_unused());
+        drop(second);
+        assert!(tenant.close_if_unused());
+        assert!(tenant.clone().lease().is_none());
     }
 }

@@ -325,7 +325,8 @@ async fn idle_pool_is_closed_and_rebuilt_on_the_next_request() {
 
 /// The budget counts open connections, not pool sizes: with a budget of 4 and up to 2
 /// connections per tenant, 4 tenants served one request at a time keep 4 pools of one
-/// connection each; a fifth tenant's pool closes the least recently used one.
+/// connection each; a fifth tenant's pool closes the least valuable one, which among tenants
+/// with as many requests is the least recently used.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_budget_counts_open_connections_not_pool_sizes() {
     let stack = Stack::start(StackOptions {
@@ -378,6 +379,61 @@ async fn the_budget_counts_open_connections_not_pool_sizes() {
         router_connections_to(&stack, &first).await == 0
     })
     .await;
+    stack.stop().await.unwrap();
+}
+
+/// A full budget closes the pool of the tenant that made the fewest requests lately, not the
+/// least recently used one: a busy tenant between two bursts keeps its connection while
+/// tenants seen once come and go.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_budget_closes_the_least_valuable_pool_not_the_least_recently_used() {
+    let stack = Stack::start(StackOptions {
+        router_toml: "connection_budget_per_server = 3\nmax_connections_per_tenant = 1".into(),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let mut tenants = Vec::new();
+    for _ in 0..4 {
+        let slug = unique_name("lv");
+        let key = stack.create_tenant(&slug).await.unwrap();
+        let db = TenantSlug::parse(&slug).unwrap().database_name();
+        tenants.push((slug, key, db));
+    }
+    let get = |(slug, key, _): &(String, String, String)| {
+        let (slug, key) = (slug.clone(), key.clone());
+        let stack = &stack;
+        async move {
+            stack
+                .tenant_get(&slug, &key, "/api/v1/tasks?limit=1")
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    let [busy, once, later, newcomer] = &tenants[..] else {
+        unreachable!()
+    };
+    for _ in 0..5 {
+        assert_eq!(get(busy).await, StatusCode::OK);
+    }
+    assert_eq!(get(once).await, StatusCode::OK);
+    assert_eq!(get(later).await, StatusCode::OK);
+
+    // The budget is full; the busy tenant is the least recently used.
+    assert_eq!(get(newcomer).await, StatusCode::OK);
+    let after = scrape(&stack).await;
+    assert_eq!(
+        metric(&after, "silo_router_pool_evictions_total", &[r#"cause="budget""#]),
+        1.0
+    );
+    eventually(Duration::from_secs(5), || async {
+        router_connections_to(&stack, &once.2).await == 0
+    })
+    .await;
+    for (tenant, open) in [(busy, 1), (later, 1), (newcomer, 1)] {
+        assert_eq!(router_connections_to(&stack, &tenant.2).await, open, "{}", tenant.0);
+    }
     stack.stop().await.unwrap();
 }
 

@@ -9,7 +9,9 @@
 //!   that holds every tenant's pool (tenants × pool size; the cluster is started with that
 //!   many `max_connections` plus headroom);
 //! - (d) the same tenants through a router restarted with a tight budget (300 connections),
-//!   so the Zipf tail keeps evicting and rebuilding pools: what too small a budget costs;
+//!   so the Zipf tail keeps evicting and rebuilding pools: what too small a budget costs,
+//!   measured after a minute of the same traffic (which pools stay open takes that long to
+//!   settle), with the pools the router built and closed;
 //!
 //! then the added p99 of the router at half of (a)'s saturation rate (open loop), the cold
 //! first request against one raw PostgreSQL connect to a tenant database in the same state
@@ -57,6 +59,11 @@ const POOL_SIZE: u32 = 2;
 /// `router.connection_budget_per_server` of the tight-budget phase (d): fewer connections
 /// than tenants, so pools are evicted and rebuilt under traffic.
 const TIGHT_BUDGET: u32 = 300;
+
+/// Zipf traffic through the tight-budget router before (d) is measured: which pools stay
+/// open settles only after minutes (a tail tenant is seen a few times a minute), and a
+/// router in service has long settled.
+const TIGHT_SETTLE: Duration = Duration::from_secs(60);
 
 /// Connections of the cluster beyond the router's budget: control plane, catalog pools, this
 /// program.
@@ -163,12 +170,13 @@ struct Touch {
     counters: (RouterCounters, RouterCounters),
 }
 
-/// Touches every tenant once, then runs a closed loop over all of them with Zipf-distributed
-/// traffic, sampling `pg_stat_activity` throughout.
+/// Touches every tenant once, runs Zipf-distributed traffic over all of them for `settle`
+/// unmeasured, then a measured closed loop of it, sampling `pg_stat_activity` throughout.
 async fn zipf_phase(
     router: &Server,
     stack: &Stack,
     tenants: &Arc<Vec<Tenant>>,
+    settle: Duration,
     measured: Duration,
 ) -> anyhow::Result<(Summary, Touch)> {
     let catalog_db: String = sqlx::query_scalar("SELECT current_database()")
@@ -179,9 +187,13 @@ async fn zipf_phase(
     let started = Instant::now();
     let errors = touch_all(router.addr, tenants, tenants.len()).await?;
     let took = started.elapsed();
+    let traffic = Traffic::new(router.addr, tenants, tenants.len());
+    if !settle.is_zero() {
+        closed_loop(&traffic, settle).await?;
+    }
     let ops = router.ops.context("the router's ops address")?;
     let before = RouterCounters::read(ops).await?;
-    let summary = closed_loop(&Traffic::new(router.addr, tenants, tenants.len()), measured).await?;
+    let summary = closed_loop(&traffic, measured).await?;
     let counters = (before, RouterCounters::read(ops).await?);
     stop_sampling.cancel();
     let peak = sampler.await??;
@@ -356,7 +368,7 @@ async fn main() -> anyhow::Result<()> {
     seconds.sort_by(f64::total_cmp);
 
     println!("\nclosed loop, Zipf s = {ZIPF_S}, tenants touched first      req/s   p50 ms   p99 ms  errors");
-    let (c, c_touch) = zipf_phase(&router, &stack, &tenants, measured).await?;
+    let (c, c_touch) = zipf_phase(&router, &stack, &tenants, Duration::ZERO, measured).await?;
     c.row(&format!("(c) router, {n} tenants, budget {budget}"));
     router.stop().await?;
 
@@ -371,8 +383,11 @@ async fn main() -> anyhow::Result<()> {
         ),
     )?;
     let router = start_router(&bin_dir, &stack, &tight_config, &router_log).await?;
-    let (d, d_touch) = zipf_phase(&router, &stack, &tenants, measured).await?;
-    d.row(&format!("(d) router, {n} tenants, budget {TIGHT_BUDGET}"));
+    let (d, d_touch) = zipf_phase(&router, &stack, &tenants, TIGHT_SETTLE, measured).await?;
+    d.row(&format!(
+        "(d) router, {n} tenants, budget {TIGHT_BUDGET}, after {} s",
+        TIGHT_SETTLE.as_secs()
+    ));
     for (label, touch) in [("(c)", &c_touch), ("(d)", &d_touch)] {
         println!(
             "  {label}: touching all {n} tenants took {:.1} s, {} errors",
