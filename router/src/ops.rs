@@ -17,7 +17,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, 
 use tokio_util::sync::CancellationToken;
 
 const REQUEST_DURATION: &str = "silo_router_request_duration_seconds";
-/// Histogram buckets of request latency, in seconds.
+const POOL_BUILD_DURATION: &str = "silo_router_pool_build_seconds";
+/// Histogram buckets of request latency and of pool builds, in seconds.
 const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
@@ -84,6 +85,7 @@ impl Metrics {
     pub(crate) fn new() -> anyhow::Result<Self> {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), DURATION_BUCKETS)?
+            .set_buckets_for_metric(Matcher::Full(POOL_BUILD_DURATION.into()), DURATION_BUCKETS)?
             .build_recorder();
         let handle = recorder.handle();
         let metrics = Self {
@@ -145,6 +147,12 @@ impl Metrics {
     }
 
     /// A tenant pool left the map (for whatever cause).
+    /// How long a pool build spent on `step`: `budget` (room in the server's connection
+    /// budget), `connect` (the secret, the first connection and its isolation check).
+    pub(crate) fn pool_build_step(&self, step: &'static str, elapsed: Duration) {
+        self.with(|| metrics::histogram!(POOL_BUILD_DURATION, "step" => step).record(elapsed.as_secs_f64()));
+    }
+
     pub(crate) fn pool_closed(&self) {
         self.with(|| metrics::gauge!("silo_router_pools_open").decrement(1.0));
     }
@@ -238,6 +246,11 @@ fn describe() {
     );
     describe_gauge!("silo_router_pools_open", "Tenant pools currently open.");
     describe_counter!("silo_router_pool_creations_total", "Tenant pools built.");
+    describe_histogram!(
+        POOL_BUILD_DURATION,
+        Unit::Seconds,
+        "Time a pool build spent waiting for room in the connection budget (step=budget) and connecting (step=connect)."
+    );
     describe_counter!("silo_router_pool_evictions_total", "Tenant pools evicted, by cause.");
     describe_counter!("silo_router_pool_lookups_total", "Pool-map lookups: hit or miss.");
     describe_counter!(

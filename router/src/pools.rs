@@ -368,11 +368,15 @@ impl Pools {
     async fn build(&self, route: &TenantRoute) -> Result<Arc<TenantPool>, PoolError> {
         let span = tracing::info_span!("build_pool", tenant = %route.slug);
         async {
+            let started = Instant::now();
             let permit = self.make_room(&route.server).await?;
+            let room_found = Instant::now();
+            self.inner.metrics.pool_build_step("budget", room_found - started);
             let timeout = self.inner.settings.connect_timeout;
             let (pool, version) = tokio::time::timeout(timeout, self.connect(route, permit))
                 .await
                 .map_err(|_| PoolError::Timeout(timeout))??;
+            self.inner.metrics.pool_build_step("connect", room_found.elapsed());
             self.inner.metrics.pool_opened();
             tracing::debug!("tenant pool opened");
             Ok(Arc::new(TenantPool {

@@ -49,6 +49,14 @@ impl RouterCounters {
             "  {label}: {requests:.0} requests, {builds:.0} pools built ({:.1} per 100 requests)",
             100.0 * builds / requests.max(1.0)
         );
+        for step in ["budget", "connect"] {
+            let series = format!("{{step=\"{step}\"}}");
+            let sum = self.total(before, &format!("silo_router_pool_build_seconds_sum{series}"));
+            let count = self.total(before, &format!("silo_router_pool_build_seconds_count{series}"));
+            if count > 0.0 {
+                println!("      pool builds, {step}: {:.1} ms on average", 1000.0 * sum / count);
+            }
+        }
         for metric in [
             "silo_router_pool_evictions_total",
             "silo_router_spare_connections_closed_total",
