@@ -41,6 +41,15 @@ impl RouterCounters {
         self.growth(before, metric).map(|(_, grew)| grew).sum()
     }
 
+    /// The mean time pool builds since `before` spent on `step` (`budget`, `connect`), if
+    /// there were any.
+    pub(crate) fn mean_build_ms(&self, before: &RouterCounters, step: &str) -> Option<f64> {
+        let series = format!("{{step=\"{step}\"}}");
+        let sum = self.total(before, &format!("silo_router_pool_build_seconds_sum{series}"));
+        let count = self.total(before, &format!("silo_router_pool_build_seconds_count{series}"));
+        (count > 0.0).then(|| 1000.0 * sum / count)
+    }
+
     /// Prints what the router counted between `before` and now.
     pub(crate) fn print_since(&self, before: &RouterCounters, label: &str) {
         let requests = self.total(before, "silo_router_requests_total");
@@ -50,11 +59,8 @@ impl RouterCounters {
             100.0 * builds / requests.max(1.0)
         );
         for step in ["budget", "connect"] {
-            let series = format!("{{step=\"{step}\"}}");
-            let sum = self.total(before, &format!("silo_router_pool_build_seconds_sum{series}"));
-            let count = self.total(before, &format!("silo_router_pool_build_seconds_count{series}"));
-            if count > 0.0 {
-                println!("      pool builds, {step}: {:.1} ms on average", 1000.0 * sum / count);
+            if let Some(mean) = self.mean_build_ms(before, step) {
+                println!("      pool builds, {step}: {mean:.1} ms on average");
             }
         }
         for metric in [
