@@ -148,7 +148,8 @@ impl Metrics {
 
     /// A tenant pool left the map (for whatever cause).
     /// How long a pool build spent on `step`: `budget` (room in the server's connection
-    /// budget), `connect` (the secret, the first connection and its isolation check).
+    /// budget), `secret` (the tenant's current secret), `connect` (the first connection and
+    /// its isolation check).
     pub(crate) fn pool_build_step(&self, step: &'static str, elapsed: Duration) {
         self.with(|| metrics::histogram!(POOL_BUILD_DURATION, "step" => step).record(elapsed.as_secs_f64()));
     }
@@ -249,7 +250,7 @@ fn describe() {
     describe_histogram!(
         POOL_BUILD_DURATION,
         Unit::Seconds,
-        "Time a pool build spent waiting for room in the connection budget (step=budget) and connecting (step=connect)."
+        "Time a pool build spent waiting for room in the connection budget (step=budget), reading the tenant's secret (step=secret) and connecting (step=connect)."
     );
     describe_counter!("silo_router_pool_evictions_total", "Tenant pools evicted, by cause.");
     describe_counter!("silo_router_pool_lookups_total", "Pool-map lookups: hit or miss.");

@@ -370,13 +370,11 @@ impl Pools {
         async {
             let started = Instant::now();
             let permit = self.make_room(&route.server).await?;
-            let room_found = Instant::now();
-            self.inner.metrics.pool_build_step("budget", room_found - started);
+            self.inner.metrics.pool_build_step("budget", started.elapsed());
             let timeout = self.inner.settings.connect_timeout;
             let (pool, version) = tokio::time::timeout(timeout, self.connect(route, permit))
                 .await
                 .map_err(|_| PoolError::Timeout(timeout))??;
-            self.inner.metrics.pool_build_step("connect", room_found.elapsed());
             self.inner.metrics.pool_opened();
             tracing::debug!("tenant pool opened");
             Ok(Arc::new(TenantPool {
@@ -478,12 +476,31 @@ impl Pools {
 
     /// The tenant's pool with one connection open, which holds `permit`.
     async fn connect(&self, route: &TenantRoute, permit: ConnectionPermit) -> Result<(DbPool, String), PoolError> {
-        let settings = &self.inner.settings;
+        let started = Instant::now();
         let credentials = &self.inner.credentials;
         let (options, version) = credentials
             .current(&route.slug, &route.server)
             .await?
             .ok_or_else(|| PoolError::SecretMissing(credentials.secret_name(&route.slug).unwrap_or_default()))?;
+        let secret_read = Instant::now();
+        self.inner.metrics.pool_build_step("secret", secret_read - started);
+        let opened = self.open_pool(route, options, version, permit).await?;
+        self.inner.metrics.pool_build_step("connect", secret_read.elapsed());
+        Ok(opened)
+    }
+
+    /// The tenant's pool with one connection open (holding `permit`), logging in with
+    /// `options` (secret `version`), or with another secret version if PostgreSQL refuses
+    /// that password.
+    async fn open_pool(
+        &self,
+        route: &TenantRoute,
+        options: PgConnectOptions,
+        version: String,
+        permit: ConnectionPermit,
+    ) -> Result<(DbPool, String), PoolError> {
+        let settings = &self.inner.settings;
+        let credentials = &self.inner.credentials;
         let slug = TenantSlug::parse(&route.slug).map_err(|_| PoolError::BadSlug(route.slug.clone()))?;
         let expected = Arc::new(Expected {
             database: route.database.clone(),

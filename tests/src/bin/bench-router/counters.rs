@@ -41,8 +41,8 @@ impl RouterCounters {
         self.growth(before, metric).map(|(_, grew)| grew).sum()
     }
 
-    /// The mean time pool builds since `before` spent on `step` (`budget`, `connect`), if
-    /// there were any.
+    /// The mean time pool builds since `before` spent on `step` (`budget`, `secret`,
+    /// `connect`), if there were any.
     pub(crate) fn mean_build_ms(&self, before: &RouterCounters, step: &str) -> Option<f64> {
         let series = format!("{{step=\"{step}\"}}");
         let sum = self.total(before, &format!("silo_router_pool_build_seconds_sum{series}"));
@@ -58,7 +58,7 @@ impl RouterCounters {
             "  {label}: {requests:.0} requests, {builds:.0} pools built ({:.1} per 100 requests)",
             100.0 * builds / requests.max(1.0)
         );
-        for step in ["budget", "connect"] {
+        for step in ["budget", "secret", "connect"] {
             if let Some(mean) = self.mean_build_ms(before, step) {
                 println!("      pool builds, {step}: {mean:.1} ms on average");
             }
