@@ -146,7 +146,6 @@ impl Metrics {
         });
     }
 
-    /// A tenant pool left the map (for whatever cause).
     /// How long a pool build spent on `step`: `budget` (room in the server's connection
     /// budget), `secret` (the tenant's current secret), `connect` (the first connection and
     /// its isolation check).
@@ -154,6 +153,7 @@ impl Metrics {
         self.with(|| metrics::histogram!(POOL_BUILD_DURATION, "step" => step).record(elapsed.as_secs_f64()));
     }
 
+    /// A tenant pool left the map (for whatever cause).
     pub(crate) fn pool_closed(&self) {
         self.with(|| metrics::gauge!("silo_router_pools_open").decrement(1.0));
     }

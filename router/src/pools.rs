@@ -6,9 +6,10 @@
 //! of its server's connection budget (`budget`) while it is open. A build first takes one
 //! for its first connection (when the budget is spent it closes an idle spare connection of
 //! a pool that has two or more, else the least valuable idle pool on that server (see
-//! [`crate::usage`]), and waits at most `router.budget_wait`), then takes the tenant's current secret (kept from an
-//! earlier read, see [`crate::credentials`]) and connects eagerly, so a database that is down
-//! fails the request within `router.connect_timeout` instead of when the app first queries.
+//! [`crate::usage`]), and waits at most `router.budget_wait`), then takes the tenant's
+//! current secret (kept from an earlier read, see [`crate::credentials`]) and connects
+//! eagerly, so a database that is down fails the request within `router.connect_timeout`
+//! instead of when the app first queries.
 //! A pool closed to make room is marked closing only while no request holds it, after which
 //! no request can lease it (a request that found it in the map builds a new one).
 //! A pool opens further connections (up to `max_connections_per_tenant`) only with permits
