@@ -382,24 +382,36 @@ async fn the_budget_counts_open_connections_not_pool_sizes() {
     stack.stop().await.unwrap();
 }
 
-/// A full budget closes the pool of the tenant that made the fewest requests lately, not the
-/// least recently used one: a busy tenant between two bursts keeps its connection while
-/// tenants seen once come and go.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_full_budget_closes_the_least_valuable_pool_not_the_least_recently_used() {
+/// A stack whose router has the settings `router_toml`, with `n` tenants named `prefix…`:
+/// their slugs, API keys and database names.
+async fn stack_with_tenants(router_toml: &str, prefix: &str, n: usize) -> (Stack, Vec<(String, String, String)>) {
     let stack = Stack::start(StackOptions {
-        router_toml: "connection_budget_per_server = 3\nmax_connections_per_tenant = 1".into(),
+        router_toml: router_toml.into(),
         ..StackOptions::default()
     })
     .await
     .unwrap();
     let mut tenants = Vec::new();
-    for _ in 0..4 {
-        let slug = unique_name("lv");
+    for _ in 0..n {
+        let slug = unique_name(prefix);
         let key = stack.create_tenant(&slug).await.unwrap();
         let db = TenantSlug::parse(&slug).unwrap().database_name();
         tenants.push((slug, key, db));
     }
+    (stack, tenants)
+}
+
+/// A full budget closes the pool of the tenant that made the fewest requests lately, not the
+/// least recently used one: a busy tenant between two bursts keeps its connection while
+/// tenants seen once come and go.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_budget_closes_the_least_valuable_pool_not_the_least_recently_used() {
+    let (stack, tenants) = stack_with_tenants(
+        "connection_budget_per_server = 3\nmax_connections_per_tenant = 1",
+        "lv",
+        4,
+    )
+    .await;
     let get = |(slug, key, _): &(String, String, String)| {
         let (slug, key) = (slug.clone(), key.clone());
         let stack = &stack;
@@ -441,19 +453,12 @@ async fn a_full_budget_closes_the_least_valuable_pool_not_the_least_recently_use
 /// makes room before any whole pool is closed: every tenant keeps a connection.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_spare_connection_makes_room_before_a_pool_is_closed() {
-    let stack = Stack::start(StackOptions {
-        router_toml: "connection_budget_per_server = 3\nmax_connections_per_tenant = 2".into(),
-        ..StackOptions::default()
-    })
-    .await
-    .unwrap();
-    let mut tenants = Vec::new();
-    for _ in 0..3 {
-        let slug = unique_name("sp");
-        let key = stack.create_tenant(&slug).await.unwrap();
-        let db = TenantSlug::parse(&slug).unwrap().database_name();
-        tenants.push((slug, key, db));
-    }
+    let (stack, tenants) = stack_with_tenants(
+        "connection_budget_per_server = 3\nmax_connections_per_tenant = 2",
+        "sp",
+        3,
+    )
+    .await;
     let get = |(slug, key, _): &(String, String, String)| {
         stack
             .tenant_request(Method::GET, &format!("{slug}.localhost"), "/api/v1/tasks?limit=1")
