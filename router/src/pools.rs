@@ -466,9 +466,12 @@ impl Pools {
             .filter(|(_, tenant)| {
                 tenant.server == server && tenant.in_flight.load(Ordering::Acquire) == 0 && tenant.pool().size() > 0
             })
-            .map(|(slug, tenant)| (slug, *lock(&tenant.usage)))
-            .min_by(|(_, a), (_, b)| a.value_at(now).total_cmp(&b.value_at(now)));
-        if let Some((slug, usage)) = victim {
+            .map(|(slug, tenant)| {
+                let usage = *lock(&tenant.usage);
+                (slug, usage, usage.value_at(now))
+            })
+            .min_by(|(_, _, a), (_, _, b)| a.total_cmp(b));
+        if let Some((slug, usage, _)) = victim {
             tracing::debug!(tenant = %slug, server, "closing an idle pool to make room in the connection budget");
             lock(&self.inner.history).remember(&slug, usage, now);
             self.remove(&slug, Drain::Now, "budget").await;
