@@ -14,7 +14,7 @@
 //! object, so neither ever loses access to anything.
 
 use serde::{Deserialize, Serialize};
-use sqlx::{ConnectOptions, Connection};
+use sqlx::Connection;
 use tracing::{info, instrument};
 
 use crate::catalog;
@@ -23,7 +23,7 @@ use crate::jobs::{self, Job};
 use crate::names::{quote_ident, TenantSlug};
 use crate::provision::{ddl, ensure_login_role, fail_after, ProvisionError, Provisioner, StepContext};
 use crate::secrets::{self, DbSecret, SecretStoreError, AWSCURRENT, AWSPENDING};
-use crate::servers::Server;
+use crate::servers::{Server, ADMIN_CONNECT_TIMEOUT};
 
 /// Parameters of a `rotate` job.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -209,9 +209,7 @@ async fn set_password(server: &Server, slug: &TenantSlug, pending: &DbSecret) ->
 /// Step `test_secret`: the pending secret logs in, to the right database, as the right role
 /// (`session_user`), acting as the tenant's owner role (`current_user`).
 async fn test_login(server: &Server, slug: &TenantSlug, pending: &DbSecret) -> Result<(), ProvisionError> {
-    let mut conn = pending
-        .connect_options(&server.config.tls)
-        .connect()
+    let mut conn = silo_tenant_app::connect(&pending.connect_options(&server.config.tls), ADMIN_CONNECT_TIMEOUT)
         .await
         .step("log in with the pending secret")?;
     let (db, login, acting): (String, String, String) =

@@ -6,10 +6,14 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 
 use crate::config::{AdminPassword, Config, ServerConfig};
 use crate::secrets::{SecretStore, SecretStoreError, AWSCURRENT};
+
+/// Longest a control-plane connection to a PostgreSQL server may take to open (a server that
+/// is down fails the step instead of holding it).
+pub const ADMIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One server and an admin pool on its `postgres` database.
 pub struct Server {
@@ -37,7 +41,7 @@ impl Server {
     /// A one-off admin connection to `database` (never kept in a pool: a pooled session on a
     /// template or a tenant database would block CREATE/DROP DATABASE).
     pub async fn connect(&self, database: &str) -> Result<PgConnection, sqlx::Error> {
-        self.admin_options(database).connect().await
+        silo_tenant_app::connect(&self.admin_options(database), ADMIN_CONNECT_TIMEOUT).await
     }
 }
 

@@ -237,7 +237,7 @@ impl managed::Manager for Connector {
     async fn create(&self) -> Result<BudgetedConnection, ConnectError> {
         let permit = self.budget_permit().await?;
         let options = self.options.read().unwrap_or_else(PoisonError::into_inner).clone();
-        let mut conn = PgConnection::connect_with(&options).await?;
+        let mut conn = crate::connect::connect(&options, self.settings.acquire_timeout).await?;
         if let Some(check) = &self.settings.after_connect {
             if let Err(error) = check(&mut conn).await {
                 let _ = conn.close().await;

@@ -14,6 +14,7 @@
 pub mod api_keys;
 mod auth;
 mod body;
+mod connect;
 mod db;
 mod error;
 mod json;
@@ -27,6 +28,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
 
+pub use connect::connect;
 pub use db::{
     AfterConnect, AfterConnectFuture, BudgetPermit, ConnectionBudget, DbConnection, DbPool, DbPoolSettings, TakePermit,
 };

@@ -387,7 +387,8 @@ async fn main() -> anyhow::Result<()> {
             &format!("connection_budget_per_server = {TIGHT_BUDGET}\n"),
         ),
     )?;
-    let router = start_router(&bin_dir, &stack, &tight_config, &router_log).await?;
+    let tight_router_log = logs.join("silo-bench-router-tight.log");
+    let router = start_router(&bin_dir, &stack, &tight_config, &tight_router_log).await?;
     let (d, d_touch) = zipf_phase(&router, &stack, &tenants, TIGHT_SETTLE, measured).await?;
     d.row(&format!(
         "(d) router, {n} tenants, budget {TIGHT_BUDGET}, after {} s",
@@ -454,8 +455,9 @@ async fn main() -> anyhow::Result<()> {
         load_average()
     );
     println!(
-        "server logs: {} (router), {} (tenant app)",
+        "server logs: {} (router), {} (router of (d)), {} (tenant app)",
         router_log.display(),
+        tight_router_log.display(),
         logs.join("silo-bench-tenant-app.log").display()
     );
     drop(sender);
