@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use reqwest::Method;
 use serde_json::{json, Value};
+use silo_control_plane::servers::ADMIN_CONNECT_TIMEOUT;
 use silo_tests::bench::{load_average, percentile, wait_for_write_back};
 use silo_tests::stack::{Stack, StackOptions};
-use sqlx::{ConnectOptions, Connection};
+use sqlx::Connection;
 use tokio::task::JoinSet;
 
 async fn provision_times(stack: &Stack, prefix: &str, n: usize) -> anyhow::Result<(Vec<String>, Vec<f64>)> {
@@ -97,7 +98,8 @@ async fn rollout(stack: &Stack, tenants: &[String], concurrency: usize) -> anyho
 }
 
 /// The floor under any rollout: one SCRAM login (as the server's admin) to each tenant
-/// database and a `SELECT 1`, `concurrency` at a time.
+/// database and a `SELECT 1`, `concurrency` at a time, connecting the way the control plane
+/// does (off the runtime's workers).
 async fn connect_each(stack: &Stack, tenants: &[String], concurrency: usize) -> anyhow::Result<Duration> {
     let next = Arc::new(AtomicUsize::new(0));
     let databases: Arc<Vec<String>> = Arc::new(tenants.iter().map(|slug| silo_tests::database_of(slug)).collect());
@@ -107,7 +109,7 @@ async fn connect_each(stack: &Stack, tenants: &[String], concurrency: usize) -> 
         let (next, databases, pg) = (next.clone(), databases.clone(), stack.pg());
         workers.spawn(async move {
             while let Some(db) = databases.get(next.fetch_add(1, Ordering::Relaxed)) {
-                let mut conn = pg.admin_options(db).connect().await?;
+                let mut conn = silo_tenant_app::connect(&pg.admin_options(db), ADMIN_CONNECT_TIMEOUT).await?;
                 sqlx::query("SELECT 1").execute(&mut conn).await?;
                 conn.close().await?;
             }
