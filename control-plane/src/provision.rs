@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 use sqlx::{Connection, PgConnection, PgPool};
 use tracing::{info, instrument};
 
+use crate::backup::Backups;
 use crate::catalog::routes::TenantStatus;
 use crate::catalog::tenants;
+use crate::config::BackupsConfig;
 use crate::jobs::{self, Job};
 use crate::names::{quote_ident, quote_literal, TenantSlug};
 use crate::secrets::{self, DbSecret, SecretStore, AWSCURRENT};
@@ -43,6 +45,9 @@ pub enum ProvisionError {
     /// The secret store failed.
     #[error("secret store: {0}")]
     Secret(#[from] secrets::SecretStoreError),
+    /// The backup before a deletion could not be taken (nothing was dropped).
+    #[error("backup: {0}")]
+    Backup(#[from] crate::backup::BackupError),
     /// A migration rollout failed or halted.
     #[error("{0}")]
     Rollout(String),
@@ -101,10 +106,18 @@ pub struct ProvisionParams {
     pub secret_version: String,
 }
 
+/// Parameters of a `delete` job.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DeleteParams {
+    /// Take a backup of the database before anything is dropped.
+    #[serde(default)]
+    pub backup: bool,
+}
+
 /// The steps of a `provision` job, in order.
 pub const PROVISION_STEPS: [&str; 5] = ["secret", "roles", "database", "schema", "activate"];
-/// The steps of a `delete` job, in order.
-pub const DELETE_STEPS: [&str; 4] = ["database", "roles", "secret", "tombstone"];
+/// The steps of a `delete` job, in order; `backup` only when the job asks for one.
+pub const DELETE_STEPS: [&str; 5] = ["backup", "database", "roles", "secret", "tombstone"];
 /// SQLSTATE of a role (or other object) that does not exist.
 const UNDEFINED_OBJECT: &str = "42704";
 
@@ -119,6 +132,7 @@ pub struct Provisioner {
     /// Notified when a spare database was claimed (`spares::keep_filled` makes another);
     /// None when spares are off.
     spares: Option<Arc<tokio::sync::Notify>>,
+    backups: Backups,
 }
 
 impl Provisioner {
@@ -141,7 +155,14 @@ impl Provisioner {
             name_prefix,
             templates,
             spares: spares.filter(|_| templates),
+            backups: Backups::new(BackupsConfig::default()),
         }
+    }
+
+    /// This provisioner, taking the backups `delete` jobs ask for with `backups`.
+    pub fn with_backups(mut self, backups: Backups) -> Self {
+        self.backups = backups;
+        self
     }
 
     pub(crate) fn tenant_of(&self, job: &Job) -> Result<(TenantSlug, String), ProvisionError> {
@@ -151,6 +172,16 @@ impl Provisioner {
             .and_then(|s| TenantSlug::parse(s).ok())
             .ok_or_else(|| ProvisionError::InvalidJob("job has no valid tenant".into()))?;
         Ok((slug.clone(), secrets::tenant_secret_name(&self.name_prefix, &slug)))
+    }
+
+    /// The tenant's current login, from its secret.
+    async fn current_login(&self, secret_name: &str) -> Result<DbSecret, ProvisionError> {
+        let current = self
+            .store
+            .get_secret_value(secret_name, AWSCURRENT)
+            .await?
+            .ok_or_else(|| ProvisionError::InvalidJob(format!("secret {secret_name} has no current version")))?;
+        Ok(DbSecret::from_secret(&current.value, secret_name)?)
     }
 
     pub(crate) async fn server_of(&self, slug: &TenantSlug) -> Result<&Server, ProvisionError> {
@@ -328,16 +359,36 @@ impl Provisioner {
         tx.commit().await.step("activate")
     }
 
-    /// Runs (or resumes) a `delete` job: the database (its sessions terminated), the roles
-    /// and the secret are dropped; the catalog keeps a `deleted` tombstone.
+    /// Runs (or resumes) a `delete` job: a backup of the database if the job asks for one,
+    /// then the database (its sessions terminated), the roles and the secret are dropped;
+    /// the catalog keeps a `deleted` tombstone.
     #[instrument(skip_all, fields(tenant = job.tenant.as_deref().unwrap_or(""), job = job.id))]
     pub async fn delete(&self, job: &Job, force_secret_delete: bool) -> Result<(), ProvisionError> {
+        let params: DeleteParams = serde_json::from_value(job.params.clone())
+            .map_err(|e| ProvisionError::InvalidJob(format!("delete params: {e}")))?;
         let (slug, secret_name) = self.tenant_of(job)?;
         let server = self.server_of(&slug).await?;
-        for step in DELETE_STEPS {
+        for step in DELETE_STEPS
+            .into_iter()
+            .filter(|step| params.backup || *step != "backup")
+        {
             jobs::set_step(&self.catalog, job.id, step).await.step("record step")?;
             let started = std::time::Instant::now();
             match step {
+                "backup" => {
+                    // A resumed job finds its backup (the database and secret may be gone).
+                    let file = match self.backups.taken(&slug, job.id)? {
+                        Some(file) => file,
+                        None => {
+                            let login = self.current_login(&secret_name).await?;
+                            self.backups.take(&slug, job.id, &login, &server.config.tls).await?
+                        }
+                    };
+                    info!(file = %file.display(), "tenant database backed up");
+                    jobs::set_progress(&self.catalog, job.id, &serde_json::json!({ "backup": file }))
+                        .await
+                        .step("record the backup")?;
+                }
                 "database" => {
                     let mut conn = server.admin.acquire().await.step("connect to server")?;
                     ddl(

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AdminTokens, ApiState};
+use crate::backup::Backups;
 use crate::config::{Config, SecretsBackend};
 use crate::provision::Provisioner;
 use crate::servers::Servers;
@@ -81,15 +82,18 @@ impl ControlPlane {
         let listener = TcpListener::bind(config.control_plane.listen)
             .await
             .with_context(|| format!("bind control_plane.listen {}", config.control_plane.listen))?;
-        let provisioner = Arc::new(Provisioner::new(
-            catalog.clone(),
-            store.clone(),
-            servers.clone(),
-            migrations,
-            config.secrets.name_prefix.clone(),
-            config.migrations.templates,
-            (spares.count > 0).then(|| spares.claimed.clone()),
-        ));
+        let provisioner = Arc::new(
+            Provisioner::new(
+                catalog.clone(),
+                store.clone(),
+                servers.clone(),
+                migrations,
+                config.secrets.name_prefix.clone(),
+                config.migrations.templates,
+                (spares.count > 0).then(|| spares.claimed.clone()),
+            )
+            .with_backups(Backups::new(config.backups.clone())),
+        );
         // The local store has no recovery window; AWS keeps deleted secrets for the window.
         let force_secret_delete = matches!(config.secrets.backend, SecretsBackend::Local { .. });
         let workers = Workers::new(

@@ -142,24 +142,28 @@ async fn provisioning_interrupted_after_each_step_completes_on_retry() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn deletion_interrupted_after_each_step_completes_on_retry() {
-    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    // With a backup, so that every step runs; the retry finds the backup already taken (even
+    // once the database is dropped) instead of taking another.
+    let stack = Stack::start(StackOptions {
+        extra_toml: "[backups]\ndir = \"backups\"\n".into(),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
     for step in DELETE_STEPS {
         let slug = unique_name("gone");
         stack.create_tenant(&slug).await.unwrap();
         fail::cfg("delete-after-step", &format!("return({step})")).unwrap();
         let (status, body) = stack
-            .admin(Method::DELETE, &format!("/v1/tenants/{slug}"), None)
+            .admin(Method::DELETE, &format!("/v1/tenants/{slug}?backup=true"), None)
             .await
             .unwrap();
         assert_eq!(status, StatusCode::ACCEPTED);
         let job_id = body["job"]["id"].as_i64().unwrap();
         assert_eq!(stack.wait_job(job_id).await.unwrap()["state"], "failed");
         fail::remove("delete-after-step");
-        assert_eq!(
-            stack.retry_job(job_id).await.unwrap()["state"],
-            "succeeded",
-            "step {step}"
-        );
+        let retried = stack.retry_job(job_id).await.unwrap();
+        assert_eq!(retried["state"], "succeeded", "step {step}: {retried}");
         let db = silo_tests::database_of(&slug);
         assert_eq!(
             count(&stack, "SELECT count(*) FROM pg_database WHERE datname = $1", &db).await,
@@ -180,6 +184,12 @@ async fn deletion_interrupted_after_each_step_completes_on_retry() {
             .await
             .unwrap();
         assert_eq!(status, "deleted");
+        let backups = std::fs::read_dir(stack.dir().join("backups").join(&slug))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect::<Vec<_>>();
+        assert_eq!(backups.len(), 1, "step {step}: one backup, complete: {backups:?}");
+        assert!(backups[0].ends_with(&format!("-job{job_id}.dump")), "{backups:?}");
     }
     stack.stop().await.unwrap();
 }

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod admin_api;
+mod backups;
 mod crash_safety;
 mod harness;
 mod isolation;

@@ -15,7 +15,7 @@ use super::ApiState;
 use crate::catalog::routes::TenantStatus;
 use crate::catalog::tenants::{self, InsertError, NewTenant, Tenant};
 use crate::names::TenantSlug;
-use crate::provision::{insert_key_as_owner, ProvisionParams};
+use crate::provision::{insert_key_as_owner, DeleteParams, ProvisionParams};
 use crate::{audit, jobs, secrets};
 
 /// `POST /v1/tenants` body.
@@ -179,7 +179,13 @@ pub struct DeleteQuery {
     backup: bool,
 }
 
-/// `DELETE /v1/tenants/{slug}` → 202 `{"job"}`.
+/// Whether a `delete` job takes a backup first.
+fn backs_up(job: &jobs::Job) -> bool {
+    serde_json::from_value::<DeleteParams>(job.params.clone()).is_ok_and(|params| params.backup)
+}
+
+/// `DELETE /v1/tenants/{slug}` → 202 `{"job"}`; with `backup=true` the job dumps the
+/// database (into `[backups] dir`) before it drops anything.
 pub async fn delete(
     State(state): State<ApiState>,
     Extension(Actor(actor)): Extension<Actor>,
@@ -187,19 +193,26 @@ pub async fn delete(
     Query(q): Query<DeleteQuery>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let slug = parse_slug(&slug)?;
-    if q.backup {
+    if q.backup && state.config.backups.dir.is_none() {
         return Err(ApiError::Unprocessable(
             "backup_unavailable",
-            "backups are not available in this version; delete without backup=true".into(),
+            "this control plane has no [backups] dir configured; set one, or delete without backup=true".into(),
         ));
     }
+    let params = json!(DeleteParams { backup: q.backup });
     let mut tx = state.catalog.begin().await?;
     let status = tenants::lock_status(&mut tx, slug.as_str()).await?;
     let job = match status {
         None | Some(TenantStatus::Deleted) => return Err(ApiError::tenant_not_found(slug.as_str())),
         Some(TenantStatus::Deleting) => match jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
+            Some(job) if q.backup && !backs_up(&job) => {
+                return Err(ApiError::Conflict(
+                    "tenant_busy",
+                    format!("job {} is deleting this tenant without a backup", job.id),
+                ))
+            }
             Some(job) => job,
-            None => jobs::enqueue(&mut tx, "delete", Some(slug.as_str()), json!({})).await?,
+            None => jobs::enqueue(&mut tx, "delete", Some(slug.as_str()), params).await?,
         },
         Some(_) => {
             if let Some(job) = jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
@@ -209,7 +222,7 @@ pub async fn delete(
                 ));
             }
             tenants::set_status(&mut tx, slug.as_str(), TenantStatus::Deleting, None).await?;
-            jobs::enqueue(&mut tx, "delete", Some(slug.as_str()), json!({})).await?
+            jobs::enqueue(&mut tx, "delete", Some(slug.as_str()), params).await?
         }
     };
     audit::record(

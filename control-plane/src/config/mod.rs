@@ -76,6 +76,8 @@ pub struct Config {
     pub rotation: RotationConfig,
     /// Tenant migration rollouts.
     pub migrations: MigrationsConfig,
+    /// Backups of tenant databases (`tenant delete --backup`).
+    pub backups: BackupsConfig,
     /// The router.
     pub router: RouterConfig,
 }
@@ -263,6 +265,17 @@ pub struct MigrationsConfig {
     pub spare_databases: usize,
 }
 
+/// The `[backups]` section: where `pg_dump` writes tenant backups.
+#[derive(Debug, Clone, Default)]
+pub struct BackupsConfig {
+    /// The directory backups go to, one subdirectory per tenant; None: backups are off.
+    pub dir: Option<PathBuf>,
+    /// The `pg_dump` to run; None: found like the PostgreSQL binaries of `siloctl dev`
+    /// (`SILO_PG_BINDIR`, `pg_config --bindir`, the newest `/usr/lib/postgresql/*/bin`), else
+    /// on `PATH`.
+    pub pg_dump: Option<PathBuf>,
+}
+
 /// The `[router]` section.
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
@@ -374,7 +387,7 @@ impl Config {
     pub fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::new(),
-            message: e.message().replace('\n', " "),
+            message: parse_error_message(text, &e),
         })?;
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
 
@@ -636,6 +649,10 @@ impl Config {
             control_plane,
             rotation,
             migrations,
+            backups: BackupsConfig {
+                dir: raw.backups.dir.map(resolve),
+                pg_dump: raw.backups.pg_dump.map(resolve),
+            },
             router,
         })
     }
@@ -643,6 +660,37 @@ impl Config {
     /// The server named `name`.
     pub fn server(&self, name: &str) -> Option<&ServerConfig> {
         self.servers.iter().find(|s| s.name == name)
+    }
+}
+
+/// A TOML error on one line, with where it is: serde's messages for a value of the wrong
+/// type do not name the key (`invalid type: string "5432", expected u16`), so the line, the
+/// key on it and its table are added. The value is not repeated beyond what the message
+/// says.
+fn parse_error_message(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim().replace('\n', " ");
+    let Some(span) = error.span() else {
+        return message;
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or_default().trim();
+    let table = text
+        .lines()
+        .take(line_no)
+        .map(str::trim)
+        .filter(|l| l.starts_with('['))
+        .last()
+        .and_then(|header| header.split(']').next())
+        .map(|header| header.trim_start_matches('[').trim());
+    let key = line
+        .split_once('=')
+        .map(|(key, _)| key.trim())
+        .filter(|key| !key.is_empty() && !key.starts_with('['));
+    match (table, key) {
+        (Some(table), Some(key)) => format!("line {line_no}, {table}.{key}: {message}"),
+        (None, Some(key)) => format!("line {line_no}, {key}: {message}"),
+        _ => format!("line {line_no}: {message}"),
     }
 }
 
@@ -694,6 +742,28 @@ local_master_key_file = "master.key"
     fn unknown_key_is_named() {
         let err = Config::parse(&format!("{MINIMAL}\n[router]\nlisten_addr = \"x\"\n"), Path::new(".")).unwrap_err();
         assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn values_of_the_wrong_type_name_their_key_and_line_on_one_line() {
+        for (extra, named) in [
+            (
+                "[[servers]]\nname = \"pg-1\"\nhost = \"h\"\nport = \"5432\"\n",
+                "line 8, servers.port: invalid type: string \"5432\", expected u16",
+            ),
+            (
+                "[router]\nmax_connections_per_tenant = \"5\"\n",
+                "line 6, router.max_connections_per_tenant: invalid type: string \"5\"",
+            ),
+            ("[backups]\ndir = 7\n", "line 6, backups.dir: invalid type: integer `7`"),
+        ] {
+            let err = Config::parse(&format!("{MINIMAL}{extra}"), Path::new(".")).unwrap_err();
+            let message = err.to_string();
+            assert!(message.contains(named), "{message}");
+            assert_eq!(message.lines().count(), 1, "{message}");
+        }
+        let err = Config::parse("catalog_url = 5\n", Path::new(".")).unwrap_err();
+        assert!(err.to_string().contains("line 1, catalog_url: invalid type"), "{err}");
     }
 
     #[test]

@@ -22,7 +22,16 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) migrations: RawMigrations,
     #[serde(default)]
+    pub(super) backups: RawBackups,
+    #[serde(default)]
     pub(super) router: RawRouter,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBackups {
+    pub(super) dir: Option<PathBuf>,
+    pub(super) pg_dump: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]

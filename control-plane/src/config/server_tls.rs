@@ -96,6 +96,11 @@ impl ServerTls {
             .map_or("prefer", |(name, _)| name)
     }
 
+    /// The PEM of the CA certificates that sign the server's certificate, if configured.
+    pub fn root_cert_pem(&self) -> Option<&[u8]> {
+        self.root_cert.as_deref().map(Vec::as_slice)
+    }
+
     /// `options` set to connect with these settings.
     pub fn apply(&self, options: PgConnectOptions) -> PgConnectOptions {
         let options = options.ssl_mode(self.mode);

@@ -263,7 +263,7 @@ fn render_config(args: &DevArgs, p: &Prepared) -> String {
         ));
     }
     s.push_str(&format!(
-        "\n[control_plane]\nlisten = \"127.0.0.1:{}\"\nadmin_token_env = \"SILO_ADMIN_TOKEN\"\n\n[router]\nlisten = \"127.0.0.1:{}\"\n\
+        "\n[backups]\ndir = \"backups\"\n\n[control_plane]\nlisten = \"127.0.0.1:{}\"\nadmin_token_env = \"SILO_ADMIN_TOKEN\"\n\n[router]\nlisten = \"127.0.0.1:{}\"\n\
          base_domains = [\"localhost\"]\nmetrics_listen = \"127.0.0.1:{}\"\n\
          https_listen = \"127.0.0.1:{}\"\ntls_cert_file = {}\ntls_key_file = {}\ntls_sni_dir = {}\n\
          tls_sni_reload_interval = \"1s\"\n",

@@ -1,0 +1,314 @@
+//! Backups of tenant databases: step `backup` of a `delete` job with `backup=true`.
+//!
+//! `pg_dump --format=custom` of the tenant's database, logged in as the tenant's own login
+//! role acting as its owner role (`--role`), so the control plane's admin role needs no
+//! right to read tenant data. The dump is written next to its final name and renamed once
+//! `pg_dump` succeeded and the file is on disk: a file named `*.dump` is always complete.
+//! The file name carries the job id, so a delete job resumed after a crash finds the backup
+//! it already took instead of dumping a database it may already have dropped.
+//!
+//! The password reaches `pg_dump` in a password file (mode 0600, in a private directory
+//! removed afterwards), never on its command line or in its environment; `pg_dump` runs
+//! with an environment of its own (no inherited `PG*` variables).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use secrecy::ExposeSecret;
+
+use crate::config::{BackupsConfig, ServerTls};
+use crate::names::TenantSlug;
+use crate::secrets::DbSecret;
+
+/// Why a backup could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// `[backups] dir` is not set.
+    #[error("backups are not configured: set [backups] dir in the config file")]
+    NotConfigured,
+    /// No `pg_dump` to run.
+    #[error("pg_dump not found: install the PostgreSQL client (postgresql-client) or set [backups] pg_dump")]
+    NoPgDump,
+    /// A file or directory of the backup could not be written.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// `pg_dump` failed.
+    #[error("pg_dump failed ({status}): {stderr}")]
+    PgDump {
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// The last lines it wrote to stderr.
+        stderr: String,
+    },
+}
+
+fn io<'p>(what: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> BackupError + 'p {
+    move |source| BackupError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Takes tenant backups into the configured directory.
+#[derive(Debug, Clone)]
+pub struct Backups {
+    config: BackupsConfig,
+}
+
+impl Backups {
+    /// Backups as `config` says (taking one fails with [`BackupError::NotConfigured`] when it
+    /// sets no directory).
+    pub fn new(config: BackupsConfig) -> Self {
+        Self { config }
+    }
+
+    /// The backup job `job_id` already took of `slug`'s database, if it took one.
+    pub fn taken(&self, slug: &TenantSlug, job_id: i64) -> Result<Option<PathBuf>, BackupError> {
+        let root = self.config.dir.as_deref().ok_or(BackupError::NotConfigured)?;
+        let dir = root.join(slug.as_str());
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        find_file_ending(&dir, &job_suffix(job_id))
+    }
+
+    /// A new backup of `slug`'s database for job `job_id`, logged in with `secret` (the
+    /// tenant's current login) over `tls`.
+    pub async fn take(
+        &self,
+        slug: &TenantSlug,
+        job_id: i64,
+        secret: &DbSecret,
+        tls: &ServerTls,
+    ) -> Result<PathBuf, BackupError> {
+        let root = self.config.dir.as_deref().ok_or(BackupError::NotConfigured)?;
+        let dir = root.join(slug.as_str());
+        create_private_dir(&dir)?;
+        remove_leftovers(&dir)?;
+        let suffix = job_suffix(job_id);
+        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+        let file = dir.join(format!("{slug}-{stamp}{suffix}"));
+        let partial = dir.join(format!(".{slug}-{stamp}{suffix}.partial"));
+        let work = tempfile::Builder::new()
+            .prefix(".work-")
+            .tempdir_in(&dir)
+            .map_err(io("create a work directory in", &dir))?;
+        let mut command = tokio::process::Command::new(self.pg_dump()?);
+        command
+            .env_clear()
+            .env(
+                "PGPASSFILE",
+                write_private(work.path(), "pgpass", pgpass_line(secret).as_bytes())?,
+            )
+            .env("PGSSLMODE", tls.mode_name())
+            .env("PGCONNECT_TIMEOUT", "10")
+            .env("PGAPPNAME", "silo-backup");
+        if let Some(pem) = tls.root_cert_pem() {
+            command.env("PGSSLROOTCERT", write_private(work.path(), "root.crt", pem)?);
+        }
+        let output = command
+            .arg("--format=custom")
+            .arg("--no-password")
+            .arg(format!("--role={}", slug.owner_role()))
+            .arg(format!("--file={}", partial.display()))
+            .arg(format!("--host={}", secret.host))
+            .arg(format!("--port={}", secret.port))
+            .arg(format!("--username={}", secret.username))
+            .arg(format!("--dbname={}", secret.dbname))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(io("run", Path::new("pg_dump")))?;
+        drop(work);
+        if !output.status.success() {
+            let _ = std::fs::remove_file(&partial);
+            return Err(BackupError::PgDump {
+                status: output.status,
+                stderr: last_lines(&output.stderr),
+            });
+        }
+        sync_file(&partial)?;
+        std::fs::rename(&partial, &file).map_err(io("rename the finished backup to", &file))?;
+        sync_file(&dir)?;
+        Ok(file)
+    }
+
+    /// The configured `pg_dump`, else the one next to the PostgreSQL server binaries, else
+    /// the first on `PATH`.
+    fn pg_dump(&self) -> Result<PathBuf, BackupError> {
+        if let Some(path) = &self.config.pg_dump {
+            return Ok(path.clone());
+        }
+        if let Ok(bindir) = crate::localpg::find_bindir() {
+            let path = bindir.join("pg_dump");
+            if path.is_file() {
+                return Ok(path);
+            }
+        }
+        let on_path = std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("pg_dump"))
+                .find(|path| path.is_file())
+        });
+        on_path.ok_or(BackupError::NoPgDump)
+    }
+}
+
+/// The end of the name of job `job_id`'s backup file.
+fn job_suffix(job_id: i64) -> String {
+    format!("-job{job_id}.dump")
+}
+
+/// Creates `dir` (and its parents) if missing; a new directory is readable by its owner only.
+fn create_private_dir(dir: &Path) -> Result<(), BackupError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io("create the backup directory", dir))
+}
+
+/// Removes what an interrupted backup of the tenant left in `dir`: partial dumps and work
+/// directories (which hold a password file). One job at a time works on a tenant.
+fn remove_leftovers(dir: &Path) -> Result<(), BackupError> {
+    for entry in std::fs::read_dir(dir).map_err(io("list", dir))? {
+        let path = entry.map_err(io("list", dir))?.path();
+        let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default();
+        if name.starts_with(".work-") {
+            std::fs::remove_dir_all(&path).map_err(io("remove", &path))?;
+        } else if name.starts_with('.') && name.ends_with(".partial") {
+            std::fs::remove_file(&path).map_err(io("remove", &path))?;
+        }
+    }
+    Ok(())
+}
+
+/// The file in `dir` whose name ends with `suffix`, if any.
+fn find_file_ending(dir: &Path, suffix: &str) -> Result<Option<PathBuf>, BackupError> {
+    for entry in std::fs::read_dir(dir).map_err(io("list", dir))? {
+        let entry = entry.map_err(io("list", dir))?;
+        let name = entry.file_name();
+        if name
+            .to_str()
+            .is_some_and(|name| name.ends_with(suffix) && !name.starts_with('.'))
+        {
+            return Ok(Some(entry.path()));
+        }
+    }
+    Ok(None)
+}
+
+/// Writes `contents` to `dir/name`, readable by its owner only; returns the path.
+fn write_private(dir: &Path, name: &str, contents: &[u8]) -> Result<PathBuf, BackupError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(name);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut file| file.write_all(contents))
+        .map_err(io("write", &path))?;
+    Ok(path)
+}
+
+/// The password-file line for `secret`: `host:port:database:user:password`, with `:` and
+/// `\` escaped.
+fn pgpass_line(secret: &DbSecret) -> String {
+    let escape = |field: &str| field.replace('\\', "\\\\").replace(':', "\\:");
+    format!(
+        "{}:{}:{}:{}:{}\n",
+        escape(&secret.host),
+        secret.port,
+        escape(&secret.dbname),
+        escape(&secret.username),
+        escape(secret.password.expose_secret())
+    )
+}
+
+/// Flushes a file or a directory (a rename) to disk.
+fn sync_file(path: &Path) -> Result<(), BackupError> {
+    std::fs::File::open(path)
+        .and_then(|file| file.sync_all())
+        .map_err(io("flush to disk", path))
+}
+
+/// The last few lines of `pg_dump`'s stderr, on one line.
+fn last_lines(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let tail = &lines[lines.len().saturating_sub(3)..];
+    if tail.is_empty() {
+        "no message".to_owned()
+    } else {
+        tail.join(" / ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::SecretString;
+
+    #[test]
+    fn password_file_fields_are_escaped() {
+        let secret = DbSecret {
+            engine: "postgres".into(),
+            host: "db:1".into(),
+            port: 5432,
+            username: "tenant_acme_app".into(),
+            password: SecretString::from(r"p:a\ss"),
+            dbname: "tenant_acme".into(),
+        };
+        assert_eq!(
+            pgpass_line(&secret),
+            "db\\:1:5432:tenant_acme:tenant_acme_app:p\\:a\\\\ss\n"
+        );
+    }
+
+    #[test]
+    fn a_finished_backup_is_found_by_its_job_and_a_partial_one_is_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(".acme-20261127T000000Z-job7.dump.partial"), b"x").expect("write");
+        assert_eq!(find_file_ending(dir.path(), "-job7.dump").expect("list"), None);
+        let done = dir.path().join("acme-20261127T000000Z-job7.dump");
+        std::fs::write(&done, b"x").expect("write");
+        assert_eq!(find_file_ending(dir.path(), "-job7.dump").expect("list"), Some(done));
+        assert_eq!(find_file_ending(dir.path(), "-job17.dump").expect("list"), None);
+    }
+
+    #[test]
+    fn leftovers_of_an_interrupted_backup_are_removed_and_finished_backups_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let work = dir.path().join(".work-abc");
+        std::fs::create_dir(&work).expect("mkdir");
+        std::fs::write(work.join("pgpass"), b"secret").expect("write");
+        std::fs::write(dir.path().join(".acme-20261127T000000Z-job7.dump.partial"), b"x").expect("write");
+        std::fs::write(dir.path().join("acme-20261126T000000Z-job3.dump"), b"x").expect("write");
+        remove_leftovers(dir.path()).expect("clean");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|entry| entry.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, ["acme-20261126T000000Z-job3.dump"]);
+    }
+
+    #[test]
+    fn pg_dump_errors_keep_their_last_lines() {
+        assert_eq!(last_lines(b"a\n\nb\nc\nd\n"), "b / c / d");
+        assert_eq!(last_lines(b""), "no message");
+    }
+}

@@ -1,0 +1,180 @@
+//! `DELETE /v1/tenants/{slug}?backup=true` (`siloctl tenant delete SLUG --yes --backup`): the
+//! tenant's database is dumped before anything is dropped, the dump restores, and a backup
+//! that fails drops nothing.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use reqwest::{Method, StatusCode};
+use secrecy::ExposeSecret;
+use serde_json::{json, Value};
+use silo_tests::stack::{Stack, StackOptions};
+use silo_tests::unique_name;
+use sqlx::{ConnectOptions, Connection};
+
+/// A stack whose control plane writes backups to `backups/` in its directory.
+async fn stack_with_backups(extra: &str) -> Stack {
+    Stack::start(StackOptions {
+        extra_toml: format!("[backups]\ndir = \"backups\"\n{extra}"),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// Creates a tenant holding tasks with these titles; returns its API key.
+async fn tenant_with_tasks(stack: &Stack, slug: &str, titles: &[&str]) -> String {
+    let key = stack.create_tenant(slug).await.unwrap();
+    for title in titles {
+        let created = stack
+            .tenant_request(Method::POST, &format!("{slug}.localhost"), "/api/v1/tasks")
+            .bearer_auth(&key)
+            .json(&json!({ "title": title }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), StatusCode::CREATED);
+    }
+    key
+}
+
+async fn delete(stack: &Stack, slug: &str, query: &str) -> (StatusCode, Value) {
+    stack
+        .admin(Method::DELETE, &format!("/v1/tenants/{slug}{query}"), None)
+        .await
+        .unwrap()
+}
+
+async fn database_exists(stack: &Stack, database: &str) -> bool {
+    let mut admin = stack.pg().admin_options("postgres").connect().await.unwrap();
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(database)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap()
+}
+
+/// The task titles in `database`, in id order.
+async fn titles_in(stack: &Stack, database: &str) -> Vec<String> {
+    let mut conn = stack.pg().admin_options(database).connect().await.unwrap();
+    let titles = sqlx::query_scalar("SELECT title FROM tasks ORDER BY id")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    titles
+}
+
+/// Restores `dump` into a new database on the stack's cluster, as its superuser.
+async fn restore(stack: &Stack, dump: &Path) -> String {
+    let database = unique_name("restored").replace('-', "_");
+    stack.pg().create_database(&database).await.unwrap();
+    let bindir = silo_control_plane::localpg::find_bindir().unwrap();
+    let out = tokio::process::Command::new(bindir.join("pg_restore"))
+        .args(["--no-owner", "--no-privileges", "--exit-on-error", "--host=127.0.0.1"])
+        .arg(format!("--port={}", stack.pg().port()))
+        .arg("--username=postgres")
+        .arg(format!("--dbname={database}"))
+        .arg(dump)
+        .env("PGPASSWORD", stack.pg().password().expose_secret())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    database
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delete_with_backup_dumps_the_database_before_dropping_it() {
+    let stack = stack_with_backups("").await;
+    let slug = unique_name("bk");
+    tenant_with_tasks(&stack, &slug, &["invoice 1", "invoice 2", "invoice 3"]).await;
+
+    let (status, body) = delete(&stack, &slug, "?backup=true").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let id = body["job"]["id"].as_i64().unwrap();
+    let job = stack.wait_job(id).await.unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert!(!database_exists(&stack, &silo_tests::database_of(&slug)).await);
+
+    // The job says where the backup is: in the tenant's own directory, named by the job.
+    let dump = PathBuf::from(job["progress"]["backup"].as_str().expect("backup path in progress"));
+    let tenant_dir = stack.dir().join("backups").join(&slug);
+    assert_eq!(dump.parent(), Some(tenant_dir.as_path()), "{job}");
+    let name = dump.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with(&format!("{slug}-")) && name.ends_with(&format!("-job{id}.dump")),
+        "{name}"
+    );
+    let mode = std::fs::metadata(&tenant_dir).unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o777,
+        0o700,
+        "backups are readable by the control plane's user only"
+    );
+    let left: Vec<String> = std::fs::read_dir(&tenant_dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        left,
+        vec![name],
+        "no partial file, password file or work directory left"
+    );
+
+    // The dump holds the tenant's data.
+    let restored = restore(&stack, &dump).await;
+    assert_eq!(
+        titles_in(&stack, &restored).await,
+        ["invoice 1", "invoice 2", "invoice 3"]
+    );
+    stack.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_that_fails_drops_nothing_and_the_delete_can_be_retried() {
+    // A pg_dump that always fails.
+    let stack = stack_with_backups("pg_dump = \"/bin/false\"\n").await;
+    let slug = unique_name("bf");
+    tenant_with_tasks(&stack, &slug, &["keep me"]).await;
+
+    let (status, body) = delete(&stack, &slug, "?backup=true").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["step"], "backup", "{job}");
+    assert!(job["error"].as_str().unwrap().contains("pg_dump failed"), "{job}");
+    let database = silo_tests::database_of(&slug);
+    assert!(
+        database_exists(&stack, &database).await,
+        "nothing is dropped without its backup"
+    );
+    assert_eq!(titles_in(&stack, &database).await, ["keep me"]);
+
+    // The operator may then delete without a backup.
+    let (status, body) = delete(&stack, &slug, "").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert!(!database_exists(&stack, &database).await);
+    stack.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_without_a_backup_directory_is_refused_and_the_tenant_stays() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let slug = unique_name("nb");
+    let key = tenant_with_tasks(&stack, &slug, &["still here"]).await;
+
+    let (status, body) = delete(&stack, &slug, "?backup=true").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"], "backup_unavailable", "{body}");
+    assert!(body["message"].as_str().unwrap().contains("[backups] dir"), "{body}");
+    let served = stack.tenant_get(&slug, &key, "/api/v1/tasks").await.unwrap();
+    assert_eq!(served.status(), StatusCode::OK, "the tenant is untouched");
+    stack.stop().await.unwrap();
+}
