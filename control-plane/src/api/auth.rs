@@ -119,18 +119,39 @@ impl AdminTokens {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` value (the scheme is case-insensitive,
+/// RFC 9110 section 11.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// Middleware: a valid `Authorization: Bearer <admin token>` or 401.
 pub async fn require_admin(State(state): State<ApiState>, mut req: Request, next: Next) -> Result<Response, ApiError> {
     let token = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+        .and_then(bearer_token)
         .ok_or(ApiError::Unauthorized)?;
     let name = state.tokens.authenticate(token).await.ok_or(ApiError::Unauthorized)?;
     tracing::Span::current().record("actor", name.as_str());
     req.extensions_mut().insert(Actor(name));
     Ok(next.run(req).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive_and_the_token_required() {
+        for value in ["Bearer tok", "bearer tok", "BEARER  tok "] {
+            assert_eq!(bearer_token(value), Some("tok"), "{value:?}");
+        }
+        for value in ["Bearer", "Bearer ", "Basic tok", "Bearertok", ""] {
+            assert_eq!(bearer_token(value), None, "{value:?}");
+        }
+    }
 }

@@ -85,12 +85,13 @@ pub(crate) struct DevArgs {
     /// Also create tenant `demo` and print its API key.
     #[arg(long)]
     pub(crate) demo: bool,
-    /// Admin API port (0 picks a free one).
-    #[arg(long, value_name = "N", default_value_t = 7070)]
-    pub(crate) api_port: u16,
-    /// Router operations port: /healthz, /readyz, /metrics (0 picks a free one).
-    #[arg(long, value_name = "N", default_value_t = 9090)]
-    pub(crate) metrics_port: u16,
+    /// Admin API port [default: 7070, or a free one while 7070 is taken] (0 picks a free one).
+    #[arg(long, value_name = "N")]
+    pub(crate) api_port: Option<u16>,
+    /// Router operations port: /healthz, /readyz, /metrics [default: 9090, or a free one while
+    /// 9090 is taken] (0 picks a free one).
+    #[arg(long, value_name = "N")]
+    pub(crate) metrics_port: Option<u16>,
 }
 
 /// The secret store `siloctl dev` configures.

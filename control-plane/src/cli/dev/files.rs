@@ -94,11 +94,11 @@ pub(super) fn prepare(args: &DevArgs) -> anyhow::Result<Prepared> {
 
     let mut taken = Vec::new();
     let pg_ports = pg_ports(&data_dir, usize::from(args.servers), &mut taken)?;
-    let api_port = listen_port("--api-port", args.api_port, &mut taken)?;
+    let api_port = internal_port("--api-port", args.api_port, DEFAULT_API_PORT, &mut taken)?;
     let http_port = listen_port("--http-port", args.http_port, &mut taken)?;
     let https_port = listen_port("--https-port", args.https_port, &mut taken)?;
     let tls = DevTls::prepare(&data_dir)?;
-    let metrics_port = listen_port("--metrics-port", args.metrics_port, &mut taken)?;
+    let metrics_port = internal_port("--metrics-port", args.metrics_port, DEFAULT_METRICS_PORT, &mut taken)?;
 
     let prepared = Prepared {
         config_path: data_dir.join("silo.toml"),
@@ -183,6 +183,25 @@ fn fresh_port(taken: &mut Vec<u16>) -> anyhow::Result<u16> {
         }
     }
     bail!("could not find a free port")
+}
+
+/// The admin API's port unless `--api-port` says otherwise.
+const DEFAULT_API_PORT: u16 = 7070;
+/// The router operations port unless `--metrics-port` says otherwise.
+const DEFAULT_METRICS_PORT: u16 = 9090;
+
+/// The port of a listener that siloctl finds by itself (the admin API through the context
+/// it writes, the ops port through the printed URLs): as `flag` says if given, else
+/// `default`, or a free port while `default` is taken (another `siloctl dev`, say).
+fn internal_port(flag: &str, given: Option<u16>, default: u16, taken: &mut Vec<u16>) -> anyhow::Result<u16> {
+    match given {
+        Some(port) => listen_port(flag, port, taken),
+        None if !taken.contains(&default) && is_free(default) => {
+            taken.push(default);
+            Ok(default)
+        }
+        None => fresh_port(taken),
+    }
 }
 
 /// The port for a listener flag: a free one for 0, else the given one if it is free.
@@ -289,5 +308,30 @@ fn export_env(args: &DevArgs, p: &Prepared) {
         // moto and LocalStack accept any credentials; the SDK insists on having some.
         std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
         std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unflagged_port_moves_off_a_taken_default_and_a_flagged_one_does_not() {
+        let holder = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let busy = holder.local_addr().expect("addr").port();
+        let mut taken = Vec::new();
+        let moved = internal_port("--api-port", None, busy, &mut taken).expect("a free port");
+        assert_ne!(moved, busy);
+        assert_eq!(taken, [moved]);
+        let error = internal_port("--api-port", Some(busy), busy, &mut taken).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!("port {busy} is in use: pass --api-port N (0 picks a free port)")
+        );
+        drop(holder);
+        assert_eq!(
+            internal_port("--api-port", None, busy, &mut taken).expect("free again"),
+            busy
+        );
     }
 }
