@@ -16,6 +16,7 @@ mod secrets;
 mod server_tls;
 mod shutdown;
 mod siloctl;
+mod siloctl_session;
 mod tenant_app;
 mod tenant_migrations;
 mod tenants;
