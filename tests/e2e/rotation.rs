@@ -438,3 +438,45 @@ async fn two_schedulers_rotate_each_due_tenant_exactly_once() {
     second.await.unwrap().unwrap();
     stack.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_asked_for_with_another_strategy_while_one_runs_is_refused_not_dropped() {
+    let stack = stack(Secrets::Local).await;
+    let slug = unique_name("rs");
+    stack.create_tenant(&slug).await.unwrap();
+    // Keep the first rotation pending: it fails like an unreachable database after its first
+    // step, and is retried (queued again) until the fail point goes.
+    fail::cfg("rotate-unavailable-after-create_secret", "return").unwrap();
+    let path = format!("/v1/tenants/{slug}/rotate");
+    let (status, first) = stack
+        .admin(Method::POST, &path, Some(json!({"strategy": "alternating"})))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    let id = first["job"]["id"].as_i64().unwrap();
+
+    // The same strategy, or none, is the same job; another one is a conflict that says why.
+    for body in [json!({"strategy": "alternating"}), json!({})] {
+        let (status, again) = stack.admin(Method::POST, &path, Some(body)).await.unwrap();
+        assert_eq!(
+            (status, again["job"]["id"].as_i64()),
+            (StatusCode::ACCEPTED, Some(id)),
+            "{again}"
+        );
+    }
+    let (status, refused) = stack
+        .admin(Method::POST, &path, Some(json!({"strategy": "single"})))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert_eq!(refused["error"], "tenant_busy", "{refused}");
+    let message = refused["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("job {id}")) && message.contains("alternating"),
+        "{message}"
+    );
+
+    fail::remove("rotate-unavailable-after-create_secret");
+    assert_eq!(stack.wait_job(id).await.unwrap()["state"], "succeeded");
+    stack.stop().await.unwrap();
+}

@@ -342,6 +342,12 @@ async fn siloctl_session_against_a_real_control_plane() {
     let table = ctl.ok(&["migrate", "status"]).await;
     assert_eq!(line_value(&table, "target version"), target.to_string());
     assert!(table.lines().any(|l| l.starts_with(b.as_str())), "{table}");
+    // A slug with a typo is an error, not a rollout that succeeds doing nothing.
+    let line = failed(&ctl.run(&["migrate", "nobody-here"]).await, 1);
+    assert!(
+        line.contains("nobody-here") && line.contains("does not exist"),
+        "{line}"
+    );
 
     // jobs list and jobs show.
     let table = ctl.ok(&["jobs", "list"]).await;

@@ -45,6 +45,15 @@ pub async fn start(
         for t in tenants {
             TenantSlug::parse(t).map_err(|e| ApiError::BadRequest("invalid_slug", format!("{t:?}: {e}")))?;
         }
+        // A slug with a typo would otherwise make a rollout that succeeds doing nothing.
+        let known: Vec<String> =
+            sqlx::query_scalar("SELECT slug FROM tenants WHERE slug = ANY($1) AND status <> 'deleted'")
+                .bind(tenants)
+                .fetch_all(&state.catalog)
+                .await?;
+        if let Some(unknown) = tenants.iter().find(|t| !known.contains(t)) {
+            return Err(ApiError::tenant_not_found(unknown));
+        }
     }
     let positive = |v: Option<usize>, default: usize, name: &str| match v {
         Some(0) => Err(ApiError::BadRequest(

@@ -31,22 +31,32 @@ pub struct RotateRequest {
     due: bool,
 }
 
-fn strategy(state: &ApiState, requested: Option<&str>) -> Result<RotationStrategy, ApiError> {
+/// The strategy of a rotation request, and whether the request named it.
+#[derive(Clone, Copy)]
+struct Strategy {
+    strategy: RotationStrategy,
+    named: bool,
+}
+
+fn strategy(state: &ApiState, requested: Option<&str>) -> Result<Strategy, ApiError> {
     match requested {
-        None => Ok(state.config.rotation.strategy),
-        Some(s) => s
-            .parse()
-            .map_err(|e: String| ApiError::BadRequest("invalid_strategy", e)),
+        None => Ok(Strategy {
+            strategy: state.config.rotation.strategy,
+            named: false,
+        }),
+        Some(s) => Ok(Strategy {
+            strategy: s
+                .parse()
+                .map_err(|e: String| ApiError::BadRequest("invalid_strategy", e))?,
+            named: true,
+        }),
     }
 }
 
 /// Queues a rotation of `slug`: the tenant must be active or suspended, with no other job.
-async fn queue_one(
-    tx: &mut PgConnection,
-    actor: &str,
-    slug: &str,
-    strategy: RotationStrategy,
-) -> Result<jobs::Job, ApiError> {
+/// A rotation already queued or running is returned instead, unless the request named
+/// another strategy than it has (409: the request would be silently ignored).
+async fn queue_one(tx: &mut PgConnection, actor: &str, slug: &str, strategy: Strategy) -> Result<jobs::Job, ApiError> {
     let slug = parse_slug(slug)?;
     match tenants::lock_status(tx, slug.as_str()).await? {
         None | Some(TenantStatus::Deleted) => return Err(ApiError::tenant_not_found(slug.as_str())),
@@ -63,14 +73,28 @@ async fn queue_one(
     }
     if let Some(job) = jobs::active_for_tenant(tx, slug.as_str()).await? {
         if job.kind == "rotate" {
-            return Ok(job);
+            let wanted = RotateParams::new(strategy.strategy).strategy;
+            let running = serde_json::from_value::<RotateParams>(job.params.clone()).map(|p| p.strategy);
+            match running {
+                Ok(running) if strategy.named && running != wanted => {
+                    return Err(ApiError::Conflict(
+                        "tenant_busy",
+                        format!(
+                            "job {} is rotating tenant {slug} with strategy {running}; wait for it to finish to rotate with {wanted}",
+                            job.id
+                        ),
+                    ))
+                }
+                _ => return Ok(job),
+            }
         }
         return Err(ApiError::Conflict(
             "tenant_busy",
             format!("job {} ({}) is still running for tenant {slug}", job.id, job.kind),
         ));
     }
-    let params = serde_json::to_value(RotateParams::new(strategy)).map_err(|e| ApiError::Internal(e.into()))?;
+    let params =
+        serde_json::to_value(RotateParams::new(strategy.strategy)).map_err(|e| ApiError::Internal(e.into()))?;
     let job = jobs::enqueue(tx, "rotate", Some(slug.as_str()), params).await?;
     audit::record(tx, actor, "tenant.rotate", Some(slug.as_str()), json!({"job": job.id})).await?;
     Ok(job)
