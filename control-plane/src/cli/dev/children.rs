@@ -114,14 +114,13 @@ impl Child {
         }
     }
 
-    /// The last `n` lines of the child's log.
-    pub(super) fn log_tail(&self, n: usize) -> Vec<String> {
+    /// The last line of the child's log that is not blank.
+    pub(super) fn last_log_line(&self) -> Option<String> {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..]
-            .iter()
-            .map(|l| (*l).to_owned())
-            .collect()
+        text.lines()
+            .map(str::trim)
+            .rfind(|line| !line.is_empty())
+            .map(str::to_owned)
     }
 }
 

@@ -78,14 +78,13 @@ impl Stack {
         Some((&*child, status))
     }
 
-    /// Fails with the child's log tail on stderr if a child has exited.
+    /// Fails if a child has exited, with the last line it logged (its error, as every silo
+    /// binary ends with one) and where its whole log is: one line.
     fn check_children(&mut self) -> anyhow::Result<()> {
         if let Some((child, status)) = self.exited_child() {
-            for line in child.log_tail(15) {
-                eprintln!("  | {line}");
-            }
+            let last = child.last_log_line().unwrap_or_else(|| "nothing logged".to_owned());
             bail!(
-                "the {} exited ({status}); its log is {}",
+                "the {} exited ({status}): {last} (its log: {})",
                 child.what,
                 child.log.display()
             );
