@@ -5,6 +5,7 @@
 
 mod admin_api;
 mod backups;
+mod contract;
 mod crash_safety;
 mod harness;
 mod isolation;

@@ -128,9 +128,15 @@ pub async fn set_status(
 /// Chooses the server for a new tenant: the configured one with the fewest live tenants and
 /// room under its `max_tenants`. Locks the server rows so concurrent creations count right.
 pub async fn place(tx: &mut PgConnection, only: Option<&str>) -> Result<Option<String>, sqlx::Error> {
+    // Lock first, count in a statement of its own: a statement that waited for the locks still
+    // reads the tenants as of its start, without the one the creation holding them inserted.
+    sqlx::query("SELECT name FROM servers WHERE ($1::text IS NULL OR name = $1) ORDER BY name FOR UPDATE")
+        .bind(only)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query_scalar(
-        "WITH s AS (SELECT name, max_tenants FROM servers WHERE ($1::text IS NULL OR name = $1) FOR UPDATE) \
-         SELECT s.name FROM s LEFT JOIN tenants t ON t.server = s.name AND t.status <> 'deleted' \
+        "SELECT s.name FROM servers s LEFT JOIN tenants t ON t.server = s.name AND t.status <> 'deleted' \
+         WHERE ($1::text IS NULL OR s.name = $1) \
          GROUP BY s.name, s.max_tenants HAVING count(t.slug) < s.max_tenants \
          ORDER BY count(t.slug), s.name LIMIT 1",
     )
