@@ -78,6 +78,10 @@ const TASKS: usize = 5;
 /// Cold requests and raw connects timed (each to a different untouched tenant).
 const SAMPLES: usize = 20;
 
+/// Pause between a raw connect and a cold request, so neither shares the machine with the
+/// other's backend starting or exiting.
+const SAMPLE_GAP: Duration = Duration::from_millis(50);
+
 /// `pg_stat_activity` sampling period during (c) and (d), and the most samples taken. Not
 /// more often: PostgreSQL builds `pg_stat_activity` in time quadratic in the number of
 /// backends, and sampling 1,500 backends every 50 ms took a tenth of this 2-core machine.
@@ -332,40 +336,43 @@ async fn main() -> anyhow::Result<()> {
 
     // Tenants nobody has served yet, least popular first, in two disjoint groups of the same
     // size: one for raw connects, one for cold requests, so the connect a cold request makes
-    // is compared with connects to databases in the same state. The measured tenant's warm
-    // database is connected to as well, for comparison.
+    // is compared with connects to databases in the same state, made alternately with the
+    // cold requests (the machine is still settling after the phases before). The measured
+    // tenant's warm database is connected to as well, for comparison.
     let untouched: Vec<&Tenant> = tenants.iter().skip(1).rev().collect();
     let samples = SAMPLES.min(untouched.len() / 2);
     let (cold_tenants, connect_tenants) = untouched.split_at(samples);
     let tls = &stack.config().servers[0].tls;
-    let mut connects = Vec::with_capacity(samples);
-    for tenant in &connect_tenants[..samples] {
-        let options = credentials(&stack, tenant).await?.connect_options(tls);
-        connects.push(time_connect(&options).await?);
-    }
-    connects.sort_by(f64::total_cmp);
     let options = secret.connect_options(tls);
     let mut warm_connects = Vec::with_capacity(SAMPLES);
     for _ in 0..SAMPLES {
         warm_connects.push(time_connect(&options).await?);
     }
     warm_connects.sort_by(f64::total_cmp);
-    // Directory lookup + secret + connect + isolation check + the app's queries. Each
-    // tenant's second request (pool open, backend warm) is timed too, for comparison.
+    // A cold request: directory lookup + secret + connect + isolation check + the app's
+    // queries. Each tenant's second request (pool open, backend warm) is timed too, for
+    // comparison.
     let ops = router.ops.context("the router's ops address")?;
     let before_colds = RouterCounters::read(ops).await?;
     let mut sender = connect(router.addr).await?;
+    let mut connects = Vec::with_capacity(samples);
     let (mut colds, mut seconds) = (Vec::with_capacity(samples), Vec::with_capacity(samples));
-    for tenant in cold_tenants {
+    for (cold, raw) in cold_tenants.iter().zip(connect_tenants) {
+        let options = credentials(&stack, raw).await?.connect_options(tls);
+        connects.push(time_connect(&options).await?);
+        // The closed connection's backend exits (mostly kernel time) before the next sample.
+        tokio::time::sleep(SAMPLE_GAP).await;
         for times in [&mut colds, &mut seconds] {
             let started = Instant::now();
-            let status = list_tasks(&mut sender, tenant).await?;
+            let status = list_tasks(&mut sender, cold).await?;
             times.push(ms(started.elapsed()));
             if status != StatusCode::OK {
-                bail!("request for {}: {status}", tenant.slug);
+                bail!("request for {}: {status}", cold.slug);
             }
         }
+        tokio::time::sleep(SAMPLE_GAP).await;
     }
+    connects.sort_by(f64::total_cmp);
     colds.sort_by(f64::total_cmp);
     seconds.sort_by(f64::total_cmp);
     let after_colds = RouterCounters::read(ops).await?;
