@@ -205,18 +205,7 @@ async fn tenant_json_has_the_documented_fields() {
         .admin(Method::GET, &format!("/v1/tenants/{slug}"), None)
         .await
         .unwrap();
-    for field in [
-        "slug",
-        "name",
-        "status",
-        "plan",
-        "server",
-        "database",
-        "domains",
-        "schema_version",
-        "credentials_rotated_at",
-        "created_at",
-    ] {
+    for field in silo_tests::TENANT_FIELDS {
         assert!(t.get(field).is_some(), "missing {field}: {t}");
     }
     assert_eq!(t["status"], "active");

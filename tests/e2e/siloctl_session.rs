@@ -12,21 +12,7 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use silo_tests::stack::{Stack, StackOptions};
-use silo_tests::unique_name;
-
-/// The fields DESIGN.md fixes for a tenant's JSON.
-const TENANT_FIELDS: [&str; 10] = [
-    "slug",
-    "name",
-    "status",
-    "plan",
-    "server",
-    "database",
-    "domains",
-    "schema_version",
-    "credentials_rotated_at",
-    "created_at",
-];
+use silo_tests::{unique_name, TENANT_FIELDS};
 
 /// Runs `siloctl` with a clean environment (no SILO_*, an empty HOME) against `stack`.
 struct Ctl<'a> {

@@ -45,6 +45,20 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// The fields DESIGN.md fixes for a tenant's JSON.
+pub const TENANT_FIELDS: [&str; 10] = [
+    "slug",
+    "name",
+    "status",
+    "plan",
+    "server",
+    "database",
+    "domains",
+    "schema_version",
+    "credentials_rotated_at",
+    "created_at",
+];
+
 /// The database of tenant `slug`, named as the control plane names it.
 pub fn database_of(slug: &str) -> String {
     silo_control_plane::names::TenantSlug::parse(slug)
