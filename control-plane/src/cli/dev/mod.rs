@@ -33,6 +33,8 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(8);
 /// How often new tenants are looked for, to issue their `{slug}.localhost` certificates.
 const TENANT_CERTS_INTERVAL: Duration = Duration::from_secs(2);
+/// How long `ready` waits for the router to serve the tenant certificates issued at start.
+const CERTIFICATE_WAIT: Duration = Duration::from_secs(10);
 
 /// Runs `siloctl dev` until a signal, then stops everything.
 pub(crate) fn run(args: DevArgs) -> anyhow::Result<()> {
@@ -180,7 +182,8 @@ async fn start(args: &DevArgs, p: &Prepared, stack: &mut Stack) -> anyhow::Resul
     if args.demo {
         demo(&client, p).await?;
     }
-    issue_tenant_certificates(&client, &p.tls).await?;
+    let issued = issue_tenant_certificates(&client, &p.tls).await?;
+    wait_for_certificates(p, &issued).await?;
 
     say!("silo dev stack (data dir {})", p.data_dir.display());
     say!("  tenants      http://{{slug}}.localhost:{}/", p.http_port);
@@ -218,7 +221,7 @@ async fn start(args: &DevArgs, p: &Prepared, stack: &mut Stack) -> anyhow::Resul
 /// Issues the `{slug}.localhost` certificate of every tenant that has none yet (a
 /// `*.localhost` wildcard is refused by TLS clients, see [`tls`]); the router picks them up
 /// from its SNI dir.
-async fn issue_tenant_certificates(client: &ApiClient, tls: &DevTls) -> anyhow::Result<()> {
+async fn issue_tenant_certificates(client: &ApiClient, tls: &DevTls) -> anyhow::Result<Vec<String>> {
     let list = client
         .get("/v1/tenants")
         .await
@@ -228,10 +231,45 @@ async fn issue_tenant_certificates(client: &ApiClient, tls: &DevTls) -> anyhow::
         .into_iter()
         .flatten()
         .filter_map(|t| t["slug"].as_str());
+    let mut issued = Vec::new();
     for slug in slugs {
         // Checked: the slug names a file.
         let Ok(slug) = TenantSlug::parse(slug) else { continue };
-        tls.ensure_tenant(slug.as_str())?;
+        if tls.ensure_tenant(slug.as_str())? {
+            issued.push(format!("{slug}.localhost"));
+        }
+    }
+    Ok(issued)
+}
+
+/// Waits until the router serves each of `hosts` over HTTPS with its own certificate (it
+/// picks new ones up from the SNI directory once a second), so that `ready` means
+/// `curl --cacert` works at once.
+async fn wait_for_certificates(p: &Prepared, hosts: &[String]) -> anyhow::Result<()> {
+    let ca = std::fs::read(&p.tls.ca_cert).with_context(|| format!("read {}", p.tls.ca_cert.display()))?;
+    let ca = reqwest::Certificate::from_pem(&ca).context("the dev CA certificate")?;
+    for host in hosts {
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca.clone())
+            .resolve(host, ([127, 0, 0, 1], p.https_port).into())
+            .timeout(Duration::from_secs(2))
+            .build()
+            .context("an HTTPS client for the dev CA")?;
+        let url = format!("https://{host}:{}/", p.https_port);
+        let deadline = Instant::now() + CERTIFICATE_WAIT;
+        // Any HTTP answer means the handshake verified the tenant's certificate.
+        while client.get(&url).send().await.is_err() {
+            if Instant::now() >= deadline {
+                bail!(
+                    "the router did not serve the certificate for {host} within {}s (see {})",
+                    CERTIFICATE_WAIT.as_secs(),
+                    p.data_dir.join("logs/router.log").display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     Ok(())
 }
