@@ -37,12 +37,8 @@ pub struct RotateParams {
 impl RotateParams {
     /// Parameters for a new rotation.
     pub fn new(strategy: RotationStrategy) -> Self {
-        let strategy = match strategy {
-            RotationStrategy::Single => "single",
-            RotationStrategy::Alternating => "alternating",
-        };
         Self {
-            strategy: strategy.into(),
+            strategy: strategy.name().into(),
             version: uuid::Uuid::new_v4().to_string(),
         }
     }

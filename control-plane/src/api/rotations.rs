@@ -73,7 +73,7 @@ async fn queue_one(tx: &mut PgConnection, actor: &str, slug: &str, strategy: Str
     }
     if let Some(job) = jobs::active_for_tenant(tx, slug.as_str()).await? {
         if job.kind == "rotate" {
-            let wanted = RotateParams::new(strategy.strategy).strategy;
+            let wanted = strategy.strategy.name();
             let running = serde_json::from_value::<RotateParams>(job.params.clone()).map(|p| p.strategy);
             match running {
                 Ok(running) if strategy.named && running != wanted => {

@@ -220,6 +220,16 @@ pub enum RotationStrategy {
     Alternating,
 }
 
+impl RotationStrategy {
+    /// The name the config, the API and job parameters use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Single => "single",
+            Self::Alternating => "alternating",
+        }
+    }
+}
+
 impl std::str::FromStr for RotationStrategy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
