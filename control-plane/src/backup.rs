@@ -72,8 +72,7 @@ impl Backups {
 
     /// The backup job `job_id` already took of `slug`'s database, if it took one.
     pub fn taken(&self, slug: &TenantSlug, job_id: i64) -> Result<Option<PathBuf>, BackupError> {
-        let root = self.config.dir.as_deref().ok_or(BackupError::NotConfigured)?;
-        let dir = root.join(slug.as_str());
+        let dir = self.tenant_dir(slug)?;
         if !dir.is_dir() {
             return Ok(None);
         }
@@ -89,8 +88,7 @@ impl Backups {
         secret: &DbSecret,
         tls: &ServerTls,
     ) -> Result<PathBuf, BackupError> {
-        let root = self.config.dir.as_deref().ok_or(BackupError::NotConfigured)?;
-        let dir = root.join(slug.as_str());
+        let dir = self.tenant_dir(slug)?;
         create_private_dir(&dir)?;
         remove_leftovers(&dir)?;
         let suffix = job_suffix(job_id);
@@ -142,6 +140,12 @@ impl Backups {
         std::fs::rename(&partial, &file).map_err(io("rename the finished backup to", &file))?;
         sync_file(&dir)?;
         Ok(file)
+    }
+
+    /// The directory of `slug`'s backups.
+    fn tenant_dir(&self, slug: &TenantSlug) -> Result<PathBuf, BackupError> {
+        let root = self.config.dir.as_deref().ok_or(BackupError::NotConfigured)?;
+        Ok(root.join(slug.as_str()))
     }
 
     /// The configured `pg_dump`, else the one next to the PostgreSQL server binaries, else
