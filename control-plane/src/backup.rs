@@ -1,4 +1,5 @@
-//! Backups of tenant databases: step `backup` of a `delete` job with `backup=true`.
+//! Backups of tenant databases: step `backup` of a `delete` job with `backup=true`, and the
+//! copy a `move` job restores on the tenant's new server (`crate::moves`).
 //!
 //! `pg_dump --format=custom` of the tenant's database, logged in as the tenant's own login
 //! role acting as its owner role (`--role`), so the control plane's admin role needs no
@@ -7,7 +8,7 @@
 //! The file name carries the job id, so a delete job resumed after a crash finds the backup
 //! it already took instead of dumping a database it may already have dropped.
 //!
-//! The password reaches `pg_dump` in a password file (mode 0600, in a private directory
+//! The password reaches `pg_dump` (and `pg_restore`) in a password file (mode 0600, in a private directory
 //! removed afterwards), never on its command line or in its environment; `pg_dump` runs
 //! with an environment of its own (no inherited `PG*` variables).
 
@@ -26,9 +27,9 @@ pub enum BackupError {
     /// `[backups] dir` is not set.
     #[error("backups are not configured: set [backups] dir in the config file")]
     NotConfigured,
-    /// No `pg_dump` to run.
-    #[error("pg_dump not found: install the PostgreSQL client (postgresql-client) or set [backups] pg_dump")]
-    NoPgDump,
+    /// No `pg_dump` (or `pg_restore`) to run.
+    #[error("{0} not found: install the PostgreSQL client (postgresql-client) or set [backups] pg_dump")]
+    NoTool(String),
     /// A file or directory of the backup could not be written.
     #[error("{what} {}: {source}", path.display())]
     Io {
@@ -39,9 +40,11 @@ pub enum BackupError {
         /// The error.
         source: std::io::Error,
     },
-    /// `pg_dump` failed.
-    #[error("pg_dump failed ({status}): {stderr}")]
-    PgDump {
+    /// `pg_dump` or `pg_restore` failed.
+    #[error("{tool} failed ({status}): {stderr}")]
+    Tool {
+        /// Which.
+        tool: String,
         /// Its exit status.
         status: std::process::ExitStatus,
         /// The last lines it wrote to stderr.
@@ -79,6 +82,15 @@ impl Backups {
         find_file_ending(&dir, &job_suffix(job_id))
     }
 
+    /// Removes the backup job `job_id` took of `slug`, if it took one: a move that was undone
+    /// must not restore it later, the tenant having been written to since.
+    pub fn discard(&self, slug: &TenantSlug, job_id: i64) -> Result<(), BackupError> {
+        if let Some(file) = self.taken(slug, job_id)? {
+            std::fs::remove_file(&file).map_err(io("remove", &file))?;
+        }
+        Ok(())
+    }
+
     /// A new backup of `slug`'s database for job `job_id`, logged in with `secret` (the
     /// tenant's current login) over `tls`.
     pub async fn take(
@@ -95,11 +107,75 @@ impl Backups {
         let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
         let file = dir.join(format!("{slug}-{stamp}{suffix}"));
         let partial = dir.join(format!(".{slug}-{stamp}{suffix}.partial"));
+        let dumped = self
+            .run_client(
+                "pg_dump",
+                &dir,
+                secret,
+                tls,
+                &[
+                    "--format=custom".to_owned(),
+                    format!("--role={}", slug.owner_role()),
+                    format!("--file={}", partial.display()),
+                ],
+            )
+            .await;
+        if let Err(e) = dumped {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+        sync_file(&partial)?;
+        std::fs::rename(&partial, &file).map_err(io("rename the finished backup to", &file))?;
+        sync_file(&dir)?;
+        Ok(file)
+    }
+
+    /// Restores backup `file` of `slug` into the empty database `secret` names, logged in with
+    /// `secret` over `tls` and acting as the tenant's owner role, so that what it creates
+    /// belongs to that role whatever owned it where the backup was taken. Stops at the first
+    /// error (the caller drops the half-restored database).
+    pub async fn restore(
+        &self,
+        slug: &TenantSlug,
+        file: &Path,
+        secret: &DbSecret,
+        tls: &ServerTls,
+    ) -> Result<(), BackupError> {
+        let dir = self.tenant_dir(slug)?;
+        remove_leftovers(&dir)?;
+        self.run_client(
+            "pg_restore",
+            &dir,
+            secret,
+            tls,
+            &[
+                "--exit-on-error".to_owned(),
+                "--single-transaction".to_owned(),
+                "--no-owner".to_owned(),
+                format!("--role={}", slug.owner_role()),
+                file.display().to_string(),
+            ],
+        )
+        .await
+    }
+
+    /// Runs PostgreSQL client `name` with `args`, logged in with `secret` over `tls`. The
+    /// password and CA go in files of a private work directory made in `work_parent` (removed
+    /// afterwards); the tool gets an environment of its own.
+    async fn run_client(
+        &self,
+        name: &str,
+        work_parent: &Path,
+        secret: &DbSecret,
+        tls: &ServerTls,
+        args: &[String],
+    ) -> Result<(), BackupError> {
+        let tool = self.tool(name)?;
         let work = tempfile::Builder::new()
             .prefix(".work-")
-            .tempdir_in(&dir)
-            .map_err(io("create a work directory in", &dir))?;
-        let mut command = tokio::process::Command::new(self.pg_dump()?);
+            .tempdir_in(work_parent)
+            .map_err(io("create a work directory in", work_parent))?;
+        let mut command = tokio::process::Command::new(&tool);
         command
             .env_clear()
             .env(
@@ -113,33 +189,29 @@ impl Backups {
             command.env("PGSSLROOTCERT", write_private(work.path(), "root.crt", pem)?);
         }
         let output = command
-            .arg("--format=custom")
             .arg("--no-password")
-            .arg(format!("--role={}", slug.owner_role()))
-            .arg(format!("--file={}", partial.display()))
             .arg(format!("--host={}", secret.host))
             .arg(format!("--port={}", secret.port))
             .arg(format!("--username={}", secret.username))
             .arg(format!("--dbname={}", secret.dbname))
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .output()
             .await
-            .map_err(io("run", Path::new("pg_dump")))?;
+            .map_err(io("run", &tool))?;
         drop(work);
-        if !output.status.success() {
-            let _ = std::fs::remove_file(&partial);
-            return Err(BackupError::PgDump {
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(BackupError::Tool {
+                tool: name.to_owned(),
                 status: output.status,
                 stderr: last_lines(&output.stderr),
-            });
+            })
         }
-        sync_file(&partial)?;
-        std::fs::rename(&partial, &file).map_err(io("rename the finished backup to", &file))?;
-        sync_file(&dir)?;
-        Ok(file)
     }
 
     /// The directory of `slug`'s backups.
@@ -148,24 +220,29 @@ impl Backups {
         Ok(root.join(slug.as_str()))
     }
 
-    /// The configured `pg_dump`, else the one next to the PostgreSQL server binaries, else
-    /// the first on `PATH`.
-    fn pg_dump(&self) -> Result<PathBuf, BackupError> {
-        if let Some(path) = &self.config.pg_dump {
-            return Ok(path.clone());
+    /// PostgreSQL client `name` (`pg_dump`, `pg_restore`): the configured `pg_dump` (and the
+    /// `pg_restore` next to it), else next to the PostgreSQL server binaries, else the first
+    /// on `PATH`.
+    fn tool(&self, name: &str) -> Result<PathBuf, BackupError> {
+        if let Some(pg_dump) = &self.config.pg_dump {
+            return Ok(if name == "pg_dump" {
+                pg_dump.clone()
+            } else {
+                pg_dump.with_file_name(name)
+            });
         }
         if let Ok(bindir) = crate::localpg::find_bindir() {
-            let path = bindir.join("pg_dump");
+            let path = bindir.join(name);
             if path.is_file() {
                 return Ok(path);
             }
         }
         let on_path = std::env::var_os("PATH").and_then(|paths| {
             std::env::split_paths(&paths)
-                .map(|dir| dir.join("pg_dump"))
+                .map(|dir| dir.join(name))
                 .find(|path| path.is_file())
         });
-        on_path.ok_or(BackupError::NoPgDump)
+        on_path.ok_or_else(|| BackupError::NoTool(name.to_owned()))
     }
 }
 
@@ -250,7 +327,7 @@ fn sync_file(path: &Path) -> Result<(), BackupError> {
         .map_err(io("flush to disk", path))
 }
 
-/// The last few lines of `pg_dump`'s stderr, on one line.
+/// The last few lines of a client tool's stderr, on one line.
 fn last_lines(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
     let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
@@ -311,7 +388,23 @@ mod tests {
     }
 
     #[test]
-    fn pg_dump_errors_keep_their_last_lines() {
+    fn a_configured_pg_dump_is_run_as_given_and_pg_restore_is_taken_next_to_it() {
+        let backups = Backups::new(BackupsConfig {
+            dir: None,
+            pg_dump: Some(PathBuf::from("/opt/pg/bin/pg_dump-15")),
+        });
+        assert_eq!(
+            backups.tool("pg_dump").expect("tool"),
+            Path::new("/opt/pg/bin/pg_dump-15")
+        );
+        assert_eq!(
+            backups.tool("pg_restore").expect("tool"),
+            Path::new("/opt/pg/bin/pg_restore")
+        );
+    }
+
+    #[test]
+    fn tool_errors_keep_their_last_lines() {
         assert_eq!(last_lines(b"a\n\nb\nc\nd\n"), "b / c / d");
         assert_eq!(last_lines(b""), "no message");
     }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod cp_main;
 pub mod jobs;
 pub mod localpg;
+pub mod moves;
 pub mod names;
 pub mod pooling;
 pub mod provision;

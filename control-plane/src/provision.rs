@@ -132,7 +132,7 @@ pub struct Provisioner {
     /// Notified when a spare database was claimed (`spares::keep_filled` makes another);
     /// None when spares are off.
     spares: Option<Arc<tokio::sync::Notify>>,
-    backups: Backups,
+    pub(crate) backups: Backups,
 }
 
 impl Provisioner {
@@ -175,7 +175,7 @@ impl Provisioner {
     }
 
     /// The tenant's current login, from its secret.
-    async fn current_login(&self, secret_name: &str) -> Result<DbSecret, ProvisionError> {
+    pub(crate) async fn current_login(&self, secret_name: &str) -> Result<DbSecret, ProvisionError> {
         let current = self
             .store
             .get_secret_value(secret_name, AWSCURRENT)
@@ -283,15 +283,7 @@ impl Provisioner {
             .ok_or_else(|| secrets::SecretStoreError::NotFound(secret_name.to_owned()))?;
         let secret = DbSecret::from_secret(&version.value, secret_name)?;
         let mut conn = server.admin.acquire().await.step("connect to server")?;
-        if !role_exists(&mut conn, &slug.owner_role()).await? {
-            let owner = quote_ident(&slug.owner_role());
-            ddl(
-                &mut conn,
-                &format!("CREATE ROLE {owner} NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"),
-                "create owner role",
-            )
-            .await?;
-        }
+        ensure_owner_role(&mut conn, slug).await?;
         ensure_login_role(&mut conn, slug, &secret.username, &secret.password).await?;
         Ok(())
     }
@@ -389,30 +381,8 @@ impl Provisioner {
                         .await
                         .step("record the backup")?;
                 }
-                "database" => {
-                    let mut conn = server.admin.acquire().await.step("connect to server")?;
-                    ddl(
-                        &mut conn,
-                        &format!(
-                            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                            quote_ident(&slug.database_name())
-                        ),
-                        "drop database",
-                    )
-                    .await?;
-                }
-                "roles" => {
-                    let mut conn = server.admin.acquire().await.step("connect to server")?;
-                    let [login, alternate] = slug.login_roles();
-                    for role in [login, alternate, slug.owner_role()] {
-                        ddl(
-                            &mut conn,
-                            &format!("DROP ROLE IF EXISTS {}", quote_ident(&role)),
-                            "drop role",
-                        )
-                        .await?;
-                    }
-                }
+                "database" => drop_database(server, &slug).await?,
+                "roles" => drop_roles(server, &slug).await?,
                 "secret" => self.store.delete_secret(&secret_name, force_secret_delete).await?,
                 _ => {
                     let mut tx = self.catalog.begin().await.step("tombstone")?;
@@ -435,9 +405,6 @@ impl Provisioner {
     }
 }
 
-/// Step `database`: the tenant database, copied from the server's template for
-/// `template_of` (or empty, without templates or if no template can be had), owned by the owner role, connectable only by
-/// the login role.
 /// Step `database`: the tenant's database exists, owned by its owner role, closed to
 /// `PUBLIC`, open to its login role. Taken from the server's spares when there is one, else
 /// copied from the template (or created empty when templates are off or not ready).
@@ -502,6 +469,35 @@ async fn ensure_database(
     .await
 }
 
+/// The tenant's database is gone from `server` (its sessions terminated).
+pub(crate) async fn drop_database(server: &Server, slug: &TenantSlug) -> Result<(), ProvisionError> {
+    let mut conn = server.admin.acquire().await.step("connect to server")?;
+    ddl(
+        &mut conn,
+        &format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote_ident(&slug.database_name())
+        ),
+        "drop database",
+    )
+    .await
+}
+
+/// The tenant's login roles and owner role are gone from `server` (its database must be).
+pub(crate) async fn drop_roles(server: &Server, slug: &TenantSlug) -> Result<(), ProvisionError> {
+    let mut conn = server.admin.acquire().await.step("connect to server")?;
+    let [login, alternate] = slug.login_roles();
+    for role in [login, alternate, slug.owner_role()] {
+        ddl(
+            &mut conn,
+            &format!("DROP ROLE IF EXISTS {}", quote_ident(&role)),
+            "drop role",
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 async fn create_database(server: &Server, db: &str, template: &str) -> Result<(), ProvisionError> {
     let mut conn = server.admin.acquire().await.step("connect to server")?;
     ddl(
@@ -548,6 +544,22 @@ pub(crate) async fn own_schema_and_migrate(
     Ok(migrations.apply(conn, owner_role, None).await?)
 }
 
+/// The tenant's NOLOGIN owner role exists.
+pub(crate) async fn ensure_owner_role(conn: &mut PgConnection, slug: &TenantSlug) -> Result<(), ProvisionError> {
+    if role_exists(conn, &slug.owner_role()).await? {
+        return Ok(());
+    }
+    ddl(
+        conn,
+        &format!(
+            "CREATE ROLE {} NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE",
+            quote_ident(&slug.owner_role())
+        ),
+        "create owner role",
+    )
+    .await
+}
+
 /// Creates login role `role` of the tenant, or resets it: login allowed with `password`, no
 /// privileges of its own, member of the tenant's owner role and acting as it (so it can use
 /// every object the owner has, whichever login role is current).
@@ -588,7 +600,7 @@ pub(crate) async fn ensure_login_role(
     Ok(())
 }
 
-async fn role_exists(conn: &mut PgConnection, role: &str) -> Result<bool, ProvisionError> {
+pub(crate) async fn role_exists(conn: &mut PgConnection, role: &str) -> Result<bool, ProvisionError> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
         .bind(role)
         .fetch_one(conn)

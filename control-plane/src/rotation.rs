@@ -187,7 +187,7 @@ impl Provisioner {
 
 /// Step `set_secret`: the pending login role exists, has the pending password, and may
 /// connect to the tenant database.
-async fn set_password(server: &Server, slug: &TenantSlug, pending: &DbSecret) -> Result<(), ProvisionError> {
+pub(crate) async fn set_password(server: &Server, slug: &TenantSlug, pending: &DbSecret) -> Result<(), ProvisionError> {
     let mut conn = server.admin.acquire().await.step("connect to server")?;
     ensure_login_role(&mut conn, slug, &pending.username, &pending.password).await?;
     ddl(
@@ -204,7 +204,7 @@ async fn set_password(server: &Server, slug: &TenantSlug, pending: &DbSecret) ->
 
 /// Step `test_secret`: the pending secret logs in, to the right database, as the right role
 /// (`session_user`), acting as the tenant's owner role (`current_user`).
-async fn test_login(server: &Server, slug: &TenantSlug, pending: &DbSecret) -> Result<(), ProvisionError> {
+pub(crate) async fn test_login(server: &Server, slug: &TenantSlug, pending: &DbSecret) -> Result<(), ProvisionError> {
     let mut conn = silo_tenant_app::connect(&pending.connect_options(&server.config.tls), ADMIN_CONNECT_TIMEOUT)
         .await
         .step("log in with the pending secret")?;

@@ -112,6 +112,7 @@ impl Workers {
                 "delete" => self.provisioner.delete(&job, self.force_secret_delete).await,
                 "rotate" => self.provisioner.rotate(&job).await,
                 "migrate" => self.provisioner.rollout(&job).await,
+                "move" => self.provisioner.move_tenant(&job).await,
                 other => Err(ProvisionError::InvalidJob(format!("unknown job kind {other:?}"))),
             }
         };
@@ -123,12 +124,19 @@ impl Workers {
             warn!("lost the job's lease; another worker resumes it");
             return;
         };
-        if let Err(e) = self.record(&job, result.as_ref().err()).await {
-            error!(error = %e, "record job outcome; the job is retried when its lease expires");
+        match self.record(&job, result.as_ref().err()).await {
+            Ok(true) if job.kind == "move" => {
+                if let Err(e) = self.provisioner.abandon_move(&job).await {
+                    error!(error = %e, "undo the failed move; the tenant stays unavailable until the job is retried");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => error!(error = %e, "record job outcome; the job is retried when its lease expires"),
         }
     }
 
-    async fn record(&self, job: &Job, failure: Option<&ProvisionError>) -> Result<(), sqlx::Error> {
+    /// Records the job's outcome: true when it failed for good (no retry).
+    async fn record(&self, job: &Job, failure: Option<&ProvisionError>) -> Result<bool, sqlx::Error> {
         let message = failure.map(ToString::to_string);
         let mut tx = self.catalog.begin().await?;
         if let (Some(failure), Some(message)) = (failure, &message) {
@@ -138,7 +146,8 @@ impl Workers {
                 let delay = RETRY_DELAY * 2u32.pow(u32::try_from(attempt - 1).unwrap_or(0));
                 warn!(error = %message, attempt = job.attempts, retry_in = ?delay, "job failed transiently; it runs again");
                 jobs::retry_later(&mut tx, job.id, message, delay).await?;
-                return tx.commit().await;
+                tx.commit().await?;
+                return Ok(false);
             }
         }
         jobs::finish(&mut tx, job.id, message.as_deref()).await?;
@@ -152,7 +161,8 @@ impl Workers {
         } else {
             info!("job succeeded");
         }
-        tx.commit().await
+        tx.commit().await?;
+        Ok(message.is_some())
     }
 }
 

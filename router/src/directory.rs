@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use moka::future::Cache;
 use moka::Expiry;
-use silo_control_plane::catalog::routes::{self, TenantRoute, TenantStatus};
+use silo_control_plane::catalog::routes::{self, TenantRoute};
 use silo_control_plane::catalog::TENANT_EVENTS_CHANNEL;
 use silo_control_plane::names::TenantSlug;
 use sqlx::postgres::PgListener;
@@ -85,7 +85,7 @@ impl CachedExpiry {
         match value {
             Cached { stale: true, .. } => STALE_TTL,
             Cached { route: None, .. } => NEGATIVE_TTL,
-            Cached { route: Some(route), .. } if route.status == TenantStatus::Active => self.positive,
+            Cached { route: Some(route), .. } if route.is_served() => self.positive,
             // Provisioning, suspended, deleted...: events announce every change, but an
             // answer that is not "serve" is not worth keeping long if one were missed.
             Cached { route: Some(_), .. } => self.positive.min(NEGATIVE_TTL),
@@ -278,7 +278,7 @@ impl Directory {
     /// reaches a client before its event reaches this router.
     async fn remember(&self, key: TenantKey, route: TenantRoute) {
         self.last_known.insert(key.clone(), route.clone());
-        if route.status != TenantStatus::Active {
+        if !route.is_served() {
             return;
         }
         let cached = Cached {
@@ -339,7 +339,7 @@ impl Directory {
         }
         let key = TenantKey::Slug(slug.clone());
         match self.fetch(&key).await {
-            Ok(Some(route)) if route.status == TenantStatus::Active => {
+            Ok(Some(route)) if route.is_served() => {
                 self.slugs
                     .insert(
                         key,
@@ -353,7 +353,7 @@ impl Directory {
                 pools.refresh(slug.as_str()).await;
             }
             Ok(_) => {
-                // No longer served (suspended, deleted...): close its pool at once, which
+                // No longer served (suspended, moving, deleted...): close its pool at once, which
                 // also frees the database for DROP. The status is not cached: it may be a
                 // passing one (`provisioning`) whose successor reaches a client (the
                 // tenant-creation call returning) before its event reaches this router.
@@ -435,6 +435,8 @@ async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
 
 #[cfg(test)]
 mod tests {
+    use silo_control_plane::catalog::routes::TenantStatus;
+
     use super::*;
 
     fn route(status: TenantStatus) -> TenantRoute {
@@ -444,6 +446,7 @@ mod tests {
             server: "pg-1".into(),
             database: "tenant_acme".into(),
             plan: "standard".into(),
+            moving: false,
         }
     }
 
@@ -456,6 +459,11 @@ mod tests {
         assert_eq!(ttl(Some(route(TenantStatus::Active)), false), Duration::from_secs(60));
         assert_eq!(ttl(Some(route(TenantStatus::Deleted)), false), NEGATIVE_TTL);
         assert_eq!(ttl(Some(route(TenantStatus::Provisioning)), false), NEGATIVE_TTL);
+        let moving = TenantRoute {
+            moving: true,
+            ..route(TenantStatus::Active)
+        };
+        assert_eq!(ttl(Some(moving), false), NEGATIVE_TTL);
         assert_eq!(ttl(None, false), NEGATIVE_TTL);
         assert_eq!(ttl(Some(route(TenantStatus::Active)), true), STALE_TTL);
     }

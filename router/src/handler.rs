@@ -93,6 +93,8 @@ async fn route(
     tracing::Span::current().record("tenant", route.slug.as_str());
     let _ = tenant.set(route.slug.clone());
     match route.status {
+        // Its database is being copied to another server.
+        TenantStatus::Active if route.moving => return Err(RouterError::TenantUnavailable),
         TenantStatus::Active => {}
         TenantStatus::Suspended => return Err(RouterError::TenantSuspended),
         TenantStatus::Provisioning | TenantStatus::Failed => return Err(RouterError::TenantUnavailable),

@@ -85,6 +85,20 @@ pub async fn start(
     let job = match running {
         Some(id) => jobs::get(&mut tx, id).await?,
         None => {
+            // A tenant being moved would be migrated on the server it is leaving.
+            let moving: Option<(String, String)> = sqlx::query_as(
+                "SELECT slug, moving_to FROM tenants WHERE moving_to IS NOT NULL \
+                 AND ($1::text[] IS NULL OR slug = ANY($1)) ORDER BY slug LIMIT 1",
+            )
+            .bind(params.tenants.as_deref())
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some((slug, to)) = moving {
+                return Err(ApiError::Conflict(
+                    "tenant_busy",
+                    format!("tenant {slug} is moving to server {to}; start the rollout once the move is done"),
+                ));
+            }
             let params = serde_json::to_value(&params).map_err(|e| ApiError::Internal(e.into()))?;
             let job = jobs::enqueue(&mut tx, "migrate", None, params.clone()).await?;
             audit::record(

@@ -6,6 +6,7 @@ pub mod error;
 mod extract;
 mod jobs;
 mod migrations;
+mod moves;
 mod rotations;
 mod tenants;
 
@@ -57,6 +58,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/tenants/{slug}/keys", post(tenants::create_key))
         .route("/tenants/{slug}/credentials", get(tenants::credentials))
         .route("/tenants/{slug}/rotate", post(rotations::rotate_tenant))
+        .route("/tenants/{slug}/move", post(moves::move_tenant))
         .route("/rotations", post(rotations::rotate_many))
         .route("/migrations", post(migrations::start))
         .route("/migrations/status", get(migrations::status))

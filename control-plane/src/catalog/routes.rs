@@ -63,6 +63,15 @@ pub struct TenantRoute {
     pub database: String,
     /// The tenant's plan (the router's per-plan limits).
     pub plan: String,
+    /// Its database is being moved to another server: not served until the move ends.
+    pub moving: bool,
+}
+
+impl TenantRoute {
+    /// Whether requests for this tenant go to its database.
+    pub fn is_served(&self) -> bool {
+        self.status == TenantStatus::Active && !self.moving
+    }
 }
 
 #[derive(sqlx::FromRow)]
@@ -72,6 +81,7 @@ struct RouteRow {
     server: String,
     database: String,
     plan: String,
+    moving: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -90,6 +100,7 @@ impl TryFrom<RouteRow> for TenantRoute {
             server: r.server,
             database: r.database,
             plan: r.plan,
+            moving: r.moving,
         })
     }
 }
@@ -97,19 +108,21 @@ impl TryFrom<RouteRow> for TenantRoute {
 /// The route of tenant `slug`, if the catalog has one (deleted tenants included; the caller
 /// treats `Deleted` like unknown).
 pub async fn by_slug(pool: &PgPool, slug: &str) -> Result<Option<TenantRoute>, sqlx::Error> {
-    sqlx::query_as::<_, RouteRow>("SELECT slug, status, server, database, plan FROM tenants WHERE slug = $1")
-        .bind(slug)
-        .fetch_optional(pool)
-        .await?
-        .map(TenantRoute::try_from)
-        .transpose()
+    sqlx::query_as::<_, RouteRow>(
+        "SELECT slug, status, server, database, plan, moving_to IS NOT NULL AS moving FROM tenants WHERE slug = $1",
+    )
+    .bind(slug)
+    .fetch_optional(pool)
+    .await?
+    .map(TenantRoute::try_from)
+    .transpose()
 }
 
 /// Every tenant that is not deleted, with its custom domains: what a router loads so that
 /// a tenant's first request does not wait for the catalog.
 pub async fn all(pool: &PgPool) -> Result<Vec<(TenantRoute, Vec<String>)>, sqlx::Error> {
     sqlx::query_as::<_, RouteWithDomains>(
-        "SELECT t.slug, t.status, t.server, t.database, t.plan, \
+        "SELECT t.slug, t.status, t.server, t.database, t.plan, t.moving_to IS NOT NULL AS moving, \
                 coalesce(array_agg(d.domain) FILTER (WHERE d.domain IS NOT NULL), '{}') AS domains \
          FROM tenants t LEFT JOIN tenant_domains d ON d.slug = t.slug \
          WHERE t.status <> 'deleted' GROUP BY t.slug",
@@ -124,7 +137,8 @@ pub async fn all(pool: &PgPool) -> Result<Vec<(TenantRoute, Vec<String>)>, sqlx:
 /// The route of the tenant that registered custom domain `domain` (lower case, no port).
 pub async fn by_domain(pool: &PgPool, domain: &str) -> Result<Option<TenantRoute>, sqlx::Error> {
     sqlx::query_as::<_, RouteRow>(
-        "SELECT t.slug, t.status, t.server, t.database, t.plan FROM tenant_domains d \
+        "SELECT t.slug, t.status, t.server, t.database, t.plan, t.moving_to IS NOT NULL AS moving \
+         FROM tenant_domains d \
          JOIN tenants t ON t.slug = d.slug WHERE d.domain = $1",
     )
     .bind(domain)

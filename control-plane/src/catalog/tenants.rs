@@ -33,6 +33,9 @@ pub struct Tenant {
     /// The last job error while `failed`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The server its database is being moved to (a `move` job runs; not served meanwhile).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moving_to: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -48,6 +51,7 @@ struct TenantRow {
     credentials_rotated_at: Option<DateTime<Utc>>,
     created_at: DateTime<Utc>,
     error: Option<String>,
+    moving_to: Option<String>,
 }
 
 impl TryFrom<TenantRow> for Tenant {
@@ -65,13 +69,14 @@ impl TryFrom<TenantRow> for Tenant {
             credentials_rotated_at: r.credentials_rotated_at,
             created_at: r.created_at,
             error: r.error,
+            moving_to: r.moving_to,
         })
     }
 }
 
 const SELECT: &str = "SELECT t.slug, t.name, t.status, t.plan, t.server, t.database, \
      COALESCE(ARRAY(SELECT d.domain FROM tenant_domains d WHERE d.slug = t.slug ORDER BY d.domain), '{}') AS domains, \
-     t.schema_version, t.credentials_rotated_at, t.created_at, t.error FROM tenants t";
+     t.schema_version, t.credentials_rotated_at, t.created_at, t.error, t.moving_to FROM tenants t";
 
 /// The tenant `slug`, deleted tombstones included.
 pub async fn get(exec: &mut PgConnection, slug: &str) -> Result<Option<Tenant>, sqlx::Error> {
@@ -125,8 +130,9 @@ pub async fn set_status(
     super::notify_tenant_changed(&mut *tx, slug).await
 }
 
-/// Chooses the server for a new tenant: the configured one with the fewest live tenants and
-/// room under its `max_tenants`. Locks the server rows so concurrent creations count right.
+/// Chooses the server for a new tenant (or a tenant moving in): the configured one with the
+/// fewest live tenants and room under its `max_tenants`, counting tenants moving to it.
+/// Locks the server rows so concurrent creations and moves count right.
 pub async fn place(tx: &mut PgConnection, only: Option<&str>) -> Result<Option<String>, sqlx::Error> {
     // Lock first, count in a statement of its own: a statement that waited for the locks still
     // reads the tenants as of its start, without the one the creation holding them inserted.
@@ -135,7 +141,8 @@ pub async fn place(tx: &mut PgConnection, only: Option<&str>) -> Result<Option<S
         .execute(&mut *tx)
         .await?;
     sqlx::query_scalar(
-        "SELECT s.name FROM servers s LEFT JOIN tenants t ON t.server = s.name AND t.status <> 'deleted' \
+        "SELECT s.name FROM servers s \
+         LEFT JOIN tenants t ON (t.server = s.name OR t.moving_to = s.name) AND t.status <> 'deleted' \
          WHERE ($1::text IS NULL OR s.name = $1) \
          GROUP BY s.name, s.max_tenants HAVING count(t.slug) < s.max_tenants \
          ORDER BY count(t.slug), s.name LIMIT 1",
@@ -143,6 +150,27 @@ pub async fn place(tx: &mut PgConnection, only: Option<&str>) -> Result<Option<S
     .bind(only)
     .fetch_optional(tx)
     .await
+}
+
+/// Marks `slug` as moving to server `to` (or clears the mark with None) and tells the routers,
+/// which stop serving the tenant until it is cleared.
+pub async fn set_moving_to(tx: &mut PgConnection, slug: &str, to: Option<&str>) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE tenants SET moving_to = $2, updated_at = now() WHERE slug = $1")
+        .bind(slug)
+        .bind(to)
+        .execute(&mut *tx)
+        .await?;
+    super::notify_tenant_changed(&mut *tx, slug).await
+}
+
+/// Ends the move of `slug`: it now lives on server `to`, and routers serve it from there.
+pub async fn finish_move(tx: &mut PgConnection, slug: &str, to: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE tenants SET server = $2, moving_to = NULL, updated_at = now() WHERE slug = $1")
+        .bind(slug)
+        .bind(to)
+        .execute(&mut *tx)
+        .await?;
+    super::notify_tenant_changed(&mut *tx, slug).await
 }
 
 /// A tenant to insert.

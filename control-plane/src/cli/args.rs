@@ -46,7 +46,7 @@ pub(crate) enum Output {
 pub(crate) enum Command {
     /// Run a complete local stack (PostgreSQL, control plane, router) in the foreground.
     Dev(DevArgs),
-    /// Create, inspect, suspend and delete tenants.
+    /// Create, inspect, suspend, move and delete tenants.
     #[command(subcommand)]
     Tenant(TenantCommand),
     /// Rotate tenant database credentials.
@@ -152,6 +152,18 @@ pub(crate) enum TenantCommand {
         /// Take a backup of the database first.
         #[arg(long)]
         backup: bool,
+        /// Return once the job is queued instead of waiting for it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Move a tenant's database to another server (the tenant answers 503 meanwhile; needs
+    /// [backups] dir, where the copy's dump is kept).
+    Move {
+        /// The tenant's slug.
+        slug: TenantSlug,
+        /// The server to move it to (see `siloctl server list`).
+        #[arg(long, value_name = "SERVER")]
+        to: String,
         /// Return once the job is queued instead of waiting for it.
         #[arg(long)]
         no_wait: bool,

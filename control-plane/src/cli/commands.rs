@@ -117,6 +117,12 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
                 .await?;
             finish_jobs(client, out, resp, no_wait, &format!("deleting {slug}")).await
         }
+        TenantCommand::Move { slug, to, no_wait } => {
+            let resp = client
+                .post(&format!("{}/move", tenant_path(&slug)), &json!({ "server": to }))
+                .await?;
+            finish_jobs(client, out, resp, no_wait, &format!("moving {slug} to {to}")).await
+        }
         TenantCommand::Key(KeyCommand::Create { slug, name }) => {
             let resp = client
                 .post(&format!("{}/keys", tenant_path(&slug)), &json!({ "name": name }))

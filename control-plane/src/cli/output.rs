@@ -78,7 +78,8 @@ pub(crate) fn print_fields(fields: &[(&str, String)]) {
 
 /// A tenant as `key: value` lines.
 pub(crate) fn print_tenant(t: &Value) {
-    print_fields(&[
+    let moving_to = t.get("moving_to").map(|_| ("moving to", field(t, "moving_to")));
+    let fields: Vec<(&str, String)> = [
         ("slug", field(t, "slug")),
         ("name", field(t, "name")),
         ("status", field(t, "status")),
@@ -89,7 +90,11 @@ pub(crate) fn print_tenant(t: &Value) {
         ("schema version", field(t, "schema_version")),
         ("credentials rotated", field(t, "credentials_rotated_at")),
         ("created", field(t, "created_at")),
-    ]);
+    ]
+    .into_iter()
+    .chain(moving_to)
+    .collect();
+    print_fields(&fields);
 }
 
 /// Tenants as a table.

@@ -275,12 +275,14 @@ pub struct MigrationsConfig {
     pub spare_databases: usize,
 }
 
-/// The `[backups]` section: where `pg_dump` writes tenant backups.
+/// The `[backups]` section: where `pg_dump` writes tenant backups (and the copies moves
+/// restore).
 #[derive(Debug, Clone, Default)]
 pub struct BackupsConfig {
     /// The directory backups go to, one subdirectory per tenant; None: backups are off.
     pub dir: Option<PathBuf>,
-    /// The `pg_dump` to run; None: found like the PostgreSQL binaries of `siloctl dev`
+    /// The `pg_dump` to run (moves take `pg_restore` from its directory); None: found like
+    /// the PostgreSQL binaries of `siloctl dev`
     /// (`SILO_PG_BINDIR`, `pg_config --bindir`, the newest `/usr/lib/postgresql/*/bin`), else
     /// on `PATH`.
     pub pg_dump: Option<PathBuf>,

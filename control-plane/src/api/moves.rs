@@ -1,0 +1,123 @@
+//! `POST /v1/tenants/{slug}/move`: move a tenant's database to another server (a `move` job;
+//! see `crate::moves`).
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::auth::Actor;
+use super::error::ApiError;
+use super::extract::{Body, Path};
+use super::tenants::parse_slug;
+use super::ApiState;
+use crate::catalog::routes::TenantStatus;
+use crate::catalog::tenants;
+use crate::moves::MoveParams;
+use crate::{audit, jobs};
+
+/// `POST /v1/tenants/{slug}/move` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveTenant {
+    /// The server to move to.
+    server: String,
+}
+
+/// `POST /v1/tenants/{slug}/move` → 202 `{"job"}`. The tenant answers 503 from the moment
+/// the job is queued until its database is served from the new server. Asking again while
+/// the same move runs returns that job.
+pub async fn move_tenant(
+    State(state): State<ApiState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(slug): Path<String>,
+    Body(req): Body<MoveTenant>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let slug = parse_slug(&slug)?;
+    if state.servers.get(&req.server).is_none() {
+        return Err(ApiError::BadRequest(
+            "unknown_server",
+            format!("server {:?} is not configured", req.server),
+        ));
+    }
+    if state.config.backups.dir.is_none() {
+        return Err(ApiError::Unprocessable(
+            "backup_unavailable",
+            "a move copies the tenant's database through a backup, and this control plane has no [backups] dir configured"
+                .into(),
+        ));
+    }
+    let mut tx = state.catalog.begin().await?;
+    match tenants::lock_status(&mut tx, slug.as_str()).await? {
+        None | Some(TenantStatus::Deleted) => return Err(ApiError::tenant_not_found(slug.as_str())),
+        Some(TenantStatus::Active | TenantStatus::Suspended) => {}
+        Some(other) => {
+            return Err(ApiError::Conflict(
+                "invalid_state",
+                format!(
+                    "tenant is {}; only an active or suspended tenant can be moved",
+                    other.as_str()
+                ),
+            ))
+        }
+    }
+    // Taken after the tenant's row, as `POST /v1/migrations` takes it: a rollout and a move
+    // never run at once (the rollout would migrate the database the move is copying).
+    sqlx::query("LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
+    let rollout: Option<i64> =
+        sqlx::query_scalar("SELECT id FROM jobs WHERE kind = 'migrate' AND state IN ('queued','running') LIMIT 1")
+            .fetch_optional(&mut *tx)
+            .await?;
+    if let Some(id) = rollout {
+        return Err(ApiError::Conflict(
+            "rollout_running",
+            format!("migration rollout job {id} is running; move the tenant once it is done"),
+        ));
+    }
+    let tenant = tenants::get(&mut tx, slug.as_str())
+        .await?
+        .ok_or_else(|| ApiError::tenant_not_found(slug.as_str()))?;
+    if let Some(job) = jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
+        if job.kind == "move" && tenant.moving_to.as_deref() == Some(req.server.as_str()) {
+            return Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))));
+        }
+        return Err(ApiError::Conflict(
+            "tenant_busy",
+            format!("job {} ({}) is still running for this tenant", job.id, job.kind),
+        ));
+    }
+    if tenant.server == req.server {
+        return Err(ApiError::Conflict(
+            "already_on_server",
+            format!("tenant {slug} already lives on server {:?}", req.server),
+        ));
+    }
+    if tenants::place(&mut tx, Some(&req.server)).await?.is_none() {
+        return Err(ApiError::Unavailable(
+            "no_capacity",
+            format!("server {:?} is at max_tenants", req.server),
+        ));
+    }
+    let params = MoveParams {
+        from: tenant.server.clone(),
+        to: req.server.clone(),
+        secret_version: uuid::Uuid::new_v4().to_string(),
+    };
+    let params = serde_json::to_value(&params).map_err(|e| ApiError::Internal(e.into()))?;
+    // Marked at once: the target's room is taken, and routers stop serving the tenant.
+    tenants::set_moving_to(&mut tx, slug.as_str(), Some(&req.server)).await?;
+    let job = jobs::enqueue(&mut tx, "move", Some(slug.as_str()), params).await?;
+    audit::record(
+        &mut tx,
+        &actor,
+        "tenant.move",
+        Some(slug.as_str()),
+        json!({"from": tenant.server, "to": req.server, "job": job.id}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
+}

@@ -1,0 +1,283 @@
+//! Moving a tenant to another PostgreSQL server: the steps of the `move` job.
+//!
+//! The tenant is unavailable while its database is copied (routers answer 503 with
+//! Retry-After); nothing written before the move is lost and nothing is written during it:
+//!
+//! 1. `fence`: the catalog marks the tenant as moving (routers close its pools and stop
+//!    serving it), its login roles on the old server get a password only this job knows, and
+//!    the sessions still open on its database are ended. A router that missed the event can
+//!    no longer log in, so nothing writes to the database after the copy starts.
+//! 2. `backup`: `pg_dump` of the database, logged in with that password, into the backup
+//!    directory (the same file a `delete` with backup would write; it is kept).
+//! 3. `restore`: on the new server, the owner and login roles (with the tenant's current
+//!    password), an empty database, and `pg_restore` of the dump as the owner role. A database
+//!    left there by an interrupted attempt is dropped first. The schema version is checked.
+//! 4. `switch`: the secret gets a new current version naming the new server, tested by
+//!    logging in with it; then the catalog points the tenant at the new server and routers
+//!    serve it from there.
+//! 5. `cleanup`: the old database and roles are dropped.
+//!
+//! Every step is idempotent, so a job resumed after a crash converges; a resumed job runs
+//! `fence` again (the password it set was never stored). A move that fails for good before
+//! `switch` is undone by [`Provisioner::abandon_move`]: the tenant is served from the old
+//! server again, with its own password, and the new server keeps nothing of it.
+
+use serde::{Deserialize, Serialize};
+use sqlx::Connection;
+use tracing::{info, instrument, warn};
+
+use crate::catalog::tenants;
+use crate::jobs::{self, Job};
+use crate::names::{quote_ident, TenantSlug};
+use crate::provision::{
+    ddl, drop_database, drop_roles, ensure_login_role, ensure_owner_role, fail_after, role_exists, ProvisionError,
+    Provisioner, StepContext,
+};
+use crate::rotation::{set_password, test_login};
+use crate::secrets::{self, DbSecret};
+use crate::servers::Server;
+use crate::tenant_schema::applied_version;
+
+/// Parameters of a `move` job, fixed when it is requested.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MoveParams {
+    /// The server the tenant lived on.
+    pub from: String,
+    /// The server it moves to.
+    pub to: String,
+    /// Version id of the secret version naming the new server, so a retried switch does not
+    /// add another.
+    pub secret_version: String,
+}
+
+/// The steps of a `move` job, in order.
+pub const MOVE_STEPS: [&str; 5] = ["fence", "backup", "restore", "switch", "cleanup"];
+
+impl Provisioner {
+    /// Runs (or resumes) a `move` job to completion.
+    #[instrument(skip_all, fields(tenant = job.tenant.as_deref().unwrap_or(""), job = job.id))]
+    pub async fn move_tenant(&self, job: &Job) -> Result<(), ProvisionError> {
+        let params = move_params(job)?;
+        let (slug, secret_name) = self.tenant_of(job)?;
+        let from = self.server_named(&params.from)?;
+        let to = self.server_named(&params.to)?;
+        // A job resumed after the switch has only the old database left to drop.
+        if self.server_of(&slug).await?.config.name != params.to {
+            let dump_login = self
+                .move_step(job, "fence", self.fence(&slug, &secret_name, from, to))
+                .await?;
+            let backup = self
+                .move_step(job, "backup", async {
+                    let file = match self.backups.taken(&slug, job.id)? {
+                        Some(file) => file,
+                        None => self.backups.take(&slug, job.id, &dump_login, &from.config.tls).await?,
+                    };
+                    jobs::set_progress(&self.catalog, job.id, &serde_json::json!({ "backup": file }))
+                        .await
+                        .step("record the backup")?;
+                    Ok(file)
+                })
+                .await?;
+            self.move_step(job, "restore", self.restore_on(to, &slug, &secret_name, &backup))
+                .await?;
+            self.move_step(job, "switch", self.switch(to, &slug, &secret_name, &params))
+                .await?;
+        }
+        self.move_step(job, "cleanup", async {
+            drop_database(from, &slug).await?;
+            drop_roles(from, &slug).await
+        })
+        .await?;
+        info!(from = %params.from, to = %params.to, "tenant moved");
+        Ok(())
+    }
+
+    /// Undoes a `move` job that failed for good before its switch: the tenant is served from
+    /// its old server again, with the password of its secret, and the new server keeps none of
+    /// its objects. After the switch there is nothing to undo (the old database is left for a
+    /// retry of the job to drop).
+    #[instrument(skip_all, fields(tenant = job.tenant.as_deref().unwrap_or(""), job = job.id))]
+    pub async fn abandon_move(&self, job: &Job) -> Result<(), ProvisionError> {
+        let params = move_params(job)?;
+        let (slug, secret_name) = self.tenant_of(job)?;
+        if self.server_of(&slug).await?.config.name == params.to {
+            return Ok(());
+        }
+        let from = self.server_named(&params.from)?;
+        let to = self.server_named(&params.to)?;
+        // The tenant is written to again once served: a retry must take a new copy.
+        self.backups.discard(&slug, job.id)?;
+        let current = self.current_login(&secret_name).await?;
+        let mut conn = from.admin.acquire().await.step("connect to server")?;
+        ensure_login_role(&mut conn, &slug, &current.username, &current.password).await?;
+        drop(conn);
+        drop_database(to, &slug).await?;
+        drop_roles(to, &slug).await?;
+        let mut tx = self.catalog.begin().await.step("end the move")?;
+        tenants::set_moving_to(&mut tx, slug.as_str(), None)
+            .await
+            .step("end the move")?;
+        tx.commit().await.step("end the move")?;
+        warn!(from = %params.from, to = %params.to, "move abandoned; the tenant is served from its old server");
+        Ok(())
+    }
+
+    fn server_named(&self, name: &str) -> Result<&Server, ProvisionError> {
+        self.servers
+            .get(name)
+            .ok_or_else(|| ProvisionError::UnknownServer(name.to_owned()))
+    }
+
+    /// Records `step`, runs `work`, and times it.
+    async fn move_step<T>(
+        &self,
+        job: &Job,
+        step: &'static str,
+        work: impl std::future::Future<Output = Result<T, ProvisionError>>,
+    ) -> Result<T, ProvisionError> {
+        jobs::set_step(&self.catalog, job.id, step).await.step("record step")?;
+        let started = std::time::Instant::now();
+        let out = work.await?;
+        jobs::observe_step("move", step, started);
+        fail_after("move", step)?;
+        Ok(out)
+    }
+
+    /// Step `fence`: nobody but this job uses the tenant's database on `from` any more.
+    /// Returns the login this job dumps it with.
+    async fn fence(
+        &self,
+        slug: &TenantSlug,
+        secret_name: &str,
+        from: &Server,
+        to: &Server,
+    ) -> Result<DbSecret, ProvisionError> {
+        let mut tx = self.catalog.begin().await.step("mark moving")?;
+        tenants::set_moving_to(&mut tx, slug.as_str(), Some(&to.config.name))
+            .await
+            .step("mark moving")?;
+        tx.commit().await.step("mark moving")?;
+        let current = self.current_login(secret_name).await?;
+        let password = secrets::generate_password();
+        let mut conn = from.admin.acquire().await.step("connect to server")?;
+        for role in slug.login_roles() {
+            if role_exists(&mut conn, &role).await? {
+                ensure_login_role(&mut conn, slug, &role, &password).await?;
+            }
+        }
+        let ended: i64 = sqlx::query_scalar(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(slug.database_name())
+        .fetch_one(&mut *conn)
+        .await
+        .step("end the tenant's sessions")?;
+        info!(sessions = ended, "tenant database fenced");
+        Ok(DbSecret { password, ..current })
+    }
+
+    /// Step `restore`: the tenant's roles and a copy of its database from `backup` on `to`.
+    async fn restore_on(
+        &self,
+        to: &Server,
+        slug: &TenantSlug,
+        secret_name: &str,
+        backup: &std::path::Path,
+    ) -> Result<(), ProvisionError> {
+        let current = self.current_login(secret_name).await?;
+        drop_database(to, slug).await?;
+        {
+            let mut conn = to.admin.acquire().await.step("connect to server")?;
+            ensure_owner_role(&mut conn, slug).await?;
+            let db = quote_ident(&slug.database_name());
+            ddl(
+                &mut conn,
+                &format!(
+                    "CREATE DATABASE {db} TEMPLATE template0 OWNER {}",
+                    quote_ident(&slug.owner_role())
+                ),
+                "create database",
+            )
+            .await?;
+            ddl(
+                &mut conn,
+                &format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC"),
+                "revoke connect from public",
+            )
+            .await?;
+        }
+        // The login role with the tenant's current password, allowed to connect.
+        set_password(to, slug, &current).await?;
+        let mut conn = to
+            .connect(&slug.database_name())
+            .await
+            .step("connect to tenant database")?;
+        ddl(
+            &mut conn,
+            &format!(
+                "ALTER SCHEMA public OWNER TO {}; REVOKE ALL ON SCHEMA public FROM PUBLIC",
+                quote_ident(&slug.owner_role())
+            ),
+            "own public schema",
+        )
+        .await?;
+        let _ = conn.close().await;
+        let moved = moved_login(&current, to);
+        self.backups.restore(slug, backup, &moved, &to.config.tls).await?;
+        let mut conn = to
+            .connect(&slug.database_name())
+            .await
+            .step("connect to tenant database")?;
+        let restored = applied_version(&mut conn).await?;
+        let _ = conn.close().await;
+        let expected: i64 = sqlx::query_scalar("SELECT schema_version FROM tenants WHERE slug = $1")
+            .bind(slug.as_str())
+            .fetch_one(&self.catalog)
+            .await
+            .step("read schema version")?;
+        if restored != expected {
+            return Err(ProvisionError::InvalidJob(format!(
+                "the copy on {} is at schema version {restored}, the catalog says {expected}",
+                to.config.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Step `switch`: the secret and the catalog name the new server.
+    async fn switch(
+        &self,
+        to: &Server,
+        slug: &TenantSlug,
+        secret_name: &str,
+        params: &MoveParams,
+    ) -> Result<(), ProvisionError> {
+        let current = self.current_login(secret_name).await?;
+        if (current.host.as_str(), current.port) != (to.config.host.as_str(), to.config.port) {
+            let moved = moved_login(&current, to);
+            test_login(to, slug, &moved).await?;
+            self.store
+                .put_secret_value(secret_name, &params.secret_version, &moved.to_secret_string(), &[])
+                .await?;
+        }
+        let mut tx = self.catalog.begin().await.step("point the tenant at its new server")?;
+        tenants::finish_move(&mut tx, slug.as_str(), &to.config.name)
+            .await
+            .step("point the tenant at its new server")?;
+        tx.commit().await.step("point the tenant at its new server")
+    }
+}
+
+fn move_params(job: &Job) -> Result<MoveParams, ProvisionError> {
+    serde_json::from_value(job.params.clone()).map_err(|e| ProvisionError::InvalidJob(format!("move params: {e}")))
+}
+
+/// `login` on server `to`.
+fn moved_login(login: &DbSecret, to: &Server) -> DbSecret {
+    DbSecret {
+        host: to.config.host.clone(),
+        port: to.config.port,
+        ..login.clone()
+    }
+}

@@ -1,0 +1,402 @@
+//! `POST /v1/tenants/{slug}/move` (`siloctl tenant move SLUG --to SERVER`): a tenant's
+//! database moves to another PostgreSQL server, its data, API keys and credentials with it;
+//! it answers 503 while it moves; a move that fails is undone, and one interrupted after its
+//! switch finishes when retried.
+
+use reqwest::{Method, StatusCode};
+use secrecy::ExposeSecret;
+use serde_json::{json, Value};
+use silo_tests::pg::TestCluster;
+use silo_tests::stack::{Stack, StackOptions};
+use silo_tests::{database_of, unique_name};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+
+/// The second cluster's superuser password, for `admin_password_env`.
+const PG2_PASSWORD_ENV: &str = "SILO_TEST_PG2_PASSWORD";
+
+/// A stack with backups and a second server, `pg-2`, on a cluster of its own.
+async fn two_server_stack() -> (Stack, TestCluster) {
+    let pg2 = TestCluster::start().await.unwrap();
+    std::env::set_var(PG2_PASSWORD_ENV, pg2.password().expose_secret());
+    let stack = Stack::start(StackOptions {
+        extra_toml: format!(
+            "[backups]\ndir = \"backups\"\n\
+             [[servers]]\nname = \"pg-2\"\nhost = \"127.0.0.1\"\nport = {}\nadmin_user = \"postgres\"\n\
+             admin_password_env = \"{PG2_PASSWORD_ENV}\"\n",
+            pg2.port()
+        ),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    (stack, pg2)
+}
+
+/// Creates a tenant on `pg-1` holding tasks with these titles; returns its API key.
+async fn tenant_with_tasks(stack: &Stack, slug: &str, titles: &[&str]) -> String {
+    let key = stack
+        .create_tenant_with(json!({"slug": slug, "server": "pg-1"}))
+        .await
+        .unwrap();
+    for title in titles {
+        let created = stack
+            .tenant_request(Method::POST, &format!("{slug}.localhost"), "/api/v1/tasks")
+            .bearer_auth(&key)
+            .json(&json!({ "title": title }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), StatusCode::CREATED);
+    }
+    key
+}
+
+/// The task titles the router serves to `key`, in id order.
+async fn served_titles(stack: &Stack, slug: &str, key: &str) -> Vec<String> {
+    let resp = stack.tenant_get(slug, key, "/api/v1/tasks?limit=100").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|task| task["title"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn start_move(stack: &Stack, slug: &str, to: &str) -> (StatusCode, Value) {
+    stack
+        .admin(
+            Method::POST,
+            &format!("/v1/tenants/{slug}/move"),
+            Some(json!({ "server": to })),
+        )
+        .await
+        .unwrap()
+}
+
+async fn tenant(stack: &Stack, slug: &str) -> Value {
+    let (status, body) = stack
+        .admin(Method::GET, &format!("/v1/tenants/{slug}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+/// Whether `pg` has the tenant's database, and how many of its roles.
+async fn left_on(pg: &TestCluster, slug: &str) -> (bool, i64) {
+    let mut admin = pg.admin_options("postgres").connect().await.unwrap();
+    let database: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(database_of(slug))
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    let prefix = database_of(slug);
+    let roles: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE starts_with(rolname, $1)")
+        .bind(prefix)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    admin.close().await.unwrap();
+    (database, roles)
+}
+
+/// The tenant's current secret, as the break-glass endpoint shows it.
+async fn credentials(stack: &Stack, slug: &str) -> Value {
+    let (status, body) = stack
+        .admin(Method::GET, &format!("/v1/tenants/{slug}/credentials"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+fn login_options(secret: &Value) -> PgConnectOptions {
+    PgConnectOptions::new()
+        .host(secret["host"].as_str().unwrap())
+        .port(u16::try_from(secret["port"].as_u64().unwrap()).unwrap())
+        .username(secret["username"].as_str().unwrap())
+        .password(secret["password"].as_str().unwrap())
+        .database(secret["dbname"].as_str().unwrap())
+}
+
+/// Runs `siloctl ARGS` against the stack: exit code, stdout, stderr.
+async fn siloctl(stack: &Stack, args: &[&str]) -> (Option<i32>, String, String) {
+    let home = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(silo_tests::workspace_binary("siloctl"))
+        .current_dir(home.path())
+        .env("HOME", home.path())
+        .env("XDG_CONFIG_HOME", home.path().join(".config"))
+        .env("SILO_ENDPOINT", format!("http://{}", stack.control_plane_addr()))
+        .env("SILO_TOKEN", stack.admin_token())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_moves_to_another_server_with_its_data_keys_and_credentials() {
+    let (stack, pg2) = two_server_stack().await;
+    let slug = unique_name("mv");
+    let key = tenant_with_tasks(&stack, &slug, &["first", "second", "third"]).await;
+    let (status, minted) = stack
+        .admin(
+            Method::POST,
+            &format!("/v1/tenants/{slug}/keys"),
+            Some(json!({"name": "ci"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{minted}");
+    let second_key = minted["api_key"].as_str().unwrap().to_owned();
+    let before = credentials(&stack, &slug).await;
+
+    let (status, body) = start_move(&stack, &slug, "pg-2").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["job"]["kind"], "move");
+    let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["step"], "cleanup");
+
+    let moved = tenant(&stack, &slug).await;
+    assert_eq!(moved["server"], "pg-2", "{moved}");
+    assert_eq!(moved["status"], "active");
+    assert!(moved.get("moving_to").is_none(), "{moved}");
+
+    // Served from the new server: the same data, both keys, and new writes.
+    assert_eq!(served_titles(&stack, &slug, &key).await, ["first", "second", "third"]);
+    assert_eq!(
+        served_titles(&stack, &slug, &second_key).await,
+        ["first", "second", "third"]
+    );
+    let created = stack
+        .tenant_request(Method::POST, &format!("{slug}.localhost"), "/api/v1/tasks")
+        .bearer_auth(&key)
+        .json(&json!({ "title": "after the move" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+
+    // The secret names the new server; the login and password are the tenant's own still.
+    let after = credentials(&stack, &slug).await;
+    assert_eq!(after["port"], pg2.port(), "{after:?}");
+    assert_eq!(after["username"], before["username"]);
+    assert_eq!(after["dbname"], before["dbname"]);
+    let mut conn = login_options(&after).connect().await.unwrap();
+    let (database, acting): (String, String) = sqlx::query_as("SELECT current_database()::text, current_user::text")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(database, database_of(&slug));
+    assert!(
+        acting.ends_with("_owner"),
+        "the login acts as the tenant's owner role: {acting}"
+    );
+    conn.close().await.unwrap();
+
+    // Nothing of the tenant is left on the old server; the new one has database and roles.
+    assert_eq!(left_on(stack.pg(), &slug).await, (false, 0));
+    let (database_on_new, roles_on_new) = left_on(&pg2, &slug).await;
+    assert!(database_on_new);
+    assert!(roles_on_new >= 2, "owner and login roles on pg-2");
+
+    // The copy went through a backup, which is kept.
+    let dump = job["progress"]["backup"].as_str().expect("backup path in progress");
+    assert!(std::path::Path::new(dump).is_file(), "{dump}");
+
+    // Asking again is refused: the tenant is there already.
+    let (status, body) = start_move(&stack, &slug, "pg-2").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"], "already_on_server");
+    stack.stop().await.unwrap();
+    pg2.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_moving_tenant_answers_503_and_its_old_credentials_no_longer_log_in() {
+    let (stack, pg2) = two_server_stack().await;
+    let slug = unique_name("mvf");
+    let key = tenant_with_tasks(&stack, &slug, &["kept"]).await;
+    let old = credentials(&stack, &slug).await;
+    // Every attempt stops after the fence as an unreachable server would: the job waits to
+    // be retried, with the tenant fenced.
+    fail::cfg("move-unavailable-after-fence", "return").unwrap();
+
+    let (status, body) = start_move(&stack, &slug, "pg-2").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let id = body["job"]["id"].as_i64().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, job) = stack.admin(Method::GET, &format!("/v1/jobs/{id}"), None).await.unwrap();
+        if job["state"] == "queued" && !job["error"].is_null() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the move never reached its fence: {job}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(tenant(&stack, &slug).await["moving_to"], "pg-2");
+
+    let resp = stack.tenant_get(&slug, &key, "/api/v1/tasks").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "tenant_unavailable");
+
+    // The old database refuses the tenant's own password while it is being copied.
+    let refused = login_options(&old).connect().await;
+    assert!(refused.is_err(), "the fenced database let the tenant's login in");
+
+    // Another job for the tenant, or a rollout, waits for the move; the same move is the
+    // same job.
+    let (status, body) = stack
+        .admin(Method::POST, &format!("/v1/tenants/{slug}/rotate"), Some(json!({})))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, body) = stack
+        .admin(Method::POST, "/v1/migrations", Some(json!({})))
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a rollout would migrate the database being copied: {body}"
+    );
+    assert_eq!(body["error"], "tenant_busy");
+    let (status, again) = start_move(&stack, &slug, "pg-2").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{again}");
+    assert_eq!(again["job"]["id"], id);
+
+    fail::remove("move-unavailable-after-fence");
+    let job = stack.wait_job(id).await.unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(served_titles(&stack, &slug, &key).await, ["kept"]);
+    stack.stop().await.unwrap();
+    pg2.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_move_is_undone_and_one_interrupted_after_its_switch_finishes_on_retry() {
+    let (stack, pg2) = two_server_stack().await;
+    let slug = unique_name("mvu");
+    let key = tenant_with_tasks(&stack, &slug, &["one", "two"]).await;
+
+    // Fails for good once the copy is restored: the move is undone.
+    fail::cfg("move-after-step", "return(restore)").unwrap();
+    let (status, body) = start_move(&stack, &slug, "pg-2").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let id = body["job"]["id"].as_i64().unwrap();
+    let job = stack.wait_job(id).await.unwrap();
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["step"], "restore");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tenant(&stack, &slug).await.get("moving_to").is_some() {
+        assert!(std::time::Instant::now() < deadline, "the failed move was not undone");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let back = tenant(&stack, &slug).await;
+    assert_eq!(back["server"], "pg-1", "{back}");
+    assert_eq!(back["status"], "active", "{back}");
+    assert_eq!(served_titles(&stack, &slug, &key).await, ["one", "two"]);
+    assert_eq!(
+        left_on(&pg2, &slug).await,
+        (false, 0),
+        "pg-2 keeps nothing of the tenant"
+    );
+    // Written after the undo: the retry must copy it too.
+    let created = stack
+        .tenant_request(Method::POST, &format!("{slug}.localhost"), "/api/v1/tasks")
+        .bearer_auth(&key)
+        .json(&json!({ "title": "three" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+
+    // Interrupted right after the switch: served from pg-2 already; the retry drops the old
+    // database.
+    fail::cfg("move-after-step", "return(switch)").unwrap();
+    let job = stack.retry_job(id).await.unwrap();
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["step"], "switch");
+    assert_eq!(tenant(&stack, &slug).await["server"], "pg-2");
+    assert_eq!(served_titles(&stack, &slug, &key).await, ["one", "two", "three"]);
+    assert!(
+        left_on(stack.pg(), &slug).await.0,
+        "the old database waits for the retry"
+    );
+
+    fail::remove("move-after-step");
+    let job = stack.retry_job(id).await.unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(left_on(stack.pg(), &slug).await, (false, 0));
+    assert_eq!(served_titles(&stack, &slug, &key).await, ["one", "two", "three"]);
+    stack.stop().await.unwrap();
+    pg2.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn moves_that_cannot_be_done_are_refused_with_clear_errors_and_siloctl_moves_a_tenant() {
+    let (stack, pg2) = two_server_stack().await;
+    let slug = unique_name("mvr");
+    stack
+        .create_tenant_with(json!({"slug": slug, "server": "pg-1"}))
+        .await
+        .unwrap();
+    for (target, path_slug, status, code) in [
+        ("pg-9", slug.as_str(), StatusCode::BAD_REQUEST, "unknown_server"),
+        ("pg-1", slug.as_str(), StatusCode::CONFLICT, "already_on_server"),
+        ("pg-2", "nobody-here", StatusCode::NOT_FOUND, "tenant_not_found"),
+    ] {
+        let (got, body) = start_move(&stack, path_slug, target).await;
+        assert_eq!(got, status, "{target} {path_slug}: {body}");
+        assert_eq!(body["error"], code, "{body}");
+    }
+    let (got, body) = stack
+        .admin(
+            Method::POST,
+            &format!("/v1/tenants/{slug}/move"),
+            Some(json!({"to": "pg-2"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"], "invalid_body");
+    assert_eq!(tenant(&stack, &slug).await["server"], "pg-1");
+
+    // The same through siloctl: one line and exit 1 for a refused move, 2 without --to, and
+    // a move that waits for its job.
+    let (code, stdout, stderr) = siloctl(&stack, &["tenant", "move", &slug, "--to", "pg-9"]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("pg-9"), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    let (code, _, stderr) = siloctl(&stack, &["tenant", "move", &slug]).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    let (code, stdout, stderr) = siloctl(&stack, &["-o", "json", "tenant", "move", &slug, "--to", "pg-2"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let job: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(job["job"]["state"], "succeeded", "{job}");
+    let (code, stdout, _) = siloctl(&stack, &["tenant", "show", &slug]).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.lines().any(|l| l.starts_with("server:") && l.ends_with("pg-2")),
+        "{stdout}"
+    );
+    stack.stop().await.unwrap();
+    pg2.stop();
+}
