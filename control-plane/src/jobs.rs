@@ -148,6 +148,21 @@ pub fn observe_step(kind: &'static str, step: &'static str, started: std::time::
         .record(started.elapsed().as_secs_f64());
 }
 
+/// Counts how a run of a job ended (`silo_job_runs_total{kind,outcome}`): `succeeded`,
+/// `failed`, or `retried` (a transient failure; the job runs again).
+pub fn count_run(kind: &str, outcome: &'static str) {
+    let kind = match kind {
+        "provision" => "provision",
+        "delete" => "delete",
+        "rotate" => "rotate",
+        "migrate" => "migrate",
+        "move" => "move",
+        "backup" => "backup",
+        _ => "other",
+    };
+    metrics::counter!("silo_job_runs_total", "kind" => kind, "outcome" => outcome).increment(1);
+}
+
 /// Records the step the job reached.
 pub async fn set_step(pool: &PgPool, id: i64, step: &str) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE jobs SET step = $2, updated_at = now() WHERE id = $1")

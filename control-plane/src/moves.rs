@@ -30,10 +30,10 @@ use crate::catalog::tenants;
 use crate::jobs::{self, Job};
 use crate::names::{quote_ident, TenantSlug};
 use crate::provision::{
-    ddl, drop_database, drop_roles, ensure_login_role, ensure_owner_role, fail_after, role_exists, ProvisionError,
-    Provisioner, StepContext,
+    create_database, ddl, drop_database, drop_roles, ensure_login_role, ensure_owner_role, fail_after,
+    hand_over_database, role_exists, ProvisionError, Provisioner, StepContext,
 };
-use crate::rotation::{set_password, test_login};
+use crate::rotation::test_login;
 use crate::secrets::{self, DbSecret};
 use crate::servers::Server;
 use crate::tenant_schema::applied_version;
@@ -67,16 +67,11 @@ impl Provisioner {
                 .move_step(job, "fence", self.fence(&slug, &secret_name, from, to))
                 .await?;
             let backup = self
-                .move_step(job, "backup", async {
-                    let file = match self.backups.taken(&slug, job.id)? {
-                        Some(file) => file,
-                        None => self.backups.take(&slug, job.id, &dump_login, &from.config.tls).await?,
-                    };
-                    jobs::set_progress(&self.catalog, job.id, &serde_json::json!({ "backup": file }))
-                        .await
-                        .step("record the backup")?;
-                    Ok(file)
-                })
+                .move_step(
+                    job,
+                    "backup",
+                    self.backup_once(job, &slug, &secret_name, from, Some(&dump_login)),
+                )
                 .await?;
             self.move_step(job, "restore", self.restore_on(to, &slug, &secret_name, &backup))
                 .await?;
@@ -190,25 +185,10 @@ impl Provisioner {
         {
             let mut conn = to.admin.acquire().await.step("connect to server")?;
             ensure_owner_role(&mut conn, slug).await?;
-            let db = quote_ident(&slug.database_name());
-            ddl(
-                &mut conn,
-                &format!(
-                    "CREATE DATABASE {db} TEMPLATE template0 OWNER {}",
-                    quote_ident(&slug.owner_role())
-                ),
-                "create database",
-            )
-            .await?;
-            ddl(
-                &mut conn,
-                &format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC"),
-                "revoke connect from public",
-            )
-            .await?;
+            ensure_login_role(&mut conn, slug, &current.username, &current.password).await?;
         }
-        // The login role with the tenant's current password, allowed to connect.
-        set_password(to, slug, &current).await?;
+        create_database(to, &quote_ident(&slug.database_name()), "template0").await?;
+        hand_over_database(to, slug, &current.username).await?;
         let mut conn = to
             .connect(&slug.database_name())
             .await

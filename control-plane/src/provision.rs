@@ -351,6 +351,54 @@ impl Provisioner {
         tx.commit().await.step("activate")
     }
 
+    /// Runs (or resumes) a `backup` job: a backup of the tenant's database, taken while it
+    /// keeps serving (`pg_dump` reads one consistent snapshot).
+    #[instrument(skip_all, fields(tenant = job.tenant.as_deref().unwrap_or(""), job = job.id))]
+    pub async fn back_up(&self, job: &Job) -> Result<(), ProvisionError> {
+        let (slug, secret_name) = self.tenant_of(job)?;
+        let server = self.server_of(&slug).await?;
+        jobs::set_step(&self.catalog, job.id, "backup")
+            .await
+            .step("record step")?;
+        let started = std::time::Instant::now();
+        self.backup_once(job, &slug, &secret_name, server, None).await?;
+        jobs::observe_step("backup", "backup", started);
+        Ok(())
+    }
+
+    /// The backup of the tenant's database job `job` took in an earlier run, or one taken now,
+    /// logged in with `login` (default: the tenant's current login); recorded in the job's
+    /// progress as `backup`.
+    pub(crate) async fn backup_once(
+        &self,
+        job: &Job,
+        slug: &TenantSlug,
+        secret_name: &str,
+        server: &Server,
+        login: Option<&DbSecret>,
+    ) -> Result<std::path::PathBuf, ProvisionError> {
+        let file = match self.backups.taken(slug, job.id)? {
+            Some(file) => file,
+            None => {
+                let current;
+                let login = match login {
+                    Some(login) => login,
+                    None => {
+                        current = self.current_login(secret_name).await?;
+                        &current
+                    }
+                };
+                let file = self.backups.take(slug, job.id, login, &server.config.tls).await?;
+                info!(file = %file.display(), "tenant database backed up");
+                file
+            }
+        };
+        jobs::set_progress(&self.catalog, job.id, &serde_json::json!({ "backup": file }))
+            .await
+            .step("record the backup")?;
+        Ok(file)
+    }
+
     /// Runs (or resumes) a `delete` job: a backup of the database if the job asks for one,
     /// then the database (its sessions terminated), the roles and the secret are dropped;
     /// the catalog keeps a `deleted` tombstone.
@@ -367,19 +415,9 @@ impl Provisioner {
             jobs::set_step(&self.catalog, job.id, step).await.step("record step")?;
             let started = std::time::Instant::now();
             match step {
+                // A resumed job finds its backup (the database and secret may be gone).
                 "backup" => {
-                    // A resumed job finds its backup (the database and secret may be gone).
-                    let file = match self.backups.taken(&slug, job.id)? {
-                        Some(file) => file,
-                        None => {
-                            let login = self.current_login(&secret_name).await?;
-                            self.backups.take(&slug, job.id, &login, &server.config.tls).await?
-                        }
-                    };
-                    info!(file = %file.display(), "tenant database backed up");
-                    jobs::set_progress(&self.catalog, job.id, &serde_json::json!({ "backup": file }))
-                        .await
-                        .step("record the backup")?;
+                    self.backup_once(job, &slug, &secret_name, server, None).await?;
                 }
                 "database" => drop_database(server, &slug).await?,
                 "roles" => drop_roles(server, &slug).await?,
@@ -445,6 +483,13 @@ async fn ensure_database(
         };
         metrics::counter!("silo_tenant_databases_created_total", "source" => source).increment(1);
     }
+    hand_over_database(server, slug, &slug.login_role()).await
+}
+
+/// The tenant's database on `server` belongs to its owner role, is closed to `PUBLIC` and
+/// open to login role `login`.
+pub(crate) async fn hand_over_database(server: &Server, slug: &TenantSlug, login: &str) -> Result<(), ProvisionError> {
+    let db = quote_ident(&slug.database_name());
     let mut conn = server.admin.acquire().await.step("connect to server")?;
     ddl(
         &mut conn,
@@ -460,10 +505,7 @@ async fn ensure_database(
     .await?;
     ddl(
         &mut conn,
-        &format!(
-            "GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {}",
-            quote_ident(&slug.login_role())
-        ),
+        &format!("GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {}", quote_ident(login)),
         "grant connect to login role",
     )
     .await
@@ -498,7 +540,7 @@ pub(crate) async fn drop_roles(server: &Server, slug: &TenantSlug) -> Result<(),
     Ok(())
 }
 
-async fn create_database(server: &Server, db: &str, template: &str) -> Result<(), ProvisionError> {
+pub(crate) async fn create_database(server: &Server, db: &str, template: &str) -> Result<(), ProvisionError> {
     let mut conn = server.admin.acquire().await.step("connect to server")?;
     ddl(
         &mut conn,

@@ -187,7 +187,7 @@ impl Provisioner {
 
 /// Step `set_secret`: the pending login role exists, has the pending password, and may
 /// connect to the tenant database.
-pub(crate) async fn set_password(server: &Server, slug: &TenantSlug, pending: &DbSecret) -> Result<(), ProvisionError> {
+async fn set_password(server: &Server, slug: &TenantSlug, pending: &DbSecret) -> Result<(), ProvisionError> {
     let mut conn = server.admin.acquire().await.step("connect to server")?;
     ensure_login_role(&mut conn, slug, &pending.username, &pending.password).await?;
     ddl(

@@ -113,6 +113,7 @@ impl Workers {
                 "rotate" => self.provisioner.rotate(&job).await,
                 "migrate" => self.provisioner.rollout(&job).await,
                 "move" => self.provisioner.move_tenant(&job).await,
+                "backup" => self.provisioner.back_up(&job).await,
                 other => Err(ProvisionError::InvalidJob(format!("unknown job kind {other:?}"))),
             }
         };
@@ -147,6 +148,7 @@ impl Workers {
                 warn!(error = %message, attempt = job.attempts, retry_in = ?delay, "job failed transiently; it runs again");
                 jobs::retry_later(&mut tx, job.id, message, delay).await?;
                 tx.commit().await?;
+                jobs::count_run(&job.kind, "retried");
                 return Ok(false);
             }
         }
@@ -162,6 +164,7 @@ impl Workers {
             info!("job succeeded");
         }
         tx.commit().await?;
+        jobs::count_run(&job.kind, if message.is_some() { "failed" } else { "succeeded" });
         Ok(message.is_some())
     }
 }

@@ -8,6 +8,7 @@ use clap::{Parser, ValueEnum};
 use silo_control_plane::config::Config;
 use tokio_util::sync::CancellationToken;
 
+use crate::tls::TlsConfigError;
 use crate::RouterServer;
 
 /// silo router: routes each request to its tenant's database and the tenant app.
@@ -56,7 +57,12 @@ pub async fn run_cli() -> ExitCode {
         Ok(server) => server,
         Err(error) => {
             eprintln!("error: {error:#}");
-            return ExitCode::FAILURE;
+            // Unusable TLS files are a bad config; a taken port or an unreachable catalog is not.
+            return if error.downcast_ref::<TlsConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            };
         }
     };
     if server.https_addr() != Some(server.local_addr()) {

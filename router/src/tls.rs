@@ -59,6 +59,15 @@ impl std::fmt::Debug for Tls {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TenantSni(Arc<str>);
 
+/// A TLS file or directory the config names is unusable: the router refuses to start, as
+/// for any other bad config (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("config key `router.{key}`: {message}")]
+pub(crate) struct TlsConfigError {
+    key: &'static str,
+    message: String,
+}
+
 impl Tls {
     /// Loads the default certificate and the SNI directory. Errors are one line naming the
     /// config key (a missing file, no PEM certificate or key, a key that does not match).
@@ -70,11 +79,18 @@ impl Tls {
             } else {
                 "tls_cert_file"
             };
-            anyhow::anyhow!("config key `router.{key}`: {e}")
+            TlsConfigError {
+                key,
+                message: e.to_string(),
+            }
         })?;
         let certificates = Arc::new(
-            SniCertificates::new(Arc::new(default), files.sni_dir.clone(), provider.clone())
-                .map_err(|e| anyhow::anyhow!("config key `router.tls_sni_dir`: {e}"))?,
+            SniCertificates::new(Arc::new(default), files.sni_dir.clone(), provider.clone()).map_err(|e| {
+                TlsConfigError {
+                    key: "tls_sni_dir",
+                    message: e.to_string(),
+                }
+            })?,
         );
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()

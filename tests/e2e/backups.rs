@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use reqwest::{Method, StatusCode};
 use secrecy::ExposeSecret;
-use serde_json::{json, Value};
+use serde_json::Value;
 use silo_tests::stack::{Stack, StackOptions};
 use silo_tests::unique_name;
 use sqlx::{ConnectOptions, Connection};
@@ -25,16 +25,7 @@ async fn stack_with_backups(extra: &str) -> Stack {
 /// Creates a tenant holding tasks with these titles; returns its API key.
 async fn tenant_with_tasks(stack: &Stack, slug: &str, titles: &[&str]) -> String {
     let key = stack.create_tenant(slug).await.unwrap();
-    for title in titles {
-        let created = stack
-            .tenant_request(Method::POST, &format!("{slug}.localhost"), "/api/v1/tasks")
-            .bearer_auth(&key)
-            .json(&json!({ "title": title }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(created.status(), StatusCode::CREATED);
-    }
+    stack.add_tasks(slug, &key, titles).await.unwrap();
     key
 }
 
@@ -136,6 +127,33 @@ async fn a_delete_with_backup_dumps_the_database_before_dropping_it() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn siloctl_tenant_backup_dumps_a_tenant_that_keeps_serving() {
+    let stack = stack_with_backups("").await;
+    let slug = unique_name("bj");
+    let key = tenant_with_tasks(&stack, &slug, &["ledger 1", "ledger 2"]).await;
+
+    let (code, stdout, stderr) = stack.siloctl(&["-o", "json", "tenant", "backup", &slug]).await.unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let job: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(job["job"]["kind"], "backup", "{job}");
+    assert_eq!(job["job"]["state"], "succeeded", "{job}");
+    let dump = PathBuf::from(job["job"]["progress"]["backup"].as_str().expect("backup path"));
+    assert_eq!(dump.parent(), Some(stack.dir().join("backups").join(&slug).as_path()));
+
+    // The tenant is served as before, and the dump holds its data.
+    let resp = stack.tenant_get(&slug, &key, "/api/v1/tasks").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let restored = restore(&stack, &dump).await;
+    assert_eq!(titles_in(&stack, &restored).await, ["ledger 1", "ledger 2"]);
+
+    // One line and exit 1 for a tenant that does not exist.
+    let (code, _, stderr) = stack.siloctl(&["tenant", "backup", "nobody-here"]).await.unwrap();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    stack.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_backup_that_fails_drops_nothing_and_the_delete_can_be_retried() {
     // A pg_dump that always fails.
     let stack = stack_with_backups("pg_dump = \"/bin/false\"\n").await;
@@ -171,6 +189,12 @@ async fn a_backup_without_a_backup_directory_is_refused_and_the_tenant_stays() {
     let key = tenant_with_tasks(&stack, &slug, &["still here"]).await;
 
     let (status, body) = delete(&stack, &slug, "?backup=true").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"], "backup_unavailable", "{body}");
+    let (status, body) = stack
+        .admin(Method::POST, &format!("/v1/tenants/{slug}/backup"), None)
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(body["error"], "backup_unavailable", "{body}");
     assert!(body["message"].as_str().unwrap().contains("[backups] dir"), "{body}");

@@ -352,7 +352,11 @@ async fn a_tenant_still_provisioning_gets_503_with_retry_after_until_it_is_serve
         .unwrap()
         .to_owned();
     assert!(content_type.starts_with("text/plain"), "{content_type}");
-    let before = sample(&before.text().await.unwrap(), provisioned);
+    let before = before.text().await.unwrap();
+    let retried = r#"silo_job_runs_total{kind="provision",outcome="retried"}"#;
+    let succeeded = r#"silo_job_runs_total{kind="provision",outcome="succeeded"}"#;
+    let (retried_before, succeeded_before) = (sample(&before, retried), sample(&before, succeeded));
+    let before = sample(&before, provisioned);
 
     fail::cfg("provision-unavailable-after-database", "return").unwrap();
     let slug = unique_name("slow");
@@ -447,6 +451,11 @@ async fn a_tenant_still_provisioning_gets_503_with_retry_after_until_it_is_serve
         before + 1.0,
         "one more provisioning: {after}"
     );
+    assert!(
+        sample(&after, retried) > retried_before,
+        "the transient failures were counted: {after}"
+    );
+    assert_eq!(sample(&after, succeeded), succeeded_before + 1.0, "{after}");
     stack.stop().await.unwrap();
 }
 

@@ -8,8 +8,7 @@ use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 use silo_tests::pg::TestCluster;
 use silo_tests::stack::{Stack, StackOptions};
-use silo_tests::{database_of, unique_name};
-use sqlx::postgres::PgConnectOptions;
+use silo_tests::{database_of, secret_connect_options, unique_name};
 use sqlx::{ConnectOptions, Connection};
 
 /// The second cluster's superuser password, for `admin_password_env`.
@@ -39,16 +38,7 @@ async fn tenant_with_tasks(stack: &Stack, slug: &str, titles: &[&str]) -> String
         .create_tenant_with(json!({"slug": slug, "server": "pg-1"}))
         .await
         .unwrap();
-    for title in titles {
-        let created = stack
-            .tenant_request(Method::POST, &format!("{slug}.localhost"), "/api/v1/tasks")
-            .bearer_auth(&key)
-            .json(&json!({ "title": title }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(created.status(), StatusCode::CREATED);
-    }
+    stack.add_tasks(slug, &key, titles).await.unwrap();
     key
 }
 
@@ -103,47 +93,6 @@ async fn left_on(pg: &TestCluster, slug: &str) -> (bool, i64) {
     (database, roles)
 }
 
-/// The tenant's current secret, as the break-glass endpoint shows it.
-async fn credentials(stack: &Stack, slug: &str) -> Value {
-    let (status, body) = stack
-        .admin(Method::GET, &format!("/v1/tenants/{slug}/credentials"), None)
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK, "{body}");
-    body
-}
-
-fn login_options(secret: &Value) -> PgConnectOptions {
-    PgConnectOptions::new()
-        .host(secret["host"].as_str().unwrap())
-        .port(u16::try_from(secret["port"].as_u64().unwrap()).unwrap())
-        .username(secret["username"].as_str().unwrap())
-        .password(secret["password"].as_str().unwrap())
-        .database(secret["dbname"].as_str().unwrap())
-}
-
-/// Runs `siloctl ARGS` against the stack: exit code, stdout, stderr.
-async fn siloctl(stack: &Stack, args: &[&str]) -> (Option<i32>, String, String) {
-    let home = tempfile::tempdir().unwrap();
-    let out = tokio::process::Command::new(silo_tests::workspace_binary("siloctl"))
-        .current_dir(home.path())
-        .env("HOME", home.path())
-        .env("XDG_CONFIG_HOME", home.path().join(".config"))
-        .env("SILO_ENDPOINT", format!("http://{}", stack.control_plane_addr()))
-        .env("SILO_TOKEN", stack.admin_token())
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tenant_moves_to_another_server_with_its_data_keys_and_credentials() {
     let (stack, pg2) = two_server_stack().await;
@@ -159,7 +108,7 @@ async fn a_tenant_moves_to_another_server_with_its_data_keys_and_credentials() {
         .unwrap();
     assert_eq!(status, StatusCode::CREATED, "{minted}");
     let second_key = minted["api_key"].as_str().unwrap().to_owned();
-    let before = credentials(&stack, &slug).await;
+    let before = stack.credentials(&slug).await.unwrap();
 
     let (status, body) = start_move(&stack, &slug, "pg-2").await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
@@ -189,11 +138,11 @@ async fn a_tenant_moves_to_another_server_with_its_data_keys_and_credentials() {
     assert_eq!(created.status(), StatusCode::CREATED);
 
     // The secret names the new server; the login and password are the tenant's own still.
-    let after = credentials(&stack, &slug).await;
+    let after = stack.credentials(&slug).await.unwrap();
     assert_eq!(after["port"], pg2.port(), "{after:?}");
     assert_eq!(after["username"], before["username"]);
     assert_eq!(after["dbname"], before["dbname"]);
-    let mut conn = login_options(&after).connect().await.unwrap();
+    let mut conn = secret_connect_options(&after).connect().await.unwrap();
     let (database, acting): (String, String) = sqlx::query_as("SELECT current_database()::text, current_user::text")
         .fetch_one(&mut conn)
         .await
@@ -228,7 +177,7 @@ async fn a_moving_tenant_answers_503_and_its_old_credentials_no_longer_log_in() 
     let (stack, pg2) = two_server_stack().await;
     let slug = unique_name("mvf");
     let key = tenant_with_tasks(&stack, &slug, &["kept"]).await;
-    let old = credentials(&stack, &slug).await;
+    let old = stack.credentials(&slug).await.unwrap();
     // Every attempt stops after the fence as an unreachable server would: the job waits to
     // be retried, with the tenant fenced.
     fail::cfg("move-unavailable-after-fence", "return").unwrap();
@@ -257,7 +206,7 @@ async fn a_moving_tenant_answers_503_and_its_old_credentials_no_longer_log_in() 
     assert_eq!(body["error"], "tenant_unavailable");
 
     // The old database refuses the tenant's own password while it is being copied.
-    let refused = login_options(&old).connect().await;
+    let refused = secret_connect_options(&old).connect().await;
     assert!(refused.is_err(), "the fenced database let the tenant's login in");
 
     // Another job for the tenant, or a rollout, waits for the move; the same move is the
@@ -380,18 +329,21 @@ async fn moves_that_cannot_be_done_are_refused_with_clear_errors_and_siloctl_mov
 
     // The same through siloctl: one line and exit 1 for a refused move, 2 without --to, and
     // a move that waits for its job.
-    let (code, stdout, stderr) = siloctl(&stack, &["tenant", "move", &slug, "--to", "pg-9"]).await;
+    let (code, stdout, stderr) = stack.siloctl(&["tenant", "move", &slug, "--to", "pg-9"]).await.unwrap();
     assert_eq!(code, Some(1), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("pg-9"), "{stderr}");
     assert!(stdout.is_empty(), "{stdout}");
-    let (code, _, stderr) = siloctl(&stack, &["tenant", "move", &slug]).await;
+    let (code, _, stderr) = stack.siloctl(&["tenant", "move", &slug]).await.unwrap();
     assert_eq!(code, Some(2), "{stderr}");
-    let (code, stdout, stderr) = siloctl(&stack, &["-o", "json", "tenant", "move", &slug, "--to", "pg-2"]).await;
+    let (code, stdout, stderr) = stack
+        .siloctl(&["-o", "json", "tenant", "move", &slug, "--to", "pg-2"])
+        .await
+        .unwrap();
     assert_eq!(code, Some(0), "{stderr}");
     let job: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(job["job"]["state"], "succeeded", "{job}");
-    let (code, stdout, _) = siloctl(&stack, &["tenant", "show", &slug]).await;
+    let (code, stdout, _) = stack.siloctl(&["tenant", "show", &slug]).await.unwrap();
     assert_eq!(code, Some(0));
     assert!(
         stdout.lines().any(|l| l.starts_with("server:") && l.ends_with("pg-2")),

@@ -12,8 +12,7 @@ use silo_control_plane::rotation::ROTATE_STEPS;
 use silo_control_plane::secrets::{self, SecretStore, AWSCURRENT, AWSPENDING, AWSPREVIOUS};
 use silo_control_plane::server::ControlPlane;
 use silo_tests::stack::{Secrets, Stack, StackOptions};
-use silo_tests::unique_name;
-use sqlx::postgres::PgConnectOptions;
+use silo_tests::{secret_connect_options, unique_name};
 use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
 
@@ -34,26 +33,8 @@ async fn store(stack: &Stack) -> Arc<dyn SecretStore> {
         .unwrap()
 }
 
-async fn credentials(stack: &Stack, slug: &str) -> Value {
-    let (status, creds) = stack
-        .admin(Method::GET, &format!("/v1/tenants/{slug}/credentials"), None)
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK, "{creds}");
-    creds
-}
-
-fn options(creds: &Value) -> PgConnectOptions {
-    PgConnectOptions::new()
-        .host(creds["host"].as_str().unwrap())
-        .port(creds["port"].as_u64().unwrap() as u16)
-        .username(creds["username"].as_str().unwrap())
-        .password(creds["password"].as_str().unwrap())
-        .database(creds["dbname"].as_str().unwrap())
-}
-
 async fn logs_in(creds: &Value) -> bool {
-    match options(creds).connect().await {
+    match secret_connect_options(creds).connect().await {
         Ok(c) => {
             c.close().await.unwrap();
             true
@@ -97,7 +78,7 @@ async fn stages_and_retired_credentials(secrets: Secrets) {
         .unwrap();
 
     // single: the one login role gets a new password; the old one stops working at once.
-    let c0 = credentials(&stack, &slug).await;
+    let c0 = stack.credentials(&slug).await.unwrap();
     let v0 = store
         .get_secret_value(&name, AWSCURRENT)
         .await
@@ -106,7 +87,7 @@ async fn stages_and_retired_credentials(secrets: Secrets) {
         .version_id;
     assert_eq!(stack.rotate(&slug, "single").await.unwrap()["state"], "succeeded");
     let v1 = assert_stages_after_rotation(&stack, store.as_ref(), &slug, &v0).await;
-    let c1 = credentials(&stack, &slug).await;
+    let c1 = stack.credentials(&slug).await.unwrap();
     assert_eq!(c1["username"], c0["username"]);
     assert!(!logs_in(&c0).await, "single: the old password no longer logs in");
     assert!(logs_in(&c1).await);
@@ -115,18 +96,18 @@ async fn stages_and_retired_credentials(secrets: Secrets) {
     // until the next rotation, and credentials two rotations old no longer log in.
     assert_eq!(stack.rotate(&slug, "alternating").await.unwrap()["state"], "succeeded");
     let v2 = assert_stages_after_rotation(&stack, store.as_ref(), &slug, &v1).await;
-    let c2 = credentials(&stack, &slug).await;
+    let c2 = stack.credentials(&slug).await.unwrap();
     assert_ne!(c2["username"], c1["username"]);
     assert!(logs_in(&c1).await && logs_in(&c2).await);
     assert_eq!(stack.rotate(&slug, "alternating").await.unwrap()["state"], "succeeded");
     assert_stages_after_rotation(&stack, store.as_ref(), &slug, &v2).await;
-    let c3 = credentials(&stack, &slug).await;
+    let c3 = stack.credentials(&slug).await.unwrap();
     assert_eq!(c3["username"], c1["username"]);
     assert!(!logs_in(&c1).await, "alternating: two rotations old no longer logs in");
     assert!(logs_in(&c2).await && logs_in(&c3).await);
 
     // Objects created through either login role belong to the owner: both can use them.
-    let mut as_c3 = options(&c3).connect().await.unwrap();
+    let mut as_c3 = secret_connect_options(&c3).connect().await.unwrap();
     sqlx::query("CREATE TABLE notes (id int PRIMARY KEY, body text)")
         .execute(&mut as_c3)
         .await
@@ -135,7 +116,7 @@ async fn stages_and_retired_credentials(secrets: Secrets) {
         .execute(&mut as_c3)
         .await
         .unwrap();
-    let mut as_c2 = options(&c2).connect().await.unwrap();
+    let mut as_c2 = secret_connect_options(&c2).connect().await.unwrap();
     sqlx::query("INSERT INTO notes VALUES (2, 'from c2')")
         .execute(&mut as_c2)
         .await
@@ -191,14 +172,14 @@ async fn passwords_never_reach_the_server_log() {
     set_log_statement(&mut admin, "'ddl'").await;
     let slug = unique_name("t");
     stack.create_tenant(&slug).await.unwrap();
-    let mut passwords = vec![credentials(&stack, &slug).await["password"]
+    let mut passwords = vec![stack.credentials(&slug).await.unwrap()["password"]
         .as_str()
         .unwrap()
         .to_owned()];
     for strategy in ["single", "alternating"] {
         assert_eq!(stack.rotate(&slug, strategy).await.unwrap()["state"], "succeeded");
         passwords.push(
-            credentials(&stack, &slug).await["password"]
+            stack.credentials(&slug).await.unwrap()["password"]
                 .as_str()
                 .unwrap()
                 .to_owned(),
@@ -264,7 +245,7 @@ async fn interrupted_rotation_resumes(secrets: Secrets) {
                 "{strategy}/{step}"
             );
             assert_stages_after_rotation(&stack, store.as_ref(), &slug, &old).await;
-            assert!(logs_in(&credentials(&stack, &slug).await).await);
+            assert!(logs_in(&stack.credentials(&slug).await.unwrap()).await);
             let resp = stack
                 .tenant_request(Method::GET, &host, "/api/v1/tasks")
                 .bearer_auth(&key)

@@ -303,7 +303,7 @@ fn unusable_tls_files_stop_the_router_with_one_line_naming_the_key() {
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(out.status.code(), Some(2), "a bad config: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
         assert!(stderr.starts_with("error: config key `router."), "{stderr}");
         stderr

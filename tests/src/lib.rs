@@ -65,3 +65,19 @@ pub fn database_of(slug: &str) -> String {
         .expect("a valid slug")
         .database_name()
 }
+
+/// Options to log in with a tenant secret's JSON (`host`, `port`, `username`, `password`,
+/// `dbname`), as the tenant app would.
+pub fn secret_connect_options(secret: &serde_json::Value) -> sqlx::postgres::PgConnectOptions {
+    let field = |name: &str| secret[name].as_str().unwrap_or_else(|| panic!("secret without {name}"));
+    let port = secret["port"]
+        .as_u64()
+        .and_then(|port| u16::try_from(port).ok())
+        .expect("secret with a port");
+    sqlx::postgres::PgConnectOptions::new()
+        .host(field("host"))
+        .port(port)
+        .username(field("username"))
+        .password(field("password"))
+        .database(field("dbname"))
+}

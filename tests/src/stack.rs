@@ -309,6 +309,55 @@ connect_timeout = "{connect}ms"
         Ok(created["api_key"].as_str().context("api_key")?.to_owned())
     }
 
+    /// Creates tasks with these titles for tenant `slug` through the router, with API key `key`.
+    pub async fn add_tasks(&self, slug: &str, key: &str, titles: &[&str]) -> anyhow::Result<()> {
+        for title in titles {
+            let created = self
+                .tenant_request(Method::POST, &format!("{slug}.localhost"), "/api/v1/tasks")
+                .bearer_auth(key)
+                .json(&serde_json::json!({ "title": title }))
+                .send()
+                .await?;
+            if created.status() != StatusCode::CREATED {
+                bail!("create task {title:?}: {}", created.status());
+            }
+        }
+        Ok(())
+    }
+
+    /// Tenant `slug`'s current secret JSON, read through the break-glass endpoint.
+    pub async fn credentials(&self, slug: &str) -> anyhow::Result<Value> {
+        let (status, secret) = self
+            .admin(Method::GET, &format!("/v1/tenants/{slug}/credentials"), None)
+            .await?;
+        if status != StatusCode::OK {
+            bail!("credentials of {slug}: {status} {secret}");
+        }
+        Ok(secret)
+    }
+
+    /// Runs the built `siloctl ARGS` against this stack's control plane (in a fresh home
+    /// directory, endpoint and token from the environment): exit code, stdout, stderr.
+    pub async fn siloctl(&self, args: &[&str]) -> anyhow::Result<(Option<i32>, String, String)> {
+        let home = tempfile::tempdir()?;
+        let out = tokio::process::Command::new(crate::workspace_binary("siloctl"))
+            .current_dir(home.path())
+            .env("HOME", home.path())
+            .env("XDG_CONFIG_HOME", home.path().join(".config"))
+            .env("SILO_ENDPOINT", format!("http://{}", self.cp_addr))
+            .env("SILO_TOKEN", &self.token)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await?;
+        Ok((
+            out.status.code(),
+            String::from_utf8(out.stdout)?,
+            String::from_utf8(out.stderr)?,
+        ))
+    }
+
     /// A request to the router for `host` (sent to the router's socket with that Host).
     pub fn tenant_request(&self, method: Method, host: &str, path: &str) -> reqwest::RequestBuilder {
         self.http

@@ -2,6 +2,7 @@
 //! log. Handlers are thin: auth → typed JSON → catalog/job → JSON.
 
 mod auth;
+mod backups;
 pub mod error;
 mod extract;
 mod jobs;
@@ -59,6 +60,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/tenants/{slug}/credentials", get(tenants::credentials))
         .route("/tenants/{slug}/rotate", post(rotations::rotate_tenant))
         .route("/tenants/{slug}/move", post(moves::move_tenant))
+        .route("/tenants/{slug}/backup", post(backups::back_up))
         .route("/rotations", post(rotations::rotate_many))
         .route("/migrations", post(migrations::start))
         .route("/migrations/status", get(migrations::status))

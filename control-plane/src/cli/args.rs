@@ -46,7 +46,7 @@ pub(crate) enum Output {
 pub(crate) enum Command {
     /// Run a complete local stack (PostgreSQL, control plane, router) in the foreground.
     Dev(DevArgs),
-    /// Create, inspect, suspend, move and delete tenants.
+    /// Create, inspect, suspend, back up, move and delete tenants.
     #[command(subcommand)]
     Tenant(TenantCommand),
     /// Rotate tenant database credentials.
@@ -152,6 +152,14 @@ pub(crate) enum TenantCommand {
         /// Take a backup of the database first.
         #[arg(long)]
         backup: bool,
+        /// Return once the job is queued instead of waiting for it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Back up a tenant's database into [backups] dir while it keeps serving.
+    Backup {
+        /// The tenant's slug.
+        slug: TenantSlug,
         /// Return once the job is queued instead of waiting for it.
         #[arg(long)]
         no_wait: bool,

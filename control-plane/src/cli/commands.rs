@@ -117,6 +117,12 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
                 .await?;
             finish_jobs(client, out, resp, no_wait, &format!("deleting {slug}")).await
         }
+        TenantCommand::Backup { slug, no_wait } => {
+            let resp = client
+                .post(&format!("{}/backup", tenant_path(&slug)), &json!({}))
+                .await?;
+            finish_jobs(client, out, resp, no_wait, &format!("backing up {slug}")).await
+        }
         TenantCommand::Move { slug, to, no_wait } => {
             let resp = client
                 .post(&format!("{}/move", tenant_path(&slug)), &json!({ "server": to }))

@@ -1,0 +1,66 @@
+//! `POST /v1/tenants/{slug}/backup`: a backup of a tenant's database while it keeps serving
+//! (a `backup` job; the file goes to `[backups] dir`, named in the job's progress).
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use serde_json::{json, Value};
+
+use super::auth::Actor;
+use super::error::ApiError;
+use super::extract::Path;
+use super::tenants::parse_slug;
+use super::ApiState;
+use crate::catalog::routes::TenantStatus;
+use crate::catalog::tenants;
+use crate::{audit, jobs};
+
+/// `POST /v1/tenants/{slug}/backup` → 202 `{"job"}`. Asking again while the backup runs
+/// returns that job.
+pub async fn back_up(
+    State(state): State<ApiState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(slug): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let slug = parse_slug(&slug)?;
+    if state.config.backups.dir.is_none() {
+        return Err(ApiError::Unprocessable(
+            "backup_unavailable",
+            "this control plane has no [backups] dir configured; set one to take backups".into(),
+        ));
+    }
+    let mut tx = state.catalog.begin().await?;
+    match tenants::lock_status(&mut tx, slug.as_str()).await? {
+        None | Some(TenantStatus::Deleted) => return Err(ApiError::tenant_not_found(slug.as_str())),
+        Some(TenantStatus::Active | TenantStatus::Suspended) => {}
+        Some(other) => {
+            return Err(ApiError::Conflict(
+                "invalid_state",
+                format!(
+                    "tenant is {}; only an active or suspended tenant can be backed up",
+                    other.as_str()
+                ),
+            ))
+        }
+    }
+    if let Some(job) = jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
+        if job.kind == "backup" {
+            return Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))));
+        }
+        return Err(ApiError::Conflict(
+            "tenant_busy",
+            format!("job {} ({}) is still running for this tenant", job.id, job.kind),
+        ));
+    }
+    let job = jobs::enqueue(&mut tx, "backup", Some(slug.as_str()), json!({})).await?;
+    audit::record(
+        &mut tx,
+        &actor,
+        "tenant.backup",
+        Some(slug.as_str()),
+        json!({"job": job.id}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
+}
