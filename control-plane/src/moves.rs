@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::Connection;
 use tracing::{info, instrument, warn};
 
-use crate::catalog::tenants;
+use crate::catalog::tenants::{self, StartMoveError};
 use crate::jobs::{self, Job};
 use crate::names::{quote_ident, TenantSlug};
 use crate::provision::{
@@ -147,10 +147,18 @@ impl Provisioner {
         from: &Server,
         to: &Server,
     ) -> Result<DbSecret, ProvisionError> {
+        // Again on every run: a retried job was undone, and must find room and no rollout.
         let mut tx = self.catalog.begin().await.step("mark moving")?;
-        tenants::set_moving_to(&mut tx, slug.as_str(), Some(&to.config.name))
+        tenants::lock_status(&mut tx, slug.as_str()).await.step("mark moving")?;
+        tenants::start_move(&mut tx, slug.as_str(), &to.config.name)
             .await
-            .step("mark moving")?;
+            .map_err(|e| match e {
+                StartMoveError::Database(source) => ProvisionError::Database {
+                    step: "mark moving",
+                    source,
+                },
+                refused => ProvisionError::InvalidJob(refused.to_string()),
+            })?;
         tx.commit().await.step("mark moving")?;
         let current = self.current_login(secret_name).await?;
         let password = secrets::generate_password();

@@ -14,7 +14,8 @@ use sqlx::{ConnectOptions, Connection};
 /// The second cluster's superuser password, for `admin_password_env`.
 const PG2_PASSWORD_ENV: &str = "SILO_TEST_PG2_PASSWORD";
 
-/// A stack with backups and a second server, `pg-2`, on a cluster of its own.
+/// A stack with backups and a second server, `pg-2`, on a cluster of its own, with room for
+/// one tenant.
 async fn two_server_stack() -> (Stack, TestCluster) {
     let pg2 = TestCluster::start().await.unwrap();
     std::env::set_var(PG2_PASSWORD_ENV, pg2.password().expose_secret());
@@ -22,7 +23,7 @@ async fn two_server_stack() -> (Stack, TestCluster) {
         extra_toml: format!(
             "[backups]\ndir = \"backups\"\n\
              [[servers]]\nname = \"pg-2\"\nhost = \"127.0.0.1\"\nport = {}\nadmin_user = \"postgres\"\n\
-             admin_password_env = \"{PG2_PASSWORD_ENV}\"\n",
+             admin_password_env = \"{PG2_PASSWORD_ENV}\"\nmax_tenants = 1\n",
             pg2.port()
         ),
         ..StackOptions::default()
@@ -275,6 +276,34 @@ async fn a_failed_move_is_undone_and_one_interrupted_after_its_switch_finishes_o
         .await
         .unwrap();
     assert_eq!(created.status(), StatusCode::CREATED);
+
+    // A retry must find room again: with pg-2 full, the move is refused (503 through the API)
+    // and the retried job stops at its fence and is undone.
+    let filler = unique_name("fill");
+    stack
+        .create_tenant_with(json!({"slug": filler, "server": "pg-2"}))
+        .await
+        .unwrap();
+    let (status, body) = start_move(&stack, &slug, "pg-2").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "no_capacity");
+    let job = stack.retry_job(id).await.unwrap();
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["step"], "fence", "{job}");
+    assert!(job["error"].as_str().unwrap().contains("max_tenants"), "{job}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tenant(&stack, &slug).await.get("moving_to").is_some() {
+        assert!(std::time::Instant::now() < deadline, "the refused move was not undone");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(served_titles(&stack, &slug, &key).await, ["one", "two", "three"]);
+    let (status, body) = stack
+        .admin(Method::DELETE, &format!("/v1/tenants/{filler}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let deleted = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
+    assert_eq!(deleted["state"], "succeeded", "{deleted}");
 
     // Interrupted right after the switch: served from pg-2 already; the retry drops the old
     // database.

@@ -13,7 +13,7 @@ use super::extract::{Body, Path};
 use super::tenants::parse_slug;
 use super::ApiState;
 use crate::catalog::routes::TenantStatus;
-use crate::catalog::tenants;
+use crate::catalog::tenants::{self, StartMoveError};
 use crate::moves::MoveParams;
 use crate::{audit, jobs};
 
@@ -62,21 +62,6 @@ pub async fn move_tenant(
             ))
         }
     }
-    // Taken after the tenant's row, as `POST /v1/migrations` takes it: a rollout and a move
-    // never run at once (the rollout would migrate the database the move is copying).
-    sqlx::query("LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE")
-        .execute(&mut *tx)
-        .await?;
-    let rollout: Option<i64> =
-        sqlx::query_scalar("SELECT id FROM jobs WHERE kind = 'migrate' AND state IN ('queued','running') LIMIT 1")
-            .fetch_optional(&mut *tx)
-            .await?;
-    if let Some(id) = rollout {
-        return Err(ApiError::Conflict(
-            "rollout_running",
-            format!("migration rollout job {id} is running; move the tenant once it is done"),
-        ));
-    }
     let tenant = tenants::get(&mut tx, slug.as_str())
         .await?
         .ok_or_else(|| ApiError::tenant_not_found(slug.as_str()))?;
@@ -95,20 +80,20 @@ pub async fn move_tenant(
             format!("tenant {slug} already lives on server {:?}", req.server),
         ));
     }
-    if tenants::place(&mut tx, Some(&req.server)).await?.is_none() {
-        return Err(ApiError::Unavailable(
-            "no_capacity",
-            format!("server {:?} is at max_tenants", req.server),
-        ));
-    }
+    // Marked at once: the target's room is taken, and routers stop serving the tenant.
+    tenants::start_move(&mut tx, slug.as_str(), &req.server)
+        .await
+        .map_err(|e| match e {
+            StartMoveError::RolloutRunning(_) => ApiError::Conflict("rollout_running", e.to_string()),
+            StartMoveError::NoCapacity(_) => ApiError::Unavailable("no_capacity", e.to_string()),
+            StartMoveError::Database(e) => e.into(),
+        })?;
     let params = MoveParams {
         from: tenant.server.clone(),
         to: req.server.clone(),
         secret_version: uuid::Uuid::new_v4().to_string(),
     };
     let params = serde_json::to_value(&params).map_err(|e| ApiError::Internal(e.into()))?;
-    // Marked at once: the target's room is taken, and routers stop serving the tenant.
-    tenants::set_moving_to(&mut tx, slug.as_str(), Some(&req.server)).await?;
     let job = jobs::enqueue(&mut tx, "move", Some(slug.as_str()), params).await?;
     audit::record(
         &mut tx,

@@ -163,6 +163,47 @@ pub async fn set_moving_to(tx: &mut PgConnection, slug: &str, to: Option<&str>) 
     super::notify_tenant_changed(&mut *tx, slug).await
 }
 
+/// Why a tenant cannot start moving now.
+#[derive(Debug, thiserror::Error)]
+pub enum StartMoveError {
+    /// A migration rollout is queued or running: it would migrate the database being copied.
+    #[error("migration rollout job {0} is running; move the tenant once it is done")]
+    RolloutRunning(i64),
+    /// The target server is at its `max_tenants`.
+    #[error("server {0:?} is at max_tenants")]
+    NoCapacity(String),
+    /// The catalog failed.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// Marks `slug` (whose row the caller locked) as moving to server `to`, taking room there,
+/// unless a migration rollout is queued or running; routers stop serving it. A tenant already
+/// moving to `to` keeps its room.
+pub async fn start_move(tx: &mut PgConnection, slug: &str, to: &str) -> Result<(), StartMoveError> {
+    let moving_to: Option<String> = sqlx::query_scalar("SELECT moving_to FROM tenants WHERE slug = $1")
+        .bind(slug)
+        .fetch_one(&mut *tx)
+        .await?;
+    // Servers before jobs, the order tenant creation takes them in.
+    if moving_to.as_deref() != Some(to) && place(tx, Some(to)).await?.is_none() {
+        return Err(StartMoveError::NoCapacity(to.to_owned()));
+    }
+    // The lock `POST /v1/migrations` takes before it queues a rollout.
+    sqlx::query("LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
+    let rollout: Option<i64> =
+        sqlx::query_scalar("SELECT id FROM jobs WHERE kind = 'migrate' AND state IN ('queued','running') LIMIT 1")
+            .fetch_optional(&mut *tx)
+            .await?;
+    if let Some(id) = rollout {
+        return Err(StartMoveError::RolloutRunning(id));
+    }
+    set_moving_to(tx, slug, Some(to)).await?;
+    Ok(())
+}
+
 /// Ends the move of `slug`: it now lives on server `to`, and routers serve it from there.
 pub async fn finish_move(tx: &mut PgConnection, slug: &str, to: &str) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE tenants SET server = $2, moving_to = NULL, updated_at = now() WHERE slug = $1")
