@@ -82,6 +82,19 @@ impl Backups {
         find_file_ending(&dir, &job_suffix(job_id))
     }
 
+    /// The backup of `slug` named `name` (a file name as `take` makes them, e.g. from a job's
+    /// progress), if it exists. Only `slug`'s own backups are found: a tenant is never restored
+    /// from another tenant's data.
+    pub fn find(&self, slug: &TenantSlug, name: &str) -> Result<Option<PathBuf>, BackupError> {
+        let plain =
+            !name.is_empty() && !name.starts_with('.') && name.ends_with(".dump") && !name.contains(['/', '\\', '\0']);
+        if !plain {
+            return Ok(None);
+        }
+        let path = self.tenant_dir(slug)?.join(name);
+        Ok(path.is_file().then_some(path))
+    }
+
     /// Removes the backup job `job_id` took of `slug`, if it took one: a move that was undone
     /// must not restore it later, the tenant having been written to since.
     pub fn discard(&self, slug: &TenantSlug, job_id: i64) -> Result<(), BackupError> {
@@ -401,6 +414,35 @@ mod tests {
             backups.tool("pg_restore").expect("tool"),
             Path::new("/opt/pg/bin/pg_restore")
         );
+    }
+
+    #[test]
+    fn only_a_tenants_own_finished_backups_are_found_by_name() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let backups = Backups::new(BackupsConfig {
+            dir: Some(root.path().to_owned()),
+            pg_dump: None,
+        });
+        let acme = TenantSlug::parse("acme").expect("slug");
+        std::fs::create_dir_all(root.path().join("acme")).expect("mkdir");
+        std::fs::create_dir_all(root.path().join("other")).expect("mkdir");
+        std::fs::write(root.path().join("acme/acme-1-job1.dump"), b"x").expect("write");
+        std::fs::write(root.path().join("acme/.acme-2-job2.dump.partial"), b"x").expect("write");
+        std::fs::write(root.path().join("other/other-1-job3.dump"), b"x").expect("write");
+        let found = |name: &str| backups.find(&acme, name).expect("find");
+        assert_eq!(
+            found("acme-1-job1.dump"),
+            Some(root.path().join("acme/acme-1-job1.dump"))
+        );
+        for name in [
+            "../other/other-1-job3.dump",
+            "other-1-job3.dump",
+            ".acme-2-job2.dump.partial",
+            "acme-9-job9.dump",
+            "",
+        ] {
+            assert_eq!(found(name), None, "{name:?}");
+        }
     }
 
     #[test]

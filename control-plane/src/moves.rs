@@ -30,8 +30,8 @@ use crate::catalog::tenants::{self, StartMoveError};
 use crate::jobs::{self, Job};
 use crate::names::{quote_ident, TenantSlug};
 use crate::provision::{
-    create_database, ddl, drop_database, drop_roles, ensure_login_role, ensure_owner_role, fail_after,
-    hand_over_database, role_exists, ProvisionError, Provisioner, StepContext,
+    create_database, drop_database, drop_roles, ensure_login_role, ensure_owner_role, fail_after, hand_over_database,
+    own_public_schema, role_exists, ProvisionError, Provisioner, StepContext,
 };
 use crate::rotation::test_login;
 use crate::secrets::{self, DbSecret};
@@ -201,15 +201,7 @@ impl Provisioner {
             .connect(&slug.database_name())
             .await
             .step("connect to tenant database")?;
-        ddl(
-            &mut conn,
-            &format!(
-                "ALTER SCHEMA public OWNER TO {}; REVOKE ALL ON SCHEMA public FROM PUBLIC",
-                quote_ident(&slug.owner_role())
-            ),
-            "own public schema",
-        )
-        .await?;
+        own_public_schema(&mut conn, &slug.owner_role()).await?;
         let _ = conn.close().await;
         let moved = moved_login(&current, to);
         self.backups.restore(slug, backup, &moved, &to.config.tls).await?;

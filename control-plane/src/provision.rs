@@ -104,6 +104,10 @@ pub struct ProvisionParams {
     pub api_key_hash: String,
     /// Version id of the first secret version, so a retried step does not add another.
     pub secret_version: String,
+    /// A backup of this tenant (file name in its backup directory) the database is restored
+    /// from, instead of starting empty; pending migrations are applied after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<String>,
 }
 
 /// Parameters of a `delete` job.
@@ -220,15 +224,20 @@ impl Provisioner {
                 }
                 "roles" => self.ensure_roles(server, &slug, &secret_name).await?,
                 "database" => {
+                    // A restore needs an empty database; templates and spares have tables.
+                    let copies = self.templates && params.restore_from.is_none();
                     ensure_database(
                         server,
                         &slug,
-                        self.templates.then_some(&migrations),
-                        self.spares.as_deref(),
+                        copies.then_some(&migrations),
+                        self.spares.as_deref().filter(|_| copies),
                     )
                     .await?
                 }
-                "schema" => self.ensure_schema(server, &slug, &migrations, &params).await?,
+                "schema" => {
+                    self.ensure_schema(server, &slug, &secret_name, &migrations, &params)
+                        .await?
+                }
                 _ => self.activate(&slug).await?,
             }
             jobs::observe_step("provision", step, started);
@@ -296,6 +305,7 @@ impl Provisioner {
         &self,
         server: &Server,
         slug: &TenantSlug,
+        secret_name: &str,
         migrations: &TenantMigrations,
         params: &ProvisionParams,
     ) -> Result<(), ProvisionError> {
@@ -324,6 +334,9 @@ impl Provisioner {
             }) if e.code().as_deref() == Some(UNDEFINED_OBJECT) => {}
             other => other?,
         }
+        if let Some(name) = &params.restore_from {
+            self.restore_into(server, slug, secret_name, name, &mut conn).await?;
+        }
         let version = own_schema_and_migrate(&mut conn, &slug.owner_role(), migrations).await?;
         if version != migrations.latest_version() {
             return Err(ProvisionError::InvalidJob(format!(
@@ -339,6 +352,36 @@ impl Provisioner {
             .execute(&self.catalog)
             .await
             .step("record schema version")?;
+        Ok(())
+    }
+
+    /// Part of step `schema` for a tenant created from a backup: the backup `name` of this
+    /// tenant restored into its new, empty database (`conn`, an admin session there) as its
+    /// owner role. `pg_restore` runs in one transaction, so a database that has silo's
+    /// migration table was restored completely, and a resumed job leaves it as it is.
+    async fn restore_into(
+        &self,
+        server: &Server,
+        slug: &TenantSlug,
+        secret_name: &str,
+        name: &str,
+        conn: &mut PgConnection,
+    ) -> Result<(), ProvisionError> {
+        let restored: bool = sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations') IS NOT NULL")
+            .fetch_one(&mut *conn)
+            .await
+            .step("look for a restored schema")?;
+        if restored {
+            return Ok(());
+        }
+        let file = self
+            .backups
+            .find(slug, name)?
+            .ok_or_else(|| ProvisionError::InvalidJob(format!("tenant {slug} has no backup named {name:?}")))?;
+        own_public_schema(conn, &slug.owner_role()).await?;
+        let login = self.current_login(secret_name).await?;
+        self.backups.restore(slug, &file, &login, &server.config.tls).await?;
+        info!(backup = %file.display(), "tenant database restored from a backup");
         Ok(())
     }
 
@@ -576,14 +619,22 @@ pub(crate) async fn own_schema_and_migrate(
     owner_role: &str,
     migrations: &TenantMigrations,
 ) -> Result<i64, ProvisionError> {
-    let owner = quote_ident(owner_role);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "ALTER SCHEMA public OWNER TO {owner}; REVOKE ALL ON SCHEMA public FROM PUBLIC"
-    )))
-    .execute(&mut *conn)
-    .await
-    .step("own public schema")?;
+    own_public_schema(conn, owner_role).await?;
     Ok(migrations.apply(conn, owner_role, None).await?)
+}
+
+/// The `public` schema of the database `conn` is in belongs to `owner_role`, and `PUBLIC`
+/// may not use it.
+pub(crate) async fn own_public_schema(conn: &mut PgConnection, owner_role: &str) -> Result<(), ProvisionError> {
+    ddl(
+        conn,
+        &format!(
+            "ALTER SCHEMA public OWNER TO {}; REVOKE ALL ON SCHEMA public FROM PUBLIC",
+            quote_ident(owner_role)
+        ),
+        "own public schema",
+    )
+    .await
 }
 
 /// The tenant's NOLOGIN owner role exists.

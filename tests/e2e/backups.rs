@@ -154,6 +154,80 @@ async fn siloctl_tenant_backup_dumps_a_tenant_that_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_tenant_is_created_again_from_its_backup_with_its_data_keys_and_new_migrations() {
+    let migrations = tempfile::tempdir().unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations/tenant/0001_init.sql");
+    std::fs::copy(shipped, migrations.path().join("0001_init.sql")).unwrap();
+    let stack = Stack::start(StackOptions {
+        extra_toml: "[backups]\ndir = \"backups\"\n".into(),
+        tenant_migrations_dir: Some(migrations.path().to_owned()),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let slug = unique_name("rs");
+    let old_key = tenant_with_tasks(&stack, &slug, &["kept 1", "kept 2"]).await;
+    let (status, body) = delete(&stack, &slug, "?backup=true").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let dump = job["progress"]["backup"].as_str().unwrap().to_owned();
+    // A migration written after the backup: the restored tenant gets it too.
+    std::fs::write(
+        migrations.path().join("0002_notes.sql"),
+        "ALTER TABLE tasks ADD COLUMN note text;\n",
+    )
+    .unwrap();
+
+    // Only this slug's own backups, by name: another tenant's dump is never restored.
+    let other = unique_name("rso");
+    for (who, name) in [(other.as_str(), dump.as_str()), (slug.as_str(), "nope.dump")] {
+        let name = std::path::Path::new(name).file_name().unwrap().to_str().unwrap();
+        let (status, body) = stack
+            .admin(
+                Method::POST,
+                "/v1/tenants",
+                Some(serde_json::json!({"slug": who, "restore_from": name})),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(body["error"], "backup_not_found", "{body}");
+    }
+
+    let (code, stdout, stderr) = stack
+        .siloctl(&["-o", "json", "tenant", "create", &slug, "--restore-from", &dump])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let created: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(created["tenant"]["status"], "active", "{created}");
+    assert_eq!(created["tenant"]["schema_version"], 2, "{created}");
+    let new_key = created["api_key"].as_str().unwrap();
+    for key in [old_key.as_str(), new_key] {
+        let resp = stack.tenant_get(&slug, key, "/api/v1/tasks").await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body: Value = resp.json().await.unwrap();
+        let titles: Vec<&str> = body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["title"].as_str().unwrap())
+            .collect();
+        assert_eq!(titles, ["kept 1", "kept 2"]);
+    }
+    let database = silo_tests::database_of(&slug);
+    let mut conn = stack.pg().admin_options(&database).connect().await.unwrap();
+    let notes: i64 = sqlx::query_scalar("SELECT count(note) FROM tasks")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(notes, 0, "the new column exists on the restored rows");
+    conn.close().await.unwrap();
+    stack.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_backup_that_fails_drops_nothing_and_the_delete_can_be_retried() {
     // A pg_dump that always fails.
     let stack = stack_with_backups("pg_dump = \"/bin/false\"\n").await;

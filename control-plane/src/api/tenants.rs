@@ -12,6 +12,7 @@ use super::auth::Actor;
 use super::error::ApiError;
 use super::extract::{Body, Path, Query};
 use super::ApiState;
+use crate::backup::Backups;
 use crate::catalog::routes::TenantStatus;
 use crate::catalog::tenants::{self, InsertError, NewTenant, Tenant};
 use crate::names::TenantSlug;
@@ -28,6 +29,9 @@ pub struct CreateTenant {
     #[serde(default)]
     domains: Vec<String>,
     server: Option<String>,
+    /// File name of a backup of this slug (in `[backups] dir/{slug}/`) to restore the new
+    /// database from: a deleted tenant created again with its data and API keys.
+    restore_from: Option<String>,
 }
 
 pub(super) fn parse_slug(slug: &str) -> Result<TenantSlug, ApiError> {
@@ -83,6 +87,24 @@ fn parse_name(name: Option<String>, slug: &TenantSlug) -> Result<String, ApiErro
     Ok(name)
 }
 
+/// A tenant created from a backup needs backups configured and that backup of its own slug.
+fn check_backup(state: &ApiState, slug: &TenantSlug, name: &str) -> Result<(), ApiError> {
+    if state.config.backups.dir.is_none() {
+        return Err(ApiError::Unprocessable(
+            "backup_unavailable",
+            "this control plane has no [backups] dir configured, so there is no backup to restore".into(),
+        ));
+    }
+    match Backups::new(state.config.backups.clone()).find(slug, name) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(ApiError::Unprocessable(
+            "backup_not_found",
+            format!("tenant {slug} has no backup named {name:?} (a file name in its backup directory, as a backup job's progress gives it)"),
+        )),
+        Err(e) => Err(ApiError::Internal(e.into())),
+    }
+}
+
 /// `POST /v1/tenants` → 202 `{"tenant","job","api_key"}`.
 pub async fn create(
     State(state): State<ApiState>,
@@ -108,11 +130,22 @@ pub async fn create(
         }
     }
 
+    if let Some(backup) = &req.restore_from {
+        check_backup(&state, &slug, backup)?;
+    }
+
     let (api_key, key_hash) = silo_tenant_app::api_keys::generate();
+    let secret_version = uuid::Uuid::new_v4().to_string();
+    // A restored database has the old keys, likely a `default` among them.
+    let api_key_name = match &req.restore_from {
+        Some(_) => format!("restored-{}", &secret_version[..8]),
+        None => "default".into(),
+    };
     let params = ProvisionParams {
-        api_key_name: "default".into(),
+        api_key_name,
         api_key_hash: hex::encode(key_hash),
-        secret_version: uuid::Uuid::new_v4().to_string(),
+        secret_version,
+        restore_from: req.restore_from,
     };
     let mut tx = state.catalog.begin().await?;
     let server = tenants::place(&mut tx, req.server.as_deref())

@@ -121,6 +121,10 @@ pub(crate) enum TenantCommand {
         /// Place the tenant on this server instead of the least loaded one.
         #[arg(long, value_name = "NAME")]
         server: Option<String>,
+        /// Restore the new database from this backup of the same slug (a file in
+        /// [backups] dir/SLUG/, as `siloctl jobs show` of a backup or delete job names it).
+        #[arg(long, value_name = "FILE")]
+        restore_from: Option<std::path::PathBuf>,
         /// Return once the job is queued instead of waiting for it.
         #[arg(long)]
         no_wait: bool,

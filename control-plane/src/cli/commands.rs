@@ -45,6 +45,7 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
             plan,
             domains,
             server,
+            restore_from,
             no_wait,
         } => {
             let mut body = Map::new();
@@ -60,6 +61,11 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
             }
             if let Some(server) = server {
                 body.insert("server".into(), json!(server));
+            }
+            if let Some(backup) = restore_from {
+                // The control plane looks the name up among this tenant's own backups.
+                let name = backup.file_name().map(|n| n.to_string_lossy().into_owned());
+                body.insert("restore_from".into(), json!(name.unwrap_or_default()));
             }
             let created = client.post("/v1/tenants", &Value::Object(body)).await?;
             let api_key = created.get("api_key").cloned().unwrap_or(Value::Null);
