@@ -145,8 +145,8 @@ impl Backups {
 
     /// Restores backup `file` of `slug` into the empty database `secret` names, logged in with
     /// `secret` over `tls` and acting as the tenant's owner role, so that what it creates
-    /// belongs to that role whatever owned it where the backup was taken. Stops at the first
-    /// error (the caller drops the half-restored database).
+    /// belongs to that role whatever owned it where the backup was taken. One transaction:
+    /// the database gets all of the backup or, on any error, none of it.
     pub async fn restore(
         &self,
         slug: &TenantSlug,

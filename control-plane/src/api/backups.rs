@@ -9,10 +9,8 @@ use serde_json::{json, Value};
 use super::auth::Actor;
 use super::error::ApiError;
 use super::extract::Path;
-use super::tenants::parse_slug;
+use super::tenants::{lock_active_or_suspended, parse_slug};
 use super::ApiState;
-use crate::catalog::routes::TenantStatus;
-use crate::catalog::tenants;
 use crate::{audit, jobs};
 
 /// `POST /v1/tenants/{slug}/backup` → 202 `{"job"}`. Asking again while the backup runs
@@ -30,27 +28,12 @@ pub async fn back_up(
         ));
     }
     let mut tx = state.catalog.begin().await?;
-    match tenants::lock_status(&mut tx, slug.as_str()).await? {
-        None | Some(TenantStatus::Deleted) => return Err(ApiError::tenant_not_found(slug.as_str())),
-        Some(TenantStatus::Active | TenantStatus::Suspended) => {}
-        Some(other) => {
-            return Err(ApiError::Conflict(
-                "invalid_state",
-                format!(
-                    "tenant is {}; only an active or suspended tenant can be backed up",
-                    other.as_str()
-                ),
-            ))
-        }
-    }
+    lock_active_or_suspended(&mut tx, &slug, "backed up").await?;
     if let Some(job) = jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
         if job.kind == "backup" {
             return Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))));
         }
-        return Err(ApiError::Conflict(
-            "tenant_busy",
-            format!("job {} ({}) is still running for this tenant", job.id, job.kind),
-        ));
+        return Err(ApiError::tenant_busy(&job));
     }
     let job = jobs::enqueue(&mut tx, "backup", Some(slug.as_str()), json!({})).await?;
     audit::record(

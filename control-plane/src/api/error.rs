@@ -41,6 +41,19 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// 409 `tenant_busy`: another job (`job`) is still running for the tenant.
+    pub fn tenant_busy(job: &crate::jobs::Job) -> Self {
+        Self::Conflict(
+            "tenant_busy",
+            format!(
+                "job {} ({}) is still running for tenant {}",
+                job.id,
+                job.kind,
+                job.tenant.as_deref().unwrap_or("-")
+            ),
+        )
+    }
+
     /// 404 for tenant `slug`.
     pub fn tenant_not_found(slug: &str) -> Self {
         Self::NotFound("tenant_not_found", format!("tenant {slug:?} does not exist"))

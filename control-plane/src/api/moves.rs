@@ -10,9 +10,8 @@ use serde_json::{json, Value};
 use super::auth::Actor;
 use super::error::ApiError;
 use super::extract::{Body, Path};
-use super::tenants::parse_slug;
+use super::tenants::{lock_active_or_suspended, parse_slug};
 use super::ApiState;
-use crate::catalog::routes::TenantStatus;
 use crate::catalog::tenants::{self, StartMoveError};
 use crate::moves::MoveParams;
 use crate::{audit, jobs};
@@ -49,19 +48,7 @@ pub async fn move_tenant(
         ));
     }
     let mut tx = state.catalog.begin().await?;
-    match tenants::lock_status(&mut tx, slug.as_str()).await? {
-        None | Some(TenantStatus::Deleted) => return Err(ApiError::tenant_not_found(slug.as_str())),
-        Some(TenantStatus::Active | TenantStatus::Suspended) => {}
-        Some(other) => {
-            return Err(ApiError::Conflict(
-                "invalid_state",
-                format!(
-                    "tenant is {}; only an active or suspended tenant can be moved",
-                    other.as_str()
-                ),
-            ))
-        }
-    }
+    lock_active_or_suspended(&mut tx, &slug, "moved").await?;
     let tenant = tenants::get(&mut tx, slug.as_str())
         .await?
         .ok_or_else(|| ApiError::tenant_not_found(slug.as_str()))?;
@@ -69,10 +56,7 @@ pub async fn move_tenant(
         if job.kind == "move" && tenant.moving_to.as_deref() == Some(req.server.as_str()) {
             return Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))));
         }
-        return Err(ApiError::Conflict(
-            "tenant_busy",
-            format!("job {} ({}) is still running for this tenant", job.id, job.kind),
-        ));
+        return Err(ApiError::tenant_busy(&job));
     }
     if tenant.server == req.server {
         return Err(ApiError::Conflict(

@@ -10,10 +10,8 @@ use sqlx::PgConnection;
 use super::auth::Actor;
 use super::error::ApiError;
 use super::extract::{Body, Path};
-use super::tenants::parse_slug;
+use super::tenants::{lock_active_or_suspended, parse_slug};
 use super::ApiState;
-use crate::catalog::routes::TenantStatus;
-use crate::catalog::tenants;
 use crate::config::RotationStrategy;
 use crate::rotation::RotateParams;
 use crate::{audit, jobs, schedule};
@@ -58,19 +56,7 @@ fn strategy(state: &ApiState, requested: Option<&str>) -> Result<Strategy, ApiEr
 /// another strategy than it has (409: the request would be silently ignored).
 async fn queue_one(tx: &mut PgConnection, actor: &str, slug: &str, strategy: Strategy) -> Result<jobs::Job, ApiError> {
     let slug = parse_slug(slug)?;
-    match tenants::lock_status(tx, slug.as_str()).await? {
-        None | Some(TenantStatus::Deleted) => return Err(ApiError::tenant_not_found(slug.as_str())),
-        Some(TenantStatus::Active | TenantStatus::Suspended) => {}
-        Some(other) => {
-            return Err(ApiError::Conflict(
-                "invalid_state",
-                format!(
-                    "tenant {slug} is {}; only active or suspended tenants rotate",
-                    other.as_str()
-                ),
-            ))
-        }
-    }
+    lock_active_or_suspended(tx, &slug, "rotated").await?;
     if let Some(job) = jobs::active_for_tenant(tx, slug.as_str()).await? {
         if job.kind == "rotate" {
             let wanted = strategy.strategy.name();
@@ -88,10 +74,7 @@ async fn queue_one(tx: &mut PgConnection, actor: &str, slug: &str, strategy: Str
                 _ => return Ok(job),
             }
         }
-        return Err(ApiError::Conflict(
-            "tenant_busy",
-            format!("job {} ({}) is still running for tenant {slug}", job.id, job.kind),
-        ));
+        return Err(ApiError::tenant_busy(&job));
     }
     let params =
         serde_json::to_value(RotateParams::new(strategy.strategy)).map_err(|e| ApiError::Internal(e.into()))?;

@@ -87,6 +87,27 @@ fn parse_name(name: Option<String>, slug: &TenantSlug) -> Result<String, ApiErro
     Ok(name)
 }
 
+/// Locks tenant `slug`'s row for the transaction and checks it is active or suspended, the
+/// states a rotation, a backup or a move starts from: 404 for an unknown or deleted tenant,
+/// 409 `invalid_state` naming what was refused (`action`, e.g. "moved") otherwise.
+pub(super) async fn lock_active_or_suspended(
+    tx: &mut sqlx::PgConnection,
+    slug: &TenantSlug,
+    action: &str,
+) -> Result<(), ApiError> {
+    match tenants::lock_status(tx, slug.as_str()).await? {
+        None | Some(TenantStatus::Deleted) => Err(ApiError::tenant_not_found(slug.as_str())),
+        Some(TenantStatus::Active | TenantStatus::Suspended) => Ok(()),
+        Some(other) => Err(ApiError::Conflict(
+            "invalid_state",
+            format!(
+                "tenant {slug} is {}; only an active or suspended tenant can be {action}",
+                other.as_str()
+            ),
+        )),
+    }
+}
+
 /// A tenant created from a backup needs backups configured and that backup of its own slug.
 fn check_backup(state: &ApiState, slug: &TenantSlug, name: &str) -> Result<(), ApiError> {
     if state.config.backups.dir.is_none() {
@@ -249,10 +270,7 @@ pub async fn delete(
         },
         Some(_) => {
             if let Some(job) = jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
-                return Err(ApiError::Conflict(
-                    "tenant_busy",
-                    format!("job {} ({}) is still running for this tenant", job.id, job.kind),
-                ));
+                return Err(ApiError::tenant_busy(&job));
             }
             tenants::set_status(&mut tx, slug.as_str(), TenantStatus::Deleting, None).await?;
             jobs::enqueue(&mut tx, "delete", Some(slug.as_str()), params).await?
