@@ -247,6 +247,17 @@ pub async fn requeue(tx: &mut PgConnection, id: i64) -> Result<Option<Result<Job
     }
 }
 
+/// Locks the jobs table against new jobs until the transaction ends (so a rollout and a move
+/// never start at once) and returns the unfinished migration rollout, if any.
+pub async fn lock_for_rollout(tx: &mut PgConnection) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query("LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query_scalar("SELECT id FROM jobs WHERE kind = 'migrate' AND state IN ('queued','running') LIMIT 1")
+        .fetch_optional(tx)
+        .await
+}
+
 /// The unfinished job of `kind` for `tenant`, if any.
 pub async fn active_for_tenant(exec: &mut PgConnection, tenant: &str) -> Result<Option<Job>, sqlx::Error> {
     sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(

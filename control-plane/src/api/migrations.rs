@@ -75,14 +75,7 @@ pub async fn start(
         max_failure_percent: req.max_failure_percent.unwrap_or(defaults.max_failure_percent).min(100),
     };
     let mut tx = state.catalog.begin().await?;
-    sqlx::query("LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE")
-        .execute(&mut *tx)
-        .await?;
-    let running: Option<i64> =
-        sqlx::query_scalar("SELECT id FROM jobs WHERE kind = 'migrate' AND state IN ('queued','running') LIMIT 1")
-            .fetch_optional(&mut *tx)
-            .await?;
-    let job = match running {
+    let job = match jobs::lock_for_rollout(&mut tx).await? {
         Some(id) => jobs::get(&mut tx, id).await?,
         None => {
             // A tenant being moved would be migrated on the server it is leaving.

@@ -189,15 +189,7 @@ pub async fn start_move(tx: &mut PgConnection, slug: &str, to: &str) -> Result<(
     if moving_to.as_deref() != Some(to) && place(tx, Some(to)).await?.is_none() {
         return Err(StartMoveError::NoCapacity(to.to_owned()));
     }
-    // The lock `POST /v1/migrations` takes before it queues a rollout.
-    sqlx::query("LOCK TABLE jobs IN SHARE ROW EXCLUSIVE MODE")
-        .execute(&mut *tx)
-        .await?;
-    let rollout: Option<i64> =
-        sqlx::query_scalar("SELECT id FROM jobs WHERE kind = 'migrate' AND state IN ('queued','running') LIMIT 1")
-            .fetch_optional(&mut *tx)
-            .await?;
-    if let Some(id) = rollout {
+    if let Some(id) = crate::jobs::lock_for_rollout(tx).await? {
         return Err(StartMoveError::RolloutRunning(id));
     }
     set_moving_to(tx, slug, Some(to)).await?;
