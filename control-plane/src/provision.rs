@@ -644,13 +644,18 @@ pub(crate) async fn ensure_owner_role(conn: &mut PgConnection, slug: &TenantSlug
     }
     ddl(
         conn,
-        &format!(
-            "CREATE ROLE {} NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE",
-            quote_ident(&slug.owner_role())
-        ),
+        &create_role_sql(&slug.owner_role(), "NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"),
         "create owner role",
     )
     .await
+}
+
+/// `CREATE ROLE` for a role silo manages, with the admin role made a member of it. Managed
+/// PostgreSQL services give silo a `CREATEDB CREATEROLE` role rather than a superuser, and
+/// only a member of a role may give it a database, act as it or end its sessions.
+pub(crate) fn create_role_sql(role: &str, attributes: &str) -> String {
+    let role = quote_ident(role);
+    format!("CREATE ROLE {role} {attributes};\nGRANT {role} TO CURRENT_USER")
 }
 
 /// Creates login role `role` of the tenant, or resets it: login allowed with `password`, no
@@ -668,20 +673,37 @@ pub(crate) async fn ensure_login_role(
         )));
     }
     let login = quote_ident(role);
-    let attrs = "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT";
     // A verifier, never the password itself: PostgreSQL may log this statement.
     let password = quote_literal(&crate::scram::verifier(password));
-    let verb = if role_exists(conn, role).await? {
-        "ALTER"
-    } else {
-        "CREATE"
+    // Only a superuser may name SUPERUSER, REPLICATION or BYPASSRLS in an ALTER ROLE, even
+    // to deny them, so an existing role is checked for them instead.
+    let privileged: Option<bool> =
+        sqlx::query_scalar("SELECT rolsuper OR rolreplication OR rolbypassrls FROM pg_roles WHERE rolname = $1")
+            .bind(role)
+            .fetch_optional(&mut *conn)
+            .await
+            .step("look up login role")?;
+    let (verb, attrs) = match privileged {
+        None => (
+            "CREATE",
+            "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT",
+        ),
+        Some(false) => ("ALTER", "LOGIN NOCREATEDB NOCREATEROLE INHERIT"),
+        Some(true) => {
+            return Err(ProvisionError::InvalidJob(format!(
+                "login role {role} has SUPERUSER, REPLICATION or BYPASSRLS, which silo never grants; \
+                 refusing to use it"
+            )))
+        }
     };
     let owner = slug.owner_role();
     // One batch: the password, membership in the owner, and acting as the owner, so
     // whatever the app creates belongs to the owner and stays usable by both login roles
-    // across alternating rotations.
+    // across alternating rotations; the admin role's membership lets it end the role's
+    // sessions without being a superuser (see `create_role_sql`).
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "{verb} ROLE {login} {attrs} PASSWORD {password};\n\
+         GRANT {login} TO CURRENT_USER;\n\
          GRANT {} TO {login};\n\
          ALTER ROLE {login} SET role = {}",
         quote_ident(&owner),

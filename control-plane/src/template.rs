@@ -12,7 +12,7 @@ use sqlx::Connection;
 use tracing::{info, warn};
 
 use crate::names::quote_ident;
-use crate::provision::{ddl, own_schema_and_migrate, ProvisionError, StepContext};
+use crate::provision::{create_role_sql, ddl, own_schema_and_migrate, ProvisionError, StepContext};
 use crate::servers::Server;
 use crate::tenant_schema::TenantMigrations;
 
@@ -74,7 +74,7 @@ async fn build(server: &Server, migrations: &TenantMigrations, name: &str) -> Re
     if !role_exists {
         ddl(
             &mut admin,
-            &format!("CREATE ROLE {} NOLOGIN", quote_ident(TEMPLATE_OWNER)),
+            &create_role_sql(TEMPLATE_OWNER, "NOLOGIN"),
             "create template owner",
         )
         .await?;

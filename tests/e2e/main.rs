@@ -9,6 +9,7 @@ mod contract;
 mod crash_safety;
 mod harness;
 mod isolation;
+mod managed_server;
 mod moves;
 mod rollout;
 mod rotation;

@@ -203,6 +203,44 @@ async fn passwords_never_reach_the_server_log() {
     stack.stop().await.unwrap();
 }
 
+/// A login role someone made a superuser on the server is never given a new password: the
+/// rotation fails with a message that says why, and succeeds when retried once the role is
+/// plain again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_refuses_a_login_role_made_superuser_behind_its_back() {
+    let stack = stack(Secrets::Local).await;
+    let slug = unique_name("t");
+    stack.create_tenant(&slug).await.unwrap();
+    let creds = stack.credentials(&slug).await.unwrap();
+    let role = creds["username"].as_str().unwrap().to_owned();
+    let mut admin = stack.pg().admin_options("postgres").connect().await.unwrap();
+    let alter = |attribute: &str| format!("ALTER ROLE \"{role}\" {attribute}");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(alter("SUPERUSER")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+
+    let job = stack.rotate(&slug, "single").await.unwrap();
+    assert_eq!(job["state"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains(&role) && error.contains("SUPERUSER"), "{error}");
+    assert_eq!(
+        stack.credentials(&slug).await.unwrap(),
+        creds,
+        "the secret is unchanged"
+    );
+
+    sqlx::raw_sql(sqlx::AssertSqlSafe(alter("NOSUPERUSER")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    admin.close().await.unwrap();
+    let job = stack.retry_job(job["id"].as_i64().unwrap()).await.unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_ne!(stack.credentials(&slug).await.unwrap()["password"], creds["password"]);
+    stack.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn stages_and_retired_credentials_aws() {
     stages_and_retired_credentials(Secrets::Aws).await;
