@@ -7,7 +7,7 @@ use reqwest::{Method, StatusCode};
 use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 use silo_tests::pg::TestCluster;
-use silo_tests::stack::{Stack, StackOptions};
+use silo_tests::stack::{Secrets, Stack, StackOptions};
 use silo_tests::{database_of, secret_connect_options, unique_name};
 use sqlx::{ConnectOptions, Connection};
 
@@ -17,6 +17,10 @@ const PG2_PASSWORD_ENV: &str = "SILO_TEST_PG2_PASSWORD";
 /// A stack with backups and a second server, `pg-2`, on a cluster of its own, with room for
 /// one tenant.
 async fn two_server_stack() -> (Stack, TestCluster) {
+    two_server_stack_with(Secrets::Local).await
+}
+
+async fn two_server_stack_with(secrets: Secrets) -> (Stack, TestCluster) {
     let pg2 = TestCluster::start().await.unwrap();
     std::env::set_var(PG2_PASSWORD_ENV, pg2.password().expose_secret());
     let stack = Stack::start(StackOptions {
@@ -26,6 +30,7 @@ async fn two_server_stack() -> (Stack, TestCluster) {
              admin_password_env = \"{PG2_PASSWORD_ENV}\"\nmax_tenants = 1\n",
             pg2.port()
         ),
+        secrets,
         ..StackOptions::default()
     })
     .await
@@ -96,7 +101,17 @@ async fn left_on(pg: &TestCluster, slug: &str) -> (bool, i64) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tenant_moves_to_another_server_with_its_data_keys_and_credentials() {
-    let (stack, pg2) = two_server_stack().await;
+    a_tenant_moves_with_its_data_keys_and_credentials(Secrets::Local).await;
+}
+
+/// The move's switch writes a new current version of the secret in AWS Secrets Manager too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_moves_with_its_credentials_in_aws_secrets_manager() {
+    a_tenant_moves_with_its_data_keys_and_credentials(Secrets::Aws).await;
+}
+
+async fn a_tenant_moves_with_its_data_keys_and_credentials(secrets: Secrets) {
+    let (stack, pg2) = two_server_stack_with(secrets).await;
     let slug = unique_name("mv");
     let key = tenant_with_tasks(&stack, &slug, &["first", "second", "third"]).await;
     let (status, minted) = stack
