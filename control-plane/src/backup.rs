@@ -1,5 +1,7 @@
-//! Backups of tenant databases: step `backup` of a `delete` job with `backup=true`, and the
-//! copy a `move` job restores on the tenant's new server (`crate::moves`).
+//! Backups of tenant databases: `backup` jobs, step `backup` of a `delete` job with
+//! `backup=true`, and the copy a `move` job restores on the tenant's new server
+//! (`crate::moves`); the listing of a tenant's backups and their retention
+//! (`[backups] keep_last`).
 //!
 //! `pg_dump --format=custom` of the tenant's database, logged in as the tenant's own login
 //! role acting as its owner role (`--role`), so the control plane's admin role needs no
@@ -60,6 +62,19 @@ fn io<'p>(what: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
+/// A finished backup of a tenant, as `GET /v1/tenants/{slug}/backups` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BackupFile {
+    /// The file name, as `siloctl tenant create --restore-from` takes it.
+    pub file: String,
+    /// Its size.
+    pub bytes: u64,
+    /// When it was finished (the file's modification time).
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// The job that took it.
+    pub job: Option<i64>,
+}
+
 /// Takes tenant backups into the configured directory.
 #[derive(Debug, Clone)]
 pub struct Backups {
@@ -93,6 +108,49 @@ impl Backups {
         }
         let path = self.tenant_dir(slug)?.join(name);
         Ok(path.is_file().then_some(path))
+    }
+
+    /// `slug`'s finished backups, newest first; none when it never had one.
+    pub fn list(&self, slug: &TenantSlug) -> Result<Vec<BackupFile>, BackupError> {
+        let dir = self.tenant_dir(slug)?;
+        if !dir.is_dir() {
+            return Ok(Vec::new());
+        }
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(io("list", &dir))? {
+            let entry = entry.map_err(io("list", &dir))?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if name.starts_with('.') || !name.ends_with(".dump") {
+                continue;
+            }
+            let path = entry.path();
+            let meta = entry.metadata().map_err(io("read", &path))?;
+            let modified = meta.modified().map_err(io("read", &path))?;
+            files.push(BackupFile {
+                job: job_of(&name),
+                file: name,
+                bytes: meta.len(),
+                created_at: modified.into(),
+            });
+        }
+        files.sort_by_key(|b| std::cmp::Reverse((b.created_at, b.job)));
+        Ok(files)
+    }
+
+    /// Removes `slug`'s oldest backups beyond `[backups] keep_last`.
+    fn prune(&self, slug: &TenantSlug) -> Result<(), BackupError> {
+        let Some(keep) = self.config.keep_last else {
+            return Ok(());
+        };
+        let dir = self.tenant_dir(slug)?;
+        for old in self.list(slug)?.iter().skip(keep) {
+            let path = dir.join(&old.file);
+            std::fs::remove_file(&path).map_err(io("remove", &path))?;
+            tracing::info!(tenant = %slug, file = %old.file, keep, "old backup removed ([backups] keep_last)");
+        }
+        Ok(())
     }
 
     /// Removes the backup job `job_id` took of `slug`, if it took one: a move that was undone
@@ -140,6 +198,10 @@ impl Backups {
         sync_file(&partial)?;
         std::fs::rename(&partial, &file).map_err(io("rename the finished backup to", &file))?;
         sync_file(&dir)?;
+        // The new backup is taken whatever happens to the old ones.
+        if let Err(e) = self.prune(slug) {
+            tracing::warn!(tenant = %slug, error = %e, "old backups not removed");
+        }
         Ok(file)
     }
 
@@ -262,6 +324,13 @@ impl Backups {
 /// The end of the name of job `job_id`'s backup file.
 fn job_suffix(job_id: i64) -> String {
     format!("-job{job_id}.dump")
+}
+
+/// The id of the job that took backup `name`, from its `-job{id}.dump` ending.
+fn job_of(name: &str) -> Option<i64> {
+    let rest = name.strip_suffix(".dump")?;
+    let (_, id) = rest.rsplit_once("-job")?;
+    id.parse().ok()
 }
 
 /// Creates `dir` (and its parents) if missing; a new directory is readable by its owner only.
@@ -403,8 +472,8 @@ mod tests {
     #[test]
     fn a_configured_pg_dump_is_run_as_given_and_pg_restore_is_taken_next_to_it() {
         let backups = Backups::new(BackupsConfig {
-            dir: None,
             pg_dump: Some(PathBuf::from("/opt/pg/bin/pg_dump-15")),
+            ..BackupsConfig::default()
         });
         assert_eq!(
             backups.tool("pg_dump").expect("tool"),
@@ -421,7 +490,7 @@ mod tests {
         let root = tempfile::tempdir().expect("tempdir");
         let backups = Backups::new(BackupsConfig {
             dir: Some(root.path().to_owned()),
-            pg_dump: None,
+            ..BackupsConfig::default()
         });
         let acme = TenantSlug::parse("acme").expect("slug");
         std::fs::create_dir_all(root.path().join("acme")).expect("mkdir");
@@ -443,6 +512,37 @@ mod tests {
         ] {
             assert_eq!(found(name), None, "{name:?}");
         }
+    }
+
+    #[test]
+    fn backups_are_listed_newest_first_and_pruned_to_keep_last() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let backups = Backups::new(BackupsConfig {
+            dir: Some(root.path().to_owned()),
+            keep_last: Some(2),
+            ..BackupsConfig::default()
+        });
+        let acme = TenantSlug::parse("acme").expect("slug");
+        assert_eq!(backups.list(&acme).expect("list"), [], "no directory yet");
+        let dir = root.path().join("acme");
+        std::fs::create_dir_all(dir.join(".work-1")).expect("mkdir");
+        std::fs::write(dir.join(".acme-4-job4.dump.partial"), b"x").expect("write");
+        let base = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        for (job, age) in [(1, 30), (3, 10), (2, 20)] {
+            let file = std::fs::File::create(dir.join(format!("acme-{job}-job{job}.dump"))).expect("create");
+            file.set_modified(base - std::time::Duration::from_secs(age))
+                .expect("mtime");
+        }
+        let jobs = |backups: &Backups| -> Vec<Option<i64>> {
+            backups.list(&acme).expect("list").into_iter().map(|b| b.job).collect()
+        };
+        assert_eq!(jobs(&backups), [Some(3), Some(2), Some(1)]);
+
+        backups.prune(&acme).expect("prune");
+        assert_eq!(jobs(&backups), [Some(3), Some(2)]);
+        assert!(dir.join(".acme-4-job4.dump.partial").exists(), "not a finished backup");
+        assert_eq!(job_of("acme-20261127T000000Z-job42.dump"), Some(42));
+        assert_eq!(job_of("copied-by-hand.dump"), None);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `DELETE /v1/tenants/{slug}?backup=true` (`siloctl tenant delete SLUG --yes --backup`): the
 //! tenant's database is dumped before anything is dropped, the dump restores, and a backup
-//! that fails drops nothing.
+//! that fails drops nothing; backup jobs, the listing of a tenant's backups and their
+//! retention.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -153,6 +154,91 @@ async fn siloctl_tenant_backup_dumps_a_tenant_that_keeps_serving() {
     stack.stop().await.unwrap();
 }
 
+/// The job ids of `slug`'s backups as the API lists them, newest first.
+async fn listed_jobs(stack: &Stack, slug: &str) -> Vec<i64> {
+    let (status, body) = stack
+        .admin(Method::GET, &format!("/v1/tenants/{slug}/backups"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| {
+            assert!(item["bytes"].as_u64().unwrap() > 0, "{item}");
+            assert!(item["created_at"].is_string(), "{item}");
+            item["job"].as_i64().unwrap()
+        })
+        .collect()
+}
+
+/// `siloctl tenant backups SLUG` lists a tenant's backups newest first, a deleted tenant's
+/// too, and `[backups] keep_last` removes all but the newest ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn backups_are_listed_newest_first_and_only_the_last_ones_are_kept() {
+    let stack = stack_with_backups("keep_last = 2\n").await;
+    let slug = unique_name("bl");
+    let key = tenant_with_tasks(&stack, &slug, &["listed"]).await;
+    assert_eq!(listed_jobs(&stack, &slug).await, Vec::<i64>::new());
+
+    let mut jobs = Vec::new();
+    for _ in 0..3 {
+        let (status, body) = stack
+            .admin(Method::POST, &format!("/v1/tenants/{slug}/backup"), None)
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
+        assert_eq!(job["state"], "succeeded", "{job}");
+        jobs.push(job["id"].as_i64().unwrap());
+    }
+    assert_eq!(listed_jobs(&stack, &slug).await, [jobs[2], jobs[1]]);
+    let on_disk = std::fs::read_dir(stack.dir().join("backups").join(&slug))
+        .unwrap()
+        .count();
+    assert_eq!(on_disk, 2, "the oldest backup was removed");
+
+    // A deleted tenant's backups are still listed, and restore it.
+    let (status, body) = delete(&stack, &slug, "?backup=true").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let deleted = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
+    assert_eq!(deleted["state"], "succeeded", "{deleted}");
+    let last = deleted["id"].as_i64().unwrap();
+    assert_eq!(listed_jobs(&stack, &slug).await, [last, jobs[2]]);
+
+    let (code, stdout, stderr) = stack.siloctl(&["tenant", "backups", &slug]).await.unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(lines[0].starts_with("FILE") && lines[0].contains("CREATED"), "{stdout}");
+    let newest = lines[1].split_whitespace().next().unwrap();
+    assert!(newest.ends_with(&format!("-job{last}.dump")), "{stdout}");
+    let (code, _, stderr) = stack
+        .siloctl(&["tenant", "create", &slug, "--restore-from", newest])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let resp = stack.tenant_get(&slug, &key, "/api/v1/tasks").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    // A slug with neither a tenant nor backups is 404: one line and exit 1 from siloctl.
+    let (status, body) = stack
+        .admin(Method::GET, "/v1/tenants/nobody-here/backups", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("tenant_not_found"))
+    );
+    let (code, _, stderr) = stack.siloctl(&["tenant", "backups", "nobody-here"]).await.unwrap();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let (code, _, stderr) = stack.siloctl(&["tenant", "backups", "Not_A_Slug"]).await.unwrap();
+    assert_eq!(code, Some(2), "{stderr}");
+    stack.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deleted_tenant_is_created_again_from_its_backup_with_its_data_keys_and_new_migrations() {
     let migrations = tempfile::tempdir().unwrap();
@@ -272,6 +358,12 @@ async fn a_backup_without_a_backup_directory_is_refused_and_the_tenant_stays() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(body["error"], "backup_unavailable", "{body}");
     assert!(body["message"].as_str().unwrap().contains("[backups] dir"), "{body}");
+    let (status, body) = stack
+        .admin(Method::GET, &format!("/v1/tenants/{slug}/backups"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"], "backup_unavailable", "{body}");
     let served = stack.tenant_get(&slug, &key, "/api/v1/tasks").await.unwrap();
     assert_eq!(served.status(), StatusCode::OK, "the tenant is untouched");
     stack.stop().await.unwrap();

@@ -1,5 +1,6 @@
 //! `POST /v1/tenants/{slug}/backup`: a backup of a tenant's database while it keeps serving
-//! (a `backup` job; the file goes to `[backups] dir`, named in the job's progress).
+//! (a `backup` job; the file goes to `[backups] dir`, named in the job's progress), and
+//! `GET /v1/tenants/{slug}/backups`: the backups a tenant can be restored from.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -11,6 +12,8 @@ use super::error::ApiError;
 use super::extract::Path;
 use super::tenants::{lock_active_or_suspended, parse_slug};
 use super::ApiState;
+use crate::backup::Backups;
+use crate::catalog::tenants;
 use crate::{audit, jobs};
 
 /// `POST /v1/tenants/{slug}/backup` → 202 `{"job"}`. Asking again while the backup runs
@@ -21,12 +24,7 @@ pub async fn back_up(
     Path(slug): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let slug = parse_slug(&slug)?;
-    if state.config.backups.dir.is_none() {
-        return Err(ApiError::Unprocessable(
-            "backup_unavailable",
-            "this control plane has no [backups] dir configured; set one to take backups".into(),
-        ));
-    }
+    backups_configured(&state)?;
     let mut tx = state.catalog.begin().await?;
     lock_active_or_suspended(&mut tx, &slug, "backed up").await?;
     if let Some(job) = jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
@@ -46,4 +44,33 @@ pub async fn back_up(
     .await?;
     tx.commit().await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
+}
+
+/// `GET /v1/tenants/{slug}/backups` → 200 `{"items":[{"file","bytes","created_at","job"}]}`,
+/// newest first: the files `siloctl tenant create SLUG --restore-from FILE` restores. A
+/// deleted tenant's backups are listed too; 404 for a slug that has neither a tenant nor
+/// backups.
+pub async fn list(State(state): State<ApiState>, Path(slug): Path<String>) -> Result<Json<Value>, ApiError> {
+    let slug = parse_slug(&slug)?;
+    backups_configured(&state)?;
+    let items = Backups::new(state.config.backups.clone())
+        .list(&slug)
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    if items.is_empty() {
+        let mut conn = state.catalog.acquire().await?;
+        if tenants::get(&mut conn, slug.as_str()).await?.is_none() {
+            return Err(ApiError::tenant_not_found(slug.as_str()));
+        }
+    }
+    Ok(Json(json!({ "items": items })))
+}
+
+fn backups_configured(state: &ApiState) -> Result<(), ApiError> {
+    if state.config.backups.dir.is_none() {
+        return Err(ApiError::Unprocessable(
+            "backup_unavailable",
+            "this control plane has no [backups] dir configured; set one to take backups".into(),
+        ));
+    }
+    Ok(())
 }

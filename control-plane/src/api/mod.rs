@@ -61,6 +61,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/tenants/{slug}/rotate", post(rotations::rotate_tenant))
         .route("/tenants/{slug}/move", post(moves::move_tenant))
         .route("/tenants/{slug}/backup", post(backups::back_up))
+        .route("/tenants/{slug}/backups", get(backups::list))
         .route("/rotations", post(rotations::rotate_many))
         .route("/migrations", post(migrations::start))
         .route("/migrations/status", get(migrations::status))

@@ -122,7 +122,7 @@ pub(crate) enum TenantCommand {
         #[arg(long, value_name = "NAME")]
         server: Option<String>,
         /// Restore the new database from this backup of the same slug (a file in
-        /// [backups] dir/SLUG/, as `siloctl jobs show` of a backup or delete job names it).
+        /// [backups] dir/SLUG/, as `siloctl tenant backups SLUG` lists them).
         #[arg(long, value_name = "FILE")]
         restore_from: Option<std::path::PathBuf>,
         /// Return once the job is queued instead of waiting for it.
@@ -167,6 +167,12 @@ pub(crate) enum TenantCommand {
         /// Return once the job is queued instead of waiting for it.
         #[arg(long)]
         no_wait: bool,
+    },
+    /// List a tenant's backups, newest first (a deleted tenant's too): the files
+    /// `tenant create SLUG --restore-from FILE` restores.
+    Backups {
+        /// The tenant's slug.
+        slug: TenantSlug,
     },
     /// Move a tenant's database to another server (the tenant answers 503 meanwhile; needs
     /// [backups] dir, where the copy's dump is kept).

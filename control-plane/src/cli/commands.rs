@@ -129,6 +129,14 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
                 .await?;
             finish_jobs(client, out, resp, no_wait, &format!("backing up {slug}")).await
         }
+        TenantCommand::Backups { slug } => {
+            let list = client.get(&format!("{}/backups", tenant_path(&slug))).await?;
+            match out {
+                Output::Json => print_json(&list),
+                Output::Table => output::print_backups(items(&list), slug.as_str()),
+            }
+            Ok(())
+        }
         TenantCommand::Move { slug, to, no_wait } => {
             let resp = client
                 .post(&format!("{}/move", tenant_path(&slug)), &json!({ "server": to }))

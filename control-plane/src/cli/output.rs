@@ -97,6 +97,26 @@ pub(crate) fn print_tenant(t: &Value) {
     print_fields(&fields);
 }
 
+/// A tenant's backups as a table.
+pub(crate) fn print_backups(backups: &[Value], slug: &str) {
+    let rows: Vec<Vec<String>> = backups
+        .iter()
+        .map(|b| {
+            vec![
+                field(b, "file"),
+                field(b, "bytes"),
+                field(b, "created_at"),
+                field(b, "job"),
+            ]
+        })
+        .collect();
+    print_table(
+        &["FILE", "BYTES", "CREATED", "JOB"],
+        &rows,
+        &format!("no backups of {slug}"),
+    );
+}
+
 /// Tenants as a table.
 pub(crate) fn print_tenants(tenants: &[Value]) {
     let rows: Vec<Vec<String>> = tenants

@@ -286,6 +286,9 @@ pub struct BackupsConfig {
     /// (`SILO_PG_BINDIR`, `pg_config --bindir`, the newest `/usr/lib/postgresql/*/bin`), else
     /// on `PATH`.
     pub pg_dump: Option<PathBuf>,
+    /// How many of a tenant's backups are kept: taking one removes the oldest beyond this
+    /// many. None: every backup is kept.
+    pub keep_last: Option<usize>,
 }
 
 /// The `[router]` section.
@@ -653,6 +656,14 @@ impl Config {
             plans,
         };
 
+        let keep_last = raw.backups.keep_last;
+        if keep_last == Some(0) {
+            return Err(invalid(
+                "backups.keep_last",
+                "must be at least 1 (leave it out to keep every backup)",
+            ));
+        }
+
         Ok(Self {
             catalog,
             tenant_migrations_dir: raw.tenant_migrations_dir.map(resolve),
@@ -664,6 +675,7 @@ impl Config {
             backups: BackupsConfig {
                 dir: raw.backups.dir.map(resolve),
                 pg_dump: raw.backups.pg_dump.map(resolve),
+                keep_last,
             },
             router,
         })
@@ -786,6 +798,7 @@ local_master_key_file = "master.key"
             ("[router]\nlisten = \"nowhere\"\n", "router.listen"),
             ("[router]\nbudget_wait = \"later\"\n", "router.budget_wait"),
             ("[router]\ndefault_plan = \"gold\"\n", "router.default_plan"),
+            ("[backups]\nkeep_last = 0\n", "backups.keep_last"),
             ("[router.plans.gold]\nburst = 0\n", "router.plans.gold.burst"),
             ("[rotation]\nstrategy = \"double\"\n", "rotation.strategy"),
             (

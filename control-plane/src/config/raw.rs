@@ -32,6 +32,7 @@ pub(super) struct RawConfig {
 pub(super) struct RawBackups {
     pub(super) dir: Option<PathBuf>,
     pub(super) pg_dump: Option<PathBuf>,
+    pub(super) keep_last: Option<usize>,
 }
 
 #[derive(Deserialize)]
