@@ -148,9 +148,33 @@ pub fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
+/// What an admin token name may be: 1-64 of letters, digits, `.`, `_`, `@` and `-`,
+/// starting with a letter or a digit (e.g. `alice@example.com`, `ci-deploy`).
+pub const ADMIN_TOKEN_NAME_RULE: &str =
+    "a token name is 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or a digit";
+
+/// Whether `name` follows [`ADMIN_TOKEN_NAME_RULE`].
+pub fn is_admin_token_name(name: &str) -> bool {
+    name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '@' | '-'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admin_token_names_are_people_and_automations_not_text() {
+        for name in ["alice@example.com", "ci-deploy", "Bob_2", "x", &"a".repeat(64)] {
+            assert!(is_admin_token_name(name), "{name}");
+        }
+        for name in ["", "-ci", ".x", "with space", "a/b", "é", &"a".repeat(65)] {
+            assert!(!is_admin_token_name(name), "{name:?}");
+        }
+    }
 
     #[test]
     fn accepts_valid_slugs() {

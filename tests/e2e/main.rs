@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod admin_api;
+mod audit;
 mod backups;
 mod contract;
 mod crash_safety;

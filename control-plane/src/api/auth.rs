@@ -1,5 +1,9 @@
 //! Admin tokens: stored as SHA-256 hashes in the catalog, compared in constant time. The
-//! token named by `control_plane.admin_token_env` is registered as `bootstrap` at start.
+//! token named by `control_plane.admin_token_env` is registered as `bootstrap` at start;
+//! operators get tokens of their own through `POST /v1/tokens` (`crate::api::tokens`). The
+//! tokens are read again from the catalog when the copy in memory is older than a few
+//! seconds, so a token revoked on one control plane stops working on every other one within
+//! that time.
 
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
@@ -31,10 +35,20 @@ struct Loaded {
     at: Instant,
 }
 
-/// How often a miss may reload the tokens from the catalog.
+/// How long the tokens read from the catalog are trusted before they are read again.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
-fn hash(token: &str) -> [u8; 32] {
+/// A new admin token: `silo_admin_` and 32 random letters and digits.
+pub fn new_admin_token() -> SecretString {
+    use rand::distr::{Alphanumeric, SampleString};
+    SecretString::from(format!(
+        "silo_admin_{}",
+        Alphanumeric.sample_string(&mut rand::rng(), 32)
+    ))
+}
+
+/// What the catalog stores of a token.
+pub(super) fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
@@ -46,7 +60,7 @@ impl AdminTokens {
                 "INSERT INTO admin_tokens (name, token_hash) VALUES ('bootstrap', $1) \
                  ON CONFLICT (name) DO UPDATE SET token_hash = EXCLUDED.token_hash",
             )
-            .bind(&hash(token.expose_secret())[..])
+            .bind(&token_hash(token.expose_secret())[..])
             .execute(&catalog)
             .await?;
         }
@@ -71,7 +85,8 @@ impl AdminTokens {
         self.len() == 0
     }
 
-    async fn reload(&self) -> Result<(), sqlx::Error> {
+    /// Reads every token from the catalog again (after a change made here, at once).
+    pub(super) async fn reload(&self) -> Result<(), sqlx::Error> {
         let rows: Vec<(String, Vec<u8>)> = sqlx::query_as("SELECT name, token_hash FROM admin_tokens")
             .fetch_all(&self.catalog)
             .await?;
@@ -100,22 +115,24 @@ impl AdminTokens {
         found
     }
 
-    /// The name of the token `token`, reloading the catalog's tokens on a miss (at most every
-    /// few seconds, so bad tokens cannot hammer the catalog).
+    /// The name of the token `token`. The tokens are read from the catalog again first when
+    /// they are older than `RELOAD_INTERVAL`, by one request at a time and at most that often
+    /// (so bad tokens cannot hammer the catalog); if the catalog cannot be read, the tokens
+    /// known are used.
     pub async fn authenticate(&self, token: &str) -> Option<String> {
-        let presented = hash(token);
-        if let Some(name) = self.find(&presented) {
-            return Some(name);
+        let stale = match self.hashes.write() {
+            Ok(mut guard) if guard.at.elapsed() > RELOAD_INTERVAL => {
+                guard.at = Instant::now();
+                true
+            }
+            _ => false,
+        };
+        if stale {
+            if let Err(e) = self.reload().await {
+                tracing::warn!(error = %e, "admin tokens not reloaded from the catalog");
+            }
         }
-        let stale = self
-            .hashes
-            .read()
-            .map(|g| g.at.elapsed() > RELOAD_INTERVAL)
-            .unwrap_or(false);
-        if stale && self.reload().await.is_ok() {
-            return self.find(&presented);
-        }
-        None
+        self.find(&token_hash(token))
     }
 }
 

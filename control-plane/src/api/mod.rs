@@ -1,6 +1,7 @@
 //! The admin API: JSON over HTTP under `/v1`, bearer admin tokens, every change in the audit
 //! log. Handlers are thin: auth → typed JSON → catalog/job → JSON.
 
+mod audit_log;
 mod auth;
 mod backups;
 pub mod error;
@@ -10,6 +11,7 @@ mod migrations;
 mod moves;
 mod rotations;
 mod tenants;
+mod tokens;
 
 use std::sync::Arc;
 
@@ -17,12 +19,12 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::header::CONTENT_TYPE;
 use axum::middleware;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 
-pub use auth::AdminTokens;
+pub use auth::{new_admin_token, AdminTokens};
 use error::ApiError;
 
 use crate::config::Config;
@@ -69,6 +71,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/jobs/{id}", get(jobs::show))
         .route("/jobs/{id}/retry", post(jobs::retry))
         .route("/servers", get(jobs::servers))
+        .route("/tokens", get(tokens::list).post(tokens::create))
+        .route("/tokens/{name}", delete(tokens::revoke))
+        .route("/audit", get(audit_log::list))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin))
         .route("/openapi.json", get(openapi));
     Router::new()

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
-use crate::names::TenantSlug;
+use crate::names::{is_admin_token_name, TenantSlug, ADMIN_TOKEN_NAME_RULE};
 
 /// siloctl: operate silo, one PostgreSQL database per tenant.
 ///
@@ -59,6 +59,11 @@ pub(crate) enum Command {
     /// PostgreSQL servers that hold tenant databases.
     #[command(subcommand)]
     Server(ServerCommand),
+    /// Admin tokens: one per operator or automation, so the audit log names who did what.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Read the audit log, newest first.
+    Audit(AuditArgs),
 }
 
 /// Arguments of `siloctl dev`.
@@ -298,4 +303,50 @@ pub(crate) enum JobsCommand {
 pub(crate) enum ServerCommand {
     /// List servers with their tenant counts.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Create an admin token (printed once; only its hash is kept).
+    Create {
+        /// Who or what will use it, e.g. alice@example.com or ci-deploy.
+        #[arg(value_parser = token_name)]
+        name: String,
+    },
+    /// List admin tokens by name.
+    List,
+    /// Revoke an admin token: it stops working at once.
+    Revoke {
+        /// The token's name.
+        #[arg(value_parser = token_name)]
+        name: String,
+    },
+}
+
+fn token_name(name: &str) -> Result<String, String> {
+    if is_admin_token_name(name) {
+        Ok(name.to_owned())
+    } else {
+        Err(ADMIN_TOKEN_NAME_RULE.to_owned())
+    }
+}
+
+/// Arguments of `siloctl audit`.
+#[derive(Debug, Args)]
+pub(crate) struct AuditArgs {
+    /// Only entries about this tenant.
+    #[arg(long, value_name = "SLUG")]
+    pub(crate) tenant: Option<TenantSlug>,
+    /// Only entries made with this token (its name; `scheduler` for scheduled rotations).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) actor: Option<String>,
+    /// Only this action, e.g. tenant.delete.
+    #[arg(long, value_name = "ACTION")]
+    pub(crate) action: Option<String>,
+    /// How many entries (newest first).
+    #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub(crate) limit: u16,
+    /// Only entries older than this id (the next page: the last id shown).
+    #[arg(long, value_name = "ID")]
+    pub(crate) before: Option<i64>,
 }

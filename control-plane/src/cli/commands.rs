@@ -4,8 +4,8 @@ use anyhow::bail;
 use serde_json::{json, Map, Value};
 
 use super::args::{
-    Command, GlobalArgs, JobsCommand, KeyCommand, MigrateArgs, MigrateCommand, Output, RotateArgs, ServerCommand,
-    TenantCommand,
+    AuditArgs, Command, GlobalArgs, JobsCommand, KeyCommand, MigrateArgs, MigrateCommand, Output, RotateArgs,
+    ServerCommand, TenantCommand, TokenCommand,
 };
 use super::client::{segment, ApiClient};
 use super::output::{self, field, items, print_json, print_table};
@@ -30,6 +30,8 @@ pub(crate) async fn run(global: GlobalArgs, command: Command) -> anyhow::Result<
         Command::Migrate(args) => migrate(&client, out, args).await,
         Command::Jobs(cmd) => jobs(&client, out, cmd).await,
         Command::Server(ServerCommand::List) => servers(&client, out).await,
+        Command::Token(cmd) => token(&client, out, cmd).await,
+        Command::Audit(args) => audit(&client, out, args).await,
     }
 }
 
@@ -293,6 +295,63 @@ async fn servers(client: &ApiClient, out: Output) -> anyhow::Result<()> {
                 "no servers",
             );
         }
+    }
+    Ok(())
+}
+
+async fn token(client: &ApiClient, out: Output, cmd: TokenCommand) -> anyhow::Result<()> {
+    match cmd {
+        TokenCommand::Create { name } => {
+            let resp = client.post("/v1/tokens", &json!({ "name": name })).await?;
+            match out {
+                Output::Json => print_json(&resp),
+                Output::Table => {
+                    say!("admin token {:?} created; it is shown this once:", field(&resp, "name"));
+                    say!("{}", field(&resp, "token"));
+                }
+            }
+        }
+        TokenCommand::List => {
+            let list = client.get("/v1/tokens").await?;
+            match out {
+                Output::Json => print_json(&list),
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = items(&list)
+                        .iter()
+                        .map(|t| vec![field(t, "name"), field(t, "created_at")])
+                        .collect();
+                    print_table(&["NAME", "CREATED"], &rows, "no admin tokens");
+                }
+            }
+        }
+        TokenCommand::Revoke { name } => {
+            client.delete(&format!("/v1/tokens/{}", segment(&name))).await?;
+            match out {
+                Output::Json => print_json(&json!({ "revoked": name })),
+                Output::Table => say!("admin token {name:?} revoked"),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn audit(client: &ApiClient, out: Output, args: AuditArgs) -> anyhow::Result<()> {
+    let mut query = vec![format!("limit={}", args.limit)];
+    let filters = [
+        ("tenant", args.tenant.map(|t| t.as_str().to_owned())),
+        ("actor", args.actor),
+        ("action", args.action),
+        ("before", args.before.map(|id| id.to_string())),
+    ];
+    for (key, value) in filters {
+        if let Some(value) = value {
+            query.push(format!("{key}={}", segment(&value)));
+        }
+    }
+    let page = client.get(&format!("/v1/audit?{}", query.join("&"))).await?;
+    match out {
+        Output::Json => print_json(&page),
+        Output::Table => output::print_audit(items(&page)),
     }
     Ok(())
 }

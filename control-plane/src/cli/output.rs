@@ -117,6 +117,28 @@ pub(crate) fn print_backups(backups: &[Value], slug: &str) {
     );
 }
 
+/// Audit log entries as a table, the details as compact JSON.
+pub(crate) fn print_audit(entries: &[Value]) {
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            vec![
+                field(e, "id"),
+                field(e, "at"),
+                field(e, "actor"),
+                field(e, "action"),
+                field(e, "tenant"),
+                e.get("detail").map_or_else(|| "-".into(), Value::to_string),
+            ]
+        })
+        .collect();
+    print_table(
+        &["ID", "AT", "ACTOR", "ACTION", "TENANT", "DETAIL"],
+        &rows,
+        "no audit entries",
+    );
+}
+
 /// Tenants as a table.
 pub(crate) fn print_tenants(tenants: &[Value]) {
     let rows: Vec<Vec<String>> = tenants

@@ -80,13 +80,7 @@ pub(super) fn prepare(args: &DevArgs) -> anyhow::Result<Prepared> {
     fs::create_dir_all(data_dir.join("logs")).context("create the logs dir")?;
 
     let pg_password = read_or_create(&data_dir.join("pg-password"), crate::secrets::generate_password)?;
-    let admin_token = read_or_create(&data_dir.join("admin-token"), || {
-        use rand::distr::{Alphanumeric, SampleString};
-        SecretString::from(format!(
-            "silo_admin_{}",
-            Alphanumeric.sample_string(&mut rand::rng(), 32)
-        ))
-    })?;
+    let admin_token = read_or_create(&data_dir.join("admin-token"), crate::api::new_admin_token)?;
     if args.secrets == SecretsKind::Local {
         // Created once; an existing key is kept (the store checks it when it opens it).
         crate::secrets::local::create_master_key(&data_dir.join("master.key"))?;

@@ -1,0 +1,168 @@
+//! Admin tokens of their own for operators (`siloctl token`, `/v1/tokens`) and the audit
+//! log read back (`siloctl audit`, `GET /v1/audit`): who did what, when, to which tenant;
+//! a revoked token stops working, on every control plane.
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use silo_control_plane::server::ControlPlane;
+use silo_tests::stack::{Stack, StackOptions};
+use silo_tests::unique_name;
+use tokio_util::sync::CancellationToken;
+
+/// `GET path` on the control plane at `addr` with admin token `token`: the status.
+async fn status_with(addr: std::net::SocketAddr, token: &str, path: &str) -> StatusCode {
+    reqwest::Client::new()
+        .get(format!("http://{addr}{path}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+async fn audit(stack: &Stack, query: &str) -> Value {
+    let (status, page) = stack
+        .admin(Method::GET, &format!("/v1/audit?{query}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{page}");
+    page
+}
+
+/// `(actor, action)` of each entry of an audit page.
+fn who_did_what(page: &Value) -> Vec<(String, String)> {
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["actor"].as_str().unwrap().to_owned(),
+                e["action"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operators_act_with_tokens_of_their_own_and_the_audit_log_names_them() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let alice = "alice@example.com";
+    let (code, stdout, stderr) = stack.siloctl(&["-o", "json", "token", "create", alice]).await.unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let created: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(created["name"], alice);
+    let token = created["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("silo_admin_"), "{created}");
+
+    // The list names the tokens and never shows one.
+    let (code, stdout, stderr) = stack.siloctl(&["token", "list"]).await.unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains(alice) && stdout.contains("bootstrap"), "{stdout}");
+    assert!(!stdout.contains(&token), "{stdout}");
+
+    // Alice's changes are hers in the audit log, newest first.
+    let slug = unique_name("au");
+    for args in [["tenant", "create", &slug], ["tenant", "suspend", &slug]] {
+        let (code, _, stderr) = stack
+            .siloctl(&[&["--token", token.as_str()], &args[..]].concat())
+            .await
+            .unwrap();
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+    }
+    let page = audit(&stack, &format!("tenant={slug}")).await;
+    let alices = |action: &str| (alice.to_owned(), action.to_owned());
+    assert_eq!(who_did_what(&page), [alices("tenant.suspend"), alices("tenant.create")]);
+    assert!(page["items"][0]["at"].is_string(), "{page}");
+    assert_eq!(page["items"][0]["tenant"], slug.as_str());
+    assert!(page["next_before"].is_null(), "one page: {page}");
+    let created_by_bootstrap = audit(&stack, "actor=bootstrap&action=token.create").await;
+    assert_eq!(created_by_bootstrap["items"][0]["detail"], json!({ "name": alice }));
+
+    // A page at a time.
+    let first = audit(&stack, &format!("tenant={slug}&limit=1")).await;
+    assert_eq!(who_did_what(&first), [alices("tenant.suspend")]);
+    let before = first["next_before"].as_i64().expect("a next page");
+    let second = audit(&stack, &format!("tenant={slug}&limit=1&before={before}")).await;
+    assert_eq!(who_did_what(&second), [alices("tenant.create")]);
+    for bad in ["limit=0", "limit=lots", "colour=red"] {
+        let (status, body) = stack
+            .admin(Method::GET, &format!("/v1/audit?{bad}"), None)
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+
+    let (code, stdout, stderr) = stack.siloctl(&["audit", "--tenant", &slug]).await.unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(lines[0].starts_with("ID") && lines[0].contains("ACTOR"), "{stdout}");
+    assert!(
+        lines[1].contains(alice) && lines[1].contains("tenant.suspend"),
+        "{stdout}"
+    );
+
+    // Names that cannot be used.
+    let (status, body) = stack
+        .admin(Method::POST, "/v1/tokens", Some(json!({ "name": alice })))
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::CONFLICT, Some("token_exists"))
+    );
+    for reserved in ["bootstrap", "scheduler"] {
+        let (status, body) = stack
+            .admin(Method::POST, "/v1/tokens", Some(json!({ "name": reserved })))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{reserved}: {body}");
+    }
+    let (code, _, stderr) = stack.siloctl(&["token", "create", "no spaces"]).await.unwrap();
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let (status, body) = stack.admin(Method::DELETE, "/v1/tokens/bootstrap", None).await.unwrap();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::CONFLICT, Some("token_managed"))
+    );
+
+    // Revoked: refused at once here, and within seconds by another control plane.
+    let other = ControlPlane::bind(stack.config().clone()).await.unwrap();
+    let other_addr = other.local_addr();
+    let stop_other = CancellationToken::new();
+    let other = tokio::spawn(other.run(stop_other.clone()));
+    assert_eq!(status_with(other_addr, &token, "/v1/tenants").await, StatusCode::OK);
+    let (code, stdout, stderr) = stack.siloctl(&["token", "revoke", alice]).await.unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("revoked"), "{stdout}");
+    assert_eq!(
+        status_with(stack.control_plane_addr(), &token, "/v1/tenants").await,
+        StatusCode::UNAUTHORIZED
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while status_with(other_addr, &token, "/v1/tenants").await != StatusCode::UNAUTHORIZED {
+        assert!(
+            Instant::now() < deadline,
+            "the other control plane still takes the revoked token"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, _, stderr) = stack.siloctl(&["--token", &token, "tenant", "list"]).await.unwrap();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let (code, _, stderr) = stack.siloctl(&["token", "revoke", alice]).await.unwrap();
+    assert_eq!(code, Some(1), "revoking twice: {stderr}");
+    let revoked = audit(&stack, "action=token.revoke").await;
+    assert_eq!(
+        who_did_what(&revoked),
+        [("bootstrap".to_owned(), "token.revoke".to_owned())]
+    );
+
+    stop_other.cancel();
+    other.await.unwrap().unwrap();
+    stack.stop().await.unwrap();
+}
