@@ -200,6 +200,85 @@ async fn suspend_and_resume_reach_the_router_within_a_second() {
     stack.stop().await.unwrap();
 }
 
+/// `siloctl tenant key list | revoke`: a leaked key is revoked by name and the router refuses
+/// it within seconds, while the tenant's other keys keep working.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_api_key_is_refused_within_seconds_and_the_others_keep_working() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let slug = unique_name("k");
+    let first = stack.create_tenant(&slug).await.unwrap();
+    let (code, stdout, stderr) = stack
+        .siloctl(&["-o", "json", "tenant", "key", "create", &slug, "--name", "ci"])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let leaked = serde_json::from_str::<Value>(&stdout).unwrap()["api_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let status_of = |key: String| {
+        let stack = &stack;
+        let slug = &slug;
+        async move { stack.tenant_get(slug, &key, "/api/v1/tasks").await.unwrap().status() }
+    };
+    assert_eq!(status_of(leaked.clone()).await, StatusCode::OK);
+
+    let (status, list) = stack
+        .admin(Method::GET, &format!("/v1/tenants/{slug}/keys"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{list}");
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["ci", "default"]);
+    assert!(list["items"][0]["created_at"].is_string(), "{list}");
+    assert!(!list.to_string().contains(&leaked), "never the key");
+
+    let (code, stdout, stderr) = stack
+        .siloctl(&["tenant", "key", "revoke", &slug, "--name", "ci"])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("revoked"), "{stdout}");
+    let took = eventually(Duration::from_secs(10), || {
+        let key = leaked.clone();
+        async move { status_of(key).await == StatusCode::UNAUTHORIZED }
+    })
+    .await;
+    assert!(took < Duration::from_secs(7), "refused after {took:?}");
+    assert_eq!(status_of(first.clone()).await, StatusCode::OK);
+
+    let (code, stdout, stderr) = stack.siloctl(&["tenant", "key", "list", &slug]).await.unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("default") && !stdout.contains("ci "), "{stdout}");
+    let (code, _, stderr) = stack
+        .siloctl(&["tenant", "key", "revoke", &slug, "--name", "ci"])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1), "revoking twice: {stderr}");
+    assert!(stderr.contains("key_not_found"), "{stderr}");
+    let (status, audit) = stack
+        .admin(
+            Method::GET,
+            &format!("/v1/audit?tenant={slug}&action=tenant.key.revoke"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(audit["items"][0]["detail"], json!({"name": "ci"}), "{audit}");
+    let (status, _) = stack
+        .admin(Method::GET, "/v1/tenants/nobody-here/keys", None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    stack.stop().await.unwrap();
+}
+
 async fn raw_response(stack: &Stack, host: &str) -> Vec<u8> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(stack.router_addr()).await.unwrap();

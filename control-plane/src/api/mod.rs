@@ -7,6 +7,7 @@ mod backups;
 pub mod error;
 mod extract;
 mod jobs;
+mod keys;
 mod migrations;
 mod moves;
 mod rotations;
@@ -58,7 +59,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/tenants/{slug}", get(tenants::show).delete(tenants::delete))
         .route("/tenants/{slug}/suspend", post(tenants::suspend))
         .route("/tenants/{slug}/resume", post(tenants::resume))
-        .route("/tenants/{slug}/keys", post(tenants::create_key))
+        .route("/tenants/{slug}/keys", get(keys::list).post(keys::create))
+        .route("/tenants/{slug}/keys/{name}", delete(keys::revoke))
         .route("/tenants/{slug}/credentials", get(tenants::credentials))
         .route("/tenants/{slug}/rotate", post(rotations::rotate_tenant))
         .route("/tenants/{slug}/move", post(moves::move_tenant))

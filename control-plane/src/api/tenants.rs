@@ -16,7 +16,7 @@ use crate::backup::Backups;
 use crate::catalog::routes::TenantStatus;
 use crate::catalog::tenants::{self, InsertError, NewTenant, Tenant};
 use crate::names::TenantSlug;
-use crate::provision::{insert_key_as_owner, DeleteParams, ProvisionParams};
+use crate::provision::{DeleteParams, ProvisionParams};
 use crate::{audit, jobs, secrets};
 
 /// `POST /v1/tenants` body.
@@ -211,7 +211,7 @@ pub async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError
     Ok(Json(json!({"items": tenants::list(&state.catalog).await?})))
 }
 
-async fn live_tenant(state: &ApiState, slug: &str) -> Result<Tenant, ApiError> {
+pub(super) async fn live_tenant(state: &ApiState, slug: &str) -> Result<Tenant, ApiError> {
     let slug = parse_slug(slug)?;
     let mut conn = state.catalog.acquire().await?;
     match tenants::get(&mut conn, slug.as_str()).await? {
@@ -358,14 +358,8 @@ pub async fn resume(
     .await
 }
 
-/// `POST /v1/tenants/{slug}/keys` body.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateKey {
-    name: String,
-}
-
-fn with_database(tenant: &Tenant) -> Result<(), ApiError> {
+/// A tenant whose database serves: active or suspended (409 `invalid_state` otherwise).
+pub(super) fn with_database(tenant: &Tenant) -> Result<(), ApiError> {
     match tenant.status {
         TenantStatus::Active | TenantStatus::Suspended => Ok(()),
         other => Err(ApiError::Conflict(
@@ -373,58 +367,6 @@ fn with_database(tenant: &Tenant) -> Result<(), ApiError> {
             format!("tenant is {}; its database is not ready", other.as_str()),
         )),
     }
-}
-
-/// `POST /v1/tenants/{slug}/keys` → 201 `{"name","api_key"}`.
-pub async fn create_key(
-    State(state): State<ApiState>,
-    Extension(Actor(actor)): Extension<Actor>,
-    Path(slug): Path<String>,
-    Body(req): Body<CreateKey>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let tenant = live_tenant(&state, &slug).await?;
-    let slug = parse_slug(&tenant.slug)?;
-    let len = req.name.chars().count();
-    if len == 0 || len > 100 || req.name.chars().any(char::is_control) {
-        return Err(ApiError::BadRequest(
-            "invalid_key_name",
-            "key name must be 1-100 printable characters".into(),
-        ));
-    }
-    with_database(&tenant)?;
-    let server = state
-        .servers
-        .get(&tenant.server)
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("server {} is not configured", tenant.server)))?;
-    let mut conn = server.connect(&tenant.database).await.map_err(|e| {
-        tracing::warn!(error = %e, tenant = %slug, "connect to tenant database");
-        ApiError::Unavailable("tenant_unavailable", "the tenant's database is unavailable".into())
-    })?;
-    let taken: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM api_keys WHERE name = $1)")
-        .bind(&req.name)
-        .fetch_one(&mut conn)
-        .await?;
-    if taken {
-        return Err(ApiError::Conflict(
-            "key_exists",
-            format!("tenant already has a key named {:?}", req.name),
-        ));
-    }
-    let (api_key, hash) = silo_tenant_app::api_keys::generate();
-    insert_key_as_owner(&mut conn, &slug, &req.name, &hash)
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?;
-    let mut tx = state.catalog.begin().await?;
-    audit::record(
-        &mut tx,
-        &actor,
-        "tenant.key.create",
-        Some(slug.as_str()),
-        json!({"name": req.name}),
-    )
-    .await?;
-    tx.commit().await?;
-    Ok((StatusCode::CREATED, Json(json!({"name": req.name, "api_key": api_key}))))
 }
 
 /// `GET /v1/tenants/{slug}/credentials`: break-glass read of the current secret; audited

@@ -211,6 +211,19 @@ pub(crate) enum KeyCommand {
         #[arg(long)]
         name: String,
     },
+    /// List a tenant's API keys by name (never the keys).
+    List {
+        /// The tenant's slug.
+        slug: TenantSlug,
+    },
+    /// Revoke a tenant's API key: refused by the router within 5 seconds.
+    Revoke {
+        /// The tenant's slug.
+        slug: TenantSlug,
+        /// The key's name.
+        #[arg(long)]
+        name: String,
+    },
 }
 
 /// A rotation strategy.

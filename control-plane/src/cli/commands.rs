@@ -158,6 +158,30 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
             }
             Ok(())
         }
+        TenantCommand::Key(KeyCommand::List { slug }) => {
+            let list = client.get(&format!("{}/keys", tenant_path(&slug))).await?;
+            match out {
+                Output::Json => print_json(&list),
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = items(&list)
+                        .iter()
+                        .map(|k| vec![field(k, "name"), field(k, "created_at")])
+                        .collect();
+                    print_table(&["NAME", "CREATED"], &rows, &format!("tenant {slug} has no API keys"));
+                }
+            }
+            Ok(())
+        }
+        TenantCommand::Key(KeyCommand::Revoke { slug, name }) => {
+            client
+                .delete(&format!("{}/keys/{}", tenant_path(&slug), segment(&name)))
+                .await?;
+            match out {
+                Output::Json => print_json(&json!({ "revoked": name })),
+                Output::Table => say!("key {name:?} of tenant {slug} revoked"),
+            }
+            Ok(())
+        }
         TenantCommand::Credentials { slug } => {
             // Break-glass: the secret JSON in both output modes; the server audits the read.
             print_json(&client.get(&format!("{}/credentials", tenant_path(&slug))).await?);
