@@ -2,7 +2,8 @@
 //! (Amazon RDS, Cloud SQL, Azure Database) hand out: a login role with `CREATEDB` and
 //! `CREATEROLE` and nothing else. Every job silo runs works on it: provisioning from its
 //! template, rotations, a migration rollout and the template rebuilt after it, backups,
-//! moves in and out, delete and restore.
+//! moves in and out, delete and restore. The catalog, too, belongs to a role that is not a
+//! superuser.
 
 use std::path::Path;
 
@@ -88,6 +89,7 @@ async fn every_job_works_on_a_server_whose_admin_role_is_not_a_superuser() {
             managed.port()
         ),
         tenant_migrations_dir: Some(migrations.path().to_owned()),
+        catalog_not_superuser: true,
         ..StackOptions::default()
     })
     .await

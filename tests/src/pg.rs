@@ -148,6 +148,32 @@ impl TestCluster {
         Ok(())
     }
 
+    /// Creates login role `owner` (not a superuser, no other attribute) with `password`, and
+    /// an empty database `name` that it owns: what a managed PostgreSQL service gives an
+    /// application. Both names are validated identifiers: letters, digits, `_`.
+    pub async fn create_owned_database(&self, name: &str, owner: &str, password: &str) -> anyhow::Result<()> {
+        for ident in [name, owner, password] {
+            anyhow::ensure!(
+                ident
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "test names are [a-z0-9_]"
+            );
+        }
+        let mut conn = self.admin_options("postgres").connect().await?;
+        for statement in [
+            format!("CREATE ROLE \"{owner}\" LOGIN PASSWORD '{password}'"),
+            format!("CREATE DATABASE \"{name}\" OWNER \"{owner}\""),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&mut conn)
+                .await
+                .with_context(|| format!("create database {name} owned by {owner}"))?;
+        }
+        conn.close().await?;
+        Ok(())
+    }
+
     /// Stops the server (tests of an unavailable database). [`TestCluster::restart`] brings
     /// it back on the same port.
     pub fn stop(&self) {

@@ -47,6 +47,9 @@ pub struct StackOptions {
     pub connect_timeout: Duration,
     /// `tenant_migrations_dir` (embedded migrations when None).
     pub tenant_migrations_dir: Option<std::path::PathBuf>,
+    /// The control plane and the router reach the catalog as a role that is not a superuser
+    /// and owns the catalog database (else as the cluster's superuser).
+    pub catalog_not_superuser: bool,
 }
 
 impl Default for StackOptions {
@@ -59,6 +62,7 @@ impl Default for StackOptions {
             router_toml: String::new(),
             connect_timeout: Duration::from_secs(10),
             tenant_migrations_dir: None,
+            catalog_not_superuser: false,
         }
     }
 }
@@ -87,7 +91,15 @@ impl Stack {
         let pg = TestCluster::shared().await;
         let dir = tempfile::tempdir()?;
         let catalog_db = crate::unique_name("catalog_");
-        pg.create_database(&catalog_db).await?;
+        let (catalog_user, catalog_password) = if options.catalog_not_superuser {
+            let owner = format!("{catalog_db}_owner");
+            let password = crate::unique_name("pw_");
+            pg.create_owned_database(&catalog_db, &owner, &password).await?;
+            (owner, SecretString::from(password))
+        } else {
+            pg.create_database(&catalog_db).await?;
+            ("postgres".to_owned(), pg.password().clone())
+        };
         let secrets_toml = match options.secrets {
             Secrets::Local => {
                 silo_control_plane::secrets::local::create_master_key(&dir.path().join("master.key"))?;
@@ -111,7 +123,7 @@ impl Stack {
         let toml = format!(
             r#"
 {migrations_dir}
-catalog_url = "postgres://postgres@127.0.0.1:{port}/{catalog_db}"
+catalog_url = "postgres://{catalog_user}@127.0.0.1:{port}/{catalog_db}"
 [secrets]
 {secrets_toml}
 name_prefix = "{prefix}"
@@ -145,7 +157,7 @@ connect_timeout = "{connect}ms"
         let path = dir.path().join("silo.toml");
         std::fs::write(&path, toml)?;
         let mut config = Config::load(&path)?;
-        config.catalog.password = Some(pg.password().clone());
+        config.catalog.password = Some(catalog_password);
         let token = format!("admin-{}", crate::unique_name(""));
         config.control_plane.admin_token = Some(SecretString::from(token.clone()));
 
