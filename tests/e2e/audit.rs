@@ -1,6 +1,7 @@
 //! Admin tokens of their own for operators (`siloctl token`, `/v1/tokens`) and the audit
 //! log read back (`siloctl audit`, `GET /v1/audit`): who did what, when, to which tenant;
-//! a revoked token stops working, on every control plane.
+//! a revoked token stops working, on every control plane; a token's role bounds what it may
+//! do.
 
 use std::time::{Duration, Instant};
 
@@ -79,7 +80,10 @@ async fn operators_act_with_tokens_of_their_own_and_the_audit_log_names_them() {
     assert_eq!(page["items"][0]["tenant"], slug.as_str());
     assert!(page["next_before"].is_null(), "one page: {page}");
     let created_by_bootstrap = audit(&stack, "actor=bootstrap&action=token.create").await;
-    assert_eq!(created_by_bootstrap["items"][0]["detail"], json!({ "name": alice }));
+    assert_eq!(
+        created_by_bootstrap["items"][0]["detail"],
+        json!({ "name": alice, "role": "operator" })
+    );
 
     // A page at a time.
     let first = audit(&stack, &format!("tenant={slug}&limit=1")).await;
@@ -164,5 +168,108 @@ async fn operators_act_with_tokens_of_their_own_and_the_audit_log_names_them() {
 
     stop_other.cancel();
     other.await.unwrap().unwrap();
+    stack.stop().await.unwrap();
+}
+
+/// A request with admin token `token`: the status and the JSON body.
+async fn send_with(stack: &Stack, token: &str, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    let mut req = reqwest::Client::new()
+        .request(method, format!("http://{}{path}", stack.control_plane_addr()))
+        .bearer_auth(token);
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status(), resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn token_of_role(stack: &Stack, name: &str, role: &str) -> String {
+    let (code, stdout, stderr) = stack
+        .siloctl(&["-o", "json", "token", "create", name, "--role", role])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let created: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(created["role"], role, "{created}");
+    created["token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_viewer_token_only_reads_and_an_operator_token_cannot_manage_tokens() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let viewer = token_of_role(&stack, "auditor", "viewer").await;
+    let operator = token_of_role(&stack, "ops", "operator").await;
+    let slug = unique_name("rl");
+    let forbidden = |(status, body): (StatusCode, Value)| {
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert_eq!(body["error"], "forbidden", "{body}");
+    };
+
+    // The operator runs tenants and reads their credentials, but makes no tokens.
+    let create = json!({ "slug": slug });
+    let (status, body) = send_with(&stack, &operator, Method::POST, "/v1/tenants", Some(create.clone())).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
+    let credentials = format!("/v1/tenants/{slug}/credentials");
+    let (status, _) = send_with(&stack, &operator, Method::GET, &credentials, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let new_token = json!({ "name": "mallory" });
+    forbidden(send_with(&stack, &operator, Method::POST, "/v1/tokens", Some(new_token.clone())).await);
+    forbidden(send_with(&stack, &operator, Method::DELETE, "/v1/tokens/auditor", None).await);
+
+    // The viewer reads tenants, jobs, the audit log and the tokens' names, and nothing else.
+    for path in [
+        "/v1/tenants",
+        &format!("/v1/tenants/{slug}"),
+        "/v1/jobs",
+        "/v1/audit",
+        "/v1/tokens",
+    ] {
+        let (status, body) = send_with(&stack, &viewer, Method::GET, path, None).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
+    forbidden(send_with(&stack, &viewer, Method::GET, &credentials, None).await);
+    forbidden(
+        send_with(
+            &stack,
+            &viewer,
+            Method::POST,
+            "/v1/tenants",
+            Some(json!({ "slug": "other-one" })),
+        )
+        .await,
+    );
+    forbidden(send_with(&stack, &viewer, Method::DELETE, &format!("/v1/tenants/{slug}"), None).await);
+    forbidden(send_with(&stack, &viewer, Method::POST, "/v1/tokens", Some(new_token)).await);
+    let (code, _, stderr) = stack
+        .siloctl(&["--token", &viewer, "tenant", "suspend", &slug])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("forbidden") && stderr.contains("viewer"), "{stderr}");
+    let (_, tenant) = send_with(&stack, &viewer, Method::GET, &format!("/v1/tenants/{slug}"), None).await;
+    assert_eq!(tenant["status"], "active", "nothing changed");
+
+    let (code, stdout, stderr) = stack.siloctl(&["token", "list"]).await.unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.lines().next().unwrap().contains("ROLE"), "{stdout}");
+    let roles: Vec<(&str, &str)> = stdout
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let mut cells = line.split_whitespace();
+            (cells.next().unwrap(), cells.next().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        roles,
+        [("auditor", "viewer"), ("bootstrap", "admin"), ("ops", "operator")]
+    );
+    let (code, _, stderr) = stack
+        .siloctl(&["token", "create", "x", "--role", "root"])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(2), "{stderr}");
     stack.stop().await.unwrap();
 }

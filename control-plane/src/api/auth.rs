@@ -8,7 +8,8 @@
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use secrecy::{ExposeSecret, SecretString};
@@ -23,15 +24,63 @@ use super::ApiState;
 #[derive(Debug, Clone)]
 pub struct Actor(pub String);
 
+/// What an admin token may do, from least to most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenRole {
+    /// Read everything but a tenant's credentials.
+    Viewer,
+    /// Everything but creating and revoking admin tokens.
+    Operator,
+    /// Everything.
+    Admin,
+}
+
+impl TokenRole {
+    /// The name stored in the catalog and shown by the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Viewer => "viewer",
+            Self::Operator => "operator",
+            Self::Admin => "admin",
+        }
+    }
+
+    fn parse(role: &str) -> Option<Self> {
+        [Self::Viewer, Self::Operator, Self::Admin]
+            .into_iter()
+            .find(|r| r.as_str() == role)
+    }
+
+    /// Whether a token of this role may send `method` to the route `route` (its pattern,
+    /// e.g. `/v1/tenants/{slug}/credentials`).
+    fn may(self, method: &Method, route: &str) -> bool {
+        let reads = method == Method::GET || method == Method::HEAD;
+        match self {
+            Self::Admin => true,
+            Self::Operator => reads || !(route.ends_with("/tokens") || route.ends_with("/tokens/{name}")),
+            // The break-glass read of a tenant's secret is a read, but not for viewers.
+            Self::Viewer => reads && !route.ends_with("/credentials"),
+        }
+    }
+}
+
 /// The admin tokens known to this control plane.
 pub struct AdminTokens {
     catalog: PgPool,
     hashes: RwLock<Loaded>,
 }
 
-/// Token names and hashes, and when they were read from the catalog.
+/// A token as read from the catalog.
+struct Token {
+    name: String,
+    hash: [u8; 32],
+    role: TokenRole,
+}
+
+/// The tokens, and when they were read from the catalog.
 struct Loaded {
-    tokens: Vec<(String, [u8; 32])>,
+    tokens: Vec<Token>,
     at: Instant,
 }
 
@@ -57,8 +106,8 @@ impl AdminTokens {
     pub async fn load(catalog: PgPool, bootstrap: Option<&SecretString>) -> Result<Self, sqlx::Error> {
         if let Some(token) = bootstrap {
             sqlx::query(
-                "INSERT INTO admin_tokens (name, token_hash) VALUES ('bootstrap', $1) \
-                 ON CONFLICT (name) DO UPDATE SET token_hash = EXCLUDED.token_hash",
+                "INSERT INTO admin_tokens (name, token_hash, role) VALUES ('bootstrap', $1, 'admin') \
+                 ON CONFLICT (name) DO UPDATE SET token_hash = EXCLUDED.token_hash, role = 'admin'",
             )
             .bind(&token_hash(token.expose_secret())[..])
             .execute(&catalog)
@@ -87,12 +136,18 @@ impl AdminTokens {
 
     /// Reads every token from the catalog again (after a change made here, at once).
     pub(super) async fn reload(&self) -> Result<(), sqlx::Error> {
-        let rows: Vec<(String, Vec<u8>)> = sqlx::query_as("SELECT name, token_hash FROM admin_tokens")
+        let rows: Vec<(String, Vec<u8>, String)> = sqlx::query_as("SELECT name, token_hash, role FROM admin_tokens")
             .fetch_all(&self.catalog)
             .await?;
         let hashes = rows
             .into_iter()
-            .filter_map(|(name, h)| Some((name, <[u8; 32]>::try_from(h).ok()?)))
+            .filter_map(|(name, hash, role)| {
+                Some(Token {
+                    name,
+                    hash: <[u8; 32]>::try_from(hash).ok()?,
+                    role: TokenRole::parse(&role)?,
+                })
+            })
             .collect();
         if let Ok(mut guard) = self.hashes.write() {
             *guard = Loaded {
@@ -103,23 +158,23 @@ impl AdminTokens {
         Ok(())
     }
 
-    fn find(&self, presented: &[u8; 32]) -> Option<String> {
+    fn find(&self, presented: &[u8; 32]) -> Option<(String, TokenRole)> {
         let guard = self.hashes.read().ok()?;
         // Compare against every token, so timing does not tell which (or whether one) matched.
         let mut found = None;
-        for (name, h) in &guard.tokens {
-            if bool::from(h.ct_eq(presented)) {
-                found = Some(name.clone());
+        for token in &guard.tokens {
+            if bool::from(token.hash.ct_eq(presented)) {
+                found = Some((token.name.clone(), token.role));
             }
         }
         found
     }
 
-    /// The name of the token `token`. The tokens are read from the catalog again first when
+    /// The name and role of the token `token`. The tokens are read from the catalog again first when
     /// they are older than `RELOAD_INTERVAL`, by one request at a time and at most that often
     /// (so bad tokens cannot hammer the catalog); if the catalog cannot be read, the tokens
     /// known are used.
-    pub async fn authenticate(&self, token: &str) -> Option<String> {
+    pub async fn authenticate(&self, token: &str) -> Option<(String, TokenRole)> {
         let stale = match self.hashes.write() {
             Ok(mut guard) if guard.at.elapsed() > RELOAD_INTERVAL => {
                 guard.at = Instant::now();
@@ -144,7 +199,8 @@ fn bearer_token(value: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-/// Middleware: a valid `Authorization: Bearer <admin token>` or 401.
+/// Middleware: a valid `Authorization: Bearer <admin token>` (401 otherwise) whose role
+/// allows the request (403 otherwise).
 pub async fn require_admin(State(state): State<ApiState>, mut req: Request, next: Next) -> Result<Response, ApiError> {
     let token = req
         .headers()
@@ -152,8 +208,16 @@ pub async fn require_admin(State(state): State<ApiState>, mut req: Request, next
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_token)
         .ok_or(ApiError::Unauthorized)?;
-    let name = state.tokens.authenticate(token).await.ok_or(ApiError::Unauthorized)?;
+    let (name, role) = state.tokens.authenticate(token).await.ok_or(ApiError::Unauthorized)?;
     tracing::Span::current().record("actor", name.as_str());
+    let route = req.extensions().get::<MatchedPath>().map_or("", MatchedPath::as_str);
+    if !role.may(req.method(), route) {
+        return Err(ApiError::Forbidden(format!(
+            "token {name:?} is a {} token: it may not {} {route}",
+            role.as_str(),
+            req.method()
+        )));
+    }
     req.extensions_mut().insert(Actor(name));
     Ok(next.run(req).await)
 }
@@ -161,6 +225,25 @@ pub async fn require_admin(State(state): State<ApiState>, mut req: Request, next
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn viewers_read_but_not_credentials_and_only_admins_manage_tokens() {
+        let cases = [
+            (Method::GET, "/v1/tenants/{slug}", [true, true, true]),
+            (Method::GET, "/v1/audit", [true, true, true]),
+            (Method::GET, "/v1/tokens", [true, true, true]),
+            (Method::GET, "/v1/tenants/{slug}/credentials", [false, true, true]),
+            (Method::POST, "/v1/tenants", [false, true, true]),
+            (Method::DELETE, "/v1/tenants/{slug}", [false, true, true]),
+            (Method::DELETE, "/v1/tenants/{slug}/keys/{name}", [false, true, true]),
+            (Method::POST, "/v1/tokens", [false, false, true]),
+            (Method::DELETE, "/v1/tokens/{name}", [false, false, true]),
+        ];
+        for (method, route, expected) in cases {
+            let got = [TokenRole::Viewer, TokenRole::Operator, TokenRole::Admin].map(|role| role.may(&method, route));
+            assert_eq!(got, expected, "{method} {route}");
+        }
+    }
 
     #[test]
     fn the_bearer_scheme_is_case_insensitive_and_the_token_required() {

@@ -17,6 +17,9 @@ pub enum ApiError {
     /// 401: no or bad admin token.
     #[error("missing or invalid admin token")]
     Unauthorized,
+    /// 403: the admin token's role does not allow the request.
+    #[error("{0}")]
+    Forbidden(String),
     /// 404: no such thing.
     #[error("{1}")]
     NotFound(&'static str, String),
@@ -101,6 +104,7 @@ impl IntoResponse for ApiError {
         let (status, code) = match &self {
             Self::BadRequest(c, _) => (StatusCode::BAD_REQUEST, *c),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound(c, _) => (StatusCode::NOT_FOUND, *c),
             Self::Conflict(c, _) => (StatusCode::CONFLICT, *c),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),

@@ -1,6 +1,7 @@
 //! Admin tokens of their own for operators and automation, so the audit log says who did
 //! what: `POST /v1/tokens`, `GET /v1/tokens`, `DELETE /v1/tokens/{name}`. A token is shown
-//! once, when it is created, and stored as its SHA-256 only.
+//! once, when it is created, and stored as its SHA-256 only; its role (`TokenRole`) says what
+//! it may do.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -9,7 +10,7 @@ use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::auth::{new_admin_token, token_hash, Actor};
+use super::auth::{new_admin_token, token_hash, Actor, TokenRole};
 use super::error::ApiError;
 use super::extract::{Body, Path};
 use super::ApiState;
@@ -26,12 +27,15 @@ const SCHEDULER: &str = "scheduler";
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     name: String,
+    /// `operator` unless given.
+    role: Option<TokenRole>,
 }
 
 /// A token as `GET /v1/tokens` lists it (never the token itself).
 #[derive(Serialize, sqlx::FromRow)]
 pub struct TokenInfo {
     name: String,
+    role: String,
     created_at: chrono::DateTime<chrono::Utc>,
 }
 
@@ -42,7 +46,8 @@ fn parse_name(name: &str) -> Result<&str, ApiError> {
     Ok(name)
 }
 
-/// `POST /v1/tokens {"name"}` → 201 `{"name","token","created_at"}`; 409 `token_exists`.
+/// `POST /v1/tokens {"name","role"?}` → 201 `{"name","role","token","created_at"}`; 409
+/// `token_exists`. Admin tokens only (see `TokenRole`).
 pub async fn create(
     State(state): State<ApiState>,
     Extension(Actor(actor)): Extension<Actor>,
@@ -55,14 +60,16 @@ pub async fn create(
             format!("{name:?} is reserved: {BOOTSTRAP:?} is the token of control_plane.admin_token_env, {SCHEDULER:?} the control plane's own schedule"),
         ));
     }
+    let role = req.role.unwrap_or(TokenRole::Operator);
     let token = new_admin_token();
     let mut tx = state.catalog.begin().await?;
     let created: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
-        "INSERT INTO admin_tokens (name, token_hash) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING \
+        "INSERT INTO admin_tokens (name, token_hash, role) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING \
          RETURNING created_at",
     )
     .bind(name)
     .bind(&token_hash(token.expose_secret())[..])
+    .bind(role.as_str())
     .fetch_optional(&mut *tx)
     .await?;
     let Some(created_at) = created else {
@@ -71,18 +78,24 @@ pub async fn create(
             format!("there is already a token named {name:?}; revoke it first to replace it"),
         ));
     };
-    audit::record(&mut tx, &actor, "token.create", None, json!({ "name": name })).await?;
+    let detail = json!({ "name": name, "role": role });
+    audit::record(&mut tx, &actor, "token.create", None, detail).await?;
     tx.commit().await?;
     state.tokens.reload().await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "name": name, "token": token.expose_secret(), "created_at": created_at })),
+        Json(json!({
+            "name": name,
+            "role": role,
+            "token": token.expose_secret(),
+            "created_at": created_at,
+        })),
     ))
 }
 
-/// `GET /v1/tokens` → 200 `{"items":[{"name","created_at"}]}`.
+/// `GET /v1/tokens` → 200 `{"items":[{"name","role","created_at"}]}`.
 pub async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    let items: Vec<TokenInfo> = sqlx::query_as("SELECT name, created_at FROM admin_tokens ORDER BY name")
+    let items: Vec<TokenInfo> = sqlx::query_as("SELECT name, role, created_at FROM admin_tokens ORDER BY name")
         .fetch_all(&state.catalog)
         .await?;
     Ok(Json(json!({ "items": items })))
@@ -90,7 +103,7 @@ pub async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError
 
 /// `DELETE /v1/tokens/{name}` → 204: the token stops working at once on this control plane
 /// and within seconds on the others. 404 `token_not_found`; 409 `token_managed` for the
-/// bootstrap token, which the control plane sets again at every start.
+/// bootstrap token, which the control plane sets again at every start. Admin tokens only.
 pub async fn revoke(
     State(state): State<ApiState>,
     Extension(Actor(actor)): Extension<Actor>,

@@ -325,6 +325,9 @@ pub(crate) enum TokenCommand {
         /// Who or what will use it, e.g. alice@example.com or ci-deploy.
         #[arg(value_parser = token_name)]
         name: String,
+        /// What it may do.
+        #[arg(long, value_enum, default_value_t = TokenRoleArg::Operator)]
+        role: TokenRoleArg,
     },
     /// List admin tokens by name.
     List,
@@ -334,6 +337,27 @@ pub(crate) enum TokenCommand {
         #[arg(value_parser = token_name)]
         name: String,
     },
+}
+
+/// What an admin token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum TokenRoleArg {
+    /// Read everything but tenants' credentials (auditors, dashboards).
+    Viewer,
+    /// Everything but creating and revoking admin tokens.
+    Operator,
+    /// Everything.
+    Admin,
+}
+
+impl TokenRoleArg {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Viewer => "viewer",
+            Self::Operator => "operator",
+            Self::Admin => "admin",
+        }
+    }
 }
 
 fn token_name(name: &str) -> Result<String, String> {

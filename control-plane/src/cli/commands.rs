@@ -325,12 +325,18 @@ async fn servers(client: &ApiClient, out: Output) -> anyhow::Result<()> {
 
 async fn token(client: &ApiClient, out: Output, cmd: TokenCommand) -> anyhow::Result<()> {
     match cmd {
-        TokenCommand::Create { name } => {
-            let resp = client.post("/v1/tokens", &json!({ "name": name })).await?;
+        TokenCommand::Create { name, role } => {
+            let resp = client
+                .post("/v1/tokens", &json!({ "name": name, "role": role.as_str() }))
+                .await?;
             match out {
                 Output::Json => print_json(&resp),
                 Output::Table => {
-                    say!("admin token {:?} created; it is shown this once:", field(&resp, "name"));
+                    say!(
+                        "{} token {:?} created; it is shown this once:",
+                        field(&resp, "role"),
+                        field(&resp, "name")
+                    );
                     say!("{}", field(&resp, "token"));
                 }
             }
@@ -342,9 +348,9 @@ async fn token(client: &ApiClient, out: Output, cmd: TokenCommand) -> anyhow::Re
                 Output::Table => {
                     let rows: Vec<Vec<String>> = items(&list)
                         .iter()
-                        .map(|t| vec![field(t, "name"), field(t, "created_at")])
+                        .map(|t| vec![field(t, "name"), field(t, "role"), field(t, "created_at")])
                         .collect();
-                    print_table(&["NAME", "CREATED"], &rows, "no admin tokens");
+                    print_table(&["NAME", "ROLE", "CREATED"], &rows, "no admin tokens");
                 }
             }
         }
