@@ -54,27 +54,6 @@ async fn accepted_job(stack: &Stack, method: Method, path: &str, body: Option<Va
     job
 }
 
-async fn tenant(stack: &Stack, slug: &str) -> Value {
-    let (status, body) = stack
-        .admin(Method::GET, &format!("/v1/tenants/{slug}"), None)
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK, "{body}");
-    body
-}
-
-async fn served_titles(stack: &Stack, slug: &str, key: &str) -> Vec<String> {
-    let resp = stack.tenant_get(slug, key, "/api/v1/tasks?limit=100").await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let body: Value = resp.json().await.unwrap();
-    body["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|task| task["title"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn every_job_works_on_a_server_whose_admin_role_is_not_a_superuser() {
     let managed = managed_cluster().await;
@@ -109,13 +88,13 @@ async fn every_job_works_on_a_server_whose_admin_role_is_not_a_superuser() {
         .await
         .unwrap();
     stack.add_tasks(&slug, &key, &["first"]).await.unwrap();
-    assert_eq!(served_titles(&stack, &slug, &key).await, ["first"]);
+    assert_eq!(stack.served_titles(&slug, &key).await.unwrap(), ["first"]);
 
     // Rotations, both strategies; the router keeps serving.
     for strategy in ["single", "alternating"] {
         let job = stack.rotate(&slug, strategy).await.unwrap();
         assert_eq!(job["state"], "succeeded", "{strategy}: {job}");
-        assert_eq!(served_titles(&stack, &slug, &key).await, ["first"]);
+        assert_eq!(stack.served_titles(&slug, &key).await.unwrap(), ["first"]);
     }
 
     // A rollout, then a tenant created from the rebuilt template.
@@ -125,13 +104,13 @@ async fn every_job_works_on_a_server_whose_admin_role_is_not_a_superuser() {
     )
     .unwrap();
     accepted_job(&stack, Method::POST, "/v1/migrations", Some(json!({"tenants": [slug]}))).await;
-    assert_eq!(tenant(&stack, &slug).await["schema_version"], 2);
+    assert_eq!(stack.tenant(&slug).await.unwrap()["schema_version"], 2);
     let second = unique_name("mg");
     let second_key = stack
         .create_tenant_with(json!({"slug": second, "server": "managed"}))
         .await
         .unwrap();
-    assert_eq!(tenant(&stack, &second).await["schema_version"], 2);
+    assert_eq!(stack.tenant(&second).await.unwrap()["schema_version"], 2);
     let notes = superuser_query(
         &managed,
         &database_of(&second),
@@ -145,9 +124,9 @@ async fn every_job_works_on_a_server_whose_admin_role_is_not_a_superuser() {
     for to in ["pg-1", "managed"] {
         let path = format!("/v1/tenants/{slug}/move");
         accepted_job(&stack, Method::POST, &path, Some(json!({"server": to}))).await;
-        assert_eq!(tenant(&stack, &slug).await["server"], to);
+        assert_eq!(stack.tenant(&slug).await.unwrap()["server"], to);
         assert_eq!(
-            served_titles(&stack, &slug, &key).await,
+            stack.served_titles(&slug, &key).await.unwrap(),
             ["first"],
             "after moving to {to}"
         );
@@ -182,7 +161,7 @@ async fn every_job_works_on_a_server_whose_admin_role_is_not_a_superuser() {
     let file = Path::new(dump).file_name().unwrap().to_str().unwrap();
     let body = json!({"slug": second, "server": "managed", "restore_from": file});
     stack.create_tenant_with(body).await.unwrap();
-    assert!(served_titles(&stack, &second, &second_key).await.is_empty());
+    assert!(stack.served_titles(&second, &second_key).await.unwrap().is_empty());
 
     stack.stop().await.unwrap();
 }

@@ -48,19 +48,6 @@ async fn tenant_with_tasks(stack: &Stack, slug: &str, titles: &[&str]) -> String
     key
 }
 
-/// The task titles the router serves to `key`, in id order.
-async fn served_titles(stack: &Stack, slug: &str, key: &str) -> Vec<String> {
-    let resp = stack.tenant_get(slug, key, "/api/v1/tasks?limit=100").await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let body: Value = resp.json().await.unwrap();
-    body["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|task| task["title"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 async fn start_move(stack: &Stack, slug: &str, to: &str) -> (StatusCode, Value) {
     stack
         .admin(
@@ -70,15 +57,6 @@ async fn start_move(stack: &Stack, slug: &str, to: &str) -> (StatusCode, Value) 
         )
         .await
         .unwrap()
-}
-
-async fn tenant(stack: &Stack, slug: &str) -> Value {
-    let (status, body) = stack
-        .admin(Method::GET, &format!("/v1/tenants/{slug}"), None)
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK, "{body}");
-    body
 }
 
 /// Whether `pg` has the tenant's database, and how many of its roles.
@@ -133,15 +111,18 @@ async fn a_tenant_moves_with_its_data_keys_and_credentials(secrets: Secrets) {
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["step"], "cleanup");
 
-    let moved = tenant(&stack, &slug).await;
+    let moved = stack.tenant(&slug).await.unwrap();
     assert_eq!(moved["server"], "pg-2", "{moved}");
     assert_eq!(moved["status"], "active");
     assert!(moved.get("moving_to").is_none(), "{moved}");
 
     // Served from the new server: the same data, both keys, and new writes.
-    assert_eq!(served_titles(&stack, &slug, &key).await, ["first", "second", "third"]);
     assert_eq!(
-        served_titles(&stack, &slug, &second_key).await,
+        stack.served_titles(&slug, &key).await.unwrap(),
+        ["first", "second", "third"]
+    );
+    assert_eq!(
+        stack.served_titles(&slug, &second_key).await.unwrap(),
         ["first", "second", "third"]
     );
     let created = stack
@@ -213,7 +194,7 @@ async fn a_moving_tenant_answers_503_and_its_old_credentials_no_longer_log_in() 
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert_eq!(tenant(&stack, &slug).await["moving_to"], "pg-2");
+    assert_eq!(stack.tenant(&slug).await.unwrap()["moving_to"], "pg-2");
 
     let resp = stack.tenant_get(&slug, &key, "/api/v1/tasks").await.unwrap();
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -249,7 +230,7 @@ async fn a_moving_tenant_answers_503_and_its_old_credentials_no_longer_log_in() 
     fail::remove("move-unavailable-after-fence");
     let job = stack.wait_job(id).await.unwrap();
     assert_eq!(job["state"], "succeeded", "{job}");
-    assert_eq!(served_titles(&stack, &slug, &key).await, ["kept"]);
+    assert_eq!(stack.served_titles(&slug, &key).await.unwrap(), ["kept"]);
     stack.stop().await.unwrap();
     pg2.stop();
 }
@@ -269,14 +250,14 @@ async fn a_failed_move_is_undone_and_one_interrupted_after_its_switch_finishes_o
     assert_eq!(job["state"], "failed", "{job}");
     assert_eq!(job["step"], "restore");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while tenant(&stack, &slug).await.get("moving_to").is_some() {
+    while stack.tenant(&slug).await.unwrap().get("moving_to").is_some() {
         assert!(std::time::Instant::now() < deadline, "the failed move was not undone");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let back = tenant(&stack, &slug).await;
+    let back = stack.tenant(&slug).await.unwrap();
     assert_eq!(back["server"], "pg-1", "{back}");
     assert_eq!(back["status"], "active", "{back}");
-    assert_eq!(served_titles(&stack, &slug, &key).await, ["one", "two"]);
+    assert_eq!(stack.served_titles(&slug, &key).await.unwrap(), ["one", "two"]);
     assert_eq!(
         left_on(&pg2, &slug).await,
         (false, 0),
@@ -307,11 +288,11 @@ async fn a_failed_move_is_undone_and_one_interrupted_after_its_switch_finishes_o
     assert_eq!(job["step"], "fence", "{job}");
     assert!(job["error"].as_str().unwrap().contains("max_tenants"), "{job}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while tenant(&stack, &slug).await.get("moving_to").is_some() {
+    while stack.tenant(&slug).await.unwrap().get("moving_to").is_some() {
         assert!(std::time::Instant::now() < deadline, "the refused move was not undone");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert_eq!(served_titles(&stack, &slug, &key).await, ["one", "two", "three"]);
+    assert_eq!(stack.served_titles(&slug, &key).await.unwrap(), ["one", "two", "three"]);
     let (status, body) = stack
         .admin(Method::DELETE, &format!("/v1/tenants/{filler}"), None)
         .await
@@ -326,8 +307,8 @@ async fn a_failed_move_is_undone_and_one_interrupted_after_its_switch_finishes_o
     let job = stack.retry_job(id).await.unwrap();
     assert_eq!(job["state"], "failed", "{job}");
     assert_eq!(job["step"], "switch");
-    assert_eq!(tenant(&stack, &slug).await["server"], "pg-2");
-    assert_eq!(served_titles(&stack, &slug, &key).await, ["one", "two", "three"]);
+    assert_eq!(stack.tenant(&slug).await.unwrap()["server"], "pg-2");
+    assert_eq!(stack.served_titles(&slug, &key).await.unwrap(), ["one", "two", "three"]);
     assert!(
         left_on(stack.pg(), &slug).await.0,
         "the old database waits for the retry"
@@ -337,7 +318,7 @@ async fn a_failed_move_is_undone_and_one_interrupted_after_its_switch_finishes_o
     let job = stack.retry_job(id).await.unwrap();
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(left_on(stack.pg(), &slug).await, (false, 0));
-    assert_eq!(served_titles(&stack, &slug, &key).await, ["one", "two", "three"]);
+    assert_eq!(stack.served_titles(&slug, &key).await.unwrap(), ["one", "two", "three"]);
     stack.stop().await.unwrap();
     pg2.stop();
 }
@@ -369,7 +350,7 @@ async fn moves_that_cannot_be_done_are_refused_with_clear_errors_and_siloctl_mov
         .unwrap();
     assert_eq!(got, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(body["error"], "invalid_body");
-    assert_eq!(tenant(&stack, &slug).await["server"], "pg-1");
+    assert_eq!(stack.tenant(&slug).await.unwrap()["server"], "pg-1");
 
     // The same through siloctl: one line and exit 1 for a refused move, 2 without --to, and
     // a move that waits for its job.

@@ -386,6 +386,35 @@ connect_timeout = "{connect}ms"
             .await?)
     }
 
+    /// Tenant `slug`'s JSON from the admin API (expects 200).
+    pub async fn tenant(&self, slug: &str) -> anyhow::Result<Value> {
+        let (status, body) = self.admin(Method::GET, &format!("/v1/tenants/{slug}"), None).await?;
+        if status != StatusCode::OK {
+            bail!("GET tenant {slug}: {status} {body}");
+        }
+        Ok(body)
+    }
+
+    /// The titles of the tasks the router serves tenant `slug` to `key` (up to 100, in id
+    /// order; expects 200).
+    pub async fn served_titles(&self, slug: &str, key: &str) -> anyhow::Result<Vec<String>> {
+        let resp = self.tenant_get(slug, key, "/api/v1/tasks?limit=100").await?;
+        if resp.status() != StatusCode::OK {
+            bail!("GET tasks of {slug}: {}", resp.status());
+        }
+        let body: Value = resp.json().await?;
+        let items = body["items"].as_array().context("no items")?;
+        items
+            .iter()
+            .map(|task| {
+                task["title"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .context("a task without a title")
+            })
+            .collect()
+    }
+
     /// Fetches the router's `/metrics` text.
     pub async fn router_metrics(&self) -> anyhow::Result<String> {
         Ok(self
