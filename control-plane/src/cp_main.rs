@@ -36,10 +36,11 @@ pub async fn run() -> ExitCode {
         Ok(cp) => cp,
         Err(e) => {
             eprintln!("error: {e:#}");
-            return ExitCode::from(1);
+            let bad_config = e.downcast_ref::<crate::tls::TlsConfigError>().is_some();
+            return ExitCode::from(if bad_config { 2 } else { 1 });
         }
     };
-    println!("control plane listening on http://{}", cp.local_addr());
+    println!("control plane listening on {}", cp.url());
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     match cp.run(shutdown).await {

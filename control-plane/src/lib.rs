@@ -28,6 +28,7 @@ pub mod servers;
 pub mod spares;
 pub mod template;
 pub mod tenant_schema;
+pub mod tls;
 pub mod worker;
 
 /// Makes aws-lc-rs the process's default rustls crypto provider (idempotent).

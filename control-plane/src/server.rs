@@ -1,12 +1,19 @@
 //! The control plane as a value tests can start: `ControlPlane::bind(config)` →
-//! `.local_addr()` → `.run(shutdown)`. It serves the admin API and runs the job workers.
+//! `.local_addr()` → `.run(shutdown)`. It serves the admin API (over HTTPS when
+//! `control_plane.tls_cert_file` is set) and runs the job workers.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use anyhow::Context;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AdminTokens, ApiState};
@@ -16,11 +23,17 @@ use crate::provision::Provisioner;
 use crate::servers::Servers;
 use crate::tenant_schema::MigrationSource;
 use crate::worker::Workers;
-use crate::{catalog, schedule, secrets, spares};
+use crate::{catalog, schedule, secrets, spares, tls};
+
+/// A client must finish its TLS handshake within this long.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Open admin connections get this long to finish their requests at shutdown.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A bound, ready control plane.
 pub struct ControlPlane {
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     api: ApiState,
     workers: Workers,
     spares: Spares,
@@ -49,6 +62,20 @@ impl ControlPlane {
     /// Connects the catalog (applying its migrations), the secret store and the servers,
     /// registers the bootstrap admin token and binds `control_plane.listen`.
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
+        let tls = config
+            .control_plane
+            .tls
+            .as_ref()
+            .map(tls::admin_api_acceptor)
+            .transpose()?;
+        let listen = config.control_plane.listen;
+        if tls.is_none() && !listen.ip().is_loopback() {
+            tracing::warn!(
+                %listen,
+                "the admin API is served over plain HTTP beyond loopback: admin tokens and break-glass \
+                 credentials cross the network in clear; set control_plane.tls_cert_file and tls_key_file"
+            );
+        }
         let catalog = catalog::pool(&config.catalog, 16)?;
         catalog::migrate(&catalog)
             .await
@@ -113,6 +140,7 @@ impl ControlPlane {
         };
         Ok(Self {
             listener,
+            tls,
             api,
             workers,
             spares,
@@ -124,6 +152,12 @@ impl ControlPlane {
         self.listener
             .local_addr()
             .unwrap_or_else(|_| self.api.config.control_plane.listen)
+    }
+
+    /// The admin API's base URL (`https://` with TLS).
+    pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.local_addr())
     }
 
     /// Serves the admin API and runs the workers until `shutdown`.
@@ -142,13 +176,64 @@ impl ControlPlane {
             shutdown.clone(),
         ));
         let app = api::router(self.api.clone());
-        let serve = axum::serve(self.listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let result = serve.await.context("serve the admin API");
+        let result = match self.tls {
+            Some(tls) => {
+                serve_https(self.listener, tls, app, shutdown.clone()).await;
+                Ok(())
+            }
+            None => axum::serve(self.listener, app)
+                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                .await
+                .context("serve the admin API"),
+        };
         shutdown.cancel();
         let _ = workers.await;
         let _ = scheduler.await;
         let _ = spares.await;
         self.api.catalog.close().await;
         result
+    }
+}
+
+/// Serves `app` over HTTPS (HTTP/1.1 or HTTP/2 by ALPN) on `listener` until `shutdown`, then
+/// lets open connections finish for up to `DRAIN_DEADLINE`.
+async fn serve_https(listener: TcpListener, tls: TlsAcceptor, app: axum::Router, shutdown: CancellationToken) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "admin API: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let (tls, app, builder, watcher) = (tls.clone(), app.clone(), builder.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tracing::debug!(%peer, %error, "admin API: TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "admin API: TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = TowerToHyperService::new(app);
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(error) = watcher.watch(connection.into_owned()).await {
+                tracing::debug!(%peer, %error, "admin API: connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown()).await.is_err() {
+        tracing::warn!("admin API: connections still open at the drain deadline; closing them");
     }
 }

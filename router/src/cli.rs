@@ -8,8 +8,8 @@ use clap::{Parser, ValueEnum};
 use silo_control_plane::config::Config;
 use tokio_util::sync::CancellationToken;
 
-use crate::tls::TlsConfigError;
 use crate::RouterServer;
+use silo_control_plane::tls::TlsConfigError;
 
 /// silo router: routes each request to its tenant's database and the tenant app.
 #[derive(Debug, Parser)]

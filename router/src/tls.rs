@@ -21,11 +21,8 @@ use axum::body::Body;
 use axum::response::Response;
 use http::header::{CONTENT_TYPE, HOST};
 use http::{HeaderValue, Request, StatusCode};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::sign::CertifiedKey;
 use silo_control_plane::config::TlsFiles;
+use silo_control_plane::tls::{load_certified_key, TlsConfigError};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -59,38 +56,22 @@ impl std::fmt::Debug for Tls {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TenantSni(Arc<str>);
 
-/// A TLS file or directory the config names is unusable: the router refuses to start, as
-/// for any other bad config (exit code 2).
-#[derive(Debug, thiserror::Error)]
-#[error("config key `router.{key}`: {message}")]
-pub(crate) struct TlsConfigError {
-    key: &'static str,
-    message: String,
-}
-
 impl Tls {
     /// Loads the default certificate and the SNI directory. Errors are one line naming the
     /// config key (a missing file, no PEM certificate or key, a key that does not match).
     pub(crate) fn from_config(files: &TlsFiles) -> anyhow::Result<Tls> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let default = load_certified_key(&files.cert_file, &files.key_file, &provider).map_err(|e| {
-            let key = if matches!(e, CertError::Key { .. } | CertError::NoKey { .. }) {
+            let key = if e.is_about_the_key() {
                 "tls_key_file"
             } else {
                 "tls_cert_file"
             };
-            TlsConfigError {
-                key,
-                message: e.to_string(),
-            }
+            TlsConfigError::new(format!("router.{key}"), e.to_string())
         })?;
         let certificates = Arc::new(
-            SniCertificates::new(Arc::new(default), files.sni_dir.clone(), provider.clone()).map_err(|e| {
-                TlsConfigError {
-                    key: "tls_sni_dir",
-                    message: e.to_string(),
-                }
-            })?,
+            SniCertificates::new(Arc::new(default), files.sni_dir.clone(), provider.clone())
+                .map_err(|e| TlsConfigError::new("router.tls_sni_dir", e.to_string()))?,
         );
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -198,68 +179,6 @@ fn request_host<B>(request: &Request<B>) -> Option<&str> {
         Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
         _ => host,
     })
-}
-
-/// Why a certificate or key could not be used.
-#[derive(Debug, thiserror::Error)]
-enum CertError {
-    /// The certificate file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read { path: String, source: io::Error },
-    /// The key file could not be read.
-    #[error("cannot read {path}: {source}")]
-    ReadKey { path: String, source: io::Error },
-    /// No `CERTIFICATE` section (not PEM, or only a key).
-    #[error("{path} holds no PEM certificate")]
-    NoCertificate { path: String },
-    /// A PEM section could not be decoded.
-    #[error("{path} is not valid PEM: {source}")]
-    Pem {
-        path: String,
-        source: rustls::pki_types::pem::Error,
-    },
-    /// No private key section.
-    #[error("{path} holds no PEM private key")]
-    NoKey { path: String },
-    /// The key is unusable or does not belong to the certificate.
-    #[error("{path}: {source}")]
-    Key { path: String, source: rustls::Error },
-}
-
-/// Reads a PEM certificate chain and its PEM private key into a [`CertifiedKey`], checking
-/// that the key belongs to the first certificate.
-fn load_certified_key(
-    cert_file: &std::path::Path,
-    key_file: &std::path::Path,
-    provider: &CryptoProvider,
-) -> Result<CertifiedKey, CertError> {
-    let cert_path = cert_file.display().to_string();
-    let key_path = key_file.display().to_string();
-    let pem = std::fs::read(cert_file).map_err(|source| CertError::Read {
-        path: cert_path.clone(),
-        source,
-    })?;
-    let chain = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| CertError::Pem {
-            path: cert_path.clone(),
-            source,
-        })?;
-    if chain.is_empty() {
-        return Err(CertError::NoCertificate { path: cert_path });
-    }
-    let pem = std::fs::read(key_file).map_err(|source| CertError::ReadKey {
-        path: key_path.clone(),
-        source,
-    })?;
-    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|source| match source {
-        rustls::pki_types::pem::Error::NoItemsFound => CertError::NoKey { path: key_path.clone() },
-        source => CertError::Pem {
-            path: key_path.clone(),
-            source,
-        },
-    })?;
-    CertifiedKey::from_der(chain, key, provider).map_err(|source| CertError::Key { path: key_path, source })
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod admin_api;
+mod admin_tls;
 mod audit;
 mod backups;
 mod contract;

@@ -54,7 +54,7 @@ impl TestCa {
     }
 
     /// reqwest trusting this CA only, with `host` resolving to `addr`.
-    fn reqwest(&self, host: &str, addr: SocketAddr) -> reqwest::ClientBuilder {
+    pub(crate) fn reqwest(&self, host: &str, addr: SocketAddr) -> reqwest::ClientBuilder {
         silo_control_plane::install_crypto_provider();
         reqwest::Client::builder()
             .use_rustls_tls()
@@ -330,6 +330,7 @@ fn unusable_tls_files_stop_the_router_with_one_line_naming_the_key() {
             "no PEM private key",
         ),
         (crt.clone(), d.join("other.key"), "router.tls_key_file", "other.key"),
+        (crt.clone(), d.join("missing.key"), "router.tls_key_file", "missing.key"),
     ] {
         let stderr = run(&cert, &key, "");
         assert!(

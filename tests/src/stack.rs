@@ -42,6 +42,8 @@ pub struct StackOptions {
     pub extra_toml: String,
     /// Extra `key = value` lines inside the generated `[router]` table.
     pub router_toml: String,
+    /// Extra `key = value` lines inside the generated `[control_plane]` table.
+    pub control_plane_toml: String,
     /// `router.connect_timeout`. Generous by default: the whole suite shares 2 cores, and a
     /// starved connect must not read as a failed rotation or budget test.
     pub connect_timeout: Duration,
@@ -60,6 +62,7 @@ impl Default for StackOptions {
             path_prefix_routing: false,
             extra_toml: String::new(),
             router_toml: String::new(),
+            control_plane_toml: String::new(),
             connect_timeout: Duration::from_secs(10),
             tenant_migrations_dir: None,
             catalog_not_superuser: false,
@@ -137,6 +140,7 @@ admin_password_env = "{PG_PASSWORD_ENV}"
 listen = "127.0.0.1:0"
 job_lease = "5s"
 workers = 8
+{control_plane_extra}
 [router]
 listen = "127.0.0.1:0"
 metrics_listen = "127.0.0.1:0"
@@ -152,6 +156,7 @@ connect_timeout = "{connect}ms"
             path = options.path_prefix_routing,
             connect = options.connect_timeout.as_millis(),
             router_extra = options.router_toml,
+            control_plane_extra = options.control_plane_toml,
             extra = options.extra_toml,
         );
         let path = dir.path().join("silo.toml");

@@ -31,6 +31,9 @@ pub(crate) struct GlobalArgs {
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     pub(crate) output: Output,
+    /// PEM file of the CA(s) to trust for an https:// endpoint, besides the system's.
+    #[arg(long, env = "SILO_CACERT", global = true, value_name = "FILE")]
+    pub(crate) cacert: Option<PathBuf>,
 }
 
 /// How results are printed.

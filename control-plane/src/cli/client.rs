@@ -63,12 +63,14 @@ impl ApiError {
 impl ApiClient {
     /// A client for `ctx`.
     pub(crate) fn new(ctx: ApiContext) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
-            .user_agent(concat!("siloctl/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| anyhow!("build the HTTP client: {e}"))?;
+            .user_agent(concat!("siloctl/", env!("CARGO_PKG_VERSION")));
+        for cert in &ctx.cacerts {
+            builder = builder.add_root_certificate(cert.clone());
+        }
+        let http = builder.build().map_err(|e| anyhow!("build the HTTP client: {e}"))?;
         Ok(Self { http, ctx })
     }
 

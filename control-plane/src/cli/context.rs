@@ -20,6 +20,8 @@ pub(crate) struct ApiContext {
     /// Base URL without a trailing slash.
     pub(crate) endpoint: String,
     pub(crate) token: SecretString,
+    /// CA certificates (PEM) to trust next to the system's.
+    pub(crate) cacerts: Vec<reqwest::Certificate>,
 }
 
 /// The context a `siloctl dev` data dir provides to siloctl calls in that directory.
@@ -72,10 +74,26 @@ pub(crate) fn resolve(global: &GlobalArgs) -> anyhow::Result<ApiContext> {
     let token = token
         .filter(|t| !t.is_empty())
         .ok_or_else(|| usage("no admin token: set SILO_TOKEN or pass --token"))?;
+    let cacerts = match &global.cacert {
+        Some(path) => read_cacerts(path)?,
+        None => Vec::new(),
+    };
     Ok(ApiContext {
         endpoint,
         token: SecretString::from(token),
+        cacerts,
     })
+}
+
+/// The certificates of PEM file `path` (`--cacert`); a usage error when there are none.
+fn read_cacerts(path: &Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    let pem = std::fs::read(path).map_err(|e| usage(format!("--cacert {}: {e}", path.display())))?;
+    let certs =
+        reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| usage(format!("--cacert {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(usage(format!("--cacert {}: no PEM certificate in it", path.display())));
+    }
+    Ok(certs)
 }
 
 fn trim_url(url: &str) -> &str {

@@ -198,6 +198,17 @@ pub struct ControlPlaneConfig {
     pub workers: usize,
     /// How long a claimed job stays with its worker without a heartbeat.
     pub job_lease: Duration,
+    /// PEM certificate chain and key: the admin API is served over HTTPS (plain HTTP without).
+    pub tls: Option<CertFiles>,
+}
+
+/// A PEM certificate chain and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// The certificate chain, the server's own first.
+    pub cert_file: PathBuf,
+    /// Its private key.
+    pub key_file: PathBuf,
 }
 
 impl std::fmt::Debug for ControlPlaneConfig {
@@ -207,6 +218,7 @@ impl std::fmt::Debug for ControlPlaneConfig {
             .field("admin_token_env", &self.admin_token_env)
             .field("workers", &self.workers)
             .field("job_lease", &self.job_lease)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -510,6 +522,25 @@ impl Config {
             admin_token_env: cp.admin_token_env,
             workers: cp.workers,
             job_lease: duration("control_plane.job_lease", &cp.job_lease)?,
+            tls: match (cp.tls_cert_file, cp.tls_key_file) {
+                (Some(cert), Some(key)) => Some(CertFiles {
+                    cert_file: resolve(cert),
+                    key_file: resolve(key),
+                }),
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(invalid(
+                        "control_plane.tls_key_file",
+                        "is required with control_plane.tls_cert_file",
+                    ))
+                }
+                (None, Some(_)) => {
+                    return Err(invalid(
+                        "control_plane.tls_cert_file",
+                        "is required with control_plane.tls_key_file",
+                    ))
+                }
+            },
         };
 
         let rotation = RotationConfig {

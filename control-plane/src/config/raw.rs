@@ -152,6 +152,8 @@ pub(super) struct RawControlPlane {
     pub(super) workers: usize,
     #[serde(default = "default_job_lease")]
     pub(super) job_lease: String,
+    pub(super) tls_cert_file: Option<PathBuf>,
+    pub(super) tls_key_file: Option<PathBuf>,
 }
 
 impl Default for RawControlPlane {
@@ -161,6 +163,8 @@ impl Default for RawControlPlane {
             admin_token_env: default_admin_token_env(),
             workers: default_workers(),
             job_lease: default_job_lease(),
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }

@@ -150,7 +150,7 @@ impl SniCertificates {
                 "{domain:?} is not a domain name (expected DOMAIN.crt next to DOMAIN.key)"
             ));
         }
-        super::load_certified_key(cert_file, key_file, &self.provider).map_err(|e| e.to_string())
+        silo_control_plane::tls::load_certified_key(cert_file, key_file, &self.provider).map_err(|e| e.to_string())
     }
 }
 

@@ -178,6 +178,7 @@ async fn start(args: &DevArgs, p: &Prepared, stack: &mut Stack) -> anyhow::Resul
     let client = ApiClient::new(ApiContext {
         endpoint: endpoint.clone(),
         token: p.admin_token.clone(),
+        cacerts: Vec::new(),
     })?;
     if args.demo {
         demo(&client, p).await?;

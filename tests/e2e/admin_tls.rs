@@ -1,0 +1,154 @@
+//! The admin API over HTTPS (`control_plane.tls_cert_file`/`tls_key_file`): siloctl trusts a
+//! private CA with `--cacert` and refuses a server it cannot verify; plain HTTP gets no
+//! answer; unusable files stop the control plane with one line and exit code 2.
+
+use std::process::Command;
+
+use reqwest::{StatusCode, Version};
+use serde_json::Value;
+use silo_tests::stack::{Stack, StackOptions};
+use silo_tests::unique_name;
+
+use crate::tls::TestCa;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn siloctl_reaches_the_admin_api_over_https_with_the_ca_it_is_given() {
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    ca.issue(&["localhost", "127.0.0.1"], dir.path(), "admin");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let d = dir.path().display();
+    let stack = Stack::start(StackOptions {
+        control_plane_toml: format!("tls_cert_file = \"{d}/admin.crt\"\ntls_key_file = \"{d}/admin.key\"\n"),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let addr = stack.control_plane_addr();
+    let endpoint = format!("https://127.0.0.1:{}", addr.port());
+    let ca_arg = ca_file.to_str().unwrap();
+
+    let slug = unique_name("tls");
+    let (code, stdout, stderr) = stack
+        .siloctl(&[
+            "--endpoint",
+            &endpoint,
+            "--cacert",
+            ca_arg,
+            "-o",
+            "json",
+            "tenant",
+            "create",
+            &slug,
+        ])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let created: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(created["tenant"]["status"], "active", "{created}");
+
+    // ALPN: HTTP/2 for clients that offer it, HTTP/1.1 for the others.
+    for (client, version) in [
+        (ca.reqwest("localhost", addr).build().unwrap(), Version::HTTP_2),
+        (
+            ca.reqwest("localhost", addr).http1_only().build().unwrap(),
+            Version::HTTP_11,
+        ),
+    ] {
+        let url = format!("https://localhost:{}/v1/tenants/{slug}", addr.port());
+        let resp = client.get(&url).bearer_auth(stack.admin_token()).send().await.unwrap();
+        assert_eq!((resp.status(), resp.version()), (StatusCode::OK, version));
+    }
+
+    // A server siloctl cannot verify is refused, in one line; so is an unusable --cacert.
+    let (code, _, stderr) = stack
+        .siloctl(&["--endpoint", &endpoint, "tenant", "list"])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
+    let missing = dir.path().join("missing.pem");
+    let (code, _, stderr) = stack
+        .siloctl(&[
+            "--endpoint",
+            &endpoint,
+            "--cacert",
+            missing.to_str().unwrap(),
+            "tenant",
+            "list",
+        ])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--cacert"), "{stderr}");
+
+    // Plain HTTP on the HTTPS port gets no answer.
+    let plain = reqwest::Client::new()
+        .get(format!("http://{addr}/v1/tenants"))
+        .bearer_auth(stack.admin_token())
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await;
+    assert!(plain.is_err(), "{plain:?}");
+    stack.stop().await.unwrap();
+}
+
+#[test]
+fn unusable_admin_tls_files_stop_the_control_plane_with_one_line_naming_the_key() {
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ca.issue(&["localhost"], d, "admin");
+    ca.issue(&["other.localhost"], d, "other");
+    let run = |cert: &str, key: &str| {
+        let config = d.join("silo.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "catalog_url = \"postgres://postgres@127.0.0.1:1/silo_catalog\"\n[secrets]\n\
+                 local_master_key_file = \"master.key\"\n[control_plane]\nlisten = \"127.0.0.1:0\"\n\
+                 tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\n"
+            ),
+        )
+        .unwrap();
+        let out = Command::new(silo_tests::workspace_binary("silo-control-plane"))
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "a bad config: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        stderr
+    };
+    for (cert, key, named) in [
+        ("missing.crt", "admin.key", "control_plane.tls_cert_file"),
+        ("admin.key", "admin.key", "control_plane.tls_cert_file"),
+        ("admin.crt", "missing.key", "control_plane.tls_key_file"),
+        ("admin.crt", "other.key", "control_plane.tls_key_file"),
+    ] {
+        let stderr = run(cert, key);
+        assert!(
+            stderr.starts_with(&format!("error: config key `{named}`")),
+            "{cert}, {key}: {stderr}"
+        );
+    }
+    let config = d.join("half.toml");
+    std::fs::write(
+        &config,
+        "catalog_url = \"postgres://postgres@127.0.0.1:1/c\"\n[secrets]\nlocal_master_key_file = \"master.key\"\n\
+         [control_plane]\ntls_cert_file = \"admin.crt\"\n",
+    )
+    .unwrap();
+    let out = Command::new(silo_tests::workspace_binary("silo-control-plane"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("control_plane.tls_key_file"), "{stderr}");
+}
