@@ -3,10 +3,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::catalog;
+use crate::config::{Config, SecretsBackend};
+use crate::secrets::local::LocalSecretStore;
 use crate::server::ControlPlane;
 
 /// silo control plane: admin API and job workers.
@@ -19,6 +21,16 @@ struct Args {
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// Maintenance commands (without one, the control plane runs).
+#[derive(Subcommand)]
+enum Command {
+    /// Re-encrypt every secret of the local store under the current master key
+    /// (secrets.local_master_key_file) after a master key rotation, then exit.
+    RekeySecrets,
 }
 
 /// Runs the control plane until SIGTERM or Ctrl-C. Exit 2 for a bad config, 1 when it fails.
@@ -32,6 +44,9 @@ pub async fn run() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::RekeySecrets) = args.command {
+        return rekey_secrets(&config).await;
+    }
     let cp = match ControlPlane::bind(config).await {
         Ok(cp) => cp,
         Err(e) => {
@@ -47,6 +62,60 @@ pub async fn run() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `rekey-secrets`: re-encrypts the local store under the current master key. Exit 2 for a
+/// config that has no local store or unusable key files, 1 when the catalog fails.
+async fn rekey_secrets(config: &Config) -> ExitCode {
+    let SecretsBackend::Local {
+        master_key_file,
+        previous_master_key_files,
+    } = &config.secrets.backend
+    else {
+        eprintln!(
+            "error: config key `secrets.backend`: rekey-secrets re-encrypts the local store; AWS Secrets Manager's keys are rotated in AWS KMS"
+        );
+        return ExitCode::from(2);
+    };
+    let catalog = match catalog::pool(&config.catalog, 2) {
+        Ok(pool) => pool,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Err(e) = catalog::migrate(&catalog).await {
+        eprintln!("error: connect to the catalog and apply its migrations: {e:#}");
+        return ExitCode::from(1);
+    }
+    let store = match LocalSecretStore::open(master_key_file, previous_master_key_files, catalog) {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match store.rekey().await {
+        Ok(report) => {
+            println!(
+                "{} secret versions re-encrypted under {}, {} already under it ({} secrets)",
+                report.reencrypted,
+                master_key_file.display(),
+                report.current,
+                report.secrets
+            );
+            if !previous_master_key_files.is_empty() {
+                println!(
+                    "secrets.local_previous_master_key_files can now be removed from the config of every control plane and router"
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
             ExitCode::from(1)
         }
     }

@@ -312,6 +312,7 @@ impl LocalFixture {
         let cfg = SecretsConfig {
             backend: SecretsBackend::Local {
                 master_key_file: key_file.clone(),
+                previous_master_key_files: Vec::new(),
             },
             name_prefix: "silo-test/".into(),
         };
@@ -418,7 +419,7 @@ async fn local_wrong_master_key_cannot_decrypt() {
     let dir = tempfile::tempdir().unwrap();
     let other_key = dir.path().join("other.key");
     create_master_key(&other_key).unwrap();
-    let other = LocalSecretStore::open(&other_key, f.pool.clone()).unwrap();
+    let other = LocalSecretStore::open(&other_key, &[], f.pool.clone()).unwrap();
     let err = other.get_secret_value(&name, AWSCURRENT).await.unwrap_err();
     assert!(matches!(err, SecretStoreError::Decrypt(ref n) if *n == name), "{err}");
     // The right key still works.
@@ -434,7 +435,9 @@ async fn local_master_key_file_is_checked() {
     let good = "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=\n";
 
     let path = write_key(dir.path(), good, 0o644);
-    let err = LocalSecretStore::open(&path, pool.clone()).unwrap_err().to_string();
+    let err = LocalSecretStore::open(&path, &[], pool.clone())
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains(&path.display().to_string()) && err.contains("0644"),
         "{err}"
@@ -442,18 +445,24 @@ async fn local_master_key_file_is_checked() {
     assert!(!err.contains(good.trim()), "{err}");
 
     let path = write_key(dir.path(), "c2hvcnQ=\n", 0o600);
-    let err = LocalSecretStore::open(&path, pool.clone()).unwrap_err().to_string();
+    let err = LocalSecretStore::open(&path, &[], pool.clone())
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains(&path.display().to_string()) && err.contains("expected 32"),
         "{err}"
     );
 
     let path = write_key(dir.path(), "not base64 at all!\n", 0o600);
-    let err = LocalSecretStore::open(&path, pool.clone()).unwrap_err().to_string();
+    let err = LocalSecretStore::open(&path, &[], pool.clone())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not base64") && !err.contains("at all"), "{err}");
 
     let missing = dir.path().join("missing.key");
-    let err = LocalSecretStore::open(&missing, pool.clone()).unwrap_err().to_string();
+    let err = LocalSecretStore::open(&missing, &[], pool.clone())
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains(&missing.display().to_string()) && err.contains("does not exist"),
         "{err}"
@@ -461,14 +470,14 @@ async fn local_master_key_file_is_checked() {
 
     // `openssl rand -base64 32` output with mode 0600 is accepted; create_master_key writes
     // that format and never overwrites a key.
-    LocalSecretStore::open(&write_key(dir.path(), good, 0o600), pool.clone()).unwrap();
+    LocalSecretStore::open(&write_key(dir.path(), good, 0o600), &[], pool.clone()).unwrap();
     create_master_key(&missing).unwrap();
     let mode = std::fs::metadata(&missing).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let first = std::fs::read(&missing).unwrap();
     create_master_key(&missing).unwrap();
     assert_eq!(std::fs::read(&missing).unwrap(), first);
-    LocalSecretStore::open(&missing, pool).unwrap();
+    LocalSecretStore::open(&missing, &[], pool).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -526,7 +535,7 @@ async fn local_debug_output_has_no_secrets() {
     let version = f.store.get_secret_value(&name, AWSCURRENT).await.unwrap().unwrap();
     assert!(!format!("{version:?}").contains(&password));
 
-    let store = LocalSecretStore::open(&f.key_file, f.pool.clone()).unwrap();
+    let store = LocalSecretStore::open(&f.key_file, &[], f.pool.clone()).unwrap();
     let key = std::fs::read_to_string(&f.key_file).unwrap();
     let debug = format!("{store:?}");
     assert!(!debug.contains(key.trim()) && debug.contains("redacted"), "{debug}");
@@ -587,7 +596,7 @@ async fn local_concurrent_writers_keep_one_current() {
         .await
         .unwrap();
     // Two "control planes" on the same catalog, each putting new current versions.
-    let other: Arc<dyn SecretStore> = Arc::new(LocalSecretStore::open(&f.key_file, f.pool.clone()).unwrap());
+    let other: Arc<dyn SecretStore> = Arc::new(LocalSecretStore::open(&f.key_file, &[], f.pool.clone()).unwrap());
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..16 {
         let store = if i % 2 == 0 { f.store.clone() } else { other.clone() };
@@ -612,4 +621,102 @@ async fn local_concurrent_writers_keep_one_current() {
         .await
         .unwrap();
     assert_eq!(versions, 12);
+}
+
+/// Runs `silo-control-plane --config CONFIG rekey-secrets`: exit code, stdout, stderr.
+fn rekey_secrets(config: &Path, catalog_password: &str) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(silo_tests::workspace_binary("silo-control-plane"))
+        .arg("--config")
+        .arg(config)
+        .arg("rekey-secrets")
+        .env("SILO_CATALOG_PASSWORD", catalog_password)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Master key rotation: with a new key current and the old one previous, every secret still
+/// reads; `silo-control-plane rekey-secrets` re-encrypts them all under the new key, after
+/// which the new key alone reads them and the old one opens none.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_local_master_key_is_rotated_with_rekey_secrets() {
+    let stack = silo_tests::stack::Stack::start(silo_tests::stack::StackOptions::default())
+        .await
+        .unwrap();
+    let slug = unique_name("mk");
+    stack.create_tenant(&slug).await.unwrap();
+    let before = stack.credentials(&slug).await.unwrap();
+    let dir = stack.dir();
+    let (old_key, new_key) = (dir.join("master.key"), dir.join("new.key"));
+    create_master_key(&new_key).unwrap();
+    let config = std::fs::read_to_string(dir.join("silo.toml")).unwrap();
+    assert!(config.contains("local_master_key_file = \"master.key\""), "{config}");
+    let rotated = dir.join("rotated.toml");
+    std::fs::write(
+        &rotated,
+        config.replace(
+            "local_master_key_file = \"master.key\"",
+            "local_master_key_file = \"new.key\"\nlocal_previous_master_key_files = [\"master.key\"]",
+        ),
+    )
+    .unwrap();
+    let name = stack.secret_name(&slug);
+    let read = |store: LocalSecretStore| {
+        let name = name.clone();
+        async move {
+            let version = store.get_secret_value(&name, AWSCURRENT).await?;
+            let value = version.expect("a current version").value;
+            Ok::<_, SecretStoreError>(serde_json::from_str::<serde_json::Value>(value.expose_secret()).unwrap())
+        }
+    };
+    let both = LocalSecretStore::open(&new_key, std::slice::from_ref(&old_key), stack.catalog().clone()).unwrap();
+    assert_eq!(
+        read(both).await.unwrap(),
+        before,
+        "the old key still decrypts in the meantime"
+    );
+
+    let password = stack.pg().password().expose_secret().to_owned();
+    let (code, stdout, stderr) = rekey_secrets(&rotated, &password);
+    assert_eq!(code, Some(0), "{stderr}");
+    let reencrypted: usize = stdout.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(reencrypted >= 1, "{stdout}");
+    assert!(stdout.contains("can now be removed"), "{stdout}");
+    let (code, stdout, stderr) = rekey_secrets(&rotated, &password);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.starts_with("0 secret versions re-encrypted"), "{stdout}");
+
+    let only_new = LocalSecretStore::open(&new_key, &[], stack.catalog().clone()).unwrap();
+    assert_eq!(read(only_new).await.unwrap(), before);
+    let only_old = LocalSecretStore::open(&old_key, &[], stack.catalog().clone()).unwrap();
+    assert!(matches!(read(only_old).await, Err(SecretStoreError::Decrypt(_))));
+
+    // Usage problems: a missing previous key file, and a config without a local store.
+    let missing = dir.join("missing.toml");
+    std::fs::write(
+        &missing,
+        config.replace(
+            "local_master_key_file = \"master.key\"",
+            "local_master_key_file = \"new.key\"\nlocal_previous_master_key_files = [\"gone.key\"]",
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = rekey_secrets(&missing, &password);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("gone.key") && stderr.lines().count() == 1, "{stderr}");
+    let aws = dir.join("aws.toml");
+    std::fs::write(
+        &aws,
+        "catalog_url = \"postgres://postgres@127.0.0.1:1/c\"\n[secrets]\nbackend = \"aws\"\naws_region = \"us-east-1\"\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = rekey_secrets(&aws, &password);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("secrets.backend"), "{stderr}");
+    stack.stop().await.unwrap();
 }

@@ -105,8 +105,11 @@ impl std::fmt::Debug for CatalogConfig {
 pub enum SecretsBackend {
     /// Encrypted in the catalog under a local master key file (mode 0600).
     Local {
-        /// Path of the master key file (32 random bytes, base64).
+        /// Path of the master key file (32 random bytes, base64): it encrypts.
         master_key_file: PathBuf,
+        /// Keys that encrypted before the current one: they still decrypt, until
+        /// `silo-control-plane rekey-secrets` has re-encrypted everything under the current key.
+        previous_master_key_files: Vec<PathBuf>,
     },
     /// AWS Secrets Manager.
     Aws {
@@ -441,8 +444,20 @@ impl Config {
                     master_key_file: resolve(raw.secrets.local_master_key_file.ok_or_else(|| {
                         invalid("secrets.local_master_key_file", "is required with backend = \"local\"")
                     })?),
+                    previous_master_key_files: raw
+                        .secrets
+                        .local_previous_master_key_files
+                        .into_iter()
+                        .map(resolve)
+                        .collect(),
                 },
                 "aws" => {
+                    if !raw.secrets.local_previous_master_key_files.is_empty() {
+                        return Err(invalid(
+                            "secrets.local_previous_master_key_files",
+                            "is only for backend = \"local\"",
+                        ));
+                    }
                     let days = raw.secrets.aws_recovery_window_days;
                     if !(7..=30).contains(&days) {
                         return Err(invalid("secrets.aws_recovery_window_days", "must be between 7 and 30"));
@@ -778,7 +793,7 @@ local_master_key_file = "master.key"
         assert_eq!(cfg.rotation.strategy, RotationStrategy::Alternating);
         assert_eq!(cfg.rotation.interval, Duration::from_secs(30 * 86400));
         match cfg.secrets.backend {
-            SecretsBackend::Local { master_key_file } => {
+            SecretsBackend::Local { master_key_file, .. } => {
                 assert_eq!(master_key_file, Path::new("/etc/silo/master.key"))
             }
             other => panic!("{other:?}"),

@@ -93,6 +93,8 @@ pub(super) struct RawSecrets {
     #[serde(default = "default_name_prefix")]
     pub(super) name_prefix: String,
     pub(super) local_master_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) local_previous_master_key_files: Vec<PathBuf>,
     pub(super) aws_region: Option<String>,
     pub(super) aws_endpoint_url: Option<String>,
     #[serde(default = "default_recovery_window_days")]
@@ -105,6 +107,7 @@ impl Default for RawSecrets {
             backend: default_backend(),
             name_prefix: default_name_prefix(),
             local_master_key_file: None,
+            local_previous_master_key_files: Vec::new(),
             aws_region: None,
             aws_endpoint_url: None,
             aws_recovery_window_days: default_recovery_window_days(),

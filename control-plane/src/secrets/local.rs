@@ -6,6 +6,11 @@
 //! `name || 0x00 || version_id`, so a ciphertext copied onto another secret or version fails to
 //! decrypt instead of yielding the wrong credentials. Writers lock the secret's `secrets` row
 //! (`SELECT ... FOR UPDATE`) so concurrent control planes cannot interleave stage moves.
+//!
+//! Master key rotation: new versions are always encrypted under the current key
+//! (`local_master_key_file`); the keys in `local_previous_master_key_files` still decrypt what
+//! they encrypted (AES-GCM tells which key fits), until [`LocalSecretStore::rekey`]
+//! (`silo-control-plane rekey-secrets`) has re-encrypted every version under the current key.
 
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -29,7 +34,8 @@ const KEY_LEN: usize = 32;
 /// Secrets encrypted at rest in the catalog under a local master key.
 pub struct LocalSecretStore {
     pool: PgPool,
-    key: SecretBox<[u8; KEY_LEN]>,
+    /// The current key first (it encrypts), then the previous ones (they only decrypt).
+    keys: Vec<SecretBox<[u8; KEY_LEN]>>,
     key_file: PathBuf,
 }
 
@@ -37,9 +43,21 @@ impl std::fmt::Debug for LocalSecretStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalSecretStore")
             .field("key_file", &self.key_file)
-            .field("key", &"[redacted]")
+            .field("previous_keys", &(self.keys.len() - 1))
+            .field("keys", &"[redacted]")
             .finish_non_exhaustive()
     }
+}
+
+/// What [`LocalSecretStore::rekey`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RekeyReport {
+    /// Secrets looked at.
+    pub secrets: usize,
+    /// Versions re-encrypted under the current key.
+    pub reencrypted: usize,
+    /// Versions already under the current key.
+    pub current: usize,
 }
 
 fn key_error(path: &Path, problem: impl Into<String>) -> SecretStoreError {
@@ -112,18 +130,22 @@ fn associated_data(name: &str, version_id: &str) -> Vec<u8> {
 
 impl LocalSecretStore {
     /// Opens the store on the catalog `pool` with the master key in `key_file`, which must
-    /// exist, hold 32 bytes in base64, and be readable by its owner only (mode 0600).
-    pub fn open(key_file: &Path, pool: PgPool) -> Result<Self, SecretStoreError> {
-        let key = load_master_key(key_file)?;
+    /// exist, hold 32 bytes in base64, and be readable by its owner only (mode 0600), and the
+    /// `previous` key files (same rules), which only decrypt.
+    pub fn open(key_file: &Path, previous: &[PathBuf], pool: PgPool) -> Result<Self, SecretStoreError> {
+        let mut keys = vec![load_master_key(key_file)?];
+        for file in previous {
+            keys.push(load_master_key(file)?);
+        }
         Ok(Self {
             pool,
-            key,
+            keys,
             key_file: key_file.to_owned(),
         })
     }
 
-    fn cipher(&self) -> Aes256Gcm {
-        Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(self.key.expose_secret()))
+    fn cipher(key: &SecretBox<[u8; KEY_LEN]>) -> Aes256Gcm {
+        Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key.expose_secret()))
     }
 
     fn encrypt(
@@ -138,8 +160,7 @@ impl LocalSecretStore {
             msg: value.expose_secret().as_bytes(),
             aad: &aad,
         };
-        let ciphertext = self
-            .cipher()
+        let ciphertext = Self::cipher(&self.keys[0])
             .encrypt(Nonce::from_slice(&nonce), payload)
             .map_err(|_| SecretStoreError::Backend(format!("secret {name:?}: encryption failed")))?;
         Ok((nonce.to_vec(), ciphertext))
@@ -152,25 +173,85 @@ impl LocalSecretStore {
         nonce: &[u8],
         ciphertext: &[u8],
     ) -> Result<SecretString, SecretStoreError> {
+        self.decrypt_with_key(name, version_id, nonce, ciphertext)
+            .map(|(value, _)| value)
+    }
+
+    /// The value, and which key decrypted it (0: the current one). AES-GCM authenticates:
+    /// only the key a version was encrypted under opens it.
+    fn decrypt_with_key(
+        &self,
+        name: &str,
+        version_id: &str,
+        nonce: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<(SecretString, usize), SecretStoreError> {
         if nonce.len() != NONCE_LEN {
             return Err(SecretStoreError::Decrypt(name.to_owned()));
         }
         let aad = associated_data(name, version_id);
-        let plain = Zeroizing::new(
-            self.cipher()
-                .decrypt(
-                    Nonce::from_slice(nonce),
-                    Payload {
-                        msg: ciphertext,
-                        aad: &aad,
-                    },
-                )
-                .map_err(|_| SecretStoreError::Decrypt(name.to_owned()))?,
-        );
+        let payload = || Payload {
+            msg: ciphertext,
+            aad: &aad,
+        };
+        let (plain, index) = self
+            .keys
+            .iter()
+            .enumerate()
+            .find_map(|(index, key)| {
+                let plain = Self::cipher(key).decrypt(Nonce::from_slice(nonce), payload()).ok()?;
+                Some((Zeroizing::new(plain), index))
+            })
+            .ok_or_else(|| SecretStoreError::Decrypt(name.to_owned()))?;
         // An exact-size copy: converting the buffer itself could reallocate and leave a copy
         // that is never zeroed.
         let text = std::str::from_utf8(&plain).map_err(|_| SecretStoreError::Decrypt(name.to_owned()))?;
-        Ok(SecretString::from(text.to_owned()))
+        Ok((SecretString::from(text.to_owned()), index))
+    }
+
+    /// Re-encrypts under the current master key every version a previous key encrypted, one
+    /// secret at a time under its row lock (so it may run next to working control planes).
+    /// Once it reports nothing left, the previous key files can be dropped from the config.
+    pub async fn rekey(&self) -> Result<RekeyReport, SecretStoreError> {
+        let names: Vec<String> = sqlx::query_scalar("SELECT name FROM secrets ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        let mut report = RekeyReport::default();
+        for name in names {
+            let mut tx = self.pool.begin().await.map_err(db_error)?;
+            if !Self::lock(&mut tx, &name).await? {
+                continue;
+            }
+            report.secrets += 1;
+            let versions: Vec<(String, Vec<u8>, Vec<u8>)> =
+                sqlx::query_as("SELECT version_id, nonce, ciphertext FROM secret_versions WHERE name = $1")
+                    .bind(&name)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+            for (version_id, nonce, ciphertext) in versions {
+                let (value, key) = self.decrypt_with_key(&name, &version_id, &nonce, &ciphertext)?;
+                if key == 0 {
+                    report.current += 1;
+                    continue;
+                }
+                let (nonce, ciphertext) = self.encrypt(&name, &version_id, &value)?;
+                sqlx::query(
+                    "UPDATE secret_versions SET nonce = $3, ciphertext = $4 WHERE name = $1 AND version_id = $2",
+                )
+                .bind(&name)
+                .bind(&version_id)
+                .bind(nonce)
+                .bind(ciphertext)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                report.reencrypted += 1;
+            }
+            tx.commit().await.map_err(db_error)?;
+        }
+        Ok(report)
     }
 
     /// Locks the secret's row for the rest of `tx`; false if there is no such secret.

@@ -132,7 +132,14 @@ pub async fn open(
 ) -> Result<Arc<dyn SecretStore>, SecretStoreError> {
     use crate::config::SecretsBackend;
     Ok(match &cfg.backend {
-        SecretsBackend::Local { master_key_file } => Arc::new(local::LocalSecretStore::open(master_key_file, catalog)?),
+        SecretsBackend::Local {
+            master_key_file,
+            previous_master_key_files,
+        } => Arc::new(local::LocalSecretStore::open(
+            master_key_file,
+            previous_master_key_files,
+            catalog,
+        )?),
         SecretsBackend::Aws {
             region,
             endpoint_url,
