@@ -200,6 +200,138 @@ async fn suspend_and_resume_reach_the_router_within_a_second() {
     stack.stop().await.unwrap();
 }
 
+/// `siloctl tenant update` (`PATCH /v1/tenants/{slug}`): a custom domain added later is
+/// routed within a second, a new plan's limits apply, a removed domain stops routing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenants_plan_and_domains_change_without_recreating_it() {
+    let stack = Stack::start(StackOptions {
+        extra_toml: "[router.plans.trial]\nrequests_per_second = 1\nburst = 2\n".into(),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let slug = unique_name("up");
+    let key = stack.create_tenant(&slug).await.unwrap();
+    let other = unique_name("up");
+    stack.create_tenant(&other).await.unwrap();
+    let domain = format!("{slug}.example.com");
+    let me_via = |host: String| {
+        let req = stack.tenant_request(Method::GET, &host, "/api/v1/me").bearer_auth(&key);
+        async move { req.send().await.unwrap().status() }
+    };
+    assert_eq!(me_via(domain.clone()).await, StatusCode::NOT_FOUND);
+
+    let (code, stdout, stderr) = stack
+        .siloctl(&[
+            "-o",
+            "json",
+            "tenant",
+            "update",
+            &slug,
+            "--add-domain",
+            &domain.to_uppercase(),
+            "--plan",
+            "trial",
+        ])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let updated: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(updated["domains"], json!([domain]), "{updated}");
+    assert_eq!(updated["plan"], "trial");
+    eventually(Duration::from_secs(1), || {
+        let status = me_via(domain.clone());
+        async move { status.await == StatusCode::OK }
+    })
+    .await;
+
+    // The trial plan's burst of 2: the requests after it are limited.
+    let statuses: Vec<StatusCode> = {
+        let mut statuses = Vec::new();
+        for _ in 0..5 {
+            statuses.push(me_via(format!("{slug}.localhost")).await);
+        }
+        statuses
+    };
+    assert!(statuses.contains(&StatusCode::TOO_MANY_REQUESTS), "{statuses:?}");
+
+    // A domain can only belong to one tenant; bad input is refused and changes nothing.
+    for (who, body, status, error) in [
+        (
+            other.as_str(),
+            json!({"add_domains": [domain]}),
+            StatusCode::CONFLICT,
+            "domain_taken",
+        ),
+        (
+            slug.as_str(),
+            json!({"add_domains": ["not a domain"]}),
+            StatusCode::BAD_REQUEST,
+            "invalid_domain",
+        ),
+        (
+            slug.as_str(),
+            json!({"plan": "Gold!"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_plan",
+        ),
+        (
+            slug.as_str(),
+            json!({"colour": "red"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        ),
+        (
+            "nobody-here",
+            json!({"plan": "trial"}),
+            StatusCode::NOT_FOUND,
+            "tenant_not_found",
+        ),
+    ] {
+        let (got, answer) = stack
+            .admin(Method::PATCH, &format!("/v1/tenants/{who}"), Some(body.clone()))
+            .await
+            .unwrap();
+        assert_eq!(
+            (got, answer["error"].as_str()),
+            (status, Some(error)),
+            "{body}: {answer}"
+        );
+    }
+    let (code, _, stderr) = stack.siloctl(&["tenant", "update", &slug]).await.unwrap();
+    assert_eq!(code, Some(2), "nothing to change: {stderr}");
+
+    let (status, tenant) = stack
+        .admin(
+            Method::PATCH,
+            &format!("/v1/tenants/{slug}"),
+            Some(json!({"remove_domains": [domain], "plan": "standard", "name": "Up Inc"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{tenant}");
+    assert_eq!(
+        (tenant["name"].as_str(), tenant["plan"].as_str()),
+        (Some("Up Inc"), Some("standard"))
+    );
+    assert_eq!(tenant["domains"], json!([]));
+    eventually(Duration::from_secs(1), || {
+        let status = me_via(domain.clone());
+        async move { status.await == StatusCode::NOT_FOUND }
+    })
+    .await;
+    let (_, audit) = stack
+        .admin(
+            Method::GET,
+            &format!("/v1/audit?tenant={slug}&action=tenant.update"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(audit["items"].as_array().unwrap().len(), 2, "{audit}");
+    stack.stop().await.unwrap();
+}
+
 /// `siloctl tenant key list | revoke`: a leaked key is revoked by name and the router refuses
 /// it within seconds, while the tenant's other keys keep working.
 #[tokio::test(flavor = "multi_thread")]

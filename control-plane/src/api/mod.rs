@@ -56,7 +56,10 @@ pub struct ApiState {
 pub fn router(state: ApiState) -> Router {
     let v1 = Router::new()
         .route("/tenants", get(tenants::list).post(tenants::create))
-        .route("/tenants/{slug}", get(tenants::show).delete(tenants::delete))
+        .route(
+            "/tenants/{slug}",
+            get(tenants::show).patch(tenants::update).delete(tenants::delete),
+        )
         .route("/tenants/{slug}/suspend", post(tenants::suspend))
         .route("/tenants/{slug}/resume", post(tenants::resume))
         .route("/tenants/{slug}/keys", get(keys::list).post(keys::create))

@@ -1,4 +1,4 @@
-//! `/v1/tenants`: create, list, show, suspend, resume, delete, API keys, break-glass
+//! `/v1/tenants`: create, list, show, update, suspend, resume, delete, break-glass
 //! credentials.
 
 use axum::extract::State;
@@ -204,6 +204,70 @@ pub async fn create(
         StatusCode::ACCEPTED,
         Json(json!({"tenant": tenant, "job": job, "api_key": api_key})),
     ))
+}
+
+/// `PATCH /v1/tenants/{slug}` body: what to change.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTenant {
+    name: Option<String>,
+    plan: Option<String>,
+    #[serde(default)]
+    add_domains: Vec<String>,
+    #[serde(default)]
+    remove_domains: Vec<String>,
+}
+
+/// `PATCH /v1/tenants/{slug}` `{"name"?, "plan"?, "add_domains"?, "remove_domains"?}` → 200
+/// tenant: routers pick the change up with the tenant's event (its new plan's limits, its
+/// domains). 404, 409 `domain_taken` or `invalid_state` (being deleted).
+pub async fn update(
+    State(state): State<ApiState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(slug): Path<String>,
+    Body(req): Body<UpdateTenant>,
+) -> Result<Json<Tenant>, ApiError> {
+    let slug = parse_slug(&slug)?;
+    let name = req.name.map(|name| parse_name(Some(name), &slug)).transpose()?;
+    let plan = req.plan.map(|plan| parse_plan(Some(plan))).transpose()?;
+    let base_domains = &state.config.router.base_domains;
+    let parse_all = |domains: &[String]| -> Result<Vec<String>, ApiError> {
+        domains.iter().map(|d| parse_domain(d, base_domains)).collect()
+    };
+    let (add_domains, remove_domains) = (parse_all(&req.add_domains)?, parse_all(&req.remove_domains)?);
+    let mut tx = state.catalog.begin().await?;
+    match tenants::lock_status(&mut tx, slug.as_str()).await? {
+        None | Some(TenantStatus::Deleted) => return Err(ApiError::tenant_not_found(slug.as_str())),
+        Some(TenantStatus::Deleting) => {
+            return Err(ApiError::Conflict(
+                "invalid_state",
+                format!("tenant {slug} is being deleted"),
+            ))
+        }
+        Some(_) => {}
+    }
+    let changes = tenants::TenantChanges {
+        name: name.as_deref(),
+        plan: plan.as_deref(),
+        add_domains: &add_domains,
+        remove_domains: &remove_domains,
+    };
+    let tenant = tenants::update(&mut tx, slug.as_str(), &changes)
+        .await
+        .map_err(|e| match e {
+            InsertError::DomainTaken(_) => ApiError::Conflict("domain_taken", e.to_string()),
+            InsertError::SlugTaken(_) => ApiError::Internal(e.into()),
+            InsertError::Database(e) => e.into(),
+        })?;
+    let detail = json!({
+        "name": name,
+        "plan": plan,
+        "add_domains": add_domains,
+        "remove_domains": remove_domains,
+    });
+    audit::record(&mut tx, &actor, "tenant.update", Some(slug.as_str()), detail).await?;
+    tx.commit().await?;
+    Ok(Json(tenant))
 }
 
 /// `GET /v1/tenants`.

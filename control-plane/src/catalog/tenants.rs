@@ -222,7 +222,7 @@ pub struct NewTenant<'a> {
     pub domains: &'a [String],
 }
 
-/// Why a tenant could not be inserted.
+/// Why a tenant could not be inserted or changed.
 #[derive(Debug, thiserror::Error)]
 pub enum InsertError {
     /// A live tenant has the slug.
@@ -270,6 +270,55 @@ pub async fn insert(tx: &mut PgConnection, t: &NewTenant<'_>) -> Result<Tenant, 
     }
     super::notify_tenant_changed(&mut *tx, t.slug).await?;
     get(tx, t.slug)
+        .await?
+        .ok_or(InsertError::Database(sqlx::Error::RowNotFound))
+}
+
+/// What [`update`] changes; `None` and empty lists leave things as they are.
+#[derive(Debug, Default)]
+pub struct TenantChanges<'a> {
+    /// A new display name.
+    pub name: Option<&'a str>,
+    /// A new plan.
+    pub plan: Option<&'a str>,
+    /// Custom domains to add (one the tenant has already is fine).
+    pub add_domains: &'a [String],
+    /// Custom domains to remove (one it does not have is ignored).
+    pub remove_domains: &'a [String],
+}
+
+/// Changes tenant `slug`'s name, plan and custom domains, and tells the routers.
+pub async fn update(tx: &mut PgConnection, slug: &str, changes: &TenantChanges<'_>) -> Result<Tenant, InsertError> {
+    sqlx::query(
+        "UPDATE tenants SET name = COALESCE($2, name), plan = COALESCE($3, plan), updated_at = now() \
+         WHERE slug = $1",
+    )
+    .bind(slug)
+    .bind(changes.name)
+    .bind(changes.plan)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM tenant_domains WHERE slug = $1 AND domain = ANY($2)")
+        .bind(slug)
+        .bind(changes.remove_domains)
+        .execute(&mut *tx)
+        .await?;
+    for domain in changes.add_domains {
+        let owner: String = sqlx::query_scalar(
+            "WITH added AS (INSERT INTO tenant_domains (domain, slug) VALUES ($1, $2) \
+             ON CONFLICT (domain) DO NOTHING RETURNING slug) \
+             SELECT slug FROM added UNION ALL SELECT slug FROM tenant_domains WHERE domain = $1",
+        )
+        .bind(domain)
+        .bind(slug)
+        .fetch_one(&mut *tx)
+        .await?;
+        if owner != slug {
+            return Err(InsertError::DomainTaken(domain.clone()));
+        }
+    }
+    super::notify_tenant_changed(&mut *tx, slug).await?;
+    get(tx, slug)
         .await?
         .ok_or(InsertError::Database(sqlx::Error::RowNotFound))
 }

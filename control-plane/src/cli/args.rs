@@ -144,6 +144,23 @@ pub(crate) enum TenantCommand {
         /// The tenant's slug.
         slug: TenantSlug,
     },
+    /// Change a tenant's name, plan or custom domains (routers apply it within a second).
+    Update {
+        /// The tenant's slug.
+        slug: TenantSlug,
+        /// New display name.
+        #[arg(long, value_name = "TEXT")]
+        name: Option<String>,
+        /// New plan (its limits apply from the next request).
+        #[arg(long)]
+        plan: Option<String>,
+        /// A custom domain to route to this tenant (repeatable).
+        #[arg(long = "add-domain", value_name = "HOST")]
+        add_domains: Vec<String>,
+        /// A custom domain to stop routing to it (repeatable).
+        #[arg(long = "remove-domain", value_name = "HOST")]
+        remove_domains: Vec<String>,
+    },
     /// Suspend a tenant: the router answers 403 until it is resumed.
     Suspend {
         /// The tenant's slug.

@@ -85,6 +85,11 @@ impl ApiClient {
     }
 
     /// `DELETE path`.
+    /// `PATCH path` with a JSON body.
+    pub(crate) async fn patch(&self, path: &str, body: &Value) -> Result<Value, ApiError> {
+        self.send(Method::PATCH, path, Some(body)).await
+    }
+
     pub(crate) async fn delete(&self, path: &str) -> Result<Value, ApiError> {
         self.send(Method::DELETE, path, None).await
     }

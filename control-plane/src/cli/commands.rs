@@ -102,6 +102,26 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
             Ok(())
         }
         TenantCommand::Show { slug } => show(out, &client.get(&tenant_path(&slug)).await?),
+        TenantCommand::Update {
+            slug,
+            name,
+            plan,
+            add_domains,
+            remove_domains,
+        } => {
+            if name.is_none() && plan.is_none() && add_domains.is_empty() && remove_domains.is_empty() {
+                return Err(usage(
+                    "nothing to change: pass --name, --plan, --add-domain or --remove-domain",
+                ));
+            }
+            let body = json!({
+                "name": name,
+                "plan": plan,
+                "add_domains": add_domains,
+                "remove_domains": remove_domains,
+            });
+            show(out, &client.patch(&tenant_path(&slug), &body).await?)
+        }
         TenantCommand::Suspend { slug } => show(
             out,
             &client
