@@ -100,11 +100,31 @@ pub async fn get(exec: &mut PgConnection, id: i64) -> Result<Option<Job>, sqlx::
         .await
 }
 
-/// The newest `limit` jobs.
-pub async fn list(pool: &PgPool, limit: i64) -> Result<Vec<Job>, sqlx::Error> {
+/// Which jobs [`list`] returns: all of them when every field is None.
+#[derive(Debug, Default)]
+pub struct Filter {
+    /// Only in this state (`queued`, `running`, `succeeded`, `failed`).
+    pub state: Option<String>,
+    /// Only of this kind (`provision`, `rotate`, ...).
+    pub kind: Option<String>,
+    /// Only for this tenant.
+    pub tenant: Option<String>,
+    /// Only older than this id (the next page).
+    pub before: Option<i64>,
+}
+
+/// The newest `limit` jobs matching `filter`.
+pub async fn list(pool: &PgPool, filter: &Filter, limit: i64) -> Result<Vec<Job>, sqlx::Error> {
     sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM jobs ORDER BY id DESC LIMIT $1"
+        "SELECT {COLUMNS} FROM jobs \
+         WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR kind = $2) \
+           AND ($3::text IS NULL OR tenant = $3) AND ($4::bigint IS NULL OR id < $4) \
+         ORDER BY id DESC LIMIT $5"
     )))
+    .bind(&filter.state)
+    .bind(&filter.kind)
+    .bind(&filter.tenant)
+    .bind(filter.before)
     .bind(limit)
     .fetch_all(pool)
     .await

@@ -226,3 +226,74 @@ async fn tenant_json_has_the_documented_fields() {
     );
     stack.stop().await.unwrap();
 }
+
+/// The ids of the jobs `GET /v1/jobs?{query}` lists, and its `next_before`.
+async fn listed_jobs(stack: &Stack, query: &str) -> (Vec<i64>, Option<i64>) {
+    let (status, page) = stack
+        .admin(Method::GET, &format!("/v1/jobs?{query}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{query}: {page}");
+    let ids = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|job| job["id"].as_i64().unwrap())
+        .collect();
+    (ids, page["next_before"].as_i64())
+}
+
+/// `siloctl jobs list --state --kind --tenant --limit --before` (`GET /v1/jobs?...`): an SRE
+/// finds what failed overnight, or one tenant's jobs, a page at a time.
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_are_listed_by_state_kind_and_tenant_a_page_at_a_time() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let (a, b) = (unique_name("ja"), unique_name("jb"));
+    stack.create_tenant(&a).await.unwrap();
+    stack.create_tenant(&b).await.unwrap();
+    let rotated = stack.rotate(&a, "single").await.unwrap();
+    let rotated = rotated["id"].as_i64().unwrap();
+    fail::cfg("rotate-after-step", "return(set_secret)").unwrap();
+    let failed = stack.rotate(&b, "single").await.unwrap();
+    fail::remove("rotate-after-step");
+    assert_eq!(failed["state"], "failed", "{failed}");
+    let failed = failed["id"].as_i64().unwrap();
+
+    assert_eq!(
+        listed_jobs(&stack, &format!("tenant={a}&kind=rotate")).await.0,
+        [rotated]
+    );
+    assert_eq!(
+        listed_jobs(&stack, &format!("tenant={b}&state=failed")).await.0,
+        [failed]
+    );
+    let (of_a, _) = listed_jobs(&stack, &format!("tenant={a}")).await;
+    assert_eq!(of_a.len(), 2, "provision and rotate: {of_a:?}");
+    assert!(of_a[0] > of_a[1], "newest first: {of_a:?}");
+    let (first, next) = listed_jobs(&stack, &format!("tenant={a}&limit=1")).await;
+    assert_eq!((first, next), (vec![of_a[0]], Some(of_a[0])));
+    let (second, _) = listed_jobs(&stack, &format!("tenant={a}&limit=1&before={}", of_a[0])).await;
+    assert_eq!(second, [of_a[1]]);
+    for bad in ["state=done", "limit=0", "colour=red"] {
+        let (status, body) = stack
+            .admin(Method::GET, &format!("/v1/jobs?{bad}"), None)
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+
+    let (code, stdout, stderr) = stack
+        .siloctl(&["jobs", "list", "--state", "failed", "--tenant", &b])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[1].starts_with(&failed.to_string()) && lines[1].contains("rotate"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = stack.siloctl(&["jobs", "list", "--state", "done"]).await.unwrap();
+    assert_eq!(code, Some(2), "{stderr}");
+    stack.stop().await.unwrap();
+}

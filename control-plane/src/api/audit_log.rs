@@ -7,12 +7,11 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::extract::Query;
-use super::ApiState;
+use super::{paging, ApiState};
 use crate::audit;
 
-/// Entries per page unless `limit` says otherwise, and the most `limit` may ask for.
+/// Entries per page unless `limit` says otherwise.
 const DEFAULT_LIMIT: i64 = 100;
-const MAX_LIMIT: i64 = 1000;
 
 /// `GET /v1/audit` query.
 #[derive(Deserialize)]
@@ -29,13 +28,7 @@ pub struct AuditQuery {
 /// `{"items":[{"id","at","actor","action","tenant","detail"}],"next_before"}`, newest first;
 /// `next_before` (null on the last page) is the `before` of the next page.
 pub async fn list(State(state): State<ApiState>, Query(q): Query<AuditQuery>) -> Result<Json<Value>, ApiError> {
-    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::BadRequest(
-            "invalid_query",
-            format!("limit must be between 1 and {MAX_LIMIT}"),
-        ));
-    }
+    let limit = paging::limit(q.limit, DEFAULT_LIMIT)?;
     let filter = audit::Filter {
         tenant: q.tenant,
         actor: q.actor,
@@ -44,9 +37,6 @@ pub async fn list(State(state): State<ApiState>, Query(q): Query<AuditQuery>) ->
     };
     let mut conn = state.catalog.acquire().await?;
     let items = audit::list(&mut conn, &filter, limit).await?;
-    let next_before = match items.last() {
-        Some(last) if items.len() as i64 == limit => Some(last.id),
-        _ => None,
-    };
+    let next_before = paging::next_before(items.iter().map(|e| e.id), limit);
     Ok(Json(json!({ "items": items, "next_before": next_before })))
 }

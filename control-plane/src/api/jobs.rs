@@ -3,17 +3,50 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::Actor;
 use super::error::ApiError;
-use super::extract::Path;
-use super::ApiState;
+use super::extract::{Path, Query};
+use super::{paging, ApiState};
 use crate::{audit, jobs};
 
-/// `GET /v1/jobs`: the newest 200 jobs.
-pub async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({"items": jobs::list(&state.catalog, 200).await?})))
+/// Jobs per page unless `limit` says otherwise.
+const DEFAULT_LIMIT: i64 = 200;
+
+/// `GET /v1/jobs` query.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsQuery {
+    state: Option<String>,
+    kind: Option<String>,
+    tenant: Option<String>,
+    before: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// `GET /v1/jobs?state=&kind=&tenant=&before=&limit=` → 200 `{"items":[job...],
+/// "next_before"}`, newest first (200 unless `limit` says otherwise).
+pub async fn list(State(state): State<ApiState>, Query(q): Query<JobsQuery>) -> Result<Json<Value>, ApiError> {
+    let limit = paging::limit(q.limit, DEFAULT_LIMIT)?;
+    if let Some(job_state) = &q.state {
+        if !["queued", "running", "succeeded", "failed"].contains(&job_state.as_str()) {
+            return Err(ApiError::BadRequest(
+                "invalid_query",
+                format!("state {job_state:?} is not one of queued, running, succeeded, failed"),
+            ));
+        }
+    }
+    let filter = jobs::Filter {
+        state: q.state,
+        kind: q.kind,
+        tenant: q.tenant,
+        before: q.before,
+    };
+    let items = jobs::list(&state.catalog, &filter, limit).await?;
+    let next_before = paging::next_before(items.iter().map(|job| job.id), limit);
+    Ok(Json(json!({ "items": items, "next_before": next_before })))
 }
 
 fn parse_id(id: &str) -> Result<i64, ApiError> {

@@ -10,6 +10,7 @@ mod jobs;
 mod keys;
 mod migrations;
 mod moves;
+mod paging;
 mod rotations;
 mod tenants;
 mod tokens;

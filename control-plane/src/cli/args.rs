@@ -315,8 +315,8 @@ pub(crate) enum MigrateCommand {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum JobsCommand {
-    /// List recent jobs.
-    List,
+    /// List jobs, newest first.
+    List(JobsListArgs),
     /// Show one job.
     Show {
         /// The job id.
@@ -386,6 +386,39 @@ fn token_name(name: &str) -> Result<String, String> {
     } else {
         Err(ADMIN_TOKEN_NAME_RULE.to_owned())
     }
+}
+
+/// What a job is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum JobState {
+    /// Waiting to run (or to be retried).
+    Queued,
+    /// Running.
+    Running,
+    /// Done.
+    Succeeded,
+    /// Stopped; `siloctl jobs retry ID` runs it again.
+    Failed,
+}
+
+/// Arguments of `siloctl jobs list`.
+#[derive(Debug, Args)]
+pub(crate) struct JobsListArgs {
+    /// Only jobs in this state.
+    #[arg(long, value_enum)]
+    pub(crate) state: Option<JobState>,
+    /// Only jobs of this kind (provision, delete, rotate, migrate, move, backup).
+    #[arg(long)]
+    pub(crate) kind: Option<String>,
+    /// Only this tenant's jobs.
+    #[arg(long, value_name = "SLUG")]
+    pub(crate) tenant: Option<TenantSlug>,
+    /// How many jobs.
+    #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub(crate) limit: u16,
+    /// Only jobs older than this id (the next page: the last id shown).
+    #[arg(long, value_name = "ID")]
+    pub(crate) before: Option<i64>,
 }
 
 /// Arguments of `siloctl audit`.

@@ -1,6 +1,7 @@
 //! The client commands: each turns its arguments into admin API calls and prints the result.
 
 use anyhow::bail;
+use clap::ValueEnum;
 use serde_json::{json, Map, Value};
 
 use super::args::{
@@ -294,8 +295,18 @@ async fn migrate(client: &ApiClient, out: Output, args: MigrateArgs) -> anyhow::
 
 async fn jobs(client: &ApiClient, out: Output, cmd: JobsCommand) -> anyhow::Result<()> {
     match cmd {
-        JobsCommand::List => {
-            let list = client.get("/v1/jobs").await?;
+        JobsCommand::List(args) => {
+            let state = args
+                .state
+                .and_then(|s| s.to_possible_value())
+                .map(|v| v.get_name().to_owned());
+            let filters = [
+                ("state", state),
+                ("kind", args.kind),
+                ("tenant", args.tenant.map(|t| t.as_str().to_owned())),
+                ("before", args.before.map(|id| id.to_string())),
+            ];
+            let list = client.get(&format!("/v1/jobs?{}", query(args.limit, filters))).await?;
             match out {
                 Output::Json => print_json(&list),
                 Output::Table => output::print_jobs(items(&list)),
@@ -385,20 +396,25 @@ async fn token(client: &ApiClient, out: Output, cmd: TokenCommand) -> anyhow::Re
     Ok(())
 }
 
+/// The query string of a page of a list: `limit` and the filters that are set.
+fn query<const N: usize>(limit: u16, filters: [(&str, Option<String>); N]) -> String {
+    let mut query = vec![format!("limit={limit}")];
+    for (key, value) in filters {
+        if let Some(value) = value {
+            query.push(format!("{key}={}", segment(&value)));
+        }
+    }
+    query.join("&")
+}
+
 async fn audit(client: &ApiClient, out: Output, args: AuditArgs) -> anyhow::Result<()> {
-    let mut query = vec![format!("limit={}", args.limit)];
     let filters = [
         ("tenant", args.tenant.map(|t| t.as_str().to_owned())),
         ("actor", args.actor),
         ("action", args.action),
         ("before", args.before.map(|id| id.to_string())),
     ];
-    for (key, value) in filters {
-        if let Some(value) = value {
-            query.push(format!("{key}={}", segment(&value)));
-        }
-    }
-    let page = client.get(&format!("/v1/audit?{}", query.join("&"))).await?;
+    let page = client.get(&format!("/v1/audit?{}", query(args.limit, filters))).await?;
     match out {
         Output::Json => print_json(&page),
         Output::Table => output::print_audit(items(&page)),
