@@ -297,3 +297,87 @@ async fn jobs_are_listed_by_state_kind_and_tenant_a_page_at_a_time() {
     assert_eq!(code, Some(2), "{stderr}");
     stack.stop().await.unwrap();
 }
+
+/// The slugs `GET /v1/tenants?{query}` lists, among `ours`.
+async fn listed_tenants(stack: &Stack, query: &str, ours: &[&str]) -> Vec<String> {
+    let (status, list) = stack
+        .admin(Method::GET, &format!("/v1/tenants?{query}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{query}: {list}");
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["slug"].as_str().unwrap().to_owned())
+        .filter(|slug| ours.contains(&slug.as_str()))
+        .collect()
+}
+
+/// `siloctl tenant list --status --server --plan` (`GET /v1/tenants?...`).
+#[tokio::test(flavor = "multi_thread")]
+async fn tenants_are_listed_by_status_server_and_plan() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let (kept, paused, gold, gone) = (
+        unique_name("lk"),
+        unique_name("lp"),
+        unique_name("lg"),
+        unique_name("lx"),
+    );
+    for slug in [&kept, &paused, &gone] {
+        stack.create_tenant(slug).await.unwrap();
+    }
+    stack
+        .create_tenant_with(json!({"slug": gold, "plan": "gold"}))
+        .await
+        .unwrap();
+    let (status, _) = stack
+        .admin(Method::POST, &format!("/v1/tenants/{paused}/suspend"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let (status, deleted) = stack
+        .admin(Method::DELETE, &format!("/v1/tenants/{gone}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED);
+    stack.wait_job(deleted["job"]["id"].as_i64().unwrap()).await.unwrap();
+    let ours = [kept.as_str(), paused.as_str(), gold.as_str(), gone.as_str()];
+    let mut live = vec![kept.clone(), paused.clone(), gold.clone()];
+    live.sort();
+
+    assert_eq!(
+        listed_tenants(&stack, "", &ours).await,
+        live,
+        "deleted tenants are not listed"
+    );
+    assert_eq!(listed_tenants(&stack, "server=pg-1", &ours).await, live);
+    assert_eq!(
+        listed_tenants(&stack, "status=suspended", &ours).await,
+        std::slice::from_ref(&paused)
+    );
+    assert_eq!(
+        listed_tenants(&stack, "plan=gold", &ours).await,
+        std::slice::from_ref(&gold)
+    );
+    assert_eq!(
+        listed_tenants(&stack, "status=deleted", &ours).await,
+        std::slice::from_ref(&gone)
+    );
+    assert!(listed_tenants(&stack, "server=pg-9", &ours).await.is_empty());
+    let (status, _) = stack
+        .admin(Method::GET, "/v1/tenants?status=asleep", None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    let (code, stdout, stderr) = stack
+        .siloctl(&["tenant", "list", "--status", "suspended"])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains(&paused) && !stdout.contains(&kept), "{stdout}");
+    let (code, _, stderr) = stack.siloctl(&["tenant", "list", "--status", "asleep"]).await.unwrap();
+    assert_eq!(code, Some(2), "{stderr}");
+    stack.stop().await.unwrap();
+}

@@ -270,9 +270,29 @@ pub async fn update(
     Ok(Json(tenant))
 }
 
-/// `GET /v1/tenants`.
-pub async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({"items": tenants::list(&state.catalog).await?})))
+/// `GET /v1/tenants` query.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    status: Option<String>,
+    server: Option<String>,
+    plan: Option<String>,
+}
+
+/// `GET /v1/tenants?status=&server=&plan=` → 200 `{"items":[tenant...]}` by slug (deleted
+/// tenants only with `status=deleted`).
+pub async fn list(State(state): State<ApiState>, Query(q): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
+    let status = q
+        .status
+        .map(|s| s.parse::<TenantStatus>())
+        .transpose()
+        .map_err(|e| ApiError::BadRequest("invalid_query", e))?;
+    let filter = tenants::TenantFilter {
+        status,
+        server: q.server,
+        plan: q.plan,
+    };
+    Ok(Json(json!({"items": tenants::list(&state.catalog, &filter).await?})))
 }
 
 pub(super) async fn live_tenant(state: &ApiState, slug: &str) -> Result<Tenant, ApiError> {

@@ -88,11 +88,27 @@ pub async fn get(exec: &mut PgConnection, slug: &str) -> Result<Option<Tenant>, 
         .transpose()
 }
 
-/// Every tenant that is not deleted, by slug.
-pub async fn list(pool: &PgPool) -> Result<Vec<Tenant>, sqlx::Error> {
+/// Which tenants [`list`] returns: every one that is not deleted when all are None.
+#[derive(Debug, Default)]
+pub struct TenantFilter {
+    /// Only in this status.
+    pub status: Option<TenantStatus>,
+    /// Only on this server.
+    pub server: Option<String>,
+    /// Only on this plan.
+    pub plan: Option<String>,
+}
+
+/// The tenants `filter` selects, deleted ones only when asked for by status, by slug.
+pub async fn list(pool: &PgPool, filter: &TenantFilter) -> Result<Vec<Tenant>, sqlx::Error> {
     sqlx::query_as::<_, TenantRow>(sqlx::AssertSqlSafe(format!(
-        "{SELECT} WHERE t.status <> 'deleted' ORDER BY t.slug"
+        "{SELECT} WHERE ($1::text IS NULL AND t.status <> 'deleted' OR t.status = $1) \
+           AND ($2::text IS NULL OR t.server = $2) AND ($3::text IS NULL OR t.plan = $3) \
+         ORDER BY t.slug"
     )))
+    .bind(filter.status.map(TenantStatus::as_str))
+    .bind(&filter.server)
+    .bind(&filter.plan)
     .fetch_all(pool)
     .await?
     .into_iter()

@@ -137,8 +137,18 @@ pub(crate) enum TenantCommand {
         #[arg(long)]
         no_wait: bool,
     },
-    /// List tenants.
-    List,
+    /// List tenants (deleted ones with --status deleted).
+    List {
+        /// Only tenants in this status.
+        #[arg(long, value_parser = ["provisioning", "active", "suspended", "deleting", "deleted", "failed"])]
+        status: Option<String>,
+        /// Only tenants on this server.
+        #[arg(long, value_name = "NAME")]
+        server: Option<String>,
+        /// Only tenants on this plan.
+        #[arg(long)]
+        plan: Option<String>,
+    },
     /// Show one tenant.
     Show {
         /// The tenant's slug.

@@ -94,8 +94,9 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
             }
             Ok(())
         }
-        TenantCommand::List => {
-            let list = client.get("/v1/tenants").await?;
+        TenantCommand::List { status, server, plan } => {
+            let filters = query([("status", status), ("server", server), ("plan", plan)]);
+            let list = client.get(&format!("/v1/tenants{filters}")).await?;
             match out {
                 Output::Json => print_json(&list),
                 Output::Table => output::print_tenants(items(&list)),
@@ -300,13 +301,14 @@ async fn jobs(client: &ApiClient, out: Output, cmd: JobsCommand) -> anyhow::Resu
                 .state
                 .and_then(|s| s.to_possible_value())
                 .map(|v| v.get_name().to_owned());
-            let filters = [
+            let filters = query([
+                ("limit", Some(args.limit.to_string())),
                 ("state", state),
                 ("kind", args.kind),
                 ("tenant", args.tenant.map(|t| t.as_str().to_owned())),
                 ("before", args.before.map(|id| id.to_string())),
-            ];
-            let list = client.get(&format!("/v1/jobs?{}", query(args.limit, filters))).await?;
+            ]);
+            let list = client.get(&format!("/v1/jobs{filters}")).await?;
             match out {
                 Output::Json => print_json(&list),
                 Output::Table => output::print_jobs(items(&list)),
@@ -396,25 +398,29 @@ async fn token(client: &ApiClient, out: Output, cmd: TokenCommand) -> anyhow::Re
     Ok(())
 }
 
-/// The query string of a page of a list: `limit` and the filters that are set.
-fn query<const N: usize>(limit: u16, filters: [(&str, Option<String>); N]) -> String {
-    let mut query = vec![format!("limit={limit}")];
-    for (key, value) in filters {
-        if let Some(value) = value {
-            query.push(format!("{key}={}", segment(&value)));
-        }
+/// The query string (`?k=v&...`, or nothing) of the parameters that are set, their values
+/// percent-encoded.
+fn query<const N: usize>(parameters: [(&str, Option<String>); N]) -> String {
+    let set: Vec<String> = parameters
+        .into_iter()
+        .filter_map(|(key, value)| Some(format!("{key}={}", segment(&value?))))
+        .collect();
+    if set.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", set.join("&"))
     }
-    query.join("&")
 }
 
 async fn audit(client: &ApiClient, out: Output, args: AuditArgs) -> anyhow::Result<()> {
-    let filters = [
+    let filters = query([
+        ("limit", Some(args.limit.to_string())),
         ("tenant", args.tenant.map(|t| t.as_str().to_owned())),
         ("actor", args.actor),
         ("action", args.action),
         ("before", args.before.map(|id| id.to_string())),
-    ];
-    let page = client.get(&format!("/v1/audit?{}", query(args.limit, filters))).await?;
+    ]);
+    let page = client.get(&format!("/v1/audit{filters}")).await?;
     match out {
         Output::Json => print_json(&page),
         Output::Table => output::print_audit(items(&page)),
