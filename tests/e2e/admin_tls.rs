@@ -2,8 +2,6 @@
 //! private CA with `--cacert` and refuses a server it cannot verify; plain HTTP gets no
 //! answer; unusable files stop the control plane with one line and exit code 2.
 
-use std::process::Command;
-
 use reqwest::{StatusCode, Version};
 use serde_json::Value;
 use silo_tests::stack::{Stack, StackOptions};
@@ -103,26 +101,15 @@ fn unusable_admin_tls_files_stop_the_control_plane_with_one_line_naming_the_key(
     ca.issue(&["localhost"], d, "admin");
     ca.issue(&["other.localhost"], d, "other");
     let run = |cert: &str, key: &str| {
-        let config = d.join("silo.toml");
-        std::fs::write(
-            &config,
-            format!(
+        silo_tests::refused_config(
+            "silo-control-plane",
+            d,
+            &format!(
                 "catalog_url = \"postgres://postgres@127.0.0.1:1/silo_catalog\"\n[secrets]\n\
                  local_master_key_file = \"master.key\"\n[control_plane]\nlisten = \"127.0.0.1:0\"\n\
                  tls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\n"
             ),
         )
-        .unwrap();
-        let out = Command::new(silo_tests::workspace_binary("silo-control-plane"))
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "off")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(out.status.code(), Some(2), "a bad config: {stderr}");
-        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
-        stderr
     };
     for (cert, key, named) in [
         ("missing.crt", "admin.key", "control_plane.tls_cert_file"),
@@ -136,19 +123,11 @@ fn unusable_admin_tls_files_stop_the_control_plane_with_one_line_naming_the_key(
             "{cert}, {key}: {stderr}"
         );
     }
-    let config = d.join("half.toml");
-    std::fs::write(
-        &config,
+    let stderr = silo_tests::refused_config(
+        "silo-control-plane",
+        d,
         "catalog_url = \"postgres://postgres@127.0.0.1:1/c\"\n[secrets]\nlocal_master_key_file = \"master.key\"\n\
          [control_plane]\ntls_cert_file = \"admin.crt\"\n",
-    )
-    .unwrap();
-    let out = Command::new(silo_tests::workspace_binary("silo-control-plane"))
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    );
     assert!(stderr.contains("control_plane.tls_key_file"), "{stderr}");
 }

@@ -656,15 +656,13 @@ async fn the_local_master_key_is_rotated_with_rekey_secrets() {
     create_master_key(&new_key).unwrap();
     let config = std::fs::read_to_string(dir.join("silo.toml")).unwrap();
     assert!(config.contains("local_master_key_file = \"master.key\""), "{config}");
-    let rotated = dir.join("rotated.toml");
-    std::fs::write(
-        &rotated,
-        config.replace(
-            "local_master_key_file = \"master.key\"",
-            "local_master_key_file = \"new.key\"\nlocal_previous_master_key_files = [\"master.key\"]",
-        ),
-    )
-    .unwrap();
+    let with_keys = |file: &str, previous: &str| {
+        let path = dir.join(file);
+        let keys = format!("local_master_key_file = \"new.key\"\nlocal_previous_master_key_files = [\"{previous}\"]");
+        std::fs::write(&path, config.replace("local_master_key_file = \"master.key\"", &keys)).unwrap();
+        path
+    };
+    let rotated = with_keys("rotated.toml", "master.key");
     let name = stack.secret_name(&slug);
     let read = |store: LocalSecretStore| {
         let name = name.clone();
@@ -697,15 +695,7 @@ async fn the_local_master_key_is_rotated_with_rekey_secrets() {
     assert!(matches!(read(only_old).await, Err(SecretStoreError::Decrypt(_))));
 
     // Usage problems: a missing previous key file, and a config without a local store.
-    let missing = dir.join("missing.toml");
-    std::fs::write(
-        &missing,
-        config.replace(
-            "local_master_key_file = \"master.key\"",
-            "local_master_key_file = \"new.key\"\nlocal_previous_master_key_files = [\"gone.key\"]",
-        ),
-    )
-    .unwrap();
+    let missing = with_keys("missing.toml", "gone.key");
     let (code, _, stderr) = rekey_secrets(&missing, &password);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("gone.key") && stderr.lines().count() == 1, "{stderr}");

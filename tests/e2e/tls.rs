@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -286,25 +285,15 @@ fn unusable_tls_files_stop_the_router_with_one_line_naming_the_key() {
     std::fs::write(d.join("junk.pem"), "hello\n").unwrap();
     certs.ca.issue(&["other.localhost"], d, "other");
     let run = |cert: &Path, key: &Path, extra: &str| {
-        let config = d.join("silo.toml");
-        std::fs::write(
-            &config,
-            format!(
+        let stderr = silo_tests::refused_config(
+            "silo-router",
+            d,
+            &format!(
                 "catalog_url = \"postgres://postgres@127.0.0.1:1/silo_catalog\"\n[secrets]\n\
                  local_master_key_file = \"master.key\"\n[router]\nlisten = \"127.0.0.1:0\"\n\
                  metrics_listen = \"127.0.0.1:0\"\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\n{extra}"
             ),
-        )
-        .unwrap();
-        let out = Command::new(silo_tests::workspace_binary("silo-router"))
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "off")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(out.status.code(), Some(2), "a bad config: {stderr}");
-        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        );
         assert!(stderr.starts_with("error: config key `router."), "{stderr}");
         stderr
     };

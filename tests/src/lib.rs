@@ -59,6 +59,24 @@ pub const TENANT_FIELDS: [&str; 10] = [
     "created_at",
 ];
 
+/// Runs `binary --config FILE` (a silo binary) on a config made of `toml`, written to
+/// `dir/silo.toml`, which the binary must refuse: asserts exit code 2 and one line on stderr,
+/// and returns that line.
+pub fn refused_config(binary: &str, dir: &std::path::Path, toml: &str) -> String {
+    let config = dir.join("silo.toml");
+    std::fs::write(&config, toml).expect("write the config");
+    let out = std::process::Command::new(workspace_binary(binary))
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("run the binary");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "a bad config: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    stderr
+}
+
 /// The database of tenant `slug`, named as the control plane names it.
 pub fn database_of(slug: &str) -> String {
     silo_control_plane::names::TenantSlug::parse(slug)
