@@ -251,6 +251,26 @@ async fn a_viewer_token_only_reads_and_an_operator_token_cannot_manage_tokens() 
     let (_, tenant) = send_with(&stack, &viewer, Method::GET, &format!("/v1/tenants/{slug}"), None).await;
     assert_eq!(tenant["status"], "active", "nothing changed");
 
+    // Refused requests are counted for alerting, by route and status.
+    let (status, _) = send_with(&stack, "not-a-token", Method::GET, "/v1/tenants", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let metrics = reqwest::get(format!("http://{}/metrics", stack.control_plane_addr()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counted = |route: &str, status: &str| {
+        metrics.lines().any(|line| {
+            line.starts_with("silo_admin_requests_total{")
+                && line.contains(&format!("route=\"{route}\""))
+                && line.contains(&format!("status=\"{status}\""))
+        })
+    };
+    assert!(counted("/v1/tenants/{slug}/credentials", "403"), "{metrics}");
+    assert!(counted("/v1/tenants", "401"), "{metrics}");
+    assert!(counted("/v1/tenants", "202"), "{metrics}");
+
     let (code, stdout, stderr) = stack.siloctl(&["token", "list"]).await.unwrap();
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.lines().next().unwrap().contains("ROLE"), "{stdout}");

@@ -17,10 +17,10 @@ mod tokens;
 
 use std::sync::Arc;
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::header::CONTENT_TYPE;
-use axum::middleware;
-use axum::response::IntoResponse;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -81,6 +81,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/tokens/{name}", delete(tokens::revoke))
         .route("/audit", get(audit_log::list))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin))
+        .route_layer(middleware::from_fn(count_request))
         .route("/openapi.json", get(openapi));
     Router::new()
         .nest("/v1", v1)
@@ -89,6 +90,21 @@ pub fn router(state: ApiState) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// Counts every admin request by route, method and status (`silo_admin_requests_total`),
+/// refused ones included: a rise of 401 or 403 is worth an alert.
+async fn count_request(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(String::new, |path| path.as_str().to_owned());
+    let method = request.method().to_string();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("silo_admin_requests_total", "route" => route, "method" => method, "status" => status)
+        .increment(1);
+    response
 }
 
 async fn healthz(axum::extract::State(state): axum::extract::State<ApiState>) -> impl IntoResponse {
