@@ -82,7 +82,7 @@ async fn operators_act_with_tokens_of_their_own_and_the_audit_log_names_them() {
     let created_by_bootstrap = audit(&stack, "actor=bootstrap&action=token.create").await;
     assert_eq!(
         created_by_bootstrap["items"][0]["detail"],
-        json!({ "name": alice, "role": "operator" })
+        json!({ "name": alice, "role": "operator", "expires_at": null })
     );
 
     // A page at a time.
@@ -288,6 +288,77 @@ async fn a_viewer_token_only_reads_and_an_operator_token_cannot_manage_tokens() 
     );
     let (code, _, stderr) = stack
         .siloctl(&["token", "create", "x", "--role", "root"])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(2), "{stderr}");
+    stack.stop().await.unwrap();
+}
+
+/// `siloctl token create NAME --expires-in DURATION`: the token works until then and is
+/// refused after, without anyone revoking it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_token_stops_working_when_it_expires() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let (code, stdout, stderr) = stack
+        .siloctl(&[
+            "-o",
+            "json",
+            "token",
+            "create",
+            "contractor",
+            "--role",
+            "viewer",
+            "--expires-in",
+            "3s",
+        ])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let created: Value = serde_json::from_str(&stdout).unwrap();
+    assert!(created["expires_at"].is_string(), "{created}");
+    let token = created["token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        status_with(stack.control_plane_addr(), &token, "/v1/tenants").await,
+        StatusCode::OK
+    );
+
+    let (status, list) = stack.admin(Method::GET, "/v1/tokens", None).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let expiry = |name: &str| {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .map(|t| t["expires_at"].clone())
+            .unwrap()
+    };
+    assert_eq!(expiry("contractor"), created["expires_at"]);
+    assert!(expiry("bootstrap").is_null(), "{list}");
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while status_with(stack.control_plane_addr(), &token, "/v1/tenants").await != StatusCode::UNAUTHORIZED {
+        assert!(Instant::now() < deadline, "the expired token still works");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    for bad in ["soon", "0s", "20years"] {
+        let (status, body) = stack
+            .admin(
+                Method::POST,
+                "/v1/tokens",
+                Some(json!({"name": "x", "expires_in": bad})),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_expires_in")),
+            "{bad}: {body}"
+        );
+    }
+    let (code, _, stderr) = stack
+        .siloctl(&["token", "create", "y", "--expires-in", "soon"])
         .await
         .unwrap();
     assert_eq!(code, Some(2), "{stderr}");

@@ -76,6 +76,7 @@ struct Token {
     name: String,
     hash: [u8; 32],
     role: TokenRole,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// The tokens, and when they were read from the catalog.
@@ -136,16 +137,18 @@ impl AdminTokens {
 
     /// Reads every token from the catalog again (after a change made here, at once).
     pub(super) async fn reload(&self) -> Result<(), sqlx::Error> {
-        let rows: Vec<(String, Vec<u8>, String)> = sqlx::query_as("SELECT name, token_hash, role FROM admin_tokens")
+        type Row = (String, Vec<u8>, String, Option<chrono::DateTime<chrono::Utc>>);
+        let rows: Vec<Row> = sqlx::query_as("SELECT name, token_hash, role, expires_at FROM admin_tokens")
             .fetch_all(&self.catalog)
             .await?;
         let hashes = rows
             .into_iter()
-            .filter_map(|(name, hash, role)| {
+            .filter_map(|(name, hash, role, expires_at)| {
                 Some(Token {
                     name,
                     hash: <[u8; 32]>::try_from(hash).ok()?,
                     role: TokenRole::parse(&role)?,
+                    expires_at,
                 })
             })
             .collect();
@@ -164,10 +167,12 @@ impl AdminTokens {
         let mut found = None;
         for token in &guard.tokens {
             if bool::from(token.hash.ct_eq(presented)) {
-                found = Some((token.name.clone(), token.role));
+                found = Some(token);
             }
         }
-        found
+        let token = found?;
+        let expired = token.expires_at.is_some_and(|at| at <= chrono::Utc::now());
+        (!expired).then(|| (token.name.clone(), token.role))
     }
 
     /// The name and role of the token `token`. The tokens are read from the catalog again first when

@@ -29,6 +29,8 @@ pub struct CreateToken {
     name: String,
     /// `operator` unless given.
     role: Option<TokenRole>,
+    /// How long the token works, e.g. `90d` (forever unless given).
+    expires_in: Option<String>,
 }
 
 /// A token as `GET /v1/tokens` lists it (never the token itself).
@@ -37,6 +39,26 @@ pub struct TokenInfo {
     name: String,
     role: String,
     created_at: chrono::DateTime<chrono::Utc>,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// The longest `expires_in`.
+const MAX_LIFETIME: std::time::Duration = std::time::Duration::from_secs(10 * 366 * 86_400);
+
+/// `expires_in` as seconds: a duration such as `90d` or `12h`, from 1 s to 10 years.
+fn parse_lifetime(expires_in: Option<&str>) -> Result<Option<f64>, ApiError> {
+    let Some(text) = expires_in else {
+        return Ok(None);
+    };
+    match humantime::parse_duration(text) {
+        Ok(lifetime) if lifetime >= std::time::Duration::from_secs(1) && lifetime <= MAX_LIFETIME => {
+            Ok(Some(lifetime.as_secs_f64()))
+        }
+        _ => Err(ApiError::BadRequest(
+            "invalid_expires_in",
+            format!("expires_in {text:?} must be a duration from 1s to 10 years, e.g. 90d or 12h"),
+        )),
+    }
 }
 
 fn parse_name(name: &str) -> Result<&str, ApiError> {
@@ -46,8 +68,9 @@ fn parse_name(name: &str) -> Result<&str, ApiError> {
     Ok(name)
 }
 
-/// `POST /v1/tokens {"name","role"?}` → 201 `{"name","role","token","created_at"}`; 409
-/// `token_exists`. Admin tokens only (see `TokenRole`).
+/// `POST /v1/tokens {"name","role"?,"expires_in"?}` → 201
+/// `{"name","role","token","created_at","expires_at"}`; 409 `token_exists`. Admin tokens only
+/// (see `TokenRole`).
 pub async fn create(
     State(state): State<ApiState>,
     Extension(Actor(actor)): Extension<Actor>,
@@ -61,24 +84,28 @@ pub async fn create(
         ));
     }
     let role = req.role.unwrap_or(TokenRole::Operator);
+    let lifetime = parse_lifetime(req.expires_in.as_deref())?;
     let token = new_admin_token();
     let mut tx = state.catalog.begin().await?;
-    let created: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
-        "INSERT INTO admin_tokens (name, token_hash, role) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING \
-         RETURNING created_at",
+    type Times = (chrono::DateTime<chrono::Utc>, Option<chrono::DateTime<chrono::Utc>>);
+    let created: Option<Times> = sqlx::query_as(
+        "INSERT INTO admin_tokens (name, token_hash, role, expires_at) \
+         VALUES ($1, $2, $3, now() + make_interval(secs => $4)) ON CONFLICT (name) DO NOTHING \
+         RETURNING created_at, expires_at",
     )
     .bind(name)
     .bind(&token_hash(token.expose_secret())[..])
     .bind(role.as_str())
+    .bind(lifetime)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some(created_at) = created else {
+    let Some((created_at, expires_at)) = created else {
         return Err(ApiError::Conflict(
             "token_exists",
             format!("there is already a token named {name:?}; revoke it first to replace it"),
         ));
     };
-    let detail = json!({ "name": name, "role": role });
+    let detail = json!({ "name": name, "role": role, "expires_at": expires_at });
     audit::record(&mut tx, &actor, "token.create", None, detail).await?;
     tx.commit().await?;
     state.tokens.reload().await?;
@@ -89,15 +116,17 @@ pub async fn create(
             "role": role,
             "token": token.expose_secret(),
             "created_at": created_at,
+            "expires_at": expires_at,
         })),
     ))
 }
 
-/// `GET /v1/tokens` → 200 `{"items":[{"name","role","created_at"}]}`.
+/// `GET /v1/tokens` → 200 `{"items":[{"name","role","created_at","expires_at"}]}`.
 pub async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    let items: Vec<TokenInfo> = sqlx::query_as("SELECT name, role, created_at FROM admin_tokens ORDER BY name")
-        .fetch_all(&state.catalog)
-        .await?;
+    let items: Vec<TokenInfo> =
+        sqlx::query_as("SELECT name, role, created_at, expires_at FROM admin_tokens ORDER BY name")
+            .fetch_all(&state.catalog)
+            .await?;
     Ok(Json(json!({ "items": items })))
 }
 

@@ -358,6 +358,9 @@ pub(crate) enum TokenCommand {
         /// What it may do.
         #[arg(long, value_enum, default_value_t = TokenRoleArg::Operator)]
         role: TokenRoleArg,
+        /// Stop working after this long, e.g. 90d or 12h (default: never).
+        #[arg(long, value_name = "DURATION", value_parser = lifetime)]
+        expires_in: Option<String>,
     },
     /// List admin tokens by name.
     List,
@@ -388,6 +391,12 @@ impl TokenRoleArg {
             Self::Admin => "admin",
         }
     }
+}
+
+fn lifetime(text: &str) -> Result<String, String> {
+    humantime::parse_duration(text)
+        .map(|_| text.to_owned())
+        .map_err(|e| format!("{e} (e.g. 90d, 12h)"))
 }
 
 fn token_name(name: &str) -> Result<String, String> {

@@ -358,10 +358,9 @@ async fn servers(client: &ApiClient, out: Output) -> anyhow::Result<()> {
 
 async fn token(client: &ApiClient, out: Output, cmd: TokenCommand) -> anyhow::Result<()> {
     match cmd {
-        TokenCommand::Create { name, role } => {
-            let resp = client
-                .post("/v1/tokens", &json!({ "name": name, "role": role.as_str() }))
-                .await?;
+        TokenCommand::Create { name, role, expires_in } => {
+            let body = json!({ "name": name, "role": role.as_str(), "expires_in": expires_in });
+            let resp = client.post("/v1/tokens", &body).await?;
             match out {
                 Output::Json => print_json(&resp),
                 Output::Table => {
@@ -381,9 +380,16 @@ async fn token(client: &ApiClient, out: Output, cmd: TokenCommand) -> anyhow::Re
                 Output::Table => {
                     let rows: Vec<Vec<String>> = items(&list)
                         .iter()
-                        .map(|t| vec![field(t, "name"), field(t, "role"), field(t, "created_at")])
+                        .map(|t| {
+                            vec![
+                                field(t, "name"),
+                                field(t, "role"),
+                                field(t, "created_at"),
+                                field(t, "expires_at"),
+                            ]
+                        })
                         .collect();
-                    print_table(&["NAME", "ROLE", "CREATED"], &rows, "no admin tokens");
+                    print_table(&["NAME", "ROLE", "CREATED", "EXPIRES"], &rows, "no admin tokens");
                 }
             }
         }
