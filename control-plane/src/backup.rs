@@ -110,6 +110,17 @@ impl Backups {
         Ok(path.is_file().then_some(path))
     }
 
+    /// Removes the backup of `slug` named `name` (as [`Backups::find`] finds it); false when
+    /// there is none.
+    pub fn remove(&self, slug: &TenantSlug, name: &str) -> Result<bool, BackupError> {
+        let Some(path) = self.find(slug, name)? else {
+            return Ok(false);
+        };
+        std::fs::remove_file(&path).map_err(io("remove", &path))?;
+        sync_file(&self.tenant_dir(slug)?)?;
+        Ok(true)
+    }
+
     /// `slug`'s finished backups, newest first; none when it never had one.
     pub fn list(&self, slug: &TenantSlug) -> Result<Vec<BackupFile>, BackupError> {
         let dir = self.tenant_dir(slug)?;

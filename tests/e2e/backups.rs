@@ -222,6 +222,54 @@ async fn backups_are_listed_newest_first_and_only_the_last_ones_are_kept() {
     let resp = stack.tenant_get(&slug, &key, "/api/v1/tasks").await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
 
+    // Erasing a backup: confirmed with --yes, audited, gone from the list and the disk.
+    let older = lines[2].split_whitespace().next().unwrap().to_owned();
+    let (code, _, stderr) = stack
+        .siloctl(&["tenant", "backups", &slug, "--delete", &older])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(2), "without --yes: {stderr}");
+    let (code, stdout, stderr) = stack
+        .siloctl(&["tenant", "backups", &slug, "--delete", &older, "--yes"])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("deleted"), "{stdout}");
+    assert_eq!(listed_jobs(&stack, &slug).await, [last]);
+    assert!(!stack.dir().join("backups").join(&slug).join(&older).exists());
+    let (code, _, stderr) = stack
+        .siloctl(&["tenant", "backups", &slug, "--delete", &older, "--yes"])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1), "twice: {stderr}");
+    assert!(stderr.contains("backup_not_found"), "{stderr}");
+    let (status, audit) = stack
+        .admin(
+            Method::GET,
+            &format!("/v1/audit?tenant={slug}&action=tenant.backup.delete"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(audit["items"][0]["detail"]["file"], older.as_str(), "{audit}");
+    // Only a tenant's own backups: another slug, or a path out of its directory, is 404.
+    let newest_path = format!("/v1/tenants/nobody-here/backups/{newest}");
+    let escaping = format!("/v1/tenants/nobody-here/backups/..%2F{slug}%2F{newest}");
+    for path in [newest_path, escaping] {
+        let (status, body) = stack.admin(Method::DELETE, &path, None).await.unwrap();
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::NOT_FOUND, Some("backup_not_found")),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        listed_jobs(&stack, &slug).await,
+        [last],
+        "the newest backup is still there"
+    );
+
     // A slug with neither a tenant nor backups is 404: one line and exit 1 from siloctl.
     let (status, body) = stack
         .admin(Method::GET, "/v1/tenants/nobody-here/backups", None)

@@ -1,6 +1,7 @@
 //! `POST /v1/tenants/{slug}/backup`: a backup of a tenant's database while it keeps serving
-//! (a `backup` job; the file goes to `[backups] dir`, named in the job's progress), and
-//! `GET /v1/tenants/{slug}/backups`: the backups a tenant can be restored from.
+//! (a `backup` job; the file goes to `[backups] dir`, named in the job's progress),
+//! `GET /v1/tenants/{slug}/backups`: the backups a tenant can be restored from, and
+//! `DELETE /v1/tenants/{slug}/backups/{file}`: one erased.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -63,6 +64,51 @@ pub async fn list(State(state): State<ApiState>, Path(slug): Path<String>) -> Re
         }
     }
     Ok(Json(json!({ "items": items })))
+}
+
+/// `DELETE /v1/tenants/{slug}/backups/{file}` → 204: the dump is erased (e.g. a deleted
+/// tenant's data that must not be kept). 404 `backup_not_found`; 409 `tenant_busy` while a
+/// job of the tenant runs, since it may be reading that file.
+pub async fn remove(
+    State(state): State<ApiState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path((slug, file)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let slug = parse_slug(&slug)?;
+    backups_configured(&state)?;
+    let mut tx = state.catalog.begin().await?;
+    if let Some(job) = jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
+        return Err(ApiError::tenant_busy(&job));
+    }
+    let backups = Backups::new(state.config.backups.clone());
+    let not_found = || {
+        ApiError::NotFound(
+            "backup_not_found",
+            format!("tenant {slug} has no backup named {file:?}"),
+        )
+    };
+    if backups
+        .find(&slug, &file)
+        .map_err(|e| ApiError::Internal(e.into()))?
+        .is_none()
+    {
+        return Err(not_found());
+    }
+    // The audit entry is committed first: should the removal fail after it, the log shows an
+    // attempt, rather than missing an erasure.
+    audit::record(
+        &mut tx,
+        &actor,
+        "tenant.backup.delete",
+        Some(slug.as_str()),
+        json!({ "file": file }),
+    )
+    .await?;
+    tx.commit().await?;
+    if !backups.remove(&slug, &file).map_err(|e| ApiError::Internal(e.into()))? {
+        return Err(not_found());
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 fn backups_configured(state: &ApiState) -> Result<(), ApiError> {

@@ -208,6 +208,12 @@ pub(crate) enum TenantCommand {
     Backups {
         /// The tenant's slug.
         slug: TenantSlug,
+        /// Erase this backup instead of listing (e.g. a deleted tenant's data); needs --yes.
+        #[arg(long, value_name = "FILE")]
+        delete: Option<String>,
+        /// Confirm --delete.
+        #[arg(long)]
+        yes: bool,
     },
     /// Move a tenant's database to another server (the tenant answers 503 meanwhile; needs
     /// [backups] dir, where the copy's dump is kept).

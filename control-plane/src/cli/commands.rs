@@ -22,6 +22,16 @@ pub(crate) async fn run(global: GlobalArgs, command: Command) -> anyhow::Result<
             "deleting tenant {slug} destroys its database: pass --yes to confirm"
         )));
     }
+    if let Command::Tenant(TenantCommand::Backups {
+        delete: Some(file),
+        yes: false,
+        ..
+    }) = &command
+    {
+        return Err(usage(format!(
+            "deleting backup {file} erases it for good: pass --yes to confirm"
+        )));
+    }
     let client = ApiClient::new(context::resolve(&global)?)?;
     let out = global.output;
     match command {
@@ -153,7 +163,21 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
                 .await?;
             finish_jobs(client, out, resp, no_wait, &format!("backing up {slug}")).await
         }
-        TenantCommand::Backups { slug } => {
+        TenantCommand::Backups {
+            slug,
+            delete: Some(file),
+            ..
+        } => {
+            client
+                .delete(&format!("{}/backups/{}", tenant_path(&slug), segment(&file)))
+                .await?;
+            match out {
+                Output::Json => print_json(&json!({ "deleted": file })),
+                Output::Table => say!("backup {file} of tenant {slug} deleted"),
+            }
+            Ok(())
+        }
+        TenantCommand::Backups { slug, .. } => {
             let list = client.get(&format!("{}/backups", tenant_path(&slug))).await?;
             match out {
                 Output::Json => print_json(&list),
