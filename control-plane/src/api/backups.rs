@@ -25,7 +25,7 @@ pub async fn back_up(
     Path(slug): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let slug = parse_slug(&slug)?;
-    backups_configured(&state)?;
+    require_backups_dir(&state, "a backup")?;
     let mut tx = state.catalog.begin().await?;
     lock_active_or_suspended(&mut tx, &slug, "backed up").await?;
     if let Some(job) = jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
@@ -53,7 +53,7 @@ pub async fn back_up(
 /// backups.
 pub async fn list(State(state): State<ApiState>, Path(slug): Path<String>) -> Result<Json<Value>, ApiError> {
     let slug = parse_slug(&slug)?;
-    backups_configured(&state)?;
+    require_backups_dir(&state, "listing backups")?;
     let items = Backups::new(state.config.backups.clone())
         .list(&slug)
         .map_err(|e| ApiError::Internal(e.into()))?;
@@ -75,7 +75,7 @@ pub async fn remove(
     Path((slug, file)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let slug = parse_slug(&slug)?;
-    backups_configured(&state)?;
+    require_backups_dir(&state, "erasing a backup")?;
     let mut tx = state.catalog.begin().await?;
     if let Some(job) = jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
         return Err(ApiError::tenant_busy(&job));
@@ -111,11 +111,12 @@ pub async fn remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
-fn backups_configured(state: &ApiState) -> Result<(), ApiError> {
+/// 422 `backup_unavailable` unless `[backups] dir` is set; `what` names what needs it.
+pub(super) fn require_backups_dir(state: &ApiState, what: &str) -> Result<(), ApiError> {
     if state.config.backups.dir.is_none() {
         return Err(ApiError::Unprocessable(
             "backup_unavailable",
-            "this control plane has no [backups] dir configured; set one to take backups".into(),
+            format!("{what} needs [backups] dir, which this control plane does not configure"),
         ));
     }
     Ok(())

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::Actor;
+use super::backups::require_backups_dir;
 use super::error::ApiError;
 use super::extract::{Body, Path};
 use super::tenants::{lock_active_or_suspended, parse_slug};
@@ -40,13 +41,7 @@ pub async fn move_tenant(
             format!("server {:?} is not configured", req.server),
         ));
     }
-    if state.config.backups.dir.is_none() {
-        return Err(ApiError::Unprocessable(
-            "backup_unavailable",
-            "a move copies the tenant's database through a backup, and this control plane has no [backups] dir configured"
-                .into(),
-        ));
-    }
+    require_backups_dir(&state, "a move (it copies the database through a backup)")?;
     let mut tx = state.catalog.begin().await?;
     lock_active_or_suspended(&mut tx, &slug, "moved").await?;
     let tenant = tenants::get(&mut tx, slug.as_str())

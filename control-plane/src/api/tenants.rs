@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::Actor;
+use super::backups::require_backups_dir;
 use super::error::ApiError;
 use super::extract::{Body, Path, Query};
 use super::ApiState;
@@ -110,12 +111,7 @@ pub(super) async fn lock_active_or_suspended(
 
 /// A tenant created from a backup needs backups configured and that backup of its own slug.
 fn check_backup(state: &ApiState, slug: &TenantSlug, name: &str) -> Result<(), ApiError> {
-    if state.config.backups.dir.is_none() {
-        return Err(ApiError::Unprocessable(
-            "backup_unavailable",
-            "this control plane has no [backups] dir configured, so there is no backup to restore".into(),
-        ));
-    }
+    require_backups_dir(state, "restoring a backup")?;
     match Backups::new(state.config.backups.clone()).find(slug, name) {
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err(ApiError::Unprocessable(
@@ -331,11 +327,8 @@ pub async fn delete(
     Query(q): Query<DeleteQuery>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let slug = parse_slug(&slug)?;
-    if q.backup && state.config.backups.dir.is_none() {
-        return Err(ApiError::Unprocessable(
-            "backup_unavailable",
-            "this control plane has no [backups] dir configured; set one, or delete without backup=true".into(),
-        ));
+    if q.backup {
+        require_backups_dir(&state, "a delete with backup=true")?;
     }
     let params = json!(DeleteParams { backup: q.backup });
     let mut tx = state.catalog.begin().await?;
