@@ -24,11 +24,11 @@ use super::ApiState;
 #[derive(Debug, Clone)]
 pub struct Actor(pub String);
 
-/// What an admin token may do, from least to most.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// What an admin token may do, from least to most (also `siloctl token create --role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenRole {
-    /// Read everything but a tenant's credentials.
+    /// Read everything but tenants' credentials (auditors, dashboards).
     Viewer,
     /// Everything but creating and revoking admin tokens.
     Operator,

@@ -26,7 +26,7 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 
-pub use auth::{new_admin_token, AdminTokens};
+pub use auth::{new_admin_token, AdminTokens, TokenRole};
 use error::ApiError;
 
 use crate::config::Config;

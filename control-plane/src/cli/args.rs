@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
+use crate::api::TokenRole;
 use crate::names::{is_admin_token_name, TenantSlug, ADMIN_TOKEN_NAME_RULE};
 
 /// siloctl: operate silo, one PostgreSQL database per tenant.
@@ -362,8 +363,8 @@ pub(crate) enum TokenCommand {
         #[arg(value_parser = token_name)]
         name: String,
         /// What it may do.
-        #[arg(long, value_enum, default_value_t = TokenRoleArg::Operator)]
-        role: TokenRoleArg,
+        #[arg(long, value_enum, default_value_t = TokenRole::Operator)]
+        role: TokenRole,
         /// Stop working after this long, e.g. 90d or 12h (default: never).
         #[arg(long, value_name = "DURATION", value_parser = lifetime)]
         expires_in: Option<String>,
@@ -376,27 +377,6 @@ pub(crate) enum TokenCommand {
         #[arg(value_parser = token_name)]
         name: String,
     },
-}
-
-/// What an admin token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum TokenRoleArg {
-    /// Read everything but tenants' credentials (auditors, dashboards).
-    Viewer,
-    /// Everything but creating and revoking admin tokens.
-    Operator,
-    /// Everything.
-    Admin,
-}
-
-impl TokenRoleArg {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Self::Viewer => "viewer",
-            Self::Operator => "operator",
-            Self::Admin => "admin",
-        }
-    }
 }
 
 fn lifetime(text: &str) -> Result<String, String> {
