@@ -6,8 +6,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use crate::backup::{BackupError, Backups};
 use crate::catalog;
 use crate::config::{Config, SecretsBackend};
+use crate::keyfile::KeyFileError;
 use crate::secrets::local::LocalSecretStore;
 use crate::server::ControlPlane;
 
@@ -31,6 +33,18 @@ enum Command {
     /// Re-encrypt every secret of the local store under the current master key
     /// (secrets.local_master_key_file) after a master key rotation, then exit.
     RekeySecrets,
+    /// Encrypt every backup in [backups] dir under the current key
+    /// (backups.encryption_key_file): plain ones taken before a key was set, and those under
+    /// a key of backups.previous_encryption_key_files; then exit.
+    RekeyBackups,
+    /// Decrypt one backup into a pg_dump custom-format file, for pg_restore outside silo.
+    DecryptBackup {
+        /// The encrypted backup (a file in [backups] dir/SLUG/).
+        file: PathBuf,
+        /// The file to write (must not exist; created readable by its owner only).
+        #[arg(long, short)]
+        output: PathBuf,
+    },
 }
 
 /// Runs the control plane until SIGTERM or Ctrl-C. Exit 2 for a bad config, 1 when it fails.
@@ -44,14 +58,18 @@ pub async fn run() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(Command::RekeySecrets) = args.command {
-        return rekey_secrets(&config).await;
+    match args.command {
+        Some(Command::RekeySecrets) => return rekey_secrets(&config).await,
+        Some(Command::RekeyBackups) => return rekey_backups(&config).await,
+        Some(Command::DecryptBackup { file, output }) => return decrypt_backup(&config, &file, &output).await,
+        None => {}
     }
     let cp = match ControlPlane::bind(config).await {
         Ok(cp) => cp,
         Err(e) => {
             eprintln!("error: {e:#}");
-            let bad_config = e.downcast_ref::<crate::tls::TlsConfigError>().is_some();
+            let bad_config =
+                e.downcast_ref::<crate::tls::TlsConfigError>().is_some() || e.downcast_ref::<KeyFileError>().is_some();
             return ExitCode::from(if bad_config { 2 } else { 1 });
         }
     };
@@ -118,6 +136,73 @@ async fn rekey_secrets(config: &Config) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// The backups `config` sets up, with their keys; exit 2 when a key file is unusable.
+fn backups_of(config: &Config) -> Result<Backups, ExitCode> {
+    Backups::open(config.backups.clone()).map_err(|e| {
+        eprintln!("error: config key `backups.encryption_key_file`: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// Exit 2 for what the config lacks, 1 for what went wrong with the files.
+fn backup_failure(e: &BackupError) -> ExitCode {
+    eprintln!("error: {e}");
+    match e {
+        BackupError::NotConfigured | BackupError::NotEncrypting => ExitCode::from(2),
+        _ => ExitCode::from(1),
+    }
+}
+
+/// `rekey-backups`: encrypts every backup under the current key. Exit 1 when any could not be.
+async fn rekey_backups(config: &Config) -> ExitCode {
+    let backups = match backups_of(config) {
+        Ok(backups) => backups,
+        Err(code) => return code,
+    };
+    let report = match backups.rekey().await {
+        Ok(report) => report,
+        Err(e) => return backup_failure(&e),
+    };
+    for failure in &report.failed {
+        eprintln!("error: {failure}");
+    }
+    println!(
+        "backups: {} encrypted, {} re-encrypted from a previous key, {} already under the current key, {} failed",
+        report.encrypted,
+        report.reencrypted,
+        report.current,
+        report.failed.len()
+    );
+    if !report.failed.is_empty() {
+        return ExitCode::from(1);
+    }
+    if !config.backups.previous_encryption_key_files.is_empty() {
+        println!("backups.previous_encryption_key_files can now be removed from the config of every control plane");
+    }
+    ExitCode::SUCCESS
+}
+
+/// `decrypt-backup FILE --output OUT`.
+async fn decrypt_backup(config: &Config, file: &std::path::Path, output: &std::path::Path) -> ExitCode {
+    let backups = match backups_of(config) {
+        Ok(backups) => backups,
+        Err(code) => return code,
+    };
+    match backups.decrypt(file, output).await {
+        Ok(decrypted) => {
+            println!(
+                "{}: backup of tenant {}, {} bytes of pg_dump output written to {} (restore it with pg_restore)",
+                file.display(),
+                decrypted.slug,
+                decrypted.bytes,
+                output.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => backup_failure(&e),
     }
 }
 

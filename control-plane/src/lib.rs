@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod cp_main;
 pub mod jobs;
+pub mod keyfile;
 pub mod localpg;
 pub mod moves;
 pub mod names;

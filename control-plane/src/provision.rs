@@ -14,7 +14,6 @@ use tracing::{info, instrument};
 use crate::backup::Backups;
 use crate::catalog::routes::TenantStatus;
 use crate::catalog::tenants;
-use crate::config::BackupsConfig;
 use crate::jobs::{self, Job};
 use crate::names::{quote_ident, quote_literal, TenantSlug};
 use crate::secrets::{self, DbSecret, SecretStore, AWSCURRENT};
@@ -159,7 +158,7 @@ impl Provisioner {
             name_prefix,
             templates,
             spares: spares.filter(|_| templates),
-            backups: Backups::new(BackupsConfig::default()),
+            backups: Backups::off(),
         }
     }
 

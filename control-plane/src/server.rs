@@ -59,8 +59,9 @@ fn prometheus() -> Option<PrometheusHandle> {
 }
 
 impl ControlPlane {
-    /// Connects the catalog (applying its migrations), the secret store and the servers,
-    /// registers the bootstrap admin token and binds `control_plane.listen`.
+    /// Reads the TLS and backup key files, connects the catalog (applying its migrations),
+    /// the secret store and the servers, registers the bootstrap admin token and binds
+    /// `control_plane.listen`.
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
         let tls = config
             .control_plane
@@ -74,6 +75,12 @@ impl ControlPlane {
                 %listen,
                 "the admin API is served over plain HTTP beyond loopback: admin tokens and break-glass \
                  credentials cross the network in clear; set control_plane.tls_cert_file and tls_key_file"
+            );
+        }
+        let backups = Backups::open(config.backups.clone()).context("config key `backups.encryption_key_file`")?;
+        if config.backups.dir.is_some() && !backups.encrypted() {
+            tracing::warn!(
+                "backups are written unencrypted: set [backups] encryption_key_file to encrypt them at rest"
             );
         }
         let catalog = catalog::pool(&config.catalog, 16)?;
@@ -119,7 +126,7 @@ impl ControlPlane {
                 config.migrations.templates,
                 (spares.count > 0).then(|| spares.claimed.clone()),
             )
-            .with_backups(Backups::new(config.backups.clone())),
+            .with_backups(backups.clone()),
         );
         // The local store has no recovery window; AWS keeps deleted secrets for the window.
         let force_secret_delete = matches!(config.secrets.backend, SecretsBackend::Local { .. });
@@ -136,6 +143,7 @@ impl ControlPlane {
             servers,
             config: Arc::new(config),
             tokens: Arc::new(tokens),
+            backups,
             metrics: prometheus(),
         };
         Ok(Self {

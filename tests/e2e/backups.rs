@@ -30,7 +30,7 @@ async fn tenant_with_tasks(stack: &Stack, slug: &str, titles: &[&str]) -> String
     key
 }
 
-async fn delete(stack: &Stack, slug: &str, query: &str) -> (StatusCode, Value) {
+pub(crate) async fn delete(stack: &Stack, slug: &str, query: &str) -> (StatusCode, Value) {
     stack
         .admin(Method::DELETE, &format!("/v1/tenants/{slug}{query}"), None)
         .await
@@ -47,7 +47,7 @@ async fn database_exists(stack: &Stack, database: &str) -> bool {
 }
 
 /// The task titles in `database`, in id order.
-async fn titles_in(stack: &Stack, database: &str) -> Vec<String> {
+pub(crate) async fn titles_in(stack: &Stack, database: &str) -> Vec<String> {
     let mut conn = stack.pg().admin_options(database).connect().await.unwrap();
     let titles = sqlx::query_scalar("SELECT title FROM tasks ORDER BY id")
         .fetch_all(&mut conn)
@@ -58,7 +58,7 @@ async fn titles_in(stack: &Stack, database: &str) -> Vec<String> {
 }
 
 /// Restores `dump` into a new database on the stack's cluster, as its superuser.
-async fn restore(stack: &Stack, dump: &Path) -> String {
+pub(crate) async fn restore(stack: &Stack, dump: &Path) -> String {
     let database = unique_name("restored").replace('-', "_");
     stack.pg().create_database(&database).await.unwrap();
     let bindir = silo_control_plane::localpg::find_bindir().unwrap();

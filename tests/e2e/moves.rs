@@ -14,8 +14,8 @@ use sqlx::{ConnectOptions, Connection};
 /// The second cluster's superuser password, for `admin_password_env`.
 const PG2_PASSWORD_ENV: &str = "SILO_TEST_PG2_PASSWORD";
 
-/// A stack with backups and a second server, `pg-2`, on a cluster of its own, with room for
-/// one tenant.
+/// A stack with encrypted backups and a second server, `pg-2`, on a cluster of its own, with
+/// room for one tenant.
 async fn two_server_stack() -> (Stack, TestCluster) {
     two_server_stack_with(Secrets::Local).await
 }
@@ -25,12 +25,13 @@ async fn two_server_stack_with(secrets: Secrets) -> (Stack, TestCluster) {
     std::env::set_var(PG2_PASSWORD_ENV, pg2.password().expose_secret());
     let stack = Stack::start(StackOptions {
         extra_toml: format!(
-            "[backups]\ndir = \"backups\"\n\
+            "[backups]\ndir = \"backups\"\nencryption_key_file = \"backup.key\"\n\
              [[servers]]\nname = \"pg-2\"\nhost = \"127.0.0.1\"\nport = {}\nadmin_user = \"postgres\"\n\
              admin_password_env = \"{PG2_PASSWORD_ENV}\"\nmax_tenants = 1\n",
             pg2.port()
         ),
         secrets,
+        backup_key: true,
         ..StackOptions::default()
     })
     .await
@@ -159,7 +160,8 @@ async fn a_tenant_moves_with_its_data_keys_and_credentials(secrets: Secrets) {
 
     // The copy went through a backup, which is kept.
     let dump = job["progress"]["backup"].as_str().expect("backup path in progress");
-    assert!(std::path::Path::new(dump).is_file(), "{dump}");
+    let copy = std::fs::read(dump).unwrap();
+    assert!(copy.starts_with(b"SILOBK"), "the copy is kept encrypted: {dump}");
 
     // Asking again is refused: the tenant is there already.
     let (status, body) = start_move(&stack, &slug, "pg-2").await;

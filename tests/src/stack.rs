@@ -52,6 +52,9 @@ pub struct StackOptions {
     /// The control plane and the router reach the catalog as a role that is not a superuser
     /// and owns the catalog database (else as the cluster's superuser).
     pub catalog_not_superuser: bool,
+    /// Writes a new key to `backup.key` in the stack's directory before the control plane
+    /// starts, for `encryption_key_file = "backup.key"` in an `extra_toml` `[backups]`.
+    pub backup_key: bool,
 }
 
 impl Default for StackOptions {
@@ -66,6 +69,7 @@ impl Default for StackOptions {
             connect_timeout: Duration::from_secs(10),
             tenant_migrations_dir: None,
             catalog_not_superuser: false,
+            backup_key: false,
         }
     }
 }
@@ -103,6 +107,9 @@ impl Stack {
             pg.create_database(&catalog_db).await?;
             ("postgres".to_owned(), pg.password().clone())
         };
+        if options.backup_key {
+            silo_control_plane::keyfile::create(&dir.path().join("backup.key"))?;
+        }
         let secrets_toml = match options.secrets {
             Secrets::Local => {
                 silo_control_plane::secrets::local::create_master_key(&dir.path().join("master.key"))?;

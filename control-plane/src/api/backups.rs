@@ -13,7 +13,6 @@ use super::error::ApiError;
 use super::extract::Path;
 use super::tenants::{lock_active_or_suspended, parse_slug};
 use super::ApiState;
-use crate::backup::Backups;
 use crate::catalog::tenants;
 use crate::{audit, jobs};
 
@@ -54,9 +53,7 @@ pub async fn back_up(
 pub async fn list(State(state): State<ApiState>, Path(slug): Path<String>) -> Result<Json<Value>, ApiError> {
     let slug = parse_slug(&slug)?;
     require_backups_dir(&state, "listing backups")?;
-    let items = Backups::new(state.config.backups.clone())
-        .list(&slug)
-        .map_err(|e| ApiError::Internal(e.into()))?;
+    let items = state.backups.list(&slug).map_err(|e| ApiError::Internal(e.into()))?;
     if items.is_empty() {
         let mut conn = state.catalog.acquire().await?;
         if tenants::get(&mut conn, slug.as_str()).await?.is_none() {
@@ -80,7 +77,7 @@ pub async fn remove(
     if let Some(job) = jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
         return Err(ApiError::tenant_busy(&job));
     }
-    let backups = Backups::new(state.config.backups.clone());
+    let backups = &state.backups;
     let not_found = || {
         ApiError::NotFound(
             "backup_not_found",

@@ -29,6 +29,7 @@ use sqlx::PgPool;
 pub use auth::{new_admin_token, AdminTokens, TokenRole};
 use error::ApiError;
 
+use crate::backup::Backups;
 use crate::config::Config;
 use crate::secrets::SecretStore;
 use crate::servers::Servers;
@@ -49,6 +50,8 @@ pub struct ApiState {
     pub config: Arc<Config>,
     /// Admin tokens.
     pub tokens: Arc<AdminTokens>,
+    /// Tenant backups (`[backups]`).
+    pub backups: Backups,
     /// Prometheus exposition.
     pub metrics: Option<PrometheusHandle>,
 }

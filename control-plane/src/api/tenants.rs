@@ -13,7 +13,6 @@ use super::backups::require_backups_dir;
 use super::error::ApiError;
 use super::extract::{Body, Path, Query};
 use super::ApiState;
-use crate::backup::Backups;
 use crate::catalog::routes::TenantStatus;
 use crate::catalog::tenants::{self, InsertError, NewTenant, Tenant};
 use crate::names::TenantSlug;
@@ -112,7 +111,7 @@ pub(super) async fn lock_active_or_suspended(
 /// A tenant created from a backup needs backups configured and that backup of its own slug.
 fn check_backup(state: &ApiState, slug: &TenantSlug, name: &str) -> Result<(), ApiError> {
     require_backups_dir(state, "restoring a backup")?;
-    match Backups::new(state.config.backups.clone()).find(slug, name) {
+    match state.backups.find(slug, name) {
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err(ApiError::Unprocessable(
             "backup_not_found",

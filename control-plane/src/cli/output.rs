@@ -107,11 +107,12 @@ pub(crate) fn print_backups(backups: &[Value], slug: &str) {
                 field(b, "bytes"),
                 field(b, "created_at"),
                 field(b, "job"),
+                if b["encrypted"] == true { "yes" } else { "no" }.to_owned(),
             ]
         })
         .collect();
     print_table(
-        &["FILE", "BYTES", "CREATED", "JOB"],
+        &["FILE", "BYTES", "CREATED", "JOB", "ENCRYPTED"],
         &rows,
         &format!("no backups of {slug}"),
     );

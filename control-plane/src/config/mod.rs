@@ -304,6 +304,11 @@ pub struct BackupsConfig {
     /// How many of a tenant's backups are kept: taking one removes the oldest beyond this
     /// many. None: every backup is kept.
     pub keep_last: Option<usize>,
+    /// The key new backups are encrypted under (32 bytes, base64, mode 0600); None: backups
+    /// are written as plain `pg_dump` files.
+    pub encryption_key_file: Option<PathBuf>,
+    /// Keys older backups were encrypted under: they only decrypt.
+    pub previous_encryption_key_files: Vec<PathBuf>,
 }
 
 /// The `[router]` section.
@@ -709,6 +714,12 @@ impl Config {
                 "must be at least 1 (leave it out to keep every backup)",
             ));
         }
+        if raw.backups.encryption_key_file.is_none() && !raw.backups.previous_encryption_key_files.is_empty() {
+            return Err(invalid(
+                "backups.previous_encryption_key_files",
+                "needs backups.encryption_key_file (the key new backups are encrypted under)",
+            ));
+        }
 
         Ok(Self {
             catalog,
@@ -722,6 +733,13 @@ impl Config {
                 dir: raw.backups.dir.map(resolve),
                 pg_dump: raw.backups.pg_dump.map(resolve),
                 keep_last,
+                encryption_key_file: raw.backups.encryption_key_file.map(resolve),
+                previous_encryption_key_files: raw
+                    .backups
+                    .previous_encryption_key_files
+                    .into_iter()
+                    .map(resolve)
+                    .collect(),
             },
             router,
         })
@@ -845,6 +863,10 @@ local_master_key_file = "master.key"
             ("[router]\nbudget_wait = \"later\"\n", "router.budget_wait"),
             ("[router]\ndefault_plan = \"gold\"\n", "router.default_plan"),
             ("[backups]\nkeep_last = 0\n", "backups.keep_last"),
+            (
+                "[backups]\nprevious_encryption_key_files = [\"old.key\"]\n",
+                "backups.previous_encryption_key_files",
+            ),
             ("[router.plans.gold]\nburst = 0\n", "router.plans.gold.burst"),
             ("[rotation]\nstrategy = \"double\"\n", "rotation.strategy"),
             (

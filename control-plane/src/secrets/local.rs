@@ -12,30 +12,29 @@
 //! they encrypted (AES-GCM tells which key fits), until [`LocalSecretStore::rekey`]
 //! (`silo-control-plane rekey-secrets`) has re-encrypted every version under the current key.
 
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 use async_trait::async_trait;
-use base64::Engine as _;
 use secrecy::zeroize::Zeroizing;
-use secrecy::{ExposeSecret, SecretBox, SecretString};
+use secrecy::{ExposeSecret, SecretString};
 use sqlx::{PgPool, Postgres, Transaction};
 use subtle::ConstantTimeEq;
+
+use crate::keyfile::{self, KeyFileError};
 
 use super::{check_version_id, SecretStore, SecretStoreError, SecretVersion, VersionStages, AWSCURRENT, AWSPREVIOUS};
 
 /// Versions without stages kept per secret (older ones are deleted, as AWS deprecates them).
 const KEEP_UNSTAGED_VERSIONS: usize = 10;
 const NONCE_LEN: usize = 12;
-const KEY_LEN: usize = 32;
 
 /// Secrets encrypted at rest in the catalog under a local master key.
 pub struct LocalSecretStore {
     pool: PgPool,
     /// The current key first (it encrypts), then the previous ones (they only decrypt).
-    keys: Vec<SecretBox<[u8; KEY_LEN]>>,
+    keys: Vec<keyfile::Key>,
     key_file: PathBuf,
 }
 
@@ -60,10 +59,10 @@ pub struct RekeyReport {
     pub current: usize,
 }
 
-fn key_error(path: &Path, problem: impl Into<String>) -> SecretStoreError {
+fn key_error(e: KeyFileError) -> SecretStoreError {
     SecretStoreError::MasterKey {
-        path: path.display().to_string(),
-        problem: problem.into(),
+        path: e.path.display().to_string(),
+        problem: e.problem,
     }
 }
 
@@ -74,52 +73,7 @@ fn db_error(e: sqlx::Error) -> SecretStoreError {
 /// Writes a new random master key (32 bytes, base64, mode 0600) to `path` unless a file is
 /// already there; an existing file is left alone (and checked when the store opens it).
 pub fn create_master_key(path: &Path) -> Result<(), SecretStoreError> {
-    use std::io::Write;
-    let key = Zeroizing::new(rand::random::<[u8; KEY_LEN]>());
-    let text = Zeroizing::new(format!("{}\n", base64::engine::general_purpose::STANDARD.encode(*key)));
-    let mut file = match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
-        Err(e) => return Err(key_error(path, format!("cannot create: {e}"))),
-    };
-    file.write_all(text.as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(|e| key_error(path, format!("cannot write: {e}")))
-}
-
-/// Reads and checks the master key file. Problems are reported without any key material.
-fn load_master_key(path: &Path) -> Result<SecretBox<[u8; KEY_LEN]>, SecretStoreError> {
-    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => key_error(
-            path,
-            "does not exist (create one with `openssl rand -base64 32 > FILE && chmod 600 FILE`)",
-        ),
-        _ => key_error(path, format!("cannot read: {e}")),
-    })?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(key_error(
-            path,
-            format!("mode is {mode:04o}, must be 0600 (readable by its owner only)"),
-        ));
-    }
-    let text = Zeroizing::new(std::fs::read(path).map_err(|e| key_error(path, format!("cannot read: {e}")))?);
-    // The decoder's own error would quote the offending byte of the key: report only the kind.
-    let bytes = Zeroizing::new(
-        base64::engine::general_purpose::STANDARD
-            .decode(text.trim_ascii())
-            .map_err(|_| key_error(path, "is not base64 (expected `openssl rand -base64 32` output)"))?,
-    );
-    let key: [u8; KEY_LEN] = bytes
-        .as_slice()
-        .try_into()
-        .map_err(|_| key_error(path, format!("decodes to {} bytes, expected {KEY_LEN}", bytes.len())))?;
-    Ok(SecretBox::new(Box::new(key)))
+    keyfile::create(path).map_err(key_error)
 }
 
 /// `name || 0x00 || version_id`: binds a ciphertext to its secret and version. Injective
@@ -133,18 +87,14 @@ impl LocalSecretStore {
     /// exist, hold 32 bytes in base64, and be readable by its owner only (mode 0600), and the
     /// `previous` key files (same rules), which only decrypt.
     pub fn open(key_file: &Path, previous: &[PathBuf], pool: PgPool) -> Result<Self, SecretStoreError> {
-        let mut keys = vec![load_master_key(key_file)?];
-        for file in previous {
-            keys.push(load_master_key(file)?);
-        }
         Ok(Self {
             pool,
-            keys,
+            keys: keyfile::load_all(key_file, previous).map_err(key_error)?,
             key_file: key_file.to_owned(),
         })
     }
 
-    fn cipher(key: &SecretBox<[u8; KEY_LEN]>) -> Aes256Gcm {
+    fn cipher(key: &keyfile::Key) -> Aes256Gcm {
         Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key.expose_secret()))
     }
 

@@ -85,6 +85,7 @@ pub(super) fn prepare(args: &DevArgs) -> anyhow::Result<Prepared> {
         // Created once; an existing key is kept (the store checks it when it opens it).
         crate::secrets::local::create_master_key(&data_dir.join("master.key"))?;
     }
+    crate::keyfile::create(&data_dir.join("backup.key"))?;
 
     let mut taken = Vec::new();
     let pg_ports = pg_ports(&data_dir, usize::from(args.servers), &mut taken)?;
@@ -276,7 +277,7 @@ fn render_config(args: &DevArgs, p: &Prepared) -> String {
         ));
     }
     s.push_str(&format!(
-        "\n[backups]\ndir = \"backups\"\n\n[control_plane]\nlisten = \"127.0.0.1:{}\"\nadmin_token_env = \"SILO_ADMIN_TOKEN\"\n\n[router]\nlisten = \"127.0.0.1:{}\"\n\
+        "\n[backups]\ndir = \"backups\"\nencryption_key_file = \"backup.key\"\n\n[control_plane]\nlisten = \"127.0.0.1:{}\"\nadmin_token_env = \"SILO_ADMIN_TOKEN\"\n\n[router]\nlisten = \"127.0.0.1:{}\"\n\
          base_domains = [\"localhost\"]\nmetrics_listen = \"127.0.0.1:{}\"\n\
          https_listen = \"127.0.0.1:{}\"\ntls_cert_file = {}\ntls_key_file = {}\ntls_sni_dir = {}\n\
          tls_sni_reload_interval = \"1s\"\n",

@@ -10,18 +10,31 @@
 //! The file name carries the job id, so a delete job resumed after a crash finds the backup
 //! it already took instead of dumping a database it may already have dropped.
 //!
+//! With `[backups] encryption_key_file`, the dump is encrypted on its way to disk and
+//! decrypted on its way into `pg_restore` ([`sealed`]); backups taken without a key (plain
+//! `pg_dump` files) are still restored.
+//!
 //! The password reaches `pg_dump` (and `pg_restore`) in a password file (mode 0600, in a private directory
 //! removed afterwards), never on its command line or in its environment; `pg_dump` runs
 //! with an environment of its own (no inherited `PG*` variables).
 
+mod offline;
+pub mod sealed;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 
 use secrecy::ExposeSecret;
+use tokio::io::AsyncReadExt;
 
 use crate::config::{BackupsConfig, ServerTls};
+use crate::keyfile::{self, Key, KeyFileError};
 use crate::names::TenantSlug;
 use crate::secrets::DbSecret;
+
+pub use self::offline::{Decrypted, RekeyReport};
+use self::sealed::{Format, Header, SealError};
 
 /// Why a backup could not be taken.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +65,23 @@ pub enum BackupError {
         /// The last lines it wrote to stderr.
         stderr: String,
     },
+    /// An encrypted backup could not be written or read back.
+    #[error("backup {}: {source}", path.display())]
+    Sealed {
+        /// The backup file.
+        path: PathBuf,
+        /// What went wrong.
+        source: SealError,
+    },
+    /// Encrypting needs `[backups] encryption_key_file`.
+    #[error("backups are not encrypted: set [backups] encryption_key_file in the config file")]
+    NotEncrypting,
+    /// Only an encrypted backup can be decrypted.
+    #[error("backup {}: not encrypted (it is a pg_dump custom-format file already)", .0.display())]
+    NotSealed(PathBuf),
+    /// The backup is neither encrypted by silo nor a `pg_dump` file.
+    #[error("backup {}: not a backup silo took (neither encrypted by silo nor a pg_dump custom-format file)", .0.display())]
+    UnknownFormat(PathBuf),
 }
 
 fn io<'p>(what: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> BackupError + 'p {
@@ -73,19 +103,52 @@ pub struct BackupFile {
     pub created_at: chrono::DateTime<chrono::Utc>,
     /// The job that took it.
     pub job: Option<i64>,
+    /// Whether it is encrypted (taken with `[backups] encryption_key_file`).
+    pub encrypted: bool,
 }
 
 /// Takes tenant backups into the configured directory.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Backups {
     config: BackupsConfig,
+    /// The current encryption key, then the previous ones; none: backups are not encrypted.
+    keys: Arc<Vec<Key>>,
+}
+
+impl std::fmt::Debug for Backups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backups")
+            .field("config", &self.config)
+            .field("keys", &self.keys.len())
+            .finish()
+    }
 }
 
 impl Backups {
-    /// Backups as `config` says (taking one fails with [`BackupError::NotConfigured`] when it
-    /// sets no directory).
-    pub fn new(config: BackupsConfig) -> Self {
-        Self { config }
+    /// Backups as `config` says, with its encryption keys read (taking one fails with
+    /// [`BackupError::NotConfigured`] when it sets no directory).
+    pub fn open(config: BackupsConfig) -> Result<Self, KeyFileError> {
+        let keys = match &config.encryption_key_file {
+            Some(current) => keyfile::load_all(current, &config.previous_encryption_key_files)?,
+            None => Vec::new(),
+        };
+        Ok(Self {
+            config,
+            keys: Arc::new(keys),
+        })
+    }
+
+    /// No backups: every operation fails with [`BackupError::NotConfigured`].
+    pub fn off() -> Self {
+        Self {
+            config: BackupsConfig::default(),
+            keys: Arc::new(Vec::new()),
+        }
+    }
+
+    /// Whether new backups are encrypted.
+    pub fn encrypted(&self) -> bool {
+        !self.keys.is_empty()
     }
 
     /// The backup job `job_id` already took of `slug`'s database, if it took one.
@@ -139,11 +202,13 @@ impl Backups {
             let path = entry.path();
             let meta = entry.metadata().map_err(io("read", &path))?;
             let modified = meta.modified().map_err(io("read", &path))?;
+            let format = sealed::format_of_file(&path).map_err(io("read", &path))?;
             files.push(BackupFile {
                 job: job_of(&name),
                 file: name,
                 bytes: meta.len(),
                 created_at: modified.into(),
+                encrypted: format == Format::Sealed,
             });
         }
         files.sort_by_key(|b| std::cmp::Reverse((b.created_at, b.job)));
@@ -189,19 +254,19 @@ impl Backups {
         let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
         let file = dir.join(format!("{slug}-{stamp}{suffix}"));
         let partial = dir.join(format!(".{slug}-{stamp}{suffix}.partial"));
-        let dumped = self
-            .run_client(
-                "pg_dump",
-                &dir,
-                secret,
-                tls,
-                &[
-                    "--format=custom".to_owned(),
-                    format!("--role={}", slug.owner_role()),
-                    format!("--file={}", partial.display()),
-                ],
-            )
-            .await;
+        let mut args = vec!["--format=custom".to_owned(), format!("--role={}", slug.owner_role())];
+        let pipe = match self.keys.first() {
+            Some(key) => Pipe::Seal {
+                key,
+                slug,
+                to: &partial,
+            },
+            None => {
+                args.push(format!("--file={}", partial.display()));
+                Pipe::None
+            }
+        };
+        let dumped = self.run_client("pg_dump", &dir, secret, tls, &args, pipe).await;
         if let Err(e) = dumped {
             let _ = std::fs::remove_file(&partial);
             return Err(e);
@@ -229,25 +294,37 @@ impl Backups {
     ) -> Result<(), BackupError> {
         let dir = self.tenant_dir(slug)?;
         remove_leftovers(&dir)?;
-        self.run_client(
-            "pg_restore",
-            &dir,
-            secret,
-            tls,
-            &[
-                "--exit-on-error".to_owned(),
-                "--single-transaction".to_owned(),
-                "--no-owner".to_owned(),
-                format!("--role={}", slug.owner_role()),
-                file.display().to_string(),
-            ],
-        )
-        .await
+        let mut args = vec![
+            "--exit-on-error".to_owned(),
+            "--single-transaction".to_owned(),
+            "--no-owner".to_owned(),
+            format!("--role={}", slug.owner_role()),
+        ];
+        let pipe = match sealed::format_of_file(file).map_err(io("read", file))? {
+            Format::Sealed => {
+                let mut input = tokio::fs::File::open(file).await.map_err(io("read", file))?;
+                let header = Header::read(&mut input).await.map_err(sealed_error(file))?;
+                header.check_tenant(slug.as_str()).map_err(sealed_error(file))?;
+                Pipe::Open {
+                    keys: &self.keys,
+                    header,
+                    from: input,
+                    path: file,
+                }
+            }
+            Format::Plain => {
+                args.push(file.display().to_string());
+                Pipe::None
+            }
+            Format::Unknown => return Err(BackupError::UnknownFormat(file.to_owned())),
+        };
+        self.run_client("pg_restore", &dir, secret, tls, &args, pipe).await
     }
 
-    /// Runs PostgreSQL client `name` with `args`, logged in with `secret` over `tls`. The
-    /// password and CA go in files of a private work directory made in `work_parent` (removed
-    /// afterwards); the tool gets an environment of its own.
+    /// Runs PostgreSQL client `name` with `args`, logged in with `secret` over `tls`, its
+    /// standard output or input connected as `pipe` says. The password and CA go in files of
+    /// a private work directory made in `work_parent` (removed afterwards); the tool gets an
+    /// environment of its own.
     async fn run_client(
         &self,
         name: &str,
@@ -255,6 +332,7 @@ impl Backups {
         secret: &DbSecret,
         tls: &ServerTls,
         args: &[String],
+        pipe: Pipe<'_>,
     ) -> Result<(), BackupError> {
         let tool = self.tool(name)?;
         let work = tempfile::Builder::new()
@@ -274,28 +352,55 @@ impl Backups {
         if let Some(pem) = tls.root_cert_pem() {
             command.env("PGSSLROOTCERT", write_private(work.path(), "root.crt", pem)?);
         }
-        let output = command
+        let (stdin, stdout) = match pipe {
+            Pipe::None => (Stdio::null(), Stdio::null()),
+            Pipe::Seal { .. } => (Stdio::null(), Stdio::piped()),
+            Pipe::Open { .. } => (Stdio::piped(), Stdio::null()),
+        };
+        let mut child = command
             .arg("--no-password")
             .arg(format!("--host={}", secret.host))
             .arg(format!("--port={}", secret.port))
             .arg(format!("--username={}", secret.username))
             .arg(format!("--dbname={}", secret.dbname))
             .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdin(stdin)
+            .stdout(stdout)
             .stderr(Stdio::piped())
             .kill_on_drop(true)
-            .output()
-            .await
+            .spawn()
             .map_err(io("run", &tool))?;
+        let stderr = child.stderr.take();
+        let stderr = tokio::spawn(async move {
+            let mut text = Vec::new();
+            if let Some(mut stderr) = stderr {
+                // What the tool managed to write is reported whatever the rest was.
+                let _ = stderr.read_to_end(&mut text).await;
+            }
+            text
+        });
+        let pumped = pump(&mut child, pipe).await;
+        if pumped.is_err() {
+            // A restore fed a corrupted chunk must not commit what it was given before it:
+            // it is killed before `wait` closes its input.
+            let _ = child.start_kill();
+        }
+        let status = child.wait().await.map_err(io("run", &tool))?;
+        let stderr = stderr.await.unwrap_or_default();
         drop(work);
-        if output.status.success() {
+        match pumped {
+            // The tool's own failure (it stopped reading or writing) explains a broken pipe.
+            Err(Pumped::ToolSide(_)) if !status.success() => {}
+            Err(Pumped::ToolSide(e) | Pumped::OurSide(e)) => return Err(e),
+            Ok(()) => {}
+        }
+        if status.success() {
             Ok(())
         } else {
             Err(BackupError::Tool {
                 tool: name.to_owned(),
-                status: output.status,
-                stderr: last_lines(&output.stderr),
+                status,
+                stderr: last_lines(&stderr),
             })
         }
     }
@@ -329,6 +434,78 @@ impl Backups {
                 .find(|path| path.is_file())
         });
         on_path.ok_or_else(|| BackupError::NoTool(name.to_owned()))
+    }
+}
+
+/// How a client tool's standard output or input is connected.
+enum Pipe<'a> {
+    /// Not at all: the tool reads or writes the backup file itself.
+    None,
+    /// Its output (a dump) is encrypted under `key` into `to`, a backup of `slug`.
+    Seal {
+        key: &'a Key,
+        slug: &'a TenantSlug,
+        to: &'a Path,
+    },
+    /// Its input is the encrypted backup `path`, whose `header` was read from `from`,
+    /// decrypted with one of `keys`.
+    Open {
+        keys: &'a [Key],
+        header: Header,
+        from: tokio::fs::File,
+        path: &'a Path,
+    },
+}
+
+/// Why a pipe between a client tool and a backup file failed: on the tool's side (it stopped
+/// writing or reading, which its exit status explains better) or on the file's.
+enum Pumped {
+    ToolSide(BackupError),
+    OurSide(BackupError),
+}
+
+/// Moves the bytes `pipe` says between `child` and the backup file, until the end of the
+/// dump or of the backup.
+async fn pump(child: &mut tokio::process::Child, pipe: Pipe<'_>) -> Result<(), Pumped> {
+    match pipe {
+        Pipe::None => Ok(()),
+        Pipe::Seal { key, slug, to } => {
+            let Some(dump) = child.stdout.as_mut() else {
+                return Ok(());
+            };
+            let mut file = tokio::fs::File::create(to)
+                .await
+                .map_err(|e| Pumped::OurSide(io("write", to)(e)))?;
+            match sealed::seal(key, slug.as_str(), dump, &mut file).await {
+                Ok(_) => file.sync_all().await.map_err(|e| Pumped::OurSide(io("write", to)(e))),
+                Err(e @ SealError::Read(_)) => Err(Pumped::ToolSide(sealed_error(to)(e))),
+                Err(e) => Err(Pumped::OurSide(sealed_error(to)(e))),
+            }
+        }
+        Pipe::Open {
+            keys,
+            header,
+            mut from,
+            path,
+        } => {
+            // The input stays open until the caller has killed a tool fed a corrupted chunk:
+            // `wait` closes it, and only then does the tool see the end of the backup.
+            let Some(restore) = child.stdin.as_mut() else {
+                return Ok(());
+            };
+            match sealed::open(keys, &header, &mut from, restore).await {
+                Ok(_) => Ok(()),
+                Err(e @ SealError::Write(_)) => Err(Pumped::ToolSide(sealed_error(path)(e))),
+                Err(e) => Err(Pumped::OurSide(sealed_error(path)(e))),
+            }
+        }
+    }
+}
+
+fn sealed_error(path: &Path) -> impl FnOnce(SealError) -> BackupError + '_ {
+    move |source| BackupError::Sealed {
+        path: path.to_owned(),
+        source,
     }
 }
 
@@ -482,10 +659,11 @@ mod tests {
 
     #[test]
     fn a_configured_pg_dump_is_run_as_given_and_pg_restore_is_taken_next_to_it() {
-        let backups = Backups::new(BackupsConfig {
+        let backups = Backups::open(BackupsConfig {
             pg_dump: Some(PathBuf::from("/opt/pg/bin/pg_dump-15")),
             ..BackupsConfig::default()
-        });
+        })
+        .expect("no key files");
         assert_eq!(
             backups.tool("pg_dump").expect("tool"),
             Path::new("/opt/pg/bin/pg_dump-15")
@@ -499,10 +677,11 @@ mod tests {
     #[test]
     fn only_a_tenants_own_finished_backups_are_found_by_name() {
         let root = tempfile::tempdir().expect("tempdir");
-        let backups = Backups::new(BackupsConfig {
+        let backups = Backups::open(BackupsConfig {
             dir: Some(root.path().to_owned()),
             ..BackupsConfig::default()
-        });
+        })
+        .expect("no key files");
         let acme = TenantSlug::parse("acme").expect("slug");
         std::fs::create_dir_all(root.path().join("acme")).expect("mkdir");
         std::fs::create_dir_all(root.path().join("other")).expect("mkdir");
@@ -528,11 +707,12 @@ mod tests {
     #[test]
     fn backups_are_listed_newest_first_and_pruned_to_keep_last() {
         let root = tempfile::tempdir().expect("tempdir");
-        let backups = Backups::new(BackupsConfig {
+        let backups = Backups::open(BackupsConfig {
             dir: Some(root.path().to_owned()),
             keep_last: Some(2),
             ..BackupsConfig::default()
-        });
+        })
+        .expect("no key files");
         let acme = TenantSlug::parse("acme").expect("slug");
         assert_eq!(backups.list(&acme).expect("list"), [], "no directory yet");
         let dir = root.path().join("acme");

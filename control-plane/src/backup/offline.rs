@@ -1,0 +1,213 @@
+//! What the control plane's maintenance commands do with backup files, without the catalog:
+//! `silo-control-plane rekey-backups` encrypts every backup under the current key (plain
+//! ones taken before a key was set, and those under a previous key), and
+//! `silo-control-plane decrypt-backup` turns one back into a `pg_dump` file for a restore
+//! outside silo.
+
+use std::path::{Path, PathBuf};
+
+use super::sealed::{self, Format, Header, SealError};
+use super::{io, sealed_error, sync_file, BackupError, Backups};
+use crate::names::TenantSlug;
+
+/// What [`Backups::rekey`] did.
+#[derive(Debug, Default)]
+pub struct RekeyReport {
+    /// Plain backups now encrypted.
+    pub encrypted: usize,
+    /// Backups re-encrypted from a previous key.
+    pub reencrypted: usize,
+    /// Backups already under the current key (each read through and authenticated).
+    pub current: usize,
+    /// Backups that could not be rekeyed, and why; they are left as they were.
+    pub failed: Vec<BackupError>,
+}
+
+/// What [`Backups::rekey_file`] did to one file.
+enum Rekeyed {
+    Encrypted,
+    Reencrypted,
+    Current,
+}
+
+/// What [`Backups::decrypt`] wrote.
+#[derive(Debug)]
+pub struct Decrypted {
+    /// The tenant the backup is of.
+    pub slug: String,
+    /// Bytes of `pg_dump` output written.
+    pub bytes: u64,
+}
+
+impl Backups {
+    /// Encrypts under the current key every backup in `[backups] dir` that is not under it
+    /// already, one file at a time, each replaced by a rename once its new copy is on disk
+    /// (with the old file's modification time, which orders backups). Every backup is read
+    /// through, so a corrupted one is reported. Files a running job removes meanwhile are
+    /// reported too, and nothing else is lost.
+    pub async fn rekey(&self) -> Result<RekeyReport, BackupError> {
+        let root = self.config.dir.as_deref().ok_or(BackupError::NotConfigured)?;
+        if self.keys.is_empty() {
+            return Err(BackupError::NotEncrypting);
+        }
+        let mut report = RekeyReport::default();
+        for (slug, file) in every_backup(root)? {
+            match self.rekey_file(&slug, &file).await {
+                Ok(Rekeyed::Encrypted) => report.encrypted += 1,
+                Ok(Rekeyed::Reencrypted) => report.reencrypted += 1,
+                Ok(Rekeyed::Current) => report.current += 1,
+                Err(e) => report.failed.push(e),
+            }
+        }
+        Ok(report)
+    }
+
+    async fn rekey_file(&self, slug: &TenantSlug, file: &Path) -> Result<Rekeyed, BackupError> {
+        let format = sealed::format_of_file(file).map_err(io("read", file))?;
+        let rekeyed = match format {
+            Format::Unknown => return Err(BackupError::UnknownFormat(file.to_owned())),
+            Format::Plain => Rekeyed::Encrypted,
+            Format::Sealed => {
+                let (header, mut input) = read_header(file).await?;
+                header.check_tenant(slug.as_str()).map_err(sealed_error(file))?;
+                let opened = sealed::open(&self.keys, &header, &mut input, &mut tokio::io::sink())
+                    .await
+                    .map_err(sealed_error(file))?;
+                if opened.key == 0 {
+                    return Ok(Rekeyed::Current);
+                }
+                Rekeyed::Reencrypted
+            }
+        };
+        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let partial = file.with_file_name(format!(".{name}.partial"));
+        let written = self
+            .reseal(slug, file, matches!(rekeyed, Rekeyed::Encrypted), &partial)
+            .await;
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+        std::fs::rename(&partial, file).map_err(io("replace", file))?;
+        if let Some(dir) = file.parent() {
+            sync_file(dir)?;
+        }
+        Ok(rekeyed)
+    }
+
+    /// Writes `file` (a plain dump if `plain`, else encrypted under a previous key) encrypted
+    /// under the current key to `partial`, with `file`'s modification time.
+    async fn reseal(&self, slug: &TenantSlug, file: &Path, plain: bool, partial: &Path) -> Result<(), BackupError> {
+        let key = self.keys.first().ok_or(BackupError::NotEncrypting)?;
+        let modified = std::fs::metadata(file)
+            .and_then(|meta| meta.modified())
+            .map_err(io("read", file))?;
+        let mut output = tokio::fs::File::create(partial).await.map_err(io("write", partial))?;
+        if plain {
+            let mut input = tokio::fs::File::open(file).await.map_err(io("read", file))?;
+            sealed::seal(key, slug.as_str(), &mut input, &mut output)
+                .await
+                .map_err(sealed_error(partial))?;
+        } else {
+            let (header, mut input) = read_header(file).await?;
+            let (mut plain_in, mut plain_out) = tokio::io::duplex(256 * 1024);
+            let opening = async {
+                let opened = sealed::open(&self.keys, &header, &mut input, &mut plain_in).await;
+                // The end of the plaintext: the sealing side ends its stream here.
+                drop(plain_in);
+                opened.map_err(sealed_error(file))
+            };
+            let sealing = async {
+                sealed::seal(key, slug.as_str(), &mut plain_out, &mut output)
+                    .await
+                    .map_err(sealed_error(partial))
+            };
+            let (opened, sealed) = tokio::join!(opening, sealing);
+            // A corrupted chunk ends the plaintext early: the copy is void.
+            opened?;
+            sealed?;
+        }
+        output.sync_all().await.map_err(io("write", partial))?;
+        let output = output.into_std().await;
+        output.set_modified(modified).map_err(io("write", partial))?;
+        Ok(())
+    }
+
+    /// Decrypts the backup `file` into a new file `output` (mode 0600): the `pg_dump
+    /// --format=custom` output it was taken from, for `pg_restore` outside silo. Nothing is
+    /// left at `output` unless all of it decrypted.
+    pub async fn decrypt(&self, file: &Path, output: &Path) -> Result<Decrypted, BackupError> {
+        match sealed::format_of_file(file).map_err(io("read", file))? {
+            Format::Sealed => {}
+            Format::Plain => return Err(BackupError::NotSealed(file.to_owned())),
+            Format::Unknown => return Err(BackupError::UnknownFormat(file.to_owned())),
+        }
+        if self.keys.is_empty() {
+            return Err(BackupError::NotEncrypting);
+        }
+        let (header, mut input) = read_header(file).await?;
+        let mut out = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(output)
+            .await
+            .map_err(io("create", output))?;
+        let opened = async {
+            let opened = sealed::open(&self.keys, &header, &mut input, &mut out)
+                .await
+                .map_err(|e| match e {
+                    SealError::Write(e) => io("write", output)(e),
+                    e => sealed_error(file)(e),
+                })?;
+            out.sync_all().await.map_err(io("write", output))?;
+            Ok(opened)
+        }
+        .await;
+        match opened {
+            Ok(opened) => Ok(Decrypted {
+                slug: header.slug().to_owned(),
+                bytes: opened.bytes,
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_file(output);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Opens the encrypted backup `file` and reads its header.
+async fn read_header(file: &Path) -> Result<(Header, tokio::fs::File), BackupError> {
+    let mut input = tokio::fs::File::open(file).await.map_err(io("read", file))?;
+    let header = Header::read(&mut input).await.map_err(sealed_error(file))?;
+    Ok((header, input))
+}
+
+/// Every finished backup under `root`, with the tenant whose directory it is in, in a stable
+/// order. Directories that are not tenant slugs are skipped.
+fn every_backup(root: &Path) -> Result<Vec<(TenantSlug, PathBuf)>, BackupError> {
+    let mut backups = Vec::new();
+    for dir in std::fs::read_dir(root).map_err(io("list", root))? {
+        let dir = dir.map_err(io("list", root))?.path();
+        let Some(slug) = dir
+            .file_name()
+            .and_then(|name| name.to_str())
+            .and_then(|name| TenantSlug::parse(name).ok())
+        else {
+            continue;
+        };
+        if !dir.is_dir() {
+            continue;
+        }
+        for file in std::fs::read_dir(&dir).map_err(io("list", &dir))? {
+            let file = file.map_err(io("list", &dir))?.path();
+            let name = file.file_name().and_then(|name| name.to_str()).unwrap_or_default();
+            if !name.starts_with('.') && name.ends_with(".dump") && file.is_file() {
+                backups.push((slug.clone(), file));
+            }
+        }
+    }
+    backups.sort_by(|a, b| a.1.cmp(&b.1));
+    Ok(backups)
+}
