@@ -364,3 +364,104 @@ async fn an_admin_token_stops_working_when_it_expires() {
     assert_eq!(code, Some(2), "{stderr}");
     stack.stop().await.unwrap();
 }
+
+/// The actions of an audit page's entries, in the page's order.
+fn actions(page: &Value) -> Vec<&str> {
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect()
+}
+
+/// Following the log (`GET /v1/audit?after=`, `siloctl audit --follow`) hands out every entry
+/// once, in commit order: an entry whose transaction commits late holds back the entries
+/// committed after it instead of being skipped, as a follower going by id would skip it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_audit_log_is_followed_in_commit_order_and_a_late_commit_is_not_skipped() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let slug = unique_name("fl");
+    stack.create_tenant(&slug).await.unwrap();
+
+    let all = audit(&stack, "after=0-0").await;
+    assert!(actions(&all).contains(&"tenant.create"), "{all}");
+    let start = all["next"].as_str().unwrap().to_owned();
+    let last = all["items"].as_array().unwrap().last().unwrap();
+    assert_eq!(last["cursor"].as_str().unwrap(), start, "{all}");
+    let nothing_new = audit(&stack, &format!("after={start}")).await;
+    assert_eq!(nothing_new["items"], json!([]), "{nothing_new}");
+    assert_eq!(nothing_new["next"], start.as_str());
+
+    // A transaction writes an entry and stays open while a suspension is audited and
+    // committed after it, with a larger id.
+    let mut late = stack.catalog().begin().await.unwrap();
+    sqlx::query("INSERT INTO audit_log (actor, action, detail) VALUES ('test', 'test.late', '{}')")
+        .execute(&mut *late)
+        .await
+        .unwrap();
+    let (code, _, stderr) = stack.siloctl(&["tenant", "suspend", &slug]).await.unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let newest = audit(&stack, "limit=1").await;
+    assert_eq!(actions(&newest), ["tenant.suspend"], "committed and listed");
+    let held = audit(&stack, &format!("after={start}")).await;
+    assert_eq!(held["items"], json!([]), "held back behind the open transaction: {held}");
+    assert_eq!(held["next"], start.as_str(), "and the cursor does not pass it");
+
+    late.commit().await.unwrap();
+    let both = audit(&stack, &format!("after={start}")).await;
+    assert_eq!(actions(&both), ["test.late", "tenant.suspend"], "{both}");
+    let next = both["next"].as_str().unwrap().to_owned();
+    let page = audit(&stack, &format!("after={start}&limit=1")).await;
+    assert_eq!(actions(&page), ["test.late"], "a page at a time");
+    let rest = audit(&stack, &format!("after={}", page["next"].as_str().unwrap())).await;
+    assert_eq!(actions(&rest), ["tenant.suspend"], "{rest}");
+    assert_eq!(audit(&stack, "after=end").await["next"], next.as_str());
+    let theirs = audit(&stack, &format!("after=0-0&tenant={slug}")).await;
+    assert_eq!(actions(&theirs), ["tenant.create", "tenant.suspend"], "{theirs}");
+    assert_eq!(theirs["next"], next.as_str(), "past what the filter skipped");
+
+    for bad in ["after=12", "after=x-1", &format!("after={next}&before=5")] {
+        let (status, body) = stack
+            .admin(Method::GET, &format!("/v1/audit?{bad}"), None)
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert_eq!(body["error"], "invalid_query", "{body}");
+    }
+    let (code, _, stderr) = stack.siloctl(&["audit", "--after", "12"]).await.unwrap();
+    assert_eq!(code, Some(2), "{stderr}");
+
+    // `siloctl audit --follow -o json` prints what happens from now on, one JSON line each.
+    let home = tempfile::tempdir().unwrap();
+    let mut follower = stack
+        .siloctl_command(home.path())
+        .args(["-o", "json", "audit", "--follow", "--tenant", &slug])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for action in ["resume", "suspend"] {
+        let (code, _, stderr) = stack.siloctl(&["tenant", action, &slug]).await.unwrap();
+        assert_eq!(code, Some(0), "{stderr}");
+    }
+    let started = Instant::now();
+    let mut followed = Vec::new();
+    while followed.len() < 2 {
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("an entry within 10 s")
+            .unwrap()
+            .expect("siloctl still running");
+        let entry: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(entry["tenant"], slug.as_str(), "{entry}");
+        followed.push(entry["action"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(followed, ["tenant.resume", "tenant.suspend"], "only what happened since it started");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    follower.kill().await.unwrap();
+    stack.stop().await.unwrap();
+}

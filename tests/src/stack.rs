@@ -364,15 +364,10 @@ connect_timeout = "{connect}ms"
     /// directory, endpoint and token from the environment): exit code, stdout, stderr.
     pub async fn siloctl(&self, args: &[&str]) -> anyhow::Result<(Option<i32>, String, String)> {
         let home = tempfile::tempdir()?;
-        let out = tokio::process::Command::new(crate::workspace_binary("siloctl"))
-            .current_dir(home.path())
-            .env("HOME", home.path())
-            .env("XDG_CONFIG_HOME", home.path().join(".config"))
-            .env("SILO_ENDPOINT", format!("http://{}", self.cp_addr))
-            .env("SILO_TOKEN", &self.token)
+        let out = self
+            .siloctl_command(home.path())
             .args(args)
             .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
             .output()
             .await?;
         Ok((
@@ -380,6 +375,21 @@ connect_timeout = "{connect}ms"
             String::from_utf8(out.stdout)?,
             String::from_utf8(out.stderr)?,
         ))
+    }
+
+    /// The built `siloctl`, to be given arguments, set up to reach this stack's control plane
+    /// from the home directory `home` (endpoint and token from the environment); killed when
+    /// dropped.
+    pub fn siloctl_command(&self, home: &std::path::Path) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(crate::workspace_binary("siloctl"));
+        command
+            .current_dir(home)
+            .env("HOME", home)
+            .env("XDG_CONFIG_HOME", home.join(".config"))
+            .env("SILO_ENDPOINT", format!("http://{}", self.cp_addr))
+            .env("SILO_TOKEN", &self.token)
+            .kill_on_drop(true);
+        command
     }
 
     /// A request to the router for `host` (sent to the router's socket with that Host).

@@ -1,4 +1,5 @@
-//! `GET /v1/audit`: the audit log, newest first, a page at a time.
+//! `GET /v1/audit`: the audit log, newest first a page at a time, or followed oldest first
+//! from a cursor (`after`).
 
 use axum::extract::State;
 use axum::Json;
@@ -21,12 +22,18 @@ pub struct AuditQuery {
     actor: Option<String>,
     action: Option<String>,
     before: Option<i64>,
+    after: Option<String>,
     limit: Option<i64>,
 }
 
 /// `GET /v1/audit?tenant=&actor=&action=&before=&limit=` → 200
 /// `{"items":[{"id","at","actor","action","tenant","detail"}],"next_before"}`, newest first;
 /// `next_before` (null on the last page) is the `before` of the next page.
+///
+/// With `after=CURSOR` (`0-0`: from the start; `end`: from now on) → 200 `{"items","next"}`:
+/// the entries after the cursor in commit order, oldest first, each with its `cursor`, and the
+/// `after` of the next call. An entry is handed out once no running transaction can still
+/// add one before it, so a follower neither skips nor repeats entries.
 pub async fn list(State(state): State<ApiState>, Query(q): Query<AuditQuery>) -> Result<Json<Value>, ApiError> {
     let limit = paging::limit(q.limit, DEFAULT_LIMIT)?;
     let filter = audit::Filter {
@@ -36,6 +43,24 @@ pub async fn list(State(state): State<ApiState>, Query(q): Query<AuditQuery>) ->
         before: q.before,
     };
     let mut conn = state.catalog.acquire().await?;
+    if let Some(after) = q.after {
+        if filter.before.is_some() {
+            return Err(ApiError::BadRequest(
+                "invalid_query",
+                "before pages back newest first and after follows oldest first: give one of them".into(),
+            ));
+        }
+        let after = match after.as_str() {
+            "end" => audit::After::End,
+            cursor => audit::After::Cursor(
+                cursor
+                    .parse()
+                    .map_err(|e: audit::BadCursor| ApiError::BadRequest("invalid_query", format!("after: {e}")))?,
+            ),
+        };
+        let page = audit::follow(&mut conn, &filter, after, limit).await?;
+        return Ok(Json(json!(page)));
+    }
     let items = audit::list(&mut conn, &filter, limit).await?;
     let next_before = paging::next_before(items.iter().map(|e| e.id), limit);
     Ok(Json(json!({ "items": items, "next_before": next_before })))

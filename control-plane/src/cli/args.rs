@@ -442,6 +442,18 @@ pub(crate) struct AuditArgs {
     #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub(crate) limit: u16,
     /// Only entries older than this id (the next page: the last id shown).
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", conflicts_with_all = ["after", "follow"])]
     pub(crate) before: Option<i64>,
+    /// Entries after this cursor (an entry's `cursor`, or the API's `next`; `0-0`: from the
+    /// start), oldest first, in the order they were committed.
+    #[arg(long, value_name = "CURSOR", value_parser = parse_cursor)]
+    pub(crate) after: Option<crate::audit::Cursor>,
+    /// Keep printing entries as they are written, from now on (or from --after), one per
+    /// line (JSON Lines with -o json), until interrupted.
+    #[arg(long, short = 'f')]
+    pub(crate) follow: bool,
+}
+
+fn parse_cursor(s: &str) -> Result<crate::audit::Cursor, String> {
+    s.parse().map_err(|e: crate::audit::BadCursor| e.to_string())
 }

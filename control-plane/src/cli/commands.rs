@@ -443,19 +443,92 @@ fn query<const N: usize>(parameters: [(&str, Option<String>); N]) -> String {
 }
 
 async fn audit(client: &ApiClient, out: Output, args: AuditArgs) -> anyhow::Result<()> {
-    let filters = query([
-        ("limit", Some(args.limit.to_string())),
-        ("tenant", args.tenant.map(|t| t.as_str().to_owned())),
-        ("actor", args.actor),
-        ("action", args.action),
-        ("before", args.before.map(|id| id.to_string())),
-    ]);
-    let page = client.get(&format!("/v1/audit{filters}")).await?;
+    let filters = |limit: u16, after: Option<String>| {
+        query([
+            ("limit", Some(limit.to_string())),
+            ("tenant", args.tenant.as_ref().map(|t| t.as_str().to_owned())),
+            ("actor", args.actor.clone()),
+            ("action", args.action.clone()),
+            ("before", args.before.map(|id| id.to_string())),
+            ("after", after),
+        ])
+    };
+    if args.follow {
+        let after = args.after.map_or_else(|| "end".to_owned(), |cursor| cursor.to_string());
+        return follow_audit(client, out, |after| format!("/v1/audit{}", filters(FOLLOW_PAGE, Some(after))), after).await;
+    }
+    let page = client
+        .get(&format!(
+            "/v1/audit{}",
+            filters(args.limit, args.after.map(|c| c.to_string()))
+        ))
+        .await?;
     match out {
         Output::Json => print_json(&page),
-        Output::Table => output::print_audit(items(&page)),
+        Output::Table => {
+            output::print_audit(items(&page));
+            if let Some(next) = page.get("next").and_then(Value::as_str) {
+                eprintln!("next: siloctl audit --after {next}");
+            }
+        }
     }
     Ok(())
+}
+
+/// Entries asked for at a time by `siloctl audit --follow`.
+const FOLLOW_PAGE: u16 = 1000;
+
+/// `siloctl audit --follow`: polls `GET /v1/audit?after=` and prints each entry on a line of
+/// its own until interrupted or stdout closes. Only the first request's failure ends it; later
+/// ones (a control plane restarting) are retried.
+async fn follow_audit(
+    client: &ApiClient,
+    out: Output,
+    path: impl Fn(String) -> String,
+    mut after: String,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    const POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+    let mut first = true;
+    loop {
+        let page = match client.get(&path(after.clone())).await {
+            Ok(page) => page,
+            Err(e) if !first => {
+                eprintln!("warning: {e}; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(POLL * 2) => continue,
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        first = false;
+        let entries = items(&page);
+        let mut stdout = std::io::stdout().lock();
+        for entry in entries {
+            let line = match out {
+                Output::Json => entry.to_string(),
+                Output::Table => output::audit_line(entry),
+            };
+            if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
+                // Whoever read the output is gone.
+                return Ok(());
+            }
+        }
+        drop(stdout);
+        let Some(next) = page.get("next").and_then(Value::as_str) else {
+            bail!("unexpected response from the admin API: no next cursor");
+        };
+        after = next.to_owned();
+        if entries.len() == usize::from(FOLLOW_PAGE) {
+            continue;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(POLL) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
 }
 
 /// Handles a `{"job"}` or `{"jobs":[...]}` response: print it as is with `--no-wait`, else

@@ -140,6 +140,18 @@ pub(crate) fn print_audit(entries: &[Value]) {
     );
 }
 
+/// One audit log entry on a line: time, actor, action, tenant, details.
+pub(crate) fn audit_line(e: &Value) -> String {
+    format!(
+        "{}  {}  {}  {}  {}",
+        field(e, "at"),
+        field(e, "actor"),
+        field(e, "action"),
+        field(e, "tenant"),
+        e.get("detail").map_or_else(|| "-".into(), Value::to_string)
+    )
+}
+
 /// Tenants as a table.
 pub(crate) fn print_tenants(tenants: &[Value]) {
     let rows: Vec<Vec<String>> = tenants
