@@ -147,16 +147,14 @@ pub struct Filter {
 
 /// Up to `limit` entries matching `filter`, newest first.
 pub async fn list(exec: &mut PgConnection, filter: &Filter, limit: i64) -> Result<Vec<Entry>, sqlx::Error> {
-    sqlx::query_as(
-        concat!(
-            "SELECT ",
-            entry_columns!(),
-            " FROM audit_log \
+    sqlx::query_as(concat!(
+        "SELECT ",
+        entry_columns!(),
+        " FROM audit_log \
          WHERE ($1::text IS NULL OR tenant = $1) AND ($2::text IS NULL OR actor = $2) \
            AND ($3::text IS NULL OR action = $3) AND ($4::bigint IS NULL OR id < $4) \
          ORDER BY id DESC LIMIT $5"
-        ),
-    )
+    ))
     .bind(&filter.tenant)
     .bind(&filter.actor)
     .bind(&filter.action)
@@ -189,7 +187,12 @@ pub async fn follow(conn: &mut PgConnection, filter: &Filter, after: After, limi
         .map_err(|e| sqlx::Error::Decode(Box::new(e)))?
         .unwrap_or(Cursor::START);
     let start = match after {
-        After::End => return Ok(Page { items: Vec::new(), next: end }),
+        After::End => {
+            return Ok(Page {
+                items: Vec::new(),
+                next: end,
+            })
+        }
         After::Cursor(cursor) => cursor,
     };
     let items: Vec<Entry> = sqlx::query_as(concat!(
@@ -230,7 +233,17 @@ mod tests {
         assert_eq!(cursor.to_string(), "812-40");
         assert_eq!("0-0".parse::<Cursor>().expect("start"), Cursor::START);
         assert!("812-40".parse::<Cursor>().unwrap() < "813-2".parse::<Cursor>().unwrap());
-        for bad in ["", "812", "812-", "-40", "812--40", "+1-2", "a-b", "1-2-3", "99999999999999999999-1"] {
+        for bad in [
+            "",
+            "812",
+            "812-",
+            "-40",
+            "812--40",
+            "+1-2",
+            "a-b",
+            "1-2-3",
+            "99999999999999999999-1",
+        ] {
             assert!(bad.parse::<Cursor>().is_err(), "{bad:?}");
         }
     }

@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AdminTokens, ApiState};
-use crate::backup::Backups;
+use crate::backup::{retention, Backups};
 use crate::config::{Config, SecretsBackend};
 use crate::provision::Provisioner;
 use crate::servers::Servers;
@@ -176,6 +176,11 @@ impl ControlPlane {
             self.api.config.rotation.clone(),
             shutdown.clone(),
         ));
+        let retention = tokio::spawn(retention::run(
+            self.api.catalog.clone(),
+            self.api.backups.clone(),
+            shutdown.clone(),
+        ));
         let spares = tokio::spawn(spares::keep_filled(
             self.spares.servers,
             self.spares.migrations,
@@ -197,6 +202,7 @@ impl ControlPlane {
         shutdown.cancel();
         let _ = workers.await;
         let _ = scheduler.await;
+        let _ = retention.await;
         let _ = spares.await;
         self.api.catalog.close().await;
         result

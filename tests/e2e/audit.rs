@@ -405,7 +405,11 @@ async fn the_audit_log_is_followed_in_commit_order_and_a_late_commit_is_not_skip
     let newest = audit(&stack, "limit=1").await;
     assert_eq!(actions(&newest), ["tenant.suspend"], "committed and listed");
     let held = audit(&stack, &format!("after={start}")).await;
-    assert_eq!(held["items"], json!([]), "held back behind the open transaction: {held}");
+    assert_eq!(
+        held["items"],
+        json!([]),
+        "held back behind the open transaction: {held}"
+    );
     assert_eq!(held["next"], start.as_str(), "and the cursor does not pass it");
 
     late.commit().await.unwrap();
@@ -460,7 +464,11 @@ async fn the_audit_log_is_followed_in_commit_order_and_a_late_commit_is_not_skip
         assert_eq!(entry["tenant"], slug.as_str(), "{entry}");
         followed.push(entry["action"].as_str().unwrap().to_owned());
     }
-    assert_eq!(followed, ["tenant.resume", "tenant.suspend"], "only what happened since it started");
+    assert_eq!(
+        followed,
+        ["tenant.resume", "tenant.suspend"],
+        "only what happened since it started"
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
     follower.kill().await.unwrap();
     stack.stop().await.unwrap();

@@ -416,3 +416,84 @@ async fn a_backup_without_a_backup_directory_is_refused_and_the_tenant_stays() {
     assert_eq!(served.status(), StatusCode::OK, "the tenant is untouched");
     stack.stop().await.unwrap();
 }
+
+/// The `.dump` files in `slug`'s backup directory.
+fn dumps_on_disk(stack: &Stack, slug: &str) -> usize {
+    std::fs::read_dir(stack.dir().join("backups").join(slug))
+        .unwrap()
+        .filter(|entry| entry.as_ref().unwrap().file_name().to_string_lossy().ends_with(".dump"))
+        .count()
+}
+
+/// `[backups] keep_for`: backups older than that are erased, each recorded once in the audit
+/// log; a deleted tenant keeps none, an existing tenant keeps its newest.
+#[tokio::test(flavor = "multi_thread")]
+async fn backups_older_than_keep_for_are_erased_and_audited_but_a_tenant_keeps_its_newest() {
+    let stack = stack_with_backups("keep_for = \"4s\"\n").await;
+    let (kept, gone) = (unique_name("kf"), unique_name("kg"));
+    tenant_with_tasks(&stack, &kept, &["still a customer"]).await;
+    tenant_with_tasks(&stack, &gone, &["left us"]).await;
+    let mut jobs = Vec::new();
+    for _ in 0..2 {
+        let (status, body) = stack
+            .admin(Method::POST, &format!("/v1/tenants/{kept}/backup"), None)
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
+        assert_eq!(job["state"], "succeeded", "{job}");
+        jobs.push(job["id"].as_i64().unwrap());
+    }
+    let (status, body) = delete(&stack, &gone, "?backup=true").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let deleted = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
+    assert_eq!(deleted["state"], "succeeded", "{deleted}");
+    assert_eq!(
+        listed_jobs(&stack, &kept).await,
+        [jobs[1], jobs[0]],
+        "young backups stay"
+    );
+    assert_eq!(dumps_on_disk(&stack, &gone), 1);
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while dumps_on_disk(&stack, &kept) > 1 || dumps_on_disk(&stack, &gone) > 0 {
+        assert!(std::time::Instant::now() < deadline, "backups still there after 30 s");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert_eq!(listed_jobs(&stack, &kept).await, [jobs[1]], "the newest is kept");
+    // A few more sweeps: nothing is erased or recorded twice.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(listed_jobs(&stack, &kept).await, [jobs[1]]);
+    let (status, audit) = stack
+        .admin(
+            Method::GET,
+            "/v1/audit?action=tenant.backup.expire&actor=scheduler",
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{audit}");
+    let mut erased: Vec<(String, String)> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["tenant"].as_str().unwrap().to_owned(),
+                e["detail"]["file"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    erased.sort();
+    let mut expected = vec![
+        (gone.clone(), format!("-job{}.dump", deleted["id"])),
+        (kept.clone(), format!("-job{}.dump", jobs[0])),
+    ];
+    expected.sort();
+    assert_eq!(erased.len(), 2, "{audit}");
+    for ((tenant, file), (expected_tenant, ending)) in erased.iter().zip(&expected) {
+        assert_eq!(tenant, expected_tenant, "{audit}");
+        assert!(file.ends_with(ending.as_str()), "{file} {ending}");
+    }
+    stack.stop().await.unwrap();
+}

@@ -19,6 +19,7 @@
 //! with an environment of its own (no inherited `PG*` variables).
 
 mod offline;
+pub mod retention;
 pub mod sealed;
 
 use std::path::{Path, PathBuf};
@@ -213,6 +214,52 @@ impl Backups {
         }
         files.sort_by_key(|b| std::cmp::Reverse((b.created_at, b.job)));
         Ok(files)
+    }
+
+    /// The tenants with a backup directory, deleted ones included, in slug order.
+    /// Directories whose names are not slugs are not silo's and are left out.
+    pub fn tenants(&self) -> Result<Vec<TenantSlug>, BackupError> {
+        let root = self.config.dir.as_deref().ok_or(BackupError::NotConfigured)?;
+        if !root.is_dir() {
+            return Ok(Vec::new());
+        }
+        let mut slugs = Vec::new();
+        for entry in std::fs::read_dir(root).map_err(io("list", root))? {
+            let path = entry.map_err(io("list", root))?.path();
+            let slug = path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .and_then(|name| TenantSlug::parse(name).ok());
+            if let Some(slug) = slug.filter(|_| path.is_dir()) {
+                slugs.push(slug);
+            }
+        }
+        slugs.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        Ok(slugs)
+    }
+
+    /// `[backups] keep_for`.
+    pub fn keep_for(&self) -> Option<std::time::Duration> {
+        self.config.keep_for
+    }
+
+    /// `slug`'s backups finished before `cutoff`, oldest first, except its newest backup when
+    /// the tenant still `exists`: a tenant whose backups stopped keeps its last one.
+    pub fn expired(
+        &self,
+        slug: &TenantSlug,
+        cutoff: chrono::DateTime<chrono::Utc>,
+        exists: bool,
+    ) -> Result<Vec<BackupFile>, BackupError> {
+        let newest_first = self.list(slug)?;
+        let keep = usize::from(exists);
+        let mut expired: Vec<BackupFile> = newest_first
+            .into_iter()
+            .skip(keep)
+            .filter(|backup| backup.created_at < cutoff)
+            .collect();
+        expired.reverse();
+        Ok(expired)
     }
 
     /// Removes `slug`'s oldest backups beyond `[backups] keep_last`.
@@ -734,6 +781,45 @@ mod tests {
         assert!(dir.join(".acme-4-job4.dump.partial").exists(), "not a finished backup");
         assert_eq!(job_of("acme-20261127T000000Z-job42.dump"), Some(42));
         assert_eq!(job_of("copied-by-hand.dump"), None);
+    }
+
+    #[test]
+    fn backups_expire_by_age_but_an_existing_tenant_keeps_its_newest() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let backups = Backups::open(BackupsConfig {
+            dir: Some(root.path().to_owned()),
+            ..BackupsConfig::default()
+        })
+        .expect("no key files");
+        let acme = TenantSlug::parse("acme").expect("slug");
+        let dir = root.path().join("acme");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::create_dir_all(root.path().join("Not A Slug")).expect("mkdir");
+        let now = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        for (job, age) in [(1, 30), (3, 10), (2, 20)] {
+            let file = std::fs::File::create(dir.join(format!("acme-{job}-job{job}.dump"))).expect("create");
+            file.set_modified(now - std::time::Duration::from_secs(age))
+                .expect("mtime");
+        }
+        let expired = |seconds_ago: u64, exists: bool| -> Vec<Option<i64>> {
+            let cutoff = now - std::time::Duration::from_secs(seconds_ago);
+            backups
+                .expired(&acme, cutoff.into(), exists)
+                .expect("expired")
+                .into_iter()
+                .map(|b| b.job)
+                .collect()
+        };
+        assert_eq!(expired(15, true), [Some(1), Some(2)], "oldest first");
+        assert_eq!(expired(25, true), [Some(1)]);
+        assert_eq!(expired(5, true), [Some(1), Some(2)], "the newest is kept");
+        assert_eq!(
+            expired(5, false),
+            [Some(1), Some(2), Some(3)],
+            "a deleted tenant keeps none"
+        );
+        assert_eq!(expired(40, false), Vec::<Option<i64>>::new());
+        assert_eq!(backups.tenants().expect("tenants"), [acme]);
     }
 
     #[test]

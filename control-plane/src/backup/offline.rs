@@ -46,12 +46,14 @@ impl Backups {
     /// through, so a corrupted one is reported. Files a running job removes meanwhile are
     /// reported too, and nothing else is lost.
     pub async fn rekey(&self) -> Result<RekeyReport, BackupError> {
-        let root = self.config.dir.as_deref().ok_or(BackupError::NotConfigured)?;
+        if self.config.dir.is_none() {
+            return Err(BackupError::NotConfigured);
+        }
         if self.keys.is_empty() {
             return Err(BackupError::NotEncrypting);
         }
         let mut report = RekeyReport::default();
-        for (slug, file) in every_backup(root)? {
+        for (slug, file) in every_backup(self)? {
             match self.rekey_file(&slug, &file).await {
                 Ok(Rekeyed::Encrypted) => report.encrypted += 1,
                 Ok(Rekeyed::Reencrypted) => report.reencrypted += 1,
@@ -184,30 +186,19 @@ async fn read_header(file: &Path) -> Result<(Header, tokio::fs::File), BackupErr
     Ok((header, input))
 }
 
-/// Every finished backup under `root`, with the tenant whose directory it is in, in a stable
-/// order. Directories that are not tenant slugs are skipped.
-fn every_backup(root: &Path) -> Result<Vec<(TenantSlug, PathBuf)>, BackupError> {
-    let mut backups = Vec::new();
-    for dir in std::fs::read_dir(root).map_err(io("list", root))? {
-        let dir = dir.map_err(io("list", root))?.path();
-        let Some(slug) = dir
-            .file_name()
-            .and_then(|name| name.to_str())
-            .and_then(|name| TenantSlug::parse(name).ok())
-        else {
-            continue;
-        };
-        if !dir.is_dir() {
-            continue;
-        }
+/// Every finished backup, with the tenant whose directory it is in, in a stable order.
+fn every_backup(backups: &Backups) -> Result<Vec<(TenantSlug, PathBuf)>, BackupError> {
+    let mut every = Vec::new();
+    for slug in backups.tenants()? {
+        let dir = backups.tenant_dir(&slug)?;
         for file in std::fs::read_dir(&dir).map_err(io("list", &dir))? {
             let file = file.map_err(io("list", &dir))?.path();
             let name = file.file_name().and_then(|name| name.to_str()).unwrap_or_default();
             if !name.starts_with('.') && name.ends_with(".dump") && file.is_file() {
-                backups.push((slug.clone(), file));
+                every.push((slug.clone(), file));
             }
         }
     }
-    backups.sort_by(|a, b| a.1.cmp(&b.1));
-    Ok(backups)
+    every.sort_by(|a, b| a.1.cmp(&b.1));
+    Ok(every)
 }

@@ -455,7 +455,13 @@ async fn audit(client: &ApiClient, out: Output, args: AuditArgs) -> anyhow::Resu
     };
     if args.follow {
         let after = args.after.map_or_else(|| "end".to_owned(), |cursor| cursor.to_string());
-        return follow_audit(client, out, |after| format!("/v1/audit{}", filters(FOLLOW_PAGE, Some(after))), after).await;
+        return follow_audit(
+            client,
+            out,
+            |after| format!("/v1/audit{}", filters(FOLLOW_PAGE, Some(after))),
+            after,
+        )
+        .await;
     }
     let page = client
         .get(&format!(

@@ -304,6 +304,9 @@ pub struct BackupsConfig {
     /// How many of a tenant's backups are kept: taking one removes the oldest beyond this
     /// many. None: every backup is kept.
     pub keep_last: Option<usize>,
+    /// How long a backup is kept: older ones are erased (and audited as `tenant.backup.expire`),
+    /// except the newest of a tenant that still exists. None: kept until deleted by hand.
+    pub keep_for: Option<Duration>,
     /// The key new backups are encrypted under (32 bytes, base64, mode 0600); None: backups
     /// are written as plain `pg_dump` files.
     pub encryption_key_file: Option<PathBuf>,
@@ -714,6 +717,18 @@ impl Config {
                 "must be at least 1 (leave it out to keep every backup)",
             ));
         }
+        let keep_for = raw
+            .backups
+            .keep_for
+            .as_deref()
+            .map(|value| duration("backups.keep_for", value))
+            .transpose()?;
+        if keep_for.is_some_and(|keep| keep < Duration::from_secs(1)) {
+            return Err(invalid(
+                "backups.keep_for",
+                "must be at least 1s (leave it out to keep backups until they are deleted)",
+            ));
+        }
         if raw.backups.encryption_key_file.is_none() && !raw.backups.previous_encryption_key_files.is_empty() {
             return Err(invalid(
                 "backups.previous_encryption_key_files",
@@ -733,6 +748,7 @@ impl Config {
                 dir: raw.backups.dir.map(resolve),
                 pg_dump: raw.backups.pg_dump.map(resolve),
                 keep_last,
+                keep_for,
                 encryption_key_file: raw.backups.encryption_key_file.map(resolve),
                 previous_encryption_key_files: raw
                     .backups
@@ -863,6 +879,8 @@ local_master_key_file = "master.key"
             ("[router]\nbudget_wait = \"later\"\n", "router.budget_wait"),
             ("[router]\ndefault_plan = \"gold\"\n", "router.default_plan"),
             ("[backups]\nkeep_last = 0\n", "backups.keep_last"),
+            ("[backups]\nkeep_for = \"soon\"\n", "backups.keep_for"),
+            ("[backups]\nkeep_for = \"0s\"\n", "backups.keep_for"),
             (
                 "[backups]\nprevious_encryption_key_files = [\"old.key\"]\n",
                 "backups.previous_encryption_key_files",

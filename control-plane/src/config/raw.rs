@@ -33,6 +33,7 @@ pub(super) struct RawBackups {
     pub(super) dir: Option<PathBuf>,
     pub(super) pg_dump: Option<PathBuf>,
     pub(super) keep_last: Option<usize>,
+    pub(super) keep_for: Option<String>,
     pub(super) encryption_key_file: Option<PathBuf>,
     #[serde(default)]
     pub(super) previous_encryption_key_files: Vec<PathBuf>,

@@ -1,0 +1,123 @@
+//! `[backups] keep_for`: backups older than that are erased, deleted tenants' included (data
+//! a regulated company may not keep once its retention period is over), except the newest
+//! backup of a tenant that still exists. Each erasure is audited (`tenant.backup.expire`, actor
+//! `scheduler`) before the file is removed, so no backup disappears unrecorded; a removal
+//! that fails (or a control plane stopped in between) is retried on the next pass, which
+//! finds the entry already recorded and does not record it twice.
+//!
+//! Several control planes may sweep at once: a pass holds a transaction-level advisory lock
+//! while it decides and records what expires.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{BackupFile, Backups};
+use crate::audit;
+use crate::names::TenantSlug;
+
+/// Advisory lock key of the sweep ("silo-bkx").
+const RETENTION_LOCK: i64 = 0x73696c6f_2d626b78;
+/// The most often a sweep runs (for short `keep_for`s, as in tests) and the least often.
+const SWEEP_BOUNDS: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(3600));
+
+/// How often to sweep for `keep_for`: a tenth of it, between one second and an hour.
+fn sweep_every(keep_for: Duration) -> Duration {
+    (keep_for / 10).clamp(SWEEP_BOUNDS.0, SWEEP_BOUNDS.1)
+}
+
+/// Erases expired backups until `shutdown`; returns at once without `keep_for`.
+pub async fn run(catalog: PgPool, backups: Backups, shutdown: CancellationToken) {
+    let Some(keep_for) = backups.keep_for() else {
+        return;
+    };
+    loop {
+        match expire(&catalog, &backups, keep_for).await {
+            Ok(0) => {}
+            Ok(n) => info!(erased = n, "expired backups erased ([backups] keep_for)"),
+            Err(e) => warn!(error = %e, "backup retention pass"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(sweep_every(keep_for)) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// One pass: records and erases every backup older than `keep_for` that is not the newest of
+/// an existing tenant; returns how many were erased.
+pub async fn expire(catalog: &PgPool, backups: &Backups, keep_for: Duration) -> anyhow::Result<usize> {
+    let cutoff = chrono::Utc::now() - keep_for;
+    let slugs = backups.tenants()?;
+    if slugs.is_empty() {
+        return Ok(0);
+    }
+    let mut tx = catalog.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(RETENTION_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    let names: Vec<&str> = slugs.iter().map(TenantSlug::as_str).collect();
+    let existing: HashSet<String> =
+        sqlx::query_scalar("SELECT slug FROM tenants WHERE slug = ANY($1) AND status <> 'deleted'")
+            .bind(&names)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+    let recorded: HashSet<(String, String)> = sqlx::query_as(
+        "SELECT tenant, detail->>'file' FROM audit_log \
+         WHERE action = 'tenant.backup.expire' AND tenant = ANY($1) AND detail ? 'file'",
+    )
+    .bind(&names)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    let mut doomed: Vec<(TenantSlug, BackupFile)> = Vec::new();
+    for slug in slugs {
+        for backup in backups.expired(&slug, cutoff, existing.contains(slug.as_str()))? {
+            if recorded.contains(&(slug.as_str().to_owned(), backup.file.clone())) {
+                doomed.push((slug.clone(), backup));
+                continue;
+            }
+            audit::record(
+                &mut tx,
+                "scheduler",
+                "tenant.backup.expire",
+                Some(slug.as_str()),
+                json!({"file": backup.file, "created_at": backup.created_at, "keep_for": humantime::format_duration(keep_for).to_string()}),
+            )
+            .await?;
+            doomed.push((slug.clone(), backup));
+        }
+    }
+    tx.commit().await?;
+    let mut erased = 0;
+    for (slug, backup) in doomed {
+        match backups.remove(&slug, &backup.file) {
+            Ok(true) => erased += 1,
+            Ok(false) => {}
+            Err(e) => {
+                warn!(tenant = %slug, file = %backup.file, error = %e, "expired backup not erased; retried on the next pass")
+            }
+        }
+    }
+    Ok(erased)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweeps_run_a_tenth_of_the_retention_apart_within_bounds() {
+        assert_eq!(sweep_every(Duration::from_secs(2)), Duration::from_secs(1));
+        assert_eq!(sweep_every(Duration::from_secs(600)), Duration::from_secs(60));
+        assert_eq!(sweep_every(Duration::from_secs(30 * 86_400)), Duration::from_secs(3600));
+    }
+}
