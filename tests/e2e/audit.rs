@@ -473,3 +473,53 @@ async fn the_audit_log_is_followed_in_commit_order_and_a_late_commit_is_not_skip
     follower.kill().await.unwrap();
     stack.stop().await.unwrap();
 }
+
+/// `siloctl token list` says when each token was last used, so tokens nobody uses any more
+/// can be found and revoked.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tokens_last_use_is_listed_so_unused_tokens_can_be_found() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let used = token_of_role(&stack, "ci-deploy", "operator").await;
+    token_of_role(&stack, "forgotten", "viewer").await;
+    let before = chrono::Utc::now();
+    assert_eq!(
+        status_with(stack.control_plane_addr(), &used, "/v1/tenants").await,
+        StatusCode::OK
+    );
+    let last_used = |list: &Value, name: &str| {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .map(|t| t["last_used_at"].clone())
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let list = loop {
+        let (status, list) = stack.admin(Method::GET, "/v1/tokens", None).await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{list}");
+        if !last_used(&list, "ci-deploy").is_null() {
+            break list;
+        }
+        assert!(Instant::now() < deadline, "last use not recorded: {list}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let at: chrono::DateTime<chrono::Utc> = last_used(&list, "ci-deploy").as_str().unwrap().parse().unwrap();
+    assert!(
+        at >= before - chrono::Duration::seconds(1) && at <= chrono::Utc::now(),
+        "{at}"
+    );
+    assert!(last_used(&list, "forgotten").is_null(), "{list}");
+    assert!(
+        !last_used(&list, "bootstrap").is_null(),
+        "the test's own requests: {list}"
+    );
+
+    let (code, table, stderr) = stack.siloctl(&["token", "list"]).await.unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(table.lines().next().unwrap().ends_with("LAST USED"), "{table}");
+    let forgotten = table.lines().find(|l| l.starts_with("forgotten")).unwrap();
+    assert!(forgotten.trim_end().ends_with('-'), "{table}");
+    stack.stop().await.unwrap();
+}

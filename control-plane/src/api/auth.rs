@@ -5,7 +5,8 @@
 //! seconds, so a token revoked on one control plane stops working on every other one within
 //! that time.
 
-use std::sync::RwLock;
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
@@ -69,6 +70,8 @@ impl TokenRole {
 pub struct AdminTokens {
     catalog: PgPool,
     hashes: RwLock<Loaded>,
+    /// When this control plane last recorded each token's use in the catalog.
+    recorded_use: Mutex<HashMap<String, Instant>>,
 }
 
 /// A token as read from the catalog.
@@ -87,6 +90,8 @@ struct Loaded {
 
 /// How long the tokens read from the catalog are trusted before they are read again.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+/// How often one control plane writes a token's `last_used_at`: at most once a minute.
+const RECORD_USE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A new admin token: `silo_admin_` and 32 random letters and digits.
 pub fn new_admin_token() -> SecretString {
@@ -120,6 +125,7 @@ impl AdminTokens {
                 tokens: Vec::new(),
                 at: Instant::now(),
             }),
+            recorded_use: Mutex::new(HashMap::new()),
         };
         tokens.reload().await?;
         Ok(tokens)
@@ -192,7 +198,39 @@ impl AdminTokens {
                 tracing::warn!(error = %e, "admin tokens not reloaded from the catalog");
             }
         }
-        self.find(&token_hash(token))
+        let found = self.find(&token_hash(token));
+        if let Some((name, _)) = &found {
+            self.record_use(name);
+        }
+        found
+    }
+
+    /// Sets the token's `last_used_at` in the catalog, at most once a minute per token, off the
+    /// request's path: a catalog that cannot be written does not fail the request.
+    fn record_use(&self, name: &str) {
+        let due = match self.recorded_use.lock() {
+            Ok(mut recorded) => {
+                let due = recorded.get(name).is_none_or(|at| at.elapsed() >= RECORD_USE_INTERVAL);
+                if due {
+                    recorded.insert(name.to_owned(), Instant::now());
+                }
+                due
+            }
+            Err(_) => false,
+        };
+        if !due {
+            return;
+        }
+        let (catalog, name) = (self.catalog.clone(), name.to_owned());
+        tokio::spawn(async move {
+            let written = sqlx::query("UPDATE admin_tokens SET last_used_at = now() WHERE name = $1")
+                .bind(&name)
+                .execute(&catalog)
+                .await;
+            if let Err(e) = written {
+                tracing::debug!(token = %name, error = %e, "last use of an admin token not recorded");
+            }
+        });
     }
 }
 

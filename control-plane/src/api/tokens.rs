@@ -40,6 +40,7 @@ pub struct TokenInfo {
     role: String,
     created_at: chrono::DateTime<chrono::Utc>,
     expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    last_used_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// The longest `expires_in`.
@@ -121,10 +122,10 @@ pub async fn create(
     ))
 }
 
-/// `GET /v1/tokens` → 200 `{"items":[{"name","role","created_at","expires_at"}]}`.
+/// `GET /v1/tokens` → 200 `{"items":[{"name","role","created_at","expires_at","last_used_at"}]}`.
 pub async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     let items: Vec<TokenInfo> =
-        sqlx::query_as("SELECT name, role, created_at, expires_at FROM admin_tokens ORDER BY name")
+        sqlx::query_as("SELECT name, role, created_at, expires_at, last_used_at FROM admin_tokens ORDER BY name")
             .fetch_all(&state.catalog)
             .await?;
     Ok(Json(json!({ "items": items })))

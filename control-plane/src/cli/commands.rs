@@ -410,10 +410,15 @@ async fn token(client: &ApiClient, out: Output, cmd: TokenCommand) -> anyhow::Re
                                 field(t, "role"),
                                 field(t, "created_at"),
                                 field(t, "expires_at"),
+                                field(t, "last_used_at"),
                             ]
                         })
                         .collect();
-                    print_table(&["NAME", "ROLE", "CREATED", "EXPIRES"], &rows, "no admin tokens");
+                    print_table(
+                        &["NAME", "ROLE", "CREATED", "EXPIRES", "LAST USED"],
+                        &rows,
+                        "no admin tokens",
+                    );
                 }
             }
         }
