@@ -13,7 +13,7 @@ use sqlx::PgConnection;
 use super::auth::Actor;
 use super::error::ApiError;
 use super::extract::{Body, Path};
-use super::tenants::{live_tenant, parse_slug, with_database};
+use super::tenants::tenant_with_database;
 use super::ApiState;
 use crate::audit;
 use crate::names::{quote_ident, TenantSlug};
@@ -47,9 +47,7 @@ fn check_key_name(name: &str) -> Result<(), ApiError> {
 /// A connection to the database of tenant `slug` (active or suspended); 503 when it cannot be
 /// reached.
 async fn tenant_database(state: &ApiState, slug: &str) -> Result<(TenantSlug, PgConnection), ApiError> {
-    let tenant = live_tenant(state, slug).await?;
-    let slug = parse_slug(&tenant.slug)?;
-    with_database(&tenant)?;
+    let (tenant, slug) = tenant_with_database(state, slug).await?;
     let server = state
         .servers
         .get(&tenant.server)

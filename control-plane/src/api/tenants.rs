@@ -434,10 +434,15 @@ pub async fn resume(
     .await
 }
 
-/// A tenant whose database serves: active or suspended (409 `invalid_state` otherwise).
-pub(super) fn with_database(tenant: &Tenant) -> Result<(), ApiError> {
+/// Tenant `slug` and its parsed slug, if its database serves: active or suspended (404
+/// `tenant_not_found` for none or a deleted one, 409 `invalid_state` otherwise).
+pub(super) async fn tenant_with_database(state: &ApiState, slug: &str) -> Result<(Tenant, TenantSlug), ApiError> {
+    let tenant = live_tenant(state, slug).await?;
     match tenant.status {
-        TenantStatus::Active | TenantStatus::Suspended => Ok(()),
+        TenantStatus::Active | TenantStatus::Suspended => {
+            let slug = parse_slug(&tenant.slug)?;
+            Ok((tenant, slug))
+        }
         other => Err(ApiError::Conflict(
             "invalid_state",
             format!("tenant is {}; its database is not ready", other.as_str()),
@@ -452,9 +457,7 @@ pub async fn credentials(
     Extension(Actor(actor)): Extension<Actor>,
     Path(slug): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let tenant = live_tenant(&state, &slug).await?;
-    let slug = parse_slug(&tenant.slug)?;
-    with_database(&tenant)?;
+    let (_, slug) = tenant_with_database(&state, &slug).await?;
     let mut tx = state.catalog.begin().await?;
     audit::record(
         &mut tx,
