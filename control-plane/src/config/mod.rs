@@ -843,6 +843,25 @@ local_master_key_file = "master.key"
     }
 
     #[test]
+    fn the_deploy_configs_are_valid_and_encrypt_backups() {
+        let compose = include_str!("../../../deploy/compose/silo.toml");
+        let configmap = include_str!("../../../deploy/k8s/configmap.yaml");
+        // The ConfigMap's silo.toml: the block scalar after `silo.toml: |`, indented 4 spaces.
+        let k8s: String = configmap
+            .lines()
+            .skip_while(|line| !line.trim_start().starts_with("silo.toml: |"))
+            .skip(1)
+            .map(|line| format!("{}\n", line.strip_prefix("    ").unwrap_or(line)))
+            .collect();
+        for (name, text) in [("compose", compose), ("k8s", k8s.as_str())] {
+            let cfg = Config::parse(text, Path::new("/etc/silo")).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(cfg.backups.dir.is_some(), "{name}");
+            assert!(cfg.backups.encryption_key_file.is_some(), "{name}");
+            assert!(cfg.backups.keep_for.is_some(), "{name}");
+        }
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = Config::parse(&format!("{MINIMAL}\n[router]\nlisten_addr = \"x\"\n"), Path::new(".")).unwrap_err();
         assert!(err.to_string().contains("listen_addr"), "{err}");
