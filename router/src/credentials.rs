@@ -12,6 +12,11 @@
 //! with what the store says.
 //!
 //! Connect options carry the tenant's password: they are built on one line and never logged.
+//! They also set the session's `statement_timeout` in the startup packet (no round trip) to
+//! `router.request_timeout` and a second: a request the router gave up on does not leave its
+//! query running on the tenant's server, taking CPU and locks from the other tenants there.
+//! The second's margin lets the router answer `request_timeout` itself rather than relay the
+//! error of a query cancelled just before its own deadline.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,6 +34,8 @@ use crate::server::APPLICATION_NAME;
 
 /// How long a tenant's current secret is kept after it was read from the store.
 pub(crate) const KEEP_CURRENT: Duration = Duration::from_secs(15 * 60);
+/// How much longer than `router.request_timeout` a statement may run.
+const STATEMENT_TIMEOUT_MARGIN: Duration = Duration::from_secs(1);
 /// At most this many tenants' secrets are kept.
 const MAX_KEPT: u64 = 10_000;
 
@@ -47,6 +54,8 @@ pub(crate) struct Credentials {
     server_tls: HashMap<String, ServerTls>,
     /// Slug → the `AWSCURRENT` version read last.
     kept: Cache<String, Arc<Version>>,
+    /// `statement_timeout` of every session, as PostgreSQL reads it (`31000ms`).
+    statement_timeout: String,
     metrics: Arc<Metrics>,
 }
 
@@ -55,6 +64,7 @@ impl Credentials {
         store: Arc<dyn SecretStore>,
         prefix: String,
         server_tls: HashMap<String, ServerTls>,
+        statement_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
         let kept = Cache::builder()
@@ -67,6 +77,7 @@ impl Credentials {
             prefix,
             server_tls,
             kept,
+            statement_timeout: format!("{}ms", (statement_timeout + STATEMENT_TIMEOUT_MARGIN).as_millis()),
             metrics,
         }
     }
@@ -87,7 +98,7 @@ impl Credentials {
         let tls = self.tls(server)?;
         if let Some(version) = self.kept.get(slug).await {
             self.metrics.secret_read("kept");
-            return Ok(Some(options(&version, tls)));
+            return Ok(Some(options(&version, tls, &self.statement_timeout)));
         }
         self.read(slug, server, AWSCURRENT).await
     }
@@ -117,7 +128,7 @@ impl Credentials {
         if stage == AWSCURRENT {
             self.kept.insert(slug.to_owned(), version.clone()).await;
         }
-        Ok(Some(options(&version, tls)))
+        Ok(Some(options(&version, tls, &self.statement_timeout)))
     }
 
     /// Tenant `slug` changed: its kept version may be out of date.
@@ -137,7 +148,11 @@ impl Credentials {
     }
 }
 
-fn options(version: &Version, tls: &ServerTls) -> (PgConnectOptions, String) {
-    let options = version.secret.connect_options(tls).application_name(APPLICATION_NAME);
+fn options(version: &Version, tls: &ServerTls, statement_timeout: &str) -> (PgConnectOptions, String) {
+    let options = version
+        .secret
+        .connect_options(tls)
+        .application_name(APPLICATION_NAME)
+        .options([("statement_timeout", statement_timeout)]);
     (options, version.id.clone())
 }

@@ -129,6 +129,8 @@ pub(crate) struct PoolSettings {
     pub(crate) max_lifetime: Duration,
     /// `router.connect_timeout`: secret read + first connection.
     pub(crate) connect_timeout: Duration,
+    /// `router.request_timeout`: each session's `statement_timeout` is a second more.
+    pub(crate) statement_timeout: Duration,
     /// `secrets.name_prefix`.
     pub(crate) secret_prefix: String,
     /// `[[servers]]` TLS settings by server name.
@@ -146,6 +148,7 @@ impl PoolSettings {
             idle_timeout: router.pool_idle_timeout,
             max_lifetime: router.pool_max_lifetime,
             connect_timeout: router.connect_timeout,
+            statement_timeout: router.request_timeout,
             secret_prefix: config.secrets.name_prefix.clone(),
             server_tls: config
                 .servers
@@ -303,6 +306,7 @@ impl Pools {
                     secrets,
                     settings.secret_prefix.clone(),
                     settings.server_tls.clone(),
+                    settings.statement_timeout,
                     metrics.clone(),
                 ),
                 budgets: Budgets::new(settings.budget_per_server, metrics.clone()),

@@ -5,10 +5,11 @@
 //! Metric assertions assume one test per process (`cargo nextest run`).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 use secrecy::ExposeSecret;
+use serde_json::Value;
 use silo_control_plane::secrets::{self, DbSecret, AWSCURRENT, AWSPENDING};
 use silo_tests::stack::{Stack, StackOptions};
 use silo_tests::unique_name;
@@ -536,4 +537,71 @@ async fn database_down_is_503_within_the_connect_timeout_and_recovers() {
     for _ in 0..5 {
         assert_eq!(get().await.unwrap().status(), StatusCode::OK);
     }
+}
+
+/// A request the router gives up on (`router.request_timeout`) is answered 503
+/// `request_timeout`, and its query does not go on running on the tenant's server: sessions
+/// carry a `statement_timeout` a second longer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_past_its_timeout_is_answered_503_and_its_query_stopped_on_the_server() {
+    let migrations = tempfile::tempdir().unwrap();
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations/tenant/0001_init.sql");
+    std::fs::copy(shipped, migrations.path().join("0001_init.sql")).unwrap();
+    // Reading a task takes 60 s: a runaway query.
+    std::fs::write(
+        migrations.path().join("0002_slow_reads.sql"),
+        "CREATE FUNCTION slow_read() RETURNS boolean LANGUAGE plpgsql AS $$ \
+         BEGIN PERFORM pg_sleep(60); RETURN true; END $$;\n\
+         ALTER TABLE tasks ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;\n\
+         CREATE POLICY slow_reads ON tasks FOR SELECT USING (slow_read());\n",
+    )
+    .unwrap();
+    let stack = Stack::start(StackOptions {
+        tenant_migrations_dir: Some(migrations.path().to_owned()),
+        router_toml: "request_timeout = \"2s\"\n".into(),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let slug = unique_name("rt");
+    let key = stack.create_tenant(&slug).await.unwrap();
+    let database = silo_tests::database_of(&slug);
+    let mut admin = stack.pg().admin_options(&database).connect().await.unwrap();
+    sqlx::query("INSERT INTO tasks (title) VALUES ('behind a slow policy')")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let resp = stack.tenant_get(&slug, &key, "/api/v1/tasks").await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "request_timeout", "{body}");
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+
+    // The query stops on the server within the margin, not after its 60 s.
+    let running = || async {
+        let mut admin = stack.pg().admin_options("postgres").connect().await.unwrap();
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND state = 'active' \
+             AND query ILIKE '%tasks%'",
+        )
+        .bind(&database)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        n
+    };
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while running().await > 0 {
+        assert!(Instant::now() < deadline, "the query still runs 8 s after its request");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let me = stack.tenant_get(&slug, &key, "/api/v1/me").await.unwrap();
+    assert_eq!(me.status(), StatusCode::OK, "the tenant is served");
+    stack.stop().await.unwrap();
 }
