@@ -4,6 +4,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use silo_tests::stack::{Stack, StackOptions};
 use silo_tests::unique_name;
+use sqlx::{ConnectOptions, Connection};
 
 async fn tenant_rows(stack: &Stack) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM tenants")
@@ -378,6 +379,67 @@ async fn tenants_are_listed_by_status_server_and_plan() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains(&paused) && !stdout.contains(&kept), "{stdout}");
     let (code, _, stderr) = stack.siloctl(&["tenant", "list", "--status", "asleep"]).await.unwrap();
+    assert_eq!(code, Some(2), "{stderr}");
+    stack.stop().await.unwrap();
+}
+
+/// `siloctl tenant sizes` (`GET /v1/database-sizes`): tenants' databases by the disk they
+/// take, largest first, and each server's total.
+#[tokio::test(flavor = "multi_thread")]
+async fn tenants_are_listed_by_database_size_with_each_servers_total() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let (big, small) = (unique_name("big"), unique_name("small"));
+    stack.create_tenant(&small).await.unwrap();
+    stack.create_tenant(&big).await.unwrap();
+    let mut conn = stack
+        .pg()
+        .admin_options(&silo_tests::database_of(&big))
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO tasks (title) SELECT md5(i::text) || md5((i * 3)::text) FROM generate_series(1, 20000) i")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+
+    let (status, sizes) = stack.admin(Method::GET, "/v1/database-sizes", None).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{sizes}");
+    let items = sizes["items"].as_array().unwrap();
+    let listed: Vec<&str> = items.iter().map(|t| t["slug"].as_str().unwrap()).collect();
+    assert_eq!(listed, [big.as_str(), small.as_str()], "{sizes}");
+    let bytes = |v: &Value| v["bytes"].as_i64().unwrap();
+    assert!(bytes(&items[0]) > bytes(&items[1]) + 1_000_000, "{sizes}");
+    assert_eq!(items[0]["server"], "pg-1");
+    assert_eq!(items[0]["database"], silo_tests::database_of(&big).as_str());
+    assert_eq!(sizes["servers"][0]["name"], "pg-1", "{sizes}");
+    assert_eq!(sizes["servers"][0]["tenants"], 2, "{sizes}");
+    assert_eq!(bytes(&sizes["servers"][0]), bytes(&items[0]) + bytes(&items[1]));
+
+    let (status, top) = stack
+        .admin(Method::GET, "/v1/database-sizes?limit=1&server=pg-1", None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{top}");
+    assert_eq!(top["items"].as_array().unwrap().len(), 1, "{top}");
+    assert_eq!(top["items"][0]["slug"], big.as_str());
+    let (status, body) = stack
+        .admin(Method::GET, "/v1/database-sizes?server=nope", None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"], "unknown_server", "{body}");
+
+    let (code, table, stderr) = stack.siloctl(&["tenant", "sizes"]).await.unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("TENANT"), "{table}");
+    assert!(lines[1].starts_with(&big) && lines[1].contains("MiB"), "{table}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("pg-1") && l.contains("MiB")),
+        "the server's total: {table}"
+    );
+    let (code, _, stderr) = stack.siloctl(&["tenant", "sizes", "--limit", "0"]).await.unwrap();
     assert_eq!(code, Some(2), "{stderr}");
     stack.stop().await.unwrap();
 }

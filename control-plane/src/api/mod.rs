@@ -12,6 +12,7 @@ mod migrations;
 mod moves;
 mod paging;
 mod rotations;
+mod sizes;
 mod tenants;
 mod tokens;
 
@@ -81,6 +82,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/jobs/{id}", get(jobs::show))
         .route("/jobs/{id}/retry", post(jobs::retry))
         .route("/servers", get(jobs::servers))
+        .route("/database-sizes", get(sizes::list))
         .route("/tokens", get(tokens::list).post(tokens::create))
         .route("/tokens/{name}", delete(tokens::revoke))
         .route("/audit", get(audit_log::list))

@@ -216,6 +216,15 @@ pub(crate) enum TenantCommand {
         #[arg(long)]
         yes: bool,
     },
+    /// List tenants' databases by the disk they take, largest first, with each server's total.
+    Sizes {
+        /// Only the tenants on this server.
+        #[arg(long, value_name = "NAME")]
+        server: Option<String>,
+        /// How many tenants to list.
+        #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        limit: u16,
+    },
     /// Move a tenant's database to another server (the tenant answers 503 meanwhile; needs
     /// [backups] dir, where the copy's dump is kept).
     Move {

@@ -185,6 +185,15 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
             }
             Ok(())
         }
+        TenantCommand::Sizes { server, limit } => {
+            let filters = query([("server", server), ("limit", Some(limit.to_string()))]);
+            let sizes = client.get(&format!("/v1/database-sizes{filters}")).await?;
+            match out {
+                Output::Json => print_json(&sizes),
+                Output::Table => output::print_sizes(&sizes),
+            }
+            Ok(())
+        }
         TenantCommand::Move { slug, to, no_wait } => {
             let resp = client
                 .post(&format!("{}/move", tenant_path(&slug)), &json!({ "server": to }))

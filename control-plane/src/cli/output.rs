@@ -118,6 +118,49 @@ pub(crate) fn print_backups(backups: &[Value], slug: &str) {
     );
 }
 
+/// Tenants' database sizes, largest first, then each server's total; servers that could not
+/// be asked are named on stderr.
+pub(crate) fn print_sizes(sizes: &Value) {
+    let bytes = |v: &Value| v.get("bytes").and_then(Value::as_u64);
+    let size = |v: &Value| bytes(v).map_or_else(|| "-".to_owned(), human_bytes);
+    let rows: Vec<Vec<String>> = items(sizes)
+        .iter()
+        .map(|t| vec![field(t, "slug"), field(t, "server"), size(t), field(t, "bytes")])
+        .collect();
+    print_table(&["TENANT", "SERVER", "SIZE", "BYTES"], &rows, "no tenant databases");
+    let servers = sizes
+        .get("servers")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
+    let totals: Vec<Vec<String>> = servers
+        .iter()
+        .filter(|s| bytes(s).is_some())
+        .map(|s| vec![field(s, "name"), field(s, "tenants"), size(s)])
+        .collect();
+    if !totals.is_empty() {
+        say!();
+        print_table(&["SERVER", "TENANTS", "TOTAL"], &totals, "");
+    }
+    for server in servers.iter().filter(|s| bytes(s).is_none()) {
+        eprintln!("warning: server {}: {}", field(server, "name"), field(server, "error"));
+    }
+}
+
+/// `bytes` in binary units with one decimal: `7.6 MiB`.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 /// Audit log entries as a table, the details as compact JSON.
 pub(crate) fn print_audit(entries: &[Value]) {
     let rows: Vec<Vec<String>> = entries
@@ -232,6 +275,15 @@ mod tests {
             &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]],
         );
         assert_eq!(t, "A    LONG\nxyz  1\nq    22\n");
+    }
+
+    #[test]
+    fn sizes_read_in_binary_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1.0 KiB");
+        assert_eq!(human_bytes(7_959_000), "7.6 MiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
     }
 
     #[test]
