@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AdminTokens, ApiState};
-use crate::backup::{retention, Backups};
+use crate::backup::{self, retention, Backups};
 use crate::config::{Config, SecretsBackend};
 use crate::provision::Provisioner;
 use crate::servers::Servers;
@@ -176,6 +176,11 @@ impl ControlPlane {
             self.api.config.rotation.clone(),
             shutdown.clone(),
         ));
+        let backup_schedule = tokio::spawn(backup::schedule::run(
+            self.api.catalog.clone(),
+            self.api.config.backups.clone(),
+            shutdown.clone(),
+        ));
         let retention = tokio::spawn(retention::run(
             self.api.catalog.clone(),
             self.api.backups.clone(),
@@ -203,6 +208,7 @@ impl ControlPlane {
         let _ = workers.await;
         let _ = scheduler.await;
         let _ = retention.await;
+        let _ = backup_schedule.await;
         let _ = spares.await;
         self.api.catalog.close().await;
         result

@@ -497,3 +497,82 @@ async fn backups_older_than_keep_for_are_erased_and_audited_but_a_tenant_keeps_i
     }
     stack.stop().await.unwrap();
 }
+
+/// `[backups] every`: the control plane backs up each live tenant that often by itself,
+/// recorded as the scheduler's, and not more often.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_live_tenant_is_backed_up_on_schedule_and_not_more_often() {
+    let stack = stack_with_backups("every = \"4s\"\nmax_concurrent = 1\n").await;
+    let tenants = [unique_name("sa"), unique_name("sb")];
+    for slug in &tenants {
+        tenant_with_tasks(&stack, slug, &["backed up by the schedule"]).await;
+    }
+    // Backup jobs of `slug` (all queued by the schedule), oldest first: (created_at, state).
+    let scheduled = |slug: String| {
+        let stack = &stack;
+        async move {
+            let (status, page) = stack
+                .admin(Method::GET, &format!("/v1/jobs?kind=backup&tenant={slug}"), None)
+                .await
+                .unwrap();
+            assert_eq!(status, StatusCode::OK, "{page}");
+            let mut jobs: Vec<(chrono::DateTime<chrono::Utc>, String)> = page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|job| {
+                    (
+                        job["created_at"].as_str().unwrap().parse().unwrap(),
+                        job["state"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect();
+            jobs.sort();
+            jobs
+        }
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    loop {
+        let mut done = true;
+        for slug in &tenants {
+            let jobs = scheduled(slug.clone()).await;
+            let succeeded = jobs.iter().filter(|(_, state)| state == "succeeded").count();
+            done &= succeeded >= 2 && dumps_on_disk(&stack, slug) >= 2;
+        }
+        if done {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "two scheduled backups each within 40 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    for slug in &tenants {
+        let jobs = scheduled(slug.clone()).await;
+        for pair in jobs.windows(2) {
+            let apart = pair[1].0 - pair[0].0;
+            assert!(
+                apart >= chrono::Duration::milliseconds(3900),
+                "{slug}: backups {apart} apart: {jobs:?}"
+            );
+        }
+    }
+    let (status, audit) = stack
+        .admin(
+            Method::GET,
+            &format!("/v1/audit?tenant={}&action=tenant.backup", tenants[0]),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let actors: Vec<&str> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["actor"].as_str().unwrap())
+        .collect();
+    assert!(actors.len() >= 2 && actors.iter().all(|a| *a == "scheduler"), "{audit}");
+    stack.stop().await.unwrap();
+}

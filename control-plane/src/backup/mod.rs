@@ -20,6 +20,7 @@
 
 mod offline;
 pub mod retention;
+pub mod schedule;
 pub mod sealed;
 
 use std::path::{Path, PathBuf};

@@ -307,6 +307,11 @@ pub struct BackupsConfig {
     /// How long a backup is kept: older ones are erased (and audited as `tenant.backup.expire`),
     /// except the newest of a tenant that still exists. None: kept until deleted by hand.
     pub keep_for: Option<Duration>,
+    /// Each live tenant is backed up this often by the control planes' schedule (a `backup`
+    /// job queued once its last one is older). None: backups are taken on request only.
+    pub every: Option<Duration>,
+    /// At most this many scheduled backups are queued or running at once.
+    pub max_concurrent: u32,
     /// The key new backups are encrypted under (32 bytes, base64, mode 0600); None: backups
     /// are written as plain `pg_dump` files.
     pub encryption_key_file: Option<PathBuf>,
@@ -729,6 +734,22 @@ impl Config {
                 "must be at least 1s (leave it out to keep backups until they are deleted)",
             ));
         }
+        let every = raw
+            .backups
+            .every
+            .as_deref()
+            .map(|value| duration("backups.every", value))
+            .transpose()?;
+        if every.is_some_and(|every| every < Duration::from_secs(1)) {
+            return Err(invalid("backups.every", "must be at least 1s"));
+        }
+        if every.is_some() && raw.backups.dir.is_none() {
+            return Err(invalid("backups.every", "needs backups.dir, where the backups go"));
+        }
+        let max_concurrent = raw.backups.max_concurrent.unwrap_or(2);
+        if max_concurrent == 0 {
+            return Err(invalid("backups.max_concurrent", "must be at least 1"));
+        }
         if raw.backups.encryption_key_file.is_none() && !raw.backups.previous_encryption_key_files.is_empty() {
             return Err(invalid(
                 "backups.previous_encryption_key_files",
@@ -749,6 +770,8 @@ impl Config {
                 pg_dump: raw.backups.pg_dump.map(resolve),
                 keep_last,
                 keep_for,
+                every,
+                max_concurrent,
                 encryption_key_file: raw.backups.encryption_key_file.map(resolve),
                 previous_encryption_key_files: raw
                     .backups
@@ -843,7 +866,7 @@ local_master_key_file = "master.key"
     }
 
     #[test]
-    fn the_deploy_configs_are_valid_and_encrypt_backups() {
+    fn the_deploy_configs_are_valid_and_take_encrypted_backups_on_schedule() {
         let compose = include_str!("../../../deploy/compose/silo.toml");
         let configmap = include_str!("../../../deploy/k8s/configmap.yaml");
         // The ConfigMap's silo.toml: the block scalar after `silo.toml: |`, indented 4 spaces.
@@ -858,6 +881,7 @@ local_master_key_file = "master.key"
             assert!(cfg.backups.dir.is_some(), "{name}");
             assert!(cfg.backups.encryption_key_file.is_some(), "{name}");
             assert!(cfg.backups.keep_for.is_some(), "{name}");
+            assert!(cfg.backups.every.is_some(), "{name}");
         }
     }
 
@@ -899,6 +923,11 @@ local_master_key_file = "master.key"
             ("[router]\ndefault_plan = \"gold\"\n", "router.default_plan"),
             ("[backups]\nkeep_last = 0\n", "backups.keep_last"),
             ("[backups]\nkeep_for = \"soon\"\n", "backups.keep_for"),
+            ("[backups]\nevery = \"1d\"\n", "backups.every"),
+            (
+                "[backups]\ndir = \"b\"\nevery = \"1d\"\nmax_concurrent = 0\n",
+                "backups.max_concurrent",
+            ),
             ("[backups]\nkeep_for = \"0s\"\n", "backups.keep_for"),
             (
                 "[backups]\nprevious_encryption_key_files = [\"old.key\"]\n",

@@ -34,6 +34,8 @@ pub(super) struct RawBackups {
     pub(super) pg_dump: Option<PathBuf>,
     pub(super) keep_last: Option<usize>,
     pub(super) keep_for: Option<String>,
+    pub(super) every: Option<String>,
+    pub(super) max_concurrent: Option<u32>,
     pub(super) encryption_key_file: Option<PathBuf>,
     #[serde(default)]
     pub(super) previous_encryption_key_files: Vec<PathBuf>,
