@@ -19,6 +19,7 @@ pub mod moves;
 pub mod names;
 pub mod pooling;
 pub mod provision;
+pub mod restores;
 pub mod rollout;
 pub mod rotation;
 pub mod schedule;

@@ -70,7 +70,7 @@ impl Provisioner {
                 .move_step(
                     job,
                     "backup",
-                    self.backup_once(job, &slug, &secret_name, from, Some(&dump_login)),
+                    self.backup_once(job, &slug, &secret_name, from, Some(&dump_login), None),
                 )
                 .await?;
             self.move_step(job, "restore", self.restore_on(to, &slug, &secret_name, &backup))
@@ -161,23 +161,7 @@ impl Provisioner {
             })?;
         tx.commit().await.step("mark moving")?;
         let current = self.current_login(secret_name).await?;
-        let password = secrets::generate_password();
-        let mut conn = from.admin.acquire().await.step("connect to server")?;
-        for role in slug.login_roles() {
-            if role_exists(&mut conn, &role).await? {
-                ensure_login_role(&mut conn, slug, &role, &password).await?;
-            }
-        }
-        let ended: i64 = sqlx::query_scalar(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
-             WHERE datname = $1 AND pid <> pg_backend_pid()",
-        )
-        .bind(slug.database_name())
-        .fetch_one(&mut *conn)
-        .await
-        .step("end the tenant's sessions")?;
-        info!(sessions = ended, "tenant database fenced");
-        Ok(DbSecret { password, ..current })
+        fence_database(from, slug, current).await
     }
 
     /// Step `restore`: the tenant's roles and a copy of its database from `backup` on `to`.
@@ -247,6 +231,33 @@ impl Provisioner {
             .step("point the tenant at its new server")?;
         tx.commit().await.step("point the tenant at its new server")
     }
+}
+
+/// Nobody but the caller uses the tenant's database on `server` any more: its login roles get
+/// a password only the caller knows, and the sessions open on it end. Returns `current` (the
+/// tenant's login) with that password.
+pub(crate) async fn fence_database(
+    server: &Server,
+    slug: &TenantSlug,
+    current: DbSecret,
+) -> Result<DbSecret, ProvisionError> {
+    let password = secrets::generate_password();
+    let mut conn = server.admin.acquire().await.step("connect to server")?;
+    for role in slug.login_roles() {
+        if role_exists(&mut conn, &role).await? {
+            ensure_login_role(&mut conn, slug, &role, &password).await?;
+        }
+    }
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(slug.database_name())
+    .fetch_one(&mut *conn)
+    .await
+    .step("end the tenant's sessions")?;
+    info!(sessions = ended, "tenant database fenced");
+    Ok(DbSecret { password, ..current })
 }
 
 fn move_params(job: &Job) -> Result<MoveParams, ProvisionError> {

@@ -403,14 +403,14 @@ impl Provisioner {
             .await
             .step("record step")?;
         let started = std::time::Instant::now();
-        self.backup_once(job, &slug, &secret_name, server, None).await?;
+        self.backup_once(job, &slug, &secret_name, server, None, None).await?;
         jobs::observe_step("backup", "backup", started);
         Ok(())
     }
 
     /// The backup of the tenant's database job `job` took in an earlier run, or one taken now,
     /// logged in with `login` (default: the tenant's current login); recorded in the job's
-    /// progress as `backup`.
+    /// progress as `backup`. `[backups] keep_last` leaves the backup `spare` alone.
     pub(crate) async fn backup_once(
         &self,
         job: &Job,
@@ -418,6 +418,7 @@ impl Provisioner {
         secret_name: &str,
         server: &Server,
         login: Option<&DbSecret>,
+        spare: Option<&std::path::Path>,
     ) -> Result<std::path::PathBuf, ProvisionError> {
         let file = match self.backups.taken(slug, job.id)? {
             Some(file) => file,
@@ -430,7 +431,10 @@ impl Provisioner {
                         &current
                     }
                 };
-                let file = self.backups.take(slug, job.id, login, &server.config.tls).await?;
+                let file = self
+                    .backups
+                    .take(slug, job.id, login, &server.config.tls, spare)
+                    .await?;
                 info!(file = %file.display(), "tenant database backed up");
                 file
             }
@@ -459,7 +463,7 @@ impl Provisioner {
             match step {
                 // A resumed job finds its backup (the database and secret may be gone).
                 "backup" => {
-                    self.backup_once(job, &slug, &secret_name, server, None).await?;
+                    self.backup_once(job, &slug, &secret_name, server, None, None).await?;
                 }
                 "database" => drop_database(server, &slug).await?,
                 "roles" => drop_roles(server, &slug).await?,

@@ -114,6 +114,7 @@ impl Workers {
                 "migrate" => self.provisioner.rollout(&job).await,
                 "move" => self.provisioner.move_tenant(&job).await,
                 "backup" => self.provisioner.back_up(&job).await,
+                "restore" => self.provisioner.restore_tenant(&job).await,
                 other => Err(ProvisionError::InvalidJob(format!("unknown job kind {other:?}"))),
             }
         };
@@ -129,6 +130,11 @@ impl Workers {
             Ok(true) if job.kind == "move" => {
                 if let Err(e) = self.provisioner.abandon_move(&job).await {
                     error!(error = %e, "undo the failed move; the tenant stays unavailable until the job is retried");
+                }
+            }
+            Ok(true) if job.kind == "restore" => {
+                if let Err(e) = self.provisioner.abandon_restore(&job).await {
+                    error!(error = %e, "undo the failed restore; the tenant stays unavailable until the job is retried");
                 }
             }
             Ok(_) => {}

@@ -14,6 +14,7 @@ mod harness;
 mod isolation;
 mod managed_server;
 mod moves;
+mod restores;
 mod rollout;
 mod rotation;
 mod router;

@@ -1,19 +1,23 @@
 //! `POST /v1/tenants/{slug}/backup`: a backup of a tenant's database while it keeps serving
 //! (a `backup` job; the file goes to `[backups] dir`, named in the job's progress),
-//! `GET /v1/tenants/{slug}/backups`: the backups a tenant can be restored from, and
-//! `DELETE /v1/tenants/{slug}/backups/{file}`: one erased.
+//! `GET /v1/tenants/{slug}/backups`: the backups a tenant can be restored from,
+//! `DELETE /v1/tenants/{slug}/backups/{file}`: one erased, and
+//! `POST /v1/tenants/{slug}/restore`: a tenant's data put back as one of its backups holds
+//! it (a `restore` job; see `crate::restores`).
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::Actor;
 use super::error::ApiError;
-use super::extract::Path;
+use super::extract::{Body, Path};
 use super::tenants::{lock_active_or_suspended, parse_slug};
 use super::ApiState;
 use crate::catalog::tenants;
+use crate::restores::RestoreParams;
 use crate::{audit, jobs};
 
 /// `POST /v1/tenants/{slug}/backup` → 202 `{"job"}`. Asking again while the backup runs
@@ -106,6 +110,73 @@ pub async fn remove(
         return Err(not_found());
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/tenants/{slug}/restore` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreTenant {
+    /// The file name of one of the tenant's backups.
+    backup: String,
+}
+
+/// `POST /v1/tenants/{slug}/restore` `{"backup"}` → 202 `{"job"}`: the tenant's database
+/// becomes the backup's (after a backup of it as it is now), and the tenant answers 503 from
+/// the moment the job is queued until it is done. Asking again while the same restore runs
+/// returns that job. 422 `backup_not_found` for anything but one of the tenant's own
+/// backups, 409 `rollout_running` while a migration rollout runs.
+pub async fn restore(
+    State(state): State<ApiState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(slug): Path<String>,
+    Body(req): Body<RestoreTenant>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let slug = parse_slug(&slug)?;
+    require_backups_dir(&state, "restoring a backup")?;
+    let mut tx = state.catalog.begin().await?;
+    lock_active_or_suspended(&mut tx, &slug, "restored").await?;
+    if let Some(job) = jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
+        if job.kind == "restore" && job.params["backup"] == req.backup.as_str() {
+            return Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))));
+        }
+        return Err(ApiError::tenant_busy(&job));
+    }
+    match state.backups.find(&slug, &req.backup) {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return Err(ApiError::Unprocessable(
+                "backup_not_found",
+                format!(
+                    "tenant {slug} has no backup named {:?} (siloctl tenant backups {slug} lists them)",
+                    req.backup
+                ),
+            ))
+        }
+        Err(e) => return Err(ApiError::Internal(e.into())),
+    }
+    if let Some(id) = jobs::lock_for_rollout(&mut tx).await? {
+        return Err(ApiError::Conflict(
+            "rollout_running",
+            format!("migration rollout job {id} is running; restore the tenant once it is done"),
+        ));
+    }
+    // Marked at once: routers stop serving the tenant before its data is replaced.
+    tenants::set_restoring_from(&mut tx, slug.as_str(), Some(&req.backup)).await?;
+    let params = RestoreParams {
+        backup: req.backup.clone(),
+    };
+    let params = serde_json::to_value(&params).map_err(|e| ApiError::Internal(e.into()))?;
+    let job = jobs::enqueue(&mut tx, "restore", Some(slug.as_str()), params).await?;
+    audit::record(
+        &mut tx,
+        &actor,
+        "tenant.restore",
+        Some(slug.as_str()),
+        json!({"backup": req.backup, "job": job.id}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
 }
 
 /// 422 `backup_unavailable` unless `[backups] dir` is set; `what` names what needs it.

@@ -78,18 +78,25 @@ pub async fn start(
     let job = match jobs::lock_for_rollout(&mut tx).await? {
         Some(id) => jobs::get(&mut tx, id).await?,
         None => {
-            // A tenant being moved would be migrated on the server it is leaving.
-            let moving: Option<(String, String)> = sqlx::query_as(
-                "SELECT slug, moving_to FROM tenants WHERE moving_to IS NOT NULL \
+            // A tenant being moved would be migrated on the server it is leaving, one being
+            // restored in a database about to be replaced.
+            let busy: Option<(String, Option<String>, Option<String>)> = sqlx::query_as(
+                "SELECT slug, moving_to, restoring_from FROM tenants \
+                 WHERE (moving_to IS NOT NULL OR restoring_from IS NOT NULL) \
                  AND ($1::text[] IS NULL OR slug = ANY($1)) ORDER BY slug LIMIT 1",
             )
             .bind(params.tenants.as_deref())
             .fetch_optional(&mut *tx)
             .await?;
-            if let Some((slug, to)) = moving {
+            if let Some((slug, moving_to, restoring_from)) = busy {
+                let doing = match (moving_to, restoring_from) {
+                    (Some(to), _) => format!("is moving to server {to}"),
+                    (None, Some(file)) => format!("is being restored from {file}"),
+                    (None, None) => "is busy".to_owned(),
+                };
                 return Err(ApiError::Conflict(
                     "tenant_busy",
-                    format!("tenant {slug} is moving to server {to}; start the rollout once the move is done"),
+                    format!("tenant {slug} {doing}; start the rollout once that is done"),
                 ));
             }
             let params = serde_json::to_value(&params).map_err(|e| ApiError::Internal(e.into()))?;

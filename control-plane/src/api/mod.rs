@@ -75,6 +75,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/tenants/{slug}/backup", post(backups::back_up))
         .route("/tenants/{slug}/backups", get(backups::list))
         .route("/tenants/{slug}/backups/{file}", delete(backups::remove))
+        .route("/tenants/{slug}/restore", post(backups::restore))
         .route("/rotations", post(rotations::rotate_many))
         .route("/migrations", post(migrations::start))
         .route("/migrations/status", get(migrations::status))

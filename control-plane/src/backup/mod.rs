@@ -263,13 +263,17 @@ impl Backups {
         Ok(expired)
     }
 
-    /// Removes `slug`'s oldest backups beyond `[backups] keep_last`.
-    fn prune(&self, slug: &TenantSlug) -> Result<(), BackupError> {
+    /// Removes `slug`'s oldest backups beyond `[backups] keep_last`, but not `spare`.
+    fn prune(&self, slug: &TenantSlug, spare: Option<&Path>) -> Result<(), BackupError> {
         let Some(keep) = self.config.keep_last else {
             return Ok(());
         };
         let dir = self.tenant_dir(slug)?;
+        let spared = spare.and_then(Path::file_name);
         for old in self.list(slug)?.iter().skip(keep) {
+            if spared.is_some_and(|name| name == old.file.as_str()) {
+                continue;
+            }
             let path = dir.join(&old.file);
             std::fs::remove_file(&path).map_err(io("remove", &path))?;
             tracing::info!(tenant = %slug, file = %old.file, keep, "old backup removed ([backups] keep_last)");
@@ -287,13 +291,15 @@ impl Backups {
     }
 
     /// A new backup of `slug`'s database for job `job_id`, logged in with `secret` (the
-    /// tenant's current login) over `tls`.
+    /// tenant's current login) over `tls`. Pruning to `[backups] keep_last` afterwards leaves
+    /// the backup `spare` (one being restored) alone.
     pub async fn take(
         &self,
         slug: &TenantSlug,
         job_id: i64,
         secret: &DbSecret,
         tls: &ServerTls,
+        spare: Option<&Path>,
     ) -> Result<PathBuf, BackupError> {
         let dir = self.tenant_dir(slug)?;
         create_private_dir(&dir)?;
@@ -323,7 +329,7 @@ impl Backups {
         std::fs::rename(&partial, &file).map_err(io("rename the finished backup to", &file))?;
         sync_file(&dir)?;
         // The new backup is taken whatever happens to the old ones.
-        if let Err(e) = self.prune(slug) {
+        if let Err(e) = self.prune(slug, spare) {
             tracing::warn!(tenant = %slug, error = %e, "old backups not removed");
         }
         Ok(file)
@@ -777,7 +783,11 @@ mod tests {
         };
         assert_eq!(jobs(&backups), [Some(3), Some(2), Some(1)]);
 
-        backups.prune(&acme).expect("prune");
+        backups
+            .prune(&acme, Some(&dir.join("acme-1-job1.dump")))
+            .expect("prune");
+        assert_eq!(jobs(&backups), [Some(3), Some(2), Some(1)], "the spared one stays");
+        backups.prune(&acme, None).expect("prune");
         assert_eq!(jobs(&backups), [Some(3), Some(2)]);
         assert!(dir.join(".acme-4-job4.dump.partial").exists(), "not a finished backup");
         assert_eq!(job_of("acme-20261127T000000Z-job42.dump"), Some(42));

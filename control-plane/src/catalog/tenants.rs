@@ -36,6 +36,9 @@ pub struct Tenant {
     /// The server its database is being moved to (a `move` job runs; not served meanwhile).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub moving_to: Option<String>,
+    /// The backup a `restore` job is putting back into its database (not served meanwhile).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restoring_from: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -52,6 +55,7 @@ struct TenantRow {
     created_at: DateTime<Utc>,
     error: Option<String>,
     moving_to: Option<String>,
+    restoring_from: Option<String>,
 }
 
 impl TryFrom<TenantRow> for Tenant {
@@ -70,13 +74,14 @@ impl TryFrom<TenantRow> for Tenant {
             created_at: r.created_at,
             error: r.error,
             moving_to: r.moving_to,
+            restoring_from: r.restoring_from,
         })
     }
 }
 
 const SELECT: &str = "SELECT t.slug, t.name, t.status, t.plan, t.server, t.database, \
      COALESCE(ARRAY(SELECT d.domain FROM tenant_domains d WHERE d.slug = t.slug ORDER BY d.domain), '{}') AS domains, \
-     t.schema_version, t.credentials_rotated_at, t.created_at, t.error, t.moving_to FROM tenants t";
+     t.schema_version, t.credentials_rotated_at, t.created_at, t.error, t.moving_to, t.restoring_from FROM tenants t";
 
 /// The tenant `slug`, deleted tombstones included.
 pub async fn get(exec: &mut PgConnection, slug: &str) -> Result<Option<Tenant>, sqlx::Error> {
@@ -174,6 +179,17 @@ pub async fn set_moving_to(tx: &mut PgConnection, slug: &str, to: Option<&str>) 
     sqlx::query("UPDATE tenants SET moving_to = $2, updated_at = now() WHERE slug = $1")
         .bind(slug)
         .bind(to)
+        .execute(&mut *tx)
+        .await?;
+    super::notify_tenant_changed(&mut *tx, slug).await
+}
+
+/// Marks `slug` as being restored from backup `file` (or clears the mark with None) and tells
+/// the routers, which stop serving the tenant until it is cleared.
+pub async fn set_restoring_from(tx: &mut PgConnection, slug: &str, file: Option<&str>) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE tenants SET restoring_from = $2, updated_at = now() WHERE slug = $1")
+        .bind(slug)
+        .bind(file)
         .execute(&mut *tx)
         .await?;
     super::notify_tenant_changed(&mut *tx, slug).await

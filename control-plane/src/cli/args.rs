@@ -216,6 +216,21 @@ pub(crate) enum TenantCommand {
         #[arg(long)]
         yes: bool,
     },
+    /// Put a tenant's data back as one of its backups holds it (a backup of the data as it is
+    /// now is taken first; the tenant answers 503 meanwhile). Needs --yes.
+    Restore {
+        /// The tenant's slug.
+        slug: TenantSlug,
+        /// One of the tenant's backups (a file name as `tenant backups SLUG` lists them).
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// Confirm: the tenant's current data is replaced.
+        #[arg(long)]
+        yes: bool,
+        /// Return once the job is queued.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// List tenants' databases by the disk they take, largest first, with each server's total.
     Sizes {
         /// Only the tenants on this server.

@@ -32,6 +32,11 @@ pub(crate) async fn run(global: GlobalArgs, command: Command) -> anyhow::Result<
             "deleting backup {file} erases it for good: pass --yes to confirm"
         )));
     }
+    if let Command::Tenant(TenantCommand::Restore { slug, yes: false, .. }) = &command {
+        return Err(usage(format!(
+            "restoring tenant {slug} replaces its data with the backup's (a backup of it is taken first): pass --yes to confirm"
+        )));
+    }
     let client = ApiClient::new(context::resolve(&global)?)?;
     let out = global.output;
     match command {
@@ -193,6 +198,19 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
                 Output::Table => output::print_sizes(&sizes),
             }
             Ok(())
+        }
+        TenantCommand::Restore {
+            slug, from, no_wait, ..
+        } => {
+            // The control plane looks the name up among this tenant's own backups.
+            let name = from.file_name().map(|n| n.to_string_lossy().into_owned());
+            let resp = client
+                .post(
+                    &format!("{}/restore", tenant_path(&slug)),
+                    &json!({ "backup": name.unwrap_or_default() }),
+                )
+                .await?;
+            finish_jobs(client, out, resp, no_wait, &format!("restoring {slug}")).await
         }
         TenantCommand::Move { slug, to, no_wait } => {
             let resp = client

@@ -79,6 +79,9 @@ pub(crate) fn print_fields(fields: &[(&str, String)]) {
 /// A tenant as `key: value` lines.
 pub(crate) fn print_tenant(t: &Value) {
     let moving_to = t.get("moving_to").map(|_| ("moving to", field(t, "moving_to")));
+    let restoring_from = t
+        .get("restoring_from")
+        .map(|_| ("restoring from", field(t, "restoring_from")));
     let fields: Vec<(&str, String)> = [
         ("slug", field(t, "slug")),
         ("name", field(t, "name")),
@@ -93,6 +96,7 @@ pub(crate) fn print_tenant(t: &Value) {
     ]
     .into_iter()
     .chain(moving_to)
+    .chain(restoring_from)
     .collect();
     print_fields(&fields);
 }

@@ -1,0 +1,238 @@
+//! Restoring a tenant in place from one of its own backups: the steps of the `restore` job,
+//! for an SRE putting a tenant's data back as it was (a bad deploy, a script that deleted the
+//! wrong rows). The tenant keeps its slug, name, plan, domains, server and credentials; its
+//! data, API keys included, become the backup's, with any tenant migration written since
+//! applied on top. It is unavailable while the job runs (routers answer 503 with
+//! Retry-After):
+//!
+//! 1. `fence`: the catalog marks the tenant as being restored (routers close its pools and
+//!    stop serving it), its login roles get a password only this job knows, and the sessions
+//!    still open on its database end.
+//! 2. `backup`: a backup of the database as it is now, so the restore can be undone (kept,
+//!    and named in the job's progress).
+//! 3. `restore`: the database is dropped, created empty and restored from the backup as the
+//!    owner role, in one transaction; pending migrations are applied. If that fails, the
+//!    backup of step 2 is put back the same way before the job fails.
+//! 4. `unfence`: the login roles get the secret's password back and routers serve the tenant.
+//!
+//! Every step is idempotent: a resumed job fences again and reuses its step-2 backup. A job
+//! that failed for good is undone by [`Provisioner::abandon_restore`], which serves the tenant
+//! again only if its database is whole.
+
+use serde::{Deserialize, Serialize};
+use sqlx::Connection;
+use tracing::{info, instrument, warn};
+
+use crate::catalog::routes::TenantStatus;
+use crate::catalog::tenants;
+use crate::jobs::{self, Job};
+use crate::moves::fence_database;
+use crate::names::{quote_ident, TenantSlug};
+use crate::provision::{
+    create_database, drop_database, ensure_login_role, fail_after, hand_over_database, own_public_schema,
+    own_schema_and_migrate, role_exists, ProvisionError, Provisioner, StepContext,
+};
+use crate::secrets::DbSecret;
+use crate::servers::Server;
+use crate::tenant_schema::applied_version;
+
+/// Parameters of a `restore` job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreParams {
+    /// The backup's file name, among the tenant's own.
+    pub backup: String,
+}
+
+/// The steps of a `restore` job, in order.
+pub const RESTORE_STEPS: [&str; 4] = ["fence", "backup", "restore", "unfence"];
+
+impl Provisioner {
+    /// Runs (or resumes) a `restore` job to completion.
+    #[instrument(skip_all, fields(tenant = job.tenant.as_deref().unwrap_or(""), job = job.id))]
+    pub async fn restore_tenant(&self, job: &Job) -> Result<(), ProvisionError> {
+        let params = restore_params(job)?;
+        let (slug, secret_name) = self.tenant_of(job)?;
+        let server = self.server_of(&slug).await?;
+        let source = self.backups.find(&slug, &params.backup)?.ok_or_else(|| {
+            ProvisionError::InvalidJob(format!("tenant {slug} has no backup named {:?}", params.backup))
+        })?;
+        let login = self
+            .restore_step(
+                job,
+                "fence",
+                self.fence_for_restore(&slug, &secret_name, server, &params),
+            )
+            .await?;
+        let before = self
+            .restore_step(
+                job,
+                "backup",
+                self.backup_once(job, &slug, &secret_name, server, Some(&login), Some(&source)),
+            )
+            .await?;
+        self.restore_step(job, "restore", async {
+            let restored = self.replace_database(server, &slug, &login, &source).await;
+            if let Err(e) = &restored {
+                warn!(error = %e, backup = %before.display(), "restore failed; putting the database back as it was");
+                self.replace_database(server, &slug, &login, &before).await?;
+            }
+            restored
+        })
+        .await?;
+        self.restore_step(job, "unfence", self.unfence(&slug, &secret_name, server))
+            .await?;
+        info!(backup = %params.backup, "tenant restored");
+        Ok(())
+    }
+
+    /// Undoes a `restore` job that failed for good: the tenant is served again, with the
+    /// password of its secret, if its database is whole (the `restore` step puts the old one
+    /// back when the backup cannot be restored); otherwise it stays unavailable and this
+    /// fails, for an operator to retry the job or restore another backup.
+    #[instrument(skip_all, fields(tenant = job.tenant.as_deref().unwrap_or(""), job = job.id))]
+    pub async fn abandon_restore(&self, job: &Job) -> Result<(), ProvisionError> {
+        let (slug, secret_name) = self.tenant_of(job)?;
+        let tenant = {
+            let mut conn = self.catalog.acquire().await.step("read the tenant")?;
+            tenants::get(&mut conn, slug.as_str())
+                .await
+                .step("read the tenant")?
+                .ok_or_else(|| ProvisionError::InvalidJob(format!("tenant {slug} is not in the catalog")))?
+        };
+        if tenant.restoring_from.is_none() {
+            return Ok(());
+        }
+        let server = self.server_of(&slug).await?;
+        let mut conn = server
+            .connect(&slug.database_name())
+            .await
+            .step("connect to tenant database")?;
+        let version = applied_version(&mut conn).await;
+        let _ = conn.close().await;
+        match version {
+            Ok(version) if version == tenant.schema_version => {}
+            _ => {
+                return Err(ProvisionError::InvalidJob(format!(
+                    "tenant {slug}'s database is not whole (schema version {version:?}, the catalog says {})",
+                    tenant.schema_version
+                )))
+            }
+        }
+        self.unfence(&slug, &secret_name, server).await?;
+        warn!("restore abandoned; the tenant is served with the data it had");
+        Ok(())
+    }
+
+    /// Records `step`, runs `work`, and times it.
+    async fn restore_step<T>(
+        &self,
+        job: &Job,
+        step: &'static str,
+        work: impl std::future::Future<Output = Result<T, ProvisionError>>,
+    ) -> Result<T, ProvisionError> {
+        jobs::set_step(&self.catalog, job.id, step).await.step("record step")?;
+        let started = std::time::Instant::now();
+        let out = work.await?;
+        jobs::observe_step("restore", step, started);
+        fail_after("restore", step)?;
+        Ok(out)
+    }
+
+    /// Step `fence`: the tenant is marked as being restored, and nobody but this job uses its
+    /// database. Returns the login this job uses it with.
+    async fn fence_for_restore(
+        &self,
+        slug: &TenantSlug,
+        secret_name: &str,
+        server: &Server,
+        params: &RestoreParams,
+    ) -> Result<DbSecret, ProvisionError> {
+        let mut tx = self.catalog.begin().await.step("mark restoring")?;
+        let status = tenants::lock_status(&mut tx, slug.as_str())
+            .await
+            .step("mark restoring")?;
+        if !matches!(status, Some(TenantStatus::Active | TenantStatus::Suspended)) {
+            return Err(ProvisionError::InvalidJob(format!(
+                "tenant {slug} is {}: only an active or suspended tenant is restored",
+                status.map_or("not in the catalog", |s| s.as_str())
+            )));
+        }
+        if let Some(id) = jobs::lock_for_rollout(&mut tx).await.step("mark restoring")? {
+            return Err(ProvisionError::InvalidJob(format!(
+                "migration rollout job {id} is running; restore the tenant once it is done"
+            )));
+        }
+        tenants::set_restoring_from(&mut tx, slug.as_str(), Some(&params.backup))
+            .await
+            .step("mark restoring")?;
+        tx.commit().await.step("mark restoring")?;
+        let current = self.current_login(secret_name).await?;
+        fence_database(server, slug, current).await
+    }
+
+    /// The tenant's database on `server` dropped, created empty, open to its login roles,
+    /// restored from `backup` (logged in as `login`, acting as the owner role) and migrated.
+    async fn replace_database(
+        &self,
+        server: &Server,
+        slug: &TenantSlug,
+        login: &DbSecret,
+        backup: &std::path::Path,
+    ) -> Result<(), ProvisionError> {
+        let database = slug.database_name();
+        drop_database(server, slug).await?;
+        create_database(server, &quote_ident(&database), "template0").await?;
+        let logins = {
+            let mut conn = server.admin.acquire().await.step("connect to server")?;
+            let mut logins = Vec::new();
+            for role in slug.login_roles() {
+                if role_exists(&mut conn, &role).await? {
+                    logins.push(role);
+                }
+            }
+            logins
+        };
+        for role in &logins {
+            hand_over_database(server, slug, role).await?;
+        }
+        let mut conn = server.connect(&database).await.step("connect to tenant database")?;
+        own_public_schema(&mut conn, &slug.owner_role()).await?;
+        let _ = conn.close().await;
+        self.backups.restore(slug, backup, login, &server.config.tls).await?;
+        let migrations = self.migrations.load().await?;
+        let mut conn = server.connect(&database).await.step("connect to tenant database")?;
+        let version = own_schema_and_migrate(&mut conn, &slug.owner_role(), &migrations).await?;
+        let _ = conn.close().await;
+        if version != migrations.latest_version() {
+            return Err(ProvisionError::InvalidJob(format!(
+                "the restored database is at schema version {version}, expected {}",
+                migrations.latest_version()
+            )));
+        }
+        sqlx::query("UPDATE tenants SET schema_version = $2, updated_at = now() WHERE slug = $1")
+            .bind(slug.as_str())
+            .bind(version)
+            .execute(&self.catalog)
+            .await
+            .step("record schema version")?;
+        Ok(())
+    }
+
+    /// Step `unfence`: the login role logs in with the secret's password again, and routers
+    /// serve the tenant.
+    async fn unfence(&self, slug: &TenantSlug, secret_name: &str, server: &Server) -> Result<(), ProvisionError> {
+        let current = self.current_login(secret_name).await?;
+        let mut conn = server.admin.acquire().await.step("connect to server")?;
+        ensure_login_role(&mut conn, slug, &current.username, &current.password).await?;
+        drop(conn);
+        let mut tx = self.catalog.begin().await.step("end the restore")?;
+        tenants::set_restoring_from(&mut tx, slug.as_str(), None)
+            .await
+            .step("end the restore")?;
+        tx.commit().await.step("end the restore")
+    }
+}
+
+fn restore_params(job: &Job) -> Result<RestoreParams, ProvisionError> {
+    serde_json::from_value(job.params.clone()).map_err(|e| ProvisionError::InvalidJob(format!("restore params: {e}")))
+}
