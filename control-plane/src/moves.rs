@@ -27,10 +27,10 @@ use sqlx::Connection;
 use tracing::{info, instrument, warn};
 
 use crate::catalog::tenants::{self, StartMoveError};
-use crate::jobs::{self, Job};
+use crate::jobs::Job;
 use crate::names::{quote_ident, TenantSlug};
 use crate::provision::{
-    create_database, drop_database, drop_roles, ensure_login_role, ensure_owner_role, fail_after, hand_over_database,
+    create_database, drop_database, drop_roles, ensure_login_role, ensure_owner_role, hand_over_database,
     own_public_schema, role_exists, ProvisionError, Provisioner, StepContext,
 };
 use crate::rotation::test_login;
@@ -64,21 +64,27 @@ impl Provisioner {
         // A job resumed after the switch has only the old database left to drop.
         if self.server_of(&slug).await?.config.name != params.to {
             let dump_login = self
-                .move_step(job, "fence", self.fence(&slug, &secret_name, from, to))
+                .job_step(job, "move", "fence", self.fence(&slug, &secret_name, from, to))
                 .await?;
             let backup = self
-                .move_step(
+                .job_step(
                     job,
+                    "move",
                     "backup",
                     self.backup_once(job, &slug, &secret_name, from, Some(&dump_login), None),
                 )
                 .await?;
-            self.move_step(job, "restore", self.restore_on(to, &slug, &secret_name, &backup))
-                .await?;
-            self.move_step(job, "switch", self.switch(to, &slug, &secret_name, &params))
+            self.job_step(
+                job,
+                "move",
+                "restore",
+                self.restore_on(to, &slug, &secret_name, &backup),
+            )
+            .await?;
+            self.job_step(job, "move", "switch", self.switch(to, &slug, &secret_name, &params))
                 .await?;
         }
-        self.move_step(job, "cleanup", async {
+        self.job_step(job, "move", "cleanup", async {
             drop_database(from, &slug).await?;
             drop_roles(from, &slug).await
         })
@@ -121,21 +127,6 @@ impl Provisioner {
         self.servers
             .get(name)
             .ok_or_else(|| ProvisionError::UnknownServer(name.to_owned()))
-    }
-
-    /// Records `step`, runs `work`, and times it.
-    async fn move_step<T>(
-        &self,
-        job: &Job,
-        step: &'static str,
-        work: impl std::future::Future<Output = Result<T, ProvisionError>>,
-    ) -> Result<T, ProvisionError> {
-        jobs::set_step(&self.catalog, job.id, step).await.step("record step")?;
-        let started = std::time::Instant::now();
-        let out = work.await?;
-        jobs::observe_step("move", step, started);
-        fail_after("move", step)?;
-        Ok(out)
     }
 
     /// Step `fence`: nobody but this job uses the tenant's database on `from` any more.

@@ -345,6 +345,11 @@ impl Provisioner {
         }
         insert_key_as_owner(&mut conn, slug, &params.api_key_name, &key_hash).await?;
         let _ = conn.close().await;
+        self.record_schema_version(slug, version).await
+    }
+
+    /// The catalog says `slug`'s database is at schema `version`.
+    pub(crate) async fn record_schema_version(&self, slug: &TenantSlug, version: i64) -> Result<(), ProvisionError> {
         sqlx::query("UPDATE tenants SET schema_version = $2, updated_at = now() WHERE slug = $1")
             .bind(slug.as_str())
             .bind(version)
@@ -352,6 +357,23 @@ impl Provisioner {
             .await
             .step("record schema version")?;
         Ok(())
+    }
+
+    /// Records `step` of `job` (a `kind` job), runs `work`, and times it; fail point
+    /// `{kind}-after-step` may stop the job after it (tests).
+    pub(crate) async fn job_step<T>(
+        &self,
+        job: &Job,
+        kind: &'static str,
+        step: &'static str,
+        work: impl std::future::Future<Output = Result<T, ProvisionError>>,
+    ) -> Result<T, ProvisionError> {
+        jobs::set_step(&self.catalog, job.id, step).await.step("record step")?;
+        let started = std::time::Instant::now();
+        let out = work.await?;
+        jobs::observe_step(kind, step, started);
+        fail_after(kind, step)?;
+        Ok(out)
     }
 
     /// Part of step `schema` for a tenant created from a backup: the backup `name` of this

@@ -29,8 +29,8 @@ use crate::jobs::{self, Job};
 use crate::moves::fence_database;
 use crate::names::{quote_ident, TenantSlug};
 use crate::provision::{
-    create_database, drop_database, ensure_login_role, fail_after, hand_over_database, own_public_schema,
-    own_schema_and_migrate, role_exists, ProvisionError, Provisioner, StepContext,
+    create_database, drop_database, ensure_login_role, hand_over_database, own_public_schema, own_schema_and_migrate,
+    role_exists, ProvisionError, Provisioner, StepContext,
 };
 use crate::secrets::DbSecret;
 use crate::servers::Server;
@@ -57,20 +57,22 @@ impl Provisioner {
             ProvisionError::InvalidJob(format!("tenant {slug} has no backup named {:?}", params.backup))
         })?;
         let login = self
-            .restore_step(
+            .job_step(
                 job,
+                "restore",
                 "fence",
                 self.fence_for_restore(&slug, &secret_name, server, &params),
             )
             .await?;
         let before = self
-            .restore_step(
+            .job_step(
                 job,
+                "restore",
                 "backup",
                 self.backup_once(job, &slug, &secret_name, server, Some(&login), Some(&source)),
             )
             .await?;
-        self.restore_step(job, "restore", async {
+        self.job_step(job, "restore", "restore", async {
             let restored = self.replace_database(server, &slug, &login, &source).await;
             if let Err(e) = &restored {
                 warn!(error = %e, backup = %before.display(), "restore failed; putting the database back as it was");
@@ -79,7 +81,7 @@ impl Provisioner {
             restored
         })
         .await?;
-        self.restore_step(job, "unfence", self.unfence(&slug, &secret_name, server))
+        self.job_step(job, "restore", "unfence", self.unfence(&slug, &secret_name, server))
             .await?;
         info!(backup = %params.backup, "tenant restored");
         Ok(())
@@ -121,21 +123,6 @@ impl Provisioner {
         self.unfence(&slug, &secret_name, server).await?;
         warn!("restore abandoned; the tenant is served with the data it had");
         Ok(())
-    }
-
-    /// Records `step`, runs `work`, and times it.
-    async fn restore_step<T>(
-        &self,
-        job: &Job,
-        step: &'static str,
-        work: impl std::future::Future<Output = Result<T, ProvisionError>>,
-    ) -> Result<T, ProvisionError> {
-        jobs::set_step(&self.catalog, job.id, step).await.step("record step")?;
-        let started = std::time::Instant::now();
-        let out = work.await?;
-        jobs::observe_step("restore", step, started);
-        fail_after("restore", step)?;
-        Ok(out)
     }
 
     /// Step `fence`: the tenant is marked as being restored, and nobody but this job uses its
@@ -209,13 +196,7 @@ impl Provisioner {
                 migrations.latest_version()
             )));
         }
-        sqlx::query("UPDATE tenants SET schema_version = $2, updated_at = now() WHERE slug = $1")
-            .bind(slug.as_str())
-            .bind(version)
-            .execute(&self.catalog)
-            .await
-            .step("record schema version")?;
-        Ok(())
+        self.record_schema_version(slug, version).await
     }
 
     /// Step `unfence`: the login role logs in with the secret's password again, and routers

@@ -758,6 +758,17 @@ mod tests {
         }
     }
 
+    /// Backups of jobs 1, 2 and 3 in `dir`, finished 30, 20 and 10 s before the time returned.
+    fn three_backups_of_acme(dir: &Path) -> std::time::SystemTime {
+        let now = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        for (job, age) in [(1, 30), (3, 10), (2, 20)] {
+            let file = std::fs::File::create(dir.join(format!("acme-{job}-job{job}.dump"))).expect("create");
+            file.set_modified(now - std::time::Duration::from_secs(age))
+                .expect("mtime");
+        }
+        now
+    }
+
     #[test]
     fn backups_are_listed_newest_first_and_pruned_to_keep_last() {
         let root = tempfile::tempdir().expect("tempdir");
@@ -772,12 +783,7 @@ mod tests {
         let dir = root.path().join("acme");
         std::fs::create_dir_all(dir.join(".work-1")).expect("mkdir");
         std::fs::write(dir.join(".acme-4-job4.dump.partial"), b"x").expect("write");
-        let base = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
-        for (job, age) in [(1, 30), (3, 10), (2, 20)] {
-            let file = std::fs::File::create(dir.join(format!("acme-{job}-job{job}.dump"))).expect("create");
-            file.set_modified(base - std::time::Duration::from_secs(age))
-                .expect("mtime");
-        }
+        three_backups_of_acme(&dir);
         let jobs = |backups: &Backups| -> Vec<Option<i64>> {
             backups.list(&acme).expect("list").into_iter().map(|b| b.job).collect()
         };
@@ -806,12 +812,7 @@ mod tests {
         let dir = root.path().join("acme");
         std::fs::create_dir_all(&dir).expect("mkdir");
         std::fs::create_dir_all(root.path().join("Not A Slug")).expect("mkdir");
-        let now = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
-        for (job, age) in [(1, 30), (3, 10), (2, 20)] {
-            let file = std::fs::File::create(dir.join(format!("acme-{job}-job{job}.dump"))).expect("create");
-            file.set_modified(now - std::time::Duration::from_secs(age))
-                .expect("mtime");
-        }
+        let now = three_backups_of_acme(&dir);
         let expired = |seconds_ago: u64, exists: bool| -> Vec<Option<i64>> {
             let cutoff = now - std::time::Duration::from_secs(seconds_ago);
             backups
