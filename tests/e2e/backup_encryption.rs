@@ -27,18 +27,7 @@ async fn stack_with_encrypted_backups() -> Stack {
 
 /// Runs `silo-control-plane --config CONFIG ARGS...`; exit code, stdout, stderr.
 fn control_plane(config: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = std::process::Command::new(silo_tests::workspace_binary("silo-control-plane"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    silo_tests::run_control_plane(config, args, &[])
 }
 
 /// The stack's config with its `[backups]` keys replaced by `keys`, written to `name`.

@@ -154,6 +154,18 @@ async fn siloctl_tenant_backup_dumps_a_tenant_that_keeps_serving() {
     stack.stop().await.unwrap();
 }
 
+/// Backs `slug` up through the API (a `backup` job) and waits for it; the job's id.
+async fn back_up(stack: &Stack, slug: &str) -> i64 {
+    let (status, body) = stack
+        .admin(Method::POST, &format!("/v1/tenants/{slug}/backup"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    job["id"].as_i64().unwrap()
+}
+
 /// The job ids of `slug`'s backups as the API lists them, newest first.
 async fn listed_jobs(stack: &Stack, slug: &str) -> Vec<i64> {
     let (status, body) = stack
@@ -184,14 +196,7 @@ async fn backups_are_listed_newest_first_and_only_the_last_ones_are_kept() {
 
     let mut jobs = Vec::new();
     for _ in 0..3 {
-        let (status, body) = stack
-            .admin(Method::POST, &format!("/v1/tenants/{slug}/backup"), None)
-            .await
-            .unwrap();
-        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-        let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
-        assert_eq!(job["state"], "succeeded", "{job}");
-        jobs.push(job["id"].as_i64().unwrap());
+        jobs.push(back_up(&stack, &slug).await);
     }
     assert_eq!(listed_jobs(&stack, &slug).await, [jobs[2], jobs[1]]);
     let on_disk = std::fs::read_dir(stack.dir().join("backups").join(&slug))
@@ -435,14 +440,7 @@ async fn backups_older_than_keep_for_are_erased_and_audited_but_a_tenant_keeps_i
     tenant_with_tasks(&stack, &gone, &["left us"]).await;
     let mut jobs = Vec::new();
     for _ in 0..2 {
-        let (status, body) = stack
-            .admin(Method::POST, &format!("/v1/tenants/{kept}/backup"), None)
-            .await
-            .unwrap();
-        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-        let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
-        assert_eq!(job["state"], "succeeded", "{job}");
-        jobs.push(job["id"].as_i64().unwrap());
+        jobs.push(back_up(&stack, &kept).await);
     }
     let (status, body) = delete(&stack, &gone, "?backup=true").await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");

@@ -625,18 +625,10 @@ async fn local_concurrent_writers_keep_one_current() {
 
 /// Runs `silo-control-plane --config CONFIG rekey-secrets`: exit code, stdout, stderr.
 fn rekey_secrets(config: &Path, catalog_password: &str) -> (Option<i32>, String, String) {
-    let out = std::process::Command::new(silo_tests::workspace_binary("silo-control-plane"))
-        .arg("--config")
-        .arg(config)
-        .arg("rekey-secrets")
-        .env("SILO_CATALOG_PASSWORD", catalog_password)
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    silo_tests::run_control_plane(
+        config,
+        &["rekey-secrets"],
+        &[("SILO_CATALOG_PASSWORD", catalog_password)],
     )
 }
 

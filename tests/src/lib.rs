@@ -77,6 +77,28 @@ pub fn refused_config(binary: &str, dir: &std::path::Path, toml: &str) -> String
     stderr
 }
 
+/// Runs the built `silo-control-plane --config CONFIG ARGS...` (a maintenance command) with
+/// `env` set and logging off: exit code, stdout, stderr.
+pub fn run_control_plane(
+    config: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(workspace_binary("silo-control-plane"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("run silo-control-plane");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The database of tenant `slug`, named as the control plane names it.
 pub fn database_of(slug: &str) -> String {
     silo_control_plane::names::TenantSlug::parse(slug)
