@@ -734,6 +734,9 @@ impl Config {
                 "must be at least 1s (leave it out to keep backups until they are deleted)",
             ));
         }
+        if keep_for.is_some() && raw.backups.dir.is_none() {
+            return Err(invalid("backups.keep_for", "needs backups.dir, where the backups are"));
+        }
         let every = raw
             .backups
             .every
@@ -923,6 +926,7 @@ local_master_key_file = "master.key"
             ("[router]\ndefault_plan = \"gold\"\n", "router.default_plan"),
             ("[backups]\nkeep_last = 0\n", "backups.keep_last"),
             ("[backups]\nkeep_for = \"soon\"\n", "backups.keep_for"),
+            ("[backups]\nkeep_for = \"30d\"\n", "backups.keep_for"),
             ("[backups]\nevery = \"1d\"\n", "backups.every"),
             (
                 "[backups]\ndir = \"b\"\nevery = \"1d\"\nmax_concurrent = 0\n",
