@@ -5,8 +5,9 @@
 //! that fails (or a control plane stopped in between) is retried on the next pass, which
 //! finds the entry already recorded and does not record it twice.
 //!
-//! Several control planes may sweep at once: a pass holds a transaction-level advisory lock
-//! while it decides and records what expires.
+//! A tenant with a job queued or running (a restore may be reading one of its backups) is
+//! left for a later pass. Several control planes may sweep at once: a pass holds a
+//! transaction-level advisory lock while it decides and records what expires.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -69,6 +70,13 @@ pub async fn expire(catalog: &PgPool, backups: &Backups, keep_for: Duration) -> 
             .await?
             .into_iter()
             .collect();
+    let busy: HashSet<String> =
+        sqlx::query_scalar("SELECT DISTINCT tenant FROM jobs WHERE tenant = ANY($1) AND state IN ('queued','running')")
+            .bind(&names)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
     let recorded: HashSet<(String, String)> = sqlx::query_as(
         "SELECT tenant, detail->>'file' FROM audit_log \
          WHERE action = 'tenant.backup.expire' AND tenant = ANY($1) AND detail ? 'file'",
@@ -79,8 +87,8 @@ pub async fn expire(catalog: &PgPool, backups: &Backups, keep_for: Duration) -> 
     .into_iter()
     .collect();
     let mut doomed: Vec<(TenantSlug, BackupFile)> = Vec::new();
-    for slug in slugs {
-        for backup in backups.expired(&slug, cutoff, existing.contains(slug.as_str()))? {
+    for slug in slugs.iter().filter(|slug| !busy.contains(slug.as_str())) {
+        for backup in backups.expired(slug, cutoff, existing.contains(slug.as_str()))? {
             if recorded.contains(&(slug.as_str().to_owned(), backup.file.clone())) {
                 doomed.push((slug.clone(), backup));
                 continue;
