@@ -17,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AdminTokens, ApiState};
+use crate::backup::freshness::Freshness;
 use crate::backup::{self, retention, Backups};
 use crate::config::{Config, SecretsBackend};
 use crate::provision::Provisioner;
@@ -137,12 +138,14 @@ impl ControlPlane {
             config.control_plane.workers,
             force_secret_delete,
         );
+        let backup_freshness = Arc::new(Freshness::new(catalog.clone(), backups.clone()));
         let api = ApiState {
             catalog,
             store,
             servers,
             config: Arc::new(config),
             tokens: Arc::new(tokens),
+            backup_freshness,
             backups,
             metrics: prometheus(),
         };

@@ -18,6 +18,7 @@
 //! removed afterwards), never on its command line or in its environment; `pg_dump` runs
 //! with an environment of its own (no inherited `PG*` variables).
 
+pub mod freshness;
 mod offline;
 pub mod retention;
 pub mod schedule;
@@ -186,6 +187,33 @@ impl Backups {
         Ok(true)
     }
 
+    /// Whether `[backups] dir` is set.
+    pub fn configured(&self) -> bool {
+        self.config.dir.is_some()
+    }
+
+    /// When `slug`'s newest finished backup was finished; None when it has none.
+    pub fn newest(&self, slug: &TenantSlug) -> Result<Option<std::time::SystemTime>, BackupError> {
+        let dir = self.tenant_dir(slug)?;
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        let mut newest = None;
+        for entry in std::fs::read_dir(&dir).map_err(io("list", &dir))? {
+            let entry = entry.map_err(io("list", &dir))?;
+            if !entry.file_name().to_str().is_some_and(is_backup_name) {
+                continue;
+            }
+            let path = entry.path();
+            let modified = entry
+                .metadata()
+                .and_then(|meta| meta.modified())
+                .map_err(io("read", &path))?;
+            newest = newest.max(Some(modified));
+        }
+        Ok(newest)
+    }
+
     /// `slug`'s finished backups, newest first; none when it never had one.
     pub fn list(&self, slug: &TenantSlug) -> Result<Vec<BackupFile>, BackupError> {
         let dir = self.tenant_dir(slug)?;
@@ -198,7 +226,7 @@ impl Backups {
             let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
                 continue;
             };
-            if name.starts_with('.') || !name.ends_with(".dump") {
+            if !is_backup_name(&name) {
                 continue;
             }
             let path = entry.path();
@@ -561,6 +589,11 @@ fn sealed_error(path: &Path) -> impl FnOnce(SealError) -> BackupError + '_ {
         path: path.to_owned(),
         source,
     }
+}
+
+/// Whether `name` is a finished backup's (not a partial dump or a work directory).
+fn is_backup_name(name: &str) -> bool {
+    !name.starts_with('.') && name.ends_with(".dump")
 }
 
 /// The end of the name of job `job_id`'s backup file.

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use super::sealed::{self, Format, Header, SealError};
-use super::{io, sealed_error, sync_file, BackupError, Backups};
+use super::{io, is_backup_name, sealed_error, sync_file, BackupError, Backups};
 use crate::names::TenantSlug;
 
 /// What [`Backups::rekey`] did.
@@ -194,7 +194,7 @@ fn every_backup(backups: &Backups) -> Result<Vec<(TenantSlug, PathBuf)>, BackupE
         for file in std::fs::read_dir(&dir).map_err(io("list", &dir))? {
             let file = file.map_err(io("list", &dir))?.path();
             let name = file.file_name().and_then(|name| name.to_str()).unwrap_or_default();
-            if !name.starts_with('.') && name.ends_with(".dump") && file.is_file() {
+            if is_backup_name(name) && file.is_file() {
                 every.push((slug.clone(), file));
             }
         }

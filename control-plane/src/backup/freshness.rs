@@ -1,0 +1,86 @@
+//! How fresh the live tenants' backups are, for alerting, as the control plane's `/metrics`
+//! shows them: `silo_backup_age_seconds_max`, the longest any live tenant has gone without a
+//! backup (since its newest one, or since it was created when it has none), and
+//! `silo_tenants_without_backup`. Measured when `/metrics` is read, at most every
+//! [`MIN_INTERVAL`]: a directory listing per live tenant and one catalog query.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use sqlx::PgPool;
+use tokio::sync::Mutex;
+
+use super::Backups;
+use crate::names::TenantSlug;
+
+/// Measurements closer together than this reuse the last one.
+const MIN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Measures backup freshness for `/metrics`.
+pub struct Freshness {
+    catalog: PgPool,
+    backups: Backups,
+    measured: Mutex<Option<Instant>>,
+}
+
+/// One measurement.
+struct Measured {
+    oldest: Duration,
+    without_backup: usize,
+}
+
+impl Freshness {
+    /// Freshness of the backups `backups` takes of the tenants in `catalog`.
+    pub fn new(catalog: PgPool, backups: Backups) -> Self {
+        Self {
+            catalog,
+            backups,
+            measured: Mutex::new(None),
+        }
+    }
+
+    /// Sets the gauges, unless they were set less than [`MIN_INTERVAL`] ago or backups are
+    /// not configured. A failure is logged; the gauges keep their last values.
+    pub async fn update(&self) {
+        if !self.backups.configured() {
+            return;
+        }
+        let mut measured = self.measured.lock().await;
+        if measured.is_some_and(|at| at.elapsed() < MIN_INTERVAL) {
+            return;
+        }
+        *measured = Some(Instant::now());
+        match self.measure().await {
+            Ok(m) => {
+                metrics::gauge!("silo_backup_age_seconds_max").set(m.oldest.as_secs_f64());
+                metrics::gauge!("silo_tenants_without_backup").set(m.without_backup as f64);
+            }
+            Err(e) => tracing::warn!(error = %e, "backup freshness not measured"),
+        }
+    }
+
+    async fn measure(&self) -> anyhow::Result<Measured> {
+        let tenants: Vec<(String, chrono::DateTime<chrono::Utc>)> =
+            sqlx::query_as("SELECT slug, created_at FROM tenants WHERE status IN ('active', 'suspended')")
+                .fetch_all(&self.catalog)
+                .await?;
+        let now = SystemTime::now();
+        let mut measured = Measured {
+            oldest: Duration::ZERO,
+            without_backup: 0,
+        };
+        for (slug, created_at) in tenants {
+            let Ok(slug) = TenantSlug::parse(&slug) else {
+                continue;
+            };
+            let since = match self.backups.newest(&slug)? {
+                Some(newest) => newest,
+                None => {
+                    measured.without_backup += 1;
+                    created_at.into()
+                }
+            };
+            measured.oldest = measured.oldest.max(now.duration_since(since).unwrap_or_default());
+        }
+        Ok(measured)
+    }
+}
