@@ -52,6 +52,13 @@ impl Provisioner {
     pub async fn restore_tenant(&self, job: &Job) -> Result<(), ProvisionError> {
         let params = restore_params(job)?;
         let (slug, secret_name) = self.tenant_of(job)?;
+        // A job resumed after its last step cleared the mark is done, and must not fence a
+        // tenant already written to again. (A failed job retried by an operator, whose mark
+        // `abandon_restore` cleared earlier, starts over.)
+        let unfenced = job.step.as_deref() == Some("unfence") && self.tenant(&slug).await?.restoring_from.is_none();
+        if unfenced {
+            return Ok(());
+        }
         let server = self.server_of(&slug).await?;
         let source = self.backups.find(&slug, &params.backup)?.ok_or_else(|| {
             ProvisionError::InvalidJob(format!("tenant {slug} has no backup named {:?}", params.backup))
@@ -94,13 +101,7 @@ impl Provisioner {
     #[instrument(skip_all, fields(tenant = job.tenant.as_deref().unwrap_or(""), job = job.id))]
     pub async fn abandon_restore(&self, job: &Job) -> Result<(), ProvisionError> {
         let (slug, secret_name) = self.tenant_of(job)?;
-        let tenant = {
-            let mut conn = self.catalog.acquire().await.step("read the tenant")?;
-            tenants::get(&mut conn, slug.as_str())
-                .await
-                .step("read the tenant")?
-                .ok_or_else(|| ProvisionError::InvalidJob(format!("tenant {slug} is not in the catalog")))?
-        };
+        let tenant = self.tenant(&slug).await?;
         if tenant.restoring_from.is_none() {
             return Ok(());
         }
@@ -123,6 +124,15 @@ impl Provisioner {
         self.unfence(&slug, &secret_name, server).await?;
         warn!("restore abandoned; the tenant is served with the data it had");
         Ok(())
+    }
+
+    /// The tenant as the catalog has it.
+    async fn tenant(&self, slug: &TenantSlug) -> Result<tenants::Tenant, ProvisionError> {
+        let mut conn = self.catalog.acquire().await.step("read the tenant")?;
+        tenants::get(&mut conn, slug.as_str())
+            .await
+            .step("read the tenant")?
+            .ok_or_else(|| ProvisionError::InvalidJob(format!("tenant {slug} is not in the catalog")))
     }
 
     /// Step `fence`: the tenant is marked as being restored, and nobody but this job uses its

@@ -90,7 +90,7 @@ async fn a_tenant_is_restored_in_place_and_the_data_it_had_is_kept_in_a_backup()
     assert_eq!(job["state"], "succeeded", "{job}");
 
     assert_eq!(
-        stack.served_titles(&slug, &key).await.unwrap(),
+        served_again(&stack, &slug, &key).await,
         ["kept 1", "kept 2"],
         "the backup's data is served"
     );
@@ -155,9 +155,10 @@ async fn a_restoring_tenant_answers_503_and_a_failed_restore_puts_its_data_back(
     let slug = unique_name("rf");
     let (key, backup) = tenant_changed_since_its_backup(&stack, &slug, &["old"], &["new"]).await;
 
-    // The job stops once after its own backup and resumes a second later: meanwhile, and
-    // from the moment it is queued, the tenant is not served.
-    fail::cfg("restore-unavailable-after-backup", "1*return").unwrap();
+    // The job stops twice after its own backup and resumes 1 s, then 2 s later: meanwhile,
+    // from the moment it is queued (as soon as the router hears of it), the tenant is not
+    // served.
+    fail::cfg("restore-unavailable-after-backup", "2*return").unwrap();
     let (status, body) = stack
         .admin(
             Method::POST,
@@ -167,14 +168,21 @@ async fn a_restoring_tenant_answers_503_and_a_failed_restore_puts_its_data_back(
         .await
         .unwrap();
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let resp = stack.tenant_get(&slug, &key, "/api/v1/me").await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let resp = loop {
+        let resp = stack.tenant_get(&slug, &key, "/api/v1/me").await.unwrap();
+        if resp.status() != StatusCode::OK || std::time::Instant::now() > deadline {
+            break resp;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(resp.headers().contains_key("retry-after"));
     let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
     fail::remove("restore-unavailable-after-backup");
     assert_eq!(job["state"], "succeeded", "{job}");
-    assert_eq!(job["attempts"], 2, "resumed once: {job}");
-    assert_eq!(stack.served_titles(&slug, &key).await.unwrap(), ["old"]);
+    assert_eq!(job["attempts"], 3, "resumed twice: {job}");
+    assert_eq!(served_again(&stack, &slug, &key).await, ["old"]);
 
     // A backup that cannot be restored (cut in half): the job fails, the data the tenant had
     // is put back, and it is served again.
@@ -189,7 +197,7 @@ async fn a_restoring_tenant_answers_503_and_a_failed_restore_puts_its_data_back(
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("pg_restore"), "{stderr}");
     assert_eq!(
-        stack.served_titles(&slug, &key).await.unwrap(),
+        served_again(&stack, &slug, &key).await,
         ["old", "newer"],
         "served with the data it had"
     );
@@ -197,5 +205,83 @@ async fn a_restoring_tenant_answers_503_and_a_failed_restore_puts_its_data_back(
     let shown: Value = serde_json::from_str(&shown).unwrap();
     assert_eq!(shown["status"], "active", "{shown}");
     assert!(shown.get("restoring_from").is_none(), "{shown}");
+    stack.stop().await.unwrap();
+}
+
+/// Asks for a restore of `slug` from `backup` and waits for the job, which fails; its id.
+async fn failed_restore(stack: &Stack, slug: &str, backup: &std::path::Path) -> i64 {
+    let (status, body) = stack
+        .admin(
+            Method::POST,
+            &format!("/v1/tenants/{slug}/restore"),
+            Some(json!({"backup": file_name(backup)})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
+    assert_eq!(job["state"], "failed", "{job}");
+    job["id"].as_i64().unwrap()
+}
+
+/// The titles served for `slug` once it is served again (a failed job is undone right after
+/// it is recorded as failed).
+async fn served_again(stack: &Stack, slug: &str, key: &str) -> Vec<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match stack.served_titles(slug, key).await {
+            Ok(titles) => return titles,
+            Err(e) if std::time::Instant::now() > deadline => panic!("not served again: {e}"),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// `siloctl jobs retry ID`, and the job succeeds.
+async fn retry(stack: &Stack, id: i64) {
+    let (code, _, stderr) = stack.siloctl(&["jobs", "retry", &id.to_string()]).await.unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let job = stack.wait_job(id).await.unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+}
+
+/// A restore job stopped for good (a fail point) and retried by an operator: stopped before
+/// its end, it starts over and restores; stopped after the tenant was served again, it is
+/// done and does not restore a second time over what was written since.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_restore_starts_over_or_is_done_but_never_restores_twice() {
+    let stack = stack_with_backups().await;
+    let slug = unique_name("rr");
+    let (key, backup) = tenant_changed_since_its_backup(&stack, &slug, &["old"], &["new"]).await;
+    fail::cfg("restore-after-step", "return(backup)").unwrap();
+    let id = failed_restore(&stack, &slug, &backup).await;
+    fail::remove("restore-after-step");
+    assert_eq!(
+        served_again(&stack, &slug, &key).await,
+        ["old", "new"],
+        "undone: served as it was"
+    );
+    retry(&stack, id).await;
+    assert_eq!(served_again(&stack, &slug, &key).await, ["old"], "restored on retry");
+
+    stack.add_tasks(&slug, &key, &["new again"]).await.unwrap();
+    fail::cfg("restore-after-step", "return(unfence)").unwrap();
+    let id = failed_restore(&stack, &slug, &backup).await;
+    fail::remove("restore-after-step");
+    assert_eq!(
+        served_again(&stack, &slug, &key).await,
+        ["old"],
+        "restored, then stopped"
+    );
+    stack
+        .add_tasks(&slug, &key, &["written after the restore"])
+        .await
+        .unwrap();
+    retry(&stack, id).await;
+    assert_eq!(
+        served_again(&stack, &slug, &key).await,
+        ["old", "written after the restore"],
+        "not restored a second time"
+    );
     stack.stop().await.unwrap();
 }
