@@ -278,6 +278,24 @@ pub async fn lock_for_rollout(tx: &mut PgConnection) -> Result<Option<i64>, sqlx
         .await
 }
 
+/// How many more scheduled `kind` jobs (params `"scheduled": true`) may be queued without
+/// more than `max` queued or running at once. Takes the schedule's transaction-level advisory
+/// lock `lock` first, so that control planes scheduling at the same time count right.
+pub async fn scheduled_room(tx: &mut PgConnection, lock: i64, kind: &str, max: u32) -> Result<i64, sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(lock)
+        .execute(&mut *tx)
+        .await?;
+    let outstanding: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE kind = $1 AND state IN ('queued','running') \
+         AND params->>'scheduled' = 'true'",
+    )
+    .bind(kind)
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(i64::from(max) - outstanding)
+}
+
 /// The unfinished job of `kind` for `tenant`, if any.
 pub async fn active_for_tenant(exec: &mut PgConnection, tenant: &str) -> Result<Option<Job>, sqlx::Error> {
     sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(

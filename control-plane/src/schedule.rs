@@ -39,17 +39,7 @@ pub async fn run(catalog: PgPool, cfg: RotationConfig, shutdown: CancellationTok
 /// One pass: queues rotations for due tenants; returns how many.
 pub async fn queue_due(catalog: &PgPool, cfg: &RotationConfig) -> Result<usize, sqlx::Error> {
     let mut tx = catalog.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(SCHEDULER_LOCK)
-        .execute(&mut *tx)
-        .await?;
-    let outstanding: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM jobs WHERE kind = 'rotate' AND state IN ('queued','running') \
-         AND params->>'scheduled' = 'true'",
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    let room = i64::from(cfg.max_concurrent) - outstanding;
+    let room = jobs::scheduled_room(&mut tx, SCHEDULER_LOCK, "rotate", cfg.max_concurrent).await?;
     if room <= 0 {
         return Ok(0);
     }

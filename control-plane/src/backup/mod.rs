@@ -764,11 +764,7 @@ mod tests {
     #[test]
     fn only_a_tenants_own_finished_backups_are_found_by_name() {
         let root = tempfile::tempdir().expect("tempdir");
-        let backups = Backups::open(BackupsConfig {
-            dir: Some(root.path().to_owned()),
-            ..BackupsConfig::default()
-        })
-        .expect("no key files");
+        let backups = backups_in(root.path());
         let acme = TenantSlug::parse("acme").expect("slug");
         std::fs::create_dir_all(root.path().join("acme")).expect("mkdir");
         std::fs::create_dir_all(root.path().join("other")).expect("mkdir");
@@ -789,6 +785,15 @@ mod tests {
         ] {
             assert_eq!(found(name), None, "{name:?}");
         }
+    }
+
+    /// Unencrypted backups in `root`, kept until deleted.
+    fn backups_in(root: &Path) -> Backups {
+        Backups::open(BackupsConfig {
+            dir: Some(root.to_owned()),
+            ..BackupsConfig::default()
+        })
+        .expect("no key files")
     }
 
     /// Backups of jobs 1, 2 and 3 in `dir`, finished 30, 20 and 10 s before the time returned.
@@ -836,11 +841,7 @@ mod tests {
     #[test]
     fn backups_expire_by_age_but_an_existing_tenant_keeps_its_newest() {
         let root = tempfile::tempdir().expect("tempdir");
-        let backups = Backups::open(BackupsConfig {
-            dir: Some(root.path().to_owned()),
-            ..BackupsConfig::default()
-        })
-        .expect("no key files");
+        let backups = backups_in(root.path());
         let acme = TenantSlug::parse("acme").expect("slug");
         let dir = root.path().join("acme");
         std::fs::create_dir_all(&dir).expect("mkdir");

@@ -51,17 +51,7 @@ pub async fn run(catalog: PgPool, config: BackupsConfig, shutdown: CancellationT
 /// One pass: queues backups of due tenants; returns how many.
 pub async fn queue_due(catalog: &PgPool, every: Duration, max_concurrent: u32) -> Result<usize, sqlx::Error> {
     let mut tx = catalog.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(SCHEDULE_LOCK)
-        .execute(&mut *tx)
-        .await?;
-    let outstanding: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM jobs WHERE kind = 'backup' AND state IN ('queued','running') \
-         AND params->>'scheduled' = 'true'",
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    let room = i64::from(max_concurrent) - outstanding;
+    let room = jobs::scheduled_room(&mut tx, SCHEDULE_LOCK, "backup", max_concurrent).await?;
     if room <= 0 {
         return Ok(0);
     }
