@@ -254,12 +254,7 @@ async fn a_viewer_token_only_reads_and_an_operator_token_cannot_manage_tokens() 
     // Refused requests are counted for alerting, by route and status.
     let (status, _) = send_with(&stack, "not-a-token", Method::GET, "/v1/tenants", None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let metrics = reqwest::get(format!("http://{}/metrics", stack.control_plane_addr()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = stack.control_plane_metrics().await.unwrap();
     let counted = |route: &str, status: &str| {
         metrics.lines().any(|line| {
             line.starts_with("silo_admin_requests_total{")

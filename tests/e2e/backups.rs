@@ -577,12 +577,7 @@ async fn every_live_tenant_is_backed_up_on_schedule_and_not_more_often() {
 
 /// The value of the unlabelled series `name` in the control plane's `/metrics`.
 async fn control_plane_gauge(stack: &Stack, name: &str) -> f64 {
-    let metrics = reqwest::get(format!("http://{}/metrics", stack.control_plane_addr()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = stack.control_plane_metrics().await.unwrap();
     metrics
         .lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())

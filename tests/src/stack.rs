@@ -234,6 +234,14 @@ connect_timeout = "{connect}ms"
         self.cp_addr
     }
 
+    /// The control plane's `/metrics` (Prometheus text).
+    pub async fn control_plane_metrics(&self) -> anyhow::Result<String> {
+        Ok(reqwest::get(format!("http://{}/metrics", self.cp_addr))
+            .await?
+            .text()
+            .await?)
+    }
+
     /// Router tenant-traffic address.
     pub fn router_addr(&self) -> SocketAddr {
         self.router_addr
