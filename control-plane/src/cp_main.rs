@@ -68,8 +68,9 @@ pub async fn run() -> ExitCode {
         Ok(cp) => cp,
         Err(e) => {
             eprintln!("error: {e:#}");
-            let bad_config =
-                e.downcast_ref::<crate::tls::TlsConfigError>().is_some() || e.downcast_ref::<KeyFileError>().is_some();
+            let bad_config = e.downcast_ref::<crate::tls::TlsConfigError>().is_some()
+                || e.downcast_ref::<KeyFileError>().is_some()
+                || e.downcast_ref::<crate::backup::OpenError>().is_some();
             return ExitCode::from(if bad_config { 2 } else { 1 });
         }
     };
@@ -140,9 +141,9 @@ async fn rekey_secrets(config: &Config) -> ExitCode {
 }
 
 /// The backups `config` sets up, with their keys; exit 2 when a key file is unusable.
-fn backups_of(config: &Config) -> Result<Backups, ExitCode> {
-    Backups::open(config.backups.clone()).map_err(|e| {
-        eprintln!("error: config key `backups.encryption_key_file`: {e}");
+async fn backups_of(config: &Config) -> Result<Backups, ExitCode> {
+    Backups::open(config.backups.clone()).await.map_err(|e| {
+        eprintln!("error: {e}");
         ExitCode::from(2)
     })
 }
@@ -158,7 +159,7 @@ fn backup_failure(e: &BackupError) -> ExitCode {
 
 /// `rekey-backups`: encrypts every backup under the current key. Exit 1 when any could not be.
 async fn rekey_backups(config: &Config) -> ExitCode {
-    let backups = match backups_of(config) {
+    let backups = match backups_of(config).await {
         Ok(backups) => backups,
         Err(code) => return code,
     };
@@ -187,7 +188,7 @@ async fn rekey_backups(config: &Config) -> ExitCode {
 
 /// `decrypt-backup FILE --output OUT`.
 async fn decrypt_backup(config: &Config, file: &std::path::Path, output: &std::path::Path) -> ExitCode {
-    let backups = match backups_of(config) {
+    let backups = match backups_of(config).await {
         Ok(backups) => backups,
         Err(code) => return code,
     };

@@ -107,7 +107,7 @@ impl Provisioner {
         let from = self.server_named(&params.from)?;
         let to = self.server_named(&params.to)?;
         // The tenant is written to again once served: a retry must take a new copy.
-        self.backups.discard(&slug, job.id)?;
+        self.backups.discard(&slug, job.id).await?;
         let current = self.current_login(&secret_name).await?;
         let mut conn = from.admin.acquire().await.step("connect to server")?;
         ensure_login_role(&mut conn, &slug, &current.username, &current.password).await?;

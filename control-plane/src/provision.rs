@@ -63,6 +63,7 @@ impl ProvisionError {
             ProvisionError::Database { source, .. } => is_transient(source),
             ProvisionError::Migrate(sqlx::migrate::MigrateError::Execute(source)) => is_transient(source),
             ProvisionError::Secret(secrets::SecretStoreError::Backend(_)) => true,
+            ProvisionError::Backup(e) => e.is_transient(),
             _ => false,
         }
     }
@@ -397,7 +398,8 @@ impl Provisioner {
         }
         let file = self
             .backups
-            .find(slug, name)?
+            .fetch(slug, name)
+            .await?
             .ok_or_else(|| ProvisionError::InvalidJob(format!("tenant {slug} has no backup named {name:?}")))?;
         own_public_schema(conn, &slug.owner_role()).await?;
         let login = self.current_login(secret_name).await?;

@@ -60,7 +60,7 @@ impl Provisioner {
             return Ok(());
         }
         let server = self.server_of(&slug).await?;
-        let source = self.backups.find(&slug, &params.backup)?.ok_or_else(|| {
+        let source = self.backups.fetch(&slug, &params.backup).await?.ok_or_else(|| {
             ProvisionError::InvalidJob(format!("tenant {slug} has no backup named {:?}", params.backup))
         })?;
         let login = self

@@ -78,11 +78,14 @@ impl ControlPlane {
                  credentials cross the network in clear; set control_plane.tls_cert_file and tls_key_file"
             );
         }
-        let backups = Backups::open(config.backups.clone()).context("config key `backups.encryption_key_file`")?;
+        let backups = Backups::open(config.backups.clone()).await?;
         if config.backups.dir.is_some() && !backups.encrypted() {
             tracing::warn!(
                 "backups are written unencrypted: set [backups] encryption_key_file to encrypt them at rest"
             );
+        }
+        if let Err(e) = backups.check_s3().await {
+            tracing::error!(error = %e, "the [backups.s3] bucket cannot be used: backups fail until it can");
         }
         let catalog = catalog::pool(&config.catalog, 16)?;
         catalog::migrate(&catalog)

@@ -19,6 +19,7 @@ mod rollout;
 mod rotation;
 mod router;
 mod router_limits;
+mod s3_backups;
 mod secrets;
 mod server_tls;
 mod shutdown;

@@ -1,5 +1,6 @@
 //! A throw-away `moto_server` (AWS service mock, Python package `moto[server]`) on a free
-//! 127.0.0.1 port, for testing the AWS Secrets Manager backend with the real AWS SDK.
+//! 127.0.0.1 port, for testing the AWS Secrets Manager backend and the S3 copies of backups
+//! with the real AWS SDK.
 //!
 //! The server is a supervised child with a parent-death signal, like the PostgreSQL clusters:
 //! it stops when its [`MotoServer`] drops or when the test process ends in any way. A missing
@@ -44,7 +45,7 @@ fn find_moto_server() -> anyhow::Result<PathBuf> {
     let in_venv = std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/silo/venv/bin/moto_server"));
     on_path.chain(in_venv).find(|p| p.is_file()).context(
         "moto_server not found on PATH or in ~/.cache/silo/venv/bin: run scripts/install-deps \
-         (it installs moto[server]) to run the AWS secret store tests",
+         (it installs moto[server]) to run the AWS Secrets Manager and S3 tests",
     )
 }
 
@@ -150,6 +151,31 @@ impl MotoServer {
     /// `http://127.0.0.1:PORT`, for `aws_endpoint_url`.
     pub fn endpoint_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// An S3 client of this server's (path-style addresses, the credentials `start` set).
+    pub async fn s3(&self) -> aws_sdk_s3::Client {
+        let sdk_config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(REGION))
+            .load()
+            .await;
+        let config = aws_sdk_s3::config::Builder::from(&sdk_config)
+            .endpoint_url(self.endpoint_url())
+            .force_path_style(true)
+            .build();
+        aws_sdk_s3::Client::from_conf(config)
+    }
+
+    /// Creates the S3 bucket `name`.
+    pub async fn create_bucket(&self, name: &str) -> anyhow::Result<()> {
+        self.s3()
+            .await
+            .create_bucket()
+            .bucket(name)
+            .send()
+            .await
+            .with_context(|| format!("create bucket {name}"))?;
+        Ok(())
     }
 
     /// Stops the server and waits for it.

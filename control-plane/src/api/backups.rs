@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use super::auth::Actor;
 use super::error::ApiError;
 use super::extract::{Body, Path};
-use super::tenants::{lock_active_or_suspended, parse_slug};
+use super::tenants::{check_backup, lock_active_or_suspended, parse_slug};
 use super::ApiState;
 use crate::catalog::tenants;
 use crate::restores::RestoreParams;
@@ -57,7 +57,7 @@ pub async fn back_up(
 pub async fn list(State(state): State<ApiState>, Path(slug): Path<String>) -> Result<Json<Value>, ApiError> {
     let slug = parse_slug(&slug)?;
     require_backups_dir(&state, "listing backups")?;
-    let items = state.backups.list(&slug).map_err(|e| ApiError::Internal(e.into()))?;
+    let items = state.backups.list(&slug).await?;
     if items.is_empty() {
         let mut conn = state.catalog.acquire().await?;
         if tenants::get(&mut conn, slug.as_str()).await?.is_none() {
@@ -88,11 +88,7 @@ pub async fn remove(
             format!("tenant {slug} has no backup named {file:?}"),
         )
     };
-    if backups
-        .find(&slug, &file)
-        .map_err(|e| ApiError::Internal(e.into()))?
-        .is_none()
-    {
+    if !backups.exists(&slug, &file).await? {
         return Err(not_found());
     }
     // The audit entry is committed first: should the removal fail after it, the log shows an
@@ -106,7 +102,7 @@ pub async fn remove(
     )
     .await?;
     tx.commit().await?;
-    if !backups.remove(&slug, &file).map_err(|e| ApiError::Internal(e.into()))? {
+    if !backups.remove(&slug, &file).await? {
         return Err(not_found());
     }
     Ok(StatusCode::NO_CONTENT)
@@ -132,7 +128,6 @@ pub async fn restore(
     Body(req): Body<RestoreTenant>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let slug = parse_slug(&slug)?;
-    require_backups_dir(&state, "restoring a backup")?;
     let mut tx = state.catalog.begin().await?;
     lock_active_or_suspended(&mut tx, &slug, "restored").await?;
     if let Some(job) = jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
@@ -141,19 +136,7 @@ pub async fn restore(
         }
         return Err(ApiError::tenant_busy(&job));
     }
-    match state.backups.find(&slug, &req.backup) {
-        Ok(Some(_)) => {}
-        Ok(None) => {
-            return Err(ApiError::Unprocessable(
-                "backup_not_found",
-                format!(
-                    "tenant {slug} has no backup named {:?} (siloctl tenant backups {slug} lists them)",
-                    req.backup
-                ),
-            ))
-        }
-        Err(e) => return Err(ApiError::Internal(e.into())),
-    }
+    check_backup(&state, &slug, &req.backup).await?;
     if let Some(id) = jobs::lock_for_rollout(&mut tx).await? {
         return Err(ApiError::Conflict(
             "rollout_running",

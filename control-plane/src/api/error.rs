@@ -75,6 +75,19 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl From<crate::backup::BackupError> for ApiError {
+    fn from(e: crate::backup::BackupError) -> Self {
+        if e.is_transient() {
+            tracing::warn!(error = %e, "backup bucket unavailable");
+            return Self::Unavailable(
+                "backup_store_unavailable",
+                "the [backups.s3] bucket cannot be reached; try again later".into(),
+            );
+        }
+        Self::Internal(e.into())
+    }
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         match r {

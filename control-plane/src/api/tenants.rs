@@ -108,17 +108,17 @@ pub(super) async fn lock_active_or_suspended(
     }
 }
 
-/// A tenant created from a backup needs backups configured and that backup of its own slug.
-fn check_backup(state: &ApiState, slug: &TenantSlug, name: &str) -> Result<(), ApiError> {
+/// A tenant created or restored from a backup needs backups configured and that backup of its
+/// own slug (in `[backups] dir` or the `[backups.s3]` bucket): 422 `backup_not_found`.
+pub(super) async fn check_backup(state: &ApiState, slug: &TenantSlug, name: &str) -> Result<(), ApiError> {
     require_backups_dir(state, "restoring a backup")?;
-    match state.backups.find(slug, name) {
-        Ok(Some(_)) => Ok(()),
-        Ok(None) => Err(ApiError::Unprocessable(
+    if !state.backups.exists(slug, name).await? {
+        return Err(ApiError::Unprocessable(
             "backup_not_found",
-            format!("tenant {slug} has no backup named {name:?} (a file name in its backup directory, as a backup job's progress gives it)"),
-        )),
-        Err(e) => Err(ApiError::Internal(e.into())),
+            format!("tenant {slug} has no backup named {name:?} (siloctl tenant backups {slug} lists them)"),
+        ));
     }
+    Ok(())
 }
 
 /// `POST /v1/tenants` → 202 `{"tenant","job","api_key"}`.
@@ -147,7 +147,7 @@ pub async fn create(
     }
 
     if let Some(backup) = &req.restore_from {
-        check_backup(&state, &slug, backup)?;
+        check_backup(&state, &slug, backup).await?;
     }
 
     let (api_key, key_hash) = silo_tenant_app::api_keys::generate();

@@ -14,6 +14,12 @@
 //! decrypted on its way into `pg_restore` ([`sealed`]); backups taken without a key (plain
 //! `pg_dump` files) are still restored.
 //!
+//! With `[backups.s3]`, a backup is uploaded to the bucket before it gets its final name in
+//! `[backups] dir`: a finished file there has its copy off the machine. Listing, restoring,
+//! retention and erasure see both places: a backup only in the bucket (the machine and its
+//! directory were lost) is downloaded when it is restored, and erasing one erases both
+//! copies.
+//!
 //! The password reaches `pg_dump` (and `pg_restore`) in a password file (mode 0600, in a private directory
 //! removed afterwards), never on its command line or in its environment; `pg_dump` runs
 //! with an environment of its own (no inherited `PG*` variables).
@@ -21,6 +27,7 @@
 pub mod freshness;
 mod offline;
 pub mod retention;
+mod s3;
 pub mod schedule;
 pub mod sealed;
 
@@ -37,6 +44,7 @@ use crate::names::TenantSlug;
 use crate::secrets::DbSecret;
 
 pub use self::offline::{Decrypted, RekeyReport};
+pub use self::s3::NoRegion;
 use self::sealed::{Format, Header, SealError};
 
 /// Why a backup could not be taken.
@@ -85,6 +93,35 @@ pub enum BackupError {
     /// The backup is neither encrypted by silo nor a `pg_dump` file.
     #[error("backup {}: not a backup silo took (neither encrypted by silo nor a pg_dump custom-format file)", .0.display())]
     UnknownFormat(PathBuf),
+    /// The `[backups.s3]` bucket failed or could not be reached.
+    #[error("{what} {url}: {detail}")]
+    S3 {
+        /// What was being done.
+        what: &'static str,
+        /// The object or bucket, as `s3://bucket/key`.
+        url: String,
+        /// What S3 (or the connection to it) said.
+        detail: String,
+    },
+}
+
+impl BackupError {
+    /// Whether the same operation may succeed later with nobody changing anything: only an
+    /// S3 call is retried (the bucket unreachable, throttling, a server error).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, BackupError::S3 { .. })
+    }
+}
+
+/// Why backups could not be set up as the config says.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// An encryption key file is unusable.
+    #[error("config key `backups.encryption_key_file`: {0}")]
+    Key(KeyFileError),
+    /// `[backups.s3]` has no region to sign its requests for.
+    #[error("config key `backups.s3.region`: {0}")]
+    Region(NoRegion),
 }
 
 fn io<'p>(what: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> BackupError + 'p {
@@ -108,6 +145,10 @@ pub struct BackupFile {
     pub job: Option<i64>,
     /// Whether it is encrypted (taken with `[backups] encryption_key_file`).
     pub encrypted: bool,
+    /// Whether it is in `[backups] dir`.
+    pub local: bool,
+    /// Whether it is in the `[backups.s3]` bucket.
+    pub s3: bool,
 }
 
 /// Takes tenant backups into the configured directory.
@@ -116,6 +157,8 @@ pub struct Backups {
     config: BackupsConfig,
     /// The current encryption key, then the previous ones; none: backups are not encrypted.
     keys: Arc<Vec<Key>>,
+    /// `[backups.s3]`.
+    s3: Option<s3::Bucket>,
 }
 
 impl std::fmt::Debug for Backups {
@@ -123,21 +166,29 @@ impl std::fmt::Debug for Backups {
         f.debug_struct("Backups")
             .field("config", &self.config)
             .field("keys", &self.keys.len())
+            .field("s3", &self.s3)
             .finish()
     }
 }
 
 impl Backups {
-    /// Backups as `config` says, with its encryption keys read (taking one fails with
-    /// [`BackupError::NotConfigured`] when it sets no directory).
-    pub fn open(config: BackupsConfig) -> Result<Self, KeyFileError> {
+    /// Backups as `config` says, with its encryption keys read and its bucket's client made
+    /// (taking one fails with [`BackupError::NotConfigured`] when it sets no directory).
+    pub async fn open(config: BackupsConfig) -> Result<Self, OpenError> {
         let keys = match &config.encryption_key_file {
-            Some(current) => keyfile::load_all(current, &config.previous_encryption_key_files)?,
+            Some(current) => {
+                keyfile::load_all(current, &config.previous_encryption_key_files).map_err(OpenError::Key)?
+            }
             None => Vec::new(),
+        };
+        let s3 = match &config.s3 {
+            Some(bucket) => Some(s3::Bucket::new(bucket).await.map_err(OpenError::Region)?),
+            None => None,
         };
         Ok(Self {
             config,
             keys: Arc::new(keys),
+            s3,
         })
     }
 
@@ -146,6 +197,16 @@ impl Backups {
         Self {
             config: BackupsConfig::default(),
             keys: Arc::new(Vec::new()),
+            s3: None,
+        }
+    }
+
+    /// Whether the `[backups.s3]` bucket (if any) answers: checked at start, so that a wrong
+    /// bucket or missing permission is seen before the first backup.
+    pub async fn check_s3(&self) -> Result<(), BackupError> {
+        match &self.s3 {
+            Some(bucket) => bucket.check().await,
+            None => Ok(()),
         }
     }
 
@@ -163,27 +224,77 @@ impl Backups {
         find_file_ending(&dir, &job_suffix(job_id))
     }
 
-    /// The backup of `slug` named `name` (a file name as `take` makes them, e.g. from a job's
-    /// progress), if it exists. Only `slug`'s own backups are found: a tenant is never restored
-    /// from another tenant's data.
-    pub fn find(&self, slug: &TenantSlug, name: &str) -> Result<Option<PathBuf>, BackupError> {
-        let plain =
-            !name.is_empty() && !name.starts_with('.') && name.ends_with(".dump") && !name.contains(['/', '\\', '\0']);
-        if !plain {
+    /// The local copy of the backup of `slug` named `name` (a file name as `take` makes them,
+    /// e.g. from a job's progress), if `[backups] dir` has it. Only `slug`'s own backups are
+    /// found: a tenant is never restored from another tenant's data.
+    fn local(&self, slug: &TenantSlug, name: &str) -> Result<Option<PathBuf>, BackupError> {
+        if !is_file_name(name) {
             return Ok(None);
         }
         let path = self.tenant_dir(slug)?.join(name);
         Ok(path.is_file().then_some(path))
     }
 
-    /// Removes the backup of `slug` named `name` (as [`Backups::find`] finds it); false when
-    /// there is none.
-    pub fn remove(&self, slug: &TenantSlug, name: &str) -> Result<bool, BackupError> {
-        let Some(path) = self.find(slug, name)? else {
-            return Ok(false);
+    /// Whether `slug` has a backup named `name`, in `[backups] dir` or in the bucket.
+    pub async fn exists(&self, slug: &TenantSlug, name: &str) -> Result<bool, BackupError> {
+        if self.local(slug, name)?.is_some() {
+            return Ok(true);
+        }
+        match &self.s3 {
+            Some(bucket) if is_file_name(name) => bucket.contains(slug, name).await,
+            _ => Ok(false),
+        }
+    }
+
+    /// The backup of `slug` named `name`, on disk: the copy in `[backups] dir`, else the
+    /// bucket's, downloaded there first (with the time it was uploaded, which orders
+    /// backups). None when neither has it.
+    pub async fn fetch(&self, slug: &TenantSlug, name: &str) -> Result<Option<PathBuf>, BackupError> {
+        if let Some(path) = self.local(slug, name)? {
+            return Ok(Some(path));
+        }
+        let Some(bucket) = self.s3.as_ref().filter(|_| is_file_name(name)) else {
+            return Ok(None);
         };
-        std::fs::remove_file(&path).map_err(io("remove", &path))?;
-        sync_file(&self.tenant_dir(slug)?)?;
+        let Some(object) = bucket.list(slug).await?.into_iter().find(|o| o.file == name) else {
+            return Ok(None);
+        };
+        let dir = self.tenant_dir(slug)?;
+        create_private_dir(&dir)?;
+        let partial = dir.join(format!(".{name}.partial"));
+        let path = dir.join(name);
+        let downloaded = async {
+            bucket.download(slug, name, &partial).await?;
+            std::fs::File::options()
+                .write(true)
+                .open(&partial)
+                .and_then(|file| file.set_modified(object.uploaded_at.into()))
+                .map_err(io("write", &partial))?;
+            std::fs::rename(&partial, &path).map_err(io("rename the downloaded backup to", &path))?;
+            sync_file(&dir)
+        }
+        .await;
+        if let Err(e) = downloaded {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+        tracing::info!(tenant = %slug, file = name, "backup downloaded from [backups.s3]");
+        Ok(Some(path))
+    }
+
+    /// Erases the backup of `slug` named `name`: its copy in the bucket first, then the one in
+    /// `[backups] dir`. False when there is none.
+    pub async fn remove(&self, slug: &TenantSlug, name: &str) -> Result<bool, BackupError> {
+        if !self.exists(slug, name).await? {
+            return Ok(false);
+        }
+        if let Some(bucket) = &self.s3 {
+            bucket.remove(slug, name).await?;
+        }
+        if let Some(path) = self.local(slug, name)? {
+            std::fs::remove_file(&path).map_err(io("remove", &path))?;
+            sync_file(&self.tenant_dir(slug)?)?;
+        }
         Ok(true)
     }
 
@@ -192,7 +303,8 @@ impl Backups {
         self.config.dir.is_some()
     }
 
-    /// When `slug`'s newest finished backup was finished; None when it has none.
+    /// When `slug`'s newest finished backup in `[backups] dir` was finished; None when it has
+    /// none. (With `[backups.s3]`, a file there has its copy in the bucket.)
     pub fn newest(&self, slug: &TenantSlug) -> Result<Option<std::time::SystemTime>, BackupError> {
         let dir = self.tenant_dir(slug)?;
         if !dir.is_dir() {
@@ -214,8 +326,34 @@ impl Backups {
         Ok(newest)
     }
 
-    /// `slug`'s finished backups, newest first; none when it never had one.
-    pub fn list(&self, slug: &TenantSlug) -> Result<Vec<BackupFile>, BackupError> {
+    /// `slug`'s finished backups, in `[backups] dir` and in the bucket, newest first; none
+    /// when it never had one.
+    pub async fn list(&self, slug: &TenantSlug) -> Result<Vec<BackupFile>, BackupError> {
+        let mut files = self.list_local(slug)?;
+        if let Some(bucket) = &self.s3 {
+            for object in bucket.list(slug).await? {
+                if let Some(local) = files.iter_mut().find(|file| file.file == object.file) {
+                    local.s3 = true;
+                    continue;
+                }
+                let format = bucket.format_of(slug, &object.file).await?;
+                files.push(BackupFile {
+                    job: job_of(&object.file),
+                    file: object.file,
+                    bytes: object.bytes,
+                    created_at: object.uploaded_at,
+                    encrypted: format == Format::Sealed,
+                    local: false,
+                    s3: true,
+                });
+            }
+        }
+        files.sort_by_key(|b| std::cmp::Reverse((b.created_at, b.job)));
+        Ok(files)
+    }
+
+    /// `slug`'s finished backups in `[backups] dir`, in no order.
+    fn list_local(&self, slug: &TenantSlug) -> Result<Vec<BackupFile>, BackupError> {
         let dir = self.tenant_dir(slug)?;
         if !dir.is_dir() {
             return Ok(Vec::new());
@@ -239,15 +377,28 @@ impl Backups {
                 bytes: meta.len(),
                 created_at: modified.into(),
                 encrypted: format == Format::Sealed,
+                local: true,
+                s3: false,
             });
         }
-        files.sort_by_key(|b| std::cmp::Reverse((b.created_at, b.job)));
         Ok(files)
     }
 
-    /// The tenants with a backup directory, deleted ones included, in slug order.
-    /// Directories whose names are not slugs are not silo's and are left out.
-    pub fn tenants(&self) -> Result<Vec<TenantSlug>, BackupError> {
+    /// The tenants with backups in `[backups] dir` or in the bucket, deleted ones included,
+    /// in slug order.
+    pub async fn tenants(&self) -> Result<Vec<TenantSlug>, BackupError> {
+        let mut slugs = self.local_tenants()?;
+        if let Some(bucket) = &self.s3 {
+            slugs.extend(bucket.tenants().await?);
+        }
+        slugs.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        slugs.dedup();
+        Ok(slugs)
+    }
+
+    /// The tenants with a directory in `[backups] dir`, in slug order. Directories whose names
+    /// are not slugs are not silo's and are left out.
+    fn local_tenants(&self) -> Result<Vec<TenantSlug>, BackupError> {
         let root = self.config.dir.as_deref().ok_or(BackupError::NotConfigured)?;
         if !root.is_dir() {
             return Ok(Vec::new());
@@ -274,13 +425,13 @@ impl Backups {
 
     /// `slug`'s backups finished before `cutoff`, oldest first, except its newest backup when
     /// the tenant still `exists`: a tenant whose backups stopped keeps its last one.
-    pub fn expired(
+    pub async fn expired(
         &self,
         slug: &TenantSlug,
         cutoff: chrono::DateTime<chrono::Utc>,
         exists: bool,
     ) -> Result<Vec<BackupFile>, BackupError> {
-        let newest_first = self.list(slug)?;
+        let newest_first = self.list(slug).await?;
         let keep = usize::from(exists);
         let mut expired: Vec<BackupFile> = newest_first
             .into_iter()
@@ -292,18 +443,16 @@ impl Backups {
     }
 
     /// Removes `slug`'s oldest backups beyond `[backups] keep_last`, but not `spare`.
-    fn prune(&self, slug: &TenantSlug, spare: Option<&Path>) -> Result<(), BackupError> {
+    async fn prune(&self, slug: &TenantSlug, spare: Option<&Path>) -> Result<(), BackupError> {
         let Some(keep) = self.config.keep_last else {
             return Ok(());
         };
-        let dir = self.tenant_dir(slug)?;
         let spared = spare.and_then(Path::file_name);
-        for old in self.list(slug)?.iter().skip(keep) {
+        for old in self.list(slug).await?.iter().skip(keep) {
             if spared.is_some_and(|name| name == old.file.as_str()) {
                 continue;
             }
-            let path = dir.join(&old.file);
-            std::fs::remove_file(&path).map_err(io("remove", &path))?;
+            self.remove(slug, &old.file).await?;
             tracing::info!(tenant = %slug, file = %old.file, keep, "old backup removed ([backups] keep_last)");
         }
         Ok(())
@@ -311,9 +460,10 @@ impl Backups {
 
     /// Removes the backup job `job_id` took of `slug`, if it took one: a move that was undone
     /// must not restore it later, the tenant having been written to since.
-    pub fn discard(&self, slug: &TenantSlug, job_id: i64) -> Result<(), BackupError> {
+    pub async fn discard(&self, slug: &TenantSlug, job_id: i64) -> Result<(), BackupError> {
         if let Some(file) = self.taken(slug, job_id)? {
-            std::fs::remove_file(&file).map_err(io("remove", &file))?;
+            let name = file.file_name().and_then(|name| name.to_str()).unwrap_or_default();
+            self.remove(slug, name).await?;
         }
         Ok(())
     }
@@ -354,10 +504,16 @@ impl Backups {
             return Err(e);
         }
         sync_file(&partial)?;
+        if let Some(bucket) = &self.s3 {
+            // Named as finished only once its copy is off the machine; a failed upload leaves
+            // a partial file, removed when the job runs again.
+            let name = file.file_name().and_then(|name| name.to_str()).unwrap_or_default();
+            bucket.upload(slug, name, &partial).await?;
+        }
         std::fs::rename(&partial, &file).map_err(io("rename the finished backup to", &file))?;
         sync_file(&dir)?;
         // The new backup is taken whatever happens to the old ones.
-        if let Err(e) = self.prune(slug, spare) {
+        if let Err(e) = self.prune(slug, spare).await {
             tracing::warn!(tenant = %slug, error = %e, "old backups not removed");
         }
         Ok(file)
@@ -596,6 +752,12 @@ fn is_backup_name(name: &str) -> bool {
     !name.starts_with('.') && name.ends_with(".dump")
 }
 
+/// Whether `name` can only be a finished backup's file name in a tenant's directory (no
+/// path, nothing hidden).
+fn is_file_name(name: &str) -> bool {
+    is_backup_name(name) && !name.contains(['/', '\\', '\0'])
+}
+
 /// The end of the name of job `job_id`'s backup file.
 fn job_suffix(job_id: i64) -> String {
     format!("-job{job_id}.dump")
@@ -744,12 +906,13 @@ mod tests {
         assert_eq!(left, ["acme-20261126T000000Z-job3.dump"]);
     }
 
-    #[test]
-    fn a_configured_pg_dump_is_run_as_given_and_pg_restore_is_taken_next_to_it() {
+    #[tokio::test]
+    async fn a_configured_pg_dump_is_run_as_given_and_pg_restore_is_taken_next_to_it() {
         let backups = Backups::open(BackupsConfig {
             pg_dump: Some(PathBuf::from("/opt/pg/bin/pg_dump-15")),
             ..BackupsConfig::default()
         })
+        .await
         .expect("no key files");
         assert_eq!(
             backups.tool("pg_dump").expect("tool"),
@@ -761,17 +924,17 @@ mod tests {
         );
     }
 
-    #[test]
-    fn only_a_tenants_own_finished_backups_are_found_by_name() {
+    #[tokio::test]
+    async fn only_a_tenants_own_finished_backups_are_found_by_name() {
         let root = tempfile::tempdir().expect("tempdir");
-        let backups = backups_in(root.path());
+        let backups = backups_in(root.path()).await;
         let acme = TenantSlug::parse("acme").expect("slug");
         std::fs::create_dir_all(root.path().join("acme")).expect("mkdir");
         std::fs::create_dir_all(root.path().join("other")).expect("mkdir");
         std::fs::write(root.path().join("acme/acme-1-job1.dump"), b"x").expect("write");
         std::fs::write(root.path().join("acme/.acme-2-job2.dump.partial"), b"x").expect("write");
         std::fs::write(root.path().join("other/other-1-job3.dump"), b"x").expect("write");
-        let found = |name: &str| backups.find(&acme, name).expect("find");
+        let found = |name: &str| backups.local(&acme, name).expect("find");
         assert_eq!(
             found("acme-1-job1.dump"),
             Some(root.path().join("acme/acme-1-job1.dump"))
@@ -788,11 +951,12 @@ mod tests {
     }
 
     /// Unencrypted backups in `root`, kept until deleted.
-    fn backups_in(root: &Path) -> Backups {
+    async fn backups_in(root: &Path) -> Backups {
         Backups::open(BackupsConfig {
             dir: Some(root.to_owned()),
             ..BackupsConfig::default()
         })
+        .await
         .expect("no key files")
     }
 
@@ -807,65 +971,78 @@ mod tests {
         now
     }
 
-    #[test]
-    fn backups_are_listed_newest_first_and_pruned_to_keep_last() {
+    #[tokio::test]
+    async fn backups_are_listed_newest_first_and_pruned_to_keep_last() {
         let root = tempfile::tempdir().expect("tempdir");
         let backups = Backups::open(BackupsConfig {
             dir: Some(root.path().to_owned()),
             keep_last: Some(2),
             ..BackupsConfig::default()
         })
+        .await
         .expect("no key files");
         let acme = TenantSlug::parse("acme").expect("slug");
-        assert_eq!(backups.list(&acme).expect("list"), [], "no directory yet");
+        assert_eq!(backups.list(&acme).await.expect("list"), [], "no directory yet");
         let dir = root.path().join("acme");
         std::fs::create_dir_all(dir.join(".work-1")).expect("mkdir");
         std::fs::write(dir.join(".acme-4-job4.dump.partial"), b"x").expect("write");
         three_backups_of_acme(&dir);
-        let jobs = |backups: &Backups| -> Vec<Option<i64>> {
-            backups.list(&acme).expect("list").into_iter().map(|b| b.job).collect()
+        let jobs = async |backups: &Backups| -> Vec<Option<i64>> {
+            backups
+                .list(&acme)
+                .await
+                .expect("list")
+                .into_iter()
+                .map(|b| b.job)
+                .collect()
         };
-        assert_eq!(jobs(&backups), [Some(3), Some(2), Some(1)]);
+        assert_eq!(jobs(&backups).await, [Some(3), Some(2), Some(1)]);
 
         backups
             .prune(&acme, Some(&dir.join("acme-1-job1.dump")))
+            .await
             .expect("prune");
-        assert_eq!(jobs(&backups), [Some(3), Some(2), Some(1)], "the spared one stays");
-        backups.prune(&acme, None).expect("prune");
-        assert_eq!(jobs(&backups), [Some(3), Some(2)]);
+        assert_eq!(
+            jobs(&backups).await,
+            [Some(3), Some(2), Some(1)],
+            "the spared one stays"
+        );
+        backups.prune(&acme, None).await.expect("prune");
+        assert_eq!(jobs(&backups).await, [Some(3), Some(2)]);
         assert!(dir.join(".acme-4-job4.dump.partial").exists(), "not a finished backup");
         assert_eq!(job_of("acme-20261127T000000Z-job42.dump"), Some(42));
         assert_eq!(job_of("copied-by-hand.dump"), None);
     }
 
-    #[test]
-    fn backups_expire_by_age_but_an_existing_tenant_keeps_its_newest() {
+    #[tokio::test]
+    async fn backups_expire_by_age_but_an_existing_tenant_keeps_its_newest() {
         let root = tempfile::tempdir().expect("tempdir");
-        let backups = backups_in(root.path());
+        let backups = backups_in(root.path()).await;
         let acme = TenantSlug::parse("acme").expect("slug");
         let dir = root.path().join("acme");
         std::fs::create_dir_all(&dir).expect("mkdir");
         std::fs::create_dir_all(root.path().join("Not A Slug")).expect("mkdir");
         let now = three_backups_of_acme(&dir);
-        let expired = |seconds_ago: u64, exists: bool| -> Vec<Option<i64>> {
+        let expired = async |seconds_ago: u64, exists: bool| -> Vec<Option<i64>> {
             let cutoff = now - std::time::Duration::from_secs(seconds_ago);
             backups
                 .expired(&acme, cutoff.into(), exists)
+                .await
                 .expect("expired")
                 .into_iter()
                 .map(|b| b.job)
                 .collect()
         };
-        assert_eq!(expired(15, true), [Some(1), Some(2)], "oldest first");
-        assert_eq!(expired(25, true), [Some(1)]);
-        assert_eq!(expired(5, true), [Some(1), Some(2)], "the newest is kept");
+        assert_eq!(expired(15, true).await, [Some(1), Some(2)], "oldest first");
+        assert_eq!(expired(25, true).await, [Some(1)]);
+        assert_eq!(expired(5, true).await, [Some(1), Some(2)], "the newest is kept");
         assert_eq!(
-            expired(5, false),
+            expired(5, false).await,
             [Some(1), Some(2), Some(3)],
             "a deleted tenant keeps none"
         );
-        assert_eq!(expired(40, false), Vec::<Option<i64>>::new());
-        assert_eq!(backups.tenants().expect("tenants"), [acme]);
+        assert_eq!(expired(40, false).await, Vec::<Option<i64>>::new());
+        assert_eq!(backups.tenants().await.expect("tenants"), [acme]);
     }
 
     #[test]

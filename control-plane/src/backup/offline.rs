@@ -4,10 +4,10 @@
 //! `silo-control-plane decrypt-backup` turns one back into a `pg_dump` file for a restore
 //! outside silo.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::sealed::{self, Format, Header, SealError};
-use super::{io, is_backup_name, sealed_error, sync_file, BackupError, Backups};
+use super::{io, sealed_error, sync_file, BackupError, Backups};
 use crate::names::TenantSlug;
 
 /// What [`Backups::rekey`] did.
@@ -44,7 +44,8 @@ impl Backups {
     /// already, one file at a time, each replaced by a rename once its new copy is on disk
     /// (with the old file's modification time, which orders backups). Every backup is read
     /// through, so a corrupted one is reported. Files a running job removes meanwhile are
-    /// reported too, and nothing else is lost.
+    /// reported too, and nothing else is lost. With `[backups.s3]`, backups only in the bucket
+    /// are downloaded first, and each one rekeyed replaces its copy in the bucket.
     pub async fn rekey(&self) -> Result<RekeyReport, BackupError> {
         if self.config.dir.is_none() {
             return Err(BackupError::NotConfigured);
@@ -53,8 +54,8 @@ impl Backups {
             return Err(BackupError::NotEncrypting);
         }
         let mut report = RekeyReport::default();
-        for (slug, file) in every_backup(self)? {
-            match self.rekey_file(&slug, &file).await {
+        for (slug, name) in self.every_backup().await? {
+            match self.rekey_backup(&slug, &name).await {
                 Ok(Rekeyed::Encrypted) => report.encrypted += 1,
                 Ok(Rekeyed::Reencrypted) => report.reencrypted += 1,
                 Ok(Rekeyed::Current) => report.current += 1,
@@ -62,6 +63,33 @@ impl Backups {
             }
         }
         Ok(report)
+    }
+
+    /// Every finished backup (its tenant and file name), in a stable order.
+    async fn every_backup(&self) -> Result<Vec<(TenantSlug, String)>, BackupError> {
+        let mut every = Vec::new();
+        for slug in self.tenants().await? {
+            for backup in self.list(&slug).await? {
+                every.push((slug.clone(), backup.file));
+            }
+        }
+        every.sort();
+        Ok(every)
+    }
+
+    /// Rekeys `slug`'s backup `name`, downloaded first when only the bucket has it, and
+    /// uploaded over its copy there when it changed.
+    async fn rekey_backup(&self, slug: &TenantSlug, name: &str) -> Result<Rekeyed, BackupError> {
+        let file = self.fetch(slug, name).await?.ok_or_else(|| BackupError::Io {
+            what: "read",
+            path: self.tenant_dir(slug).map(|dir| dir.join(name)).unwrap_or_default(),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?;
+        let rekeyed = self.rekey_file(slug, &file).await?;
+        if let (Some(bucket), Rekeyed::Encrypted | Rekeyed::Reencrypted) = (&self.s3, &rekeyed) {
+            bucket.upload(slug, name, &file).await?;
+        }
+        Ok(rekeyed)
     }
 
     async fn rekey_file(&self, slug: &TenantSlug, file: &Path) -> Result<Rekeyed, BackupError> {
@@ -184,21 +212,4 @@ async fn read_header(file: &Path) -> Result<(Header, tokio::fs::File), BackupErr
     let mut input = tokio::fs::File::open(file).await.map_err(io("read", file))?;
     let header = Header::read(&mut input).await.map_err(sealed_error(file))?;
     Ok((header, input))
-}
-
-/// Every finished backup, with the tenant whose directory it is in, in a stable order.
-fn every_backup(backups: &Backups) -> Result<Vec<(TenantSlug, PathBuf)>, BackupError> {
-    let mut every = Vec::new();
-    for slug in backups.tenants()? {
-        let dir = backups.tenant_dir(&slug)?;
-        for file in std::fs::read_dir(&dir).map_err(io("list", &dir))? {
-            let file = file.map_err(io("list", &dir))?.path();
-            let name = file.file_name().and_then(|name| name.to_str()).unwrap_or_default();
-            if is_backup_name(name) && file.is_file() {
-                every.push((slug.clone(), file));
-            }
-        }
-    }
-    every.sort_by(|a, b| a.1.cmp(&b.1));
-    Ok(every)
 }

@@ -53,7 +53,7 @@ pub async fn run(catalog: PgPool, backups: Backups, shutdown: CancellationToken)
 /// an existing tenant; returns how many were erased.
 pub async fn expire(catalog: &PgPool, backups: &Backups, keep_for: Duration) -> anyhow::Result<usize> {
     let cutoff = chrono::Utc::now() - keep_for;
-    let slugs = backups.tenants()?;
+    let slugs = backups.tenants().await?;
     if slugs.is_empty() {
         return Ok(0);
     }
@@ -88,7 +88,7 @@ pub async fn expire(catalog: &PgPool, backups: &Backups, keep_for: Duration) -> 
     .collect();
     let mut doomed: Vec<(TenantSlug, BackupFile)> = Vec::new();
     for slug in slugs.iter().filter(|slug| !busy.contains(slug.as_str())) {
-        for backup in backups.expired(slug, cutoff, existing.contains(slug.as_str()))? {
+        for backup in backups.expired(slug, cutoff, existing.contains(slug.as_str())).await? {
             if recorded.contains(&(slug.as_str().to_owned(), backup.file.clone())) {
                 doomed.push((slug.clone(), backup));
                 continue;
@@ -107,7 +107,7 @@ pub async fn expire(catalog: &PgPool, backups: &Backups, keep_for: Duration) -> 
     tx.commit().await?;
     let mut erased = 0;
     for (slug, backup) in doomed {
-        match backups.remove(&slug, &backup.file) {
+        match backups.remove(&slug, &backup.file).await {
             Ok(true) => erased += 1,
             Ok(false) => {}
             Err(e) => {

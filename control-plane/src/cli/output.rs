@@ -112,14 +112,25 @@ pub(crate) fn print_backups(backups: &[Value], slug: &str) {
                 field(b, "created_at"),
                 field(b, "job"),
                 if b["encrypted"] == true { "yes" } else { "no" }.to_owned(),
+                stored_in(b),
             ]
         })
         .collect();
     print_table(
-        &["FILE", "BYTES", "CREATED", "JOB", "ENCRYPTED"],
+        &["FILE", "BYTES", "CREATED", "JOB", "ENCRYPTED", "STORED IN"],
         &rows,
         &format!("no backups of {slug}"),
     );
+}
+
+/// Where a backup's copies are: `local`, `s3` or `local+s3`.
+fn stored_in(backup: &Value) -> String {
+    let places: Vec<&str> = [("local", "local"), ("s3", "s3")]
+        .into_iter()
+        .filter(|(key, _)| backup[*key] == true)
+        .map(|(_, place)| place)
+        .collect();
+    places.join("+")
 }
 
 /// Tenants' database sizes, largest first, then each server's total; servers that could not

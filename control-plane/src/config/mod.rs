@@ -317,6 +317,27 @@ pub struct BackupsConfig {
     pub encryption_key_file: Option<PathBuf>,
     /// Keys older backups were encrypted under: they only decrypt.
     pub previous_encryption_key_files: Vec<PathBuf>,
+    /// `[backups.s3]`: where every backup is copied to, off this machine; None: backups stay
+    /// in `dir` only.
+    pub s3: Option<BackupsS3Config>,
+}
+
+/// The `[backups.s3]` section: an S3 bucket (or an S3-compatible store) every backup is
+/// uploaded to before it counts as taken, and restored from when `dir` has lost it.
+#[derive(Debug, Clone)]
+pub struct BackupsS3Config {
+    /// The bucket (made beforehand; silo never creates or deletes buckets).
+    pub bucket: String,
+    /// Prepended to every object key: `{prefix}{slug}/{file}`. Empty, or ends with `/`.
+    pub prefix: String,
+    /// The bucket's region; None: the AWS SDK's (`AWS_REGION`, the profile, ...).
+    pub region: Option<String>,
+    /// Another endpoint than AWS's: MinIO, Ceph, a test server.
+    pub endpoint_url: Option<String>,
+    /// `https://host/bucket/key` addresses instead of `https://bucket.host/key` (MinIO).
+    pub path_style: bool,
+    /// Backups larger than this are uploaded in parts of this size (S3 allows 10,000 parts).
+    pub part_size: u64,
 }
 
 /// The `[router]` section.
@@ -391,6 +412,56 @@ pub struct TlsFiles {
     pub sni_dir: Option<PathBuf>,
     /// How often `sni_dir` is re-scanned for added, changed or removed certificates.
     pub sni_reload_interval: Duration,
+}
+
+/// The `[backups.s3]` section, checked.
+fn backups_s3(raw: raw::RawBackupsS3) -> Result<BackupsS3Config, ConfigError> {
+    // S3's bucket naming rules, for the names a configuration would use.
+    let bucket_ok = (3..=63).contains(&raw.bucket.len())
+        && raw
+            .bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && raw.bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && raw.bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !bucket_ok {
+        return Err(invalid(
+            "backups.s3.bucket",
+            format!(
+                "{:?} is not a bucket name (3 to 63 lower-case letters, digits, '-' and '.')",
+                raw.bucket
+            ),
+        ));
+    }
+    if !(raw.prefix.is_empty() || raw.prefix.ends_with('/')) || raw.prefix.starts_with('/') {
+        return Err(invalid(
+            "backups.s3.prefix",
+            "must be empty or end with '/', and not start with '/' (e.g. \"silo/\")",
+        ));
+    }
+    if let Some(url) = &raw.endpoint_url {
+        let parsed = reqwest::Url::parse(url).ok();
+        if !parsed.is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some()) {
+            return Err(invalid(
+                "backups.s3.endpoint_url",
+                format!("{url:?} is not an http(s) URL"),
+            ));
+        }
+    }
+    if !(5..=5120).contains(&raw.part_size_mib) {
+        return Err(invalid(
+            "backups.s3.part_size_mib",
+            "must be between 5 and 5120 (S3's limits on a part)",
+        ));
+    }
+    Ok(BackupsS3Config {
+        bucket: raw.bucket,
+        prefix: raw.prefix,
+        region: raw.region,
+        endpoint_url: raw.endpoint_url,
+        path_style: raw.path_style,
+        part_size: raw.part_size_mib * 1024 * 1024,
+    })
 }
 
 fn duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
@@ -760,6 +831,14 @@ impl Config {
             ));
         }
 
+        let s3 = raw.backups.s3.map(backups_s3).transpose()?;
+        if s3.is_some() && raw.backups.dir.is_none() {
+            return Err(invalid(
+                "backups.s3",
+                "needs backups.dir, where backups are written before they are uploaded",
+            ));
+        }
+
         Ok(Self {
             catalog,
             tenant_migrations_dir: raw.tenant_migrations_dir.map(resolve),
@@ -782,6 +861,7 @@ impl Config {
                     .into_iter()
                     .map(resolve)
                     .collect(),
+                s3,
             },
             router,
         })
@@ -937,6 +1017,31 @@ local_master_key_file = "master.key"
                 "[backups]\nprevious_encryption_key_files = [\"old.key\"]\n",
                 "backups.previous_encryption_key_files",
             ),
+            (
+                "[backups.s3]\nbucket = \"silo-backups\"\n",
+                "`backups.s3`: needs backups.dir",
+            ),
+            (
+                "[backups]\ndir = \"b\"\n[backups.s3]\nbucket = \"Silo_Backups\"\n",
+                "backups.s3.bucket",
+            ),
+            (
+                "[backups]\ndir = \"b\"\n[backups.s3]\nbucket = \"sb\"\n",
+                "backups.s3.bucket",
+            ),
+            (
+                "[backups]\ndir = \"b\"\n[backups.s3]\nbucket = \"silo-backups\"\nprefix = \"silo\"\n",
+                "backups.s3.prefix",
+            ),
+            (
+                "[backups]\ndir = \"b\"\n[backups.s3]\nbucket = \"silo-backups\"\nendpoint_url = \"ftp://x\"\n",
+                "backups.s3.endpoint_url",
+            ),
+            (
+                "[backups]\ndir = \"b\"\n[backups.s3]\nbucket = \"silo-backups\"\npart_size_mib = 1\n",
+                "backups.s3.part_size_mib",
+            ),
+            ("[backups]\ndir = \"b\"\n[backups.s3]\nprefix = \"silo/\"\n", "bucket"),
             ("[router.plans.gold]\nburst = 0\n", "router.plans.gold.burst"),
             ("[rotation]\nstrategy = \"double\"\n", "rotation.strategy"),
             (

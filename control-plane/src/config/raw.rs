@@ -39,6 +39,25 @@ pub(super) struct RawBackups {
     pub(super) encryption_key_file: Option<PathBuf>,
     #[serde(default)]
     pub(super) previous_encryption_key_files: Vec<PathBuf>,
+    pub(super) s3: Option<RawBackupsS3>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBackupsS3 {
+    pub(super) bucket: String,
+    #[serde(default)]
+    pub(super) prefix: String,
+    pub(super) region: Option<String>,
+    pub(super) endpoint_url: Option<String>,
+    #[serde(default)]
+    pub(super) path_style: bool,
+    #[serde(default = "default_part_size_mib")]
+    pub(super) part_size_mib: u64,
+}
+
+fn default_part_size_mib() -> u64 {
+    64
 }
 
 #[derive(Deserialize)]
