@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sqlx::{Connection, PgConnection, PgPool};
-use tracing::{info, instrument};
+use tracing::{info, instrument, warn};
 
-use crate::backup::Backups;
+use crate::backup::{retention, Backups};
 use crate::catalog::routes::TenantStatus;
 use crate::catalog::tenants;
 use crate::jobs::{self, Job};
@@ -455,11 +455,12 @@ impl Provisioner {
                         &current
                     }
                 };
-                let file = self
-                    .backups
-                    .take(slug, job.id, login, &server.config.tls, spare)
-                    .await?;
+                let file = self.backups.take(slug, job.id, login, &server.config.tls).await?;
                 info!(file = %file.display(), "tenant database backed up");
+                // The new backup is taken whatever happens to the old ones.
+                if let Err(e) = retention::keep_last(&self.catalog, &self.backups, slug, spare).await {
+                    warn!(error = %e, "backups beyond [backups] keep_last not erased; erased after the next backup");
+                }
                 file
             }
         };

@@ -186,7 +186,7 @@ async fn listed_jobs(stack: &Stack, slug: &str) -> Vec<i64> {
 }
 
 /// `siloctl tenant backups SLUG` lists a tenant's backups newest first, a deleted tenant's
-/// too, and `[backups] keep_last` removes all but the newest ones.
+/// too, and `[backups] keep_last` erases all but the newest ones, audited.
 #[tokio::test(flavor = "multi_thread")]
 async fn backups_are_listed_newest_first_and_only_the_last_ones_are_kept() {
     let stack = stack_with_backups("keep_last = 2\n").await;
@@ -203,6 +203,21 @@ async fn backups_are_listed_newest_first_and_only_the_last_ones_are_kept() {
         .unwrap()
         .count();
     assert_eq!(on_disk, 2, "the oldest backup was removed");
+    let (status, audit) = stack
+        .admin(
+            Method::GET,
+            &format!("/v1/audit?tenant={slug}&action=tenant.backup.prune"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let pruned = audit["items"].as_array().unwrap();
+    assert_eq!(pruned.len(), 1, "{audit}");
+    assert_eq!(pruned[0]["actor"], "scheduler", "{audit}");
+    assert_eq!(pruned[0]["detail"]["keep_last"], 2, "{audit}");
+    let file = pruned[0]["detail"]["file"].as_str().unwrap();
+    assert!(file.ends_with(&format!("-job{}.dump", jobs[0])), "{audit}");
 
     // A deleted tenant's backups are still listed, and restore it.
     let (status, body) = delete(&stack, &slug, "?backup=true").await;

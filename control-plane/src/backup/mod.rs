@@ -442,20 +442,25 @@ impl Backups {
         Ok(expired)
     }
 
-    /// Removes `slug`'s oldest backups beyond `[backups] keep_last`, but not `spare`.
-    async fn prune(&self, slug: &TenantSlug, spare: Option<&Path>) -> Result<(), BackupError> {
+    /// `[backups] keep_last`.
+    pub fn keep_last(&self) -> Option<usize> {
+        self.config.keep_last
+    }
+
+    /// `slug`'s backups beyond its newest `[backups] keep_last`, newest first, except `spare`
+    /// (one being restored); none without `keep_last`.
+    pub async fn beyond_keep_last(
+        &self,
+        slug: &TenantSlug,
+        spare: Option<&Path>,
+    ) -> Result<Vec<BackupFile>, BackupError> {
         let Some(keep) = self.config.keep_last else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let spared = spare.and_then(Path::file_name);
-        for old in self.list(slug).await?.iter().skip(keep) {
-            if spared.is_some_and(|name| name == old.file.as_str()) {
-                continue;
-            }
-            self.remove(slug, &old.file).await?;
-            tracing::info!(tenant = %slug, file = %old.file, keep, "old backup removed ([backups] keep_last)");
-        }
-        Ok(())
+        let mut beyond: Vec<BackupFile> = self.list(slug).await?.into_iter().skip(keep).collect();
+        beyond.retain(|old| spared.is_none_or(|name| name != old.file.as_str()));
+        Ok(beyond)
     }
 
     /// Removes the backup job `job_id` took of `slug`, if it took one: a move that was undone
@@ -469,15 +474,13 @@ impl Backups {
     }
 
     /// A new backup of `slug`'s database for job `job_id`, logged in with `secret` (the
-    /// tenant's current login) over `tls`. Pruning to `[backups] keep_last` afterwards leaves
-    /// the backup `spare` (one being restored) alone.
+    /// tenant's current login) over `tls`.
     pub async fn take(
         &self,
         slug: &TenantSlug,
         job_id: i64,
         secret: &DbSecret,
         tls: &ServerTls,
-        spare: Option<&Path>,
     ) -> Result<PathBuf, BackupError> {
         let dir = self.tenant_dir(slug)?;
         create_private_dir(&dir)?;
@@ -512,10 +515,6 @@ impl Backups {
         }
         std::fs::rename(&partial, &file).map_err(io("rename the finished backup to", &file))?;
         sync_file(&dir)?;
-        // The new backup is taken whatever happens to the old ones.
-        if let Err(e) = self.prune(slug, spare).await {
-            tracing::warn!(tenant = %slug, error = %e, "old backups not removed");
-        }
         Ok(file)
     }
 
@@ -972,7 +971,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn backups_are_listed_newest_first_and_pruned_to_keep_last() {
+    async fn backups_are_listed_newest_first_and_those_beyond_keep_last_found() {
         let root = tempfile::tempdir().expect("tempdir");
         let backups = Backups::open(BackupsConfig {
             dir: Some(root.path().to_owned()),
@@ -987,28 +986,19 @@ mod tests {
         std::fs::create_dir_all(dir.join(".work-1")).expect("mkdir");
         std::fs::write(dir.join(".acme-4-job4.dump.partial"), b"x").expect("write");
         three_backups_of_acme(&dir);
-        let jobs = async |backups: &Backups| -> Vec<Option<i64>> {
-            backups
-                .list(&acme)
-                .await
-                .expect("list")
-                .into_iter()
-                .map(|b| b.job)
-                .collect()
-        };
-        assert_eq!(jobs(&backups).await, [Some(3), Some(2), Some(1)]);
-
-        backups
-            .prune(&acme, Some(&dir.join("acme-1-job1.dump")))
-            .await
-            .expect("prune");
+        let jobs = |backups: Vec<BackupFile>| -> Vec<Option<i64>> { backups.into_iter().map(|b| b.job).collect() };
         assert_eq!(
-            jobs(&backups).await,
-            [Some(3), Some(2), Some(1)],
-            "the spared one stays"
+            jobs(backups.list(&acme).await.expect("list")),
+            [Some(3), Some(2), Some(1)]
         );
-        backups.prune(&acme, None).await.expect("prune");
-        assert_eq!(jobs(&backups).await, [Some(3), Some(2)]);
+
+        let beyond = backups
+            .beyond_keep_last(&acme, Some(&dir.join("acme-1-job1.dump")))
+            .await
+            .expect("beyond");
+        assert_eq!(jobs(beyond), [], "the spared one stays");
+        let beyond = backups.beyond_keep_last(&acme, None).await.expect("beyond");
+        assert_eq!(jobs(beyond), [Some(1)]);
         assert!(dir.join(".acme-4-job4.dump.partial").exists(), "not a finished backup");
         assert_eq!(job_of("acme-20261127T000000Z-job42.dump"), Some(42));
         assert_eq!(job_of("copied-by-hand.dump"), None);

@@ -1,3 +1,6 @@
+//! `[backups] keep_last`: taking a backup erases the tenant's oldest beyond that many, each
+//! audited first (`tenant.backup.prune`, actor `scheduler`).
+//!
 //! `[backups] keep_for`: backups older than that are erased, deleted tenants' included (data
 //! a regulated company may not keep once its retention period is over), except the newest
 //! backup of a tenant that still exists. Each erasure is audited (`tenant.backup.expire`, actor
@@ -116,6 +119,41 @@ pub async fn expire(catalog: &PgPool, backups: &Backups, keep_for: Duration) -> 
         }
     }
     Ok(erased)
+}
+
+/// Erases `slug`'s backups beyond `[backups] keep_last`, but not `spare` (one being restored):
+/// each is audited before it is erased, and one that cannot be erased is erased after the
+/// tenant's next backup (recorded again then).
+pub async fn keep_last(
+    catalog: &PgPool,
+    backups: &Backups,
+    slug: &TenantSlug,
+    spare: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let Some(keep) = backups.keep_last() else {
+        return Ok(());
+    };
+    let doomed = backups.beyond_keep_last(slug, spare).await?;
+    if doomed.is_empty() {
+        return Ok(());
+    }
+    let mut tx = catalog.begin().await?;
+    for backup in &doomed {
+        audit::record(
+            &mut tx,
+            "scheduler",
+            "tenant.backup.prune",
+            Some(slug.as_str()),
+            json!({"file": backup.file, "created_at": backup.created_at, "keep_last": keep}),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    for backup in doomed {
+        backups.remove(slug, &backup.file).await?;
+        info!(tenant = %slug, file = %backup.file, keep, "old backup erased ([backups] keep_last)");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
