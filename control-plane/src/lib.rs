@@ -31,6 +31,7 @@ pub mod spares;
 pub mod template;
 pub mod tenant_schema;
 pub mod tls;
+pub mod verify;
 pub mod worker;
 
 /// Makes aws-lc-rs the process's default rustls crypto provider (idempotent).

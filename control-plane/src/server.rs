@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AdminTokens, ApiState};
 use crate::backup::freshness::Freshness;
+use crate::backup::schedule::Scheduled;
 use crate::backup::{self, retention, Backups};
 use crate::config::{Config, SecretsBackend};
 use crate::provision::Provisioner;
@@ -182,9 +183,19 @@ impl ControlPlane {
             self.api.config.rotation.clone(),
             shutdown.clone(),
         ));
+        let backups = &self.api.config.backups;
         let backup_schedule = tokio::spawn(backup::schedule::run(
             self.api.catalog.clone(),
-            self.api.config.backups.clone(),
+            Scheduled::Backup,
+            backups.every,
+            backups.max_concurrent,
+            shutdown.clone(),
+        ));
+        let drill_schedule = tokio::spawn(backup::schedule::run(
+            self.api.catalog.clone(),
+            Scheduled::Verify,
+            backups.verify_every,
+            backups.max_concurrent,
             shutdown.clone(),
         ));
         let retention = tokio::spawn(retention::run(
@@ -215,6 +226,7 @@ impl ControlPlane {
         let _ = scheduler.await;
         let _ = retention.await;
         let _ = backup_schedule.await;
+        let _ = drill_schedule.await;
         let _ = spares.await;
         self.api.catalog.close().await;
         result

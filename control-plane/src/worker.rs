@@ -115,6 +115,7 @@ impl Workers {
                 "move" => self.provisioner.move_tenant(&job).await,
                 "backup" => self.provisioner.back_up(&job).await,
                 "restore" => self.provisioner.restore_tenant(&job).await,
+                "verify" => self.provisioner.verify_backup(&job).await,
                 other => Err(ProvisionError::InvalidJob(format!("unknown job kind {other:?}"))),
             }
         };

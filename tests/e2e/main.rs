@@ -6,6 +6,7 @@
 mod admin_api;
 mod admin_tls;
 mod audit;
+mod backup_drills;
 mod backup_encryption;
 mod backups;
 mod contract;

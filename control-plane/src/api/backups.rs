@@ -3,7 +3,9 @@
 //! `GET /v1/tenants/{slug}/backups`: the backups a tenant can be restored from,
 //! `DELETE /v1/tenants/{slug}/backups/{file}`: one erased, and
 //! `POST /v1/tenants/{slug}/restore`: a tenant's data put back as one of its backups holds
-//! it (a `restore` job; see `crate::restores`).
+//! it (a `restore` job; see `crate::restores`), and
+//! `POST /v1/tenants/{slug}/backups/verify`: a restore drill of one of them into a scratch
+//! database (a `verify` job; see `crate::verify`).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -18,6 +20,7 @@ use super::tenants::{check_backup, lock_active_or_suspended, parse_slug};
 use super::ApiState;
 use crate::catalog::tenants;
 use crate::restores::RestoreParams;
+use crate::verify::VerifyParams;
 use crate::{audit, jobs};
 
 /// `POST /v1/tenants/{slug}/backup` → 202 `{"job"}`. Asking again while the backup runs
@@ -156,6 +159,73 @@ pub async fn restore(
         "tenant.restore",
         Some(slug.as_str()),
         json!({"backup": req.backup, "job": job.id}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
+}
+
+/// `POST /v1/tenants/{slug}/backups/verify` body.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyBackup {
+    /// The file name of one of the tenant's backups; default: its newest.
+    #[serde(default)]
+    backup: Option<String>,
+}
+
+/// `POST /v1/tenants/{slug}/backups/verify` `{"backup"?}` → 202 `{"job"}`: the backup (by
+/// default the tenant's newest) is restored into a scratch database on the tenant's server,
+/// checked and dropped, while the tenant keeps serving. Asking again while the same drill
+/// runs returns that job. 422 `backup_not_found` when the tenant has no such backup (or none
+/// at all), 409 `tenant_busy` while another job of the tenant runs.
+pub async fn verify(
+    State(state): State<ApiState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(slug): Path<String>,
+    body: Option<Body<VerifyBackup>>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let slug = parse_slug(&slug)?;
+    let req = body.map(|Body(req)| req).unwrap_or_default();
+    require_backups_dir(&state, "verifying a backup")?;
+    let backup = match req.backup {
+        Some(backup) => {
+            check_backup(&state, &slug, &backup).await?;
+            backup
+        }
+        None => state
+            .backups
+            .list(&slug)
+            .await?
+            .into_iter()
+            .next()
+            .map(|newest| newest.file)
+            .ok_or_else(|| {
+                ApiError::Unprocessable(
+                    "backup_not_found",
+                    format!("tenant {slug} has no backups to verify (siloctl tenant backup {slug} takes one)"),
+                )
+            })?,
+    };
+    let mut tx = state.catalog.begin().await?;
+    lock_active_or_suspended(&mut tx, &slug, "verified").await?;
+    if let Some(job) = jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
+        if job.kind == "verify" && job.params["backup"] == backup.as_str() {
+            return Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))));
+        }
+        return Err(ApiError::tenant_busy(&job));
+    }
+    let params = serde_json::to_value(VerifyParams {
+        backup: Some(backup.clone()),
+    })
+    .map_err(|e| ApiError::Internal(e.into()))?;
+    let job = jobs::enqueue(&mut tx, "verify", Some(slug.as_str()), params).await?;
+    audit::record(
+        &mut tx,
+        &actor,
+        "tenant.backup.verify",
+        Some(slug.as_str()),
+        json!({"backup": backup, "job": job.id}),
     )
     .await?;
     tx.commit().await?;

@@ -79,6 +79,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/tenants/{slug}/backups", get(backups::list))
         .route("/tenants/{slug}/backups/{file}", delete(backups::remove))
         .route("/tenants/{slug}/restore", post(backups::restore))
+        .route("/tenants/{slug}/backups/verify", post(backups::verify))
         .route("/rotations", post(rotations::rotate_many))
         .route("/migrations", post(migrations::start))
         .route("/migrations/status", get(migrations::status))

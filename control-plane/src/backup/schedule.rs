@@ -5,9 +5,13 @@
 //! reads a whole database). A backup that failed is tried again after an hour (or `every`,
 //! if shorter), not at every pass.
 //!
+//! `[backups] verify_every`: the same for restore drills (`verify` jobs of each live tenant's
+//! newest backup, see `crate::verify`), for tenants with a backup job that succeeded; at most
+//! `max_concurrent` drills at once too, counted apart from the backups.
+//!
 //! Several control planes may run this at once: each pass holds a transaction-level advisory
 //! lock and skips tenants that already have an unfinished job, so every due tenant is backed
-//! up once.
+//! up (or drilled) once.
 
 use std::time::Duration;
 
@@ -16,12 +20,52 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::BackupsConfig;
 use crate::{audit, jobs};
 
-/// Advisory lock key of the backup schedule ("silo-bks").
-const SCHEDULE_LOCK: i64 = 0x73696c6f_2d626b73;
-/// A failed backup is tried again after this long at most.
+/// A job the schedule queues for every live tenant that is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheduled {
+    /// `backup` jobs, `[backups] every`.
+    Backup,
+    /// `verify` jobs (restore drills) of the newest backup, `[backups] verify_every`.
+    Verify,
+}
+
+impl Scheduled {
+    fn kind(self) -> &'static str {
+        match self {
+            Scheduled::Backup => "backup",
+            Scheduled::Verify => "verify",
+        }
+    }
+
+    /// Advisory lock key of the schedule ("silo-bks", "silo-bkv").
+    fn lock(self) -> i64 {
+        match self {
+            Scheduled::Backup => 0x73696c6f_2d626b73,
+            Scheduled::Verify => 0x73696c6f_2d626b76,
+        }
+    }
+
+    fn audit_action(self) -> &'static str {
+        match self {
+            Scheduled::Backup => "tenant.backup",
+            Scheduled::Verify => "tenant.backup.verify",
+        }
+    }
+
+    /// What else a due tenant needs, as SQL on `tenants t`: a drill needs a backup to restore.
+    fn also_needs(self) -> &'static str {
+        match self {
+            Scheduled::Backup => "true",
+            Scheduled::Verify => {
+                "EXISTS (SELECT 1 FROM jobs b WHERE b.tenant = t.slug AND b.kind = 'backup' AND b.state = 'succeeded')"
+            }
+        }
+    }
+}
+
+/// A failed job is tried again after this long at most.
 const RETRY_FAILED_AFTER: Duration = Duration::from_secs(3600);
 
 /// How often to look for due tenants: a tenth of `every`, between one second and a minute.
@@ -29,17 +73,23 @@ fn check_every(every: Duration) -> Duration {
     (every / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
 }
 
-/// Queues backups of due tenants every so often until `shutdown`; returns at once without
-/// `[backups] every`.
-pub async fn run(catalog: PgPool, config: BackupsConfig, shutdown: CancellationToken) {
-    let Some(every) = config.every else {
+/// Queues `what` for due tenants every so often until `shutdown`; returns at once without
+/// a period.
+pub async fn run(
+    catalog: PgPool,
+    what: Scheduled,
+    every: Option<Duration>,
+    max_concurrent: u32,
+    shutdown: CancellationToken,
+) {
+    let Some(every) = every else {
         return;
     };
     loop {
-        match queue_due(&catalog, every, config.max_concurrent).await {
+        match queue_due(&catalog, what, every, max_concurrent).await {
             Ok(0) => {}
-            Ok(n) => info!(queued = n, "scheduled backups"),
-            Err(e) => warn!(error = %e, "backup schedule pass"),
+            Ok(n) => info!(queued = n, kind = what.kind(), "scheduled jobs queued"),
+            Err(e) => warn!(error = %e, kind = what.kind(), "backup schedule pass"),
         }
         tokio::select! {
             () = tokio::time::sleep(check_every(every)) => {}
@@ -48,34 +98,44 @@ pub async fn run(catalog: PgPool, config: BackupsConfig, shutdown: CancellationT
     }
 }
 
-/// One pass: queues backups of due tenants; returns how many.
-pub async fn queue_due(catalog: &PgPool, every: Duration, max_concurrent: u32) -> Result<usize, sqlx::Error> {
+/// One pass: queues `what` for the live tenants whose last such job was queued more than
+/// `every` ago, least recently first, while fewer than `max_concurrent` scheduled ones are
+/// unfinished; returns how many it queued.
+pub async fn queue_due(
+    catalog: &PgPool,
+    what: Scheduled,
+    every: Duration,
+    max_concurrent: u32,
+) -> Result<usize, sqlx::Error> {
     let mut tx = catalog.begin().await?;
-    let room = jobs::scheduled_room(&mut tx, SCHEDULE_LOCK, "backup", max_concurrent).await?;
+    let room = jobs::scheduled_room(&mut tx, what.lock(), what.kind(), max_concurrent).await?;
     if room <= 0 {
         return Ok(0);
     }
-    let due: Vec<String> = sqlx::query_scalar(
+    let due: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT t.slug FROM tenants t \
          LEFT JOIN LATERAL (SELECT max(j.created_at) AS at FROM jobs j \
-             WHERE j.tenant = t.slug AND j.kind = 'backup' \
+             WHERE j.tenant = t.slug AND j.kind = $4 \
                AND (j.state <> 'failed' OR j.created_at > now() - make_interval(secs => $2))) last ON true \
-         WHERE t.status IN ('active', 'suspended') AND t.moving_to IS NULL \
+         WHERE t.status IN ('active', 'suspended') AND t.moving_to IS NULL AND t.restoring_from IS NULL \
            AND (last.at IS NULL OR last.at < now() - make_interval(secs => $1)) \
            AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.tenant = t.slug AND j.state IN ('queued','running')) \
+           AND {} \
          ORDER BY last.at NULLS FIRST, t.slug LIMIT $3",
-    )
+        what.also_needs()
+    )))
     .bind(every.as_secs_f64())
     .bind(every.min(RETRY_FAILED_AFTER).as_secs_f64())
     .bind(room)
+    .bind(what.kind())
     .fetch_all(&mut *tx)
     .await?;
     for slug in &due {
-        let job = jobs::enqueue(&mut tx, "backup", Some(slug), json!({"scheduled": true})).await?;
+        let job = jobs::enqueue(&mut tx, what.kind(), Some(slug), json!({"scheduled": true})).await?;
         audit::record(
             &mut tx,
             "scheduler",
-            "tenant.backup",
+            what.audit_action(),
             Some(slug),
             json!({"job": job.id}),
         )

@@ -231,6 +231,19 @@ pub(crate) enum TenantCommand {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Prove a backup restores: restore it into a scratch database on the tenant's server, count
+    /// what it holds, drop it (the tenant keeps serving).
+    VerifyBackup {
+        /// The tenant's slug.
+        slug: TenantSlug,
+        /// One of the tenant's backups (a file name as `tenant backups SLUG` lists them);
+        /// default: its newest.
+        #[arg(long, value_name = "FILE")]
+        from: Option<PathBuf>,
+        /// Return once the job is queued.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// List tenants' databases by the disk they take, largest first, with each server's total.
     Sizes {
         /// Only the tenants on this server.

@@ -212,6 +212,16 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
                 .await?;
             finish_jobs(client, out, resp, no_wait, &format!("restoring {slug}")).await
         }
+        TenantCommand::VerifyBackup { slug, from, no_wait } => {
+            let body = match from {
+                Some(from) => json!({ "backup": from.file_name().map(|n| n.to_string_lossy()).unwrap_or_default() }),
+                None => json!({}),
+            };
+            let resp = client
+                .post(&format!("{}/backups/verify", tenant_path(&slug)), &body)
+                .await?;
+            finish_jobs(client, out, resp, no_wait, &format!("verifying a backup of {slug}")).await
+        }
         TenantCommand::Move { slug, to, no_wait } => {
             let resp = client
                 .post(&format!("{}/move", tenant_path(&slug)), &json!({ "server": to }))

@@ -310,7 +310,11 @@ pub struct BackupsConfig {
     /// Each live tenant is backed up this often by the control planes' schedule (a `backup`
     /// job queued once its last one is older). None: backups are taken on request only.
     pub every: Option<Duration>,
-    /// At most this many scheduled backups are queued or running at once.
+    /// Each live tenant's newest backup is proved by a restore drill (a `verify` job) this
+    /// often. None: drills are run on request only.
+    pub verify_every: Option<Duration>,
+    /// At most this many scheduled backups (and, apart, scheduled drills) are queued or
+    /// running at once.
     pub max_concurrent: u32,
     /// The key new backups are encrypted under (32 bytes, base64, mode 0600); None: backups
     /// are written as plain `pg_dump` files.
@@ -820,6 +824,21 @@ impl Config {
         if every.is_some() && raw.backups.dir.is_none() {
             return Err(invalid("backups.every", "needs backups.dir, where the backups go"));
         }
+        let verify_every = raw
+            .backups
+            .verify_every
+            .as_deref()
+            .map(|value| duration("backups.verify_every", value))
+            .transpose()?;
+        if verify_every.is_some_and(|every| every < Duration::from_secs(1)) {
+            return Err(invalid("backups.verify_every", "must be at least 1s"));
+        }
+        if verify_every.is_some() && raw.backups.dir.is_none() {
+            return Err(invalid(
+                "backups.verify_every",
+                "needs backups.dir, where the backups are",
+            ));
+        }
         let max_concurrent = raw.backups.max_concurrent.unwrap_or(2);
         if max_concurrent == 0 {
             return Err(invalid("backups.max_concurrent", "must be at least 1"));
@@ -853,6 +872,7 @@ impl Config {
                 keep_last,
                 keep_for,
                 every,
+                verify_every,
                 max_concurrent,
                 encryption_key_file: raw.backups.encryption_key_file.map(resolve),
                 previous_encryption_key_files: raw
@@ -1008,6 +1028,11 @@ local_master_key_file = "master.key"
             ("[backups]\nkeep_for = \"soon\"\n", "backups.keep_for"),
             ("[backups]\nkeep_for = \"30d\"\n", "backups.keep_for"),
             ("[backups]\nevery = \"1d\"\n", "backups.every"),
+            ("[backups]\nverify_every = \"7d\"\n", "backups.verify_every"),
+            (
+                "[backups]\ndir = \"b\"\nverify_every = \"0s\"\n",
+                "backups.verify_every",
+            ),
             (
                 "[backups]\ndir = \"b\"\nevery = \"1d\"\nmax_concurrent = 0\n",
                 "backups.max_concurrent",

@@ -35,6 +35,7 @@ pub(super) struct RawBackups {
     pub(super) keep_last: Option<usize>,
     pub(super) keep_for: Option<String>,
     pub(super) every: Option<String>,
+    pub(super) verify_every: Option<String>,
     pub(super) max_concurrent: Option<u32>,
     pub(super) encryption_key_file: Option<PathBuf>,
     #[serde(default)]
