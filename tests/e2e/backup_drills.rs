@@ -127,6 +127,29 @@ async fn a_backup_is_proved_by_a_restore_beside_the_tenant_and_a_bad_one_fails_t
     assert_eq!(code, Some(1), "{stdout}");
     assert!(stderr.contains("step restore"), "{stderr}");
     assert_eq!(scratch_databases(&stack).await, Vec::<String>::new());
+
+    // The listing says which backups a drill proved.
+    let (code, stdout, stderr) = stack
+        .siloctl(&["-o", "json", "tenant", "backups", &slug])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let listed: Value = serde_json::from_str(&stdout).unwrap();
+    let mut verified: Vec<(String, bool)> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["file"].as_str().unwrap().to_owned(), b["verified_at"].is_string()))
+        .collect();
+    verified.sort();
+    assert_eq!(
+        verified,
+        [
+            (cut.file_name().unwrap().to_string_lossy().into_owned(), false),
+            (backup.file_name().unwrap().to_string_lossy().into_owned(), true),
+        ],
+        "{listed}"
+    );
     let (code, _, stderr) = stack
         .siloctl(&["tenant", "verify-backup", &slug, "--from", "nothing-like-it.dump"])
         .await
@@ -201,5 +224,13 @@ async fn restore_drills_run_on_schedule_for_tenants_with_a_backup() {
         .unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(audit["items"][0]["actor"], "scheduler", "{audit}");
+    let metrics = stack.control_plane_metrics().await.unwrap();
+    let unverified: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("silo_backup_unverified_seconds_max "))
+        .unwrap_or_else(|| panic!("{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(unverified < 30.0, "drilled seconds ago: {unverified}");
     stack.stop().await.unwrap();
 }

@@ -108,7 +108,7 @@ async fn an_encrypted_backup_holds_nothing_in_clear_and_restores_through_silo_an
     assert_eq!(code, Some(0), "{stderr}");
     assert!(table.lines().next().unwrap().contains(" ENCRYPTED "), "{table}");
     let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
-    assert_eq!(row[4..], ["yes", "local"], "{table}");
+    assert_eq!(row[4..], ["yes", "local", "-"], "{table}");
 
     // By hand: decrypt-backup writes the pg_dump file it was, for pg_restore outside silo.
     let config = stack.dir().join("silo.toml");

@@ -7,6 +7,8 @@
 //! `POST /v1/tenants/{slug}/backups/verify`: a restore drill of one of them into a scratch
 //! database (a `verify` job; see `crate::verify`).
 
+use std::collections::HashMap;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
@@ -60,12 +62,29 @@ pub async fn back_up(
 pub async fn list(State(state): State<ApiState>, Path(slug): Path<String>) -> Result<Json<Value>, ApiError> {
     let slug = parse_slug(&slug)?;
     require_backups_dir(&state, "listing backups")?;
-    let items = state.backups.list(&slug).await?;
-    if items.is_empty() {
+    let backups = state.backups.list(&slug).await?;
+    if backups.is_empty() {
         let mut conn = state.catalog.acquire().await?;
         if tenants::get(&mut conn, slug.as_str()).await?.is_none() {
             return Err(ApiError::tenant_not_found(slug.as_str()));
         }
+    }
+    // When each was last proved by a restore drill.
+    let verified: HashMap<String, chrono::DateTime<chrono::Utc>> = sqlx::query_as(
+        "SELECT progress->>'backup', max(updated_at) FROM jobs \
+         WHERE tenant = $1 AND kind = 'verify' AND state = 'succeeded' AND progress ? 'backup' GROUP BY 1",
+    )
+    .bind(slug.as_str())
+    .fetch_all(&state.catalog)
+    .await?
+    .into_iter()
+    .collect();
+    let mut items = Vec::with_capacity(backups.len());
+    for backup in backups {
+        let verified_at = verified.get(&backup.file).copied();
+        let mut item = serde_json::to_value(backup).map_err(|e| ApiError::Internal(e.into()))?;
+        item["verified_at"] = json!(verified_at);
+        items.push(item);
     }
     Ok(Json(json!({ "items": items })))
 }

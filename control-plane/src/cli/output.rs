@@ -113,11 +113,12 @@ pub(crate) fn print_backups(backups: &[Value], slug: &str) {
                 field(b, "job"),
                 if b["encrypted"] == true { "yes" } else { "no" }.to_owned(),
                 stored_in(b),
+                field(b, "verified_at"),
             ]
         })
         .collect();
     print_table(
-        &["FILE", "BYTES", "CREATED", "JOB", "ENCRYPTED", "STORED IN"],
+        &["FILE", "BYTES", "CREATED", "JOB", "ENCRYPTED", "STORED IN", "VERIFIED"],
         &rows,
         &format!("no backups of {slug}"),
     );
