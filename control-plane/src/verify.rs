@@ -63,10 +63,8 @@ impl Provisioner {
             Some(backup) => backup,
             None => self
                 .backups
-                .list(&slug)
+                .latest(&slug)
                 .await?
-                .into_iter()
-                .next()
                 .map(|newest| newest.file)
                 .ok_or_else(|| ProvisionError::InvalidJob(format!("tenant {slug} has no backups to verify")))?,
         };

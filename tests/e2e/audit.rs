@@ -503,7 +503,8 @@ async fn a_tokens_last_use_is_listed_so_unused_tokens_can_be_found() {
     let list = loop {
         let (status, list) = stack.admin(Method::GET, "/v1/tokens", None).await.unwrap();
         assert_eq!(status, StatusCode::OK, "{list}");
-        if !last_used(&list, "ci-deploy").is_null() {
+        // Both uses are recorded off the request path, each in its own time.
+        if !last_used(&list, "ci-deploy").is_null() && !last_used(&list, "bootstrap").is_null() {
             break list;
         }
         assert!(Instant::now() < deadline, "last use not recorded: {list}");

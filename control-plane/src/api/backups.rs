@@ -214,10 +214,8 @@ pub async fn verify(
         }
         None => state
             .backups
-            .list(&slug)
+            .latest(&slug)
             .await?
-            .into_iter()
-            .next()
             .map(|newest| newest.file)
             .ok_or_else(|| {
                 ApiError::Unprocessable(

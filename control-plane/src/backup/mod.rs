@@ -352,6 +352,11 @@ impl Backups {
         Ok(files)
     }
 
+    /// `slug`'s newest finished backup, in `[backups] dir` or in the bucket.
+    pub async fn latest(&self, slug: &TenantSlug) -> Result<Option<BackupFile>, BackupError> {
+        Ok(self.list(slug).await?.into_iter().next())
+    }
+
     /// `slug`'s finished backups in `[backups] dir`, in no order.
     fn list_local(&self, slug: &TenantSlug) -> Result<Vec<BackupFile>, BackupError> {
         let dir = self.tenant_dir(slug)?;

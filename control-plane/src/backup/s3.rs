@@ -9,8 +9,11 @@
 
 use std::path::Path;
 
+use std::time::Duration;
+
+use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
@@ -20,6 +23,7 @@ use super::sealed::{self, Format};
 use super::BackupError;
 use crate::config::BackupsS3Config;
 use crate::names::TenantSlug;
+use crate::secrets::aws::sdk_error_detail;
 
 /// A backup as the bucket lists it.
 #[derive(Debug, Clone)]
@@ -31,6 +35,13 @@ pub(super) struct Object {
     /// When it was uploaded.
     pub uploaded_at: chrono::DateTime<chrono::Utc>,
 }
+
+/// How long a connection to the bucket may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request may take to get the first byte of its answer, its body (up to a part of
+/// `part_size`) sent included: a stalled upload fails, and is retried, instead of holding its
+/// job forever.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The configured bucket.
 #[derive(Clone)]
@@ -58,7 +69,11 @@ pub struct NoRegion;
 impl Bucket {
     /// A client for the bucket `config` names.
     pub(super) async fn new(config: &BackupsS3Config) -> Result<Self, NoRegion> {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(ANSWER_TIMEOUT)
+            .build();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).timeout_config(timeouts);
         if let Some(region) = &config.region {
             loader = loader.region(Region::new(region.clone()));
         }
@@ -343,12 +358,11 @@ where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
-    let detail = match (err.code(), err.message()) {
-        (Some(code), Some(message)) => format!("{code}: {message}"),
-        (Some(code), None) => code.to_owned(),
-        _ => DisplayErrorContext(err).to_string(),
-    };
-    BackupError::S3 { what, url, detail }
+    BackupError::S3 {
+        what,
+        url,
+        detail: sdk_error_detail(err),
+    }
 }
 
 fn s3_error(what: &'static str, url: String, err: &dyn std::error::Error) -> BackupError {

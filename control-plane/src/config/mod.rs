@@ -418,6 +418,27 @@ pub struct TlsFiles {
     pub sni_reload_interval: Duration,
 }
 
+/// A `[backups]` period (`key` = `value`): at least a second (else `too_short`), and only
+/// with `backups.dir`, where the backups are.
+fn backup_period(
+    key: &str,
+    value: Option<&str>,
+    has_dir: bool,
+    too_short: &str,
+) -> Result<Option<Duration>, ConfigError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let period = duration(key, value)?;
+    if period < Duration::from_secs(1) {
+        return Err(invalid(key, too_short));
+    }
+    if !has_dir {
+        return Err(invalid(key, "needs backups.dir, where the backups are"));
+    }
+    Ok(Some(period))
+}
+
 /// The `[backups.s3]` section, checked.
 fn backups_s3(raw: raw::RawBackupsS3) -> Result<BackupsS3Config, ConfigError> {
     // S3's bucket naming rules, for the names a configuration would use.
@@ -797,48 +818,25 @@ impl Config {
                 "must be at least 1 (leave it out to keep every backup)",
             ));
         }
-        let keep_for = raw
-            .backups
-            .keep_for
-            .as_deref()
-            .map(|value| duration("backups.keep_for", value))
-            .transpose()?;
-        if keep_for.is_some_and(|keep| keep < Duration::from_secs(1)) {
-            return Err(invalid(
-                "backups.keep_for",
-                "must be at least 1s (leave it out to keep backups until they are deleted)",
-            ));
-        }
-        if keep_for.is_some() && raw.backups.dir.is_none() {
-            return Err(invalid("backups.keep_for", "needs backups.dir, where the backups are"));
-        }
-        let every = raw
-            .backups
-            .every
-            .as_deref()
-            .map(|value| duration("backups.every", value))
-            .transpose()?;
-        if every.is_some_and(|every| every < Duration::from_secs(1)) {
-            return Err(invalid("backups.every", "must be at least 1s"));
-        }
-        if every.is_some() && raw.backups.dir.is_none() {
-            return Err(invalid("backups.every", "needs backups.dir, where the backups go"));
-        }
-        let verify_every = raw
-            .backups
-            .verify_every
-            .as_deref()
-            .map(|value| duration("backups.verify_every", value))
-            .transpose()?;
-        if verify_every.is_some_and(|every| every < Duration::from_secs(1)) {
-            return Err(invalid("backups.verify_every", "must be at least 1s"));
-        }
-        if verify_every.is_some() && raw.backups.dir.is_none() {
-            return Err(invalid(
-                "backups.verify_every",
-                "needs backups.dir, where the backups are",
-            ));
-        }
+        let has_dir = raw.backups.dir.is_some();
+        let keep_for = backup_period(
+            "backups.keep_for",
+            raw.backups.keep_for.as_deref(),
+            has_dir,
+            "must be at least 1s (leave it out to keep backups until they are deleted)",
+        )?;
+        let every = backup_period(
+            "backups.every",
+            raw.backups.every.as_deref(),
+            has_dir,
+            "must be at least 1s",
+        )?;
+        let verify_every = backup_period(
+            "backups.verify_every",
+            raw.backups.verify_every.as_deref(),
+            has_dir,
+            "must be at least 1s",
+        )?;
         let max_concurrent = raw.backups.max_concurrent.unwrap_or(2);
         if max_concurrent == 0 {
             return Err(invalid("backups.max_concurrent", "must be at least 1"));

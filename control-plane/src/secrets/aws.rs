@@ -35,19 +35,28 @@ impl std::fmt::Debug for AwsSecretStore {
     }
 }
 
-/// `Backend` error for a failed call: the service's error code and message, or the SDK's
-/// description of a transport failure. Neither includes request parameters.
+/// `Backend` error for a failed call (see [`sdk_error_detail`]).
 fn backend<E, R>(op: &str, name: &str, err: &SdkError<E, R>) -> SecretStoreError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
-    let detail = match (err.code(), err.message()) {
+    SecretStoreError::Backend(format!("{op} {name:?}: {}", sdk_error_detail(err)))
+}
+
+/// What a failed AWS SDK call (of any AWS service) says: the service's error code and
+/// message, or the SDK's description of a transport failure. Neither includes request
+/// parameters.
+pub(crate) fn sdk_error_detail<E, R>(err: &SdkError<E, R>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match (err.code(), err.message()) {
         (Some(code), Some(message)) => format!("{code}: {message}"),
         (Some(code), None) => code.to_owned(),
         _ => DisplayErrorContext(err).to_string(),
-    };
-    SecretStoreError::Backend(format!("{op} {name:?}: {detail}"))
+    }
 }
 
 impl AwsSecretStore {
