@@ -13,7 +13,7 @@ use silo_tests::unique_name;
 use tokio_util::sync::CancellationToken;
 
 /// `GET path` on the control plane at `addr` with admin token `token`: the status.
-async fn status_with(addr: std::net::SocketAddr, token: &str, path: &str) -> StatusCode {
+pub(crate) async fn status_with(addr: std::net::SocketAddr, token: &str, path: &str) -> StatusCode {
     reqwest::Client::new()
         .get(format!("http://{addr}{path}"))
         .bearer_auth(token)
@@ -183,7 +183,7 @@ async fn send_with(stack: &Stack, token: &str, method: Method, path: &str, body:
     (resp.status(), resp.json().await.unwrap_or(Value::Null))
 }
 
-async fn token_of_role(stack: &Stack, name: &str, role: &str) -> String {
+pub(crate) async fn token_of_role(stack: &Stack, name: &str, role: &str) -> String {
     let (code, stdout, stderr) = stack
         .siloctl(&["-o", "json", "token", "create", name, "--role", role])
         .await

@@ -369,3 +369,95 @@ async fn rekey_backups_moves_plain_and_old_key_backups_to_the_new_key() {
     );
     stack.stop().await.unwrap();
 }
+
+/// `siloctl tenant backups SLUG --download FILE --to OUT`
+/// (`GET /v1/tenants/{slug}/backups/{file}/content`): a tenant's data handed back as the
+/// `pg_dump` file it was, decrypted by the control plane; audited, not for viewers, and
+/// nothing left behind when the backup does not decrypt whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_is_downloaded_decrypted_for_operators_only_and_never_half() {
+    let stack = stack_with_encrypted_backups().await;
+    let slug = unique_name("dl");
+    stack.create_tenant(&slug).await.unwrap();
+    let database = silo_tests::database_of(&slug);
+    // Enough incompressible rows for a backup of several 64 KiB chunks.
+    let mut conn = stack.pg().admin_options(&database).connect().await.unwrap();
+    sqlx::query("INSERT INTO tasks (title) SELECT md5(i::text) || md5((i * 7)::text) FROM generate_series(1, 6000) i")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    let titles = titles_in(&stack, &database).await;
+    let backup = backup(&stack, &slug).await;
+    let file = backup.file_name().unwrap().to_str().unwrap().to_owned();
+    let content = format!("/v1/tenants/{slug}/backups/{file}/content");
+
+    let viewer = crate::audit::token_of_role(&stack, "auditor", "viewer").await;
+    assert_eq!(
+        crate::audit::status_with(stack.control_plane_addr(), &viewer, &content).await,
+        StatusCode::FORBIDDEN
+    );
+
+    let out = stack.dir().join("export.dump");
+    let out_arg = out.to_str().unwrap();
+    let (code, stdout, stderr) = stack
+        .siloctl(&["tenant", "backups", &slug, "--download", &file, "--to", out_arg])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("pg_restore"), "{stdout}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&out).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(std::fs::read(&out).unwrap().starts_with(b"PGDMP"));
+    let restored = restore(&stack, &out).await;
+    assert_eq!(titles_in(&stack, &restored).await, titles);
+    let (code, _, stderr) = stack
+        .siloctl(&["tenant", "backups", &slug, "--download", &file, "--to", out_arg])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1), "an existing file is not overwritten: {stderr}");
+    let (code, _, stderr) = stack
+        .siloctl(&["tenant", "backups", &slug, "--download", &file])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(2), "--to is needed: {stderr}");
+
+    // A copy with one byte flipped near its end: the download fails part way, and leaves nothing.
+    let mut bytes = std::fs::read(&backup).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 1;
+    let tampered = format!("{slug}-20250101T000000Z-job999999.dump");
+    std::fs::write(backup.with_file_name(&tampered), &bytes).unwrap();
+    let half = stack.dir().join("half.dump");
+    let (code, _, stderr) = stack
+        .siloctl(&[
+            "tenant",
+            "backups",
+            &slug,
+            "--download",
+            &tampered,
+            "--to",
+            half.to_str().unwrap(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(!half.exists(), "nothing is left of a download cut short");
+    assert!(stderr.contains("the download broke off"), "{stderr}");
+
+    let (status, audit) = stack
+        .admin(
+            Method::GET,
+            &format!("/v1/audit?tenant={slug}&action=tenant.backup.download"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        audit["items"].as_array().unwrap().len(),
+        2,
+        "the refused overwrite sent nothing: {audit}"
+    );
+    stack.stop().await.unwrap();
+}

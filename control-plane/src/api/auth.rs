@@ -60,8 +60,9 @@ impl TokenRole {
         match self {
             Self::Admin => true,
             Self::Operator => reads || !(route.ends_with("/tokens") || route.ends_with("/tokens/{name}")),
-            // The break-glass read of a tenant's secret is a read, but not for viewers.
-            Self::Viewer => reads && !route.ends_with("/credentials"),
+            // The break-glass read of a tenant's secret, and of its data in a backup, are
+            // reads, but not for viewers.
+            Self::Viewer => reads && !route.ends_with("/credentials") && !route.ends_with("/content"),
         }
     }
 }
@@ -270,12 +271,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn viewers_read_but_not_credentials_and_only_admins_manage_tokens() {
+    fn viewers_read_but_not_credentials_or_backups_and_only_admins_manage_tokens() {
         let cases = [
             (Method::GET, "/v1/tenants/{slug}", [true, true, true]),
             (Method::GET, "/v1/audit", [true, true, true]),
             (Method::GET, "/v1/tokens", [true, true, true]),
             (Method::GET, "/v1/tenants/{slug}/credentials", [false, true, true]),
+            (
+                Method::GET,
+                "/v1/tenants/{slug}/backups/{file}/content",
+                [false, true, true],
+            ),
             (Method::POST, "/v1/tenants", [false, true, true]),
             (Method::DELETE, "/v1/tenants/{slug}", [false, true, true]),
             (Method::DELETE, "/v1/tenants/{slug}/keys/{name}", [false, true, true]),

@@ -1,7 +1,9 @@
 //! `POST /v1/tenants/{slug}/backup`: a backup of a tenant's database while it keeps serving
 //! (a `backup` job; the file goes to `[backups] dir`, named in the job's progress),
 //! `GET /v1/tenants/{slug}/backups`: the backups a tenant can be restored from,
-//! `DELETE /v1/tenants/{slug}/backups/{file}`: one erased, and
+//! `DELETE /v1/tenants/{slug}/backups/{file}`: one erased,
+//! `GET /v1/tenants/{slug}/backups/{file}/content`: one as the `pg_dump` file it was taken
+//! as (a tenant's data handed back),
 //! `POST /v1/tenants/{slug}/restore`: a tenant's data put back as one of its backups holds
 //! it (a `restore` job; see `crate::restores`), and
 //! `POST /v1/tenants/{slug}/backups/verify`: a restore drill of one of them into a scratch
@@ -10,10 +12,13 @@
 use std::collections::HashMap;
 
 use axum::extract::State;
+use axum::http::header::{CONTENT_DISPOSITION, CONTENT_TYPE};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio_util::io::ReaderStream;
 
 use super::auth::Actor;
 use super::error::ApiError;
@@ -128,6 +133,43 @@ pub async fn remove(
         return Err(not_found());
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/tenants/{slug}/backups/{file}/content` → 200 `application/octet-stream`: the
+/// backup as the `pg_dump --format=custom` file it was taken as, decrypted on its way out, for
+/// handing a tenant its data (offboarding, a data-portability request) or a restore outside
+/// silo. Audited (`tenant.backup.download`) before a byte is sent; not for viewer tokens. A
+/// backup that fails to decrypt part way ends the response with an error, never with a clean
+/// end. 404 `backup_not_found`.
+pub async fn download(
+    State(state): State<ApiState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path((slug, file)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let slug = parse_slug(&slug)?;
+    require_backups_dir(&state, "downloading a backup")?;
+    let Some(path) = state.backups.fetch(&slug, &file).await? else {
+        return Err(ApiError::NotFound(
+            "backup_not_found",
+            format!("tenant {slug} has no backup named {file:?}"),
+        ));
+    };
+    let mut tx = state.catalog.begin().await?;
+    audit::record(
+        &mut tx,
+        &actor,
+        "tenant.backup.download",
+        Some(slug.as_str()),
+        json!({ "file": file }),
+    )
+    .await?;
+    tx.commit().await?;
+    let dump = state.backups.pg_dump_reader(&slug, &path).await?;
+    let headers = [
+        (CONTENT_TYPE, "application/octet-stream".to_owned()),
+        (CONTENT_DISPOSITION, format!("attachment; filename=\"{file}\"")),
+    ];
+    Ok((headers, axum::body::Body::from_stream(ReaderStream::new(dump))).into_response())
 }
 
 /// `POST /v1/tenants/{slug}/restore` body.

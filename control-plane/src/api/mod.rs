@@ -78,6 +78,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/tenants/{slug}/backup", post(backups::back_up))
         .route("/tenants/{slug}/backups", get(backups::list))
         .route("/tenants/{slug}/backups/{file}", delete(backups::remove))
+        .route("/tenants/{slug}/backups/{file}/content", get(backups::download))
         .route("/tenants/{slug}/restore", post(backups::restore))
         .route("/tenants/{slug}/backups/verify", post(backups::verify))
         .route("/rotations", post(rotations::rotate_many))

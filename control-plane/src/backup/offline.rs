@@ -4,7 +4,12 @@
 //! `silo-control-plane decrypt-backup` turns one back into a `pg_dump` file for a restore
 //! outside silo.
 
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, ReadBuf};
 
 use super::sealed::{self, Format, Header, SealError};
 use super::{io, sealed_error, sync_file, BackupError, Backups};
@@ -163,6 +168,41 @@ impl Backups {
         Ok(())
     }
 
+    /// `slug`'s backup `file` as the `pg_dump` output it was taken from: the file itself when
+    /// it is a plain one, else its decryption as it is read (see [`Checked`]).
+    pub async fn pg_dump_reader(
+        &self,
+        slug: &TenantSlug,
+        file: &Path,
+    ) -> Result<Pin<Box<dyn AsyncRead + Send>>, BackupError> {
+        match sealed::format_of_file(file).map_err(io("read", file))? {
+            Format::Plain => {
+                let plain = tokio::fs::File::open(file).await.map_err(io("read", file))?;
+                return Ok(Box::pin(plain));
+            }
+            Format::Unknown => return Err(BackupError::UnknownFormat(file.to_owned())),
+            Format::Sealed => {}
+        }
+        if self.keys.is_empty() {
+            return Err(BackupError::NotEncrypting);
+        }
+        let (header, mut input) = read_header(file).await?;
+        header.check_tenant(slug.as_str()).map_err(sealed_error(file))?;
+        let (mut writer, plain) = tokio::io::duplex(256 * 1024);
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let keys = self.keys.clone();
+        let path = file.to_owned();
+        tokio::spawn(async move {
+            let opened = sealed::open(&keys, &header, &mut input, &mut writer).await;
+            let outcome = opened.map(drop).map_err(|e| sealed_error(&path)(e).to_string());
+            if let Err(e) = &outcome {
+                tracing::warn!(error = %e, "backup download cut short");
+            }
+            let _ = done.send(outcome);
+        });
+        Ok(Box::pin(Checked { plain, outcome }))
+    }
+
     /// Decrypts the backup `file` into a new file `output` (mode 0600): the `pg_dump
     /// --format=custom` output it was taken from, for `pg_restore` outside silo. Nothing is
     /// left at `output` unless all of it decrypted.
@@ -203,6 +243,29 @@ impl Backups {
                 let _ = std::fs::remove_file(output);
                 Err(e)
             }
+        }
+    }
+}
+
+/// A reader of a decrypted backup: the decrypted bytes, then, at their end, an error instead
+/// of the end of the stream if they are not all of the backup (a chunk failed to
+/// authenticate, or the file could not be read).
+struct Checked {
+    plain: tokio::io::DuplexStream,
+    outcome: tokio::sync::oneshot::Receiver<Result<(), String>>,
+}
+
+impl AsyncRead for Checked {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.plain).poll_read(cx, buf))?;
+        if buf.filled().len() > before {
+            return Poll::Ready(Ok(()));
+        }
+        match ready!(Pin::new(&mut self.outcome).poll(cx)) {
+            Ok(Ok(())) => Poll::Ready(Ok(())),
+            Ok(Err(e)) => Poll::Ready(Err(std::io::Error::other(e))),
+            Err(_) => Poll::Ready(Err(std::io::Error::other("the backup's decryption stopped"))),
         }
     }
 }

@@ -210,8 +210,15 @@ pub(crate) enum TenantCommand {
         /// The tenant's slug.
         slug: TenantSlug,
         /// Erase this backup instead of listing (e.g. a deleted tenant's data); needs --yes.
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", conflicts_with = "download")]
         delete: Option<String>,
+        /// Download this backup instead of listing, as the pg_dump file it was taken as
+        /// (decrypted), to --to: a tenant's data handed back, or a restore outside silo.
+        #[arg(long, value_name = "FILE", requires = "to")]
+        download: Option<String>,
+        /// Where --download writes (a new file, mode 0600).
+        #[arg(long, value_name = "PATH", requires = "download")]
+        to: Option<PathBuf>,
         /// Confirm --delete.
         #[arg(long)]
         yes: bool,

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::anyhow;
+use anyhow::{anyhow, bail};
 use reqwest::{Method, StatusCode};
 use secrecy::ExposeSecret;
 use serde_json::Value;
@@ -12,6 +12,8 @@ use super::context::ApiContext;
 
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a download may take (a whole database's dump).
+const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -115,22 +117,78 @@ impl ApiClient {
         Err(status_error(status, &bytes))
     }
 
+    /// `GET path` into the new file `output` (mode 0600), streamed; the bytes written. Nothing
+    /// is left at `output` unless all of it arrived.
+    pub(crate) async fn download(&self, path: &str, output: &std::path::Path) -> anyhow::Result<u64> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Made first: a file that is there already is never overwritten, nor the request sent.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(output)
+            .map_err(|e| anyhow!("create {}: {e}", output.display()))?;
+        let written = async {
+            let url = format!("{}{path}", self.ctx.endpoint);
+            let mut resp = self
+                .http
+                .get(&url)
+                .bearer_auth(self.ctx.token.expose_secret())
+                .timeout(DOWNLOAD_TIMEOUT)
+                .send()
+                .await
+                .map_err(|e| self.unreachable(&e))?;
+            let status = resp.status();
+            if !status.is_success() {
+                let body = resp.bytes().await.map_err(|e| self.unreachable(&e))?;
+                return Err(status_error(status, &body).into());
+            }
+            let mut bytes = 0;
+            loop {
+                let chunk = match resp.chunk().await {
+                    Ok(Some(chunk)) => chunk,
+                    Ok(None) => break,
+                    Err(e) => bail!(
+                        "the download broke off after {bytes} bytes ({}); nothing was kept, and the control plane's log says why",
+                        innermost(&e)
+                    ),
+                };
+                file.write_all(&chunk)
+                    .map_err(|e| anyhow!("write {}: {e}", output.display()))?;
+                bytes += chunk.len() as u64;
+            }
+            file.sync_all()
+                .map_err(|e| anyhow!("write {}: {e}", output.display()))?;
+            anyhow::Ok(bytes)
+        }
+        .await;
+        if written.is_err() {
+            let _ = std::fs::remove_file(output);
+        }
+        written
+    }
+
     fn unreachable(&self, e: &reqwest::Error) -> ApiError {
         let cause = if e.is_timeout() {
             "request timed out".to_owned()
         } else {
-            // reqwest's own message repeats the URL; the innermost cause is what helps.
-            let mut inner: &dyn std::error::Error = e;
-            while let Some(next) = inner.source() {
-                inner = next;
-            }
-            inner.to_string()
+            innermost(e)
         };
         ApiError::Unreachable {
             endpoint: self.ctx.endpoint.clone(),
             cause,
         }
     }
+}
+
+/// The innermost cause of `e`: reqwest's own message repeats the URL, the cause is what helps.
+fn innermost(e: &reqwest::Error) -> String {
+    let mut inner: &dyn std::error::Error = e;
+    while let Some(next) = inner.source() {
+        inner = next;
+    }
+    inner.to_string()
 }
 
 /// Builds the error for a non-2xx response from its `{"error","message"}` body.

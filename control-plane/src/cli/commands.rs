@@ -182,6 +182,23 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
             }
             Ok(())
         }
+        TenantCommand::Backups {
+            slug,
+            download: Some(file),
+            to: Some(output),
+            ..
+        } => {
+            let path = format!("{}/backups/{}/content", tenant_path(&slug), segment(&file));
+            let bytes = client.download(&path, &output).await?;
+            match out {
+                Output::Json => print_json(&json!({ "file": file, "to": output, "bytes": bytes })),
+                Output::Table => say!(
+                    "backup {file} of tenant {slug}: {bytes} bytes of pg_dump output written to {} (restore it with pg_restore)",
+                    output.display()
+                ),
+            }
+            Ok(())
+        }
         TenantCommand::Backups { slug, .. } => {
             let list = client.get(&format!("{}/backups", tenant_path(&slug))).await?;
             match out {
