@@ -13,6 +13,7 @@ mod contract;
 mod crash_safety;
 mod harness;
 mod isolation;
+mod legal_hold;
 mod managed_server;
 mod moves;
 mod restores;

@@ -23,6 +23,7 @@ use tokio_util::io::ReaderStream;
 use super::auth::Actor;
 use super::error::ApiError;
 use super::extract::{Body, Path};
+use super::holds::refuse_if_held;
 use super::tenants::{check_backup, lock_active_or_suspended, parse_slug};
 use super::ApiState;
 use crate::catalog::tenants;
@@ -105,6 +106,7 @@ pub async fn remove(
     let slug = parse_slug(&slug)?;
     require_backups_dir(&state, "erasing a backup")?;
     let mut tx = state.catalog.begin().await?;
+    refuse_if_held(&mut tx, slug.as_str(), "erasing its backups").await?;
     if let Some(job) = jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
         return Err(ApiError::tenant_busy(&job));
     }

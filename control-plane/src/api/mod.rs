@@ -6,6 +6,7 @@ mod auth;
 mod backups;
 pub mod error;
 mod extract;
+mod holds;
 mod jobs;
 mod keys;
 mod migrations;
@@ -69,6 +70,7 @@ pub fn router(state: ApiState) -> Router {
             get(tenants::show).patch(tenants::update).delete(tenants::delete),
         )
         .route("/tenants/{slug}/suspend", post(tenants::suspend))
+        .route("/tenants/{slug}/hold", post(holds::hold).delete(holds::release))
         .route("/tenants/{slug}/resume", post(tenants::resume))
         .route("/tenants/{slug}/keys", get(keys::list).post(keys::create))
         .route("/tenants/{slug}/keys/{name}", delete(keys::revoke))

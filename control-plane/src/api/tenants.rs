@@ -12,6 +12,7 @@ use super::auth::Actor;
 use super::backups::require_backups_dir;
 use super::error::ApiError;
 use super::extract::{Body, Path, Query};
+use super::holds::refuse_if_held;
 use super::ApiState;
 use crate::catalog::routes::TenantStatus;
 use crate::catalog::tenants::{self, InsertError, NewTenant, Tenant};
@@ -332,6 +333,9 @@ pub async fn delete(
     let params = json!(DeleteParams { backup: q.backup });
     let mut tx = state.catalog.begin().await?;
     let status = tenants::lock_status(&mut tx, slug.as_str()).await?;
+    if !matches!(status, None | Some(TenantStatus::Deleted)) {
+        refuse_if_held(&mut tx, slug.as_str(), "deleting it").await?;
+    }
     let job = match status {
         None | Some(TenantStatus::Deleted) => return Err(ApiError::tenant_not_found(slug.as_str())),
         Some(TenantStatus::Deleting) => match jobs::active_for_tenant(&mut tx, slug.as_str()).await? {

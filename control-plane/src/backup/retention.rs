@@ -9,7 +9,8 @@
 //! finds the entry already recorded and does not record it twice.
 //!
 //! A tenant with a job queued or running (a restore may be reading one of its backups) is
-//! left for a later pass. Several control planes may sweep at once: a pass holds a
+//! left for a later pass; one under legal hold (`tenants.legal_hold`) keeps every backup, for
+//! `keep_last` too, until the hold is released. Several control planes may sweep at once: a pass holds a
 //! transaction-level advisory lock while it decides and records what expires.
 
 use std::collections::HashSet;
@@ -22,6 +23,7 @@ use tracing::{info, warn};
 
 use super::{BackupFile, Backups};
 use crate::audit;
+use crate::catalog::tenants;
 use crate::names::TenantSlug;
 
 /// Advisory lock key of the sweep ("silo-bkx").
@@ -73,13 +75,17 @@ pub async fn expire(catalog: &PgPool, backups: &Backups, keep_for: Duration) -> 
             .await?
             .into_iter()
             .collect();
-    let busy: HashSet<String> =
-        sqlx::query_scalar("SELECT DISTINCT tenant FROM jobs WHERE tenant = ANY($1) AND state IN ('queued','running')")
-            .bind(&names)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
+    // A tenant with a job running (a restore may be reading one of its backups), or whose data
+    // is under legal hold, keeps every backup.
+    let busy: HashSet<String> = sqlx::query_scalar(
+        "SELECT DISTINCT tenant FROM jobs WHERE tenant = ANY($1) AND state IN ('queued','running') \
+         UNION SELECT slug FROM tenants WHERE slug = ANY($1) AND legal_hold IS NOT NULL",
+    )
+    .bind(&names)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
     let recorded: HashSet<(String, String)> = sqlx::query_as(
         "SELECT tenant, detail->>'file' FROM audit_log \
          WHERE action = 'tenant.backup.expire' AND tenant = ANY($1) AND detail ? 'file'",
@@ -121,7 +127,8 @@ pub async fn expire(catalog: &PgPool, backups: &Backups, keep_for: Duration) -> 
     Ok(erased)
 }
 
-/// Erases `slug`'s backups beyond `[backups] keep_last`, but not `spare` (one being restored):
+/// Erases `slug`'s backups beyond `[backups] keep_last`, but not `spare` (one being restored)
+/// and none while its data is under legal hold:
 /// each is audited before it is erased, and one that cannot be erased is erased after the
 /// tenant's next backup (recorded again then).
 pub async fn keep_last(
@@ -133,6 +140,12 @@ pub async fn keep_last(
     let Some(keep) = backups.keep_last() else {
         return Ok(());
     };
+    if tenants::legal_hold(&mut *catalog.acquire().await?, slug.as_str())
+        .await?
+        .is_some()
+    {
+        return Ok(());
+    }
     let doomed = backups.beyond_keep_last(slug, spare).await?;
     if doomed.is_empty() {
         return Ok(());

@@ -39,6 +39,9 @@ pub struct Tenant {
     /// The backup a `restore` job is putting back into its database (not served meanwhile).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restoring_from: Option<String>,
+    /// Why its data is under legal hold: it cannot be deleted, nor its backups erased.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub legal_hold: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -56,6 +59,7 @@ struct TenantRow {
     error: Option<String>,
     moving_to: Option<String>,
     restoring_from: Option<String>,
+    legal_hold: Option<String>,
 }
 
 impl TryFrom<TenantRow> for Tenant {
@@ -75,13 +79,14 @@ impl TryFrom<TenantRow> for Tenant {
             error: r.error,
             moving_to: r.moving_to,
             restoring_from: r.restoring_from,
+            legal_hold: r.legal_hold,
         })
     }
 }
 
 const SELECT: &str = "SELECT t.slug, t.name, t.status, t.plan, t.server, t.database, \
      COALESCE(ARRAY(SELECT d.domain FROM tenant_domains d WHERE d.slug = t.slug ORDER BY d.domain), '{}') AS domains, \
-     t.schema_version, t.credentials_rotated_at, t.created_at, t.error, t.moving_to, t.restoring_from FROM tenants t";
+     t.schema_version, t.credentials_rotated_at, t.created_at, t.error, t.moving_to, t.restoring_from, t.legal_hold FROM tenants t";
 
 /// The tenant `slug`, deleted tombstones included.
 pub async fn get(exec: &mut PgConnection, slug: &str) -> Result<Option<Tenant>, sqlx::Error> {
@@ -130,6 +135,26 @@ pub async fn lock_status(tx: &mut PgConnection, slug: &str) -> Result<Option<Ten
     status
         .map(|s| s.parse().map_err(|e: String| sqlx::Error::Decode(e.into())))
         .transpose()
+}
+
+/// Why `slug`'s data is under legal hold, if it is (deleted tenants included).
+pub async fn legal_hold(exec: &mut PgConnection, slug: &str) -> Result<Option<String>, sqlx::Error> {
+    Ok(sqlx::query_scalar("SELECT legal_hold FROM tenants WHERE slug = $1")
+        .bind(slug)
+        .fetch_optional(exec)
+        .await?
+        .flatten())
+}
+
+/// Puts `slug` under legal hold for `reason`, or releases it (None). False when no tenant,
+/// not even a deleted one, has that slug.
+pub async fn set_legal_hold(tx: &mut PgConnection, slug: &str, reason: Option<&str>) -> Result<bool, sqlx::Error> {
+    let updated = sqlx::query("UPDATE tenants SET legal_hold = $2, updated_at = now() WHERE slug = $1")
+        .bind(slug)
+        .bind(reason)
+        .execute(tx)
+        .await?;
+    Ok(updated.rows_affected() == 1)
 }
 
 /// Sets the status (and error) of `slug` and tells the routers.

@@ -238,6 +238,23 @@ pub(crate) enum TenantCommand {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Put a tenant's data under legal hold (it cannot be deleted, and none of its backups is
+    /// erased, by hand or by retention), or release it. A deleted tenant can be held too.
+    Hold {
+        /// The tenant's slug.
+        slug: TenantSlug,
+        /// Why: a case or ticket reference.
+        #[arg(
+            long,
+            value_name = "TEXT",
+            required_unless_present = "release",
+            conflicts_with = "release"
+        )]
+        reason: Option<String>,
+        /// Release the hold instead.
+        #[arg(long)]
+        release: bool,
+    },
     /// Prove a backup restores: restore it into a scratch database on the tenant's server, count
     /// what it holds, drop it (the tenant keeps serving).
     VerifyBackup {

@@ -229,6 +229,18 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
                 .await?;
             finish_jobs(client, out, resp, no_wait, &format!("restoring {slug}")).await
         }
+        TenantCommand::Hold { slug, reason, .. } => {
+            let path = format!("{}/hold", tenant_path(&slug));
+            let tenant = match &reason {
+                Some(reason) => client.post(&path, &json!({ "reason": reason })).await?,
+                None => client.delete(&path).await?,
+            };
+            match out {
+                Output::Json => print_json(&tenant),
+                Output::Table => output::print_tenant(&tenant),
+            }
+            Ok(())
+        }
         TenantCommand::VerifyBackup { slug, from, no_wait } => {
             let body = match from {
                 Some(from) => json!({ "backup": from.file_name().map(|n| n.to_string_lossy()).unwrap_or_default() }),

@@ -82,6 +82,7 @@ pub(crate) fn print_tenant(t: &Value) {
     let restoring_from = t
         .get("restoring_from")
         .map(|_| ("restoring from", field(t, "restoring_from")));
+    let legal_hold = t.get("legal_hold").map(|_| ("legal hold", field(t, "legal_hold")));
     let fields: Vec<(&str, String)> = [
         ("slug", field(t, "slug")),
         ("name", field(t, "name")),
@@ -97,6 +98,7 @@ pub(crate) fn print_tenant(t: &Value) {
     .into_iter()
     .chain(moving_to)
     .chain(restoring_from)
+    .chain(legal_hold)
     .collect();
     print_fields(&fields);
 }
