@@ -57,6 +57,16 @@ pub(crate) async fn titles_in(stack: &Stack, database: &str) -> Vec<String> {
     titles
 }
 
+/// Deletes `slug` with a backup first (`?backup=true`) and waits for the job to succeed; the
+/// job.
+pub(crate) async fn delete_with_backup(stack: &Stack, slug: &str) -> Value {
+    let (status, body) = delete(stack, slug, "?backup=true").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    job
+}
+
 /// Restores `dump` into a new database on the stack's cluster, as its superuser.
 pub(crate) async fn restore(stack: &Stack, dump: &Path) -> String {
     let database = unique_name("restored").replace('-', "_");
@@ -220,10 +230,7 @@ async fn backups_are_listed_newest_first_and_only_the_last_ones_are_kept() {
     assert!(file.ends_with(&format!("-job{}.dump", jobs[0])), "{audit}");
 
     // A deleted tenant's backups are still listed, and restore it.
-    let (status, body) = delete(&stack, &slug, "?backup=true").await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let deleted = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
-    assert_eq!(deleted["state"], "succeeded", "{deleted}");
+    let deleted = delete_with_backup(&stack, &slug).await;
     let last = deleted["id"].as_i64().unwrap();
     assert_eq!(listed_jobs(&stack, &slug).await, [last, jobs[2]]);
 
@@ -321,10 +328,7 @@ async fn a_deleted_tenant_is_created_again_from_its_backup_with_its_data_keys_an
     .unwrap();
     let slug = unique_name("rs");
     let old_key = tenant_with_tasks(&stack, &slug, &["kept 1", "kept 2"]).await;
-    let (status, body) = delete(&stack, &slug, "?backup=true").await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
-    assert_eq!(job["state"], "succeeded", "{job}");
+    let job = delete_with_backup(&stack, &slug).await;
     let dump = job["progress"]["backup"].as_str().unwrap().to_owned();
     // A migration written after the backup: the restored tenant gets it too.
     std::fs::write(
@@ -457,10 +461,7 @@ async fn backups_older_than_keep_for_are_erased_and_audited_but_a_tenant_keeps_i
     for _ in 0..2 {
         jobs.push(back_up(&stack, &kept).await);
     }
-    let (status, body) = delete(&stack, &gone, "?backup=true").await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let deleted = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
-    assert_eq!(deleted["state"], "succeeded", "{deleted}");
+    let deleted = delete_with_backup(&stack, &gone).await;
     assert_eq!(
         listed_jobs(&stack, &kept).await,
         [jobs[1], jobs[0]],

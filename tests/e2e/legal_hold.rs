@@ -83,13 +83,7 @@ async fn a_held_tenant_keeps_its_data_and_backups_until_the_hold_is_released() {
     // A deleted tenant's backup, held: keep_for (3 s) leaves it until the hold is released.
     let gone = unique_name("lg");
     stack.create_tenant(&gone).await.unwrap();
-    let (status, body) = stack
-        .admin(Method::DELETE, &format!("/v1/tenants/{gone}?backup=true"), None)
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
-    assert_eq!(job["state"], "succeeded", "{job}");
+    crate::backups::delete_with_backup(&stack, &gone).await;
     let tombstone = hold(&stack, &gone, &["--reason", "regulator request 88"]).await;
     assert_eq!(tombstone["status"], "deleted", "{tombstone}");
     tokio::time::sleep(Duration::from_secs(6)).await;

@@ -223,13 +223,7 @@ async fn erasing_a_backup_erases_its_copy_in_s3_and_keep_for_sweeps_the_bucket()
     // A deleted tenant's backup, only in the bucket: keep_for erases it there.
     let gone = unique_name("s3g");
     stack.create_tenant(&gone).await.unwrap();
-    let (status, body) = stack
-        .admin(Method::DELETE, &format!("/v1/tenants/{gone}?backup=true"), None)
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
-    assert_eq!(job["state"], "succeeded", "{job}");
+    crate::backups::delete_with_backup(&stack, &gone).await;
     std::fs::remove_dir_all(stack.dir().join("backups").join(&gone)).unwrap();
     assert_eq!(keys_in(moto, &bucket).await.len(), 2);
 

@@ -261,7 +261,8 @@ impl Backups {
         };
         let dir = self.tenant_dir(slug)?;
         create_private_dir(&dir)?;
-        let partial = dir.join(format!(".{name}.partial"));
+        // A name of its own: two downloads of the same backup never write into one file.
+        let partial = dir.join(format!(".{name}.{}.partial", uuid::Uuid::new_v4().simple()));
         let path = dir.join(name);
         let downloaded = async {
             bucket.download(slug, name, &partial).await?;
