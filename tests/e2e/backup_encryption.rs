@@ -445,6 +445,16 @@ async fn a_backup_is_downloaded_decrypted_for_operators_only_and_never_half() {
     assert!(!half.exists(), "nothing is left of a download cut short");
     assert!(stderr.contains("the download broke off"), "{stderr}");
 
+    // A file that is no backup silo took is refused before anything is sent or audited.
+    let junk = format!("{slug}-20250102T000000Z-job999998.dump");
+    std::fs::write(backup.with_file_name(&junk), b"not a dump").unwrap();
+    let (status, body) = stack
+        .admin(Method::GET, &format!("/v1/tenants/{slug}/backups/{junk}/content"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"], "backup_unreadable", "{body}");
+
     let (status, audit) = stack
         .admin(
             Method::GET,

@@ -142,7 +142,8 @@ pub async fn remove(
 /// handing a tenant its data (offboarding, a data-portability request) or a restore outside
 /// silo. Audited (`tenant.backup.download`) before a byte is sent; not for viewer tokens. A
 /// backup that fails to decrypt part way ends the response with an error, never with a clean
-/// end. 404 `backup_not_found`.
+/// end. 404 `backup_not_found`, 422 `backup_unreadable` (not a backup silo took, or encrypted
+/// under a key this control plane lacks).
 pub async fn download(
     State(state): State<ApiState>,
     Extension(Actor(actor)): Extension<Actor>,
@@ -156,6 +157,18 @@ pub async fn download(
             format!("tenant {slug} has no backup named {file:?}"),
         ));
     };
+    let dump = state.backups.pg_dump_reader(&slug, &path).await.map_err(|e| {
+        if e.is_transient() {
+            return ApiError::from(e);
+        }
+        tracing::warn!(tenant = %slug, error = %e, "backup not readable for a download");
+        ApiError::Unprocessable(
+            "backup_unreadable",
+            format!(
+                "backup {file:?} of tenant {slug} cannot be read: it is not a backup silo took, or it is encrypted under a key this control plane does not have"
+            ),
+        )
+    })?;
     let mut tx = state.catalog.begin().await?;
     audit::record(
         &mut tx,
@@ -166,7 +179,6 @@ pub async fn download(
     )
     .await?;
     tx.commit().await?;
-    let dump = state.backups.pg_dump_reader(&slug, &path).await?;
     let headers = [
         (CONTENT_TYPE, "application/octet-stream".to_owned()),
         (CONTENT_DISPOSITION, format!("attachment; filename=\"{file}\"")),
