@@ -241,7 +241,7 @@ impl Backups {
             return Ok(true);
         }
         match &self.s3 {
-            Some(bucket) if is_file_name(name) => bucket.contains(slug, name).await,
+            Some(bucket) if is_file_name(name) => Ok(bucket.uploaded_at(slug, name).await?.is_some()),
             _ => Ok(false),
         }
     }
@@ -256,7 +256,7 @@ impl Backups {
         let Some(bucket) = self.s3.as_ref().filter(|_| is_file_name(name)) else {
             return Ok(None);
         };
-        let Some(object) = bucket.list(slug).await?.into_iter().find(|o| o.file == name) else {
+        let Some(uploaded_at) = bucket.uploaded_at(slug, name).await? else {
             return Ok(None);
         };
         let dir = self.tenant_dir(slug)?;
@@ -269,7 +269,7 @@ impl Backups {
             std::fs::File::options()
                 .write(true)
                 .open(&partial)
-                .and_then(|file| file.set_modified(object.uploaded_at.into()))
+                .and_then(|file| file.set_modified(uploaded_at.into()))
                 .map_err(io("write", &partial))?;
             std::fs::rename(&partial, &path).map_err(io("rename the downloaded backup to", &path))?;
             sync_file(&dir)

@@ -278,12 +278,20 @@ impl Bucket {
         Ok(slugs)
     }
 
-    /// Whether `slug`'s backup `file` is in the bucket.
-    pub(super) async fn contains(&self, slug: &TenantSlug, file: &str) -> Result<bool, BackupError> {
+    /// When `slug`'s backup `file` was uploaded to the bucket; None when it is not there.
+    pub(super) async fn uploaded_at(
+        &self,
+        slug: &TenantSlug,
+        file: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, BackupError> {
         let key = self.key(slug, file);
         match self.client.head_object().bucket(&self.bucket).key(&key).send().await {
-            Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(|e| e.is_not_found()) => Ok(false),
+            Ok(head) => Ok(Some(
+                head.last_modified()
+                    .and_then(|at| chrono::DateTime::from_timestamp(at.secs(), at.subsec_nanos()))
+                    .unwrap_or_default(),
+            )),
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_not_found()) => Ok(None),
             Err(e) => Err(sdk_error("look up", self.url(&key), &e)),
         }
     }
