@@ -176,16 +176,20 @@ async fn back_up(stack: &Stack, slug: &str) -> i64 {
     job["id"].as_i64().unwrap()
 }
 
-/// The job ids of `slug`'s backups as the API lists them, newest first.
-async fn listed_jobs(stack: &Stack, slug: &str) -> Vec<i64> {
+/// `slug`'s backups as the admin API lists them, newest first.
+pub(crate) async fn listed_backups(stack: &Stack, slug: &str) -> Vec<Value> {
     let (status, body) = stack
         .admin(Method::GET, &format!("/v1/tenants/{slug}/backups"), None)
         .await
         .unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");
-    body["items"]
-        .as_array()
-        .unwrap()
+    body["items"].as_array().unwrap().clone()
+}
+
+/// The job ids of `slug`'s backups as the API lists them, newest first.
+async fn listed_jobs(stack: &Stack, slug: &str) -> Vec<i64> {
+    listed_backups(stack, slug)
+        .await
         .iter()
         .map(|item| {
             assert!(item["bytes"].as_u64().unwrap() > 0, "{item}");

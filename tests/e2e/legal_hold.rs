@@ -12,14 +12,8 @@ use silo_tests::unique_name;
 
 /// The file names of `slug`'s backups, newest first.
 async fn backups_of(stack: &Stack, slug: &str) -> Vec<String> {
-    let (status, body) = stack
-        .admin(Method::GET, &format!("/v1/tenants/{slug}/backups"), None)
+    crate::backups::listed_backups(stack, slug)
         .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK, "{body}");
-    body["items"]
-        .as_array()
-        .unwrap()
         .iter()
         .map(|b| b["file"].as_str().unwrap().to_owned())
         .collect()
