@@ -4,6 +4,12 @@
 //! planes share the queue), renews its lease while it works, and records the step it reached.
 //! A job whose worker died is claimed again when its lease expires and resumes: every step is
 //! idempotent. New jobs are announced with NOTIFY so idle workers start at once.
+//!
+//! Each claim is a run of the job, numbered by `attempts`. A worker that lost its lease (it
+//! stalled past it and another worker claimed the job) may still be running: the writes of a
+//! run that is no longer the job's latest ([`set_step`], [`set_progress`], [`finish`],
+//! [`retry_later`]) change nothing and say so, so only the run that holds the job records its
+//! steps and its outcome.
 
 use std::time::Duration;
 
@@ -48,6 +54,10 @@ pub struct Job {
 
 const COLUMNS: &str =
     "id, kind, tenant, state, step, attempts, attempts_before_requeue, error, progress, params, created_at, updated_at";
+
+/// The condition that a statement binding a job's id as `$1` and a run's `attempts` as `$2`
+/// writes the job's running run.
+const THIS_RUN: &str = "id = $1 AND attempts = $2 AND state = 'running'";
 
 impl Job {
     /// Times it was claimed since it was last queued (by its creation or an operator's retry).
@@ -147,15 +157,14 @@ pub async fn claim(pool: &PgPool, worker: &str, lease: Duration) -> Result<Optio
     .await
 }
 
-/// Renews the lease; false if the job is no longer ours (e.g. the lease expired and another
-/// worker took it).
-pub async fn renew(pool: &PgPool, id: i64, worker: &str, lease: Duration) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query(
-        "UPDATE jobs SET locked_until = now() + make_interval(secs => $3) \
-         WHERE id = $1 AND locked_by = $2 AND state = 'running'",
-    )
-    .bind(id)
-    .bind(worker)
+/// Renews the lease of the job's run `run`; false if `run` is no longer the job's running run
+/// (its lease expired and another worker claimed the job).
+pub async fn renew(pool: &PgPool, run: &Job, lease: Duration) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE jobs SET locked_until = now() + make_interval(secs => $3) WHERE {THIS_RUN}"
+    )))
+    .bind(run.id)
+    .bind(run.attempts)
     .bind(lease.as_secs_f64())
     .execute(pool)
     .await?;
@@ -183,59 +192,70 @@ pub fn count_run(kind: &str, outcome: &'static str) {
     metrics::counter!("silo_job_runs_total", "kind" => kind, "outcome" => outcome).increment(1);
 }
 
-/// Records the step the job reached.
-pub async fn set_step(pool: &PgPool, id: i64, step: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE jobs SET step = $2, updated_at = now() WHERE id = $1")
-        .bind(id)
-        .bind(step)
-        .execute(pool)
-        .await?;
-    Ok(())
+/// Records the step the job's run `run` reached; false (nothing recorded) if `run` is no
+/// longer the job's running run.
+pub async fn set_step(pool: &PgPool, run: &Job, step: &str) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE jobs SET step = $3, updated_at = now() WHERE {THIS_RUN}"
+    )))
+    .bind(run.id)
+    .bind(run.attempts)
+    .bind(step)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected() == 1)
 }
 
-/// Replaces the job's progress object.
-pub async fn set_progress(pool: &PgPool, id: i64, progress: &Value) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE jobs SET progress = $2, updated_at = now() WHERE id = $1")
-        .bind(id)
-        .bind(progress)
-        .execute(pool)
-        .await?;
-    Ok(())
-}
-
-/// Marks the job finished: `succeeded` when `error` is None, else `failed` with the error.
-pub async fn finish(tx: &mut PgConnection, id: i64, error: Option<&str>) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE jobs SET state = CASE WHEN $2::text IS NULL THEN 'succeeded' ELSE 'failed' END, \
-           error = $2, locked_by = NULL, locked_until = NULL, updated_at = now(), finished_at = now() \
-         WHERE id = $1",
-    )
-    .bind(id)
-    .bind(error)
-    .execute(tx)
+/// Replaces the job's progress object, unless `run` is no longer the job's running run.
+pub async fn set_progress(pool: &PgPool, run: &Job, progress: &Value) -> Result<(), sqlx::Error> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE jobs SET progress = $3, updated_at = now() WHERE {THIS_RUN}"
+    )))
+    .bind(run.id)
+    .bind(run.attempts)
+    .bind(progress)
+    .execute(pool)
     .await?;
     Ok(())
 }
 
-/// Queues a job that failed transiently to run again after `delay`, keeping `error` as the
-/// reason it is waiting.
+/// Marks the job's run `run` finished: `succeeded` when `error` is None, else `failed` with
+/// the error. False (nothing recorded) if `run` is no longer the job's running run.
+pub async fn finish(tx: &mut PgConnection, run: &Job, error: Option<&str>) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE jobs SET state = CASE WHEN $3::text IS NULL THEN 'succeeded' ELSE 'failed' END, \
+           error = $3, locked_by = NULL, locked_until = NULL, updated_at = now(), finished_at = now() \
+         WHERE {THIS_RUN}"
+    )))
+    .bind(run.id)
+    .bind(run.attempts)
+    .bind(error)
+    .execute(tx)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Queues a job whose run `run` failed transiently to run again after `delay`, keeping
+/// `error` as the reason it is waiting. False (nothing changed) if `run` is no longer the
+/// job's running run.
 pub async fn retry_later(
     tx: &mut PgConnection,
-    id: i64,
+    run: &Job,
     error: &str,
     delay: std::time::Duration,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE jobs SET state = 'queued', error = $2, locked_by = NULL, locked_until = NULL, \
-           run_after = now() + make_interval(secs => $3), updated_at = now() \
-         WHERE id = $1",
-    )
-    .bind(id)
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE jobs SET state = 'queued', error = $3, locked_by = NULL, locked_until = NULL, \
+           run_after = now() + make_interval(secs => $4), updated_at = now() \
+         WHERE {THIS_RUN}"
+    )))
+    .bind(run.id)
+    .bind(run.attempts)
     .bind(error)
     .bind(delay.as_secs_f64())
     .execute(tx)
     .await?;
-    Ok(())
+    Ok(r.rows_affected() == 1)
 }
 
 /// Queues a failed job again. Returns None if there is no such job; Err(state) if it is not

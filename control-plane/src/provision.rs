@@ -50,6 +50,10 @@ pub enum ProvisionError {
     /// A migration rollout failed or halted.
     #[error("{0}")]
     Rollout(String),
+    /// This run of the job stalled past its lease and another worker holds the job now; the
+    /// run stops at its next step.
+    #[error("job {0} was taken over by another worker when this run's lease expired")]
+    Superseded(i64),
     /// A fail point interrupted the job (tests only).
     #[error("interrupted after step {0} (fail point)")]
     Interrupted(String),
@@ -215,7 +219,7 @@ impl Provisioner {
             tx.commit().await.step("mark provisioning")?;
         }
         for step in PROVISION_STEPS {
-            jobs::set_step(&self.catalog, job.id, step).await.step("record step")?;
+            self.record_step(job, step).await?;
             let started = std::time::Instant::now();
             match step {
                 "secret" => {
@@ -360,6 +364,15 @@ impl Provisioner {
         Ok(())
     }
 
+    /// Records that `job` reached `step`, unless this run lost the job to another worker.
+    pub(crate) async fn record_step(&self, job: &Job, step: &str) -> Result<(), ProvisionError> {
+        if jobs::set_step(&self.catalog, job, step).await.step("record step")? {
+            Ok(())
+        } else {
+            Err(ProvisionError::Superseded(job.id))
+        }
+    }
+
     /// Records `step` of `job` (a `kind` job), runs `work`, and times it; fail point
     /// `{kind}-after-step` may stop the job after it (tests).
     pub(crate) async fn job_step<T>(
@@ -369,11 +382,12 @@ impl Provisioner {
         step: &'static str,
         work: impl std::future::Future<Output = Result<T, ProvisionError>>,
     ) -> Result<T, ProvisionError> {
-        jobs::set_step(&self.catalog, job.id, step).await.step("record step")?;
+        self.record_step(job, step).await?;
         let started = std::time::Instant::now();
         let out = work.await?;
         jobs::observe_step(kind, step, started);
         fail_after(kind, step)?;
+        stall_after(kind, step).await;
         Ok(out)
     }
 
@@ -423,9 +437,7 @@ impl Provisioner {
     pub async fn back_up(&self, job: &Job) -> Result<(), ProvisionError> {
         let (slug, secret_name) = self.tenant_of(job)?;
         let server = self.server_of(&slug).await?;
-        jobs::set_step(&self.catalog, job.id, "backup")
-            .await
-            .step("record step")?;
+        self.record_step(job, "backup").await?;
         let started = std::time::Instant::now();
         self.backup_once(job, &slug, &secret_name, server, None, None).await?;
         jobs::observe_step("backup", "backup", started);
@@ -464,7 +476,7 @@ impl Provisioner {
                 file
             }
         };
-        jobs::set_progress(&self.catalog, job.id, &serde_json::json!({ "backup": file }))
+        jobs::set_progress(&self.catalog, job, &serde_json::json!({ "backup": file }))
             .await
             .step("record the backup")?;
         Ok(file)
@@ -483,7 +495,7 @@ impl Provisioner {
             .into_iter()
             .filter(|step| params.backup || *step != "backup")
         {
-            jobs::set_step(&self.catalog, job.id, step).await.step("record step")?;
+            self.record_step(job, step).await?;
             let started = std::time::Instant::now();
             match step {
                 // A resumed job finds its backup (the database and secret may be gone).
@@ -783,4 +795,20 @@ pub(crate) fn fail_after(job: &str, step: &str) -> Result<(), ProvisionError> {
     }
     let _ = (job, step);
     Ok(())
+}
+
+/// Tests hold a job after a step with the fail point `{job}-stall-after-{step}`, configured
+/// as `return(MILLISECONDS)`: the job waits that long without blocking its thread, as a run
+/// whose worker stalled does.
+async fn stall_after(job: &str, step: &str) {
+    #[cfg(feature = "failpoints")]
+    {
+        let stall = fail::eval(&format!("{job}-stall-after-{step}"), |arg| {
+            arg.and_then(|ms| ms.parse().ok())
+        });
+        if let Some(Some(ms)) = stall {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
+    }
+    let _ = (job, step);
 }

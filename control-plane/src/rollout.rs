@@ -82,22 +82,20 @@ impl Provisioner {
         let canary_count = params.canary.min(pending.len());
         let mut pending = pending.into_iter();
         let canaries: Vec<Target> = pending.by_ref().take(canary_count).collect();
-        jobs::set_step(&self.catalog, job.id, "canary")
-            .await
-            .step("record step")?;
-        jobs::set_progress(&self.catalog, job.id, &progress("canary"))
+        self.record_step(job, "canary").await?;
+        jobs::set_progress(&self.catalog, job, &progress("canary"))
             .await
             .step("record progress")?;
         let lanes = Lanes::new(params.canary.max(1), params.per_server_concurrency);
         let canary_failures = self
             .reporting_progress(
-                job.id,
+                job,
                 || progress("canary"),
                 self.migrate_all(job.id, canaries, &migrations, &lanes, &counters, usize::MAX),
             )
             .await;
         if let Some((slug, error)) = canary_failures.first() {
-            jobs::set_progress(&self.catalog, job.id, &progress("canary"))
+            jobs::set_progress(&self.catalog, job, &progress("canary"))
                 .await
                 .step("record progress")?;
             return Err(ProvisionError::Rollout(format!(
@@ -105,22 +103,20 @@ impl Provisioner {
             )));
         }
 
-        jobs::set_step(&self.catalog, job.id, "rollout")
-            .await
-            .step("record step")?;
-        jobs::set_progress(&self.catalog, job.id, &progress("rollout"))
+        self.record_step(job, "rollout").await?;
+        jobs::set_progress(&self.catalog, job, &progress("rollout"))
             .await
             .step("record progress")?;
         let lanes = Lanes::new(params.concurrency, params.per_server_concurrency);
         let rest: Vec<Target> = pending.collect();
         let failures = self
             .reporting_progress(
-                job.id,
+                job,
                 || progress("rollout"),
                 self.migrate_all(job.id, rest, &migrations, &lanes, &counters, max_failures),
             )
             .await;
-        jobs::set_progress(&self.catalog, job.id, &progress("finished"))
+        jobs::set_progress(&self.catalog, job, &progress("finished"))
             .await
             .step("record progress")?;
         let failed = counters.failed.load(Ordering::Relaxed);
@@ -167,7 +163,7 @@ impl Provisioner {
     /// tenants as they finish. A failed write is logged: the rollout goes on.
     async fn reporting_progress<T>(
         &self,
-        job_id: i64,
+        job: &Job,
         progress: impl Fn() -> serde_json::Value,
         phase: impl std::future::Future<Output = T>,
     ) -> T {
@@ -182,7 +178,7 @@ impl Provisioner {
                 _ = ticks.tick() => {
                     let now = progress();
                     if now != written {
-                        if let Err(e) = jobs::set_progress(&self.catalog, job_id, &now).await {
+                        if let Err(e) = jobs::set_progress(&self.catalog, job, &now).await {
                             warn!(error = %e, "record rollout progress");
                         }
                         written = now;

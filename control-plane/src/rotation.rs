@@ -60,7 +60,7 @@ impl Provisioner {
         let (slug, secret_name) = self.tenant_of(job)?;
         let server = self.server_of(&slug).await?;
         for step in ROTATE_STEPS {
-            jobs::set_step(&self.catalog, job.id, step).await.step("record step")?;
+            self.record_step(job, step).await?;
             let started = std::time::Instant::now();
             match step {
                 "create_secret" => {

@@ -99,7 +99,7 @@ impl Provisioner {
         self.job_step(job, "verify", "cleanup", drop_scratch(server, &scratch))
             .await?;
         info!(%backup, ?restored, "backup verified: it restores");
-        jobs::set_progress(&self.catalog, job.id, &json!({"backup": backup, "restored": restored}))
+        jobs::set_progress(&self.catalog, job, &json!({"backup": backup, "restored": restored}))
             .await
             .step("record the result")
     }

@@ -74,7 +74,7 @@ impl Workers {
                 Ok(Some(job)) => {
                     let span = tracing::info_span!("job", id = job.id, kind = %job.kind, tenant = job.tenant.as_deref().unwrap_or(""));
                     tokio::select! {
-                        () = self.execute(&worker, job).instrument(span) => {}
+                        () = self.execute(job).instrument(span) => {}
                         () = shutdown.cancelled() => return,
                     }
                     continue;
@@ -90,7 +90,7 @@ impl Workers {
         }
     }
 
-    async fn execute(&self, worker: &str, job: Job) {
+    async fn execute(&self, job: Job) {
         info!(attempt = job.attempts, "job started");
         if job.attempts == 1 {
             let waited = (chrono::Utc::now() - job.created_at).to_std().unwrap_or_default();
@@ -99,7 +99,12 @@ impl Workers {
         let heartbeat = async {
             loop {
                 tokio::time::sleep(self.lease / 3).await;
-                match jobs::renew(&self.catalog, job.id, worker, self.lease).await {
+                // Tests cut the worker off from the catalog with this fail point.
+                #[cfg(feature = "failpoints")]
+                if fail::eval("renew-job-lease", |_| ()).is_some() {
+                    continue;
+                }
+                match jobs::renew(&self.catalog, &job, self.lease).await {
                     Ok(true) => {}
                     Ok(false) => return,
                     Err(e) => warn!(error = %e, "renew job lease"),
@@ -143,7 +148,8 @@ impl Workers {
         }
     }
 
-    /// Records the job's outcome: true when it failed for good (no retry).
+    /// Records the job's outcome: true when it failed for good (no retry). Nothing is
+    /// recorded if this run lost the job to another.
     async fn record(&self, job: &Job, failure: Option<&ProvisionError>) -> Result<bool, sqlx::Error> {
         let message = failure.map(ToString::to_string);
         let mut tx = self.catalog.begin().await?;
@@ -153,13 +159,17 @@ impl Workers {
                 // Every step checks what exists first, so running the job again resumes it.
                 let delay = RETRY_DELAY * 2u32.pow(u32::try_from(attempt - 1).unwrap_or(0));
                 warn!(error = %message, attempt = job.attempts, retry_in = ?delay, "job failed transiently; it runs again");
-                jobs::retry_later(&mut tx, job.id, message, delay).await?;
+                if !jobs::retry_later(&mut tx, job, message, delay).await? {
+                    return Ok(superseded(job));
+                }
                 tx.commit().await?;
                 jobs::count_run(&job.kind, "retried");
                 return Ok(false);
             }
         }
-        jobs::finish(&mut tx, job.id, message.as_deref()).await?;
+        if !jobs::finish(&mut tx, job, message.as_deref()).await? {
+            return Ok(superseded(job));
+        }
         if let Some(message) = &message {
             error!(error = %message, "job failed");
             // A failed provisioning or deletion leaves a tenant that cannot serve; a failed
@@ -174,6 +184,16 @@ impl Workers {
         jobs::count_run(&job.kind, if message.is_some() { "failed" } else { "succeeded" });
         Ok(message.is_some())
     }
+}
+
+/// Logs that the outcome of `run` was not recorded because another run holds the job;
+/// nothing more is done for it (false: not failed for good).
+fn superseded(run: &Job) -> bool {
+    warn!(
+        attempt = run.attempts,
+        "another worker took the job over when this run's lease expired; its outcome is not recorded"
+    );
+    false
 }
 
 /// Wakes a worker whenever a job is queued (NOTIFY on `silo_jobs`).

@@ -1,12 +1,19 @@
 //! Provisioning interrupted after each step in turn (a fail point) leaves a `failed` tenant
 //! that a retry completes, with no orphaned or duplicated database, role or secret; a
-//! transient failure (an unreachable database) is retried by the control plane itself.
+//! transient failure (an unreachable database) is retried by the control plane itself. A
+//! job runs once at a time: a stalled step keeps its lease, and a run that lost it anyway
+//! records nothing.
+
+use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use serde_json::json;
+use silo_control_plane::jobs;
 use silo_control_plane::provision::{DELETE_STEPS, PROVISION_STEPS};
+use silo_tests::pg::TestCluster;
 use silo_tests::stack::{Stack, StackOptions};
 use silo_tests::unique_name;
+use sqlx::postgres::PgPoolOptions;
 use sqlx::ConnectOptions;
 
 async fn count(stack: &Stack, sql: &str, arg: &str) -> i64 {
@@ -191,5 +198,135 @@ async fn deletion_interrupted_after_each_step_completes_on_retry() {
         assert_eq!(backups.len(), 1, "step {step}: one backup, complete: {backups:?}");
         assert!(backups[0].ends_with(&format!("-job{job_id}.dump")), "{backups:?}");
     }
+    stack.stop().await.unwrap();
+}
+
+/// Two runs of one job, as when a worker stalls past its lease and another claims the job:
+/// only the run that holds the job records steps, progress and an outcome.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_that_lost_its_lease_records_nothing() {
+    let pg = TestCluster::shared().await;
+    let db = unique_name("catalog_");
+    pg.create_database(&db).await.unwrap();
+    let catalog = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(pg.admin_options(&db))
+        .await
+        .unwrap();
+    silo_control_plane::catalog::migrate(&catalog).await.unwrap();
+    let mut conn = catalog.acquire().await.unwrap();
+    let queued = jobs::enqueue(&mut conn, "migrate", None, json!({})).await.unwrap();
+
+    let stale = jobs::claim(&catalog, "worker-a", Duration::from_millis(100))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let current = jobs::claim(&catalog, "worker-b", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((stale.id, current.id), (queued.id, queued.id));
+    assert_eq!((stale.attempts, current.attempts), (1, 2));
+
+    assert!(!jobs::renew(&catalog, &stale, Duration::from_secs(60)).await.unwrap());
+    assert!(!jobs::set_step(&catalog, &stale, "stale step").await.unwrap());
+    jobs::set_progress(&catalog, &stale, &json!({"stale": true}))
+        .await
+        .unwrap();
+    assert!(!jobs::retry_later(&mut conn, &stale, "stale failure", Duration::ZERO)
+        .await
+        .unwrap());
+    assert!(!jobs::finish(&mut conn, &stale, Some("stale failure")).await.unwrap());
+    let job = jobs::get(&mut conn, queued.id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            job.state.as_str(),
+            job.step.as_deref(),
+            &job.progress,
+            job.error.as_deref()
+        ),
+        ("running", None, &json!({}), None),
+        "the stale run changed the job"
+    );
+
+    assert!(jobs::renew(&catalog, &current, Duration::from_secs(60)).await.unwrap());
+    assert!(jobs::set_step(&catalog, &current, "step").await.unwrap());
+    jobs::set_progress(&catalog, &current, &json!({"done": 1}))
+        .await
+        .unwrap();
+    assert!(jobs::finish(&mut conn, &current, None).await.unwrap());
+    let job = jobs::get(&mut conn, queued.id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            job.state.as_str(),
+            job.step.as_deref(),
+            &job.progress,
+            job.error.as_deref()
+        ),
+        ("succeeded", Some("step"), &json!({"done": 1}), None)
+    );
+    // A finished job has no running run left to write it.
+    assert!(!jobs::finish(&mut conn, &current, Some("late")).await.unwrap());
+}
+
+/// A restore whose worker stalls past its lease once the tenant is fenced (cut off from the
+/// catalog, its renewals lost) is taken over by another worker, which finishes it. The
+/// stalled run, when it wakes, changes nothing: not the job, not the tenant. (Before, it went
+/// on with a login the new run had replaced, and recorded the job as failed.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_that_stalls_past_its_lease_is_taken_over_and_changes_nothing_after() {
+    const STALL: Duration = Duration::from_secs(12);
+    let stack = Stack::start(StackOptions {
+        extra_toml: "[backups]\ndir = \"backups\"\n".into(),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let slug = unique_name("stall");
+    let key = stack.create_tenant(&slug).await.unwrap();
+    stack.add_tasks(&slug, &key, &["kept"]).await.unwrap();
+    let (status, body) = stack
+        .admin(Method::POST, &format!("/v1/tenants/{slug}/backup"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let backup = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
+    let path = backup["progress"]["backup"].as_str().unwrap();
+    let file = path.rsplit('/').next().unwrap();
+
+    // No lease is renewed from now on (the job's runs are shorter than the 5 s lease).
+    fail::cfg("renew-job-lease", "return").unwrap();
+    fail::cfg("restore-stall-after-fence", &format!("1*return({})", STALL.as_millis())).unwrap();
+    let started = std::time::Instant::now();
+    let (status, body) = stack
+        .admin(
+            Method::POST,
+            &format!("/v1/tenants/{slug}/restore"),
+            Some(json!({"backup": file})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let id = body["job"]["id"].as_i64().unwrap();
+    let job = stack.wait_job(id).await.unwrap();
+    assert!(started.elapsed() < STALL, "the job waited for the stalled run: {job}");
+    assert_eq!(
+        (&job["state"], &job["error"]),
+        (&json!("succeeded"), &json!(null)),
+        "{job}"
+    );
+    assert!(job["attempts"].as_i64().unwrap() >= 2, "{job}");
+
+    tokio::time::sleep(STALL.saturating_sub(started.elapsed()) + Duration::from_secs(3)).await;
+    let (_, woken) = stack.admin(Method::GET, &format!("/v1/jobs/{id}"), None).await.unwrap();
+    assert_eq!(
+        [&woken["state"], &woken["attempts"], &woken["step"], &woken["error"]],
+        [&job["state"], &job["attempts"], &job["step"], &job["error"]],
+        "the stalled run changed the job once it woke"
+    );
+    let tenant = stack.tenant(&slug).await.unwrap();
+    assert_eq!(tenant["restoring_from"], json!(null), "{tenant}");
+    assert_eq!(stack.served_titles(&slug, &key).await.unwrap(), ["kept"]);
     stack.stop().await.unwrap();
 }

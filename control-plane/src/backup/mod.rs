@@ -643,7 +643,7 @@ impl Backups {
             Err(BackupError::Tool {
                 tool: name.to_owned(),
                 status,
-                stderr: last_lines(&stderr),
+                stderr: tool_message(&stderr),
             })
         }
     }
@@ -851,17 +851,28 @@ fn sync_file(path: &Path) -> Result<(), BackupError> {
         .map_err(io("flush to disk", path))
 }
 
-/// The last few lines of a client tool's stderr, on one line.
-fn last_lines(stderr: &[u8]) -> String {
+/// What a client tool's stderr says went wrong, on one line: from its first error (`pg_dump:
+/// error: ...`, what the details after it explain) four lines at most, else its last three;
+/// each line cut at [`TOOL_LINE_CHARS`] characters (a `Command was:` can be long).
+fn tool_message(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
     let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    let tail = &lines[lines.len().saturating_sub(3)..];
-    if tail.is_empty() {
-        "no message".to_owned()
-    } else {
-        tail.join(" / ")
+    let shown = match lines.iter().position(|l| l.contains(": error: ")) {
+        Some(first_error) => &lines[first_error..lines.len().min(first_error + 4)],
+        None => &lines[lines.len().saturating_sub(3)..],
+    };
+    if shown.is_empty() {
+        return "no message".to_owned();
     }
+    let cut = |line: &&str| match line.char_indices().nth(TOOL_LINE_CHARS) {
+        Some((end, _)) => format!("{}…", &line[..end]),
+        None => (*line).to_owned(),
+    };
+    shown.iter().map(cut).collect::<Vec<_>>().join(" / ")
 }
+
+/// The longest line of a client tool's stderr an error repeats.
+const TOOL_LINE_CHARS: usize = 300;
 
 #[cfg(test)]
 mod tests {
@@ -1043,7 +1054,27 @@ mod tests {
 
     #[test]
     fn tool_errors_keep_their_last_lines() {
-        assert_eq!(last_lines(b"a\n\nb\nc\nd\n"), "b / c / d");
-        assert_eq!(last_lines(b""), "no message");
+        assert_eq!(tool_message(b"a\n\nb\nc\nd\n"), "b / c / d");
+        assert_eq!(tool_message(b""), "no message");
+    }
+
+    #[test]
+    fn tool_errors_start_at_the_first_error() {
+        let dump_failed = b"pg_dump: error: Dumping the contents of table \"tasks\" failed: PQgetResult() failed.\n\
+pg_dump: detail: Error message from server: server closed the connection unexpectedly\n\
+\tThis probably means the server terminated abnormally\n\
+\tbefore or while processing the request.\n\
+pg_dump: detail: Command was: COPY public.tasks (id, title) TO stdout;\n";
+        assert_eq!(
+            tool_message(dump_failed),
+            "pg_dump: error: Dumping the contents of table \"tasks\" failed: PQgetResult() failed. / \
+             pg_dump: detail: Error message from server: server closed the connection unexpectedly / \
+             This probably means the server terminated abnormally / \
+             before or while processing the request."
+        );
+        let long = format!("pg_restore: error: could not execute query: {}\n", "é".repeat(400));
+        let message = tool_message(long.as_bytes());
+        assert_eq!(message.chars().count(), TOOL_LINE_CHARS + 1, "{message}");
+        assert!(message.ends_with('…'), "{message}");
     }
 }
