@@ -2,10 +2,12 @@
 //! before it counts as taken; a backup only the bucket still has (the machine and its backups
 //! directory lost) is listed and restored from there; erasing a backup, by hand or by
 //! `keep_for`, erases its copy in the bucket; an unreachable bucket fails the backup, loudly.
+//! Every upload asks for the configured server-side encryption (SSE-KMS here).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use aws_sdk_s3::types::ServerSideEncryption;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use silo_tests::moto::MotoServer;
@@ -13,9 +15,9 @@ use silo_tests::stack::{Stack, StackOptions};
 use silo_tests::{database_of, unique_name};
 use sqlx::{ConnectOptions, Connection};
 
-/// A stack whose backups go to `backups/` and to `bucket` on `moto` under `prefix`, with
-/// `extra` lines in `[backups]`.
-async fn stack_with_s3(moto: &MotoServer, bucket: &str, prefix: &str, extra: &str, encrypted: bool) -> Stack {
+/// A stack whose backups go to `backups/` and to `bucket` on `moto`, with `extra` lines in
+/// `[backups]` and `s3` lines in `[backups.s3]`.
+async fn stack_with_s3(moto: &MotoServer, bucket: &str, s3: &str, extra: &str, encrypted: bool) -> Stack {
     let key = if encrypted {
         "encryption_key_file = \"backup.key\"\n"
     } else {
@@ -23,7 +25,7 @@ async fn stack_with_s3(moto: &MotoServer, bucket: &str, prefix: &str, extra: &st
     };
     Stack::start(StackOptions {
         extra_toml: format!(
-            "[backups]\ndir = \"backups\"\n{key}{extra}\n[backups.s3]\nbucket = \"{bucket}\"\nprefix = \"{prefix}\"\n\
+            "[backups]\ndir = \"backups\"\n{key}{extra}\n[backups.s3]\nbucket = \"{bucket}\"\n{s3}\n\
              endpoint_url = \"{}\"\npath_style = true\npart_size_mib = 5\n",
             moto.endpoint_url()
         ),
@@ -33,6 +35,9 @@ async fn stack_with_s3(moto: &MotoServer, bucket: &str, prefix: &str, extra: &st
     .await
     .unwrap()
 }
+
+/// The KMS key the bucket is asked to encrypt backups with.
+const KMS_KEY: &str = "arn:aws:kms:us-east-1:123456789012:key/silo-backups";
 
 /// A new bucket on `moto`.
 async fn new_bucket(moto: &MotoServer) -> String {
@@ -113,7 +118,8 @@ async fn count_tasks(stack: &Stack, database: &str, title: Option<&str>) -> i64 
 async fn a_backup_reaches_s3_and_is_restored_from_there_once_the_machine_lost_it() {
     let moto = MotoServer::shared().await;
     let bucket = new_bucket(moto).await;
-    let stack = stack_with_s3(moto, &bucket, "silo/", "", true).await;
+    let s3 = format!("prefix = \"silo/\"\nserver_side_encryption = \"aws:kms\"\nkms_key_id = \"{KMS_KEY}\"");
+    let stack = stack_with_s3(moto, &bucket, &s3, "", true).await;
     let slug = unique_name("s3");
     let key = stack.create_tenant(&slug).await.unwrap();
     let database = database_of(&slug);
@@ -195,6 +201,24 @@ async fn a_backup_reaches_s3_and_is_restored_from_there_once_the_machine_lost_it
     assert!(std::fs::read(&downloaded).unwrap() == on_disk);
     let keys = keys_in(moto, &bucket).await;
     assert_eq!(keys.len(), 2, "{keys:?}");
+    // Both the backup uploaded in parts and the small one in one request were stored
+    // encrypted with the KMS key asked for.
+    for key in &keys {
+        let head = moto
+            .s3()
+            .await
+            .head_object()
+            .bucket(&bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            (head.server_side_encryption(), head.ssekms_key_id()),
+            (Some(&ServerSideEncryption::AwsKms), Some(KMS_KEY)),
+            "{key}"
+        );
+    }
     stack.stop().await.unwrap();
 }
 
@@ -250,7 +274,7 @@ async fn erasing_a_backup_erases_its_copy_in_s3_and_keep_for_sweeps_the_bucket()
 async fn a_backup_whose_upload_fails_is_not_taken_and_says_why() {
     let moto = MotoServer::start().await.unwrap();
     let bucket = new_bucket(&moto).await;
-    let stack = stack_with_s3(&moto, &bucket, "silo/", "", false).await;
+    let stack = stack_with_s3(&moto, &bucket, "prefix = \"silo/\"", "", false).await;
     let slug = unique_name("s3f");
     stack.create_tenant(&slug).await.unwrap();
     drop(moto);
@@ -290,7 +314,7 @@ async fn a_backup_whose_upload_fails_is_not_taken_and_says_why() {
 async fn rekey_backups_downloads_a_backup_only_in_s3_and_replaces_its_copy_there() {
     let moto = MotoServer::shared().await;
     let bucket = new_bucket(moto).await;
-    let stack = stack_with_s3(moto, &bucket, "silo/", "", true).await;
+    let stack = stack_with_s3(moto, &bucket, "prefix = \"silo/\"", "", true).await;
     let slug = unique_name("s3r");
     let key = stack.create_tenant(&slug).await.unwrap();
     stack.add_tasks(&slug, &key, &["under the old key"]).await.unwrap();

@@ -6,6 +6,9 @@
 //!
 //! Backups larger than `part_size` are uploaded in parts, read straight from the file; an
 //! upload that fails is aborted, so the bucket keeps no stray parts of it.
+//!
+//! With `server_side_encryption`, every upload asks for it, and an object the store kept
+//! otherwise (a store that ignores the request) is removed and the upload fails.
 
 use std::path::Path;
 
@@ -15,13 +18,13 @@ use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncryption};
 use aws_sdk_s3::Client;
 use tokio::io::AsyncWriteExt;
 
 use super::sealed::{self, Format};
 use super::BackupError;
-use crate::config::BackupsS3Config;
+use crate::config::{BackupsS3Config, S3Encryption};
 use crate::names::TenantSlug;
 use crate::secrets::aws::sdk_error_detail;
 
@@ -50,6 +53,7 @@ pub(super) struct Bucket {
     bucket: String,
     prefix: String,
     part_size: u64,
+    encryption: Option<S3Encryption>,
 }
 
 impl std::fmt::Debug for Bucket {
@@ -57,7 +61,33 @@ impl std::fmt::Debug for Bucket {
         f.debug_struct("Bucket")
             .field("bucket", &self.bucket)
             .field("prefix", &self.prefix)
+            .field("encryption", &self.encryption)
             .finish_non_exhaustive()
+    }
+}
+
+/// The S3 name of `encryption`'s algorithm.
+fn algorithm(encryption: &S3Encryption) -> ServerSideEncryption {
+    match encryption {
+        S3Encryption::S3Managed => ServerSideEncryption::Aes256,
+        S3Encryption::Kms { .. } => ServerSideEncryption::AwsKms,
+    }
+}
+
+/// What is wrong with an object stored with `got` encryption when `wanted` was asked for.
+fn encryption_mismatch(wanted: Option<&ServerSideEncryption>, got: Option<&ServerSideEncryption>) -> Option<String> {
+    let wanted = wanted?;
+    match got {
+        Some(got) if got == wanted => None,
+        Some(got) => Some(format!(
+            "the bucket stored it encrypted with {}, not {}",
+            got.as_str(),
+            wanted.as_str()
+        )),
+        None => Some(format!(
+            "the bucket stored it without server-side encryption, not with {}",
+            wanted.as_str()
+        )),
     }
 }
 
@@ -90,6 +120,7 @@ impl Bucket {
             bucket: config.bucket.clone(),
             prefix: config.prefix.clone(),
             part_size: config.part_size,
+            encryption: config.encryption.clone(),
         })
     }
 
@@ -117,23 +148,27 @@ impl Bucket {
                 .put_object()
                 .bucket(&self.bucket)
                 .key(&key)
+                .set_server_side_encryption(self.algorithm())
+                .set_ssekms_key_id(self.kms_key_id())
                 .body(body)
                 .send()
                 .await
                 .map_err(|e| sdk_error("upload to", self.url(&key), &e))?;
-            return self.check_size(&key, bytes).await;
+            return self.check_stored(&key, bytes).await;
         }
         let started = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(&key)
+            .set_server_side_encryption(self.algorithm())
+            .set_ssekms_key_id(self.kms_key_id())
             .send()
             .await
             .map_err(|e| sdk_error("upload to", self.url(&key), &e))?;
         let upload_id = started.upload_id().unwrap_or_default().to_owned();
         match self.upload_parts(&key, &upload_id, path, bytes).await {
-            Ok(()) => self.check_size(&key, bytes).await,
+            Ok(()) => self.check_stored(&key, bytes).await,
             Err(e) => {
                 // Parts of an upload never completed are billed until aborted.
                 let _ = self
@@ -201,8 +236,22 @@ impl Bucket {
         }
     }
 
-    /// Fails unless the object `key` holds `bytes` bytes.
-    async fn check_size(&self, key: &str, bytes: u64) -> Result<(), BackupError> {
+    /// The server-side encryption every upload asks for.
+    fn algorithm(&self) -> Option<ServerSideEncryption> {
+        self.encryption.as_ref().map(algorithm)
+    }
+
+    /// The KMS key every upload asks for.
+    fn kms_key_id(&self) -> Option<String> {
+        match &self.encryption {
+            Some(S3Encryption::Kms { key_id }) => key_id.clone(),
+            _ => None,
+        }
+    }
+
+    /// Fails unless the object `key` holds `bytes` bytes, encrypted as configured; an object
+    /// stored without that encryption is removed.
+    async fn check_stored(&self, key: &str, bytes: u64) -> Result<(), BackupError> {
         let head = self
             .client
             .head_object()
@@ -217,6 +266,14 @@ impl Bucket {
                 what: "check the upload to",
                 url: self.url(key),
                 detail: format!("the bucket holds {stored:?} bytes, the backup file {bytes}"),
+            });
+        }
+        if let Some(wrong) = encryption_mismatch(self.algorithm().as_ref(), head.server_side_encryption()) {
+            let _ = self.client.delete_object().bucket(&self.bucket).key(key).send().await;
+            return Err(BackupError::S3 {
+                what: "check the upload to",
+                url: self.url(key),
+                detail: format!("{wrong}; the object was removed"),
             });
         }
         Ok(())
@@ -378,5 +435,27 @@ fn s3_error(what: &'static str, url: String, err: &dyn std::error::Error) -> Bac
         what,
         url,
         detail: err.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_object_is_checked_for_the_encryption_asked_for() {
+        let kms = ServerSideEncryption::AwsKms;
+        let aes = ServerSideEncryption::Aes256;
+        assert_eq!(encryption_mismatch(None, None), None);
+        assert_eq!(encryption_mismatch(None, Some(&aes)), None);
+        assert_eq!(encryption_mismatch(Some(&kms), Some(&kms)), None);
+        assert_eq!(
+            encryption_mismatch(Some(&kms), Some(&aes)).as_deref(),
+            Some("the bucket stored it encrypted with AES256, not aws:kms")
+        );
+        assert_eq!(
+            encryption_mismatch(Some(&aes), None).as_deref(),
+            Some("the bucket stored it without server-side encryption, not with AES256")
+        );
     }
 }

@@ -342,6 +342,22 @@ pub struct BackupsS3Config {
     pub path_style: bool,
     /// Backups larger than this are uploaded in parts of this size (S3 allows 10,000 parts).
     pub part_size: u64,
+    /// How the bucket encrypts the objects silo writes (`server_side_encryption`); None: as
+    /// the bucket's default encryption says.
+    pub encryption: Option<S3Encryption>,
+}
+
+/// Server-side encryption silo asks the bucket for, and checks it got, on every upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum S3Encryption {
+    /// `"AES256"`: keys the store manages (SSE-S3).
+    S3Managed,
+    /// `"aws:kms"`: a KMS key (SSE-KMS): `kms_key_id` (an id, ARN or alias), else the
+    /// account's `aws/s3` key.
+    Kms {
+        /// `kms_key_id`.
+        key_id: Option<String>,
+    },
 }
 
 /// The `[router]` section.
@@ -479,6 +495,26 @@ fn backups_s3(raw: raw::RawBackupsS3) -> Result<BackupsS3Config, ConfigError> {
             "must be between 5 and 5120 (S3's limits on a part)",
         ));
     }
+    let encryption = match (raw.server_side_encryption.as_deref(), raw.kms_key_id) {
+        (_, Some(key)) if key.trim().is_empty() => {
+            return Err(invalid("backups.s3.kms_key_id", "must not be empty"));
+        }
+        (None, None) => None,
+        (Some("AES256"), None) => Some(S3Encryption::S3Managed),
+        (Some("aws:kms"), key_id) => Some(S3Encryption::Kms { key_id }),
+        (None | Some("AES256"), Some(_)) => {
+            return Err(invalid(
+                "backups.s3.kms_key_id",
+                "needs server_side_encryption = \"aws:kms\"",
+            ));
+        }
+        (Some(other), _) => {
+            return Err(invalid(
+                "backups.s3.server_side_encryption",
+                format!("{other:?} is not \"AES256\" or \"aws:kms\""),
+            ));
+        }
+    };
     Ok(BackupsS3Config {
         bucket: raw.bucket,
         prefix: raw.prefix,
@@ -486,6 +522,7 @@ fn backups_s3(raw: raw::RawBackupsS3) -> Result<BackupsS3Config, ConfigError> {
         endpoint_url: raw.endpoint_url,
         path_style: raw.path_style,
         part_size: raw.part_size_mib * 1024 * 1024,
+        encryption,
     })
 }
 
@@ -1065,6 +1102,18 @@ local_master_key_file = "master.key"
                 "backups.s3.part_size_mib",
             ),
             ("[backups]\ndir = \"b\"\n[backups.s3]\nprefix = \"silo/\"\n", "bucket"),
+            (
+                "[backups]\ndir = \"b\"\n[backups.s3]\nbucket = \"silo-backups\"\nserver_side_encryption = \"aws:kms:dsse\"\n",
+                "backups.s3.server_side_encryption",
+            ),
+            (
+                "[backups]\ndir = \"b\"\n[backups.s3]\nbucket = \"silo-backups\"\nkms_key_id = \"alias/silo\"\n",
+                "backups.s3.kms_key_id",
+            ),
+            (
+                "[backups]\ndir = \"b\"\n[backups.s3]\nbucket = \"silo-backups\"\nserver_side_encryption = \"aws:kms\"\nkms_key_id = \" \"\n",
+                "backups.s3.kms_key_id",
+            ),
             ("[router.plans.gold]\nburst = 0\n", "router.plans.gold.burst"),
             ("[rotation]\nstrategy = \"double\"\n", "rotation.strategy"),
             (

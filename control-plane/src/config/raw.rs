@@ -55,6 +55,8 @@ pub(super) struct RawBackupsS3 {
     pub(super) path_style: bool,
     #[serde(default = "default_part_size_mib")]
     pub(super) part_size_mib: u64,
+    pub(super) server_side_encryption: Option<String>,
+    pub(super) kms_key_id: Option<String>,
 }
 
 fn default_part_size_mib() -> u64 {
