@@ -24,6 +24,7 @@ use super::auth::Actor;
 use super::error::ApiError;
 use super::extract::{Body, Path};
 use super::holds::refuse_if_held;
+use super::tenant_jobs::{accepted, asked_again, enqueue_audited, NewJob};
 use super::tenants::{check_backup, lock_active_or_suspended, parse_slug};
 use super::ApiState;
 use crate::catalog::tenants;
@@ -42,23 +43,16 @@ pub async fn back_up(
     require_backups_dir(&state, "a backup")?;
     let mut tx = state.catalog.begin().await?;
     lock_active_or_suspended(&mut tx, &slug, "backed up").await?;
-    if let Some(job) = jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
-        if job.kind == "backup" {
-            return Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))));
-        }
-        return Err(ApiError::tenant_busy(&job));
+    if let Some(job) = asked_again(&mut tx, &slug, |job| job.kind == "backup").await? {
+        return Ok(accepted(job));
     }
-    let job = jobs::enqueue(&mut tx, "backup", Some(slug.as_str()), json!({})).await?;
-    audit::record(
-        &mut tx,
-        &actor,
-        "tenant.backup",
-        Some(slug.as_str()),
-        json!({"job": job.id}),
-    )
-    .await?;
-    tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
+    let new = NewJob {
+        kind: "backup",
+        params: &json!({}),
+        action: "tenant.backup",
+        detail: json!({}),
+    };
+    enqueue_audited(tx, &actor, &slug, new).await
 }
 
 /// `GET /v1/tenants/{slug}/backups` → 200 `{"items":[{"file","bytes","created_at","job"}]}`,
@@ -208,11 +202,9 @@ pub async fn restore(
     let slug = parse_slug(&slug)?;
     let mut tx = state.catalog.begin().await?;
     lock_active_or_suspended(&mut tx, &slug, "restored").await?;
-    if let Some(job) = jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
-        if job.kind == "restore" && job.params["backup"] == req.backup.as_str() {
-            return Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))));
-        }
-        return Err(ApiError::tenant_busy(&job));
+    let same = |job: &jobs::Job| job.kind == "restore" && job.params["backup"] == req.backup.as_str();
+    if let Some(job) = asked_again(&mut tx, &slug, same).await? {
+        return Ok(accepted(job));
     }
     check_backup(&state, &slug, &req.backup).await?;
     if let Some(id) = jobs::lock_for_rollout(&mut tx).await? {
@@ -223,21 +215,15 @@ pub async fn restore(
     }
     // Marked at once: routers stop serving the tenant before its data is replaced.
     tenants::set_restoring_from(&mut tx, slug.as_str(), Some(&req.backup)).await?;
-    let params = RestoreParams {
-        backup: req.backup.clone(),
+    let new = NewJob {
+        kind: "restore",
+        params: &RestoreParams {
+            backup: req.backup.clone(),
+        },
+        action: "tenant.restore",
+        detail: json!({"backup": req.backup}),
     };
-    let params = serde_json::to_value(&params).map_err(|e| ApiError::Internal(e.into()))?;
-    let job = jobs::enqueue(&mut tx, "restore", Some(slug.as_str()), params).await?;
-    audit::record(
-        &mut tx,
-        &actor,
-        "tenant.restore",
-        Some(slug.as_str()),
-        json!({"backup": req.backup, "job": job.id}),
-    )
-    .await?;
-    tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
+    enqueue_audited(tx, &actor, &slug, new).await
 }
 
 /// `POST /v1/tenants/{slug}/backups/verify` body.
@@ -282,27 +268,19 @@ pub async fn verify(
     };
     let mut tx = state.catalog.begin().await?;
     lock_active_or_suspended(&mut tx, &slug, "verified").await?;
-    if let Some(job) = jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
-        if job.kind == "verify" && job.params["backup"] == backup.as_str() {
-            return Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))));
-        }
-        return Err(ApiError::tenant_busy(&job));
+    let same = |job: &jobs::Job| job.kind == "verify" && job.params["backup"] == backup.as_str();
+    if let Some(job) = asked_again(&mut tx, &slug, same).await? {
+        return Ok(accepted(job));
     }
-    let params = serde_json::to_value(VerifyParams {
-        backup: Some(backup.clone()),
-    })
-    .map_err(|e| ApiError::Internal(e.into()))?;
-    let job = jobs::enqueue(&mut tx, "verify", Some(slug.as_str()), params).await?;
-    audit::record(
-        &mut tx,
-        &actor,
-        "tenant.backup.verify",
-        Some(slug.as_str()),
-        json!({"backup": backup, "job": job.id}),
-    )
-    .await?;
-    tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
+    let new = NewJob {
+        kind: "verify",
+        params: &VerifyParams {
+            backup: Some(backup.clone()),
+        },
+        action: "tenant.backup.verify",
+        detail: json!({"backup": backup}),
+    };
+    enqueue_audited(tx, &actor, &slug, new).await
 }
 
 /// 422 `backup_unavailable` unless `[backups] dir` is set; `what` names what needs it.

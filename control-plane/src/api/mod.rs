@@ -14,6 +14,7 @@ mod moves;
 mod paging;
 mod rotations;
 mod sizes;
+mod tenant_jobs;
 mod tenants;
 mod tokens;
 

@@ -11,11 +11,12 @@ use super::auth::Actor;
 use super::backups::require_backups_dir;
 use super::error::ApiError;
 use super::extract::{Body, Path};
+use super::tenant_jobs::{accepted, asked_again, enqueue_audited, NewJob};
 use super::tenants::{lock_active_or_suspended, parse_slug};
 use super::ApiState;
 use crate::catalog::tenants::{self, StartMoveError};
+use crate::jobs::Job;
 use crate::moves::MoveParams;
-use crate::{audit, jobs};
 
 /// `POST /v1/tenants/{slug}/move` body.
 #[derive(Deserialize)]
@@ -47,11 +48,9 @@ pub async fn move_tenant(
     let tenant = tenants::get(&mut tx, slug.as_str())
         .await?
         .ok_or_else(|| ApiError::tenant_not_found(slug.as_str()))?;
-    if let Some(job) = jobs::active_for_tenant(&mut tx, slug.as_str()).await? {
-        if job.kind == "move" && tenant.moving_to.as_deref() == Some(req.server.as_str()) {
-            return Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))));
-        }
-        return Err(ApiError::tenant_busy(&job));
+    let same = |job: &Job| job.kind == "move" && tenant.moving_to.as_deref() == Some(req.server.as_str());
+    if let Some(job) = asked_again(&mut tx, &slug, same).await? {
+        return Ok(accepted(job));
     }
     if tenant.server == req.server {
         return Err(ApiError::Conflict(
@@ -67,21 +66,15 @@ pub async fn move_tenant(
             StartMoveError::NoCapacity(_) => ApiError::Unavailable("no_capacity", e.to_string()),
             StartMoveError::Database(e) => e.into(),
         })?;
-    let params = MoveParams {
-        from: tenant.server.clone(),
-        to: req.server.clone(),
-        secret_version: uuid::Uuid::new_v4().to_string(),
+    let new = NewJob {
+        kind: "move",
+        params: &MoveParams {
+            from: tenant.server.clone(),
+            to: req.server.clone(),
+            secret_version: uuid::Uuid::new_v4().to_string(),
+        },
+        action: "tenant.move",
+        detail: json!({"from": tenant.server, "to": req.server}),
     };
-    let params = serde_json::to_value(&params).map_err(|e| ApiError::Internal(e.into()))?;
-    let job = jobs::enqueue(&mut tx, "move", Some(slug.as_str()), params).await?;
-    audit::record(
-        &mut tx,
-        &actor,
-        "tenant.move",
-        Some(slug.as_str()),
-        json!({"from": tenant.server, "to": req.server, "job": job.id}),
-    )
-    .await?;
-    tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
+    enqueue_audited(tx, &actor, &slug, new).await
 }
