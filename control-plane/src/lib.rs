@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod cp_main;
+pub mod gauges;
 pub mod jobs;
 pub mod keyfile;
 pub mod localpg;

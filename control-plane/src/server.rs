@@ -17,10 +17,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AdminTokens, ApiState};
-use crate::backup::freshness::Freshness;
 use crate::backup::schedule::Scheduled;
 use crate::backup::{self, retention, Backups};
 use crate::config::{Config, SecretsBackend};
+use crate::gauges::Gauges;
 use crate::provision::Provisioner;
 use crate::servers::Servers;
 use crate::tenant_schema::MigrationSource;
@@ -142,14 +142,14 @@ impl ControlPlane {
             config.control_plane.workers,
             force_secret_delete,
         );
-        let backup_freshness = Arc::new(Freshness::new(catalog.clone(), backups.clone()));
+        let gauges = Arc::new(Gauges::new(catalog.clone(), backups.clone()));
         let api = ApiState {
             catalog,
             store,
             servers,
             config: Arc::new(config),
             tokens: Arc::new(tokens),
-            backup_freshness,
+            gauges,
             backups,
             metrics: prometheus(),
         };

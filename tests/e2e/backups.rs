@@ -595,15 +595,6 @@ async fn every_live_tenant_is_backed_up_on_schedule_and_not_more_often() {
     stack.stop().await.unwrap();
 }
 
-/// The value of the unlabelled series `name` in the control plane's `/metrics`.
-async fn control_plane_gauge(stack: &Stack, name: &str) -> f64 {
-    let metrics = stack.control_plane_metrics().await.unwrap();
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
-}
-
 /// `/metrics` says how long the live tenant least recently backed up has gone without a
 /// backup, and how many live tenants have none: what an SRE alerts on.
 #[tokio::test(flavor = "multi_thread")]
@@ -615,8 +606,11 @@ async fn backup_freshness_is_in_the_control_planes_metrics() {
     tenant_with_tasks(&stack, &fresh, &["backed up"]).await;
     back_up(&stack, &fresh).await;
 
-    assert_eq!(control_plane_gauge(&stack, "silo_tenants_without_backup").await, 1.0);
-    let oldest = control_plane_gauge(&stack, "silo_backup_age_seconds_max").await;
+    assert_eq!(
+        stack.control_plane_gauge("silo_tenants_without_backup").await.unwrap(),
+        1.0
+    );
+    let oldest = stack.control_plane_gauge("silo_backup_age_seconds_max").await.unwrap();
     assert!(
         (2.0..120.0).contains(&oldest),
         "since the unbacked tenant was created: {oldest}"
@@ -625,8 +619,11 @@ async fn backup_freshness_is_in_the_control_planes_metrics() {
     back_up(&stack, &never).await;
     // Measured at most every 10 s.
     tokio::time::sleep(std::time::Duration::from_millis(10_500)).await;
-    assert_eq!(control_plane_gauge(&stack, "silo_tenants_without_backup").await, 0.0);
-    let oldest = control_plane_gauge(&stack, "silo_backup_age_seconds_max").await;
+    assert_eq!(
+        stack.control_plane_gauge("silo_tenants_without_backup").await.unwrap(),
+        0.0
+    );
+    let oldest = stack.control_plane_gauge("silo_backup_age_seconds_max").await.unwrap();
     assert!(oldest < 20.0, "both were just backed up: {oldest}");
     stack.stop().await.unwrap();
 }

@@ -1,8 +1,8 @@
 //! Provisioning interrupted after each step in turn (a fail point) leaves a `failed` tenant
 //! that a retry completes, with no orphaned or duplicated database, role or secret; a
 //! transient failure (an unreachable database) is retried by the control plane itself. A
-//! job runs once at a time: a stalled step keeps its lease, and a run that lost it anyway
-//! records nothing.
+//! job runs once at a time: a run that lost its lease records nothing. `/metrics` shows
+//! failed tenants and a stuck queue.
 
 use std::time::Duration;
 
@@ -328,5 +328,61 @@ async fn a_run_that_stalls_past_its_lease_is_taken_over_and_changes_nothing_afte
     let tenant = stack.tenant(&slug).await.unwrap();
     assert_eq!(tenant["restoring_from"], json!(null), "{tenant}");
     assert_eq!(stack.served_titles(&slug, &key).await.unwrap(), ["kept"]);
+    stack.stop().await.unwrap();
+}
+
+/// `/metrics` says how many tenants are in each status (a failed one waits for an operator),
+/// how many jobs are queued and running, and how long the job longest due has waited with no
+/// worker on it: what an SRE alerts on when the queue is stuck.
+#[tokio::test(flavor = "multi_thread")]
+async fn tenants_by_status_and_a_stuck_queue_are_in_the_control_planes_metrics() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    stack.create_tenant(&unique_name("ok")).await.unwrap();
+    fail::cfg("provision-after-step", "return(roles)").unwrap();
+    let (status, created) = stack
+        .admin(
+            Method::POST,
+            "/v1/tenants",
+            Some(json!({"slug": unique_name("broken")})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    let job = stack.wait_job(created["job"]["id"].as_i64().unwrap()).await.unwrap();
+    assert_eq!(job["state"], "failed", "{job}");
+
+    // A job due in 2 s that no worker can take: the test holds its row.
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO jobs (kind, created_at, run_after) \
+         VALUES ('migrate', now() - interval '1 minute', now() + interval '2 seconds') RETURNING id",
+    )
+    .fetch_one(stack.catalog())
+    .await
+    .unwrap();
+    let mut held = stack.catalog().begin().await.unwrap();
+    sqlx::query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+
+    let gauge = |series: &'static str| stack.control_plane_gauge(series);
+    assert_eq!(gauge("silo_tenants{status=\"active\"}").await.unwrap(), 1.0);
+    assert_eq!(gauge("silo_tenants{status=\"failed\"}").await.unwrap(), 1.0);
+    assert_eq!(gauge("silo_tenants{status=\"deleted\"}").await.unwrap(), 0.0);
+    assert_eq!(gauge("silo_jobs{state=\"queued\"}").await.unwrap(), 1.0);
+    assert_eq!(gauge("silo_jobs{state=\"running\"}").await.unwrap(), 0.0);
+    let delay = gauge("silo_job_queue_delay_seconds_max").await.unwrap();
+    assert!(
+        (1.0..30.0).contains(&delay),
+        "due for 1.5 s (queued for a minute): {delay}"
+    );
+    sqlx::query("DELETE FROM jobs WHERE id = $1")
+        .bind(id)
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    held.commit().await.unwrap();
     stack.stop().await.unwrap();
 }

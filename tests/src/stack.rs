@@ -242,6 +242,16 @@ connect_timeout = "{connect}ms"
             .await?)
     }
 
+    /// The value of `series` (a metric name with its labels, as `/metrics` writes them) in the
+    /// control plane's `/metrics`.
+    pub async fn control_plane_gauge(&self, series: &str) -> anyhow::Result<f64> {
+        let metrics = self.control_plane_metrics().await?;
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+            .with_context(|| format!("no {series} in {metrics}"))
+    }
+
     /// Router tenant-traffic address.
     pub fn router_addr(&self) -> SocketAddr {
         self.router_addr

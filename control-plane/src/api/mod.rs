@@ -32,9 +32,9 @@ use sqlx::PgPool;
 pub use auth::{new_admin_token, AdminTokens, TokenRole};
 use error::ApiError;
 
-use crate::backup::freshness::Freshness;
 use crate::backup::Backups;
 use crate::config::Config;
+use crate::gauges::Gauges;
 use crate::secrets::SecretStore;
 use crate::servers::Servers;
 
@@ -56,8 +56,8 @@ pub struct ApiState {
     pub tokens: Arc<AdminTokens>,
     /// Tenant backups (`[backups]`).
     pub backups: Backups,
-    /// Backup freshness, measured for `/metrics`.
-    pub backup_freshness: Arc<Freshness>,
+    /// The gauges measured for `/metrics`.
+    pub gauges: Arc<Gauges>,
     /// Prometheus exposition.
     pub metrics: Option<PrometheusHandle>,
 }
@@ -136,7 +136,7 @@ async fn healthz(axum::extract::State(state): axum::extract::State<ApiState>) ->
 }
 
 async fn metrics(axum::extract::State(state): axum::extract::State<ApiState>) -> impl IntoResponse {
-    state.backup_freshness.update().await;
+    state.gauges.update().await;
     let body = state.metrics.as_ref().map(PrometheusHandle::render).unwrap_or_default();
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }

@@ -3,25 +3,20 @@
 //! backup (since its newest one, or since it was created when it has none), and
 //! `silo_tenants_without_backup`; and `silo_backup_unverified_seconds_max`, the longest any
 //! live tenant with a backup has gone without a restore drill that succeeded (since its last
-//! one, or since its first backup when it never had one). Measured when `/metrics` is read, at
-//! most every [`MIN_INTERVAL`]: a directory listing per live tenant and two catalog queries.
+//! one, or since its first backup when it never had one). Measured when `/metrics` is read (see
+//! `crate::gauges`): a directory listing per live tenant and two catalog queries.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use sqlx::PgPool;
-use tokio::sync::Mutex;
 
 use super::Backups;
 use crate::names::TenantSlug;
-
-/// Measurements closer together than this reuse the last one.
-const MIN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Measures backup freshness for `/metrics`.
 pub struct Freshness {
     catalog: PgPool,
     backups: Backups,
-    measured: Mutex<Option<Instant>>,
 }
 
 /// One measurement.
@@ -34,24 +29,15 @@ struct Measured {
 impl Freshness {
     /// Freshness of the backups `backups` takes of the tenants in `catalog`.
     pub fn new(catalog: PgPool, backups: Backups) -> Self {
-        Self {
-            catalog,
-            backups,
-            measured: Mutex::new(None),
-        }
+        Self { catalog, backups }
     }
 
-    /// Sets the gauges, unless they were set less than [`MIN_INTERVAL`] ago or backups are
-    /// not configured. A failure is logged; the gauges keep their last values.
+    /// Sets the gauges, unless backups are not configured. A failure is logged; the gauges
+    /// keep their last values.
     pub async fn update(&self) {
         if !self.backups.configured() {
             return;
         }
-        let mut measured = self.measured.lock().await;
-        if measured.is_some_and(|at| at.elapsed() < MIN_INTERVAL) {
-            return;
-        }
-        *measured = Some(Instant::now());
         match self.measure().await {
             Ok(m) => {
                 metrics::gauge!("silo_backup_age_seconds_max").set(m.oldest.as_secs_f64());
