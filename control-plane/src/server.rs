@@ -25,7 +25,7 @@ use crate::provision::Provisioner;
 use crate::servers::Servers;
 use crate::tenant_schema::MigrationSource;
 use crate::worker::Workers;
-use crate::{catalog, schedule, secrets, spares, tls};
+use crate::{audit, catalog, schedule, secrets, spares, tls};
 
 /// A client must finish its TLS handshake within this long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -203,6 +203,7 @@ impl ControlPlane {
             self.api.backups.clone(),
             shutdown.clone(),
         ));
+        let audit_seals = tokio::spawn(audit::seal::run(self.api.catalog.clone(), shutdown.clone()));
         let spares = tokio::spawn(spares::keep_filled(
             self.spares.servers,
             self.spares.migrations,
@@ -228,6 +229,7 @@ impl ControlPlane {
         let _ = backup_schedule.await;
         let _ = drill_schedule.await;
         let _ = spares.await;
+        let _ = audit_seals.await;
         self.api.catalog.close().await;
         result
     }

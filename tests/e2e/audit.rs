@@ -528,3 +528,97 @@ async fn a_tokens_last_use_is_listed_so_unused_tokens_can_be_found() {
     assert!(forgotten.trim_end().ends_with('-'), "{table}");
     stack.stop().await.unwrap();
 }
+
+/// `GET /v1/audit/verify` as the bootstrap token, once every entry is sealed (within 30 s).
+async fn verified_once_sealed(stack: &Stack) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, verification) = stack.admin(Method::GET, "/v1/audit/verify", None).await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{verification}");
+        if verification["unsealed"] == 0 || Instant::now() > deadline {
+            return verification;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Every entry is sealed into a hash chain within seconds. An entry changed afterwards, even
+/// by a superuser who lifts the append-only trigger, and one slipped in behind the sealed part
+/// of the log, are named by `siloctl audit verify`, which then exits 1; the head it prints is
+/// what to keep elsewhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_audit_log_is_sealed_and_a_changed_entry_is_found() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let slug = unique_name("sealed");
+    stack.create_tenant(&slug).await.unwrap();
+    for action in ["suspend", "resume"] {
+        let (status, body) = stack
+            .admin(Method::POST, &format!("/v1/tenants/{slug}/{action}"), None)
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let verification = verified_once_sealed(&stack).await;
+    assert_eq!(
+        (
+            &verification["intact"],
+            &verification["sealed"],
+            &verification["unsealed"]
+        ),
+        (&json!(true), &json!(3), &json!(0)),
+        "{verification}"
+    );
+    let head = verification["head"]["hash"].as_str().unwrap().to_owned();
+    assert_eq!(head.len(), 64, "{verification}");
+    let (code, stdout, stderr) = stack.siloctl(&["audit", "verify"]).await.unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("3 entries sealed") && stdout.contains(&head),
+        "{stdout}"
+    );
+    // A viewer may check the log too.
+    let viewer = token_of_role(&stack, "auditor", "viewer").await;
+    let (status, _) = send_with(&stack, &viewer, Method::GET, "/v1/audit/verify", None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // The suspension is rewritten as someone else's, as only a superuser can.
+    let page = audit(&stack, &format!("tenant={slug}&action=tenant.suspend")).await;
+    let suspended = page["items"][0]["id"].as_i64().unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE audit_log DISABLE TRIGGER audit_log_append_only; \
+         UPDATE audit_log SET actor = 'someone-else' WHERE id = {suspended}; \
+         ALTER TABLE audit_log ENABLE TRIGGER audit_log_append_only; \
+         INSERT INTO audit_log (actor, action, tenant, txid) VALUES ('someone-else', 'tenant.resume', '{slug}', '1');"
+    )))
+    .execute(stack.catalog())
+    .await
+    .unwrap();
+    let slipped: i64 = sqlx::query_scalar("SELECT max(id) FROM audit_log")
+        .fetch_one(stack.catalog())
+        .await
+        .unwrap();
+
+    let (code, stdout, stderr) = stack.siloctl(&["audit", "verify"]).await.unwrap();
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!("entry {suspended}: the entry does not match its seal")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "entry {slipped}: the entry was added to the part of the log already sealed"
+        )),
+        "{stdout}"
+    );
+    assert!(stderr.contains("not as it was sealed"), "{stderr}");
+    let (_, verification) = stack.admin(Method::GET, "/v1/audit/verify", None).await.unwrap();
+    let problems: Vec<i64> = verification["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["entry"].as_i64().unwrap())
+        .collect();
+    assert_eq!(problems, [suspended, slipped], "{verification}");
+    assert_eq!(verification["intact"], false);
+    stack.stop().await.unwrap();
+}

@@ -1,5 +1,5 @@
 //! `GET /v1/audit`: the audit log, newest first a page at a time, or followed oldest first
-//! from a cursor (`after`).
+//! from a cursor (`after`); `GET /v1/audit/verify`: its seals checked.
 
 use axum::extract::State;
 use axum::Json;
@@ -64,4 +64,14 @@ pub async fn list(State(state): State<ApiState>, Query(q): Query<AuditQuery>) ->
     let items = audit::list(&mut conn, &filter, limit).await?;
     let next_before = paging::next_before(items.iter().map(|e| e.id), limit);
     Ok(Json(json!({ "items": items, "next_before": next_before })))
+}
+
+/// `GET /v1/audit/verify` → 200 `{"intact","sealed","unsealed","head":{"seq","entry","hash",
+/// "sealed_at"}|null,"problems":[{"entry","problem"}]}`: every sealed entry checked against
+/// its seal (see `crate::audit::seal`). `intact` is false when any entry was changed, removed
+/// or slipped in after it was sealed; `head` is the chain's last seal, to compare with a copy
+/// kept elsewhere.
+pub async fn verify(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let verification = audit::seal::verify(&state.catalog).await?;
+    Ok(Json(json!(verification)))
 }

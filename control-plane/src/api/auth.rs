@@ -275,6 +275,7 @@ mod tests {
         let cases = [
             (Method::GET, "/v1/tenants/{slug}", [true, true, true]),
             (Method::GET, "/v1/audit", [true, true, true]),
+            (Method::GET, "/v1/audit/verify", [true, true, true]),
             (Method::GET, "/v1/tokens", [true, true, true]),
             (Method::GET, "/v1/tenants/{slug}/credentials", [false, true, true]),
             (

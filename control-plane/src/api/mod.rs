@@ -95,6 +95,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/tokens", get(tokens::list).post(tokens::create))
         .route("/tokens/{name}", delete(tokens::revoke))
         .route("/audit", get(audit_log::list))
+        .route("/audit/verify", get(audit_log::verify))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin))
         .route_layer(middleware::from_fn(count_request))
         .route("/openapi.json", get(openapi));

@@ -66,7 +66,7 @@ pub(crate) enum Command {
     /// Admin tokens: one per operator or automation, so the audit log names who did what.
     #[command(subcommand)]
     Token(TokenCommand),
-    /// Read the audit log, newest first.
+    /// Read the audit log, newest first; `siloctl audit verify` checks its seals.
     Audit(AuditArgs),
 }
 
@@ -489,7 +489,10 @@ pub(crate) struct JobsListArgs {
 
 /// Arguments of `siloctl audit`.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub(crate) struct AuditArgs {
+    #[command(subcommand)]
+    pub(crate) command: Option<AuditCommand>,
     /// Only entries about this tenant.
     #[arg(long, value_name = "SLUG")]
     pub(crate) tenant: Option<TenantSlug>,
@@ -513,6 +516,14 @@ pub(crate) struct AuditArgs {
     /// line (JSON Lines with -o json), until interrupted.
     #[arg(long, short = 'f')]
     pub(crate) follow: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuditCommand {
+    /// Check every sealed entry against its seal; exits 1 if any was changed, removed or
+    /// slipped in after it was sealed. Prints the chain's head to compare with a copy kept
+    /// elsewhere.
+    Verify,
 }
 
 fn parse_cursor(s: &str) -> Result<crate::audit::Cursor, String> {

@@ -5,8 +5,8 @@ use clap::ValueEnum;
 use serde_json::{json, Map, Value};
 
 use super::args::{
-    AuditArgs, Command, GlobalArgs, JobsCommand, KeyCommand, MigrateArgs, MigrateCommand, Output, RotateArgs,
-    ServerCommand, TenantCommand, TokenCommand,
+    AuditArgs, AuditCommand, Command, GlobalArgs, JobsCommand, KeyCommand, MigrateArgs, MigrateCommand, Output,
+    RotateArgs, ServerCommand, TenantCommand, TokenCommand,
 };
 use super::client::{segment, ApiClient};
 use super::output::{self, field, items, print_json, print_table};
@@ -514,6 +514,9 @@ fn query<const N: usize>(parameters: [(&str, Option<String>); N]) -> String {
 }
 
 async fn audit(client: &ApiClient, out: Output, args: AuditArgs) -> anyhow::Result<()> {
+    if let Some(AuditCommand::Verify) = args.command {
+        return verify_audit(client, out).await;
+    }
     let filters = |limit: u16, after: Option<String>| {
         query([
             ("limit", Some(limit.to_string())),
@@ -550,6 +553,21 @@ async fn audit(client: &ApiClient, out: Output, args: AuditArgs) -> anyhow::Resu
         }
     }
     Ok(())
+}
+
+/// `siloctl audit verify`: the seals checked by the control plane; exit 1 when the log is not
+/// as it was sealed.
+async fn verify_audit(client: &ApiClient, out: Output) -> anyhow::Result<()> {
+    let verification = client.get("/v1/audit/verify").await?;
+    match out {
+        Output::Json => print_json(&verification),
+        Output::Table => output::print_audit_verification(&verification),
+    }
+    if verification["intact"] == Value::Bool(true) {
+        Ok(())
+    } else {
+        bail!("the audit log is not as it was sealed")
+    }
 }
 
 /// Entries asked for at a time by `siloctl audit --follow`.

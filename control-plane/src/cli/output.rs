@@ -201,6 +201,36 @@ pub(crate) fn print_audit(entries: &[Value]) {
     );
 }
 
+/// What `GET /v1/audit/verify` found: the counts, the head to compare with a copy kept
+/// elsewhere, and each problem on a line.
+pub(crate) fn print_audit_verification(v: &Value) {
+    println!(
+        "{} entries sealed, {} not sealed yet",
+        field(v, "sealed"),
+        field(v, "unsealed")
+    );
+    match v.get("head").filter(|head| head.is_object()) {
+        Some(head) => println!(
+            "head: seal {} of entry {}, {}: {}",
+            field(head, "seq"),
+            field(head, "entry"),
+            field(head, "sealed_at"),
+            field(head, "hash")
+        ),
+        None => println!("head: nothing sealed yet"),
+    }
+    let problems = v
+        .get("problems")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
+    for problem in problems {
+        println!("entry {}: {}", field(problem, "entry"), field(problem, "problem"));
+    }
+    if problems.is_empty() {
+        println!("intact: every sealed entry is as it was sealed");
+    }
+}
+
 /// One audit log entry on a line: time, actor, action, tenant, details.
 pub(crate) fn audit_line(e: &Value) -> String {
     format!(

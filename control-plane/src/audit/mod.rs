@@ -6,7 +6,10 @@
 //! taken when an entry is written, not when its transaction commits, so a follower that went
 //! by id alone would skip an entry whose transaction committed after a later one's. Entries
 //! are followed in the order of the transactions that wrote them (`txid`, then `id`) and only
-//! once no transaction that could still add an entry before them is running.
+//! once no transaction that could still add an entry before them is running. [`seal`] chains
+//! the entries in that order so that a change to the log shows.
+
+pub mod seal;
 
 use std::fmt;
 use std::str::FromStr;
