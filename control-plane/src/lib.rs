@@ -20,6 +20,7 @@ pub mod moves;
 pub mod names;
 pub mod pooling;
 pub mod provision;
+pub mod response_headers;
 pub mod restores;
 pub mod rollout;
 pub mod rotation;

@@ -25,7 +25,7 @@ use crate::provision::Provisioner;
 use crate::servers::Servers;
 use crate::tenant_schema::MigrationSource;
 use crate::worker::Workers;
-use crate::{audit, catalog, schedule, secrets, spares, tls};
+use crate::{audit, catalog, response_headers, schedule, secrets, spares, tls};
 
 /// A client must finish its TLS handshake within this long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -211,7 +211,13 @@ impl ControlPlane {
             self.spares.claimed,
             shutdown.clone(),
         ));
-        let app = api::router(self.api.clone());
+        let over_tls = self.tls.is_some();
+        let app = api::router(self.api.clone()).layer(axum::middleware::map_response(
+            move |mut response: axum::response::Response| async move {
+                response_headers::add(response.headers_mut(), over_tls);
+                response
+            },
+        ));
         let result = match self.tls {
             Some(tls) => {
                 serve_https(self.listener, tls, app, shutdown.clone()).await;

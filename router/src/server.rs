@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use silo_control_plane::catalog;
 use silo_control_plane::config::Config;
-use silo_control_plane::secrets;
+use silo_control_plane::{response_headers, secrets};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -349,6 +349,7 @@ async fn serve<H, F>(
         let _ = stream.set_nodelay(true);
         let (builder, handle, stop, hard_stop) = (builder.clone(), handle.clone(), stop.clone(), hard_stop.clone());
         let tls = tls.clone();
+        let over_tls = tls.is_some();
         connections.spawn(async move {
             let _slot = slot;
             let handshake = tokio::select! {
@@ -361,7 +362,11 @@ async fn serve<H, F>(
                     request.extensions_mut().insert(sni.clone());
                 }
                 let response = handle(request);
-                async move { Ok::<_, Infallible>(response.await) }
+                async move {
+                    let mut response = response.await;
+                    response_headers::add(response.headers_mut(), over_tls);
+                    Ok::<_, Infallible>(response)
+                }
             });
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             let mut connection = std::pin::pin!(connection);

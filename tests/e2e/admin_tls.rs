@@ -57,6 +57,14 @@ async fn siloctl_reaches_the_admin_api_over_https_with_the_ca_it_is_given() {
         let url = format!("https://localhost:{}/v1/tenants/{slug}", addr.port());
         let resp = client.get(&url).bearer_auth(stack.admin_token()).send().await.unwrap();
         assert_eq!((resp.status(), resp.version()), (StatusCode::OK, version));
+        assert_eq!(
+            [
+                &resp.headers()["strict-transport-security"],
+                &resp.headers()["cache-control"],
+                &resp.headers()["x-content-type-options"]
+            ],
+            ["max-age=31536000", "no-store", "nosniff"]
+        );
     }
 
     // A server siloctl cannot verify is refused, in one line; so is an unusable --cacert.

@@ -162,6 +162,15 @@ async fn https_listener_negotiates_http1_and_http2_next_to_plain_http() {
     let resp = http1.get(&url).bearer_auth(&key).send().await.unwrap();
     assert_eq!(resp.version(), Version::HTTP_11);
     assert_eq!(resp.status(), StatusCode::OK);
+    // Private answers, never cached nor sniffed; over TLS, HTTPS only from now on.
+    assert_eq!(
+        [
+            &resp.headers()["strict-transport-security"],
+            &resp.headers()["cache-control"],
+            &resp.headers()["x-content-type-options"]
+        ],
+        ["max-age=31536000", "no-store", "nosniff"]
+    );
     assert_eq!(resp.json::<Value>().await.unwrap()["tenant"], slug.as_str());
 
     // No prior knowledge: ALPN offers h2 and http/1.1, the router picks h2.
@@ -173,7 +182,8 @@ async fn https_listener_negotiates_http1_and_http2_next_to_plain_http() {
         assert_eq!(resp.json::<Value>().await.unwrap()["tenant"], slug.as_str());
     }
 
-    // `listen` stays plain HTTP.
+    // `listen` stays plain HTTP, where HSTS means nothing; an error of the router's own has
+    // the same headers as the app's answers.
     let resp = stack
         .tenant_request(reqwest::Method::GET, &host, "/api/v1/me")
         .bearer_auth(&key)
@@ -181,6 +191,21 @@ async fn https_listener_negotiates_http1_and_http2_next_to_plain_http() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
+    assert!(!resp.headers().contains_key("strict-transport-security"));
+    assert_eq!(resp.headers()["x-content-type-options"], "nosniff");
+    let resp = http2
+        .get(format!("https://{host}:{}/api/v1/me", https.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        [
+            &resp.headers()["strict-transport-security"],
+            &resp.headers()["cache-control"]
+        ],
+        ["max-age=31536000", "no-store"]
+    );
 
     // Plain HTTP on the HTTPS port: the connection is closed, no HTTP answer, no harm done.
     let mut tcp = TcpStream::connect(https).await.unwrap();
