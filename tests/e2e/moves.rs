@@ -1,7 +1,7 @@
 //! `POST /v1/tenants/{slug}/move` (`siloctl tenant move SLUG --to SERVER`): a tenant's
 //! database moves to another PostgreSQL server, its data, API keys and credentials with it;
 //! it answers 503 while it moves; a move that fails is undone, and one interrupted after its
-//! switch finishes when retried.
+//! switch finishes when retried. `siloctl server drain` moves a whole server's tenants.
 
 use reqwest::{Method, StatusCode};
 use secrecy::ExposeSecret;
@@ -17,17 +17,18 @@ const PG2_PASSWORD_ENV: &str = "SILO_TEST_PG2_PASSWORD";
 /// A stack with encrypted backups and a second server, `pg-2`, on a cluster of its own, with
 /// room for one tenant.
 async fn two_server_stack() -> (Stack, TestCluster) {
-    two_server_stack_with(Secrets::Local).await
+    two_server_stack_with(Secrets::Local, 1).await
 }
 
-async fn two_server_stack_with(secrets: Secrets) -> (Stack, TestCluster) {
+/// The same with `secrets` and room for `room` tenants on `pg-2`.
+async fn two_server_stack_with(secrets: Secrets, room: u32) -> (Stack, TestCluster) {
     let pg2 = TestCluster::start().await.unwrap();
     std::env::set_var(PG2_PASSWORD_ENV, pg2.password().expose_secret());
     let stack = Stack::start(StackOptions {
         extra_toml: format!(
             "[backups]\ndir = \"backups\"\nencryption_key_file = \"backup.key\"\n\
              [[servers]]\nname = \"pg-2\"\nhost = \"127.0.0.1\"\nport = {}\nadmin_user = \"postgres\"\n\
-             admin_password_env = \"{PG2_PASSWORD_ENV}\"\nmax_tenants = 1\n",
+             admin_password_env = \"{PG2_PASSWORD_ENV}\"\nmax_tenants = {room}\n",
             pg2.port()
         ),
         secrets,
@@ -90,7 +91,7 @@ async fn a_tenant_moves_with_its_credentials_in_aws_secrets_manager() {
 }
 
 async fn a_tenant_moves_with_its_data_keys_and_credentials(secrets: Secrets) {
-    let (stack, pg2) = two_server_stack_with(secrets).await;
+    let (stack, pg2) = two_server_stack_with(secrets, 1).await;
     let slug = unique_name("mv");
     let key = tenant_with_tasks(&stack, &slug, &["first", "second", "third"]).await;
     let (status, minted) = stack
@@ -378,4 +379,119 @@ async fn moves_that_cannot_be_done_are_refused_with_clear_errors_and_siloctl_mov
     );
     stack.stop().await.unwrap();
     pg2.stop();
+}
+
+/// `siloctl server drain pg-1 --to pg-2` moves every active and suspended tenant, two at a
+/// time, with its data and keys. One that does not fit on pg-2 stays where it is, named, as
+/// does one whose provisioning failed, and the command exits 1; once there is room, running
+/// it again finishes. Naming the same server twice, or one that does not exist, is a usage
+/// error.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_is_drained_onto_another_and_a_second_run_finishes_it() {
+    let (stack, _pg2) = two_server_stack_with(Secrets::Local, 4).await;
+    let (a, b, c, d) = (
+        unique_name("dra"),
+        unique_name("drb"),
+        unique_name("drc"),
+        unique_name("drd"),
+    );
+    let key_a = tenant_with_tasks(&stack, &a, &["a's task"]).await;
+    let key_c = tenant_with_tasks(&stack, &c, &["c's task"]).await;
+    tenant_with_tasks(&stack, &b, &[]).await;
+    let (status, body) = stack
+        .admin(Method::POST, &format!("/v1/tenants/{b}/suspend"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    tenant_with_tasks(&stack, &d, &[]).await;
+    // A tenant whose provisioning failed is not moved.
+    let broken = unique_name("drbroken");
+    fail::cfg("provision-after-step", "return(roles)").unwrap();
+    let (status, body) = stack
+        .admin(
+            Method::POST,
+            "/v1/tenants",
+            Some(json!({"slug": broken, "server": "pg-1"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
+    fail::remove("provision-after-step");
+    // pg-2 already holds one tenant: room for three of the four.
+    let there = unique_name("there");
+    stack
+        .create_tenant_with(json!({"slug": there, "server": "pg-2"}))
+        .await
+        .unwrap();
+
+    for (args, needle) in [
+        (["server", "drain", "pg-1", "--to", "pg-1"], "another server"),
+        (["server", "drain", "pg-9", "--to", "pg-2"], "no server named \"pg-9\""),
+    ] {
+        let (code, _, stderr) = stack.siloctl(&args).await.unwrap();
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(stderr.contains(needle), "{stderr}");
+    }
+
+    let (code, stdout, stderr) = stack
+        .siloctl(&[
+            "-o",
+            "json",
+            "server",
+            "drain",
+            "pg-1",
+            "--to",
+            "pg-2",
+            "--concurrency",
+            "2",
+        ])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("2 tenant(s) are still on pg-1"), "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        report["skipped"],
+        json!([{"slug": broken, "status": "failed"}]),
+        "{report}"
+    );
+    let moved = report["moved"].as_array().unwrap();
+    let failed = report["failed"].as_array().unwrap();
+    assert_eq!((moved.len(), failed.len()), (3, 1), "{report}");
+    assert!(failed[0]["error"].as_str().unwrap().contains("no_capacity"), "{report}");
+    let left = failed[0]["slug"].as_str().unwrap().to_owned();
+    assert_eq!(stack.tenant(&left).await.unwrap()["server"], "pg-1");
+    for slug in moved.iter().map(|m| m["slug"].as_str().unwrap()) {
+        assert_eq!(stack.tenant(slug).await.unwrap()["server"], "pg-2", "{slug}");
+    }
+
+    // Room for one more, and the failed tenant deleted: the same command moves the one left.
+    for slug in [&there, &broken] {
+        let (status, body) = stack
+            .admin(Method::DELETE, &format!("/v1/tenants/{slug}"), None)
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
+        assert_eq!(job["state"], "succeeded", "{job}");
+    }
+    let (code, stdout, stderr) = stack
+        .siloctl(&["server", "drain", "pg-1", "--to", "pg-2"])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains(&format!("moved {left} to pg-2")), "{stdout}");
+    assert!(stdout.contains("pg-1 drained: 1 tenant(s) moved to pg-2"), "{stdout}");
+    let (_, on_pg1) = stack.admin(Method::GET, "/v1/tenants?server=pg-1", None).await.unwrap();
+    assert_eq!(on_pg1["items"], json!([]), "{on_pg1}");
+
+    // Data and keys moved with them; the suspended tenant is still suspended.
+    for slug in [&a, &b, &c, &d] {
+        assert_eq!(stack.tenant(slug).await.unwrap()["server"], "pg-2", "{slug}");
+    }
+    assert_eq!(stack.served_titles(&a, &key_a).await.unwrap(), ["a's task"]);
+    assert_eq!(stack.served_titles(&c, &key_c).await.unwrap(), ["c's task"]);
+    assert_eq!(stack.tenant(&b).await.unwrap()["status"], "suspended");
+    stack.stop().await.unwrap();
 }

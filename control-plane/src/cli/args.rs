@@ -414,6 +414,19 @@ pub(crate) enum JobsCommand {
 pub(crate) enum ServerCommand {
     /// List servers with their tenant counts.
     List,
+    /// Move every active and suspended tenant off a server, a few at a time (each answers 503
+    /// while it moves). Set the server's max_tenants to 0 first, so no new tenant lands there;
+    /// run again to finish after an interruption or a failure.
+    Drain {
+        /// The server to empty.
+        name: String,
+        /// The server the tenants move to.
+        #[arg(long, value_name = "SERVER")]
+        to: String,
+        /// Tenants moved at the same time.
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
+        concurrency: u8,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -18,6 +18,7 @@ const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An admin API client.
+#[derive(Clone)]
 pub(crate) struct ApiClient {
     http: reqwest::Client,
     ctx: ApiContext,
@@ -86,12 +87,12 @@ impl ApiClient {
         self.send(Method::POST, path, Some(body)).await
     }
 
-    /// `DELETE path`.
     /// `PATCH path` with a JSON body.
     pub(crate) async fn patch(&self, path: &str, body: &Value) -> Result<Value, ApiError> {
         self.send(Method::PATCH, path, Some(body)).await
     }
 
+    /// `DELETE path`.
     pub(crate) async fn delete(&self, path: &str) -> Result<Value, ApiError> {
         self.send(Method::DELETE, path, None).await
     }

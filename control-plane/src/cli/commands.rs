@@ -11,7 +11,7 @@ use super::args::{
 use super::client::{segment, ApiClient};
 use super::output::{self, field, items, print_json, print_table};
 use super::wait::{self, wait_job};
-use super::{context, usage};
+use super::{context, drain, usage};
 use crate::names::TenantSlug;
 
 /// Runs a client command (anything but `dev`).
@@ -46,6 +46,9 @@ pub(crate) async fn run(global: GlobalArgs, command: Command) -> anyhow::Result<
         Command::Migrate(args) => migrate(&client, out, args).await,
         Command::Jobs(cmd) => jobs(&client, out, cmd).await,
         Command::Server(ServerCommand::List) => servers(&client, out).await,
+        Command::Server(ServerCommand::Drain { name, to, concurrency }) => {
+            drain::drain(&client, out, &name, &to, concurrency.into()).await
+        }
         Command::Token(cmd) => token(&client, out, cmd).await,
         Command::Audit(args) => audit(&client, out, args).await,
     }

@@ -16,6 +16,7 @@ pub(crate) const ENDPOINT_KEY: &str = "SILO_ENDPOINT";
 pub(crate) const TOKEN_KEY: &str = "SILO_TOKEN";
 
 /// A resolved admin API endpoint and token.
+#[derive(Clone)]
 pub(crate) struct ApiContext {
     /// Base URL without a trailing slash.
     pub(crate) endpoint: String,

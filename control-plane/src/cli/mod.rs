@@ -22,6 +22,7 @@ mod client;
 mod commands;
 mod context;
 mod dev;
+mod drain;
 mod output;
 mod wait;
 

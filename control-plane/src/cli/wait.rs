@@ -52,9 +52,17 @@ pub(crate) fn failure(job: &Value) -> String {
 /// Polls `job` until it is terminal and returns its final state. `label` prefixes the
 /// spinner message (e.g. "rotating acme (2/5)").
 pub(crate) async fn wait_job(client: &ApiClient, job: &Value, label: &str) -> anyhow::Result<Value> {
+    poll(client, job, label, Progress::new()).await
+}
+
+/// [`wait_job`] without a spinner: for a caller that shows progress its own way.
+pub(crate) async fn wait_job_quietly(client: &ApiClient, job: &Value) -> anyhow::Result<Value> {
+    poll(client, job, "", Progress(None)).await
+}
+
+async fn poll(client: &ApiClient, job: &Value, label: &str, bar: Progress) -> anyhow::Result<Value> {
     let id = job_id(job)?;
     let path = format!("/v1/jobs/{}", segment(&id));
-    let bar = Progress::new();
     let mut job = job.clone();
     let mut transient = 0;
     loop {
