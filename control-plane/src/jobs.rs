@@ -270,7 +270,7 @@ pub async fn requeue(tx: &mut PgConnection, id: i64) -> Result<Option<Result<Job
         Some("failed") => {
             let job = sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(
                 "UPDATE jobs SET state = 'queued', error = NULL, attempts_before_requeue = attempts, \
-                   updated_at = now(), finished_at = NULL \
+                   cancel_requested_by = NULL, updated_at = now(), finished_at = NULL \
                  WHERE id = $1 RETURNING {COLUMNS}"
             )))
             .bind(id)
@@ -285,6 +285,69 @@ pub async fn requeue(tx: &mut PgConnection, id: i64) -> Result<Option<Result<Job
         }
         Some(other) => Ok(Some(Err(other.to_owned()))),
     }
+}
+
+/// Kinds of job a queued one of which has changed nothing yet (the others mark their tenant
+/// when they are queued), so that cancelling it is only not running it.
+const CANCELLED_UNSTARTED: [&str; 4] = ["backup", "verify", "rotate", "migrate"];
+
+/// What [`cancel`] did.
+#[derive(Debug)]
+pub enum Cancel {
+    /// The job had not started: it is failed now, as cancelled.
+    Unstarted(Job),
+    /// The job is a running rollout: it migrates no further tenant and then ends failed.
+    Stopping(Job),
+    /// The job cannot be stopped halfway, or has changed things already when queued.
+    Refused(Job),
+    /// The job had ended.
+    Ended(Job),
+}
+
+/// Cancels job `id` for `actor`, as far as it can be: see [`Cancel`]. None if there is no
+/// such job.
+pub async fn cancel(tx: &mut PgConnection, id: i64, actor: &str) -> Result<Option<Cancel>, sqlx::Error> {
+    let Some(job) = sqlx::query_as::<_, Job>(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE"
+    )))
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let cancelled = match (job.state.as_str(), job.kind.as_str()) {
+        ("queued", kind) if CANCELLED_UNSTARTED.contains(&kind) => Cancel::Unstarted(
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "UPDATE jobs SET state = 'failed', error = $2, updated_at = now(), finished_at = now() \
+                 WHERE id = $1 RETURNING {COLUMNS}"
+            )))
+            .bind(id)
+            .bind(format!("cancelled by {actor} before it started"))
+            .fetch_one(&mut *tx)
+            .await?,
+        ),
+        ("running", "migrate") => {
+            sqlx::query("UPDATE jobs SET cancel_requested_by = $2, updated_at = now() WHERE id = $1")
+                .bind(id)
+                .bind(actor)
+                .execute(&mut *tx)
+                .await?;
+            Cancel::Stopping(job)
+        }
+        ("queued" | "running", _) => Cancel::Refused(job),
+        _ => Cancel::Ended(job),
+    };
+    Ok(Some(cancelled))
+}
+
+/// Who asked job `id` to stop, if anyone did since it was last queued.
+pub async fn cancel_requested(pool: &PgPool, id: i64) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT cancel_requested_by FROM jobs WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .map(Option::flatten)
 }
 
 /// Locks the jobs table against new jobs until the transaction ends (so a rollout and a move

@@ -6,7 +6,9 @@
 //! transactions, so a tenant that fails keeps its previous version and the others are not
 //! affected. Every tenant touched gets a `migration_runs` row (from, to, outcome, error,
 //! duration). Tenants already at the target are skipped, so re-running — or a restarted
-//! control plane re-claiming the job — resumes where the rollout stopped.
+//! control plane re-claiming the job — resumes where the rollout stopped. An operator can stop
+//! a running rollout (`POST /v1/jobs/{id}/cancel`): the tenants being migrated finish, no
+//! other starts, and the job ends failed, to be retried later.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -50,10 +52,13 @@ struct Target {
     version: i64,
 }
 
+/// How the rollout is going: tenants done and failed, and whether an operator asked it to
+/// stop. Shared with the tasks migrating each tenant.
 #[derive(Default)]
-struct Counters {
+struct Tally {
     done: AtomicUsize,
     failed: AtomicUsize,
+    stop: StopRequest,
 }
 
 impl Provisioner {
@@ -69,12 +74,12 @@ impl Provisioner {
         let pending: Vec<Target> = all.into_iter().filter(|t| t.version < target).collect();
         let skipped = total - pending.len();
         let max_failures = total * params.max_failure_percent as usize / 100;
-        let counters = Arc::new(Counters::default());
+        let tally = Arc::new(Tally::default());
         let progress = |phase: &str| {
             json!({
                 "target": target, "total": total, "skipped": skipped, "phase": phase,
-                "done": skipped + counters.done.load(Ordering::Relaxed),
-                "failed": counters.failed.load(Ordering::Relaxed),
+                "done": skipped + tally.done.load(Ordering::Relaxed),
+                "failed": tally.failed.load(Ordering::Relaxed),
             })
         };
         info!(total, pending = pending.len(), target, "rollout started");
@@ -90,10 +95,13 @@ impl Provisioner {
         let canary_failures = self
             .reporting_progress(
                 job,
+                &tally.stop,
                 || progress("canary"),
-                self.migrate_all(job.id, canaries, &migrations, &lanes, &counters, usize::MAX),
+                self.migrate_all(job.id, canaries, &migrations, &lanes, &tally, usize::MAX),
             )
             .await;
+        self.stop_if_requested(job, &tally.stop, &progress("canary"), total)
+            .await?;
         if let Some((slug, error)) = canary_failures.first() {
             jobs::set_progress(&self.catalog, job, &progress("canary"))
                 .await
@@ -112,14 +120,17 @@ impl Provisioner {
         let failures = self
             .reporting_progress(
                 job,
+                &tally.stop,
                 || progress("rollout"),
-                self.migrate_all(job.id, rest, &migrations, &lanes, &counters, max_failures),
+                self.migrate_all(job.id, rest, &migrations, &lanes, &tally, max_failures),
             )
             .await;
+        self.stop_if_requested(job, &tally.stop, &progress("rollout"), total)
+            .await?;
         jobs::set_progress(&self.catalog, job, &progress("finished"))
             .await
             .step("record progress")?;
-        let failed = counters.failed.load(Ordering::Relaxed);
+        let failed = tally.failed.load(Ordering::Relaxed);
         if failed > max_failures {
             return Err(ProvisionError::Rollout(format!(
                 "halted: {failed} tenants failed (more than {}% of {total}); first: {}",
@@ -164,6 +175,7 @@ impl Provisioner {
     async fn reporting_progress<T>(
         &self,
         job: &Job,
+        stop: &StopRequest,
         progress: impl Fn() -> serde_json::Value,
         phase: impl std::future::Future<Output = T>,
     ) -> T {
@@ -176,6 +188,7 @@ impl Provisioner {
             tokio::select! {
                 done = &mut phase => return done,
                 _ = ticks.tick() => {
+                    stop.look(&self.catalog, job.id).await;
                     let now = progress();
                     if now != written {
                         if let Err(e) = jobs::set_progress(&self.catalog, job, &now).await {
@@ -188,29 +201,53 @@ impl Provisioner {
         }
     }
 
+    /// Ends the rollout, failed, if an operator asked it to stop.
+    async fn stop_if_requested(
+        &self,
+        job: &Job,
+        stop: &StopRequest,
+        progress: &serde_json::Value,
+        total: usize,
+    ) -> Result<(), ProvisionError> {
+        let Some(by) = stop.by() else { return Ok(()) };
+        jobs::set_progress(&self.catalog, job, progress)
+            .await
+            .step("record progress")?;
+        let done = progress["done"].as_u64().unwrap_or(0);
+        warn!(by, done, total, "rollout stopped by an operator");
+        Err(ProvisionError::Rollout(format!(
+            "cancelled by {by}: {done} of {total} tenants at the target version; the others keep \
+             theirs (`siloctl jobs retry {}` resumes)",
+            job.id
+        )))
+    }
+
     /// Migrates `targets` through `lanes`, stopping to launch new ones once more than
-    /// `max_failures` failed. Returns the failures.
+    /// `max_failures` failed or an operator asked the rollout to stop. Returns the failures.
     async fn migrate_all(
         &self,
         job_id: i64,
         targets: Vec<Target>,
         migrations: &Arc<TenantMigrations>,
         lanes: &Lanes,
-        counters: &Arc<Counters>,
+        tally: &Arc<Tally>,
         max_failures: usize,
     ) -> Vec<(String, String)> {
         let mut running = JoinSet::new();
         let mut failures = Vec::new();
         for t in targets {
-            if counters.failed.load(Ordering::Relaxed) > max_failures {
+            if tally.failed.load(Ordering::Relaxed) > max_failures || tally.stop.by().is_some() {
                 break;
             }
             let (global, per_server) = lanes.acquire(&t.server).await;
+            if tally.stop.by().is_some() {
+                break;
+            }
             let ctx = TenantRun {
                 catalog: self.catalog.clone(),
                 servers: self.servers.clone(),
                 migrations: migrations.clone(),
-                counters: counters.clone(),
+                tally: tally.clone(),
                 job_id,
             };
             running.spawn(async move {
@@ -234,6 +271,32 @@ fn collect(done: Result<(String, Result<(), String>), tokio::task::JoinError>, f
         Ok((_, Ok(()))) => {}
         Ok((slug, Err(e))) => failures.push((slug, e)),
         Err(e) => failures.push(("?".into(), format!("migration task panicked: {e}"))),
+    }
+}
+
+/// An operator's request that the rollout stop (`POST /v1/jobs/{id}/cancel`), as last read
+/// from the job's row.
+#[derive(Default)]
+struct StopRequest(std::sync::OnceLock<String>);
+
+impl StopRequest {
+    /// Who asked, once someone did.
+    fn by(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+
+    /// Reads the job's row; a failed read is logged and tried again at the next tick.
+    async fn look(&self, catalog: &PgPool, job_id: i64) {
+        if self.by().is_some() {
+            return;
+        }
+        match jobs::cancel_requested(catalog, job_id).await {
+            Ok(Some(by)) => {
+                let _ = self.0.set(by);
+            }
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "read whether the rollout was cancelled"),
+        }
     }
 }
 
@@ -283,7 +346,7 @@ struct TenantRun {
     catalog: PgPool,
     servers: Arc<Servers>,
     migrations: Arc<TenantMigrations>,
-    counters: Arc<Counters>,
+    tally: Arc<Tally>,
     job_id: i64,
 }
 
@@ -326,10 +389,10 @@ impl TenantRun {
             (Ok(()), Ok(_)) => Ok(()),
         };
         match &result {
-            Ok(()) => self.counters.done.fetch_add(1, Ordering::Relaxed),
+            Ok(()) => self.tally.done.fetch_add(1, Ordering::Relaxed),
             Err(e) => {
                 warn!(tenant = %t.slug, error = %e, "tenant migration failed");
-                self.counters.failed.fetch_add(1, Ordering::Relaxed)
+                self.tally.failed.fetch_add(1, Ordering::Relaxed)
             }
         };
         result

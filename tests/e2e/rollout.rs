@@ -1,5 +1,6 @@
 //! Fleet migrations: canaries, failures that keep their tenant's version, resuming, a
-//! control plane restarted mid-rollout, template onboarding, serving during a migration.
+//! control plane restarted mid-rollout, a rollout stopped by an operator, template
+//! onboarding, serving during a migration.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -387,4 +388,107 @@ async fn onboarding_takes_a_spare_database_and_the_spares_refill() {
     assert_eq!(versions(&stack, &burst).await, vec![1; burst.len()]);
     until_spares(&stack, ready.len()).await;
     std::sync::Arc::into_inner(stack).unwrap().stop().await.unwrap();
+}
+
+/// An operator stops a running rollout with `siloctl jobs cancel`: the tenant being migrated
+/// finishes, no other starts, the job ends failed saying who stopped it, and `jobs retry`
+/// finishes the fleet. A queued job with nothing done yet is cancelled outright; an ended one,
+/// or a running job of another kind, is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_stops_a_rollout_and_a_retry_finishes_it() {
+    let dir = migrations_dir();
+    let stack = stack_with(dir.path()).await;
+    let slugs: Vec<String> = (0..8).map(|i| unique_name(&format!("stop{i}x"))).collect();
+    for slug in &slugs {
+        stack.create_tenant(slug).await.unwrap();
+    }
+    add_failing_migration(dir.path(), 600);
+    let (status, started) = stack
+        .admin(
+            Method::POST,
+            "/v1/migrations",
+            Some(json!({"tenants": slugs, "canary": 1, "concurrency": 1})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "{started}");
+    let id = started["job"]["id"].as_i64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, job) = stack.admin(Method::GET, &format!("/v1/jobs/{id}"), None).await.unwrap();
+        if job["progress"]["done"].as_u64() >= Some(2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the rollout did not get going: {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (code, stdout, stderr) = stack
+        .siloctl(&["-o", "json", "jobs", "cancel", &id.to_string()])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let job: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(job["job"]["state"], "failed", "{job}");
+    let error = job["job"]["error"].as_str().unwrap();
+    assert!(error.starts_with("cancelled by bootstrap:"), "{error}");
+    let reached = versions(&stack, &slugs).await;
+    let migrated = reached.iter().filter(|v| **v == 2).count();
+    assert!((2..slugs.len()).contains(&migrated), "stopped partway: {reached:?}");
+    assert!(reached.iter().all(|v| matches!(v, 1 | 2)), "{reached:?}");
+    let (_, audit) = stack
+        .admin(Method::GET, "/v1/audit?action=job.cancel", None)
+        .await
+        .unwrap();
+    assert_eq!(audit["items"][0]["detail"], json!({"job": id, "kind": "migrate"}));
+
+    // Cancelled once, ended: nothing more to cancel; the retry finishes the fleet.
+    let (code, _, stderr) = stack.siloctl(&["jobs", "cancel", &id.to_string()]).await.unwrap();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("invalid_state"), "{stderr}");
+    let (status, body) = stack
+        .admin(Method::POST, &format!("/v1/jobs/{id}/retry"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let job = wait_long(&stack, id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(versions(&stack, &slugs).await, vec![2; slugs.len()]);
+
+    // A backup not due for an hour is cancelled before it starts.
+    let queued: i64 = sqlx::query_scalar(
+        "INSERT INTO jobs (kind, tenant, run_after) VALUES ('backup', $1, now() + interval '1 hour') RETURNING id",
+    )
+    .bind(&slugs[0])
+    .fetch_one(stack.catalog())
+    .await
+    .unwrap();
+    let (status, body) = stack
+        .admin(Method::POST, &format!("/v1/jobs/{queued}/cancel"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (&body["job"]["state"], &body["job"]["error"]),
+        (&json!("failed"), &json!("cancelled by bootstrap before it started"))
+    );
+    // A running job of another kind is never stopped halfway.
+    let running: i64 = sqlx::query_scalar(
+        "INSERT INTO jobs (kind, tenant, state, locked_by, locked_until) \
+         VALUES ('move', $1, 'running', 'elsewhere', now() + interval '1 hour') RETURNING id",
+    )
+    .bind(&slugs[1])
+    .fetch_one(stack.catalog())
+    .await
+    .unwrap();
+    let (status, body) = stack
+        .admin(Method::POST, &format!("/v1/jobs/{running}/cancel"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, &body["error"]),
+        (StatusCode::CONFLICT, &json!("not_cancellable")),
+        "{body}"
+    );
+    stack.stop().await.unwrap();
 }

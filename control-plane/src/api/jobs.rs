@@ -86,6 +86,51 @@ pub async fn retry(
     Ok((StatusCode::ACCEPTED, Json(json!({"job": job}))))
 }
 
+/// `POST /v1/jobs/{id}/cancel`: a queued backup, drill, rotation or rollout is failed at once
+/// (200 `{"job"}`, error "cancelled by NAME before it started"); a running rollout migrates no
+/// further tenant, lets the ones in flight finish and ends failed (202 `{"job"}`); `jobs
+/// retry` resumes either. 409 `not_cancellable` for any other running job (none is stopped
+/// halfway) or a queued one that already marked its tenant; 409 `invalid_state` once ended.
+pub async fn cancel(
+    State(state): State<ApiState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let id = parse_id(&id)?;
+    let mut tx = state.catalog.begin().await?;
+    let (status, job) = match jobs::cancel(&mut tx, id, &actor).await? {
+        None => return Err(ApiError::NotFound("job_not_found", format!("job {id} does not exist"))),
+        Some(jobs::Cancel::Unstarted(job)) => (StatusCode::OK, job),
+        Some(jobs::Cancel::Stopping(job)) => (StatusCode::ACCEPTED, job),
+        Some(jobs::Cancel::Refused(job)) => {
+            return Err(ApiError::Conflict(
+                "not_cancellable",
+                format!(
+                    "job {id} ({}) is {} and is not cancelled: only queued backups, drills, rotations \
+                     and rollouts, and running rollouts, are",
+                    job.kind, job.state
+                ),
+            ))
+        }
+        Some(jobs::Cancel::Ended(job)) => {
+            return Err(ApiError::Conflict(
+                "invalid_state",
+                format!("job {id} is {}; there is nothing to cancel", job.state),
+            ))
+        }
+    };
+    audit::record(
+        &mut tx,
+        &actor,
+        "job.cancel",
+        job.tenant.as_deref(),
+        json!({"job": id, "kind": job.kind}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((status, Json(json!({"job": job}))))
+}
+
 /// `GET /v1/servers`: configured servers, how many live tenants each holds, and the
 /// `sslmode` this control plane reaches it with.
 pub async fn servers(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {

@@ -90,6 +90,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/jobs", get(jobs::list))
         .route("/jobs/{id}", get(jobs::show))
         .route("/jobs/{id}/retry", post(jobs::retry))
+        .route("/jobs/{id}/cancel", post(jobs::cancel))
         .route("/servers", get(jobs::servers))
         .route("/database-sizes", get(sizes::list))
         .route("/tokens", get(tokens::list).post(tokens::create))

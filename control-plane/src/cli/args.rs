@@ -408,6 +408,15 @@ pub(crate) enum JobsCommand {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Cancel a queued backup, drill, rotation or rollout, or stop a running rollout (the
+    /// tenants being migrated finish first; `jobs retry` resumes it).
+    Cancel {
+        /// The job id.
+        id: String,
+        /// Return once a running rollout is asked to stop instead of waiting for it to stop.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -422,6 +422,22 @@ async fn jobs(client: &ApiClient, out: Output, cmd: JobsCommand) -> anyhow::Resu
                 .await?;
             finish_jobs(client, out, resp, no_wait, "retrying").await
         }
+        JobsCommand::Cancel { id, no_wait } => {
+            let resp = client
+                .post(&format!("/v1/jobs/{}/cancel", segment(&id)), &json!({}))
+                .await?;
+            let job = match &resp["job"] {
+                job if wait::state(job) == "running" && !no_wait => {
+                    wait_job(client, job, "stopping the rollout").await?
+                }
+                job => job.clone(),
+            };
+            match out {
+                Output::Json => print_json(&json!({ "job": job })),
+                Output::Table => output::print_job(&job),
+            }
+            Ok(())
+        }
     }
 }
 
