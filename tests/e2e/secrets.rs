@@ -293,6 +293,27 @@ on_both_backends!(
     malformed_version_ids_are_refused,
 );
 
+/// With `aws_kms_key_id`, every secret silo creates in Secrets Manager is encrypted under
+/// that key, not the account's default one.
+#[tokio::test(flavor = "multi_thread")]
+async fn aws_secrets_are_created_under_the_configured_kms_key() {
+    let key = "alias/silo-secrets";
+    let store = aws_store_with_key(Some(key)).await;
+    let (name, val) = (secret_name(), value());
+    store.create_secret(&name, &version_id(), &val, &[]).await.unwrap();
+    let described = MotoServer::shared()
+        .await
+        .secrets_manager()
+        .await
+        .describe_secret()
+        .secret_id(&name)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(described.kms_key_id(), Some(key));
+    assert_eq!(current(store.as_ref(), &name, AWSCURRENT).await.1, val.expose_secret());
+}
+
 // ---- fixtures ----
 
 /// A local store (through `secrets::open`, as the control plane opens it) on a fresh catalog.
@@ -342,12 +363,18 @@ async fn fresh_catalog() -> PgPool {
 /// An AWS store on moto, opened through `secrets::open` with the default credential chain
 /// (the environment `MotoServer` sets).
 async fn aws_store() -> Arc<dyn SecretStore> {
+    aws_store_with_key(None).await
+}
+
+/// An AWS store (through `secrets::open`) whose new secrets are encrypted under `kms_key_id`.
+async fn aws_store_with_key(kms_key_id: Option<&str>) -> Arc<dyn SecretStore> {
     let moto = MotoServer::shared().await;
     let cfg = SecretsConfig {
         backend: SecretsBackend::Aws {
             region: REGION.into(),
             endpoint_url: Some(moto.endpoint_url()),
             recovery_window_days: 7,
+            kms_key_id: kms_key_id.map(str::to_owned),
         },
         name_prefix: "silo-test/".into(),
     };

@@ -166,6 +166,16 @@ impl MotoServer {
         aws_sdk_s3::Client::from_conf(config)
     }
 
+    /// A Secrets Manager client of this server's (the credentials `start` set).
+    pub async fn secrets_manager(&self) -> aws_sdk_secretsmanager::Client {
+        let sdk_config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(REGION))
+            .endpoint_url(self.endpoint_url())
+            .load()
+            .await;
+        aws_sdk_secretsmanager::Client::new(&sdk_config)
+    }
+
     /// Creates the S3 bucket `name`.
     pub async fn create_bucket(&self, name: &str) -> anyhow::Result<()> {
         self.s3()

@@ -119,6 +119,9 @@ pub enum SecretsBackend {
         endpoint_url: Option<String>,
         /// Days a deleted secret can be recovered (7..=30).
         recovery_window_days: u32,
+        /// The KMS key new secrets are encrypted under (an id, ARN or alias); None: the
+        /// account's `aws/secretsmanager` key.
+        kms_key_id: Option<String>,
     },
 }
 
@@ -586,6 +589,9 @@ impl Config {
 
         let backend =
             match raw.secrets.backend.as_str() {
+                "local" if raw.secrets.aws_kms_key_id.is_some() => {
+                    return Err(invalid("secrets.aws_kms_key_id", "is only for backend = \"aws\""));
+                }
                 "local" => SecretsBackend::Local {
                     master_key_file: resolve(raw.secrets.local_master_key_file.ok_or_else(|| {
                         invalid("secrets.local_master_key_file", "is required with backend = \"local\"")
@@ -615,6 +621,12 @@ impl Config {
                             .ok_or_else(|| invalid("secrets.aws_region", "is required with backend = \"aws\""))?,
                         endpoint_url: raw.secrets.aws_endpoint_url,
                         recovery_window_days: days,
+                        kms_key_id: match raw.secrets.aws_kms_key_id {
+                            Some(key) if key.trim().is_empty() => {
+                                return Err(invalid("secrets.aws_kms_key_id", "must not be empty"));
+                            }
+                            key => key,
+                        },
                     }
                 }
                 other => {
@@ -1049,6 +1061,26 @@ local_master_key_file = "master.key"
         }
         let err = Config::parse("catalog_url = 5\n", Path::new(".")).unwrap_err();
         assert!(err.to_string().contains("line 1, catalog_url: invalid type"), "{err}");
+    }
+
+    #[test]
+    fn aws_kms_key_id_is_for_the_aws_backend_only() {
+        let aws = |key: &str| {
+            format!(
+                "catalog_url = \"postgres://postgres@127.0.0.1:5432/silo_catalog\"\n[secrets]\n\
+                 backend = \"aws\"\naws_region = \"eu-west-1\"\naws_kms_key_id = \"{key}\"\n"
+            )
+        };
+        let cfg = Config::parse(&aws("alias/silo-secrets"), Path::new(".")).unwrap();
+        assert!(matches!(
+            cfg.secrets.backend,
+            SecretsBackend::Aws { kms_key_id: Some(ref key), .. } if key == "alias/silo-secrets"
+        ));
+        let local = MINIMAL.replace("[secrets]\n", "[secrets]\naws_kms_key_id = \"alias/silo-secrets\"\n");
+        for config in [local, aws(" ")] {
+            let err = Config::parse(&config, Path::new(".")).unwrap_err();
+            assert!(err.to_string().contains("secrets.aws_kms_key_id"), "{err}");
+        }
     }
 
     #[test]

@@ -125,6 +125,7 @@ pub(super) struct RawSecrets {
     pub(super) local_previous_master_key_files: Vec<PathBuf>,
     pub(super) aws_region: Option<String>,
     pub(super) aws_endpoint_url: Option<String>,
+    pub(super) aws_kms_key_id: Option<String>,
     #[serde(default = "default_recovery_window_days")]
     pub(super) aws_recovery_window_days: u32,
 }
@@ -138,6 +139,7 @@ impl Default for RawSecrets {
             local_previous_master_key_files: Vec::new(),
             aws_region: None,
             aws_endpoint_url: None,
+            aws_kms_key_id: None,
             aws_recovery_window_days: default_recovery_window_days(),
         }
     }

@@ -23,6 +23,7 @@ pub struct AwsSecretStore {
     region: String,
     endpoint_url: Option<String>,
     recovery_window_days: u32,
+    kms_key_id: Option<String>,
 }
 
 impl std::fmt::Debug for AwsSecretStore {
@@ -31,6 +32,7 @@ impl std::fmt::Debug for AwsSecretStore {
             .field("region", &self.region)
             .field("endpoint_url", &self.endpoint_url)
             .field("recovery_window_days", &self.recovery_window_days)
+            .field("kms_key_id", &self.kms_key_id)
             .finish_non_exhaustive()
     }
 }
@@ -62,8 +64,14 @@ where
 impl AwsSecretStore {
     /// A client for `region`, with the standard credential chain (environment, profile, web
     /// identity, container/instance roles) and `endpoint_url` overriding the AWS endpoint.
-    /// `recovery_window_days` (7..=30) applies to deletions without `force`.
-    pub async fn new(region: &str, endpoint_url: Option<&str>, recovery_window_days: u32) -> Self {
+    /// `recovery_window_days` (7..=30) applies to deletions without `force`; new secrets are
+    /// encrypted under `kms_key_id` (else the account's `aws/secretsmanager` key).
+    pub async fn new(
+        region: &str,
+        endpoint_url: Option<&str>,
+        recovery_window_days: u32,
+        kms_key_id: Option<&str>,
+    ) -> Self {
         let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(Region::new(region.to_owned()));
         if let Some(url) = endpoint_url {
             loader = loader.endpoint_url(url);
@@ -74,6 +82,7 @@ impl AwsSecretStore {
             region: region.to_owned(),
             endpoint_url: endpoint_url.map(str::to_owned),
             recovery_window_days,
+            kms_key_id: kms_key_id.map(str::to_owned),
         }
     }
 
@@ -155,6 +164,7 @@ impl SecretStore for AwsSecretStore {
             .name(name)
             .client_request_token(version_id)
             .secret_string(value.expose_secret())
+            .set_kms_key_id(self.kms_key_id.clone())
             .set_tags(Some(tags))
             .send()
             .await;

@@ -144,7 +144,16 @@ pub async fn open(
             region,
             endpoint_url,
             recovery_window_days,
-        } => Arc::new(aws::AwsSecretStore::new(region, endpoint_url.as_deref(), *recovery_window_days).await),
+            kms_key_id,
+        } => Arc::new(
+            aws::AwsSecretStore::new(
+                region,
+                endpoint_url.as_deref(),
+                *recovery_window_days,
+                kms_key_id.as_deref(),
+            )
+            .await,
+        ),
     })
 }
 
