@@ -110,7 +110,14 @@ impl Provisioner {
         self.backups.discard(&slug, job.id).await?;
         let current = self.current_login(&secret_name).await?;
         let mut conn = from.admin.acquire().await.step("connect to server")?;
-        ensure_login_role(&mut conn, &slug, &current.username, &current.password).await?;
+        ensure_login_role(
+            &mut conn,
+            &slug,
+            &current.username,
+            &current.password,
+            &from.config.tenant_roles,
+        )
+        .await?;
         drop(conn);
         drop_database(to, &slug).await?;
         drop_roles(to, &slug).await?;
@@ -168,7 +175,14 @@ impl Provisioner {
         {
             let mut conn = to.admin.acquire().await.step("connect to server")?;
             ensure_owner_role(&mut conn, slug).await?;
-            ensure_login_role(&mut conn, slug, &current.username, &current.password).await?;
+            ensure_login_role(
+                &mut conn,
+                slug,
+                &current.username,
+                &current.password,
+                &to.config.tenant_roles,
+            )
+            .await?;
         }
         create_database(to, &quote_ident(&slug.database_name()), "template0").await?;
         hand_over_database(to, slug, &current.username).await?;
@@ -236,7 +250,7 @@ pub(crate) async fn fence_database(
     let mut conn = server.admin.acquire().await.step("connect to server")?;
     for role in slug.login_roles() {
         if role_exists(&mut conn, &role).await? {
-            ensure_login_role(&mut conn, slug, &role, &password).await?;
+            ensure_login_role(&mut conn, slug, &role, &password, &server.config.tenant_roles).await?;
         }
     }
     let ended: i64 = sqlx::query_scalar(

@@ -14,6 +14,7 @@ use tracing::{info, instrument, warn};
 use crate::backup::{retention, Backups};
 use crate::catalog::routes::TenantStatus;
 use crate::catalog::tenants;
+use crate::config::TenantRoleLimits;
 use crate::jobs::{self, Job};
 use crate::names::{quote_ident, quote_literal, TenantSlug};
 use crate::secrets::{self, DbSecret, SecretStore, AWSCURRENT};
@@ -297,7 +298,14 @@ impl Provisioner {
         let secret = DbSecret::from_secret(&version.value, secret_name)?;
         let mut conn = server.admin.acquire().await.step("connect to server")?;
         ensure_owner_role(&mut conn, slug).await?;
-        ensure_login_role(&mut conn, slug, &secret.username, &secret.password).await?;
+        ensure_login_role(
+            &mut conn,
+            slug,
+            &secret.username,
+            &secret.password,
+            &server.config.tenant_roles,
+        )
+        .await?;
         Ok(())
     }
 
@@ -700,12 +708,14 @@ pub(crate) fn create_role_sql(role: &str, attributes: &str) -> String {
 
 /// Creates login role `role` of the tenant, or resets it: login allowed with `password`, no
 /// privileges of its own, member of the tenant's owner role and acting as it (so it can use
-/// every object the owner has, whichever login role is current).
+/// every object the owner has, whichever login role is current), held to its server's
+/// `limits`.
 pub(crate) async fn ensure_login_role(
     conn: &mut PgConnection,
     slug: &TenantSlug,
     role: &str,
     password: &secrecy::SecretString,
+    limits: &TenantRoleLimits,
 ) -> Result<(), ProvisionError> {
     if !slug.login_roles().iter().any(|r| r == role) {
         return Err(ProvisionError::InvalidJob(format!(
@@ -737,15 +747,26 @@ pub(crate) async fn ensure_login_role(
         }
     };
     let owner = slug.owner_role();
+    // The server's limits on tenant roles, set (or lifted) every time: the role follows the
+    // config as it is now.
+    let connection_limit = limits.connection_limit.map_or(-1, i64::from);
+    let idle_in_transaction = match limits.idle_in_transaction_timeout {
+        Some(timeout) => format!(
+            "SET idle_in_transaction_session_timeout = {}",
+            quote_literal(&format!("{}ms", timeout.as_millis()))
+        ),
+        None => "RESET idle_in_transaction_session_timeout".to_owned(),
+    };
     // One batch: the password, membership in the owner, and acting as the owner, so
     // whatever the app creates belongs to the owner and stays usable by both login roles
     // across alternating rotations; the admin role's membership lets it end the role's
     // sessions without being a superuser (see `create_role_sql`).
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "{verb} ROLE {login} {attrs} PASSWORD {password};\n\
+        "{verb} ROLE {login} {attrs} CONNECTION LIMIT {connection_limit} PASSWORD {password};\n\
          GRANT {login} TO CURRENT_USER;\n\
          GRANT {} TO {login};\n\
-         ALTER ROLE {login} SET role = {}",
+         ALTER ROLE {login} SET role = {};\n\
+         ALTER ROLE {login} {idle_in_transaction}",
         quote_ident(&owner),
         quote_literal(&owner)
     )))

@@ -214,7 +214,14 @@ impl Provisioner {
     async fn unfence(&self, slug: &TenantSlug, secret_name: &str, server: &Server) -> Result<(), ProvisionError> {
         let current = self.current_login(secret_name).await?;
         let mut conn = server.admin.acquire().await.step("connect to server")?;
-        ensure_login_role(&mut conn, slug, &current.username, &current.password).await?;
+        ensure_login_role(
+            &mut conn,
+            slug,
+            &current.username,
+            &current.password,
+            &server.config.tenant_roles,
+        )
+        .await?;
         drop(conn);
         let mut tx = self.catalog.begin().await.step("end the restore")?;
         tenants::set_restoring_from(&mut tx, slug.as_str(), None)

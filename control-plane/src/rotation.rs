@@ -189,7 +189,14 @@ impl Provisioner {
 /// connect to the tenant database.
 async fn set_password(server: &Server, slug: &TenantSlug, pending: &DbSecret) -> Result<(), ProvisionError> {
     let mut conn = server.admin.acquire().await.step("connect to server")?;
-    ensure_login_role(&mut conn, slug, &pending.username, &pending.password).await?;
+    ensure_login_role(
+        &mut conn,
+        slug,
+        &pending.username,
+        &pending.password,
+        &server.config.tenant_roles,
+    )
+    .await?;
     ddl(
         &mut conn,
         &format!(

@@ -17,6 +17,7 @@ mod legal_hold;
 mod managed_server;
 mod moves;
 mod restores;
+mod role_limits;
 mod rollout;
 mod rotation;
 mod router;

@@ -44,6 +44,8 @@ pub struct StackOptions {
     pub router_toml: String,
     /// Extra `key = value` lines inside the generated `[control_plane]` table.
     pub control_plane_toml: String,
+    /// Extra `key = value` lines inside the generated `[[servers]]` table of `pg-1`.
+    pub server_toml: String,
     /// `router.connect_timeout`. Generous by default: the whole suite shares 2 cores, and a
     /// starved connect must not read as a failed rotation or budget test.
     pub connect_timeout: Duration,
@@ -66,6 +68,7 @@ impl Default for StackOptions {
             extra_toml: String::new(),
             router_toml: String::new(),
             control_plane_toml: String::new(),
+            server_toml: String::new(),
             connect_timeout: Duration::from_secs(10),
             tenant_migrations_dir: None,
             catalog_not_superuser: false,
@@ -143,6 +146,7 @@ host = "127.0.0.1"
 port = {port}
 admin_user = "postgres"
 admin_password_env = "{PG_PASSWORD_ENV}"
+{server_extra}
 [control_plane]
 listen = "127.0.0.1:0"
 job_lease = "5s"
@@ -164,6 +168,7 @@ connect_timeout = "{connect}ms"
             connect = options.connect_timeout.as_millis(),
             router_extra = options.router_toml,
             control_plane_extra = options.control_plane_toml,
+            server_extra = options.server_toml,
             extra = options.extra_toml,
         );
         let path = dir.path().join("silo.toml");

@@ -170,6 +170,21 @@ pub struct ServerConfig {
     pub max_tenants: u32,
     /// TLS of every connection silo opens to it (`sslmode`, `sslrootcert`).
     pub tls: ServerTls,
+    /// What each tenant's login roles on this server are held to.
+    pub tenant_roles: TenantRoleLimits,
+}
+
+/// Limits PostgreSQL enforces on every tenant login role of a server, whoever connects with
+/// it (the routers' pools, silo's jobs, someone with the break-glass credentials), so that one
+/// tenant cannot take the server's connections or hold back its vacuum.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TenantRoleLimits {
+    /// `tenant_connection_limit`: sessions of each login role at once (`CONNECTION LIMIT`);
+    /// None: unlimited.
+    pub connection_limit: Option<u32>,
+    /// `tenant_idle_in_transaction_timeout`: a session idle inside a transaction this long is
+    /// ended (`idle_in_transaction_session_timeout`); None: never.
+    pub idle_in_transaction_timeout: Option<Duration>,
 }
 
 impl ServerConfig {
@@ -671,6 +686,23 @@ impl Config {
             let root_cert = s.sslrootcert.map(|p| resolve(PathBuf::from(p)));
             let tls = ServerTls::parse(s.sslmode.as_deref(), root_cert.as_deref())
                 .map_err(|(field, problem)| invalid(key(field), problem))?;
+            if s.tenant_connection_limit == Some(0) {
+                return Err(invalid(key("tenant_connection_limit"), "must be at least 1"));
+            }
+            let idle_in_transaction_timeout = s
+                .tenant_idle_in_transaction_timeout
+                .map(|t| duration(&key("tenant_idle_in_transaction_timeout"), &t))
+                .transpose()?;
+            if idle_in_transaction_timeout.is_some_and(|t| t < Duration::from_secs(1)) {
+                return Err(invalid(
+                    key("tenant_idle_in_transaction_timeout"),
+                    "must be at least 1s",
+                ));
+            }
+            let tenant_roles = TenantRoleLimits {
+                connection_limit: s.tenant_connection_limit,
+                idle_in_transaction_timeout,
+            };
             servers.push(ServerConfig {
                 name: s.name,
                 host: s.host,
@@ -679,6 +711,7 @@ impl Config {
                 admin_password,
                 max_tenants: s.max_tenants,
                 tls,
+                tenant_roles,
             });
         }
 
@@ -801,6 +834,19 @@ impl Config {
                 "router.connection_budget_per_server",
                 "must be at least router.max_connections_per_tenant",
             ));
+        }
+        // A tenant's role must let in a router's whole pool and silo's own job sessions.
+        let needed = r.max_connections_per_tenant.saturating_add(2);
+        for (i, server) in servers.iter().enumerate() {
+            if server.tenant_roles.connection_limit.is_some_and(|limit| limit < needed) {
+                return Err(invalid(
+                    format!("servers[{i}].tenant_connection_limit"),
+                    format!(
+                        "must be at least {needed}: router.max_connections_per_tenant plus 2 for silo's jobs \
+                         (and more with several routers)"
+                    ),
+                ));
+            }
         }
         if r.max_body_bytes == 0 {
             return Err(invalid("router.max_body_bytes", "must be at least 1"));
@@ -1161,6 +1207,21 @@ local_master_key_file = "master.key"
                 "[[servers]]\nname = \"pg-1\"\nhost = \"h\"\nport = 5432\nadmin_user = \"u\"\n\
                  admin_password_env = \"P\"\nsslmode = \"verify-full\"\nsslrootcert = \"/nonexistent/ca.pem\"\n",
                 "servers[0].sslrootcert",
+            ),
+            (
+                "[[servers]]\nname = \"pg-1\"\nhost = \"h\"\nport = 5432\nadmin_user = \"u\"\n\
+                 admin_password_env = \"P\"\ntenant_connection_limit = 0\n",
+                "servers[0].tenant_connection_limit",
+            ),
+            (
+                "[[servers]]\nname = \"pg-1\"\nhost = \"h\"\nport = 5432\nadmin_user = \"u\"\n\
+                 admin_password_env = \"P\"\ntenant_connection_limit = 3\n[router]\nmax_connections_per_tenant = 2\n",
+                "servers[0].tenant_connection_limit",
+            ),
+            (
+                "[[servers]]\nname = \"pg-1\"\nhost = \"h\"\nport = 5432\nadmin_user = \"u\"\n\
+                 admin_password_env = \"P\"\ntenant_idle_in_transaction_timeout = \"500ms\"\n",
+                "servers[0].tenant_idle_in_transaction_timeout",
             ),
         ] {
             let err = Config::parse(&format!("{MINIMAL}\n{extra}"), Path::new(".")).unwrap_err();

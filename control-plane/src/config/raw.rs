@@ -168,6 +168,8 @@ pub(super) struct RawServer {
     pub(super) max_tenants: u32,
     pub(super) sslmode: Option<String>,
     pub(super) sslrootcert: Option<String>,
+    pub(super) tenant_connection_limit: Option<u32>,
+    pub(super) tenant_idle_in_transaction_timeout: Option<String>,
 }
 
 fn default_max_tenants() -> u32 {
