@@ -6,6 +6,9 @@
 //! - `silo_job_queue_delay_seconds_max`: the longest any job has been due with no worker on
 //!   it (queued past its start time, or running with an expired lease), 0 when none is: it
 //!   grows when every worker is busy, or when no control plane is alive to work;
+//! - `silo_audit_unsealed_seconds_max`: how long the oldest audit entry after the last sealed
+//!   one has waited for its seal (see `crate::audit::seal`), 0 when none waits: seconds
+//!   normally; it grows when the sealer is stopped, e.g. by a sealed entry gone missing;
 //! - the backup freshness gauges of [`crate::backup::freshness`].
 
 use std::time::{Duration, Instant};
@@ -55,13 +58,13 @@ impl Gauges {
             return;
         }
         *measured = Some(Instant::now());
-        if let Err(e) = self.tenants_and_jobs().await {
-            tracing::warn!(error = %e, "tenant and job gauges not measured");
+        if let Err(e) = self.catalog_gauges().await {
+            tracing::warn!(error = %e, "catalog gauges (tenants, jobs, audit seals) not measured");
         }
         self.freshness.update().await;
     }
 
-    async fn tenants_and_jobs(&self) -> Result<(), sqlx::Error> {
+    async fn catalog_gauges(&self) -> Result<(), sqlx::Error> {
         let counts: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM tenants GROUP BY status")
             .fetch_all(&self.catalog)
             .await?;
@@ -85,6 +88,15 @@ impl Gauges {
         metrics::gauge!("silo_jobs", "state" => "queued").set(queued as f64);
         metrics::gauge!("silo_jobs", "state" => "running").set(running as f64);
         metrics::gauge!("silo_job_queue_delay_seconds_max").set(delay);
+        let unsealed: f64 = sqlx::query_scalar(
+            "WITH head AS (SELECT l.txid, l.id FROM audit_seals s JOIN audit_log l ON l.id = s.entry \
+                           ORDER BY s.seq DESC LIMIT 1) \
+             SELECT coalesce(extract(epoch FROM now() - min(e.at))::float8, 0) FROM audit_log e \
+             WHERE NOT EXISTS (SELECT 1 FROM head) OR (e.txid, e.id) > (SELECT txid, id FROM head)",
+        )
+        .fetch_one(&self.catalog)
+        .await?;
+        metrics::gauge!("silo_audit_unsealed_seconds_max").set(unsealed);
         Ok(())
     }
 }

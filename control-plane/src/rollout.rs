@@ -201,7 +201,8 @@ impl Provisioner {
         }
     }
 
-    /// Ends the rollout, failed, if an operator asked it to stop.
+    /// Ends the rollout, failed, if an operator asked it to stop and tenants are left (read
+    /// once more: the phase may have ended between a request and the next progress tick).
     async fn stop_if_requested(
         &self,
         job: &Job,
@@ -209,11 +210,16 @@ impl Provisioner {
         progress: &serde_json::Value,
         total: usize,
     ) -> Result<(), ProvisionError> {
+        let count = |key: &str| progress[key].as_u64().unwrap_or(0);
+        let (done, failed) = (count("done"), count("failed"));
+        if usize::try_from(done + failed).is_ok_and(|reached| reached >= total) {
+            return Ok(());
+        }
+        stop.look(&self.catalog, job.id).await;
         let Some(by) = stop.by() else { return Ok(()) };
         jobs::set_progress(&self.catalog, job, progress)
             .await
             .step("record progress")?;
-        let done = progress["done"].as_u64().unwrap_or(0);
         warn!(by, done, total, "rollout stopped by an operator");
         Err(ProvisionError::Rollout(format!(
             "cancelled by {by}: {done} of {total} tenants at the target version; the others keep \

@@ -545,7 +545,7 @@ async fn verified_once_sealed(stack: &Stack) -> Value {
 /// Every entry is sealed into a hash chain within seconds. An entry changed afterwards, even
 /// by a superuser who lifts the append-only trigger, and one slipped in behind the sealed part
 /// of the log, are named by `siloctl audit verify`, which then exits 1; the head it prints is
-/// what to keep elsewhere.
+/// what to keep elsewhere. A sealed entry removed stops the sealer, which `/metrics` shows.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_audit_log_is_sealed_and_a_changed_entry_is_found() {
     let stack = Stack::start(StackOptions::default()).await.unwrap();
@@ -570,6 +570,11 @@ async fn the_audit_log_is_sealed_and_a_changed_entry_is_found() {
     );
     let head = verification["head"]["hash"].as_str().unwrap().to_owned();
     assert_eq!(head.len(), 64, "{verification}");
+    let lag = stack
+        .control_plane_gauge("silo_audit_unsealed_seconds_max")
+        .await
+        .unwrap();
+    assert!(lag < 5.0, "everything is sealed: {lag}");
     let (code, stdout, stderr) = stack.siloctl(&["audit", "verify"]).await.unwrap();
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
@@ -620,5 +625,37 @@ async fn the_audit_log_is_sealed_and_a_changed_entry_is_found() {
         .collect();
     assert_eq!(problems, [suspended, slipped], "{verification}");
     assert_eq!(verification["intact"], false);
+
+    // The last sealed entry removed: the sealer stops, and /metrics shows the new entries
+    // waiting ever longer for their seals.
+    let last = verification["head"]["entry"].as_i64().unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE audit_log DISABLE TRIGGER ALL; DELETE FROM audit_log WHERE id = {last}; \
+         ALTER TABLE audit_log ENABLE TRIGGER ALL;"
+    )))
+    .execute(stack.catalog())
+    .await
+    .unwrap();
+    let (status, body) = stack
+        .admin(Method::POST, &format!("/v1/tenants/{slug}/suspend"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Past the gauges' 10 s between measurements.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let lag = stack
+        .control_plane_gauge("silo_audit_unsealed_seconds_max")
+        .await
+        .unwrap();
+    assert!(lag > 5.0, "the new entry waits for a seal: {lag}");
+    let (_, verification) = stack.admin(Method::GET, "/v1/audit/verify", None).await.unwrap();
+    assert!(
+        verification["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["entry"] == last && p["problem"] == "the entry is gone; its seal is left"),
+        "{verification}"
+    );
     stack.stop().await.unwrap();
 }

@@ -31,9 +31,9 @@ const VERIFY_PAGE: i64 = 10_000;
 const MAX_PROBLEMS: usize = 100;
 
 /// What is hashed of an entry `e`: the same bytes in every session (no time zone, jsonb's
-/// own rendering of the detail). NULL when there is no entry.
-const ENTRY_BYTES: &str = "convert_to(jsonb_build_array(e.id, (extract(epoch FROM e.at) * 1000000)::bigint, \
-     e.actor, e.action, e.tenant, e.detail)::text, 'UTF8')";
+/// own rendering of the detail). NULL when there is no entry (`e` outer-joined).
+const ENTRY_BYTES: &str = "CASE WHEN e.id IS NOT NULL THEN convert_to(jsonb_build_array(e.id, \
+     (extract(epoch FROM e.at) * 1000000)::bigint, e.actor, e.action, e.tenant, e.detail)::text, 'UTF8') END";
 
 /// The seal of an entry whose bytes are `entry`, after the seal `previous` (empty for the
 /// first).
