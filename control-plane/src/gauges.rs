@@ -5,7 +5,7 @@
 //! - `silo_jobs{state}`: jobs `queued` and `running`;
 //! - `silo_job_queue_delay_seconds_max`: the longest any job has been due with no worker on
 //!   it (queued past its start time, or running with an expired lease), 0 when none is: it
-//!   grows when every worker is busy, or when no control plane is alive to work;
+//!   grows when every worker is busy, or when the workers are stuck;
 //! - `silo_audit_unsealed_seconds_max`: how long the oldest audit entry after the last sealed
 //!   one has waited for its seal (see `crate::audit::seal`), 0 when none waits: seconds
 //!   normally; it grows when the sealer is stopped, e.g. by a sealed entry gone missing;
