@@ -49,8 +49,8 @@ pub async fn run(catalog: PgPool, shutdown: CancellationToken) {
     loop {
         loop {
             match seal(&catalog).await {
-                Ok(Some(head)) if head.full => continue,
-                Ok(_) => break,
+                Ok(true) => continue,
+                Ok(false) => break,
                 Err(e) => {
                     error!(error = %e, "audit log not sealed");
                     break;
@@ -64,14 +64,9 @@ pub async fn run(catalog: PgPool, shutdown: CancellationToken) {
     }
 }
 
-/// What one pass sealed.
-struct Sealed {
-    /// It sealed [`BATCH`] entries: more may be waiting.
-    full: bool,
-}
-
-/// Seals up to [`BATCH`] final entries after the last sealed one; None when there were none.
-async fn seal(catalog: &PgPool) -> anyhow::Result<Option<Sealed>> {
+/// Seals up to [`BATCH`] final entries after the last sealed one; true when it sealed a whole
+/// batch (more may be waiting).
+async fn seal(catalog: &PgPool) -> anyhow::Result<bool> {
     let mut tx = catalog.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(SEAL_LOCK)
@@ -101,7 +96,7 @@ async fn seal(catalog: &PgPool) -> anyhow::Result<Option<Sealed>> {
     .fetch_all(&mut *tx)
     .await?;
     if entries.is_empty() {
-        return Ok(None);
+        return Ok(false);
     }
     let mut ids = Vec::with_capacity(entries.len());
     let mut seqs = Vec::with_capacity(entries.len());
@@ -128,9 +123,7 @@ async fn seal(catalog: &PgPool) -> anyhow::Result<Option<Sealed>> {
         head = %hex::encode(&head),
         "audit log sealed"
     );
-    Ok(Some(Sealed {
-        full: i64::try_from(entries.len()).is_ok_and(|n| n == BATCH),
-    }))
+    Ok(i64::try_from(entries.len()).is_ok_and(|n| n == BATCH))
 }
 
 /// What [`verify`] found.
