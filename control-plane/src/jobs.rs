@@ -294,7 +294,7 @@ const CANCELLED_UNSTARTED: [&str; 4] = ["backup", "verify", "rotate", "migrate"]
 /// What [`cancel`] did.
 #[derive(Debug)]
 pub enum Cancel {
-    /// The job had not started: it is failed now, as cancelled.
+    /// The job was waiting to run (first or again): it is failed now, as cancelled.
     Unstarted(Job),
     /// The job is a running rollout: it migrates no further tenant and then ends failed.
     Stopping(Job),
@@ -323,7 +323,11 @@ pub async fn cancel(tx: &mut PgConnection, id: i64, actor: &str) -> Result<Optio
                  WHERE id = $1 RETURNING {COLUMNS}"
             )))
             .bind(id)
-            .bind(format!("cancelled by {actor} before it started"))
+            .bind(if job.attempts == 0 {
+                format!("cancelled by {actor} before it started")
+            } else {
+                format!("cancelled by {actor} while it waited to run again")
+            })
             .fetch_one(&mut *tx)
             .await?,
         ),

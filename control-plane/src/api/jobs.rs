@@ -87,7 +87,8 @@ pub async fn retry(
 }
 
 /// `POST /v1/jobs/{id}/cancel`: a queued backup, drill, rotation or rollout is failed at once
-/// (200 `{"job"}`, error "cancelled by NAME before it started"); a running rollout migrates no
+/// (200 `{"job"}`, error "cancelled by NAME before it started", or "while it waited to run
+/// again" after a transient failure); a running rollout migrates no
 /// further tenant, lets the ones in flight finish and ends failed (202 `{"job"}`); `jobs
 /// retry` resumes either. 409 `not_cancellable` for any other running job (none is stopped
 /// halfway) or a queued one that already marked its tenant; 409 `invalid_state` once ended.
