@@ -22,6 +22,7 @@ pub mod pooling;
 pub mod provision;
 pub mod response_headers;
 pub mod restores;
+pub mod role_limits;
 pub mod rollout;
 pub mod rotation;
 pub mod schedule;

@@ -747,8 +747,30 @@ pub(crate) async fn ensure_login_role(
         }
     };
     let owner = slug.owner_role();
-    // The server's limits on tenant roles, set (or lifted) every time: the role follows the
-    // config as it is now.
+    // One batch: the password, membership in the owner, and acting as the owner, so
+    // whatever the app creates belongs to the owner and stays usable by both login roles
+    // across alternating rotations; the admin role's membership lets it end the role's
+    // sessions without being a superuser (see `create_role_sql`). The server's limits are
+    // set (or lifted) every time: the role follows the config as it is now.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "{verb} ROLE {login} {attrs} PASSWORD {password};\n\
+         GRANT {login} TO CURRENT_USER;\n\
+         GRANT {} TO {login};\n\
+         ALTER ROLE {login} SET role = {};\n\
+         {}",
+        quote_ident(&owner),
+        quote_literal(&owner),
+        role_limits_sql(role, limits)
+    )))
+    .execute(&mut *conn)
+    .await
+    .step("set up login role")?;
+    Ok(())
+}
+
+/// The statements that hold login role `role` to `limits`, or lift the limits unset.
+pub(crate) fn role_limits_sql(role: &str, limits: &TenantRoleLimits) -> String {
+    let role = quote_ident(role);
     let connection_limit = limits.connection_limit.map_or(-1, i64::from);
     let idle_in_transaction = match limits.idle_in_transaction_timeout {
         Some(timeout) => format!(
@@ -757,23 +779,7 @@ pub(crate) async fn ensure_login_role(
         ),
         None => "RESET idle_in_transaction_session_timeout".to_owned(),
     };
-    // One batch: the password, membership in the owner, and acting as the owner, so
-    // whatever the app creates belongs to the owner and stays usable by both login roles
-    // across alternating rotations; the admin role's membership lets it end the role's
-    // sessions without being a superuser (see `create_role_sql`).
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "{verb} ROLE {login} {attrs} CONNECTION LIMIT {connection_limit} PASSWORD {password};\n\
-         GRANT {login} TO CURRENT_USER;\n\
-         GRANT {} TO {login};\n\
-         ALTER ROLE {login} SET role = {};\n\
-         ALTER ROLE {login} {idle_in_transaction}",
-        quote_ident(&owner),
-        quote_literal(&owner)
-    )))
-    .execute(&mut *conn)
-    .await
-    .step("set up login role")?;
-    Ok(())
+    format!("ALTER ROLE {role} CONNECTION LIMIT {connection_limit};\nALTER ROLE {role} {idle_in_transaction}")
 }
 
 pub(crate) async fn role_exists(conn: &mut PgConnection, role: &str) -> Result<bool, ProvisionError> {

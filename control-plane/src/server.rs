@@ -25,7 +25,7 @@ use crate::provision::Provisioner;
 use crate::servers::Servers;
 use crate::tenant_schema::MigrationSource;
 use crate::worker::Workers;
-use crate::{audit, catalog, response_headers, schedule, secrets, spares, tls};
+use crate::{audit, catalog, response_headers, role_limits, schedule, secrets, spares, tls};
 
 /// A client must finish its TLS handshake within this long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -204,6 +204,11 @@ impl ControlPlane {
             shutdown.clone(),
         ));
         let audit_seals = tokio::spawn(audit::seal::run(self.api.catalog.clone(), shutdown.clone()));
+        let role_limits = tokio::spawn(role_limits::apply(
+            self.api.catalog.clone(),
+            self.api.servers.clone(),
+            shutdown.clone(),
+        ));
         let spares = tokio::spawn(spares::keep_filled(
             self.spares.servers,
             self.spares.migrations,
@@ -236,6 +241,7 @@ impl ControlPlane {
         let _ = drill_schedule.await;
         let _ = spares.await;
         let _ = audit_seals.await;
+        let _ = role_limits.await;
         self.api.catalog.close().await;
         result
     }

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use silo_control_plane::config::TenantRoleLimits;
 use silo_tests::stack::{Stack, StackOptions};
 use silo_tests::{secret_connect_options, unique_name};
 use sqlx::{ConnectOptions, Connection, PgConnection};
@@ -75,5 +76,61 @@ async fn a_tenants_login_role_is_held_to_its_servers_limits() {
         role_limits(&stack, other).await,
         (3, Some("idle_in_transaction_session_timeout=1000ms".into()))
     );
+    stack.stop().await.unwrap();
+}
+
+/// Waits up to 30 s for `role`'s limits to become `wanted`.
+async fn wait_for_role_limits(stack: &Stack, role: &str, wanted: (i32, Option<String>)) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let limits = role_limits(stack, role).await;
+        if limits == wanted {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{role} still has {limits:?}, not {wanted:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_changed_in_the_config_reach_existing_tenants_when_the_control_plane_starts() {
+    let mut stack = Stack::start(StackOptions::default()).await.unwrap();
+    let slug = unique_name("existing");
+    stack.create_tenant(&slug).await.unwrap();
+    let role = stack.credentials(&slug).await.unwrap()["username"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(role_limits(&stack, &role).await, (-1, None));
+
+    // Set: the role gets them with no rotation, and keeps its password.
+    stack.config_mut().servers[0].tenant_roles = TenantRoleLimits {
+        connection_limit: Some(8),
+        idle_in_transaction_timeout: Some(Duration::from_secs(30)),
+    };
+    stack.restart_control_plane().await.unwrap();
+    wait_for_role_limits(
+        &stack,
+        &role,
+        (8, Some("idle_in_transaction_session_timeout=30000ms".into())),
+    )
+    .await;
+    let secret = stack.credentials(&slug).await.unwrap();
+    assert_eq!(secret["username"], role.as_str());
+    secret_connect_options(&secret)
+        .connect()
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+
+    // Lifted: the role is unlimited again.
+    stack.config_mut().servers[0].tenant_roles = TenantRoleLimits::default();
+    stack.restart_control_plane().await.unwrap();
+    wait_for_role_limits(&stack, &role, (-1, None)).await;
     stack.stop().await.unwrap();
 }

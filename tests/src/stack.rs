@@ -224,6 +224,11 @@ connect_timeout = "{connect}ms"
         format!("{}tenants/{slug}", self.config.secrets.name_prefix)
     }
 
+    /// The config the next `restart_control_plane` starts from.
+    pub fn config_mut(&mut self) -> &mut Config {
+        &mut self.config
+    }
+
     /// The stack's directory (config, master key).
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
