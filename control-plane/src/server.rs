@@ -187,15 +187,13 @@ impl ControlPlane {
         let backup_schedule = tokio::spawn(backup::schedule::run(
             self.api.catalog.clone(),
             Scheduled::Backup,
-            backups.every,
-            backups.max_concurrent,
+            backups.clone(),
             shutdown.clone(),
         ));
         let drill_schedule = tokio::spawn(backup::schedule::run(
             self.api.catalog.clone(),
             Scheduled::Verify,
-            backups.verify_every,
-            backups.max_concurrent,
+            backups.clone(),
             shutdown.clone(),
         ));
         let retention = tokio::spawn(retention::run(

@@ -627,3 +627,87 @@ async fn backup_freshness_is_in_the_control_planes_metrics() {
     assert!(oldest < 20.0, "both were just backed up: {oldest}");
     stack.stop().await.unwrap();
 }
+
+/// `[backups.plans.NAME]`: tenants on a plan follow its schedule and retention; tenants on
+/// other plans follow `[backups]` (here: backups on request only, every one kept).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plans_backup_policy_applies_to_its_tenants_and_no_others() {
+    let stack = stack_with_backups(
+        "max_concurrent = 1\n\
+         [backups.plans.gold]\nevery = \"2s\"\nkeep_last = 2\n\
+         [backups.plans.brief]\nkeep_for = \"4s\"\n",
+    )
+    .await;
+    let (gold, brief, standard) = (unique_name("pg"), unique_name("pb"), unique_name("ps"));
+    for (slug, plan) in [(&gold, "gold"), (&brief, "brief"), (&standard, "standard")] {
+        stack
+            .create_tenant_with(serde_json::json!({ "slug": slug, "plan": plan }))
+            .await
+            .unwrap();
+    }
+    let brief_jobs = [back_up(&stack, &brief).await, back_up(&stack, &brief).await];
+    let standard_jobs = [back_up(&stack, &standard).await, back_up(&stack, &standard).await];
+
+    // gold: backed up every 2 s by the schedule, its backups beyond the newest two erased.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    loop {
+        let (status, page) = stack
+            .admin(
+                Method::GET,
+                &format!("/v1/jobs?kind=backup&tenant={gold}&state=succeeded"),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK, "{page}");
+        if page["items"].as_array().unwrap().len() >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "three scheduled backups of {gold} in 40 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let (status, pruned) = stack
+        .admin(
+            Method::GET,
+            &format!("/v1/audit?tenant={gold}&action=tenant.backup.prune"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{pruned}");
+    let pruned = pruned["items"].as_array().unwrap();
+    assert!(
+        !pruned.is_empty() && pruned.iter().all(|e| e["detail"]["keep_last"] == 2),
+        "{pruned:?}"
+    );
+
+    // brief: its older backup expires; its newest stays, the tenant being alive.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while listed_jobs(&stack, &brief).await != [brief_jobs[1]] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{brief}'s older backup still there after 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+
+    // standard: [backups] schedules nothing and keeps everything.
+    assert_eq!(
+        listed_jobs(&stack, &standard).await,
+        [standard_jobs[1], standard_jobs[0]]
+    );
+    let (status, page) = stack
+        .admin(Method::GET, &format!("/v1/jobs?kind=backup&tenant={standard}"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(
+        page["items"].as_array().unwrap().len(),
+        2,
+        "only the two asked for: {page}"
+    );
+    stack.stop().await.unwrap();
+}

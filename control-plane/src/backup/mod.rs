@@ -424,9 +424,9 @@ impl Backups {
         Ok(slugs)
     }
 
-    /// `[backups] keep_for`.
-    pub fn keep_for(&self) -> Option<std::time::Duration> {
-        self.config.keep_for
+    /// The `[backups]` section.
+    pub fn config(&self) -> &BackupsConfig {
+        &self.config
     }
 
     /// `slug`'s backups finished before `cutoff`, oldest first, except its newest backup when
@@ -448,21 +448,14 @@ impl Backups {
         Ok(expired)
     }
 
-    /// `[backups] keep_last`.
-    pub fn keep_last(&self) -> Option<usize> {
-        self.config.keep_last
-    }
-
-    /// `slug`'s backups beyond its newest `[backups] keep_last`, newest first, except `spare`
-    /// (one being restored); none without `keep_last`.
+    /// `slug`'s backups beyond its newest `keep`, newest first, except `spare` (one being
+    /// restored).
     pub async fn beyond_keep_last(
         &self,
         slug: &TenantSlug,
+        keep: usize,
         spare: Option<&Path>,
     ) -> Result<Vec<BackupFile>, BackupError> {
-        let Some(keep) = self.config.keep_last else {
-            return Ok(Vec::new());
-        };
         let spared = spare.and_then(Path::file_name);
         let mut beyond: Vec<BackupFile> = self.list(slug).await?.into_iter().skip(keep).collect();
         beyond.retain(|old| spared.is_none_or(|name| name != old.file.as_str()));
@@ -990,13 +983,7 @@ mod tests {
     #[tokio::test]
     async fn backups_are_listed_newest_first_and_those_beyond_keep_last_found() {
         let root = tempfile::tempdir().expect("tempdir");
-        let backups = Backups::open(BackupsConfig {
-            dir: Some(root.path().to_owned()),
-            keep_last: Some(2),
-            ..BackupsConfig::default()
-        })
-        .await
-        .expect("no key files");
+        let backups = backups_in(root.path()).await;
         let acme = TenantSlug::parse("acme").expect("slug");
         assert_eq!(backups.list(&acme).await.expect("list"), [], "no directory yet");
         let dir = root.path().join("acme");
@@ -1010,11 +997,11 @@ mod tests {
         );
 
         let beyond = backups
-            .beyond_keep_last(&acme, Some(&dir.join("acme-1-job1.dump")))
+            .beyond_keep_last(&acme, 2, Some(&dir.join("acme-1-job1.dump")))
             .await
             .expect("beyond");
         assert_eq!(jobs(beyond), [], "the spared one stays");
-        let beyond = backups.beyond_keep_last(&acme, None).await.expect("beyond");
+        let beyond = backups.beyond_keep_last(&acme, 2, None).await.expect("beyond");
         assert_eq!(jobs(beyond), [Some(1)]);
         assert!(dir.join(".acme-4-job4.dump.partial").exists(), "not a finished backup");
         assert_eq!(job_of("acme-20261127T000000Z-job42.dump"), Some(42));

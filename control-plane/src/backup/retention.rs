@@ -1,7 +1,8 @@
-//! `[backups] keep_last`: taking a backup erases the tenant's oldest beyond that many, each
-//! audited first (`tenant.backup.prune`, actor `scheduler`).
+//! `[backups] keep_last` (or the tenant's plan's, `[backups.plans.NAME] keep_last`): taking a
+//! backup erases the tenant's oldest beyond that many, each audited first
+//! (`tenant.backup.prune`, actor `scheduler`).
 //!
-//! `[backups] keep_for`: backups older than that are erased, deleted tenants' included (data
+//! `[backups] keep_for` (or the plan's): backups older than that are erased, deleted tenants' included (data
 //! a regulated company may not keep once its retention period is over), except the newest
 //! backup of a tenant that still exists. Each erasure is audited (`tenant.backup.expire`, actor
 //! `scheduler`) before the file is removed, so no backup disappears unrecorded; a removal
@@ -13,7 +14,7 @@
 //! `keep_last` too, until the hold is released. Several control planes may sweep at once: a pass holds a
 //! transaction-level advisory lock while it decides and records what expires.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use serde_json::json;
@@ -36,28 +37,30 @@ fn sweep_every(keep_for: Duration) -> Duration {
     (keep_for / 10).clamp(SWEEP_BOUNDS.0, SWEEP_BOUNDS.1)
 }
 
-/// Erases expired backups until `shutdown`; returns at once without `keep_for`.
+/// Erases expired backups until `shutdown`; returns at once when no policy (`[backups]` or a
+/// plan's) has a `keep_for`.
 pub async fn run(catalog: PgPool, backups: Backups, shutdown: CancellationToken) {
-    let Some(keep_for) = backups.keep_for() else {
+    let Some(shortest) = backups.config().policies().filter_map(|policy| policy.keep_for).min() else {
         return;
     };
     loop {
-        match expire(&catalog, &backups, keep_for).await {
+        match expire(&catalog, &backups).await {
             Ok(0) => {}
-            Ok(n) => info!(erased = n, "expired backups erased ([backups] keep_for)"),
+            Ok(n) => info!(erased = n, "expired backups erased (keep_for)"),
             Err(e) => warn!(error = %e, "backup retention pass"),
         }
         tokio::select! {
-            () = tokio::time::sleep(sweep_every(keep_for)) => {}
+            () = tokio::time::sleep(sweep_every(shortest)) => {}
             () = shutdown.cancelled() => return,
         }
     }
 }
 
-/// One pass: records and erases every backup older than `keep_for` that is not the newest of
-/// an existing tenant; returns how many were erased.
-pub async fn expire(catalog: &PgPool, backups: &Backups, keep_for: Duration) -> anyhow::Result<usize> {
-    let cutoff = chrono::Utc::now() - keep_for;
+/// One pass: records and erases every backup older than its tenant's `keep_for` (its plan's,
+/// else `[backups]`') that is not the newest of an existing tenant; returns how many were
+/// erased.
+pub async fn expire(catalog: &PgPool, backups: &Backups) -> anyhow::Result<usize> {
+    let now = chrono::Utc::now();
     let slugs = backups.tenants().await?;
     if slugs.is_empty() {
         return Ok(0);
@@ -68,15 +71,16 @@ pub async fn expire(catalog: &PgPool, backups: &Backups, keep_for: Duration) -> 
         .execute(&mut *tx)
         .await?;
     let names: Vec<&str> = slugs.iter().map(TenantSlug::as_str).collect();
-    let existing: HashSet<String> =
-        sqlx::query_scalar("SELECT slug FROM tenants WHERE slug = ANY($1) AND status <> 'deleted'")
+    // Each tenant's plan, and whether it still exists; a tenant the catalog no longer knows
+    // has `[backups]`' policy.
+    let known: HashMap<String, (String, bool)> =
+        sqlx::query_as("SELECT slug, plan, status <> 'deleted' FROM tenants WHERE slug = ANY($1)")
             .bind(&names)
             .fetch_all(&mut *tx)
             .await?
             .into_iter()
+            .map(|(slug, plan, exists)| (slug, (plan, exists)))
             .collect();
-    // A tenant with a job running (a restore may be reading one of its backups), or whose data
-    // is under legal hold, keeps every backup.
     let busy: HashSet<String> = sqlx::query_scalar(
         "SELECT DISTINCT tenant FROM jobs WHERE tenant = ANY($1) AND state IN ('queued','running') \
          UNION SELECT slug FROM tenants WHERE slug = ANY($1) AND legal_hold IS NOT NULL",
@@ -97,7 +101,12 @@ pub async fn expire(catalog: &PgPool, backups: &Backups, keep_for: Duration) -> 
     .collect();
     let mut doomed: Vec<(TenantSlug, BackupFile)> = Vec::new();
     for slug in slugs.iter().filter(|slug| !busy.contains(slug.as_str())) {
-        for backup in backups.expired(slug, cutoff, existing.contains(slug.as_str())).await? {
+        let (policy, exists) = match known.get(slug.as_str()) {
+            Some((plan, exists)) => (backups.config().policy_of(plan), *exists),
+            None => (&backups.config().policy, false),
+        };
+        let Some(keep_for) = policy.keep_for else { continue };
+        for backup in backups.expired(slug, now - keep_for, exists).await? {
             if recorded.contains(&(slug.as_str().to_owned(), backup.file.clone())) {
                 doomed.push((slug.clone(), backup));
                 continue;
@@ -127,26 +136,26 @@ pub async fn expire(catalog: &PgPool, backups: &Backups, keep_for: Duration) -> 
     Ok(erased)
 }
 
-/// Erases `slug`'s backups beyond `[backups] keep_last`, but not `spare` (one being restored)
-/// and none while its data is under legal hold:
-/// each is audited before it is erased, and one that cannot be erased is erased after the
-/// tenant's next backup (recorded again then).
+/// Erases `slug`'s backups beyond its `keep_last` (its plan's, else `[backups]`'), but not
+/// `spare` (one being restored) and none while its data is under legal hold: each is audited
+/// before it is erased, and one that cannot be erased is erased after the tenant's next
+/// backup (recorded again then).
 pub async fn keep_last(
     catalog: &PgPool,
     backups: &Backups,
     slug: &TenantSlug,
     spare: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
-    let Some(keep) = backups.keep_last() else {
+    let Some(tenant) = tenants::get(&mut *catalog.acquire().await?, slug.as_str()).await? else {
         return Ok(());
     };
-    if tenants::legal_hold(&mut *catalog.acquire().await?, slug.as_str())
-        .await?
-        .is_some()
-    {
+    let Some(keep) = backups.config().policy_of(&tenant.plan).keep_last else {
+        return Ok(());
+    };
+    if tenant.legal_hold.is_some() {
         return Ok(());
     }
-    let doomed = backups.beyond_keep_last(slug, spare).await?;
+    let doomed = backups.beyond_keep_last(slug, keep, spare).await?;
     if doomed.is_empty() {
         return Ok(());
     }
@@ -164,7 +173,7 @@ pub async fn keep_last(
     tx.commit().await?;
     for backup in doomed {
         backups.remove(slug, &backup.file).await?;
-        info!(tenant = %slug, file = %backup.file, keep, "old backup erased ([backups] keep_last)");
+        info!(tenant = %slug, file = %backup.file, keep, "old backup erased (keep_last)");
     }
     Ok(())
 }

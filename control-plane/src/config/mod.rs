@@ -319,18 +319,11 @@ pub struct BackupsConfig {
     /// (`SILO_PG_BINDIR`, `pg_config --bindir`, the newest `/usr/lib/postgresql/*/bin`), else
     /// on `PATH`.
     pub pg_dump: Option<PathBuf>,
-    /// How many of a tenant's backups are kept: taking one removes the oldest beyond this
-    /// many. None: every backup is kept.
-    pub keep_last: Option<usize>,
-    /// How long a backup is kept: older ones are erased (and audited as `tenant.backup.expire`),
-    /// except the newest of a tenant that still exists. None: kept until deleted by hand.
-    pub keep_for: Option<Duration>,
-    /// Each live tenant is backed up this often by the control planes' schedule (a `backup`
-    /// job queued once its last one is older). None: backups are taken on request only.
-    pub every: Option<Duration>,
-    /// Each live tenant's newest backup is proved by a restore drill (a `verify` job) this
-    /// often. None: drills are run on request only.
-    pub verify_every: Option<Duration>,
+    /// The policy of tenants whose plan has none of its own.
+    pub policy: BackupPolicy,
+    /// `[backups.plans.NAME]`: the policy of tenants on plan NAME (each key the section
+    /// leaves out is `[backups]`'s).
+    pub plans: BTreeMap<String, BackupPolicy>,
     /// At most this many scheduled backups (and, apart, scheduled drills) are queued or
     /// running at once.
     pub max_concurrent: u32,
@@ -346,6 +339,35 @@ pub struct BackupsConfig {
 
 /// The `[backups.s3]` section: an S3 bucket (or an S3-compatible store) every backup is
 /// uploaded to before it counts as taken, and restored from when `dir` has lost it.
+/// How often a tenant is backed up and its backup drilled, and how long its backups are kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackupPolicy {
+    /// How many of a tenant's backups are kept: taking one removes the oldest beyond this
+    /// many. None: every backup is kept.
+    pub keep_last: Option<usize>,
+    /// How long a backup is kept: older ones are erased (and audited as `tenant.backup.expire`),
+    /// except the newest of a tenant that still exists. None: kept until deleted by hand.
+    pub keep_for: Option<Duration>,
+    /// Each live tenant is backed up this often by the control planes' schedule (a `backup`
+    /// job queued once its last one is older). None: backups are taken on request only.
+    pub every: Option<Duration>,
+    /// Each live tenant's newest backup is proved by a restore drill (a `verify` job) this
+    /// often. None: drills are run on request only.
+    pub verify_every: Option<Duration>,
+}
+
+impl BackupsConfig {
+    /// The policy of tenants on `plan`.
+    pub fn policy_of(&self, plan: &str) -> &BackupPolicy {
+        self.plans.get(plan).unwrap_or(&self.policy)
+    }
+
+    /// Every policy in force: `[backups]`'s, then each plan's.
+    pub fn policies(&self) -> impl Iterator<Item = &BackupPolicy> {
+        std::iter::once(&self.policy).chain(self.plans.values())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct BackupsS3Config {
     /// The bucket (made beforehand; silo never creates or deletes buckets).
@@ -454,6 +476,36 @@ pub struct TlsFiles {
 
 /// A `[backups]` period (`key` = `value`): at least a second (else `too_short`), and only
 /// with `backups.dir`, where the backups are.
+/// The policy of `section` (`backups`, `backups.plans.NAME`), each key it leaves out
+/// `inherited`'s.
+fn backup_policy(
+    section: &str,
+    raw: raw::RawBackupPolicy,
+    has_dir: bool,
+    inherited: &BackupPolicy,
+) -> Result<BackupPolicy, ConfigError> {
+    if raw.keep_last == Some(0) {
+        return Err(invalid(
+            format!("{section}.keep_last"),
+            "must be at least 1 (leave it out to keep every backup)",
+        ));
+    }
+    let period = |key: &str, value: Option<String>, too_short: &str| {
+        backup_period(&format!("{section}.{key}"), value.as_deref(), has_dir, too_short)
+    };
+    Ok(BackupPolicy {
+        keep_last: raw.keep_last.or(inherited.keep_last),
+        keep_for: period(
+            "keep_for",
+            raw.keep_for,
+            "must be at least 1s (leave it out to keep backups until they are deleted)",
+        )?
+        .or(inherited.keep_for),
+        every: period("every", raw.every, "must be at least 1s")?.or(inherited.every),
+        verify_every: period("verify_every", raw.verify_every, "must be at least 1s")?.or(inherited.verify_every),
+    })
+}
+
 fn backup_period(
     key: &str,
     value: Option<&str>,
@@ -906,32 +958,23 @@ impl Config {
             plans,
         };
 
-        let keep_last = raw.backups.keep_last;
-        if keep_last == Some(0) {
-            return Err(invalid(
-                "backups.keep_last",
-                "must be at least 1 (leave it out to keep every backup)",
-            ));
-        }
         let has_dir = raw.backups.dir.is_some();
-        let keep_for = backup_period(
-            "backups.keep_for",
-            raw.backups.keep_for.as_deref(),
+        let policy = backup_policy(
+            "backups",
+            raw::RawBackupPolicy {
+                keep_last: raw.backups.keep_last,
+                keep_for: raw.backups.keep_for,
+                every: raw.backups.every,
+                verify_every: raw.backups.verify_every,
+            },
             has_dir,
-            "must be at least 1s (leave it out to keep backups until they are deleted)",
+            &BackupPolicy::default(),
         )?;
-        let every = backup_period(
-            "backups.every",
-            raw.backups.every.as_deref(),
-            has_dir,
-            "must be at least 1s",
-        )?;
-        let verify_every = backup_period(
-            "backups.verify_every",
-            raw.backups.verify_every.as_deref(),
-            has_dir,
-            "must be at least 1s",
-        )?;
+        let mut backup_plans = BTreeMap::new();
+        for (name, plan) in raw.backups.plans {
+            let section = format!("backups.plans.{name}");
+            backup_plans.insert(name, backup_policy(&section, plan, has_dir, &policy)?);
+        }
         let max_concurrent = raw.backups.max_concurrent.unwrap_or(2);
         if max_concurrent == 0 {
             return Err(invalid("backups.max_concurrent", "must be at least 1"));
@@ -962,10 +1005,8 @@ impl Config {
             backups: BackupsConfig {
                 dir: raw.backups.dir.map(resolve),
                 pg_dump: raw.backups.pg_dump.map(resolve),
-                keep_last,
-                keep_for,
-                every,
-                verify_every,
+                policy,
+                plans: backup_plans,
                 max_concurrent,
                 encryption_key_file: raw.backups.encryption_key_file.map(resolve),
                 previous_encryption_key_files: raw
@@ -1076,9 +1117,37 @@ local_master_key_file = "master.key"
             let cfg = Config::parse(text, Path::new("/etc/silo")).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(cfg.backups.dir.is_some(), "{name}");
             assert!(cfg.backups.encryption_key_file.is_some(), "{name}");
-            assert!(cfg.backups.keep_for.is_some(), "{name}");
-            assert!(cfg.backups.every.is_some(), "{name}");
+            assert!(cfg.backups.policy.keep_for.is_some(), "{name}");
+            assert!(cfg.backups.policy.every.is_some(), "{name}");
         }
+    }
+
+    #[test]
+    fn a_plans_backup_policy_takes_what_it_leaves_out_from_backups() {
+        let text = format!(
+            "{MINIMAL}\n[backups]\ndir = \"b\"\nevery = \"24h\"\nkeep_last = 7\nkeep_for = \"30d\"\n\
+             [backups.plans.enterprise]\nevery = \"6h\"\nkeep_for = \"400d\"\nverify_every = \"7d\"\n"
+        );
+        let cfg = Config::parse(&text, Path::new(".")).unwrap();
+        let day = Duration::from_secs(86_400);
+        assert_eq!(
+            cfg.backups.policy_of("enterprise"),
+            &BackupPolicy {
+                keep_last: Some(7),
+                keep_for: Some(400 * day),
+                every: Some(day / 4),
+                verify_every: Some(7 * day),
+            }
+        );
+        let standard = BackupPolicy {
+            keep_last: Some(7),
+            keep_for: Some(30 * day),
+            every: Some(day),
+            verify_every: None,
+        };
+        assert_eq!(cfg.backups.policy_of("standard"), &standard);
+        assert_eq!(cfg.backups.policy_of("unknown"), &standard);
+        assert_eq!(cfg.backups.policies().count(), 2);
     }
 
     #[test]
@@ -1151,6 +1220,19 @@ local_master_key_file = "master.key"
                 "backups.max_concurrent",
             ),
             ("[backups]\nkeep_for = \"0s\"\n", "backups.keep_for"),
+            (
+                "[backups]\ndir = \"b\"\n[backups.plans.gold]\nkeep_last = 0\n",
+                "backups.plans.gold.keep_last",
+            ),
+            (
+                "[backups]\ndir = \"b\"\n[backups.plans.gold]\nevery = \"0s\"\n",
+                "backups.plans.gold.every",
+            ),
+            ("[backups.plans.gold]\nevery = \"6h\"\n", "backups.plans.gold.every"),
+            (
+                "[backups]\ndir = \"b\"\n[backups.plans.gold]\nkeep = 3\n",
+                "keep",
+            ),
             (
                 "[backups]\nprevious_encryption_key_files = [\"old.key\"]\n",
                 "backups.previous_encryption_key_files",

@@ -36,11 +36,23 @@ pub(super) struct RawBackups {
     pub(super) keep_for: Option<String>,
     pub(super) every: Option<String>,
     pub(super) verify_every: Option<String>,
+    #[serde(default)]
+    pub(super) plans: BTreeMap<String, RawBackupPolicy>,
     pub(super) max_concurrent: Option<u32>,
     pub(super) encryption_key_file: Option<PathBuf>,
     #[serde(default)]
     pub(super) previous_encryption_key_files: Vec<PathBuf>,
     pub(super) s3: Option<RawBackupsS3>,
+}
+
+/// `[backups.plans.NAME]`: the plan's own `keep_last`, `keep_for`, `every`, `verify_every`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBackupPolicy {
+    pub(super) keep_last: Option<usize>,
+    pub(super) keep_for: Option<String>,
+    pub(super) every: Option<String>,
+    pub(super) verify_every: Option<String>,
 }
 
 #[derive(Deserialize)]
