@@ -53,6 +53,11 @@ pub struct Args {
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
+    /// End any statement running longer than this (PostgreSQL's `statement_timeout`; the
+    /// request gets 503). 0s: never.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub statement_timeout: Duration,
+
     /// Apply the tenant schema migrations before serving.
     #[arg(long)]
     pub migrate: bool,
@@ -85,11 +90,12 @@ fn parse_slug(s: &str) -> Result<String, String> {
 /// Runs the standalone app until SIGTERM or Ctrl-C: bind, connect, (migrate), serve, drain.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     init_logging();
-    let options: PgConnectOptions = args
+    let options = args
         .database_url
         .expose_secret()
-        .parse()
-        .context("parse --database-url")?;
+        .parse::<PgConnectOptions>()
+        .context("parse --database-url")?
+        .options([("statement_timeout", format!("{}ms", args.statement_timeout.as_millis()))]);
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("bind {}", args.listen))?;

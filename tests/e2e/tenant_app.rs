@@ -17,7 +17,7 @@ use silo_tenant_app::{
 use silo_tests::pg::TestCluster;
 use silo_tests::unique_name;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{ConnectOptions, PgPool};
 use tokio::net::TcpListener;
 
 /// A new empty database on `pg`; its name.
@@ -690,19 +690,10 @@ async fn pools_hold_one_budget_permit_per_open_connection_and_wait_for_their_own
     assert_eq!((b.size(), permits.available_permits()), (1, 1));
 }
 
-/// The standalone bin closes a connection left idle for `--idle-timeout`, and opens one again
-/// for the next request.
-#[tokio::test(flavor = "multi_thread")]
-async fn the_standalone_app_closes_connections_left_idle() {
+/// Starts the `silo-tenant-app` bin on database `db` with `args`; the child and its address.
+async fn standalone_app(pg: &TestCluster, db: &str, args: &[&str]) -> (tokio::process::Child, String) {
     use secrecy::ExposeSecret;
     use tokio::io::AsyncBufReadExt;
-
-    silo_tests::init_logging();
-    let pg = TestCluster::shared().await;
-    let db = fresh_database(pg).await;
-    let observer = observer(pg).await;
-    let (setup, key) = migrated_with_key(pg.admin_options(&db)).await;
-    setup.close().await;
 
     let url = format!(
         "postgres://{}@127.0.0.1:{}/{db}",
@@ -710,7 +701,8 @@ async fn the_standalone_app_closes_connections_left_idle() {
         pg.port()
     );
     let mut app = tokio::process::Command::new(silo_tests::workspace_binary("silo-tenant-app"))
-        .args(["--listen", "127.0.0.1:0", "--tenant", "acme", "--idle-timeout", "1s"])
+        .args(["--listen", "127.0.0.1:0", "--tenant", "acme"])
+        .args(args)
         .env("DATABASE_URL", url)
         .env("PGPASSWORD", pg.password().expose_secret())
         .stdout(std::process::Stdio::piped())
@@ -718,12 +710,26 @@ async fn the_standalone_app_closes_connections_left_idle() {
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(app.stdout.take().unwrap()).lines();
-    let addr = loop {
+    loop {
         let line = lines.next_line().await.unwrap().expect("the app printed its address");
         if let Some(addr) = line.strip_prefix("listening on http://") {
-            break addr.to_owned();
+            return (app, addr.to_owned());
         }
-    };
+    }
+}
+
+/// The standalone bin closes a connection left idle for `--idle-timeout`, and opens one again
+/// for the next request.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_standalone_app_closes_connections_left_idle() {
+    silo_tests::init_logging();
+    let pg = TestCluster::shared().await;
+    let db = fresh_database(pg).await;
+    let observer = observer(pg).await;
+    let (setup, key) = migrated_with_key(pg.admin_options(&db)).await;
+    setup.close().await;
+
+    let (mut app, addr) = standalone_app(pg, &db, &["--idle-timeout", "1s"]).await;
     let http = Client::new();
     let get = || http.get(format!("http://{addr}/api/v1/tasks")).bearer_auth(&key).send();
 
@@ -739,5 +745,43 @@ async fn the_standalone_app_closes_connections_left_idle() {
     }
     assert_eq!(get().await.unwrap().status(), StatusCode::OK);
     assert_eq!(sessions_on(&observer, &db).await, 1);
+    app.kill().await.unwrap();
+}
+
+/// A request whose statement waits past the standalone bin's `--statement-timeout` (here on a
+/// lock someone else holds) gets 503 then, not a hang; the next one is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_standalone_app_ends_statements_that_run_past_its_timeout() {
+    silo_tests::init_logging();
+    let pg = TestCluster::shared().await;
+    let db = fresh_database(pg).await;
+    let (setup, key) = migrated_with_key(pg.admin_options(&db)).await;
+    setup.close().await;
+
+    let (mut app, addr) = standalone_app(pg, &db, &["--statement-timeout", "1s"]).await;
+    let http = Client::new();
+    let get = || {
+        http.get(format!("http://{addr}/api/v1/tasks"))
+            .bearer_auth(&key)
+            .timeout(Duration::from_secs(20))
+            .send()
+    };
+    assert_eq!(get().await.unwrap().status(), StatusCode::OK);
+
+    let mut locker = pg.admin_options(&db).connect().await.unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let blocked = get().await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(blocked.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_secs(10),
+        "answered after {waited:?}"
+    );
+    sqlx::raw_sql("ROLLBACK").execute(&mut locker).await.unwrap();
+    assert_eq!(get().await.unwrap().status(), StatusCode::OK);
     app.kill().await.unwrap();
 }
