@@ -337,12 +337,7 @@ async fn tenants_are_listed_by_status_server_and_plan() {
         .await
         .unwrap();
     assert_eq!(status, StatusCode::OK);
-    let (status, deleted) = stack
-        .admin(Method::DELETE, &format!("/v1/tenants/{gone}"), None)
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::ACCEPTED);
-    stack.wait_job(deleted["job"]["id"].as_i64().unwrap()).await.unwrap();
+    stack.delete_tenant(&gone).await.unwrap();
     let ours = [kept.as_str(), paused.as_str(), gold.as_str(), gone.as_str()];
     let mut live = vec![kept.clone(), paused.clone(), gold.clone()];
     live.sort();

@@ -296,13 +296,7 @@ async fn a_failed_move_is_undone_and_one_interrupted_after_its_switch_finishes_o
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!(stack.served_titles(&slug, &key).await.unwrap(), ["one", "two", "three"]);
-    let (status, body) = stack
-        .admin(Method::DELETE, &format!("/v1/tenants/{filler}"), None)
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let deleted = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
-    assert_eq!(deleted["state"], "succeeded", "{deleted}");
+    stack.delete_tenant(&filler).await.unwrap();
 
     // Interrupted right after the switch: served from pg-2 already; the retry drops the old
     // database.
@@ -468,13 +462,7 @@ async fn a_server_is_drained_onto_another_and_a_second_run_finishes_it() {
 
     // Room for one more, and the failed tenant deleted: the same command moves the one left.
     for slug in [&there, &broken] {
-        let (status, body) = stack
-            .admin(Method::DELETE, &format!("/v1/tenants/{slug}"), None)
-            .await
-            .unwrap();
-        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-        let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
-        assert_eq!(job["state"], "succeeded", "{job}");
+        stack.delete_tenant(slug).await.unwrap();
     }
     let (code, stdout, stderr) = stack
         .siloctl(&["server", "drain", "pg-1", "--to", "pg-2"])

@@ -443,13 +443,7 @@ async fn delete_drops_everything_and_answers_like_an_unknown_host() {
         .unwrap();
     assert_eq!(ok.status(), StatusCode::OK);
 
-    let (status, body) = stack
-        .admin(Method::DELETE, &format!("/v1/tenants/{slug}"), None)
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let job = stack.wait_job(body["job"]["id"].as_i64().unwrap()).await.unwrap();
-    assert_eq!(job["state"], "succeeded", "{job}");
+    stack.delete_tenant(&slug).await.unwrap();
 
     let mut admin = stack.pg().admin_options("postgres").connect().await.unwrap();
     let db = silo_tests::database_of(&slug);

@@ -361,6 +361,21 @@ connect_timeout = "{connect}ms"
         Ok(created["api_key"].as_str().context("api_key")?.to_owned())
     }
 
+    /// Deletes tenant `slug` (no backup) through the admin API and waits for its job to
+    /// succeed.
+    pub async fn delete_tenant(&self, slug: &str) -> anyhow::Result<()> {
+        let (status, accepted) = self.admin(Method::DELETE, &format!("/v1/tenants/{slug}"), None).await?;
+        if status != StatusCode::ACCEPTED {
+            bail!("delete {slug}: {status} {accepted}");
+        }
+        let id = accepted["job"]["id"].as_i64().context("job id")?;
+        let job = self.wait_job(id).await?;
+        if job["state"] != "succeeded" {
+            bail!("deleting {slug} failed: {job}");
+        }
+        Ok(())
+    }
+
     /// Creates tasks with these titles for tenant `slug` through the router, with API key `key`.
     pub async fn add_tasks(&self, slug: &str, key: &str, titles: &[&str]) -> anyhow::Result<()> {
         for title in titles {
