@@ -428,7 +428,13 @@ async fn jobs(client: &ApiClient, out: Output, cmd: JobsCommand) -> anyhow::Resu
                 .await?;
             let job = match &resp["job"] {
                 job if wait::state(job) == "running" && !no_wait => {
-                    wait_job(client, job, "stopping the rollout").await?
+                    let ended = wait_job(client, job, "stopping the rollout").await?;
+                    if wait::state(&ended) == "succeeded" {
+                        eprintln!(
+                            "job {id}: every tenant had been launched when the stop was asked; the rollout finished"
+                        );
+                    }
+                    ended
                 }
                 job => job.clone(),
             };
