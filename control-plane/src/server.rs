@@ -7,6 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -226,7 +227,7 @@ impl ControlPlane {
                 serve_https(self.listener, tls, app, shutdown.clone()).await;
                 Ok(())
             }
-            None => axum::serve(self.listener, app)
+            None => axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>())
                 .with_graceful_shutdown(shutdown.clone().cancelled_owned())
                 .await
                 .context("serve the admin API"),
@@ -275,7 +276,7 @@ async fn serve_https(listener: TcpListener, tls: TlsAcceptor, app: axum::Router,
                     return;
                 }
             };
-            let service = TowerToHyperService::new(app);
+            let service = TowerToHyperService::new(app.layer(axum::Extension(ConnectInfo(peer))));
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             if let Err(error) = watcher.watch(connection.into_owned()).await {
                 tracing::debug!(%peer, %error, "admin API: connection ended with an error");

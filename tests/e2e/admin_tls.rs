@@ -11,6 +11,7 @@ use crate::tls::TestCa;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn siloctl_reaches_the_admin_api_over_https_with_the_ca_it_is_given() {
+    let logs = silo_tests::capture_logs();
     let ca = TestCa::new();
     let dir = tempfile::tempdir().unwrap();
     ca.issue(&["localhost", "127.0.0.1"], dir.path(), "admin");
@@ -66,6 +67,17 @@ async fn siloctl_reaches_the_admin_api_over_https_with_the_ca_it_is_given() {
             ["max-age=31536000", "no-store", "nosniff"]
         );
     }
+    // The access log has the client's address over TLS too.
+    let path = format!("path=\"/v1/tenants/{slug}\"");
+    let text = logs.text();
+    let logged: Vec<&str> = text.lines().filter(|line| line.contains(&path)).collect();
+    assert!(
+        logged.len() >= 2
+            && logged
+                .iter()
+                .all(|line| line.contains("peer=127.0.0.1:") && line.contains("status=200")),
+        "{text}"
+    );
 
     // A server siloctl cannot verify is refused, in one line; so is an unusable --cacert.
     let (code, _, stderr) = stack

@@ -659,3 +659,70 @@ async fn the_audit_log_is_sealed_and_a_changed_entry_is_found() {
     );
     stack.stop().await.unwrap();
 }
+
+/// Every admin request is logged with where it came from, whose token it carried, what it
+/// asked and how it ended; refused ones at warn. No token appears in the log.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_admin_request_is_logged_with_its_peer_actor_and_status() {
+    let logs = silo_tests::capture_logs();
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let viewer = token_of_role(&stack, "auditor", "viewer").await;
+    let (status, _) = send_with(&stack, stack.admin_token(), Method::GET, "/v1/tenants", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = send_with(&stack, &viewer, Method::GET, "/v1/jobs", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = send_with(&stack, &viewer, Method::POST, "/v1/rotations", Some(json!({}))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let guess = "silo_admin_guessedguessedguessedguessed00";
+    let (status, _) = send_with(&stack, guess, Method::DELETE, "/v1/tenants/acme", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let bootstrap = stack.admin_token().to_owned();
+    stack.stop().await.unwrap();
+
+    let text = logs.text();
+    let line = |parts: &[&str]| {
+        text.lines()
+            .find(|line| parts.iter().all(|part| line.contains(part)))
+            .unwrap_or_else(|| panic!("no line with {parts:?} in:\n{text}"))
+            .to_owned()
+    };
+    for logged in [
+        line(&[
+            "INFO",
+            "admin request",
+            "\"bootstrap\"",
+            "GET",
+            "\"/v1/tenants\"",
+            "status=200",
+        ]),
+        line(&[
+            "INFO",
+            "admin request",
+            "\"auditor\"",
+            "GET",
+            "\"/v1/jobs\"",
+            "status=200",
+        ]),
+        line(&[
+            "WARN",
+            "admin request refused",
+            "\"auditor\"",
+            "POST",
+            "\"/v1/rotations\"",
+            "status=403",
+        ]),
+        line(&[
+            "WARN",
+            "admin request refused",
+            "actor=\"-\"",
+            "DELETE",
+            "\"/v1/tenants/acme\"",
+            "status=401",
+        ]),
+    ] {
+        assert!(logged.contains("peer=127.0.0.1:"), "{logged}");
+    }
+    for token in [bootstrap.as_str(), viewer.as_str(), guess] {
+        assert!(!text.contains(token), "a token in the log");
+    }
+}

@@ -31,6 +31,50 @@ pub fn init_logging() {
     }
 }
 
+/// What this test process logged at info and above, from [`capture_logs`] on.
+#[derive(Clone, Default)]
+pub struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    /// Everything logged so far, one event a line.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLogs {
+    type Writer = CapturedLogs;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// Sends this process's logs to the returned buffer, instead of wherever [`init_logging`]
+/// would. Call it first thing in a test (nextest runs each test in a process of its own).
+pub fn capture_logs() -> CapturedLogs {
+    silo_control_plane::install_crypto_provider();
+    let logs = CapturedLogs::default();
+    tracing_subscriber::fmt()
+        .with_env_filter("info,sqlx=warn")
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .try_init()
+        .expect("nothing set up logging before capture_logs");
+    logs
+}
+
 /// A binary of the workspace (`silo-router`, `siloctl`, ...), built next to the running test
 /// binary in `target/debug/`. Panics with the build command when it is missing.
 pub fn workspace_binary(name: &str) -> std::path::PathBuf {

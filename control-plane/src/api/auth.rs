@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -244,7 +244,8 @@ fn bearer_token(value: &str) -> Option<&str> {
 }
 
 /// Middleware: a valid `Authorization: Bearer <admin token>` (401 otherwise) whose role
-/// allows the request (403 otherwise).
+/// allows the request (403 otherwise). The request, and the response for the access log,
+/// carry the token's [`Actor`] once it is known.
 pub async fn require_admin(State(state): State<ApiState>, mut req: Request, next: Next) -> Result<Response, ApiError> {
     let token = req
         .headers()
@@ -253,17 +254,22 @@ pub async fn require_admin(State(state): State<ApiState>, mut req: Request, next
         .and_then(bearer_token)
         .ok_or(ApiError::Unauthorized)?;
     let (name, role) = state.tokens.authenticate(token).await.ok_or(ApiError::Unauthorized)?;
-    tracing::Span::current().record("actor", name.as_str());
+    let actor = Actor(name);
     let route = req.extensions().get::<MatchedPath>().map_or("", MatchedPath::as_str);
-    if !role.may(req.method(), route) {
-        return Err(ApiError::Forbidden(format!(
-            "token {name:?} is a {} token: it may not {} {route}",
+    let mut response = if role.may(req.method(), route) {
+        req.extensions_mut().insert(actor.clone());
+        next.run(req).await
+    } else {
+        ApiError::Forbidden(format!(
+            "token {:?} is a {} token: it may not {} {route}",
+            actor.0,
             role.as_str(),
             req.method()
-        )));
-    }
-    req.extensions_mut().insert(Actor(name));
-    Ok(next.run(req).await)
+        ))
+        .into_response()
+    };
+    response.extensions_mut().insert(actor);
+    Ok(response)
 }
 
 #[cfg(test)]

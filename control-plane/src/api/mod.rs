@@ -18,10 +18,12 @@ mod tenant_jobs;
 mod tenants;
 mod tokens;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, OriginalUri, Request};
 use axum::http::header::CONTENT_TYPE;
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -29,6 +31,7 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 
+use auth::Actor;
 pub use auth::{new_admin_token, AdminTokens, TokenRole};
 use error::ApiError;
 
@@ -98,7 +101,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/audit", get(audit_log::list))
         .route("/audit/verify", get(audit_log::verify))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin))
-        .route_layer(middleware::from_fn(count_request))
+        .route_layer(middleware::from_fn(observe_request))
         .route("/openapi.json", get(openapi));
     Router::new()
         .nest("/v1", v1)
@@ -110,17 +113,46 @@ pub fn router(state: ApiState) -> Router {
 }
 
 /// Counts every admin request by route, method and status (`silo_admin_requests_total`),
-/// refused ones included: a rise of 401 or 403 is worth an alert.
-async fn count_request(request: Request, next: Next) -> Response {
+/// refused ones included: a rise of 401 or 403 is worth an alert. Logs each one too: who
+/// (the token's name, `-` when none was valid), from where (the peer's address), what, the
+/// status and how long it took; refused ones at warn. The audit log records what changed;
+/// this is the record of every access, reads and refusals included.
+async fn observe_request(request: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(String::new, |path| path.as_str().to_owned());
-    let method = request.method().to_string();
+    let method = request.method().clone();
+    // The path as sent, /v1 included (the nested router sees it without).
+    let path = request
+        .extensions()
+        .get::<OriginalUri>()
+        .map_or_else(|| request.uri().path(), |OriginalUri(uri)| uri.path())
+        .to_owned();
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "-".to_owned(), |ConnectInfo(peer)| peer.to_string());
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("silo_admin_requests_total", "route" => route, "method" => method, "status" => status)
-        .increment(1);
+    let status = response.status();
+    let actor = response
+        .extensions()
+        .get::<Actor>()
+        .map_or("-", |actor| actor.0.as_str());
+    let ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1000.0);
+    if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+        tracing::warn!(%peer, actor, %method, path, status = status.as_u16(), ms, "admin request refused");
+    } else {
+        tracing::info!(%peer, actor, %method, path, status = status.as_u16(), ms, "admin request");
+    }
+    metrics::counter!(
+        "silo_admin_requests_total",
+        "route" => route,
+        "method" => method.to_string(),
+        "status" => status.as_u16().to_string()
+    )
+    .increment(1);
     response
 }
 
