@@ -72,10 +72,24 @@ impl ProvisionError {
             _ => false,
         }
     }
+
+    /// Whether PostgreSQL refused a login's password: one changed under the job (an admin
+    /// password rotated in the secret store, a tenant's rotated by another job).
+    pub fn is_login_refused(&self) -> bool {
+        matches!(self, ProvisionError::Database { source, .. } if is_login_refused(source))
+    }
+}
+
+fn is_login_refused(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("28P01"))
 }
 
 fn is_transient(error: &sqlx::Error) -> bool {
     use sqlx::Error as E;
+    if is_login_refused(error) {
+        // The worker reads the admin passwords again before the job runs again.
+        return true;
+    }
     match error {
         E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) | E::WorkerCrashed => true,
         E::Database(db) => db.code().is_some_and(|code| {

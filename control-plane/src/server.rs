@@ -23,7 +23,7 @@ use crate::backup::{self, retention, Backups};
 use crate::config::{Config, SecretsBackend};
 use crate::gauges::Gauges;
 use crate::provision::Provisioner;
-use crate::servers::Servers;
+use crate::servers::{self, Servers};
 use crate::tenant_schema::MigrationSource;
 use crate::worker::Workers;
 use crate::{audit, catalog, response_headers, role_limits, schedule, secrets, spares, tls};
@@ -203,6 +203,11 @@ impl ControlPlane {
             shutdown.clone(),
         ));
         let audit_seals = tokio::spawn(audit::seal::run(self.api.catalog.clone(), shutdown.clone()));
+        let admin_passwords = tokio::spawn(servers::keep_admin_passwords_current(
+            self.api.servers.clone(),
+            self.api.store.clone(),
+            shutdown.clone(),
+        ));
         let role_limits = tokio::spawn(role_limits::apply(
             self.api.catalog.clone(),
             self.api.servers.clone(),
@@ -241,6 +246,7 @@ impl ControlPlane {
         let _ = spares.await;
         let _ = audit_seals.await;
         let _ = role_limits.await;
+        let _ = admin_passwords.await;
         self.api.catalog.close().await;
         result
     }

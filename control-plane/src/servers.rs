@@ -1,12 +1,21 @@
 //! The PostgreSQL servers that hold tenant databases, with the admin credentials the control
 //! plane uses on them.
+//!
+//! An admin password kept in the secret store (`admin_password_secret`) may be rotated there:
+//! by Secrets Manager's rotation, or by RDS when it manages the master password. The control
+//! plane reads it again every [`ADMIN_PASSWORD_RELOAD`], and at once when a job's login is
+//! refused; open connections stay as they are (PostgreSQL keeps sessions across a password
+//! change), new ones use the new password. One from the environment is read at start only.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use crate::config::{AdminPassword, Config, ServerConfig};
 use crate::secrets::{SecretStore, SecretStoreError, AWSCURRENT};
@@ -15,11 +24,14 @@ use crate::secrets::{SecretStore, SecretStoreError, AWSCURRENT};
 /// is down fails the step instead of holding it).
 pub const ADMIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often admin passwords kept in the secret store are read again.
+pub const ADMIN_PASSWORD_RELOAD: Duration = Duration::from_secs(30);
+
 /// One server and an admin pool on its `postgres` database.
 pub struct Server {
     /// Its configuration.
     pub config: ServerConfig,
-    password: SecretString,
+    password: RwLock<SecretString>,
     /// Admin connections to the `postgres` database (roles, databases).
     pub admin: PgPool,
 }
@@ -35,7 +47,26 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// Admin connect options to `database` on this server.
     pub fn admin_options(&self, database: &str) -> PgConnectOptions {
-        admin_options(&self.config, &self.password, database)
+        let password = self.password.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        admin_options(&self.config, &password, database)
+    }
+
+    /// Reads the admin password again when the secret store keeps it: true when it changed
+    /// (the admin pool's new connections then use the new one).
+    async fn reload_admin_password(&self, store: &dyn SecretStore) -> Result<bool, SecretStoreError> {
+        let AdminPassword::Secret(name) = &self.config.admin_password else {
+            return Ok(false);
+        };
+        let fresh = admin_password_from_store(store, name).await?;
+        {
+            let mut password = self.password.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if password.expose_secret() == fresh.expose_secret() {
+                return Ok(false);
+            }
+            *password = fresh;
+        }
+        self.admin.set_connect_options(self.admin_options("postgres"));
+        Ok(true)
     }
 
     /// A one-off admin connection to `database` (never kept in a pool: a pooled session on a
@@ -111,7 +142,7 @@ impl Servers {
                 s.name.clone(),
                 Server {
                     config: s.clone(),
-                    password,
+                    password: RwLock::new(password),
                     admin,
                 },
             );
@@ -127,6 +158,25 @@ impl Servers {
     /// All servers.
     pub fn iter(&self) -> impl Iterator<Item = &Server> {
         self.by_name.values()
+    }
+
+    /// Reads again every admin password the secret store keeps, logging those that changed;
+    /// a server whose secret cannot be read keeps the password it had.
+    pub async fn reload_admin_passwords(&self, store: &dyn SecretStore) {
+        for server in self.iter() {
+            match server.reload_admin_password(store).await {
+                Ok(true) => info!(
+                    server = %server.config.name,
+                    "admin password changed in the secret store; new connections use it"
+                ),
+                Ok(false) => {}
+                Err(error) => warn!(
+                    server = %server.config.name,
+                    %error,
+                    "admin password not read again from the secret store; the one in use stays"
+                ),
+            }
+        }
     }
 
     /// Records the configured servers in the catalog (placement reads them there).
@@ -174,4 +224,26 @@ async fn admin_password_from_store(store: &dyn SecretStore, name: &str) -> Resul
             Err(_) => version.value,
         },
     )
+}
+
+/// Reads the admin passwords kept in the secret store every [`ADMIN_PASSWORD_RELOAD`] until
+/// `shutdown`; returns at once when every password comes from the environment.
+pub async fn keep_admin_passwords_current(
+    servers: Arc<Servers>,
+    store: Arc<dyn SecretStore>,
+    shutdown: CancellationToken,
+) {
+    let from_store = servers
+        .iter()
+        .any(|server| matches!(server.config.admin_password, AdminPassword::Secret(_)));
+    if !from_store {
+        return;
+    }
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(ADMIN_PASSWORD_RELOAD) => {}
+        }
+        servers.reload_admin_passwords(store.as_ref()).await;
+    }
 }

@@ -132,6 +132,14 @@ impl Workers {
             warn!("lost the job's lease; another worker resumes it");
             return;
         };
+        if result.as_ref().is_err_and(ProvisionError::is_login_refused) {
+            // An admin password may have been rotated in the secret store since it was read.
+            let provisioner = &self.provisioner;
+            provisioner
+                .servers
+                .reload_admin_passwords(provisioner.store.as_ref())
+                .await;
+        }
         match self.record(&job, result.as_ref().err()).await {
             Ok(true) if job.kind == "move" => {
                 if let Err(e) = self.provisioner.abandon_move(&job).await {
