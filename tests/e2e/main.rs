@@ -5,6 +5,7 @@
 
 mod admin_api;
 mod admin_tls;
+mod alert_rules;
 mod audit;
 mod backup_drills;
 mod backup_encryption;
