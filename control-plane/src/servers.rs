@@ -183,14 +183,15 @@ impl Servers {
     pub async fn sync_catalog(&self, catalog: &PgPool) -> Result<(), ServersError> {
         for s in self.by_name.values() {
             sqlx::query(
-                "INSERT INTO servers (name, host, port, max_tenants) VALUES ($1, $2, $3, $4) \
+                "INSERT INTO servers (name, host, port, max_tenants, region) VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (name) DO UPDATE SET host = EXCLUDED.host, port = EXCLUDED.port, \
-                 max_tenants = EXCLUDED.max_tenants, updated_at = now()",
+                 max_tenants = EXCLUDED.max_tenants, region = EXCLUDED.region, updated_at = now()",
             )
             .bind(&s.config.name)
             .bind(&s.config.host)
             .bind(i32::from(s.config.port))
             .bind(i64::from(s.config.max_tenants).min(i64::from(i32::MAX)) as i32)
+            .bind(&s.config.region)
             .execute(catalog)
             .await?;
         }

@@ -17,6 +17,7 @@ mod isolation;
 mod legal_hold;
 mod managed_server;
 mod moves;
+mod regions;
 mod restores;
 mod role_limits;
 mod rollout;

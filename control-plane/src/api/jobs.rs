@@ -145,10 +145,10 @@ pub async fn servers(State(state): State<ApiState>) -> Result<Json<Value>, ApiEr
     let items: Vec<Value> = rows
         .into_iter()
         .filter_map(|(name, host, port, max, tenants)| {
-            let sslmode = state.servers.get(&name)?.config.tls.mode_name();
+            let config = &state.servers.get(&name)?.config;
             Some(json!({
                 "name": name, "host": host, "port": port, "max_tenants": max, "tenants": tenants,
-                "sslmode": sslmode,
+                "sslmode": config.tls.mode_name(), "region": config.region,
             }))
         })
         .collect();

@@ -24,6 +24,9 @@ use crate::moves::MoveParams;
 pub struct MoveTenant {
     /// The server to move to.
     server: String,
+    /// Allow a server in another region than the tenant's.
+    #[serde(default)]
+    allow_region_change: bool,
 }
 
 /// `POST /v1/tenants/{slug}/move` → 202 `{"job"}`. The tenant answers 503 from the moment
@@ -36,12 +39,12 @@ pub async fn move_tenant(
     Body(req): Body<MoveTenant>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let slug = parse_slug(&slug)?;
-    if state.servers.get(&req.server).is_none() {
+    let Some(target) = state.servers.get(&req.server) else {
         return Err(ApiError::BadRequest(
             "unknown_server",
             format!("server {:?} is not configured", req.server),
         ));
-    }
+    };
     require_backups_dir(&state, "a move (it copies the database through a backup)")?;
     let mut tx = state.catalog.begin().await?;
     lock_active_or_suspended(&mut tx, &slug, "moved").await?;
@@ -56,6 +59,19 @@ pub async fn move_tenant(
         return Err(ApiError::Conflict(
             "already_on_server",
             format!("tenant {slug} already lives on server {:?}", req.server),
+        ));
+    }
+    let target_region = target.config.region.as_deref();
+    if tenant.region.as_deref() != target_region && !req.allow_region_change {
+        let region = |r: Option<&str>| r.map_or_else(|| "no region".to_owned(), |r| format!("region {r:?}"));
+        return Err(ApiError::Conflict(
+            "region_mismatch",
+            format!(
+                "tenant {slug} lives in {}, server {:?} is in {}: allow_region_change moves its data there",
+                region(tenant.region.as_deref()),
+                req.server,
+                region(target_region)
+            ),
         ));
     }
     // Marked at once: the target's room is taken, and routers stop serving the tenant.
@@ -74,7 +90,10 @@ pub async fn move_tenant(
             secret_version: uuid::Uuid::new_v4().to_string(),
         },
         action: "tenant.move",
-        detail: json!({"from": tenant.server, "to": req.server}),
+        detail: json!({
+            "from": tenant.server, "to": req.server,
+            "from_region": tenant.region, "to_region": target_region,
+        }),
     };
     enqueue_audited(tx, &actor, &slug, new).await
 }

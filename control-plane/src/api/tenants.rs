@@ -30,6 +30,8 @@ pub struct CreateTenant {
     #[serde(default)]
     domains: Vec<String>,
     server: Option<String>,
+    /// Place it on a server in this region (`[[servers]] region`).
+    region: Option<String>,
     /// File name of a backup of this slug (in `[backups] dir/{slug}/`) to restore the new
     /// database from: a deleted tenant created again with its data and API keys.
     restore_from: Option<String>,
@@ -122,6 +124,30 @@ pub(super) async fn check_backup(state: &ApiState, slug: &TenantSlug, name: &str
     Ok(())
 }
 
+/// A tenant asked for in `region` needs a server there (422 `unknown_region`), and the
+/// `server` asked for with it must be one (422 `region_mismatch`).
+fn check_region(state: &ApiState, region: Option<&str>, server: Option<&str>) -> Result<(), ApiError> {
+    let Some(region) = region else { return Ok(()) };
+    let in_region = |name: &str| {
+        state
+            .servers
+            .get(name)
+            .is_some_and(|s| s.config.region.as_deref() == Some(region))
+    };
+    match server {
+        Some(server) if !in_region(server) => Err(ApiError::Unprocessable(
+            "region_mismatch",
+            format!("server {server:?} is not in region {region:?}"),
+        )),
+        Some(_) => Ok(()),
+        None if state.servers.iter().any(|s| s.config.region.as_deref() == Some(region)) => Ok(()),
+        None => Err(ApiError::Unprocessable(
+            "unknown_region",
+            format!("no server is in region {region:?} (siloctl server list shows the regions)"),
+        )),
+    }
+}
+
 /// `POST /v1/tenants` → 202 `{"tenant","job","api_key"}`.
 pub async fn create(
     State(state): State<ApiState>,
@@ -146,6 +172,7 @@ pub async fn create(
             ));
         }
     }
+    check_region(&state, req.region.as_deref(), req.server.as_deref())?;
 
     if let Some(backup) = &req.restore_from {
         check_backup(&state, &slug, backup).await?;
@@ -165,9 +192,15 @@ pub async fn create(
         restore_from: req.restore_from,
     };
     let mut tx = state.catalog.begin().await?;
-    let server = tenants::place(&mut tx, req.server.as_deref())
+    let server = tenants::place(&mut tx, req.server.as_deref(), req.region.as_deref())
         .await?
-        .ok_or_else(|| ApiError::Unavailable("no_capacity", "every server is at max_tenants".into()))?;
+        .ok_or_else(|| {
+            let full = match &req.region {
+                Some(region) => format!("every server in region {region:?} is at max_tenants"),
+                None => "every server is at max_tenants".into(),
+            };
+            ApiError::Unavailable("no_capacity", full)
+        })?;
     let tenant = tenants::insert(
         &mut tx,
         &NewTenant {
@@ -273,9 +306,10 @@ pub struct ListQuery {
     status: Option<String>,
     server: Option<String>,
     plan: Option<String>,
+    region: Option<String>,
 }
 
-/// `GET /v1/tenants?status=&server=&plan=` → 200 `{"items":[tenant...]}` by slug (deleted
+/// `GET /v1/tenants?status=&server=&plan=&region=` → 200 `{"items":[tenant...]}` by slug (deleted
 /// tenants only with `status=deleted`).
 pub async fn list(State(state): State<ApiState>, Query(q): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
     let status = q
@@ -287,6 +321,7 @@ pub async fn list(State(state): State<ApiState>, Query(q): Query<ListQuery>) -> 
         status,
         server: q.server,
         plan: q.plan,
+        region: q.region,
     };
     Ok(Json(json!({"items": tenants::list(&state.catalog, &filter).await?})))
 }

@@ -42,6 +42,9 @@ pub struct Tenant {
     /// Why its data is under legal hold: it cannot be deleted, nor its backups erased.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub legal_hold: Option<String>,
+    /// The region of its server (`[[servers]] region`), where its data lives.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -60,6 +63,7 @@ struct TenantRow {
     moving_to: Option<String>,
     restoring_from: Option<String>,
     legal_hold: Option<String>,
+    region: Option<String>,
 }
 
 impl TryFrom<TenantRow> for Tenant {
@@ -80,13 +84,15 @@ impl TryFrom<TenantRow> for Tenant {
             moving_to: r.moving_to,
             restoring_from: r.restoring_from,
             legal_hold: r.legal_hold,
+            region: r.region,
         })
     }
 }
 
 const SELECT: &str = "SELECT t.slug, t.name, t.status, t.plan, t.server, t.database, \
      COALESCE(ARRAY(SELECT d.domain FROM tenant_domains d WHERE d.slug = t.slug ORDER BY d.domain), '{}') AS domains, \
-     t.schema_version, t.credentials_rotated_at, t.created_at, t.error, t.moving_to, t.restoring_from, t.legal_hold FROM tenants t";
+     t.schema_version, t.credentials_rotated_at, t.created_at, t.error, t.moving_to, t.restoring_from, t.legal_hold, \
+     (SELECT s.region FROM servers s WHERE s.name = t.server) AS region FROM tenants t";
 
 /// The tenant `slug`, deleted tombstones included.
 pub async fn get(exec: &mut PgConnection, slug: &str) -> Result<Option<Tenant>, sqlx::Error> {
@@ -107,6 +113,8 @@ pub struct TenantFilter {
     pub server: Option<String>,
     /// Only on this plan.
     pub plan: Option<String>,
+    /// Only on servers in this region.
+    pub region: Option<String>,
 }
 
 /// The tenants `filter` selects, deleted ones only when asked for by status, by slug.
@@ -114,11 +122,13 @@ pub async fn list(pool: &PgPool, filter: &TenantFilter) -> Result<Vec<Tenant>, s
     sqlx::query_as::<_, TenantRow>(sqlx::AssertSqlSafe(format!(
         "{SELECT} WHERE ($1::text IS NULL AND t.status <> 'deleted' OR t.status = $1) \
            AND ($2::text IS NULL OR t.server = $2) AND ($3::text IS NULL OR t.plan = $3) \
+           AND ($4::text IS NULL OR t.server IN (SELECT s.name FROM servers s WHERE s.region = $4)) \
          ORDER BY t.slug"
     )))
     .bind(filter.status.map(TenantStatus::as_str))
     .bind(&filter.server)
     .bind(&filter.plan)
+    .bind(&filter.region)
     .fetch_all(pool)
     .await?
     .into_iter()
@@ -177,23 +187,33 @@ pub async fn set_status(
 }
 
 /// Chooses the server for a new tenant (or a tenant moving in): the configured one with the
-/// fewest live tenants and room under its `max_tenants`, counting tenants moving to it.
-/// Locks the server rows so concurrent creations and moves count right.
-pub async fn place(tx: &mut PgConnection, only: Option<&str>) -> Result<Option<String>, sqlx::Error> {
+/// fewest live tenants and room under its `max_tenants`, counting tenants moving to it, among
+/// those named `only` and in `region` when given. Locks the server rows so concurrent
+/// creations and moves count right.
+pub async fn place(
+    tx: &mut PgConnection,
+    only: Option<&str>,
+    region: Option<&str>,
+) -> Result<Option<String>, sqlx::Error> {
+    const CANDIDATES: &str = "($1::text IS NULL OR s.name = $1) AND ($2::text IS NULL OR s.region = $2)";
     // Lock first, count in a statement of its own: a statement that waited for the locks still
     // reads the tenants as of its start, without the one the creation holding them inserted.
-    sqlx::query("SELECT name FROM servers WHERE ($1::text IS NULL OR name = $1) ORDER BY name FOR UPDATE")
-        .bind(only)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query_scalar(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT s.name FROM servers s WHERE {CANDIDATES} ORDER BY s.name FOR UPDATE"
+    )))
+    .bind(only)
+    .bind(region)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT s.name FROM servers s \
          LEFT JOIN tenants t ON (t.server = s.name OR t.moving_to = s.name) AND t.status <> 'deleted' \
-         WHERE ($1::text IS NULL OR s.name = $1) \
+         WHERE {CANDIDATES} \
          GROUP BY s.name, s.max_tenants HAVING count(t.slug) < s.max_tenants \
-         ORDER BY count(t.slug), s.name LIMIT 1",
-    )
+         ORDER BY count(t.slug), s.name LIMIT 1"
+    )))
     .bind(only)
+    .bind(region)
     .fetch_optional(tx)
     .await
 }
@@ -243,7 +263,7 @@ pub async fn start_move(tx: &mut PgConnection, slug: &str, to: &str) -> Result<(
         .fetch_one(&mut *tx)
         .await?;
     // Servers before jobs, the order tenant creation takes them in.
-    if moving_to.as_deref() != Some(to) && place(tx, Some(to)).await?.is_none() {
+    if moving_to.as_deref() != Some(to) && place(tx, Some(to), None).await?.is_none() {
         return Err(StartMoveError::NoCapacity(to.to_owned()));
     }
     if let Some(id) = crate::jobs::lock_for_rollout(tx).await? {

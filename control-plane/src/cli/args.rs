@@ -130,6 +130,9 @@ pub(crate) enum TenantCommand {
         /// Place the tenant on this server instead of the least loaded one.
         #[arg(long, value_name = "NAME")]
         server: Option<String>,
+        /// Place the tenant on a server in this region (`siloctl server list` shows them).
+        #[arg(long, value_name = "REGION")]
+        region: Option<String>,
         /// Restore the new database from this backup of the same slug (a file in
         /// [backups] dir/SLUG/, as `siloctl tenant backups SLUG` lists them).
         #[arg(long, value_name = "FILE")]
@@ -149,6 +152,9 @@ pub(crate) enum TenantCommand {
         /// Only tenants on this plan.
         #[arg(long)]
         plan: Option<String>,
+        /// Only tenants on servers in this region.
+        #[arg(long, value_name = "REGION")]
+        region: Option<String>,
     },
     /// Show one tenant.
     Show {
@@ -285,6 +291,9 @@ pub(crate) enum TenantCommand {
         /// The server to move it to (see `siloctl server list`).
         #[arg(long, value_name = "SERVER")]
         to: String,
+        /// Move it even though the server is in another region than the tenant's.
+        #[arg(long)]
+        allow_region_change: bool,
         /// Return once the job is queued instead of waiting for it.
         #[arg(long)]
         no_wait: bool,
@@ -435,6 +444,9 @@ pub(crate) enum ServerCommand {
         /// Tenants moved at the same time.
         #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
         concurrency: u8,
+        /// Drain even though --to is in another region than the server drained.
+        #[arg(long)]
+        allow_region_change: bool,
     },
 }
 

@@ -46,9 +46,12 @@ pub(crate) async fn run(global: GlobalArgs, command: Command) -> anyhow::Result<
         Command::Migrate(args) => migrate(&client, out, args).await,
         Command::Jobs(cmd) => jobs(&client, out, cmd).await,
         Command::Server(ServerCommand::List) => servers(&client, out).await,
-        Command::Server(ServerCommand::Drain { name, to, concurrency }) => {
-            drain::drain(&client, out, &name, &to, concurrency.into()).await
-        }
+        Command::Server(ServerCommand::Drain {
+            name,
+            to,
+            concurrency,
+            allow_region_change,
+        }) => drain::drain(&client, out, &name, &to, concurrency.into(), allow_region_change).await,
         Command::Token(cmd) => token(&client, out, cmd).await,
         Command::Audit(args) => audit(&client, out, args).await,
     }
@@ -66,6 +69,7 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
             plan,
             domains,
             server,
+            region,
             restore_from,
             no_wait,
         } => {
@@ -82,6 +86,9 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
             }
             if let Some(server) = server {
                 body.insert("server".into(), json!(server));
+            }
+            if let Some(region) = region {
+                body.insert("region".into(), json!(region));
             }
             if let Some(backup) = restore_from {
                 // The control plane looks the name up among this tenant's own backups.
@@ -112,8 +119,18 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
             }
             Ok(())
         }
-        TenantCommand::List { status, server, plan } => {
-            let filters = query([("status", status), ("server", server), ("plan", plan)]);
+        TenantCommand::List {
+            status,
+            server,
+            plan,
+            region,
+        } => {
+            let filters = query([
+                ("status", status),
+                ("server", server),
+                ("plan", plan),
+                ("region", region),
+            ]);
             let list = client.get(&format!("/v1/tenants{filters}")).await?;
             match out {
                 Output::Json => print_json(&list),
@@ -254,10 +271,14 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
                 .await?;
             finish_jobs(client, out, resp, no_wait, &format!("verifying a backup of {slug}")).await
         }
-        TenantCommand::Move { slug, to, no_wait } => {
-            let resp = client
-                .post(&format!("{}/move", tenant_path(&slug)), &json!({ "server": to }))
-                .await?;
+        TenantCommand::Move {
+            slug,
+            to,
+            allow_region_change,
+            no_wait,
+        } => {
+            let body = json!({ "server": to, "allow_region_change": allow_region_change });
+            let resp = client.post(&format!("{}/move", tenant_path(&slug)), &body).await?;
             finish_jobs(client, out, resp, no_wait, &format!("moving {slug} to {to}")).await
         }
         TenantCommand::Key(KeyCommand::Create { slug, name }) => {
@@ -455,14 +476,14 @@ async fn servers(client: &ApiClient, out: Output) -> anyhow::Result<()> {
             let rows: Vec<Vec<String>> = items(&list)
                 .iter()
                 .map(|s| {
-                    ["name", "host", "port", "tenants", "max_tenants", "sslmode"]
+                    ["name", "region", "host", "port", "tenants", "max_tenants", "sslmode"]
                         .iter()
                         .map(|k| field(s, k))
                         .collect()
                 })
                 .collect();
             print_table(
-                &["NAME", "HOST", "PORT", "TENANTS", "MAX", "SSLMODE"],
+                &["NAME", "REGION", "HOST", "PORT", "TENANTS", "MAX", "SSLMODE"],
                 &rows,
                 "no servers",
             );

@@ -26,24 +26,34 @@ enum Outcome {
 }
 
 /// Moves every active and suspended tenant on server `from` to server `to`, `concurrency`
-/// at a time; fails (exit 1) unless none is left on `from`.
+/// at a time; fails (exit 1) unless none is left on `from`. Refuses a `to` in another region
+/// than `from` unless `allow_region_change`.
 pub(crate) async fn drain(
     client: &ApiClient,
     out: Output,
     from: &str,
     to: &str,
     concurrency: usize,
+    allow_region_change: bool,
 ) -> anyhow::Result<()> {
     if from == to {
         return Err(usage("--to must name another server than the one drained"));
     }
     let servers = client.get("/v1/servers").await?;
+    let mut regions = Vec::new();
     for name in [from, to] {
-        if !items(&servers).iter().any(|s| s["name"] == name) {
+        let Some(server) = items(&servers).iter().find(|s| s["name"] == name) else {
             return Err(usage(format!(
                 "no server named {name:?} (siloctl server list shows them)"
             )));
-        }
+        };
+        regions.push(server["region"].as_str().unwrap_or("no region").to_owned());
+    }
+    if regions[0] != regions[1] && !allow_region_change {
+        return Err(usage(format!(
+            "{from} is in {}, {to} in {}: --allow-region-change moves the tenants' data there",
+            regions[0], regions[1]
+        )));
     }
     let tenants = client.get(&format!("/v1/tenants?server={}", segment(from))).await?;
     let (movable, stuck): (Vec<&Value>, Vec<&Value>) = items(&tenants)
@@ -61,7 +71,8 @@ pub(crate) async fn drain(
     loop {
         while lanes.len() < concurrency {
             let Some(slug) = queue.next() else { break };
-            lanes.spawn(move_one(client.clone(), slug, to.to_owned()));
+            let body = json!({ "server": to, "allow_region_change": allow_region_change });
+            lanes.spawn(move_one(client.clone(), slug, body));
         }
         let finished = tokio::select! {
             finished = lanes.join_next() => finished,
@@ -109,13 +120,10 @@ pub(crate) async fn drain(
     Ok(())
 }
 
-/// Queues the move of `slug` to `to` (or finds the one running) and waits for it.
-async fn move_one(client: ApiClient, slug: String, to: String) -> (String, Outcome) {
+/// Queues the move of `slug` asked for by `body` (or finds the one running) and waits for it.
+async fn move_one(client: ApiClient, slug: String, body: Value) -> (String, Outcome) {
     let queued = client
-        .post(
-            &format!("/v1/tenants/{}/move", segment(&slug)),
-            &json!({ "server": to }),
-        )
+        .post(&format!("/v1/tenants/{}/move", segment(&slug)), &body)
         .await;
     let outcome = match queued {
         Err(e) => Outcome::Failed(e.to_string()),

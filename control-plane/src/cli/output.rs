@@ -83,6 +83,7 @@ pub(crate) fn print_tenant(t: &Value) {
         .get("restoring_from")
         .map(|_| ("restoring from", field(t, "restoring_from")));
     let legal_hold = t.get("legal_hold").map(|_| ("legal hold", field(t, "legal_hold")));
+    let region = t.get("region").map(|_| ("region", field(t, "region")));
     let fields: Vec<(&str, String)> = [
         ("slug", field(t, "slug")),
         ("name", field(t, "name")),
@@ -96,6 +97,7 @@ pub(crate) fn print_tenant(t: &Value) {
         ("created", field(t, "created_at")),
     ]
     .into_iter()
+    .chain(region)
     .chain(moving_to)
     .chain(restoring_from)
     .chain(legal_hold)

@@ -172,6 +172,19 @@ pub struct ServerConfig {
     pub tls: ServerTls,
     /// What each tenant's login roles on this server are held to.
     pub tenant_roles: TenantRoleLimits,
+    /// Where its data lives (`region`, e.g. "eu-west-1"): a tenant created for a region is
+    /// placed on a server there, and no move takes a tenant out of its server's region unless
+    /// asked to. None: no region.
+    pub region: Option<String>,
+}
+
+/// Whether `name` can be a region: 1-63 of `[a-z0-9-]`, not starting with '-'.
+pub fn is_region_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// Limits PostgreSQL enforces on every tenant login role of a server, whoever connects with
@@ -755,6 +768,14 @@ impl Config {
                 connection_limit: s.tenant_connection_limit,
                 idle_in_transaction_timeout,
             };
+            if let Some(region) = &s.region {
+                if !is_region_name(region) {
+                    return Err(invalid(
+                        key("region"),
+                        "must be 1-63 of [a-z0-9-], starting with a letter or digit (e.g. \"eu-west-1\")",
+                    ));
+                }
+            }
             servers.push(ServerConfig {
                 name: s.name,
                 host: s.host,
@@ -764,6 +785,7 @@ impl Config {
                 max_tenants: s.max_tenants,
                 tls,
                 tenant_roles,
+                region: s.region,
             });
         }
 
@@ -1304,6 +1326,11 @@ local_master_key_file = "master.key"
                 "[[servers]]\nname = \"pg-1\"\nhost = \"h\"\nport = 5432\nadmin_user = \"u\"\n\
                  admin_password_env = \"P\"\ntenant_idle_in_transaction_timeout = \"500ms\"\n",
                 "servers[0].tenant_idle_in_transaction_timeout",
+            ),
+            (
+                "[[servers]]\nname = \"pg-1\"\nhost = \"h\"\nport = 5432\nadmin_user = \"u\"\n\
+                 admin_password_env = \"P\"\nregion = \"EU West\"\n",
+                "servers[0].region",
             ),
         ] {
             let err = Config::parse(&format!("{MINIMAL}\n{extra}"), Path::new(".")).unwrap_err();

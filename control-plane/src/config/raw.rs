@@ -182,6 +182,7 @@ pub(super) struct RawServer {
     pub(super) sslrootcert: Option<String>,
     pub(super) tenant_connection_limit: Option<u32>,
     pub(super) tenant_idle_in_transaction_timeout: Option<String>,
+    pub(super) region: Option<String>,
 }
 
 fn default_max_tenants() -> u32 {
