@@ -360,3 +360,77 @@ async fn rekey_backups_downloads_a_backup_only_in_s3_and_replaces_its_copy_there
     assert_eq!(code, Some(0), "the new key alone opens it: {stderr}");
     stack.stop().await.unwrap();
 }
+
+/// A backup only the bucket holds, which a lifecycle rule moved to Glacier, is listed as
+/// archived; a restore from it fails at once saying how to bring it back, and leaves the
+/// tenant as it was; once S3 restored a readable copy, the same restore works.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_archived_in_glacier_is_named_and_restored_from_only_once_readable() {
+    use aws_sdk_s3::types::{GlacierJobParameters, RestoreRequest, StorageClass, Tier};
+
+    let moto = MotoServer::shared().await;
+    let bucket = new_bucket(moto).await;
+    let stack = stack_with_s3(moto, &bucket, "", "", false).await;
+    let slug = unique_name("glacier");
+    let key = stack.create_tenant(&slug).await.unwrap();
+    stack.add_tasks(&slug, &key, &["in the backup"]).await.unwrap();
+    let file = file_name(&back_up(&stack, &slug).await);
+    let object_key = format!("{slug}/{file}");
+    // What a lifecycle rule does: the object moves to the GLACIER storage class.
+    let s3 = moto.s3().await;
+    s3.copy_object()
+        .bucket(&bucket)
+        .key(&object_key)
+        .copy_source(format!("{bucket}/{object_key}"))
+        .storage_class(StorageClass::Glacier)
+        .send()
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(stack.dir().join("backups")).unwrap();
+    stack.add_tasks(&slug, &key, &["written since"]).await.unwrap();
+
+    let items = listed(&stack, &slug).await;
+    assert_eq!(
+        (&items[0]["archived"], &items[0]["encrypted"], &items[0]["s3"]),
+        (&Value::Bool(true), &Value::Null, &Value::Bool(true)),
+        "{items:?}"
+    );
+    let (code, table, stderr) = stack.siloctl(&["tenant", "backups", &slug]).await.unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(table.contains("s3 (archived)"), "{table}");
+
+    let restore = ["tenant", "restore", &slug, "--from", &file, "--yes"];
+    let started = Instant::now();
+    let (code, _, stderr) = stack.siloctl(&restore).await.unwrap();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("archived") && stderr.contains("aws s3api restore-object"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "not retried: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        stack.served_titles(&slug, &key).await.unwrap(),
+        ["in the backup", "written since"]
+    );
+
+    s3.restore_object()
+        .bucket(&bucket)
+        .key(&object_key)
+        .restore_request(
+            RestoreRequest::builder()
+                .days(1)
+                .glacier_job_parameters(GlacierJobParameters::builder().tier(Tier::Expedited).build().unwrap())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let (code, _, stderr) = stack.siloctl(&restore).await.unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stack.served_titles(&slug, &key).await.unwrap(), ["in the backup"]);
+    stack.stop().await.unwrap();
+}

@@ -77,6 +77,9 @@ impl From<sqlx::Error> for ApiError {
 
 impl From<crate::backup::BackupError> for ApiError {
     fn from(e: crate::backup::BackupError) -> Self {
+        if matches!(e, crate::backup::BackupError::Archived { .. }) {
+            return Self::Conflict("backup_archived", e.to_string());
+        }
         if e.is_transient() {
             tracing::warn!(error = %e, "backup bucket unavailable");
             return Self::Unavailable(

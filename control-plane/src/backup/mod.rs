@@ -93,6 +93,20 @@ pub enum BackupError {
     /// The backup is neither encrypted by silo nor a `pg_dump` file.
     #[error("backup {}: not a backup silo took (neither encrypted by silo nor a pg_dump custom-format file)", .0.display())]
     UnknownFormat(PathBuf),
+    /// The backup is only in the bucket, in an archive storage class (a lifecycle rule moved
+    /// it to Glacier Flexible Retrieval or Deep Archive): S3 hands it out only once a copy was
+    /// restored, which no retry brings about.
+    #[error(
+        "s3://{bucket}/{key} is archived (an S3 lifecycle rule moved it to Glacier): restore a copy with \
+         `aws s3api restore-object --bucket {bucket} --key {key} --restore-request Days=7`, \
+         then run the job again once it is readable (minutes to hours)"
+    )]
+    Archived {
+        /// The bucket.
+        bucket: String,
+        /// The object's key.
+        key: String,
+    },
     /// The `[backups.s3]` bucket failed or could not be reached.
     #[error("{what} {url}: {detail}")]
     S3 {
@@ -143,12 +157,16 @@ pub struct BackupFile {
     pub created_at: chrono::DateTime<chrono::Utc>,
     /// The job that took it.
     pub job: Option<i64>,
-    /// Whether it is encrypted (taken with `[backups] encryption_key_file`).
-    pub encrypted: bool,
+    /// Whether it is encrypted (taken with `[backups] encryption_key_file`); None when only
+    /// an archived copy in the bucket holds it, which cannot be read to tell.
+    pub encrypted: Option<bool>,
     /// Whether it is in `[backups] dir`.
     pub local: bool,
     /// Whether it is in the `[backups.s3]` bucket.
     pub s3: bool,
+    /// Whether the bucket's copy is archived (Glacier, Deep Archive): a restore from it
+    /// needs `aws s3api restore-object` first.
+    pub archived: bool,
 }
 
 /// Takes tenant backups into the configured directory.
@@ -335,17 +353,23 @@ impl Backups {
             for object in bucket.list(slug).await? {
                 if let Some(local) = files.iter_mut().find(|file| file.file == object.file) {
                     local.s3 = true;
+                    local.archived = object.archived;
                     continue;
                 }
-                let format = bucket.format_of(slug, &object.file).await?;
+                let encrypted = if object.archived {
+                    None
+                } else {
+                    Some(bucket.format_of(slug, &object.file).await? == Format::Sealed)
+                };
                 files.push(BackupFile {
                     job: job_of(&object.file),
                     file: object.file,
                     bytes: object.bytes,
                     created_at: object.uploaded_at,
-                    encrypted: format == Format::Sealed,
+                    encrypted,
                     local: false,
                     s3: true,
+                    archived: object.archived,
                 });
             }
         }
@@ -382,9 +406,10 @@ impl Backups {
                 file: name,
                 bytes: meta.len(),
                 created_at: modified.into(),
-                encrypted: format == Format::Sealed,
+                encrypted: Some(format == Format::Sealed),
                 local: true,
                 s3: false,
+                archived: false,
             });
         }
         Ok(files)

@@ -18,7 +18,7 @@ use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncryption};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ObjectStorageClass, ServerSideEncryption};
 use aws_sdk_s3::Client;
 use tokio::io::AsyncWriteExt;
 
@@ -37,6 +37,9 @@ pub(super) struct Object {
     pub bytes: u64,
     /// When it was uploaded.
     pub uploaded_at: chrono::DateTime<chrono::Utc>,
+    /// Whether a lifecycle rule moved it to an archive storage class (Glacier Flexible
+    /// Retrieval, Deep Archive), where it cannot be read until a copy is restored.
+    pub archived: bool,
 }
 
 /// How long a connection to the bucket may take to open.
@@ -303,10 +306,15 @@ impl Bucket {
                     .last_modified()
                     .and_then(|at| chrono::DateTime::from_timestamp(at.secs(), at.subsec_nanos()))
                     .unwrap_or_default();
+                let archived = matches!(
+                    object.storage_class(),
+                    Some(ObjectStorageClass::Glacier | ObjectStorageClass::DeepArchive)
+                );
                 objects.push(Object {
                     file: file.to_owned(),
                     bytes: object.size().and_then(|size| u64::try_from(size).ok()).unwrap_or(0),
                     uploaded_at,
+                    archived,
                 });
             }
         }
@@ -364,7 +372,7 @@ impl Bucket {
             .range(format!("bytes=0-{}", sealed::MAGIC.len() - 1))
             .send()
             .await
-            .map_err(|e| sdk_error("read", self.url(&key), &e))?
+            .map_err(|e| self.read_error("read", &key, &e))?
             .body
             .collect()
             .await
@@ -383,7 +391,7 @@ impl Bucket {
             .key(&key)
             .send()
             .await
-            .map_err(|e| sdk_error("download", self.url(&key), &e))?;
+            .map_err(|e| self.read_error("download", &key, &e))?;
         let mut output = tokio::fs::File::create(to).await.map_err(super::io("write", to))?;
         let mut body = object.body.into_async_read();
         tokio::io::copy_buf(&mut body, &mut output)
@@ -415,6 +423,24 @@ impl Bucket {
             .await
             .map_err(|e| sdk_error("reach", format!("s3://{}", self.bucket), &e))?;
         Ok(())
+    }
+}
+
+impl Bucket {
+    /// A failed read of `key`: [`BackupError::Archived`] for an object in an archive storage
+    /// class, else as [`sdk_error`].
+    fn read_error<E, R>(&self, what: &'static str, key: &str, err: &SdkError<E, R>) -> BackupError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        if err.code() == Some("InvalidObjectState") {
+            return BackupError::Archived {
+                bucket: self.bucket.clone(),
+                key: key.to_owned(),
+            };
+        }
+        sdk_error(what, self.url(key), err)
     }
 }
 

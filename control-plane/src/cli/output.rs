@@ -115,7 +115,12 @@ pub(crate) fn print_backups(backups: &[Value], slug: &str) {
                 field(b, "bytes"),
                 field(b, "created_at"),
                 field(b, "job"),
-                if b["encrypted"] == true { "yes" } else { "no" }.to_owned(),
+                match b["encrypted"].as_bool() {
+                    Some(true) => "yes",
+                    Some(false) => "no",
+                    None => "-",
+                }
+                .to_owned(),
                 stored_in(b),
                 field(b, "verified_at"),
             ]
@@ -135,7 +140,12 @@ fn stored_in(backup: &Value) -> String {
         .filter(|(key, _)| backup[*key] == true)
         .map(|(_, place)| place)
         .collect();
-    places.join("+")
+    let places = places.join("+");
+    if backup["archived"] == true {
+        format!("{places} (archived)")
+    } else {
+        places
+    }
 }
 
 /// Tenants' database sizes, largest first, then each server's total; servers that could not
