@@ -118,7 +118,7 @@ impl Periods {
         }
     }
 
-    /// The shortest period of any plan; None when nothing is scheduled.
+    /// The shortest period, `[backups]`' or a plan's; None when nothing is scheduled.
     fn shortest(&self) -> Option<Duration> {
         std::iter::once(self.default)
             .chain(self.plans.iter().map(|(_, period)| *period))
