@@ -89,7 +89,12 @@ impl ControlPlane {
         if let Err(e) = backups.check_s3().await {
             tracing::error!(error = %e, "the [backups.s3] bucket cannot be used: backups fail until it can");
         }
-        let catalog = catalog::pool(&config.catalog, 16)?;
+        // Each running job may hold a catalog connection; the admin API, the schedules and the
+        // sealer keep 16 beside them, so that busy workers cannot starve the API into 503s.
+        let catalog_connections = u32::try_from(config.control_plane.workers)
+            .unwrap_or(u32::MAX)
+            .saturating_add(16);
+        let catalog = catalog::pool(&config.catalog, catalog_connections)?;
         catalog::migrate(&catalog)
             .await
             .context("connect to the catalog and apply its migrations")?;
