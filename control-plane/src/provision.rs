@@ -782,6 +782,11 @@ pub(crate) async fn ensure_login_role(
     Ok(())
 }
 
+/// A duration as a role setting's value, as PostgreSQL keeps it in `rolconfig` (`60000ms`).
+pub(crate) fn setting_value(duration: std::time::Duration) -> String {
+    format!("{}ms", duration.as_millis())
+}
+
 /// The statements that hold login role `role` to `limits`, or lift the limits unset.
 pub(crate) fn role_limits_sql(role: &str, limits: &TenantRoleLimits) -> String {
     let role = quote_ident(role);
@@ -789,7 +794,7 @@ pub(crate) fn role_limits_sql(role: &str, limits: &TenantRoleLimits) -> String {
     let idle_in_transaction = match limits.idle_in_transaction_timeout {
         Some(timeout) => format!(
             "SET idle_in_transaction_session_timeout = {}",
-            quote_literal(&format!("{}ms", timeout.as_millis()))
+            quote_literal(&setting_value(timeout))
         ),
         None => "RESET idle_in_transaction_session_timeout".to_owned(),
     };

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::config::TenantRoleLimits;
 use crate::names::TenantSlug;
-use crate::provision::{ddl, role_limits_sql, ProvisionError, StepContext};
+use crate::provision::{ddl, role_limits_sql, setting_value, ProvisionError, StepContext};
 use crate::servers::{Server, Servers};
 
 /// How long a server that failed the pass waits before the next try.
@@ -42,13 +42,14 @@ pub async fn apply(catalog: PgPool, servers: Arc<Servers>, shutdown: Cancellatio
 async fn apply_until_done(catalog: &PgPool, server: &Server, shutdown: &CancellationToken) {
     loop {
         match apply_on(catalog, server).await {
-            Ok(0) => return,
             Ok(altered) => {
-                info!(
-                    server = %server.config.name,
-                    roles = altered,
-                    "tenant login roles brought to the server's limits"
-                );
+                if altered > 0 {
+                    info!(
+                        server = %server.config.name,
+                        roles = altered,
+                        "tenant login roles brought to the server's limits"
+                    );
+                }
                 return;
             }
             Err(error) => warn!(
@@ -111,7 +112,7 @@ fn holds(limits: &TenantRoleLimits, connection_limit: i32, idle: Option<&str>) -
     let wanted_limit = limits.connection_limit.map_or(-1, i64::from);
     let wanted_idle = limits
         .idle_in_transaction_timeout
-        .map(|timeout| format!("idle_in_transaction_session_timeout={}ms", timeout.as_millis()));
+        .map(|timeout| format!("idle_in_transaction_session_timeout={}", setting_value(timeout)));
     i64::from(connection_limit) == wanted_limit && idle == wanted_idle.as_deref()
 }
 
