@@ -2,12 +2,13 @@
 //! backup erases the tenant's oldest beyond that many, each audited first
 //! (`tenant.backup.prune`, actor `scheduler`).
 //!
-//! `[backups] keep_for` (or the plan's): backups older than that are erased, deleted tenants' included (data
-//! a regulated company may not keep once its retention period is over), except the newest
-//! backup of a tenant that still exists. Each erasure is audited (`tenant.backup.expire`, actor
-//! `scheduler`) before the file is removed, so no backup disappears unrecorded; a removal
-//! that fails (or a control plane stopped in between) is retried on the next pass, which
-//! finds the entry already recorded and does not record it twice.
+//! `[backups] keep_for` (or the plan's): backups older than that are erased, deleted
+//! tenants' included (data a regulated company may not keep once its retention period is
+//! over), except the newest backup of a tenant that still exists. Each erasure is audited
+//! (`tenant.backup.expire`, actor `scheduler`) before the file is removed, so no backup
+//! disappears unrecorded; a removal that fails (or a control plane stopped in between) is
+//! retried on the next pass, which finds the entry already recorded and does not record it
+//! twice.
 //!
 //! A tenant with a job queued or running (a restore may be reading one of its backups) is
 //! left for a later pass; one under legal hold (`tenants.legal_hold`) keeps every backup, for
@@ -81,6 +82,8 @@ pub async fn expire(catalog: &PgPool, backups: &Backups) -> anyhow::Result<usize
             .into_iter()
             .map(|(slug, plan, exists)| (slug, (plan, exists)))
             .collect();
+    // A tenant with a job running (a restore may be reading one of its backups), or whose data
+    // is under legal hold, keeps every backup.
     let busy: HashSet<String> = sqlx::query_scalar(
         "SELECT DISTINCT tenant FROM jobs WHERE tenant = ANY($1) AND state IN ('queued','running') \
          UNION SELECT slug FROM tenants WHERE slug = ANY($1) AND legal_hold IS NOT NULL",
