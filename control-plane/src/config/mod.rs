@@ -1298,42 +1298,43 @@ local_master_key_file = "master.key"
             ),
             ("[router.plans.gold]\nburst = 0\n", "router.plans.gold.burst"),
             ("[rotation]\nstrategy = \"double\"\n", "rotation.strategy"),
+        ] {
+            let err = Config::parse(&format!("{MINIMAL}\n{extra}"), Path::new(".")).unwrap_err();
+            assert!(err.to_string().contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn bad_server_values_name_their_key() {
+        const SERVER: &str = "[[servers]]\nname = \"pg-1\"\nhost = \"h\"\nport = 5432\nadmin_user = \"u\"\n";
+        for (extra, key) in [
+            ("", "servers[0].admin_password_env"),
             (
-                "[[servers]]\nname = \"pg-1\"\nhost = \"h\"\nport = 5432\nadmin_user = \"u\"\n",
-                "servers[0].admin_password_env",
-            ),
-            (
-                "[[servers]]\nname = \"pg-1\"\nhost = \"h\"\nport = 5432\nadmin_user = \"u\"\n\
-                 admin_password_env = \"P\"\nsslmode = \"strict\"\n",
+                "admin_password_env = \"P\"\nsslmode = \"strict\"\n",
                 "servers[0].sslmode",
             ),
             (
-                "[[servers]]\nname = \"pg-1\"\nhost = \"h\"\nport = 5432\nadmin_user = \"u\"\n\
-                 admin_password_env = \"P\"\nsslmode = \"verify-full\"\nsslrootcert = \"/nonexistent/ca.pem\"\n",
+                "admin_password_env = \"P\"\nsslmode = \"verify-full\"\nsslrootcert = \"/nonexistent/ca.pem\"\n",
                 "servers[0].sslrootcert",
             ),
             (
-                "[[servers]]\nname = \"pg-1\"\nhost = \"h\"\nport = 5432\nadmin_user = \"u\"\n\
-                 admin_password_env = \"P\"\ntenant_connection_limit = 0\n",
+                "admin_password_env = \"P\"\ntenant_connection_limit = 0\n",
                 "servers[0].tenant_connection_limit",
             ),
             (
-                "[[servers]]\nname = \"pg-1\"\nhost = \"h\"\nport = 5432\nadmin_user = \"u\"\n\
-                 admin_password_env = \"P\"\ntenant_connection_limit = 3\n[router]\nmax_connections_per_tenant = 2\n",
+                "admin_password_env = \"P\"\ntenant_connection_limit = 3\n[router]\nmax_connections_per_tenant = 2\n",
                 "servers[0].tenant_connection_limit",
             ),
             (
-                "[[servers]]\nname = \"pg-1\"\nhost = \"h\"\nport = 5432\nadmin_user = \"u\"\n\
-                 admin_password_env = \"P\"\ntenant_idle_in_transaction_timeout = \"500ms\"\n",
+                "admin_password_env = \"P\"\ntenant_idle_in_transaction_timeout = \"500ms\"\n",
                 "servers[0].tenant_idle_in_transaction_timeout",
             ),
             (
-                "[[servers]]\nname = \"pg-1\"\nhost = \"h\"\nport = 5432\nadmin_user = \"u\"\n\
-                 admin_password_env = \"P\"\nregion = \"EU West\"\n",
+                "admin_password_env = \"P\"\nregion = \"EU West\"\n",
                 "servers[0].region",
             ),
         ] {
-            let err = Config::parse(&format!("{MINIMAL}\n{extra}"), Path::new(".")).unwrap_err();
+            let err = Config::parse(&format!("{MINIMAL}\n{SERVER}{extra}"), Path::new(".")).unwrap_err();
             assert!(err.to_string().contains(key), "{err}");
         }
     }
