@@ -112,7 +112,7 @@ impl Workers {
             }
         };
         let work = async {
-            match job.kind.as_str() {
+            let result = match job.kind.as_str() {
                 "provision" => self.provisioner.provision(&job).await,
                 "delete" => self.provisioner.delete(&job, self.force_secret_delete).await,
                 "rotate" => self.provisioner.rotate(&job).await,
@@ -122,7 +122,13 @@ impl Workers {
                 "restore" => self.provisioner.restore_tenant(&job).await,
                 "verify" => self.provisioner.verify_backup(&job).await,
                 other => Err(ProvisionError::InvalidJob(format!("unknown job kind {other:?}"))),
+            };
+            if result.as_ref().is_err_and(|e| !runs_again(&job, e)) {
+                // Before the job is recorded as failed: whoever sees it failed finds the
+                // tenant served again, and a crash before the record runs the job again.
+                self.undo(&job).await;
             }
+            result
         };
         let result = tokio::select! {
             r = work => Some(r),
@@ -140,43 +146,45 @@ impl Workers {
                 .reload_admin_passwords(provisioner.store.as_ref())
                 .await;
         }
-        match self.record(&job, result.as_ref().err()).await {
-            Ok(true) if job.kind == "move" => {
-                if let Err(e) = self.provisioner.abandon_move(&job).await {
-                    error!(error = %e, "undo the failed move; the tenant stays unavailable until the job is retried");
-                }
-            }
-            Ok(true) if job.kind == "restore" => {
-                if let Err(e) = self.provisioner.abandon_restore(&job).await {
-                    error!(error = %e, "undo the failed restore; the tenant stays unavailable until the job is retried");
-                }
-            }
-            Ok(_) => {}
-            Err(e) => error!(error = %e, "record job outcome; the job is retried when its lease expires"),
+        if let Err(e) = self.record(&job, result.as_ref().err()).await {
+            error!(error = %e, "record job outcome; the job is retried when its lease expires");
         }
     }
 
-    /// Records the job's outcome: true when it failed for good (no retry). Nothing is
-    /// recorded if this run lost the job to another.
-    async fn record(&self, job: &Job, failure: Option<&ProvisionError>) -> Result<bool, sqlx::Error> {
+    /// Undoes a move or a restore that failed for good, so the tenant is served as it was.
+    async fn undo(&self, job: &Job) {
+        let undone = match job.kind.as_str() {
+            "move" => self.provisioner.abandon_move(job).await,
+            "restore" => self.provisioner.abandon_restore(job).await,
+            _ => return,
+        };
+        if let Err(e) = undone {
+            error!(error = %e, "undo the failed {}; the tenant stays unavailable until the job is retried", job.kind);
+        }
+    }
+
+    /// Records the job's outcome. Nothing is recorded if this run lost the job to another.
+    async fn record(&self, job: &Job, failure: Option<&ProvisionError>) -> Result<(), sqlx::Error> {
         let message = failure.map(ToString::to_string);
         let mut tx = self.catalog.begin().await?;
         if let (Some(failure), Some(message)) = (failure, &message) {
             let attempt = job.attempts_since_queued();
-            if failure.is_transient() && attempt < MAX_ATTEMPTS {
+            if runs_again(job, failure) {
                 // Every step checks what exists first, so running the job again resumes it.
                 let delay = RETRY_DELAY * 2u32.pow(u32::try_from(attempt - 1).unwrap_or(0));
                 warn!(error = %message, attempt = job.attempts, retry_in = ?delay, "job failed transiently; it runs again");
                 if !jobs::retry_later(&mut tx, job, message, delay).await? {
-                    return Ok(superseded(job));
+                    superseded(job);
+                    return Ok(());
                 }
                 tx.commit().await?;
                 jobs::count_run(&job.kind, "retried");
-                return Ok(false);
+                return Ok(());
             }
         }
         if !jobs::finish(&mut tx, job, message.as_deref()).await? {
-            return Ok(superseded(job));
+            superseded(job);
+            return Ok(());
         }
         if let Some(message) = &message {
             error!(error = %message, "job failed");
@@ -190,18 +198,21 @@ impl Workers {
         }
         tx.commit().await?;
         jobs::count_run(&job.kind, if message.is_some() { "failed" } else { "succeeded" });
-        Ok(message.is_some())
+        Ok(())
     }
 }
 
-/// Logs that the outcome of `run` was not recorded because another run holds the job;
-/// nothing more is done for it (false: not failed for good).
-fn superseded(run: &Job) -> bool {
+/// Whether a run of `job` that failed with `failure` is retried on its own.
+fn runs_again(job: &Job, failure: &ProvisionError) -> bool {
+    failure.is_transient() && job.attempts_since_queued() < MAX_ATTEMPTS
+}
+
+/// Logs that the outcome of `run` was not recorded because another run holds the job.
+fn superseded(run: &Job) {
     warn!(
         attempt = run.attempts,
         "another worker took the job over when this run's lease expired; its outcome is not recorded"
     );
-    false
 }
 
 /// Wakes a worker whenever a job is queued (NOTIFY on `silo_jobs`).

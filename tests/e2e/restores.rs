@@ -224,8 +224,8 @@ async fn failed_restore(stack: &Stack, slug: &str, backup: &std::path::Path) -> 
     job["id"].as_i64().unwrap()
 }
 
-/// The titles served for `slug` once it is served again (a failed job is undone right after
-/// it is recorded as failed).
+/// The titles served for `slug` once it is served again (a failed job is undone before it
+/// is recorded as failed; the router hears of it by notification).
 async fn served_again(stack: &Stack, slug: &str, key: &str) -> Vec<String> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
