@@ -11,8 +11,12 @@ use serde_json::Value;
 use super::client::{segment, ApiClient};
 use super::output::text;
 
-/// Time between polls.
-const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// Time before the first poll; each next wait is a quarter longer, up to [`MAX_POLL_INTERVAL`]:
+/// short jobs are seen done at once, and a long rollout asks (and adds to the admin API's
+/// access log) about once a second.
+const FIRST_POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// The longest wait between polls.
+const MAX_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Consecutive transient errors (server restarting) tolerated while waiting.
 const MAX_TRANSIENT_ERRORS: u32 = 25;
 
@@ -65,13 +69,15 @@ async fn poll(client: &ApiClient, job: &Value, label: &str, bar: Progress) -> an
     let path = format!("/v1/jobs/{}", segment(&id));
     let mut job = job.clone();
     let mut transient = 0;
+    let mut interval = FIRST_POLL_INTERVAL;
     loop {
         bar.show(label, &job);
         if is_terminal(&job) {
             bar.finish();
             return Ok(job);
         }
-        tokio::time::sleep(POLL_INTERVAL).await;
+        tokio::time::sleep(interval).await;
+        interval = (interval * 5 / 4).min(MAX_POLL_INTERVAL);
         match client.get(&path).await {
             Ok(next) => {
                 transient = 0;
