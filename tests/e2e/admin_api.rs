@@ -438,3 +438,44 @@ async fn tenants_are_listed_by_database_size_with_each_servers_total() {
     assert_eq!(code, Some(2), "{stderr}");
     stack.stop().await.unwrap();
 }
+
+/// Every operation the served OpenAPI document names is routed, and what it answers a request
+/// for nothing (an unknown tenant, job, key or file; no body) is a JSON error the document
+/// lists for it: a client generated from the document meets no surprise.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_documented_operation_is_served_and_answers_as_documented() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let (status, doc) = stack.admin(Method::GET, "/v1/openapi.json", None).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let base = doc["servers"][0]["url"].as_str().unwrap();
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let concrete = path
+            .replace("{slug}", "no-such-tenant")
+            .replace("{id}", "2147483646")
+            .replace("{name}", "no-such-name")
+            .replace("{file}", "no-such-file.dump");
+        for (method, op) in item.as_object().unwrap() {
+            if method == "parameters" {
+                continue;
+            }
+            let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let (status, body) = stack
+                .admin(method.clone(), &format!("{base}{concrete}"), None)
+                .await
+                .unwrap();
+            let what = format!("{method} {path}: {status} {body}");
+            assert!(
+                op["responses"].get(status.as_str()).is_some(),
+                "undocumented status: {what}"
+            );
+            if !status.is_success() {
+                assert!(body["error"].is_string(), "not a JSON error: {what}");
+                assert_ne!(body["error"], "not_found", "not routed: {what}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 35, "only {checked} operations in the document");
+    stack.stop().await.unwrap();
+}

@@ -11,6 +11,7 @@ mod jobs;
 mod keys;
 mod migrations;
 mod moves;
+mod openapi;
 mod paging;
 mod rotations;
 mod sizes;
@@ -102,7 +103,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/audit/verify", get(audit_log::verify))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin))
         .route_layer(middleware::from_fn(observe_request))
-        .route("/openapi.json", get(openapi));
+        .route("/openapi.json", get(openapi::document));
     Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(healthz))
@@ -173,10 +174,6 @@ async fn metrics(axum::extract::State(state): axum::extract::State<ApiState>) ->
     state.gauges.update().await;
     let body = state.metrics.as_ref().map(PrometheusHandle::render).unwrap_or_default();
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], body)
-}
-
-async fn openapi() -> impl IntoResponse {
-    ([(CONTENT_TYPE, "application/json")], include_str!("openapi.json"))
 }
 
 async fn not_found() -> ApiError {
