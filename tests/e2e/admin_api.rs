@@ -76,6 +76,12 @@ async fn bad_input_gets_a_json_4xx_and_creates_nothing() {
         ),
         (json!({"slug": 42}), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
         (json!({}), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
+        // No PostgreSQL text can hold a NUL.
+        (
+            json!({"slug": unique_name("ok"), "name": "a\u{0}b"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        ),
     ];
     for (body, want_status, want_code) in cases {
         let (status, answer) = stack
@@ -138,6 +144,57 @@ async fn bad_input_gets_a_json_4xx_and_creates_nothing() {
     assert_eq!(
         (status, body["error"].as_str()),
         (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+
+    // A NUL anywhere is refused before it reaches a query.
+    for (method, path, body, want_status, want_code) in [
+        (
+            Method::GET,
+            "/v1/tenants?plan=a%00b".to_owned(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            Method::GET,
+            "/v1/audit?actor=%00".to_owned(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            Method::DELETE,
+            "/v1/tokens/a%00b".to_owned(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            Method::PATCH,
+            format!("/v1/tenants/{taken}"),
+            Some(json!({"name": "a\u{0}b"})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        ),
+        (
+            Method::POST,
+            format!("/v1/tenants/{taken}/keys"),
+            Some(json!({"name": "k\u{0}"})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        ),
+    ] {
+        let (status, answer) = stack.admin(method.clone(), &path, body).await.unwrap();
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (want_status, Some(want_code)),
+            "{method} {path}: {answer}"
+        );
+    }
+    assert_eq!(
+        stack.tenant(&taken).await.unwrap()["name"],
+        taken.as_str(),
+        "not renamed"
     );
 
     // A duplicate key name is a conflict; the first key creation works.

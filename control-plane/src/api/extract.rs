@@ -1,10 +1,17 @@
 //! Extractors whose rejections are [`ApiError`]s (JSON bodies) instead of axum's plain text.
+//!
+//! Each also refuses text holding a NUL character, which no PostgreSQL text can store: such a
+//! value would otherwise reach a query and fail there as an internal error.
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use super::error::ApiError;
+
+/// A NUL character, percent-encoded in a path or query.
+const ENCODED_NUL: &str = "%00";
 
 /// A JSON body.
 pub struct Body<T>(pub T);
@@ -12,8 +19,25 @@ pub struct Body<T>(pub T);
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let axum::Json(v) = axum::Json::<T>::from_request(req, state).await?;
+        let axum::Json(value) = axum::Json::<Value>::from_request(req, state).await?;
+        if holds_nul(&value) {
+            return Err(ApiError::Unprocessable(
+                "invalid_body",
+                "text in the body may not contain NUL (\\u0000)".into(),
+            ));
+        }
+        let v = serde_json::from_value(value).map_err(|e| ApiError::Unprocessable("invalid_body", e.to_string()))?;
         Ok(Self(v))
+    }
+}
+
+/// Whether a string (or an object key) anywhere in `value` holds a NUL character.
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(fields) => fields.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
     }
 }
 
@@ -38,6 +62,12 @@ pub struct Path<T>(pub T);
 impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        if parts.uri.path().contains(ENCODED_NUL) {
+            return Err(ApiError::BadRequest(
+                "invalid_path",
+                "the path may not contain NUL (%00)".into(),
+            ));
+        }
         let axum::extract::Path(v) = axum::extract::Path::<T>::from_request_parts(parts, state).await?;
         Ok(Self(v))
     }
@@ -49,6 +79,12 @@ pub struct Query<T>(pub T);
 impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        if parts.uri.query().is_some_and(|q| q.contains(ENCODED_NUL)) {
+            return Err(ApiError::BadRequest(
+                "invalid_query",
+                "the query may not contain NUL (%00)".into(),
+            ));
+        }
         let axum::extract::Query(v) = axum::extract::Query::<T>::from_request_parts(parts, state).await?;
         Ok(Self(v))
     }
