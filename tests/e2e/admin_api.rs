@@ -177,6 +177,13 @@ async fn bad_input_gets_a_json_4xx_and_creates_nothing() {
             "invalid_body",
         ),
         (
+            Method::PATCH,
+            format!("/v1/tenants/{taken}"),
+            Some(json!(["renamed", null])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        ),
+        (
             Method::POST,
             format!("/v1/tenants/{taken}/keys"),
             Some(json!({"name": "k\u{0}"})),

@@ -1,7 +1,8 @@
 //! Extractors whose rejections are [`ApiError`]s (JSON bodies) instead of axum's plain text.
 //!
 //! Each also refuses text holding a NUL character, which no PostgreSQL text can store: such a
-//! value would otherwise reach a query and fail there as an internal error.
+//! value would otherwise reach a query and fail there as an internal error. A body must be a
+//! JSON object.
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -20,6 +21,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let axum::Json(value) = axum::Json::<Value>::from_request(req, state).await?;
+        // serde would also fill a struct from an array of its fields in order.
+        if !value.is_object() {
+            return Err(ApiError::Unprocessable(
+                "invalid_body",
+                "the body must be a JSON object".into(),
+            ));
+        }
         if holds_nul(&value) {
             return Err(ApiError::Unprocessable(
                 "invalid_body",
