@@ -26,6 +26,7 @@ mod router;
 mod router_limits;
 mod s3_backups;
 mod secrets;
+mod server_check;
 mod server_tls;
 mod shutdown;
 mod siloctl;

@@ -14,6 +14,7 @@ mod moves;
 mod openapi;
 mod paging;
 mod rotations;
+mod server_check;
 mod sizes;
 mod tenant_jobs;
 mod tenants;
@@ -96,6 +97,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/jobs/{id}/retry", post(jobs::retry))
         .route("/jobs/{id}/cancel", post(jobs::cancel))
         .route("/servers", get(jobs::servers))
+        .route("/servers/check", get(server_check::check))
         .route("/database-sizes", get(sizes::list))
         .route("/tokens", get(tokens::list).post(tokens::create))
         .route("/tokens/{name}", delete(tokens::revoke))

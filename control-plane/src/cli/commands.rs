@@ -46,6 +46,7 @@ pub(crate) async fn run(global: GlobalArgs, command: Command) -> anyhow::Result<
         Command::Migrate(args) => migrate(&client, out, args).await,
         Command::Jobs(cmd) => jobs(&client, out, cmd).await,
         Command::Server(ServerCommand::List) => servers(&client, out).await,
+        Command::Server(ServerCommand::Check) => check_servers(&client, out).await,
         Command::Server(ServerCommand::Drain {
             name,
             to,
@@ -488,6 +489,54 @@ async fn servers(client: &ApiClient, out: Output) -> anyhow::Result<()> {
                 "no servers",
             );
         }
+    }
+    Ok(())
+}
+
+/// `siloctl server check`: one line per thing a server holds that the catalog does not
+/// account for, or lacks; exit 1 unless there is none.
+async fn check_servers(client: &ApiClient, out: Output) -> anyhow::Result<()> {
+    let check = client.get("/v1/servers/check").await?;
+    let servers = check["servers"].as_array().map(Vec::as_slice).unwrap_or_default();
+    match out {
+        Output::Json => print_json(&check),
+        Output::Table => {
+            for server in servers {
+                let name = field(server, "name");
+                if let Some(error) = server["error"].as_str() {
+                    say!("{name}: not checked: {error}");
+                    continue;
+                }
+                let listed = |key: &str| server[key].as_array().cloned().unwrap_or_default();
+                let (databases, roles, missing) = (
+                    listed("untracked_databases"),
+                    listed("untracked_roles"),
+                    listed("missing_databases"),
+                );
+                for database in &databases {
+                    say!(
+                        "{name}: untracked database {} (no tenant of the catalog is there)",
+                        output::text(database)
+                    );
+                }
+                for role in &roles {
+                    say!("{name}: untracked role {}", output::text(role));
+                }
+                for tenant in &missing {
+                    say!(
+                        "{name}: missing database {} of tenant {}",
+                        field(tenant, "database"),
+                        field(tenant, "slug")
+                    );
+                }
+                if databases.is_empty() && roles.is_empty() && missing.is_empty() {
+                    say!("{name}: as the catalog says");
+                }
+            }
+        }
+    }
+    if check["consistent"] != Value::Bool(true) {
+        bail!("the servers do not hold what the catalog says (README: \"Restoring the catalog\")");
     }
     Ok(())
 }

@@ -1,0 +1,151 @@
+//! `GET /v1/servers/check`: whether each PostgreSQL server holds what the catalog says it
+//! holds, no more and no less. The catalog and the servers part ways when the catalog is
+//! restored from a backup older than the fleet (tenants created, moved or deleted since), or
+//! when someone changed a server by hand; this finds where, without changing anything.
+//!
+//! Only silo's names are looked at: databases named `tenant_*` and the roles of tenants. A
+//! tenant being moved is expected on both of its servers; one still provisioning, failed or
+//! being deleted may or may not have its database yet, so it is never reported missing.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::ApiState;
+use crate::servers::Server;
+
+/// How long one server may take to answer before it is reported unreachable.
+const SERVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Suffixes of a tenant's role names after its database name (see `names::TenantSlug`).
+const ROLE_SUFFIXES: [&str; 3] = ["_owner", "_app_b", "_app"];
+
+/// A tenant the catalog places on a server.
+#[derive(sqlx::FromRow)]
+struct Placed {
+    slug: String,
+    status: String,
+    server: String,
+    moving_to: Option<String>,
+    database: String,
+}
+
+/// What one server holds under silo's names.
+struct Found {
+    databases: BTreeSet<String>,
+    roles: BTreeSet<String>,
+}
+
+/// `GET /v1/servers/check` → 200 `{"consistent": bool, "servers": [{"name",
+/// "untracked_databases": [...], "untracked_roles": [...], "missing_databases": [{"slug",
+/// "database"}]} | {"name", "error"}]}`. Untracked: on the server under a tenant's name, but
+/// no tenant of the catalog is there. Missing: an active or suspended tenant of that server
+/// whose database is not there. `consistent` is false when anything is reported, an
+/// unreachable server and a server that holds tenants but is no longer configured included.
+pub async fn check(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let placed: Vec<Placed> = sqlx::query_as(
+        "SELECT slug, status::text, server, moving_to, database FROM tenants WHERE status <> 'deleted' ORDER BY slug",
+    )
+    .fetch_all(&state.catalog)
+    .await?;
+    let mut consistent = true;
+    let mut servers = Vec::new();
+    for server in state.servers.iter() {
+        let name = server.config.name.as_str();
+        let found = match found_on(server).await {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::warn!(server = name, %error, "server not checked");
+                consistent = false;
+                servers.push(json!({"name": name, "error": error}));
+                continue;
+            }
+        };
+        let expected: BTreeSet<&str> = placed
+            .iter()
+            .filter(|t| t.server == name || t.moving_to.as_deref() == Some(name))
+            .map(|t| t.database.as_str())
+            .collect();
+        let untracked_databases: Vec<&String> = found
+            .databases
+            .iter()
+            .filter(|d| !expected.contains(d.as_str()))
+            .collect();
+        let untracked_roles: Vec<&String> = found
+            .roles
+            .iter()
+            .filter(|r| !database_of_role(r).is_some_and(|d| expected.contains(d)))
+            .collect();
+        let missing_databases: Vec<Value> = placed
+            .iter()
+            .filter(|t| t.server == name && t.moving_to.is_none())
+            .filter(|t| matches!(t.status.as_str(), "active" | "suspended"))
+            .filter(|t| !found.databases.contains(&t.database))
+            .map(|t| json!({"slug": t.slug, "database": t.database}))
+            .collect();
+        if !(untracked_databases.is_empty() && untracked_roles.is_empty() && missing_databases.is_empty()) {
+            consistent = false;
+        }
+        servers.push(json!({
+            "name": name,
+            "untracked_databases": untracked_databases,
+            "untracked_roles": untracked_roles,
+            "missing_databases": missing_databases,
+        }));
+    }
+    let unconfigured: BTreeSet<&str> = placed
+        .iter()
+        .map(|t| t.server.as_str())
+        .filter(|name| state.servers.get(name).is_none())
+        .collect();
+    for name in unconfigured {
+        consistent = false;
+        servers.push(json!({"name": name, "error": "not configured: its tenants cannot be served"}));
+    }
+    Ok(Json(json!({"consistent": consistent, "servers": servers})))
+}
+
+/// The database name a tenant role is named after, if `role` is named like one.
+fn database_of_role(role: &str) -> Option<&str> {
+    ROLE_SUFFIXES.iter().find_map(|suffix| role.strip_suffix(suffix))
+}
+
+/// The `tenant_*` databases and roles on `server`; an error to report when it cannot be asked.
+async fn found_on(server: &Server) -> Result<Found, String> {
+    let query = async {
+        let databases: Vec<String> =
+            sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE starts_with(datname::text, 'tenant_')")
+                .fetch_all(&server.admin)
+                .await?;
+        let roles: Vec<String> =
+            sqlx::query_scalar("SELECT rolname::text FROM pg_roles WHERE starts_with(rolname::text, 'tenant_')")
+                .fetch_all(&server.admin)
+                .await?;
+        Ok::<_, sqlx::Error>(Found {
+            databases: databases.into_iter().collect(),
+            roles: roles.into_iter().filter(|r| database_of_role(r).is_some()).collect(),
+        })
+    };
+    match tokio::time::timeout(SERVER_TIMEOUT, query).await {
+        Ok(Ok(found)) => Ok(found),
+        Ok(Err(e)) => Err(format!("unreachable: {e}")),
+        Err(_) => Err(format!("no answer within {}s", SERVER_TIMEOUT.as_secs())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::database_of_role;
+
+    #[test]
+    fn a_role_is_traced_to_its_tenants_database() {
+        assert_eq!(database_of_role("tenant_acme_owner"), Some("tenant_acme"));
+        assert_eq!(database_of_role("tenant_acme_app"), Some("tenant_acme"));
+        assert_eq!(database_of_role("tenant_acme_app_b"), Some("tenant_acme"));
+        assert_eq!(database_of_role("tenant_acme_app_x"), None);
+    }
+}
