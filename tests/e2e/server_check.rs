@@ -1,5 +1,8 @@
 //! `siloctl server check`: what a server holds that the catalog does not account for, and what
-//! it lacks, named after the catalog was restored from a backup older than the fleet.
+//! it lacks, named after the catalog was restored from a backup older than the fleet; and the
+//! README's steps that make the fleet whole again.
+
+use std::path::Path;
 
 use secrecy::ExposeSecret;
 use serde_json::{json, Value};
@@ -10,20 +13,26 @@ use sqlx::{ConnectOptions, Connection};
 
 const PG2_PASSWORD_ENV: &str = "SILO_TEST_PG2_PASSWORD";
 
-#[tokio::test(flavor = "multi_thread")]
-async fn server_check_names_databases_and_roles_the_catalog_does_not_account_for_and_those_it_lacks() {
+/// A stack with a second server, `pg-2`, of its own, and `extra_toml`.
+async fn stack_with_pg2(extra_toml: &str) -> (Stack, TestCluster) {
     let pg2 = TestCluster::start().await.unwrap();
     std::env::set_var(PG2_PASSWORD_ENV, pg2.password().expose_secret());
     let stack = Stack::start(StackOptions {
         extra_toml: format!(
             "[[servers]]\nname = \"pg-2\"\nhost = \"127.0.0.1\"\nport = {}\nadmin_user = \"postgres\"\n\
-             admin_password_env = \"{PG2_PASSWORD_ENV}\"\n",
+             admin_password_env = \"{PG2_PASSWORD_ENV}\"\n{extra_toml}",
             pg2.port()
         ),
         ..StackOptions::default()
     })
     .await
     .unwrap();
+    (stack, pg2)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_check_names_databases_and_roles_the_catalog_does_not_account_for_and_those_it_lacks() {
+    let (stack, pg2) = stack_with_pg2("").await;
     let (kept, gone, ghost) = (unique_name("kept"), unique_name("gone"), unique_name("ghost"));
     for slug in [&kept, &gone] {
         stack
@@ -89,4 +98,142 @@ async fn server_check_names_databases_and_roles_the_catalog_does_not_account_for
         "{stdout}"
     );
     stack.stop().await.unwrap();
+}
+
+/// Runs the PostgreSQL client `tool` (`pg_dump`, `pg_restore`) against the stack's catalog
+/// database as its superuser.
+fn catalog_tool(stack: &Stack, tool: &str, args: &[&str]) {
+    let url = &stack.config().catalog.url;
+    let database = url.rsplit('/').next().unwrap();
+    let bindir = silo_control_plane::localpg::find_bindir().unwrap();
+    let out = std::process::Command::new(bindir.join(tool))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &stack.pg().port().to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            database,
+        ])
+        .args(args)
+        .env("PGPASSWORD", stack.pg().password().expose_secret())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{tool}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Whether the login in `tenant`'s secret (`siloctl tenant credentials`) gets into its database.
+async fn secret_logs_in(stack: &Stack, tenant: &str) -> bool {
+    let secret = stack.credentials(tenant).await.unwrap();
+    sqlx::postgres::PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(u16::try_from(secret["port"].as_u64().unwrap()).unwrap())
+        .username(secret["username"].as_str().unwrap())
+        .password(secret["password"].as_str().unwrap())
+        .database(secret["database"].as_str().or(secret["dbname"].as_str()).unwrap())
+        .connect()
+        .await
+        .is_ok()
+}
+
+/// The README's "Restoring the catalog": a catalog restored from a backup older than the
+/// fleet misses a tenant created since, still lists one deleted since and one on the server it
+/// moved away from, and holds a password a rotation since replaced. `siloctl server check`
+/// names all but the password; creating a tenant again on the server where its database is
+/// adopts that database (data and API keys), deleting the deleted one again settles it, and
+/// rotating every tenant gives each a password its secret holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fleet_is_made_whole_after_the_catalog_is_restored_from_an_older_backup() {
+    let (mut stack, _pg2) = stack_with_pg2("[backups]\ndir = \"backups\"\n").await;
+    let (kept, doomed, later) = (unique_name("kept"), unique_name("doomed"), unique_name("later"));
+    for slug in [&kept, &doomed] {
+        stack
+            .create_tenant_with(json!({"slug": slug, "server": "pg-2"}))
+            .await
+            .unwrap();
+    }
+    let moved = unique_name("moved");
+    let moved_key = stack
+        .create_tenant_with(json!({"slug": moved, "server": "pg-1"}))
+        .await
+        .unwrap();
+    stack.add_tasks(&moved, &moved_key, &["moved along"]).await.unwrap();
+    let backup = stack.dir().join("catalog.dump");
+    catalog_tool(&stack, "pg_dump", &["--format=custom", "-f", backup.to_str().unwrap()]);
+
+    // Since the backup: a tenant created, one deleted, one's password rotated.
+    let later_key = stack
+        .create_tenant_with(json!({"slug": later, "server": "pg-2"}))
+        .await
+        .unwrap();
+    stack
+        .add_tasks(&later, &later_key, &["made after the backup"])
+        .await
+        .unwrap();
+    stack.delete_tenant(&doomed).await.unwrap();
+    let rotated = stack.rotate(&kept, "single").await.unwrap();
+    assert_eq!(rotated["state"], "succeeded", "{rotated}");
+    let (code, stdout, stderr) = stack
+        .siloctl(&["tenant", "move", &moved, "--to", "pg-2"])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+
+    restore_catalog(&mut stack, &backup).await;
+    assert!(
+        !secret_logs_in(&stack, &kept).await,
+        "the restored secret is the old password"
+    );
+    let (code, stdout, stderr) = stack.siloctl(&["server", "check"]).await.unwrap();
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    for line in [
+        format!("pg-2: untracked database tenant_{later} (no tenant of the catalog is there)"),
+        format!("pg-2: untracked role tenant_{later}_app"),
+        format!("pg-2: untracked role tenant_{later}_owner"),
+        format!("pg-2: missing database tenant_{doomed} of tenant {doomed}"),
+        format!("pg-1: missing database tenant_{moved} of tenant {moved}"),
+        format!("pg-2: untracked database tenant_{moved} (no tenant of the catalog is there)"),
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "no line {line:?} in:\n{stdout}");
+    }
+
+    for args in [
+        vec!["tenant", "create", later.as_str(), "--server", "pg-2"],
+        vec!["tenant", "delete", doomed.as_str(), "--yes"],
+        vec!["tenant", "delete", moved.as_str(), "--yes"],
+        vec!["tenant", "create", moved.as_str(), "--server", "pg-2"],
+        vec!["rotate", "--all", "--strategy", "single"],
+    ] {
+        let (code, stdout, stderr) = stack.siloctl(&args).await.unwrap();
+        assert_eq!(code, Some(0), "siloctl {args:?}: {stdout}{stderr}");
+    }
+    assert_eq!(
+        stack.served_titles(&later, &later_key).await.unwrap(),
+        ["made after the backup"],
+        "adopted with its data and its API key"
+    );
+    assert_eq!(stack.served_titles(&moved, &moved_key).await.unwrap(), ["moved along"]);
+    assert!(secret_logs_in(&stack, &kept).await);
+    let (code, stdout, stderr) = stack.siloctl(&["server", "check"]).await.unwrap();
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    stack.stop().await.unwrap();
+}
+
+/// Puts the catalog back as `backup` holds it, the control plane stopped meanwhile (the router
+/// goes on, and reconnects).
+async fn restore_catalog(stack: &mut Stack, backup: &Path) {
+    stack.stop_control_plane().await.unwrap();
+    catalog_tool(
+        stack,
+        "pg_restore",
+        &[
+            "--clean",
+            "--if-exists",
+            "--single-transaction",
+            backup.to_str().unwrap(),
+        ],
+    );
+    stack.start_control_plane().await.unwrap();
 }

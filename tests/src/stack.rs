@@ -494,10 +494,23 @@ connect_timeout = "{connect}ms"
     /// Stops the control plane abruptly (its running jobs keep their leases, as after a
     /// crash) and starts a new one on the same catalog and address.
     pub async fn restart_control_plane(&mut self) -> anyhow::Result<()> {
+        self.stop_control_plane().await?;
+        self.start_control_plane().await
+    }
+
+    /// Stops the control plane abruptly (the router goes on); [`Stack::start_control_plane`]
+    /// starts it again.
+    pub async fn stop_control_plane(&mut self) -> anyhow::Result<()> {
         if let Some((token, task)) = self.control_plane.take() {
             token.cancel();
             task.await??;
         }
+        Ok(())
+    }
+
+    /// Starts a control plane on the stack's catalog and address (after
+    /// [`Stack::stop_control_plane`]).
+    pub async fn start_control_plane(&mut self) -> anyhow::Result<()> {
         let mut config = self.config.clone();
         config.control_plane.listen = self.cp_addr;
         let cp = ControlPlane::bind(config).await.context("restart the control plane")?;
