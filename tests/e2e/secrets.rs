@@ -251,6 +251,24 @@ async fn deleted_secrets_are_gone(store: &dyn SecretStore) {
     }
 }
 
+/// A tenant deleted and created again under the same slug gets its secret again, though AWS
+/// keeps a deleted secret's name for its recovery window.
+async fn a_deleted_secret_is_created_again(store: &dyn SecretStore) {
+    let name = secret_name();
+    store.create_secret(&name, &version_id(), &value(), &[]).await.unwrap();
+    store.delete_secret(&name, false).await.unwrap();
+    let (again, again_version) = (value(), version_id());
+    store
+        .create_secret(&name, &again_version, &again, &[("silo:tenant", "again")])
+        .await
+        .unwrap();
+    let current = store.get_secret_value(&name, AWSCURRENT).await.unwrap().unwrap();
+    assert_eq!(current.value.expose_secret(), again.expose_secret());
+    assert_eq!(current.version_id, again_version);
+    // Creating it again is as idempotent as creating it.
+    store.create_secret(&name, &again_version, &again, &[]).await.unwrap();
+}
+
 async fn malformed_version_ids_are_refused(store: &dyn SecretStore) {
     let name = secret_name();
     let err = store.create_secret(&name, "v1", &value(), &[]).await.unwrap_err();
@@ -290,6 +308,7 @@ on_both_backends!(
     rotation_moves_stages_like_aws,
     missing_secrets_and_stages_are_none,
     deleted_secrets_are_gone,
+    a_deleted_secret_is_created_again,
     malformed_version_ids_are_refused,
 );
 

@@ -573,3 +573,28 @@ async fn a_servers_admin_password_comes_from_the_secret_store_and_follows_its_ro
 fn uuid_like() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
+
+/// A deleted tenant's slug can be created again at once, even on AWS Secrets Manager, which
+/// keeps a deleted secret's name for its recovery window: the new tenant is served with the
+/// new credentials, and the old API key opens nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_tenant_is_created_again_under_its_slug_with_aws_secrets() {
+    let stack = Stack::start(StackOptions {
+        secrets: silo_tests::stack::Secrets::Aws,
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let slug = unique_name("again");
+    let old_key = stack.create_tenant(&slug).await.unwrap();
+    stack.delete_tenant(&slug).await.unwrap();
+    let new_key = stack.create_tenant(&slug).await.unwrap();
+    assert_eq!(stack.tenant(&slug).await.unwrap()["status"], "active");
+    assert_eq!(
+        stack.served_titles(&slug, &new_key).await.unwrap(),
+        Vec::<String>::new()
+    );
+    let resp = stack.tenant_get(&slug, &old_key, "/api/v1/tasks").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    stack.stop().await.unwrap();
+}

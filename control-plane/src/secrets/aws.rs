@@ -101,6 +101,58 @@ impl AwsSecretStore {
         }
     }
 
+    /// Whether the secret was deleted but can still be recovered (its name is still taken).
+    async fn is_scheduled_for_deletion(&self, name: &str) -> Result<bool, SecretStoreError> {
+        match self.client.describe_secret().secret_id(name).send().await {
+            Ok(out) => Ok(out.deleted_date().is_some()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_resource_not_found_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(backend("DescribeSecret", name, &e)),
+        }
+    }
+
+    /// `CreateSecret` over a secret scheduled for deletion: the secret is restored, takes the
+    /// configured KMS key and `tags`, and `value` becomes its current version (its old ones,
+    /// whose logins were dropped with the tenant, stay behind it).
+    async fn create_over_deleted(
+        &self,
+        name: &str,
+        version_id: &str,
+        value: &SecretString,
+        tags: Vec<Tag>,
+    ) -> Result<(), SecretStoreError> {
+        self.client
+            .restore_secret()
+            .secret_id(name)
+            .send()
+            .await
+            .map_err(|e| backend("RestoreSecret", name, &e))?;
+        if let Some(key) = &self.kms_key_id {
+            self.client
+                .update_secret()
+                .secret_id(name)
+                .kms_key_id(key)
+                .send()
+                .await
+                .map_err(|e| backend("UpdateSecret", name, &e))?;
+        }
+        if !tags.is_empty() {
+            self.client
+                .tag_resource()
+                .secret_id(name)
+                .set_tags(Some(tags))
+                .send()
+                .await
+                .map_err(|e| backend("TagResource", name, &e))?;
+        }
+        // Without stages, the new version is staged AWSCURRENT.
+        self.put_secret_value(name, version_id, value, &[]).await
+    }
+
     /// After `CreateSecret` found the secret already there: fine if it holds `version_id`
     /// with the same value (a retried create), an error otherwise.
     async fn check_existing_version(
@@ -154,7 +206,7 @@ impl SecretStore for AwsSecretStore {
         tags: &[(&str, &str)],
     ) -> Result<(), SecretStoreError> {
         check_version_id(version_id)?;
-        let tags = tags
+        let tags: Vec<Tag> = tags
             .iter()
             .map(|(k, v)| Tag::builder().key(*k).value(*v).build())
             .collect();
@@ -165,11 +217,20 @@ impl SecretStore for AwsSecretStore {
             .client_request_token(version_id)
             .secret_string(value.expose_secret())
             .set_kms_key_id(self.kms_key_id.clone())
-            .set_tags(Some(tags))
+            .set_tags(Some(tags.clone()))
             .send()
             .await;
         match result {
             Ok(_) => Ok(()),
+            // A tenant deleted and created again: AWS keeps the name for the recovery window
+            // (InvalidRequestException; moto says ResourceExistsException).
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_invalid_request_exception() || e.is_resource_exists_exception())
+                    && self.is_scheduled_for_deletion(name).await? =>
+            {
+                self.create_over_deleted(name, version_id, value, tags).await
+            }
             Err(e) if e.as_service_error().is_some_and(|e| e.is_resource_exists_exception()) => {
                 self.check_existing_version(name, version_id, value).await
             }
