@@ -86,33 +86,25 @@ impl AwsSecretStore {
         }
     }
 
-    /// Whether the secret is absent or scheduled for deletion (AWS refuses most calls on such
-    /// a secret with `InvalidRequestException`; to callers it no longer exists).
-    async fn is_gone(&self, name: &str) -> Result<bool, SecretStoreError> {
+    /// Whether the secret exists and, if so, whether it is scheduled for deletion (AWS refuses
+    /// most calls on such a secret with `InvalidRequestException`, and keeps its name taken
+    /// for the recovery window): None when there is no such secret.
+    async fn scheduled_for_deletion(&self, name: &str) -> Result<Option<bool>, SecretStoreError> {
         match self.client.describe_secret().secret_id(name).send().await {
-            Ok(out) => Ok(out.deleted_date().is_some()),
+            Ok(out) => Ok(Some(out.deleted_date().is_some())),
             Err(e)
                 if e.as_service_error()
                     .is_some_and(|e| e.is_resource_not_found_exception()) =>
             {
-                Ok(true)
+                Ok(None)
             }
             Err(e) => Err(backend("DescribeSecret", name, &e)),
         }
     }
 
-    /// Whether the secret was deleted but can still be recovered (its name is still taken).
-    async fn is_scheduled_for_deletion(&self, name: &str) -> Result<bool, SecretStoreError> {
-        match self.client.describe_secret().secret_id(name).send().await {
-            Ok(out) => Ok(out.deleted_date().is_some()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_resource_not_found_exception()) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(backend("DescribeSecret", name, &e)),
-        }
+    /// Whether the secret is absent or scheduled for deletion: to callers it no longer exists.
+    async fn is_gone(&self, name: &str) -> Result<bool, SecretStoreError> {
+        Ok(self.scheduled_for_deletion(name).await?.unwrap_or(true))
     }
 
     /// `CreateSecret` over a secret scheduled for deletion: the secret is restored, takes the
@@ -227,7 +219,7 @@ impl SecretStore for AwsSecretStore {
             Err(e)
                 if e.as_service_error()
                     .is_some_and(|e| e.is_invalid_request_exception() || e.is_resource_exists_exception())
-                    && self.is_scheduled_for_deletion(name).await? =>
+                    && self.scheduled_for_deletion(name).await? == Some(true) =>
             {
                 self.create_over_deleted(name, version_id, value, tags).await
             }
