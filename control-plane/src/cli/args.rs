@@ -435,7 +435,11 @@ pub(crate) enum ServerCommand {
     /// Check that each server holds what the catalog says: no database or role under a
     /// tenant's name that no tenant accounts for, no tenant without its database. Run it after
     /// restoring the catalog from a backup. Changes nothing; exit 1 when anything is found.
-    Check,
+    Check {
+        /// Also log in to each tenant's database with its secret, as a router would.
+        #[arg(long)]
+        logins: bool,
+    },
     /// Move every active and suspended tenant off a server, a few at a time (each answers 503
     /// while it moves). Set the server's max_tenants to 0 first, so no new tenant lands there;
     /// run again to finish after an interruption or a failure.

@@ -46,7 +46,7 @@ pub(crate) async fn run(global: GlobalArgs, command: Command) -> anyhow::Result<
         Command::Migrate(args) => migrate(&client, out, args).await,
         Command::Jobs(cmd) => jobs(&client, out, cmd).await,
         Command::Server(ServerCommand::List) => servers(&client, out).await,
-        Command::Server(ServerCommand::Check) => check_servers(&client, out).await,
+        Command::Server(ServerCommand::Check { logins }) => check_servers(&client, out, logins).await,
         Command::Server(ServerCommand::Drain {
             name,
             to,
@@ -493,10 +493,11 @@ async fn servers(client: &ApiClient, out: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `siloctl server check`: one line per thing a server holds that the catalog does not
-/// account for, or lacks; exit 1 unless there is none.
-async fn check_servers(client: &ApiClient, out: Output) -> anyhow::Result<()> {
-    let check = client.get("/v1/servers/check").await?;
+/// `siloctl server check [--logins]`: one line per thing a server holds that the catalog
+/// does not account for, or lacks, and per tenant whose secret does not log in; exit 1 unless
+/// there is none.
+async fn check_servers(client: &ApiClient, out: Output, logins: bool) -> anyhow::Result<()> {
+    let check = client.get(&format!("/v1/servers/check?logins={logins}")).await?;
     let servers = check["servers"].as_array().map(Vec::as_slice).unwrap_or_default();
     match out {
         Output::Json => print_json(&check),
@@ -508,10 +509,11 @@ async fn check_servers(client: &ApiClient, out: Output) -> anyhow::Result<()> {
                     continue;
                 }
                 let listed = |key: &str| server[key].as_array().cloned().unwrap_or_default();
-                let (databases, roles, missing) = (
+                let (databases, roles, missing, refused) = (
                     listed("untracked_databases"),
                     listed("untracked_roles"),
                     listed("missing_databases"),
+                    listed("refused_logins"),
                 );
                 for database in &databases {
                     say!(
@@ -529,7 +531,14 @@ async fn check_servers(client: &ApiClient, out: Output) -> anyhow::Result<()> {
                         field(tenant, "slug")
                     );
                 }
-                if databases.is_empty() && roles.is_empty() && missing.is_empty() {
+                for tenant in &refused {
+                    say!(
+                        "{name}: tenant {} does not log in with its secret: {}",
+                        field(tenant, "slug"),
+                        field(tenant, "error")
+                    );
+                }
+                if databases.is_empty() && roles.is_empty() && missing.is_empty() && refused.is_empty() {
                     say!("{name}: as the catalog says");
                 }
             }
