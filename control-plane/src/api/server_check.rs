@@ -36,6 +36,8 @@ const SERVER_TIMEOUT: Duration = Duration::from_secs(5);
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Tenant logins tried at once.
 const LOGINS_AT_ONCE: usize = 4;
+/// Suffixes of a tenant's role names after its database name (see `names::TenantSlug`).
+const ROLE_SUFFIXES: [&str; 3] = ["_owner", "_app_b", "_app"];
 
 /// `GET /v1/servers/check` query.
 #[derive(Deserialize)]
@@ -45,9 +47,6 @@ pub struct CheckQuery {
     #[serde(default)]
     logins: bool,
 }
-
-/// Suffixes of a tenant's role names after its database name (see `names::TenantSlug`).
-const ROLE_SUFFIXES: [&str; 3] = ["_owner", "_app_b", "_app"];
 
 /// A tenant the catalog places on a server.
 #[derive(sqlx::FromRow)]
