@@ -151,12 +151,24 @@ impl Workers {
         }
     }
 
-    /// Undoes a move or a restore that failed for good, so the tenant is served as it was.
+    /// Undoes a move or a restore that failed for good, so the tenant is served as it was;
+    /// only while the job is still this run's (renewing its lease says so): a worker that
+    /// took it over after the lease ran out, a catalog outage say, may be running it again.
     async fn undo(&self, job: &Job) {
+        if !matches!(job.kind.as_str(), "move" | "restore") {
+            return;
+        }
+        match jobs::renew(&self.catalog, job, self.lease).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                error!(error = %e, "the failed {} is not undone: cannot tell whether the job is still this run's; retry the job", job.kind);
+                return;
+            }
+        }
         let undone = match job.kind.as_str() {
             "move" => self.provisioner.abandon_move(job).await,
-            "restore" => self.provisioner.abandon_restore(job).await,
-            _ => return,
+            _ => self.provisioner.abandon_restore(job).await,
         };
         if let Err(e) = undone {
             error!(error = %e, "undo the failed {}; the tenant stays unavailable until the job is retried", job.kind);
