@@ -45,6 +45,19 @@ use crate::servers::Servers;
 
 /// Largest admin request body.
 const MAX_BODY_BYTES: usize = 64 * 1024;
+/// How long one PostgreSQL server may take to answer a report's query before it is reported
+/// unreachable (the others are still reported).
+const SERVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs a report's `query` against one server within [`SERVER_TIMEOUT`]; on failure, the
+/// error to report for that server.
+async fn ask_server<T>(query: impl std::future::Future<Output = Result<T, sqlx::Error>>) -> Result<T, String> {
+    match tokio::time::timeout(SERVER_TIMEOUT, query).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(e)) => Err(format!("unreachable: {e}")),
+        Err(_) => Err(format!("no answer within {}s", SERVER_TIMEOUT.as_secs())),
+    }
+}
 
 /// What the handlers share.
 #[derive(Clone)]

@@ -24,14 +24,12 @@ use tokio::task::JoinSet;
 
 use super::error::ApiError;
 use super::extract::Query;
-use super::ApiState;
+use super::{ask_server, ApiState};
 use crate::config::ServerTls;
 use crate::names::TenantSlug;
 use crate::secrets::{tenant_secret_name, DbSecret, SecretStore, AWSCURRENT};
 use crate::servers::Server;
 
-/// How long one server may take to answer before it is reported unreachable.
-const SERVER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one tenant login may take before it is reported refused.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Tenant logins tried at once.
@@ -213,11 +211,7 @@ async fn found_on(server: &Server) -> Result<Found, String> {
             roles: roles.into_iter().filter(|r| database_of_role(r).is_some()).collect(),
         })
     };
-    match tokio::time::timeout(SERVER_TIMEOUT, query).await {
-        Ok(Ok(found)) => Ok(found),
-        Ok(Err(e)) => Err(format!("unreachable: {e}")),
-        Err(_) => Err(format!("no answer within {}s", SERVER_TIMEOUT.as_secs())),
-    }
+    ask_server(query).await
 }
 
 #[cfg(test)]

@@ -3,7 +3,6 @@
 //! server of its own) and for billing by storage.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::Json;
@@ -12,13 +11,11 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::extract::Query;
-use super::{paging, ApiState};
+use super::{ask_server, paging, ApiState};
 use crate::servers::Server;
 
 /// Tenants listed unless `limit` says otherwise.
 const DEFAULT_LIMIT: i64 = 100;
-/// How long one server may take to answer before it is reported unreachable.
-const SERVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `GET /v1/database-sizes` query.
 #[derive(Deserialize)]
@@ -107,9 +104,5 @@ async fn sizes_on(server: &Server, tenants: &[&TenantDatabase]) -> Result<BTreeM
     )
     .bind(&names)
     .fetch_all(&server.admin);
-    match tokio::time::timeout(SERVER_TIMEOUT, query).await {
-        Ok(Ok(rows)) => Ok(rows.into_iter().collect()),
-        Ok(Err(e)) => Err(format!("unreachable: {e}")),
-        Err(_) => Err(format!("no answer within {}s", SERVER_TIMEOUT.as_secs())),
-    }
+    Ok(ask_server(query).await?.into_iter().collect())
 }
