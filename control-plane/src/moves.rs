@@ -28,10 +28,10 @@ use tracing::{info, instrument, warn};
 
 use crate::catalog::tenants::{self, StartMoveError};
 use crate::jobs::Job;
-use crate::names::{quote_ident, TenantSlug};
+use crate::names::{quote_ident, TenantNames, TenantSlug};
 use crate::provision::{
     create_database, drop_database, drop_roles, ensure_login_role, ensure_owner_role, hand_over_database,
-    own_public_schema, role_exists, ProvisionError, Provisioner, StepContext,
+    own_public_schema, role_exists, Placement, ProvisionError, Provisioner, StepContext,
 };
 use crate::rotation::test_login;
 use crate::secrets::{self, DbSecret};
@@ -61,32 +61,39 @@ impl Provisioner {
         let (slug, secret_name) = self.tenant_of(job)?;
         let from = self.server_named(&params.from)?;
         let to = self.server_named(&params.to)?;
+        let at = self.placement(&slug).await?;
+        let names = &at.names;
         // A job resumed after the switch has only the old database left to drop.
-        if self.server_of(&slug).await?.config.name != params.to {
+        if at.server.config.name != params.to {
             let dump_login = self
-                .job_step(job, "move", "fence", self.fence(&slug, &secret_name, from, to))
+                .job_step(job, "move", "fence", self.fence(&slug, names, &secret_name, from, to))
                 .await?;
             let backup = self
                 .job_step(
                     job,
                     "move",
                     "backup",
-                    self.backup_once(job, &slug, &secret_name, from, Some(&dump_login), None),
+                    self.backup_once(job, &slug, &secret_name, &at, Some(&dump_login), None),
                 )
                 .await?;
             self.job_step(
                 job,
                 "move",
                 "restore",
-                self.restore_on(to, &slug, &secret_name, &backup),
+                self.restore_on(to, &slug, names, &secret_name, &backup),
             )
             .await?;
-            self.job_step(job, "move", "switch", self.switch(to, &slug, &secret_name, &params))
-                .await?;
+            self.job_step(
+                job,
+                "move",
+                "switch",
+                self.switch(to, &slug, names, &secret_name, &params),
+            )
+            .await?;
         }
         self.job_step(job, "move", "cleanup", async {
-            drop_database(from, &slug).await?;
-            drop_roles(from, &slug).await
+            drop_database(from, names).await?;
+            drop_roles(from, names).await
         })
         .await?;
         info!(from = %params.from, to = %params.to, "tenant moved");
@@ -101,7 +108,8 @@ impl Provisioner {
     pub async fn abandon_move(&self, job: &Job) -> Result<(), ProvisionError> {
         let params = move_params(job)?;
         let (slug, secret_name) = self.tenant_of(job)?;
-        if self.server_of(&slug).await?.config.name == params.to {
+        let Placement { server, names } = self.placement(&slug).await?;
+        if server.config.name == params.to {
             return Ok(());
         }
         let from = self.server_named(&params.from)?;
@@ -112,15 +120,15 @@ impl Provisioner {
         let mut conn = from.admin.acquire().await.step("connect to server")?;
         ensure_login_role(
             &mut conn,
-            &slug,
+            &names,
             &current.username,
             &current.password,
             &from.config.tenant_roles,
         )
         .await?;
         drop(conn);
-        drop_database(to, &slug).await?;
-        drop_roles(to, &slug).await?;
+        drop_database(to, &names).await?;
+        drop_roles(to, &names).await?;
         let mut tx = self.catalog.begin().await.step("end the move")?;
         tenants::set_moving_to(&mut tx, slug.as_str(), None)
             .await
@@ -141,6 +149,7 @@ impl Provisioner {
     async fn fence(
         &self,
         slug: &TenantSlug,
+        names: &TenantNames,
         secret_name: &str,
         from: &Server,
         to: &Server,
@@ -159,7 +168,7 @@ impl Provisioner {
             })?;
         tx.commit().await.step("mark moving")?;
         let current = self.current_login(secret_name).await?;
-        fence_database(from, slug, current).await
+        fence_database(from, names, current).await
     }
 
     /// Step `restore`: the tenant's roles and a copy of its database from `backup` on `to`.
@@ -167,37 +176,35 @@ impl Provisioner {
         &self,
         to: &Server,
         slug: &TenantSlug,
+        names: &TenantNames,
         secret_name: &str,
         backup: &std::path::Path,
     ) -> Result<(), ProvisionError> {
         let current = self.current_login(secret_name).await?;
-        drop_database(to, slug).await?;
+        drop_database(to, names).await?;
         {
             let mut conn = to.admin.acquire().await.step("connect to server")?;
-            ensure_owner_role(&mut conn, slug).await?;
+            ensure_owner_role(&mut conn, names).await?;
             ensure_login_role(
                 &mut conn,
-                slug,
+                names,
                 &current.username,
                 &current.password,
                 &to.config.tenant_roles,
             )
             .await?;
         }
-        create_database(to, &quote_ident(&slug.database_name()), "template0").await?;
-        hand_over_database(to, slug, &current.username).await?;
-        let mut conn = to
-            .connect(&slug.database_name())
-            .await
-            .step("connect to tenant database")?;
-        own_public_schema(&mut conn, &slug.owner_role()).await?;
+        create_database(to, &quote_ident(names.database()), "template0").await?;
+        hand_over_database(to, names, &current.username).await?;
+        let mut conn = to.connect(names.database()).await.step("connect to tenant database")?;
+        let owner = names.owner_role();
+        own_public_schema(&mut conn, &owner).await?;
         let _ = conn.close().await;
         let moved = moved_login(&current, to);
-        self.backups.restore(slug, backup, &moved, &to.config.tls).await?;
-        let mut conn = to
-            .connect(&slug.database_name())
-            .await
-            .step("connect to tenant database")?;
+        self.backups
+            .restore(slug, &owner, backup, &moved, &to.config.tls)
+            .await?;
+        let mut conn = to.connect(names.database()).await.step("connect to tenant database")?;
         let restored = applied_version(&mut conn).await?;
         let _ = conn.close().await;
         let expected: i64 = sqlx::query_scalar("SELECT schema_version FROM tenants WHERE slug = $1")
@@ -219,13 +226,14 @@ impl Provisioner {
         &self,
         to: &Server,
         slug: &TenantSlug,
+        names: &TenantNames,
         secret_name: &str,
         params: &MoveParams,
     ) -> Result<(), ProvisionError> {
         let current = self.current_login(secret_name).await?;
         if (current.host.as_str(), current.port) != (to.config.host.as_str(), to.config.port) {
             let moved = moved_login(&current, to);
-            test_login(to, slug, &moved).await?;
+            test_login(to, names, &moved).await?;
             self.store
                 .put_secret_value(secret_name, &params.secret_version, &moved.to_secret_string(), &[])
                 .await?;
@@ -243,21 +251,21 @@ impl Provisioner {
 /// tenant's login) with that password.
 pub(crate) async fn fence_database(
     server: &Server,
-    slug: &TenantSlug,
+    names: &TenantNames,
     current: DbSecret,
 ) -> Result<DbSecret, ProvisionError> {
     let password = secrets::generate_password();
     let mut conn = server.admin.acquire().await.step("connect to server")?;
-    for role in slug.login_roles() {
+    for role in names.login_roles() {
         if role_exists(&mut conn, &role).await? {
-            ensure_login_role(&mut conn, slug, &role, &password, &server.config.tenant_roles).await?;
+            ensure_login_role(&mut conn, names, &role, &password, &server.config.tenant_roles).await?;
         }
     }
     let ended: i64 = sqlx::query_scalar(
         "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
          WHERE datname = $1 AND pid <> pg_backend_pid()",
     )
-    .bind(slug.database_name())
+    .bind(names.database())
     .fetch_one(&mut *conn)
     .await
     .step("end the tenant's sessions")?;

@@ -1,11 +1,14 @@
-//! Validated names: the tenant slug and the PostgreSQL identifiers derived from it.
+//! Validated names: the tenant slug and the PostgreSQL identifiers of its database and roles.
 //!
-//! Identifiers cannot be bound as parameters in DDL, so every identifier silo puts in SQL comes
-//! from a [`TenantSlug`] (validated once, at the edge) and is quoted with [`quote_ident`].
+//! Identifiers cannot be bound as parameters in DDL, so every identifier silo puts in SQL is
+//! one silo made ([`TenantNames`], from a [`TenantSlug`] validated once at the edge) and is
+//! quoted with [`quote_ident`].
 
 use std::fmt;
 
+use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
 
 /// Words that cannot be tenant slugs: they collide with infrastructure host names or
 /// PostgreSQL's own databases and roles.
@@ -77,25 +80,75 @@ impl TenantSlug {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
 
-    /// The tenant's database: `tenant_<slug with - as _>`.
-    pub fn database_name(&self) -> String {
-        format!("tenant_{}", self.0.replace('-', "_"))
+/// The secret key a new tenant's database name is derived from (see [`TenantNames`]): made
+/// once per catalog, kept in it, never shown.
+#[derive(Clone)]
+pub struct NamingKey([u8; 32]);
+
+impl NamingKey {
+    /// The key made of `bytes`; None unless they are 32.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        bytes.try_into().ok().map(Self)
+    }
+}
+
+impl fmt::Debug for NamingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("NamingKey(..)")
+    }
+}
+
+/// A tenant's PostgreSQL names: its database, and the roles named after it.
+///
+/// Every role on a server can list its databases and roles (`pg_database`, `pg_roles`,
+/// `pg_stat_activity`), so these names must not say whose they are: a new tenant's database
+/// is `tenant_` and 20 hex digits of an HMAC-SHA-256 of its slug under the catalog's
+/// [`NamingKey`]. The catalog records each tenant's database, and that record is what the
+/// names are read from (tenants created before pseudonyms keep `tenant_<slug>`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TenantNames {
+    database: String,
+}
+
+impl TenantNames {
+    /// The names a new tenant `slug` gets under `key`: the same slug under the same key gets
+    /// the same names, so a catalog restored from a backup finds what was made since.
+    pub fn derive(key: &NamingKey, slug: &TenantSlug) -> Self {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&key.0).expect("HMAC takes any key length");
+        mac.update(slug.as_str().as_bytes());
+        let digest = hex::encode(mac.finalize().into_bytes());
+        Self {
+            database: format!("tenant_{}", &digest[..20]),
+        }
+    }
+
+    /// The names of the tenant whose database is `database` (as the catalog records it).
+    pub fn of_database(database: impl Into<String>) -> Self {
+        Self {
+            database: database.into(),
+        }
+    }
+
+    /// The tenant's database.
+    pub fn database(&self) -> &str {
+        &self.database
     }
 
     /// The NOLOGIN role that owns the tenant's database and every object in it.
     pub fn owner_role(&self) -> String {
-        format!("{}_owner", self.database_name())
+        format!("{}_owner", self.database)
     }
 
     /// The login role the tenant app uses.
     pub fn login_role(&self) -> String {
-        format!("{}_app", self.database_name())
+        format!("{}_app", self.database)
     }
 
     /// The second login role of the `alternating` rotation strategy: the two take turns.
     pub fn alternate_login_role(&self) -> String {
-        format!("{}_app_b", self.database_name())
+        format!("{}_app_b", self.database)
     }
 
     /// Both login roles, in the order they are first used.
@@ -212,12 +265,39 @@ mod tests {
     }
 
     #[test]
-    fn derives_distinct_identifiers() {
+    fn names_say_nothing_of_the_slug_without_the_key() {
+        let key = NamingKey::from_bytes(&[7; 32]).unwrap();
         let slug = TenantSlug::parse("acme-corp").unwrap();
-        assert_eq!(slug.database_name(), "tenant_acme_corp");
-        assert_eq!(slug.owner_role(), "tenant_acme_corp_owner");
-        assert_eq!(slug.login_role(), "tenant_acme_corp_app");
-        assert_eq!(slug.alternate_login_role(), "tenant_acme_corp_app_b");
+        let names = TenantNames::derive(&key, &slug);
+        let db = names.database();
+        assert!(db.starts_with("tenant_") && db.len() == 27, "{db}");
+        assert!(
+            db[7..]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+            "{db}"
+        );
+        assert!(!db.contains("acme"), "{db}");
+        assert_eq!(
+            TenantNames::derive(&key, &slug),
+            names,
+            "the same slug and key, the same names"
+        );
+        let other_key = NamingKey::from_bytes(&[8; 32]).unwrap();
+        assert_ne!(TenantNames::derive(&other_key, &slug), names);
+        let other_slug = TenantSlug::parse("acme-corq").unwrap();
+        assert_ne!(TenantNames::derive(&key, &other_slug), names);
+        assert_eq!(format!("{key:?}"), "NamingKey(..)");
+    }
+
+    #[test]
+    fn roles_are_named_after_the_database() {
+        let names = TenantNames::of_database("tenant_acme_corp");
+        assert_eq!(names.database(), "tenant_acme_corp");
+        assert_eq!(names.owner_role(), "tenant_acme_corp_owner");
+        assert_eq!(names.login_role(), "tenant_acme_corp_app");
+        assert_eq!(names.alternate_login_role(), "tenant_acme_corp_app_b");
+        assert_eq!(names.login_roles(), ["tenant_acme_corp_app", "tenant_acme_corp_app_b"]);
     }
 
     #[test]

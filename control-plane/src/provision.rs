@@ -16,7 +16,7 @@ use crate::catalog::routes::TenantStatus;
 use crate::catalog::tenants;
 use crate::config::TenantRoleLimits;
 use crate::jobs::{self, Job};
-use crate::names::{quote_ident, quote_literal, TenantSlug};
+use crate::names::{quote_ident, quote_literal, TenantNames, TenantSlug};
 use crate::secrets::{self, DbSecret, SecretStore, AWSCURRENT};
 use crate::servers::{Server, Servers};
 use crate::tenant_schema::{MigrationSource, TenantMigrations};
@@ -144,6 +144,14 @@ pub const DELETE_STEPS: [&str; 5] = ["backup", "database", "roles", "secret", "t
 /// SQLSTATE of a role (or other object) that does not exist.
 const UNDEFINED_OBJECT: &str = "42704";
 
+/// Where a tenant lives: its server, and its database and roles there.
+pub(crate) struct Placement<'a> {
+    /// The server holding its database.
+    pub server: &'a Server,
+    /// Its database and roles, as the catalog records them.
+    pub names: TenantNames,
+}
+
 /// Runs the steps of tenant jobs: provisioning and deletion here, rotation in `rotation`.
 pub struct Provisioner {
     pub(crate) catalog: PgPool,
@@ -207,15 +215,21 @@ impl Provisioner {
         Ok(DbSecret::from_secret(&current.value, secret_name)?)
     }
 
-    pub(crate) async fn server_of(&self, slug: &TenantSlug) -> Result<&Server, ProvisionError> {
+    /// Where `slug` lives, as the catalog says.
+    pub(crate) async fn placement(&self, slug: &TenantSlug) -> Result<Placement<'_>, ProvisionError> {
         let mut conn = self.catalog.acquire().await.step("read tenant")?;
         let tenant = tenants::get(&mut conn, slug.as_str())
             .await
             .step("read tenant")?
             .ok_or_else(|| ProvisionError::InvalidJob(format!("tenant {slug} is not in the catalog")))?;
-        self.servers
+        let server = self
+            .servers
             .get(&tenant.server)
-            .ok_or(ProvisionError::UnknownServer(tenant.server))
+            .ok_or(ProvisionError::UnknownServer(tenant.server))?;
+        Ok(Placement {
+            server,
+            names: TenantNames::of_database(tenant.database),
+        })
     }
 
     /// Runs (or resumes) a `provision` job to completion.
@@ -224,7 +238,7 @@ impl Provisioner {
         let params: ProvisionParams = serde_json::from_value(job.params.clone())
             .map_err(|e| ProvisionError::InvalidJob(format!("bad params: {e}")))?;
         let (slug, secret_name) = self.tenant_of(job)?;
-        let server = self.server_of(&slug).await?;
+        let Placement { server, mut names } = self.placement(&slug).await?;
         let migrations = self.migrations.load().await?;
         {
             let mut tx = self.catalog.begin().await.step("mark provisioning")?;
@@ -238,23 +252,24 @@ impl Provisioner {
             let started = std::time::Instant::now();
             match step {
                 "secret" => {
-                    self.ensure_secret(server, &slug, &secret_name, &params.secret_version)
+                    names = self
+                        .ensure_secret(server, &slug, &names, &secret_name, &params.secret_version)
                         .await?
                 }
-                "roles" => self.ensure_roles(server, &slug, &secret_name).await?,
+                "roles" => self.ensure_roles(server, &names, &secret_name).await?,
                 "database" => {
                     // A restore needs an empty database; templates and spares have tables.
                     let copies = self.templates && params.restore_from.is_none();
                     ensure_database(
                         server,
-                        &slug,
+                        &names,
                         copies.then_some(&migrations),
                         self.spares.as_deref().filter(|_| copies),
                     )
                     .await?
                 }
                 "schema" => {
-                    self.ensure_schema(server, &slug, &secret_name, &migrations, &params)
+                    self.ensure_schema(server, &slug, &names, &secret_name, &migrations, &params)
                         .await?
                 }
                 _ => self.activate(&slug).await?,
@@ -266,24 +281,27 @@ impl Provisioner {
         Ok(())
     }
 
-    /// Step `secret`: the tenant's credentials exist in the store (generated once).
+    /// Step `secret`: the tenant's credentials exist in the store (generated once, for the
+    /// database `names`). Returns the names of the database they log in to.
     async fn ensure_secret(
         &self,
         server: &Server,
         slug: &TenantSlug,
+        names: &TenantNames,
         secret_name: &str,
         version: &str,
-    ) -> Result<(), ProvisionError> {
-        if self.store.get_secret_value(secret_name, AWSCURRENT).await?.is_some() {
-            return Ok(());
+    ) -> Result<TenantNames, ProvisionError> {
+        if let Some(current) = self.store.get_secret_value(secret_name, AWSCURRENT).await? {
+            let secret = DbSecret::from_secret(&current.value, secret_name)?;
+            return self.adopt_secret_database(slug, names, &secret).await;
         }
         let secret = DbSecret {
             engine: "postgres".into(),
             host: server.config.host.clone(),
             port: server.config.port,
-            username: slug.login_role(),
+            username: names.login_role(),
             password: secrets::generate_password(),
-            dbname: slug.database_name(),
+            dbname: names.database().to_owned(),
         };
         self.store
             .create_secret(
@@ -298,12 +316,59 @@ impl Provisioner {
             .execute(&self.catalog)
             .await
             .step("record credentials time")?;
-        Ok(())
+        Ok(names.clone())
+    }
+
+    /// The names of the database `secret`, the tenant's credentials from before this job,
+    /// logs in to. They differ from the catalog's `names` for a tenant created again over its
+    /// own database after the catalog was restored from a backup that derives other names (one
+    /// taken before names were derived from a key, or under another key): the catalog then
+    /// records the secret's database. Refused when the secret names no tenant database and
+    /// login role, or a database another tenant of the catalog has.
+    async fn adopt_secret_database(
+        &self,
+        slug: &TenantSlug,
+        names: &TenantNames,
+        secret: &DbSecret,
+    ) -> Result<TenantNames, ProvisionError> {
+        if secret.dbname == names.database() {
+            return Ok(names.clone());
+        }
+        let theirs = TenantNames::of_database(secret.dbname.clone());
+        if !secret.dbname.starts_with("tenant_") || !theirs.login_roles().contains(&secret.username) {
+            return Err(ProvisionError::InvalidJob(format!(
+                "the tenant's secret names database {:?} and login role {:?}, which silo does not make for a tenant",
+                secret.dbname, secret.username
+            )));
+        }
+        let adopted = sqlx::query(
+            "UPDATE tenants SET database = $2, updated_at = now() WHERE slug = $1 AND NOT EXISTS \
+             (SELECT 1 FROM tenants WHERE database = $2 AND slug <> $1 AND status <> 'deleted')",
+        )
+        .bind(slug.as_str())
+        .bind(&secret.dbname)
+        .execute(&self.catalog)
+        .await
+        .step("adopt the secret's database")?
+        .rows_affected();
+        if adopted == 0 {
+            return Err(ProvisionError::InvalidJob(format!(
+                "the tenant's secret names database {:?}, which is another tenant's",
+                secret.dbname
+            )));
+        }
+        info!(database = %secret.dbname, "the tenant's secret names its database: the catalog records it");
+        Ok(theirs)
     }
 
     /// Step `roles`: the NOLOGIN owner role and the login role (member of the owner, with the
     /// stored password; re-set on a retry so role and secret always agree).
-    async fn ensure_roles(&self, server: &Server, slug: &TenantSlug, secret_name: &str) -> Result<(), ProvisionError> {
+    async fn ensure_roles(
+        &self,
+        server: &Server,
+        names: &TenantNames,
+        secret_name: &str,
+    ) -> Result<(), ProvisionError> {
         let version = self
             .store
             .get_secret_value(secret_name, AWSCURRENT)
@@ -311,10 +376,10 @@ impl Provisioner {
             .ok_or_else(|| secrets::SecretStoreError::NotFound(secret_name.to_owned()))?;
         let secret = DbSecret::from_secret(&version.value, secret_name)?;
         let mut conn = server.admin.acquire().await.step("connect to server")?;
-        ensure_owner_role(&mut conn, slug).await?;
+        ensure_owner_role(&mut conn, names).await?;
         ensure_login_role(
             &mut conn,
-            slug,
+            names,
             &secret.username,
             &secret.password,
             &server.config.tenant_roles,
@@ -331,6 +396,7 @@ impl Provisioner {
         &self,
         server: &Server,
         slug: &TenantSlug,
+        names: &TenantNames,
         secret_name: &str,
         migrations: &TenantMigrations,
         params: &ProvisionParams,
@@ -339,9 +405,9 @@ impl Provisioner {
             .ok()
             .and_then(|h| h.try_into().ok())
             .ok_or_else(|| ProvisionError::InvalidJob("bad api key hash".into()))?;
-        let owner = quote_ident(&slug.owner_role());
+        let owner = quote_ident(&names.owner_role());
         let mut conn = server
-            .connect(&slug.database_name())
+            .connect(names.database())
             .await
             .step("connect to tenant database")?;
         // What was copied from a template or a spare belongs to the template owner; without
@@ -361,16 +427,17 @@ impl Provisioner {
             other => other?,
         }
         if let Some(name) = &params.restore_from {
-            self.restore_into(server, slug, secret_name, name, &mut conn).await?;
+            self.restore_into(server, slug, names, secret_name, name, &mut conn)
+                .await?;
         }
-        let version = own_schema_and_migrate(&mut conn, &slug.owner_role(), migrations).await?;
+        let version = own_schema_and_migrate(&mut conn, &names.owner_role(), migrations).await?;
         if version != migrations.latest_version() {
             return Err(ProvisionError::InvalidJob(format!(
                 "tenant database is at schema version {version}, expected {}",
                 migrations.latest_version()
             )));
         }
-        insert_key_as_owner(&mut conn, slug, &params.api_key_name, &key_hash).await?;
+        insert_key_as_owner(&mut conn, names, &params.api_key_name, &key_hash).await?;
         let _ = conn.close().await;
         self.record_schema_version(slug, version).await
     }
@@ -421,6 +488,7 @@ impl Provisioner {
         &self,
         server: &Server,
         slug: &TenantSlug,
+        names: &TenantNames,
         secret_name: &str,
         name: &str,
         conn: &mut PgConnection,
@@ -437,9 +505,12 @@ impl Provisioner {
             .fetch(slug, name)
             .await?
             .ok_or_else(|| ProvisionError::InvalidJob(format!("tenant {slug} has no backup named {name:?}")))?;
-        own_public_schema(conn, &slug.owner_role()).await?;
+        let owner = names.owner_role();
+        own_public_schema(conn, &owner).await?;
         let login = self.current_login(secret_name).await?;
-        self.backups.restore(slug, &file, &login, &server.config.tls).await?;
+        self.backups
+            .restore(slug, &owner, &file, &login, &server.config.tls)
+            .await?;
         info!(backup = %file.display(), "tenant database restored from a backup");
         Ok(())
     }
@@ -458,10 +529,10 @@ impl Provisioner {
     #[instrument(skip_all, fields(tenant = job.tenant.as_deref().unwrap_or(""), job = job.id))]
     pub async fn back_up(&self, job: &Job) -> Result<(), ProvisionError> {
         let (slug, secret_name) = self.tenant_of(job)?;
-        let server = self.server_of(&slug).await?;
+        let at = self.placement(&slug).await?;
         self.record_step(job, "backup").await?;
         let started = std::time::Instant::now();
-        self.backup_once(job, &slug, &secret_name, server, None, None).await?;
+        self.backup_once(job, &slug, &secret_name, &at, None, None).await?;
         jobs::observe_step("backup", "backup", started);
         Ok(())
     }
@@ -474,7 +545,7 @@ impl Provisioner {
         job: &Job,
         slug: &TenantSlug,
         secret_name: &str,
-        server: &Server,
+        at: &Placement<'_>,
         login: Option<&DbSecret>,
         spare: Option<&std::path::Path>,
     ) -> Result<std::path::PathBuf, ProvisionError> {
@@ -489,7 +560,10 @@ impl Provisioner {
                         &current
                     }
                 };
-                let file = self.backups.take(slug, job.id, login, &server.config.tls).await?;
+                let file = self
+                    .backups
+                    .take(slug, &at.names.owner_role(), job.id, login, &at.server.config.tls)
+                    .await?;
                 info!(file = %file.display(), "tenant database backed up");
                 // The new backup is taken whatever happens to the old ones.
                 if let Err(e) = retention::keep_last(&self.catalog, &self.backups, slug, spare).await {
@@ -512,7 +586,7 @@ impl Provisioner {
         let params: DeleteParams = serde_json::from_value(job.params.clone())
             .map_err(|e| ProvisionError::InvalidJob(format!("delete params: {e}")))?;
         let (slug, secret_name) = self.tenant_of(job)?;
-        let server = self.server_of(&slug).await?;
+        let at = self.placement(&slug).await?;
         for step in DELETE_STEPS
             .into_iter()
             .filter(|step| params.backup || *step != "backup")
@@ -522,10 +596,10 @@ impl Provisioner {
             match step {
                 // A resumed job finds its backup (the database and secret may be gone).
                 "backup" => {
-                    self.backup_once(job, &slug, &secret_name, server, None, None).await?;
+                    self.backup_once(job, &slug, &secret_name, &at, None, None).await?;
                 }
-                "database" => drop_database(server, &slug).await?,
-                "roles" => drop_roles(server, &slug).await?,
+                "database" => drop_database(at.server, &at.names).await?,
+                "roles" => drop_roles(at.server, &at.names).await?,
                 "secret" => self.store.delete_secret(&secret_name, force_secret_delete).await?,
                 _ => {
                     let mut tx = self.catalog.begin().await.step("tombstone")?;
@@ -553,20 +627,20 @@ impl Provisioner {
 /// copied from the template (or created empty when templates are off or not ready).
 async fn ensure_database(
     server: &Server,
-    slug: &TenantSlug,
+    names: &TenantNames,
     template_of: Option<&TenantMigrations>,
     spares_claimed: Option<&tokio::sync::Notify>,
 ) -> Result<(), ProvisionError> {
-    let name = slug.database_name();
-    let db = quote_ident(&name);
+    let name = names.database();
+    let db = quote_ident(name);
     let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(&name)
+        .bind(name)
         .fetch_one(&server.admin)
         .await
         .step("look up database")?;
     if !exists {
         let source = match (template_of, spares_claimed) {
-            (Some(migrations), Some(claimed)) if spares::claim(server, migrations, &name).await? => {
+            (Some(migrations), Some(claimed)) if spares::claim(server, migrations, name).await? => {
                 claimed.notify_one();
                 "spare"
             }
@@ -588,17 +662,21 @@ async fn ensure_database(
         };
         metrics::counter!("silo_tenant_databases_created_total", "source" => source).increment(1);
     }
-    hand_over_database(server, slug, &slug.login_role()).await
+    hand_over_database(server, names, &names.login_role()).await
 }
 
 /// The tenant's database on `server` belongs to its owner role, is closed to `PUBLIC` and
 /// open to login role `login`.
-pub(crate) async fn hand_over_database(server: &Server, slug: &TenantSlug, login: &str) -> Result<(), ProvisionError> {
-    let db = quote_ident(&slug.database_name());
+pub(crate) async fn hand_over_database(
+    server: &Server,
+    names: &TenantNames,
+    login: &str,
+) -> Result<(), ProvisionError> {
+    let db = quote_ident(names.database());
     let mut conn = server.admin.acquire().await.step("connect to server")?;
     ddl(
         &mut conn,
-        &format!("ALTER DATABASE {db} OWNER TO {}", quote_ident(&slug.owner_role())),
+        &format!("ALTER DATABASE {db} OWNER TO {}", quote_ident(&names.owner_role())),
         "hand database to owner role",
     )
     .await?;
@@ -617,24 +695,21 @@ pub(crate) async fn hand_over_database(server: &Server, slug: &TenantSlug, login
 }
 
 /// The tenant's database is gone from `server` (its sessions terminated).
-pub(crate) async fn drop_database(server: &Server, slug: &TenantSlug) -> Result<(), ProvisionError> {
+pub(crate) async fn drop_database(server: &Server, names: &TenantNames) -> Result<(), ProvisionError> {
     let mut conn = server.admin.acquire().await.step("connect to server")?;
     ddl(
         &mut conn,
-        &format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            quote_ident(&slug.database_name())
-        ),
+        &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(names.database())),
         "drop database",
     )
     .await
 }
 
 /// The tenant's login roles and owner role are gone from `server` (its database must be).
-pub(crate) async fn drop_roles(server: &Server, slug: &TenantSlug) -> Result<(), ProvisionError> {
+pub(crate) async fn drop_roles(server: &Server, names: &TenantNames) -> Result<(), ProvisionError> {
     let mut conn = server.admin.acquire().await.step("connect to server")?;
-    let [login, alternate] = slug.login_roles();
-    for role in [login, alternate, slug.owner_role()] {
+    let [login, alternate] = names.login_roles();
+    for role in [login, alternate, names.owner_role()] {
         ddl(
             &mut conn,
             &format!("DROP ROLE IF EXISTS {}", quote_ident(&role)),
@@ -658,13 +733,13 @@ pub(crate) async fn create_database(server: &Server, db: &str, template: &str) -
 /// Inserts an API key hash into a tenant database as its owner role. Idempotent by name.
 pub async fn insert_key_as_owner(
     conn: &mut PgConnection,
-    slug: &TenantSlug,
+    names: &TenantNames,
     name: &str,
     hash: &[u8; 32],
 ) -> Result<(), ProvisionError> {
     ddl(
         conn,
-        &format!("SET ROLE {}", quote_ident(&slug.owner_role())),
+        &format!("SET ROLE {}", quote_ident(&names.owner_role())),
         "assume owner role",
     )
     .await?;
@@ -700,13 +775,14 @@ pub(crate) async fn own_public_schema(conn: &mut PgConnection, owner_role: &str)
 }
 
 /// The tenant's NOLOGIN owner role exists.
-pub(crate) async fn ensure_owner_role(conn: &mut PgConnection, slug: &TenantSlug) -> Result<(), ProvisionError> {
-    if role_exists(conn, &slug.owner_role()).await? {
+pub(crate) async fn ensure_owner_role(conn: &mut PgConnection, names: &TenantNames) -> Result<(), ProvisionError> {
+    let owner = names.owner_role();
+    if role_exists(conn, &owner).await? {
         return Ok(());
     }
     ddl(
         conn,
-        &create_role_sql(&slug.owner_role(), "NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"),
+        &create_role_sql(&owner, "NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"),
         "create owner role",
     )
     .await
@@ -726,14 +802,15 @@ pub(crate) fn create_role_sql(role: &str, attributes: &str) -> String {
 /// `limits`.
 pub(crate) async fn ensure_login_role(
     conn: &mut PgConnection,
-    slug: &TenantSlug,
+    names: &TenantNames,
     role: &str,
     password: &secrecy::SecretString,
     limits: &TenantRoleLimits,
 ) -> Result<(), ProvisionError> {
-    if !slug.login_roles().iter().any(|r| r == role) {
+    if !names.login_roles().iter().any(|r| r == role) {
         return Err(ProvisionError::InvalidJob(format!(
-            "{role:?} is not a login role of tenant {slug}"
+            "{role:?} is not a login role of the tenant of database {}",
+            names.database()
         )));
     }
     let login = quote_ident(role);
@@ -760,7 +837,7 @@ pub(crate) async fn ensure_login_role(
             )))
         }
     };
-    let owner = slug.owner_role();
+    let owner = names.owner_role();
     // One batch: the password, membership in the owner, and acting as the owner, so
     // whatever the app creates belongs to the owner and stays usable by both login roles
     // across alternating rotations; the admin role's membership lets it end the role's

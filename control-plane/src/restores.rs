@@ -30,10 +30,9 @@ use crate::moves::fence_database;
 use crate::names::{quote_ident, TenantSlug};
 use crate::provision::{
     create_database, drop_database, ensure_login_role, hand_over_database, own_public_schema, own_schema_and_migrate,
-    role_exists, ProvisionError, Provisioner, StepContext,
+    role_exists, Placement, ProvisionError, Provisioner, StepContext,
 };
 use crate::secrets::DbSecret;
-use crate::servers::Server;
 use crate::tenant_schema::applied_version;
 
 /// Parameters of a `restore` job.
@@ -59,7 +58,7 @@ impl Provisioner {
         if unfenced {
             return Ok(());
         }
-        let server = self.server_of(&slug).await?;
+        let at = self.placement(&slug).await?;
         let source = self.backups.fetch(&slug, &params.backup).await?.ok_or_else(|| {
             ProvisionError::InvalidJob(format!("tenant {slug} has no backup named {:?}", params.backup))
         })?;
@@ -68,7 +67,7 @@ impl Provisioner {
                 job,
                 "restore",
                 "fence",
-                self.fence_for_restore(&slug, &secret_name, server, &params),
+                self.fence_for_restore(&slug, &secret_name, &at, &params),
             )
             .await?;
         let before = self
@@ -76,19 +75,19 @@ impl Provisioner {
                 job,
                 "restore",
                 "backup",
-                self.backup_once(job, &slug, &secret_name, server, Some(&login), Some(&source)),
+                self.backup_once(job, &slug, &secret_name, &at, Some(&login), Some(&source)),
             )
             .await?;
         self.job_step(job, "restore", "restore", async {
-            let restored = self.replace_database(server, &slug, &login, &source).await;
+            let restored = self.replace_database(&at, &slug, &login, &source).await;
             if let Err(e) = &restored {
                 warn!(error = %e, backup = %before.display(), "restore failed; putting the database back as it was");
-                self.replace_database(server, &slug, &login, &before).await?;
+                self.replace_database(&at, &slug, &login, &before).await?;
             }
             restored
         })
         .await?;
-        self.job_step(job, "restore", "unfence", self.unfence(&slug, &secret_name, server))
+        self.job_step(job, "restore", "unfence", self.unfence(&slug, &secret_name, &at))
             .await?;
         info!(backup = %params.backup, "tenant restored");
         Ok(())
@@ -105,9 +104,10 @@ impl Provisioner {
         if tenant.restoring_from.is_none() {
             return Ok(());
         }
-        let server = self.server_of(&slug).await?;
-        let mut conn = server
-            .connect(&slug.database_name())
+        let at = self.placement(&slug).await?;
+        let mut conn = at
+            .server
+            .connect(at.names.database())
             .await
             .step("connect to tenant database")?;
         let version = applied_version(&mut conn).await;
@@ -121,7 +121,7 @@ impl Provisioner {
                 )))
             }
         }
-        self.unfence(&slug, &secret_name, server).await?;
+        self.unfence(&slug, &secret_name, &at).await?;
         warn!("restore abandoned; the tenant is served with the data it had");
         Ok(())
     }
@@ -141,7 +141,7 @@ impl Provisioner {
         &self,
         slug: &TenantSlug,
         secret_name: &str,
-        server: &Server,
+        at: &Placement<'_>,
         params: &RestoreParams,
     ) -> Result<DbSecret, ProvisionError> {
         let mut tx = self.catalog.begin().await.step("mark restoring")?;
@@ -164,25 +164,27 @@ impl Provisioner {
             .step("mark restoring")?;
         tx.commit().await.step("mark restoring")?;
         let current = self.current_login(secret_name).await?;
-        fence_database(server, slug, current).await
+        fence_database(at.server, &at.names, current).await
     }
 
-    /// The tenant's database on `server` dropped, created empty, open to its login roles,
-    /// restored from `backup` (logged in as `login`, acting as the owner role) and migrated.
+    /// The tenant's database dropped, created empty, open to its login roles, restored from
+    /// `backup` (logged in as `login`, acting as the owner role) and migrated.
     async fn replace_database(
         &self,
-        server: &Server,
+        at: &Placement<'_>,
         slug: &TenantSlug,
         login: &DbSecret,
         backup: &std::path::Path,
     ) -> Result<(), ProvisionError> {
-        let database = slug.database_name();
-        drop_database(server, slug).await?;
-        create_database(server, &quote_ident(&database), "template0").await?;
+        let Placement { server, names } = at;
+        let database = names.database();
+        let owner = names.owner_role();
+        drop_database(server, names).await?;
+        create_database(server, &quote_ident(database), "template0").await?;
         let logins = {
             let mut conn = server.admin.acquire().await.step("connect to server")?;
             let mut logins = Vec::new();
-            for role in slug.login_roles() {
+            for role in names.login_roles() {
                 if role_exists(&mut conn, &role).await? {
                     logins.push(role);
                 }
@@ -190,15 +192,17 @@ impl Provisioner {
             logins
         };
         for role in &logins {
-            hand_over_database(server, slug, role).await?;
+            hand_over_database(server, names, role).await?;
         }
-        let mut conn = server.connect(&database).await.step("connect to tenant database")?;
-        own_public_schema(&mut conn, &slug.owner_role()).await?;
+        let mut conn = server.connect(database).await.step("connect to tenant database")?;
+        own_public_schema(&mut conn, &owner).await?;
         let _ = conn.close().await;
-        self.backups.restore(slug, backup, login, &server.config.tls).await?;
+        self.backups
+            .restore(slug, &owner, backup, login, &server.config.tls)
+            .await?;
         let migrations = self.migrations.load().await?;
-        let mut conn = server.connect(&database).await.step("connect to tenant database")?;
-        let version = own_schema_and_migrate(&mut conn, &slug.owner_role(), &migrations).await?;
+        let mut conn = server.connect(database).await.step("connect to tenant database")?;
+        let version = own_schema_and_migrate(&mut conn, &owner, &migrations).await?;
         let _ = conn.close().await;
         if version != migrations.latest_version() {
             return Err(ProvisionError::InvalidJob(format!(
@@ -211,15 +215,15 @@ impl Provisioner {
 
     /// Step `unfence`: the login role logs in with the secret's password again, and routers
     /// serve the tenant.
-    async fn unfence(&self, slug: &TenantSlug, secret_name: &str, server: &Server) -> Result<(), ProvisionError> {
+    async fn unfence(&self, slug: &TenantSlug, secret_name: &str, at: &Placement<'_>) -> Result<(), ProvisionError> {
         let current = self.current_login(secret_name).await?;
-        let mut conn = server.admin.acquire().await.step("connect to server")?;
+        let mut conn = at.server.admin.acquire().await.step("connect to server")?;
         ensure_login_role(
             &mut conn,
-            slug,
+            &at.names,
             &current.username,
             &current.password,
-            &server.config.tenant_roles,
+            &at.server.config.tenant_roles,
         )
         .await?;
         drop(conn);

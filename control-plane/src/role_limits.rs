@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::TenantRoleLimits;
-use crate::names::TenantSlug;
+use crate::names::TenantNames;
 use crate::provision::{ddl, role_limits_sql, setting_value, ProvisionError, StepContext};
 use crate::servers::{Server, Servers};
 
@@ -68,15 +68,15 @@ async fn apply_until_done(catalog: &PgPool, server: &Server, shutdown: &Cancella
 
 /// One pass over `server`: the number of login roles altered.
 async fn apply_on(catalog: &PgPool, server: &Server) -> Result<usize, ProvisionError> {
-    let slugs: Vec<String> = sqlx::query_scalar("SELECT slug FROM tenants WHERE server = $1 AND status <> 'deleted'")
-        .bind(&server.config.name)
-        .fetch_all(catalog)
-        .await
-        .step("list the server's tenants")?;
-    let roles: Vec<String> = slugs
-        .iter()
-        .filter_map(|slug| TenantSlug::parse(slug).ok())
-        .flat_map(|slug| slug.login_roles())
+    let databases: Vec<String> =
+        sqlx::query_scalar("SELECT database FROM tenants WHERE server = $1 AND status <> 'deleted'")
+            .bind(&server.config.name)
+            .fetch_all(catalog)
+            .await
+            .step("list the server's tenants")?;
+    let roles: Vec<String> = databases
+        .into_iter()
+        .flat_map(|database| TenantNames::of_database(database).login_roles())
         .collect();
     if roles.is_empty() {
         return Ok(0);

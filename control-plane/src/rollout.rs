@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use tracing::{info, instrument, warn};
 
 use crate::jobs::{self, Job};
-use crate::names::TenantSlug;
+use crate::names::TenantNames;
 use crate::provision::{ProvisionError, Provisioner, StepContext};
 use crate::servers::Servers;
 use crate::tenant_schema::{self, TenantMigrations};
@@ -49,6 +49,7 @@ const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(250
 struct Target {
     slug: String,
     server: String,
+    names: TenantNames,
     version: i64,
 }
 
@@ -150,8 +151,8 @@ impl Provisioner {
     }
 
     async fn rollout_tenants(&self, only: Option<&[String]>) -> Result<Vec<Target>, ProvisionError> {
-        let rows: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT slug, server, schema_version FROM tenants \
+        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+            "SELECT slug, server, database, schema_version FROM tenants \
              WHERE status IN ('active','suspended') AND ($1::text[] IS NULL OR slug = ANY($1)) ORDER BY slug",
         )
         .bind(only)
@@ -160,7 +161,12 @@ impl Provisioner {
         .step("list tenants")?;
         let mut targets: Vec<Target> = rows
             .into_iter()
-            .map(|(slug, server, version)| Target { slug, server, version })
+            .map(|(slug, server, database, version)| Target {
+                slug,
+                server,
+                names: TenantNames::of_database(database),
+                version,
+            })
             .collect();
         if let Some(only) = only {
             // Canaries are the first tenants the operator named.
@@ -407,16 +413,18 @@ impl TenantRun {
     /// Migrates one tenant; returns the version it is at, also on failure.
     async fn migrate(&self, t: &Target) -> Result<i64, (i64, String)> {
         let fail = |e: String| (t.version, e);
-        let slug = TenantSlug::parse(&t.slug).map_err(|e| fail(e.to_string()))?;
         let server = self
             .servers
             .get(&t.server)
             .ok_or_else(|| fail(format!("server {} is not configured", t.server)))?;
         let mut conn = server
-            .connect(&slug.database_name())
+            .connect(t.names.database())
             .await
             .map_err(|e| fail(format!("connect: {e}")))?;
-        let applied = self.migrations.apply_behind(&mut conn, &slug.owner_role(), None).await;
+        let applied = self
+            .migrations
+            .apply_behind(&mut conn, &t.names.owner_role(), None)
+            .await;
         let version = match &applied {
             Ok(version) => *version,
             Err(_) => tenant_schema::applied_version(&mut conn).await.unwrap_or(t.version),

@@ -20,8 +20,8 @@ use tracing::{info, instrument};
 use crate::catalog;
 use crate::config::RotationStrategy;
 use crate::jobs::{self, Job};
-use crate::names::{quote_ident, TenantSlug};
-use crate::provision::{ddl, ensure_login_role, fail_after, ProvisionError, Provisioner, StepContext};
+use crate::names::{quote_ident, TenantNames, TenantSlug};
+use crate::provision::{ddl, ensure_login_role, fail_after, Placement, ProvisionError, Provisioner, StepContext};
 use crate::secrets::{self, DbSecret, SecretStoreError, AWSCURRENT, AWSPENDING};
 use crate::servers::{Server, ADMIN_CONNECT_TIMEOUT};
 
@@ -58,22 +58,22 @@ impl Provisioner {
             .parse()
             .map_err(|e: String| ProvisionError::InvalidJob(e))?;
         let (slug, secret_name) = self.tenant_of(job)?;
-        let server = self.server_of(&slug).await?;
+        let Placement { server, names } = self.placement(&slug).await?;
         for step in ROTATE_STEPS {
             self.record_step(job, step).await?;
             let started = std::time::Instant::now();
             match step {
                 "create_secret" => {
-                    self.create_pending(&slug, &secret_name, &params.version, strategy)
+                    self.create_pending(&names, &secret_name, &params.version, strategy)
                         .await?
                 }
                 "set_secret" => {
                     let pending = self.pending(&secret_name, &params.version).await?;
-                    set_password(server, &slug, &pending).await?;
+                    set_password(server, &names, &pending).await?;
                 }
                 "test_secret" => {
                     let pending = self.pending(&secret_name, &params.version).await?;
-                    test_login(server, &slug, &pending).await?;
+                    test_login(server, &names, &pending).await?;
                 }
                 _ => self.finish(&slug, &secret_name, &params.version).await?,
             }
@@ -88,7 +88,7 @@ impl Provisioner {
     /// unless that version exists already (a re-run) or is already current (finished).
     async fn create_pending(
         &self,
-        slug: &TenantSlug,
+        names: &TenantNames,
         secret_name: &str,
         version: &str,
         strategy: RotationStrategy,
@@ -105,7 +105,7 @@ impl Provisioner {
         let username = match strategy {
             RotationStrategy::Single => current.username.clone(),
             RotationStrategy::Alternating => {
-                let [a, b] = slug.login_roles();
+                let [a, b] = names.login_roles();
                 if current.username == a {
                     b
                 } else {
@@ -187,11 +187,11 @@ impl Provisioner {
 
 /// Step `set_secret`: the pending login role exists, has the pending password, and may
 /// connect to the tenant database.
-async fn set_password(server: &Server, slug: &TenantSlug, pending: &DbSecret) -> Result<(), ProvisionError> {
+async fn set_password(server: &Server, names: &TenantNames, pending: &DbSecret) -> Result<(), ProvisionError> {
     let mut conn = server.admin.acquire().await.step("connect to server")?;
     ensure_login_role(
         &mut conn,
-        slug,
+        names,
         &pending.username,
         &pending.password,
         &server.config.tenant_roles,
@@ -201,7 +201,7 @@ async fn set_password(server: &Server, slug: &TenantSlug, pending: &DbSecret) ->
         &mut conn,
         &format!(
             "GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}",
-            quote_ident(&slug.database_name()),
+            quote_ident(names.database()),
             quote_ident(&pending.username)
         ),
         "grant connect to login role",
@@ -211,7 +211,7 @@ async fn set_password(server: &Server, slug: &TenantSlug, pending: &DbSecret) ->
 
 /// Step `test_secret`: the pending secret logs in, to the right database, as the right role
 /// (`session_user`), acting as the tenant's owner role (`current_user`).
-pub(crate) async fn test_login(server: &Server, slug: &TenantSlug, pending: &DbSecret) -> Result<(), ProvisionError> {
+pub(crate) async fn test_login(server: &Server, names: &TenantNames, pending: &DbSecret) -> Result<(), ProvisionError> {
     let mut conn = silo_tenant_app::connect(&pending.connect_options(&server.config.tls), ADMIN_CONNECT_TIMEOUT)
         .await
         .step("log in with the pending secret")?;
@@ -221,12 +221,11 @@ pub(crate) async fn test_login(server: &Server, slug: &TenantSlug, pending: &DbS
             .await
             .step("check the pending login")?;
     let _ = conn.close().await;
-    if db != pending.dbname || login != pending.username || acting != slug.owner_role() {
+    let owner = names.owner_role();
+    if db != pending.dbname || login != pending.username || acting != owner {
         return Err(ProvisionError::InvalidJob(format!(
-            "pending secret logged in as {login} (acting as {acting}) to {db}, expected {} as {} to {}",
-            pending.username,
-            slug.owner_role(),
-            pending.dbname
+            "pending secret logged in as {login} (acting as {acting}) to {db}, expected {} as {owner} to {}",
+            pending.username, pending.dbname
         )));
     }
     Ok(())

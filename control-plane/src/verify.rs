@@ -21,7 +21,7 @@ use tracing::{info, instrument, warn};
 
 use crate::jobs::{self, Job};
 use crate::names::{quote_ident, TenantSlug};
-use crate::provision::{ddl, own_public_schema, ProvisionError, Provisioner, StepContext};
+use crate::provision::{ddl, own_public_schema, Placement, ProvisionError, Provisioner, StepContext};
 use crate::secrets::DbSecret;
 use crate::servers::Server;
 use crate::tenant_schema::applied_version;
@@ -58,7 +58,8 @@ impl Provisioner {
         let params: VerifyParams = serde_json::from_value(job.params.clone())
             .map_err(|e| ProvisionError::InvalidJob(format!("verify params: {e}")))?;
         let (slug, secret_name) = self.tenant_of(job)?;
-        let server = self.server_of(&slug).await?;
+        let Placement { server, names } = self.placement(&slug).await?;
+        let owner = names.owner_role();
         let backup = match params.backup {
             Some(backup) => backup,
             None => self
@@ -75,14 +76,14 @@ impl Provisioner {
                     job,
                     "verify",
                     "restore",
-                    self.restore_scratch(server, &slug, &secret_name, &backup, &scratch),
+                    self.restore_scratch(server, &slug, &owner, &secret_name, &backup, &scratch),
                 )
                 .await?;
             self.job_step(
                 job,
                 "verify",
                 "check",
-                check_restored(server, &login, slug.owner_role(), &scratch),
+                check_restored(server, &login, owner.clone(), &scratch),
             )
             .await
         };
@@ -105,11 +106,13 @@ impl Provisioner {
     }
 
     /// Step `restore`: the backup restored into a new scratch database as the tenant's
-    /// current login, which is returned (pointing at the scratch database).
+    /// current login (acting as its owner role `owner`), which is returned (pointing at the
+    /// scratch database).
     async fn restore_scratch(
         &self,
         server: &Server,
         slug: &TenantSlug,
+        owner: &str,
         secret_name: &str,
         backup: &str,
         scratch: &str,
@@ -130,7 +133,7 @@ impl Provisioner {
                 "create scratch database",
             ),
             (
-                format!("ALTER DATABASE {db} OWNER TO {}", quote_ident(&slug.owner_role())),
+                format!("ALTER DATABASE {db} OWNER TO {}", quote_ident(owner)),
                 "hand scratch database to owner role",
             ),
             (
@@ -149,9 +152,11 @@ impl Provisioner {
         }
         drop(conn);
         let mut conn = server.connect(scratch).await.step("connect to scratch database")?;
-        own_public_schema(&mut conn, &slug.owner_role()).await?;
+        own_public_schema(&mut conn, owner).await?;
         let _ = conn.close().await;
-        self.backups.restore(slug, &file, &login, &server.config.tls).await?;
+        self.backups
+            .restore(slug, owner, &file, &login, &server.config.tls)
+            .await?;
         Ok(login)
     }
 }

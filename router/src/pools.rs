@@ -41,7 +41,7 @@ use moka::future::Cache;
 use moka::notification::RemovalCause;
 use silo_control_plane::catalog::routes::TenantRoute;
 use silo_control_plane::config::{Config, ServerTls};
-use silo_control_plane::names::TenantSlug;
+use silo_control_plane::names::TenantNames;
 use silo_control_plane::secrets::{SecretStore, SecretStoreError, AWSCURRENT, AWSPENDING};
 use silo_tenant_app::{
     AfterConnect, AfterConnectFuture, BudgetPermit, ConnectionBudget, DbPool, DbPoolSettings, TakePermit, TenantContext,
@@ -509,10 +509,9 @@ impl Pools {
     ) -> Result<(DbPool, String), PoolError> {
         let settings = &self.inner.settings;
         let credentials = &self.inner.credentials;
-        let slug = TenantSlug::parse(&route.slug).map_err(|_| PoolError::BadSlug(route.slug.clone()))?;
         let expected = Arc::new(Expected {
             database: route.database.clone(),
-            roles: slug.login_roles(),
+            roles: TenantNames::of_database(&route.database).login_roles(),
         });
         let check: AfterConnect = Arc::new(move |conn| check_isolation(conn, expected.clone()));
         let budget: Arc<dyn ConnectionBudget> = Arc::new(ServerBudget {

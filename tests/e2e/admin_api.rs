@@ -452,7 +452,7 @@ async fn tenants_are_listed_by_database_size_with_each_servers_total() {
     stack.create_tenant(&big).await.unwrap();
     let mut conn = stack
         .pg()
-        .admin_options(&silo_tests::database_of(&big))
+        .admin_options(&stack.database_of(&big).await.unwrap())
         .connect()
         .await
         .unwrap();
@@ -470,7 +470,7 @@ async fn tenants_are_listed_by_database_size_with_each_servers_total() {
     let bytes = |v: &Value| v["bytes"].as_i64().unwrap();
     assert!(bytes(&items[0]) > bytes(&items[1]) + 1_000_000, "{sizes}");
     assert_eq!(items[0]["server"], "pg-1");
-    assert_eq!(items[0]["database"], silo_tests::database_of(&big).as_str());
+    assert_eq!(items[0]["database"], stack.database_of(&big).await.unwrap().as_str());
     assert_eq!(sizes["servers"][0]["name"], "pg-1", "{sizes}");
     assert_eq!(sizes["servers"][0]["tenants"], 2, "{sizes}");
     assert_eq!(bytes(&sizes["servers"][0]), bytes(&items[0]) + bytes(&items[1]));

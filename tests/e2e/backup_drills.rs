@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use silo_tests::stack::{Stack, StackOptions};
-use silo_tests::{database_of, unique_name};
+use silo_tests::unique_name;
 use sqlx::{ConnectOptions, Connection};
 
 /// Tables and rows in `database` (every schema but the system ones), counted as the
@@ -67,7 +67,7 @@ async fn a_backup_is_proved_by_a_restore_beside_the_tenant_and_a_bad_one_fails_t
     assert_eq!(code, Some(0), "{stderr}");
     let taken: Value = serde_json::from_str(&stdout).unwrap();
     let backup = PathBuf::from(taken["job"]["progress"]["backup"].as_str().unwrap());
-    let (tables, rows) = tables_and_rows(&stack, &database_of(&slug)).await;
+    let (tables, rows) = tables_and_rows(&stack, &stack.database_of(&slug).await.unwrap()).await;
 
     let (code, stdout, stderr) = stack
         .siloctl(&["-o", "json", "tenant", "verify-backup", &slug])

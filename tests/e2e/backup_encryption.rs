@@ -163,7 +163,7 @@ async fn another_tenants_or_a_tampered_encrypted_backup_restores_nothing() {
     // Enough incompressible rows for a backup of several 64 KiB chunks.
     let mut conn = stack
         .pg()
-        .admin_options(&silo_tests::database_of(&owner))
+        .admin_options(&stack.database_of(&owner).await.unwrap())
         .connect()
         .await
         .unwrap();
@@ -194,7 +194,7 @@ async fn another_tenants_or_a_tampered_encrypted_backup_restores_nothing() {
     bytes[at] ^= 0x20;
     std::fs::write(owner_dir.join(tampered), &bytes).unwrap();
 
-    let database = silo_tests::database_of(&owner);
+    let database = stack.database_of(&owner).await.unwrap();
     for (file, expected) in [
         (foreign, format!("it is a backup of tenant {other}, not of {owner}")),
         (tampered, "corrupted, truncated or was tampered with".to_owned()),
@@ -379,7 +379,7 @@ async fn a_backup_is_downloaded_decrypted_for_operators_only_and_never_half() {
     let stack = stack_with_encrypted_backups().await;
     let slug = unique_name("dl");
     stack.create_tenant(&slug).await.unwrap();
-    let database = silo_tests::database_of(&slug);
+    let database = stack.database_of(&slug).await.unwrap();
     // Enough incompressible rows for a backup of several 64 KiB chunks.
     let mut conn = stack.pg().admin_options(&database).connect().await.unwrap();
     sqlx::query("INSERT INTO tasks (title) SELECT md5(i::text) || md5((i * 7)::text) FROM generate_series(1, 6000) i")

@@ -101,7 +101,7 @@ async fn a_delete_with_backup_dumps_the_database_before_dropping_it() {
     let id = body["job"]["id"].as_i64().unwrap();
     let job = stack.wait_job(id).await.unwrap();
     assert_eq!(job["state"], "succeeded", "{job}");
-    assert!(!database_exists(&stack, &silo_tests::database_of(&slug)).await);
+    assert!(!database_exists(&stack, &stack.database_of(&slug).await.unwrap()).await);
 
     // The job says where the backup is: in the tenant's own directory, named by the job.
     let dump = PathBuf::from(job["progress"]["backup"].as_str().expect("backup path in progress"));
@@ -378,7 +378,7 @@ async fn a_deleted_tenant_is_created_again_from_its_backup_with_its_data_keys_an
             .collect();
         assert_eq!(titles, ["kept 1", "kept 2"]);
     }
-    let database = silo_tests::database_of(&slug);
+    let database = stack.database_of(&slug).await.unwrap();
     let mut conn = stack.pg().admin_options(&database).connect().await.unwrap();
     let notes: i64 = sqlx::query_scalar("SELECT count(note) FROM tasks")
         .fetch_one(&mut conn)
@@ -402,7 +402,7 @@ async fn a_backup_that_fails_drops_nothing_and_the_delete_can_be_retried() {
     assert_eq!(job["state"], "failed", "{job}");
     assert_eq!(job["step"], "backup", "{job}");
     assert!(job["error"].as_str().unwrap().contains("pg_dump failed"), "{job}");
-    let database = silo_tests::database_of(&slug);
+    let database = stack.database_of(&slug).await.unwrap();
     assert!(
         database_exists(&stack, &database).await,
         "nothing is dropped without its backup"

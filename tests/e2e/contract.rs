@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use secrecy::ExposeSecret;
 use serde_json::{json, Value};
+use silo_control_plane::names::{NamingKey, TenantNames, TenantSlug};
 use silo_tests::pg::TestCluster;
 use silo_tests::stack::{Stack, StackOptions};
 use silo_tests::unique_name;
@@ -32,17 +33,25 @@ fn assert_error(status: StatusCode, body: &Value, want_status: StatusCode, want_
     assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
 }
 
-/// How many databases and login/owner roles the cluster holds for tenant `slug`.
-async fn databases_and_roles_of(pg: &TestCluster, slug: &str) -> (i64, i64) {
-    let db = silo_tests::database_of(slug);
+/// How many databases and login/owner roles the cluster holds for tenant `slug`, named as
+/// the control plane names a new tenant (from the naming key in `catalog_db`).
+async fn databases_and_roles_of(pg: &TestCluster, catalog_db: &str, slug: &str) -> (i64, i64) {
+    let mut catalog = pg.admin_options(catalog_db).connect().await.unwrap();
+    let key: Vec<u8> = sqlx::query_scalar("SELECT key FROM naming_key")
+        .fetch_one(&mut catalog)
+        .await
+        .unwrap();
+    let key = NamingKey::from_bytes(&key).unwrap();
+    let names = TenantNames::derive(&key, &TenantSlug::parse(slug).unwrap());
+    let db = names.database();
     let mut conn = pg.admin_options("postgres").connect().await.unwrap();
     let databases = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
-        .bind(&db)
+        .bind(db)
         .fetch_one(&mut conn)
         .await
         .unwrap();
     let roles = sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname LIKE $1 || '\\_%'")
-        .bind(&db)
+        .bind(db)
         .fetch_one(&mut conn)
         .await
         .unwrap();
@@ -231,7 +240,7 @@ base_domains = ["localhost"]
     // Nothing was made for the refused tenant.
     let (status, body) = admin.call(Method::GET, &format!("/v1/tenants/{refused}"), None).await;
     assert_error(status, &body, StatusCode::NOT_FOUND, "tenant_not_found");
-    assert_eq!(databases_and_roles_of(pg, &refused).await, (0, 0));
+    assert_eq!(databases_and_roles_of(pg, &catalog_db, &refused).await, (0, 0));
     let mut catalog = pg.admin_options(&catalog_db).connect().await.unwrap();
     let secrets: i64 = sqlx::query_scalar("SELECT count(*) FROM secret_versions WHERE name = $1")
         .bind(format!("{prefix}tenants/{refused}"))
@@ -242,7 +251,7 @@ base_domains = ["localhost"]
     let (status, jobs) = admin.call(Method::GET, "/v1/jobs", None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(jobs_of(&jobs, &refused).is_empty(), "{jobs}");
-    assert_eq!(databases_and_roles_of(pg, &placed).await, (1, 2));
+    assert_eq!(databases_and_roles_of(pg, &catalog_db, &placed).await, (1, 2));
     let (_, servers) = admin.call(Method::GET, "/v1/servers", None).await;
     assert_eq!(
         (&servers["items"][0]["max_tenants"], &servers["items"][0]["tenants"]),

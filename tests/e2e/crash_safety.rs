@@ -116,7 +116,7 @@ async fn provisioning_interrupted_after_each_step_completes_on_retry() {
         assert_eq!(job["state"], "succeeded", "step {step}: {job}");
         assert_eq!(job["attempts"], 2);
 
-        let db = silo_tests::database_of(&slug);
+        let db = stack.database_of(&slug).await.unwrap();
         assert_eq!(
             count(&stack, "SELECT count(*) FROM pg_database WHERE datname = $1", &db).await,
             1
@@ -171,7 +171,7 @@ async fn deletion_interrupted_after_each_step_completes_on_retry() {
         fail::remove("delete-after-step");
         let retried = stack.retry_job(job_id).await.unwrap();
         assert_eq!(retried["state"], "succeeded", "step {step}: {retried}");
-        let db = silo_tests::database_of(&slug);
+        let db = stack.database_of(&slug).await.unwrap();
         assert_eq!(
             count(&stack, "SELECT count(*) FROM pg_database WHERE datname = $1", &db).await,
             0

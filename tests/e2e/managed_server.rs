@@ -11,7 +11,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use silo_tests::pg::TestCluster;
 use silo_tests::stack::{Stack, StackOptions};
-use silo_tests::{database_of, unique_name};
+use silo_tests::unique_name;
 use sqlx::{ConnectOptions, Connection};
 
 /// The managed server's admin password, for `admin_password_env`.
@@ -113,7 +113,7 @@ async fn every_job_works_on_a_server_whose_admin_role_is_not_a_superuser() {
     assert_eq!(stack.tenant(&second).await.unwrap()["schema_version"], 2);
     let notes = superuser_query(
         &managed,
-        &database_of(&second),
+        &stack.database_of(&second).await.unwrap(),
         "SELECT column_name::text FROM information_schema.columns WHERE table_name = 'tasks' AND column_name = 'note'",
     )
     .await;
@@ -148,9 +148,8 @@ async fn every_job_works_on_a_server_whose_admin_role_is_not_a_superuser() {
         "postgres",
         &format!(
             "SELECT datname::text FROM pg_database WHERE datname = '{db}' \
-             UNION ALL SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'tenant\\_{under}%'",
-            db = database_of(&second),
-            under = second.replace('-', "_"),
+             UNION ALL SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, '{db}')",
+            db = stack.database_of(&second).await.unwrap(),
         ),
     )
     .await;

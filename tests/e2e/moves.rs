@@ -8,7 +8,7 @@ use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 use silo_tests::pg::TestCluster;
 use silo_tests::stack::{Secrets, Stack, StackOptions};
-use silo_tests::{database_of, secret_connect_options, unique_name};
+use silo_tests::{secret_connect_options, unique_name};
 use sqlx::{ConnectOptions, Connection};
 
 /// The second cluster's superuser password, for `admin_password_env`.
@@ -61,17 +61,16 @@ async fn start_move(stack: &Stack, slug: &str, to: &str) -> (StatusCode, Value) 
         .unwrap()
 }
 
-/// Whether `pg` has the tenant's database, and how many of its roles.
-async fn left_on(pg: &TestCluster, slug: &str) -> (bool, i64) {
+/// Whether `pg` has the tenant database `name`, and how many of its roles.
+async fn left_on(pg: &TestCluster, name: &str) -> (bool, i64) {
     let mut admin = pg.admin_options("postgres").connect().await.unwrap();
     let database: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(database_of(slug))
+        .bind(name)
         .fetch_one(&mut admin)
         .await
         .unwrap();
-    let prefix = database_of(slug);
     let roles: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE starts_with(rolname, $1)")
-        .bind(prefix)
+        .bind(name)
         .fetch_one(&mut admin)
         .await
         .unwrap();
@@ -146,7 +145,7 @@ async fn a_tenant_moves_with_its_data_keys_and_credentials(secrets: Secrets) {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    assert_eq!(database, database_of(&slug));
+    assert_eq!(database, stack.database_of(&slug).await.unwrap());
     assert!(
         acting.ends_with("_owner"),
         "the login acts as the tenant's owner role: {acting}"
@@ -154,8 +153,8 @@ async fn a_tenant_moves_with_its_data_keys_and_credentials(secrets: Secrets) {
     conn.close().await.unwrap();
 
     // Nothing of the tenant is left on the old server; the new one has database and roles.
-    assert_eq!(left_on(stack.pg(), &slug).await, (false, 0));
-    let (database_on_new, roles_on_new) = left_on(&pg2, &slug).await;
+    assert_eq!(left_on(stack.pg(), &database).await, (false, 0));
+    let (database_on_new, roles_on_new) = left_on(&pg2, &database).await;
     assert!(database_on_new);
     assert!(roles_on_new >= 2, "owner and login roles on pg-2");
 
@@ -243,6 +242,7 @@ async fn a_failed_move_is_undone_and_one_interrupted_after_its_switch_finishes_o
     let (stack, pg2) = two_server_stack().await;
     let slug = unique_name("mvu");
     let key = tenant_with_tasks(&stack, &slug, &["one", "two"]).await;
+    let database = stack.database_of(&slug).await.unwrap();
 
     // Fails for good once the copy is restored: the move is undone.
     fail::cfg("move-after-step", "return(restore)").unwrap();
@@ -259,7 +259,7 @@ async fn a_failed_move_is_undone_and_one_interrupted_after_its_switch_finishes_o
     assert_eq!(back["status"], "active", "{back}");
     assert_eq!(stack.served_titles(&slug, &key).await.unwrap(), ["one", "two"]);
     assert_eq!(
-        left_on(&pg2, &slug).await,
+        left_on(&pg2, &database).await,
         (false, 0),
         "pg-2 keeps nothing of the tenant"
     );
@@ -301,14 +301,14 @@ async fn a_failed_move_is_undone_and_one_interrupted_after_its_switch_finishes_o
     assert_eq!(stack.tenant(&slug).await.unwrap()["server"], "pg-2");
     assert_eq!(stack.served_titles(&slug, &key).await.unwrap(), ["one", "two", "three"]);
     assert!(
-        left_on(stack.pg(), &slug).await.0,
+        left_on(stack.pg(), &database).await.0,
         "the old database waits for the retry"
     );
 
     fail::remove("move-after-step");
     let job = stack.retry_job(id).await.unwrap();
     assert_eq!(job["state"], "succeeded", "{job}");
-    assert_eq!(left_on(stack.pg(), &slug).await, (false, 0));
+    assert_eq!(left_on(stack.pg(), &database).await, (false, 0));
     assert_eq!(stack.served_titles(&slug, &key).await.unwrap(), ["one", "two", "three"]);
     stack.stop().await.unwrap();
     pg2.stop();

@@ -43,7 +43,7 @@ async fn stack_with(dir: &Path) -> Stack {
 }
 
 async fn tenant_sql(stack: &Stack, slug: &str, sql: &str) {
-    let db = silo_tests::database_of(slug);
+    let db = stack.database_of(slug).await.unwrap();
     let mut conn = stack.pg().admin_options(&db).connect().await.unwrap();
     sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
         .execute(&mut conn)
@@ -85,7 +85,7 @@ async fn wait_long(stack: &Stack, id: i64) -> Value {
 /// Every table of `slug`'s database belongs to its owner role, and its key creates a task
 /// through the router.
 async fn assert_owned_and_served(stack: &Stack, slug: &str, key: &str) {
-    let db = silo_tests::database_of(slug);
+    let db = stack.database_of(slug).await.unwrap();
     let mut conn = stack.pg().admin_options(&db).connect().await.unwrap();
     let owners: Vec<String> =
         sqlx::query_scalar("SELECT DISTINCT tableowner::text FROM pg_tables WHERE schemaname = 'public'")
@@ -355,7 +355,7 @@ async fn onboarding_takes_a_spare_database_and_the_spares_refill() {
     // The tenant's database is one of the spares, renamed: same oid, new name, its owner's.
     let slug = unique_name("spare");
     let key = stack.create_tenant(&slug).await.unwrap();
-    let db = silo_tests::database_of(&slug);
+    let db = stack.database_of(&slug).await.unwrap();
     let mut admin = stack.pg().admin_options("postgres").connect().await.unwrap();
     let (oid, owner): (i64, String) =
         sqlx::query_as("SELECT oid::int8, pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1")

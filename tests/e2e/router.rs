@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use silo_control_plane::names::TenantSlug;
 use silo_tests::stack::{Stack, StackOptions};
 use silo_tests::unique_name;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -158,7 +157,7 @@ async fn hostile_hosts_get_json_errors_and_leak_nothing() {
     let stack = Stack::start(StackOptions::default()).await.unwrap();
     let slug = unique_name("rh");
     stack.create_tenant(&slug).await.unwrap();
-    let db = TenantSlug::parse(&slug).unwrap().database_name();
+    let db = stack.database_of(&slug).await.unwrap();
     let get = |host: &[u8]| [b"GET /api/v1/tasks HTTP/1.1\r\nHost: ", host, b"\r\n"].concat();
 
     // The real tenant, unauthenticated: the app itself answers (401), proving the route.
@@ -283,7 +282,7 @@ async fn idle_pool_is_closed_and_rebuilt_on_the_next_request() {
     .unwrap();
     let slug = unique_name("ri");
     let key = stack.create_tenant(&slug).await.unwrap();
-    let db = TenantSlug::parse(&slug).unwrap().database_name();
+    let db = stack.database_of(&slug).await.unwrap();
     let host = format!("{slug}.localhost");
     let get = || {
         stack
@@ -374,7 +373,7 @@ async fn the_budget_counts_open_connections_not_pool_sizes() {
     assert_eq!(metric(&after, "silo_router_pools_open", &[]), 4.0);
     assert_eq!(metric(&after, "silo_router_server_budget_reserved", &[]), 4.0);
     // The evicted pool was the least recently used: the first tenant's.
-    let first = TenantSlug::parse(&tenants[0].0).unwrap().database_name();
+    let first = stack.database_of(&tenants[0].0).await.unwrap();
     eventually(Duration::from_secs(5), || async {
         router_connections_to(&stack, &first).await == 0
     })
@@ -395,7 +394,7 @@ async fn stack_with_tenants(router_toml: &str, prefix: &str, n: usize) -> (Stack
     for _ in 0..n {
         let slug = unique_name(prefix);
         let key = stack.create_tenant(&slug).await.unwrap();
-        let db = TenantSlug::parse(&slug).unwrap().database_name();
+        let db = stack.database_of(&slug).await.unwrap();
         tenants.push((slug, key, db));
     }
     (stack, tenants)
@@ -504,7 +503,7 @@ async fn concurrent_first_requests_build_one_pool() {
     let stack = Stack::start(StackOptions::default()).await.unwrap();
     let slug = unique_name("rc");
     let key = stack.create_tenant(&slug).await.unwrap();
-    let db = TenantSlug::parse(&slug).unwrap().database_name();
+    let db = stack.database_of(&slug).await.unwrap();
     let host = format!("{slug}.localhost");
     let creations = |m: &HashMap<String, f64>| metric(m, "silo_router_pool_creations_total", &[]);
     let before = creations(&scrape(&stack).await);

@@ -164,7 +164,7 @@ async fn a_rebuilt_pool_reuses_the_secret_read_last_until_the_tenant_changes() {
     .unwrap();
     let slug = unique_name("kc");
     let key = stack.create_tenant(&slug).await.unwrap();
-    let database = silo_tests::database_of(&slug);
+    let database = stack.database_of(&slug).await.unwrap();
     let served = || async { stack.tenant_get(&slug, &key, "/api/v1/me").await.unwrap().status() };
     assert_eq!(served().await, StatusCode::OK);
     let first_role = router_session_role(&stack, &database).await;
@@ -336,7 +336,7 @@ async fn a_tenant_without_a_connection_gets_the_room_before_a_pool_that_grows() 
 
     // The busy tenant's requests wait on a row lock: its first holds its one connection, its
     // second waits for budget to grow the pool. The budget (2) is spent: busy 1 + idle 1.
-    let busy_db = silo_tests::database_of(busy);
+    let busy_db = stack.database_of(busy).await.unwrap();
     let mut locker = stack.pg().admin_options(&busy_db).connect().await.unwrap();
     let mut lock = locker.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE")
@@ -565,7 +565,7 @@ async fn a_request_past_its_timeout_is_answered_503_and_its_query_stopped_on_the
     .unwrap();
     let slug = unique_name("rt");
     let key = stack.create_tenant(&slug).await.unwrap();
-    let database = silo_tests::database_of(&slug);
+    let database = stack.database_of(&slug).await.unwrap();
     let mut admin = stack.pg().admin_options(&database).connect().await.unwrap();
     sqlx::query("INSERT INTO tasks (title) VALUES ('behind a slow policy')")
         .execute(&mut admin)

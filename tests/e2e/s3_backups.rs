@@ -12,7 +12,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use silo_tests::moto::MotoServer;
 use silo_tests::stack::{Stack, StackOptions};
-use silo_tests::{database_of, unique_name};
+use silo_tests::unique_name;
 use sqlx::{ConnectOptions, Connection};
 
 /// A stack whose backups go to `backups/` and to `bucket` on `moto`, with `extra` lines in
@@ -122,7 +122,7 @@ async fn a_backup_reaches_s3_and_is_restored_from_there_once_the_machine_lost_it
     let stack = stack_with_s3(moto, &bucket, &s3, "", true).await;
     let slug = unique_name("s3");
     let key = stack.create_tenant(&slug).await.unwrap();
-    let database = database_of(&slug);
+    let database = stack.database_of(&slug).await.unwrap();
     // Large enough to be uploaded and downloaded in parts of 5 MiB.
     fill(&stack, &database, 120_000).await;
 

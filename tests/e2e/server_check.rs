@@ -4,10 +4,11 @@
 
 use std::path::Path;
 
+use reqwest::Method;
 use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 use silo_tests::pg::TestCluster;
-use silo_tests::stack::{Stack, StackOptions};
+use silo_tests::stack::{Secrets, Stack, StackOptions};
 use silo_tests::unique_name;
 use sqlx::{ConnectOptions, Connection};
 
@@ -44,13 +45,14 @@ async fn server_check_names_databases_and_roles_the_catalog_does_not_account_for
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert!(stdout.contains("pg-2: as the catalog says"), "{stdout}");
 
+    let gone_db = stack.database_of(&gone).await.unwrap();
     // What a catalog restored from an older backup does not know: a tenant created since (its
     // database and login role are on pg-2) and a tenant deleted since (it still lists it).
     let mut admin = pg2.admin_options("postgres").connect().await.unwrap();
     for sql in [
         format!("CREATE ROLE \"tenant_{ghost}_app\" LOGIN"),
         format!("CREATE DATABASE \"tenant_{ghost}\""),
-        format!("DROP DATABASE \"tenant_{gone}\" WITH (FORCE)"),
+        format!("DROP DATABASE \"{gone_db}\" WITH (FORCE)"),
     ] {
         // Names made by unique_name: lower-case letters and digits.
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
@@ -65,7 +67,7 @@ async fn server_check_names_databases_and_roles_the_catalog_does_not_account_for
     for line in [
         format!("pg-2: untracked database tenant_{ghost} (no tenant of the catalog is there)"),
         format!("pg-2: untracked role tenant_{ghost}_app"),
-        format!("pg-2: missing database tenant_{gone} of tenant {gone}"),
+        format!("pg-2: missing database {gone_db} of tenant {gone}"),
     ] {
         assert!(stdout.lines().any(|l| l == line), "no line {line:?} in:\n{stdout}");
     }
@@ -86,7 +88,7 @@ async fn server_check_names_databases_and_roles_the_catalog_does_not_account_for
     assert_eq!(pg2_entry["untracked_roles"], json!([format!("tenant_{ghost}_app")]));
     assert_eq!(
         pg2_entry["missing_databases"],
-        json!([{"slug": gone, "database": format!("tenant_{gone}")}])
+        json!([{"slug": gone, "database": gone_db}])
     );
 
     // A server that cannot be asked is named as not checked, and fails the check.
@@ -181,6 +183,25 @@ async fn the_fleet_is_made_whole_after_the_catalog_is_restored_from_an_older_bac
         .unwrap();
     assert_eq!(code, Some(0), "{stdout}{stderr}");
 
+    // Names the restored catalog derives again from the same slugs, or lacks.
+    let later_db = stack.database_of(&later).await.unwrap();
+    // Whose an untracked database is: the audit entry of its tenant's creation (shipped off
+    // the catalog in production) names it.
+    let (_, created) = stack
+        .admin(
+            Method::GET,
+            &format!("/v1/audit?tenant={later}&action=tenant.create"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        created["items"][0]["detail"]["database"],
+        later_db.as_str(),
+        "{created}"
+    );
+    let doomed_db = stack.database_of(&doomed).await.unwrap();
+    let moved_db = stack.database_of(&moved).await.unwrap();
     restore_catalog(&mut stack, &backup).await;
     assert!(
         !secret_logs_in(&stack, &kept).await,
@@ -190,12 +211,12 @@ async fn the_fleet_is_made_whole_after_the_catalog_is_restored_from_an_older_bac
     assert_eq!(code, Some(1), "{stdout}{stderr}");
     for line in [
         format!("pg-2: tenant {kept} does not log in with its secret: "),
-        format!("pg-2: untracked database tenant_{later} (no tenant of the catalog is there)"),
-        format!("pg-2: untracked role tenant_{later}_app"),
-        format!("pg-2: untracked role tenant_{later}_owner"),
-        format!("pg-2: missing database tenant_{doomed} of tenant {doomed}"),
-        format!("pg-1: missing database tenant_{moved} of tenant {moved}"),
-        format!("pg-2: untracked database tenant_{moved} (no tenant of the catalog is there)"),
+        format!("pg-2: untracked database {later_db} (no tenant of the catalog is there)"),
+        format!("pg-2: untracked role {later_db}_app"),
+        format!("pg-2: untracked role {later_db}_owner"),
+        format!("pg-2: missing database {doomed_db} of tenant {doomed}"),
+        format!("pg-1: missing database {moved_db} of tenant {moved}"),
+        format!("pg-2: untracked database {moved_db} (no tenant of the catalog is there)"),
     ] {
         assert!(
             stdout.lines().any(|l| l.starts_with(&line)),
@@ -244,4 +265,47 @@ async fn restore_catalog(stack: &mut Stack, backup: &Path) {
         ],
     );
     stack.start_control_plane().await.unwrap();
+}
+
+/// A catalog restored from a backup taken before it had its naming key (or from another
+/// catalog's) derives other database names than its tenants were created with. With the
+/// secrets kept outside the catalog (AWS), creating a tenant made since over its own database
+/// adopts the database its secret logs in to, with its data and API key. (The local store's
+/// secrets are restored with the catalog: see the README's "Restoring the catalog".)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_the_restored_catalog_would_name_otherwise_is_adopted_by_its_aws_secret() {
+    let mut stack = Stack::start(StackOptions {
+        secrets: Secrets::Aws,
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let backup = stack.dir().join("catalog.dump");
+    catalog_tool(&stack, "pg_dump", &["--format=custom", "-f", backup.to_str().unwrap()]);
+    let slug = unique_name("adopted");
+    let key = stack.create_tenant(&slug).await.unwrap();
+    stack
+        .add_tasks(&slug, &key, &["made before the restore"])
+        .await
+        .unwrap();
+    let database = stack.database_of(&slug).await.unwrap();
+
+    restore_catalog(&mut stack, &backup).await;
+    sqlx::query("UPDATE naming_key SET key = decode(md5(random()::text) || md5(random()::text), 'hex')")
+        .execute(stack.catalog())
+        .await
+        .unwrap();
+    let (code, stdout, stderr) = stack
+        .siloctl(&["tenant", "create", &slug, "--server", "pg-1"])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert_eq!(stack.database_of(&slug).await.unwrap(), database);
+    assert_eq!(
+        stack.served_titles(&slug, &key).await.unwrap(),
+        ["made before the restore"]
+    );
+    let (code, stdout, stderr) = stack.siloctl(&["server", "check", "--logins"]).await.unwrap();
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    stack.stop().await.unwrap();
 }

@@ -88,7 +88,7 @@ async fn a_tls_only_server_is_provisioned_rotated_and_served_over_verified_tls()
         "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
          WHERE a.application_name = 'silo-router' AND a.datname = $1 AND s.ssl",
     )
-    .bind(silo_tests::database_of(&slug))
+    .bind(stack.database_of(&slug).await.unwrap())
     .fetch_one(&mut admin)
     .await
     .unwrap();

@@ -446,7 +446,7 @@ async fn delete_drops_everything_and_answers_like_an_unknown_host() {
     stack.delete_tenant(&slug).await.unwrap();
 
     let mut admin = stack.pg().admin_options("postgres").connect().await.unwrap();
-    let db = silo_tests::database_of(&slug);
+    let db = stack.database_of(&slug).await.unwrap();
     let dbs: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
         .bind(&db)
         .fetch_one(&mut admin)

@@ -143,13 +143,6 @@ pub fn run_control_plane(
     )
 }
 
-/// The database of tenant `slug`, named as the control plane names it.
-pub fn database_of(slug: &str) -> String {
-    silo_control_plane::names::TenantSlug::parse(slug)
-        .expect("a valid slug")
-        .database_name()
-}
-
 /// Options to log in with a tenant secret's JSON (`host`, `port`, `username`, `password`,
 /// `dbname`), as the tenant app would.
 pub fn secret_connect_options(secret: &serde_json::Value) -> sqlx::postgres::PgConnectOptions {

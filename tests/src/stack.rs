@@ -239,6 +239,14 @@ connect_timeout = "{connect}ms"
         &self.catalog
     }
 
+    /// The database of tenant `slug`, as the catalog records it.
+    pub async fn database_of(&self, slug: &str) -> anyhow::Result<String> {
+        Ok(sqlx::query_scalar("SELECT database FROM tenants WHERE slug = $1")
+            .bind(slug)
+            .fetch_one(self.catalog())
+            .await?)
+    }
+
     /// Admin API address.
     pub fn control_plane_addr(&self) -> SocketAddr {
         self.cp_addr

@@ -16,7 +16,7 @@ use super::extract::{Body, Path};
 use super::tenants::tenant_with_database;
 use super::ApiState;
 use crate::audit;
-use crate::names::{quote_ident, TenantSlug};
+use crate::names::{quote_ident, TenantNames, TenantSlug};
 use crate::provision::insert_key_as_owner;
 
 /// `POST /v1/tenants/{slug}/keys` body.
@@ -44,9 +44,9 @@ fn check_key_name(name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A connection to the database of tenant `slug` (active or suspended); 503 when it cannot be
-/// reached.
-async fn tenant_database(state: &ApiState, slug: &str) -> Result<(TenantSlug, PgConnection), ApiError> {
+/// A connection to the database of tenant `slug` (active or suspended), with the names of
+/// that database and its roles; 503 when it cannot be reached.
+async fn tenant_database(state: &ApiState, slug: &str) -> Result<(TenantSlug, TenantNames, PgConnection), ApiError> {
     let (tenant, slug) = tenant_with_database(state, slug).await?;
     let server = state
         .servers
@@ -56,16 +56,16 @@ async fn tenant_database(state: &ApiState, slug: &str) -> Result<(TenantSlug, Pg
         tracing::warn!(error = %e, tenant = %slug, "connect to tenant database");
         ApiError::Unavailable("tenant_unavailable", "the tenant's database is unavailable".into())
     })?;
-    Ok((slug, conn))
+    Ok((slug, TenantNames::of_database(tenant.database), conn))
 }
 
 /// `SET LOCAL ROLE` to the tenant's owner, so the statements that follow in the transaction
 /// act as the role that owns `api_keys` (an admin role that is not a superuser is a member
 /// of it, not more).
-async fn act_as_owner(tx: &mut PgConnection, slug: &TenantSlug) -> Result<(), ApiError> {
+async fn act_as_owner(tx: &mut PgConnection, names: &TenantNames) -> Result<(), ApiError> {
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "SET LOCAL ROLE {}",
-        quote_ident(&slug.owner_role())
+        quote_ident(&names.owner_role())
     )))
     .execute(tx)
     .await?;
@@ -80,7 +80,7 @@ pub async fn create(
     Body(req): Body<CreateKey>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     check_key_name(&req.name)?;
-    let (slug, mut conn) = tenant_database(&state, &slug).await?;
+    let (slug, names, mut conn) = tenant_database(&state, &slug).await?;
     let taken: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM api_keys WHERE name = $1)")
         .bind(&req.name)
         .fetch_one(&mut conn)
@@ -92,7 +92,7 @@ pub async fn create(
         ));
     }
     let (api_key, hash) = silo_tenant_app::api_keys::generate();
-    insert_key_as_owner(&mut conn, &slug, &req.name, &hash)
+    insert_key_as_owner(&mut conn, &names, &req.name, &hash)
         .await
         .map_err(|e| ApiError::Internal(e.into()))?;
     let mut tx = state.catalog.begin().await?;
@@ -110,9 +110,9 @@ pub async fn create(
 
 /// `GET /v1/tenants/{slug}/keys` → 200 `{"items":[{"name","created_at"}]}`, by name.
 pub async fn list(State(state): State<ApiState>, Path(slug): Path<String>) -> Result<Json<Value>, ApiError> {
-    let (slug, mut conn) = tenant_database(&state, &slug).await?;
+    let (_, names, mut conn) = tenant_database(&state, &slug).await?;
     let mut tx = sqlx::Connection::begin(&mut conn).await?;
-    act_as_owner(&mut tx, &slug).await?;
+    act_as_owner(&mut tx, &names).await?;
     let items: Vec<KeyInfo> = sqlx::query_as("SELECT name, created_at FROM api_keys ORDER BY name")
         .fetch_all(&mut *tx)
         .await?;
@@ -127,9 +127,9 @@ pub async fn revoke(
     Path((slug, name)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     check_key_name(&name)?;
-    let (slug, mut conn) = tenant_database(&state, &slug).await?;
+    let (_, names, mut conn) = tenant_database(&state, &slug).await?;
     let mut tx = sqlx::Connection::begin(&mut conn).await?;
-    act_as_owner(&mut tx, &slug).await?;
+    act_as_owner(&mut tx, &names).await?;
     let removed = sqlx::query("DELETE FROM api_keys WHERE name = $1")
         .bind(&name)
         .execute(&mut *tx)

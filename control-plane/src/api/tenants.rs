@@ -16,7 +16,7 @@ use super::holds::refuse_if_held;
 use super::ApiState;
 use crate::catalog::routes::TenantStatus;
 use crate::catalog::tenants::{self, InsertError, NewTenant, Tenant};
-use crate::names::TenantSlug;
+use crate::names::{TenantNames, TenantSlug};
 use crate::provision::{DeleteParams, ProvisionParams};
 use crate::{audit, jobs, secrets};
 
@@ -201,6 +201,7 @@ pub async fn create(
             };
             ApiError::Unavailable("no_capacity", full)
         })?;
+    let names = TenantNames::derive(&tenants::naming_key(&mut tx).await?, &slug);
     let tenant = tenants::insert(
         &mut tx,
         &NewTenant {
@@ -208,7 +209,7 @@ pub async fn create(
             name: &name,
             plan: &plan,
             server: &server,
-            database: &slug.database_name(),
+            database: names.database(),
             domains: &domains,
         },
     )
@@ -225,7 +226,7 @@ pub async fn create(
         &actor,
         "tenant.create",
         Some(slug.as_str()),
-        json!({"server": server, "plan": plan, "domains": domains, "job": job.id}),
+        json!({"server": server, "database": names.database(), "plan": plan, "domains": domains, "job": job.id}),
     )
     .await?;
     tx.commit().await?;

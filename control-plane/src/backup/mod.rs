@@ -498,10 +498,11 @@ impl Backups {
     }
 
     /// A new backup of `slug`'s database for job `job_id`, logged in with `secret` (the
-    /// tenant's current login) over `tls`.
+    /// tenant's current login) over `tls`, acting as the tenant's owner role `owner_role`.
     pub async fn take(
         &self,
         slug: &TenantSlug,
+        owner_role: &str,
         job_id: i64,
         secret: &DbSecret,
         tls: &ServerTls,
@@ -513,7 +514,7 @@ impl Backups {
         let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
         let file = dir.join(format!("{slug}-{stamp}{suffix}"));
         let partial = dir.join(format!(".{slug}-{stamp}{suffix}.partial"));
-        let mut args = vec!["--format=custom".to_owned(), format!("--role={}", slug.owner_role())];
+        let mut args = vec!["--format=custom".to_owned(), format!("--role={owner_role}")];
         let pipe = match self.keys.first() {
             Some(key) => Pipe::Seal {
                 key,
@@ -543,12 +544,13 @@ impl Backups {
     }
 
     /// Restores backup `file` of `slug` into the empty database `secret` names, logged in with
-    /// `secret` over `tls` and acting as the tenant's owner role, so that what it creates
-    /// belongs to that role whatever owned it where the backup was taken. One transaction:
-    /// the database gets all of the backup or, on any error, none of it.
+    /// `secret` over `tls` and acting as the tenant's owner role `owner_role`, so that what it
+    /// creates belongs to that role whatever owned it where the backup was taken. One
+    /// transaction: the database gets all of the backup or, on any error, none of it.
     pub async fn restore(
         &self,
         slug: &TenantSlug,
+        owner_role: &str,
         file: &Path,
         secret: &DbSecret,
         tls: &ServerTls,
@@ -559,7 +561,7 @@ impl Backups {
             "--exit-on-error".to_owned(),
             "--single-transaction".to_owned(),
             "--no-owner".to_owned(),
-            format!("--role={}", slug.owner_role()),
+            format!("--role={owner_role}"),
         ];
         let pipe = match sealed::format_of_file(file).map_err(io("read", file))? {
             Format::Sealed => {

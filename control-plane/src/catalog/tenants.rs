@@ -6,6 +6,7 @@ use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 
 use super::routes::TenantStatus;
+use crate::names::NamingKey;
 
 /// A tenant as the admin API shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -145,6 +146,12 @@ pub async fn lock_status(tx: &mut PgConnection, slug: &str) -> Result<Option<Ten
     status
         .map(|s| s.parse().map_err(|e: String| sqlx::Error::Decode(e.into())))
         .transpose()
+}
+
+/// The key new tenants' database names are derived from ([`TenantNames::derive`]).
+pub async fn naming_key(exec: &mut PgConnection) -> Result<NamingKey, sqlx::Error> {
+    let key: Vec<u8> = sqlx::query_scalar("SELECT key FROM naming_key").fetch_one(exec).await?;
+    NamingKey::from_bytes(&key).ok_or_else(|| sqlx::Error::Decode("naming_key.key is not 32 bytes".into()))
 }
 
 /// Why `slug`'s data is under legal hold, if it is (deleted tenants included).

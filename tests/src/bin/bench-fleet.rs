@@ -102,7 +102,11 @@ async fn rollout(stack: &Stack, tenants: &[String], concurrency: usize) -> anyho
 /// does (off the runtime's workers).
 async fn connect_each(stack: &Stack, tenants: &[String], concurrency: usize) -> anyhow::Result<Duration> {
     let next = Arc::new(AtomicUsize::new(0));
-    let databases: Arc<Vec<String>> = Arc::new(tenants.iter().map(|slug| silo_tests::database_of(slug)).collect());
+    let mut databases = Vec::with_capacity(tenants.len());
+    for slug in tenants {
+        databases.push(stack.database_of(slug).await?);
+    }
+    let databases = Arc::new(databases);
     let started = Instant::now();
     let mut workers = JoinSet::new();
     for _ in 0..concurrency {
