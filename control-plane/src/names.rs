@@ -131,6 +131,20 @@ impl TenantNames {
         }
     }
 
+    /// The names of `database` if silo could have made it for a tenant: `tenant_` and
+    /// lower-case letters, digits and `_`, short enough for its roles' names to fit
+    /// PostgreSQL's 63 bytes (it would cut them, and they would no longer match).
+    pub fn of_tenant_database(database: &str) -> Option<Self> {
+        let shaped = database.strip_prefix("tenant_").is_some_and(|rest| {
+            !rest.is_empty()
+                && rest
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        });
+        let names = Self::of_database(database);
+        (shaped && names.alternate_login_role().len() <= 63).then_some(names)
+    }
+
     /// The tenant's database.
     pub fn database(&self) -> &str {
         &self.database
@@ -288,6 +302,41 @@ mod tests {
         let other_slug = TenantSlug::parse("acme-corq").unwrap();
         assert_ne!(TenantNames::derive(&key, &other_slug), names);
         assert_eq!(format!("{key:?}"), "NamingKey(..)");
+    }
+
+    #[test]
+    fn only_names_silo_makes_are_tenant_databases() {
+        let derived = TenantNames::derive(
+            &NamingKey::from_bytes(&[1; 32]).unwrap(),
+            &TenantSlug::parse("acme").unwrap(),
+        );
+        let longest_legacy = format!("tenant_{}", "a".repeat(32));
+        for ok in [
+            derived.database(),
+            "tenant_acme_corp",
+            &longest_legacy,
+            &format!("tenant_{}", "a".repeat(50)),
+        ] {
+            assert_eq!(
+                TenantNames::of_tenant_database(ok)
+                    .map(|n| n.database().to_owned())
+                    .as_deref(),
+                Some(ok)
+            );
+        }
+        for bad in [
+            "tenant_",
+            "acme",
+            "postgres",
+            "Tenant_acme",
+            "tenant_Acme",
+            "tenant_ac-me",
+            "tenant_a\"b",
+            "tenant_acme; DROP",
+            &format!("tenant_{}", "a".repeat(51)),
+        ] {
+            assert!(TenantNames::of_tenant_database(bad).is_none(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -334,13 +334,14 @@ impl Provisioner {
         if secret.dbname == names.database() {
             return Ok(names.clone());
         }
-        let theirs = TenantNames::of_database(secret.dbname.clone());
-        if !secret.dbname.starts_with("tenant_") || !theirs.login_roles().contains(&secret.username) {
+        let Some(theirs) = TenantNames::of_tenant_database(&secret.dbname)
+            .filter(|theirs| theirs.login_roles().contains(&secret.username))
+        else {
             return Err(ProvisionError::InvalidJob(format!(
                 "the tenant's secret names database {:?} and login role {:?}, which silo does not make for a tenant",
                 secret.dbname, secret.username
             )));
-        }
+        };
         let adopted = sqlx::query(
             "UPDATE tenants SET database = $2, updated_at = now() WHERE slug = $1 AND NOT EXISTS \
              (SELECT 1 FROM tenants WHERE database = $2 AND slug <> $1 AND status <> 'deleted')",
