@@ -213,6 +213,13 @@ async fn siloctl_session_against_a_real_control_plane() {
             "{table}"
         );
     }
+    // Which tenant a database seen on a server is: database names do not say.
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(a.as_str()) && l.contains(database_a.as_str())),
+        "{table}"
+    );
     let list = ctl.json(&["tenant", "list"]).await;
     let items = list["items"].as_array().unwrap();
     assert_eq!(items.len(), 2, "{list}");

@@ -266,6 +266,7 @@ pub(crate) fn print_tenants(tenants: &[Value]) {
                 "status",
                 "plan",
                 "server",
+                "database",
                 "schema_version",
                 "domains",
                 "created_at",
@@ -277,7 +278,7 @@ pub(crate) fn print_tenants(tenants: &[Value]) {
         .collect();
     print_table(
         &[
-            "SLUG", "NAME", "STATUS", "PLAN", "SERVER", "SCHEMA", "DOMAINS", "CREATED",
+            "SLUG", "NAME", "STATUS", "PLAN", "SERVER", "DATABASE", "SCHEMA", "DOMAINS", "CREATED",
         ],
         &rows,
         "no tenants",
