@@ -9,7 +9,7 @@
 //! one query) → `tasks` (one query, on the connection auth took if it took one) → JSON.
 //! A request checks out at most one connection, after its body has been read (`body`).
 //! Every failure leaves through `error::ApiError`, the single mapping to
-//! `{"error","message"}` bodies.
+//! `{"error","message"}` bodies. `openapi` serves the contract of all this, without a key.
 
 pub mod api_keys;
 mod auth;
@@ -18,6 +18,7 @@ mod connect;
 mod db;
 mod error;
 mod json;
+mod openapi;
 pub mod standalone;
 mod tasks;
 mod verified_keys;
@@ -75,12 +76,14 @@ impl fmt::Debug for TenantContext {
     }
 }
 
-/// The whole tenant API (`/api/v1/...`), with JSON 404/405 answers for everything else.
+/// The whole tenant API (`/api/v1/...`) and its OpenAPI document (`/api/v1/openapi.json`,
+/// served without a key), with JSON 404/405 answers for everything else.
 ///
-/// Requests must carry a [`TenantContext`] extension; without one they fail with 500
+/// Other requests must carry a [`TenantContext`] extension; without one they fail with 500
 /// `internal` (and an error log), since that is a bug in the host, not in the request.
 pub fn app() -> Router {
     Router::new()
+        .route("/api/v1/openapi.json", get(openapi::document))
         .route("/api/v1/me", get(auth::me))
         .route("/api/v1/tasks", get(tasks::list).post(tasks::create))
         .route(

@@ -2,7 +2,8 @@
 //! (including a key of another tenant's database), and every error code of the contract.
 //!
 //! Each test gets its own database on the process's shared cluster and its own
-//! `SingleTenantServer` on 127.0.0.1:0, exactly as the standalone bin serves.
+//! `SingleTenantServer` on 127.0.0.1:0, exactly as the standalone bin serves; the test of the
+//! OpenAPI document goes through the router of a `Stack`, as tenants' clients do.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use silo_tenant_app::{
     VERIFIED_KEY_TTL,
 };
 use silo_tests::pg::TestCluster;
+use silo_tests::stack::{Stack, StackOptions};
 use silo_tests::unique_name;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
@@ -784,4 +786,155 @@ async fn the_standalone_app_ends_statements_that_run_past_its_timeout() {
     sqlx::raw_sql("ROLLBACK").execute(&mut locker).await.unwrap();
     assert_eq!(get().await.unwrap().status(), StatusCode::OK);
     app.kill().await.unwrap();
+}
+
+/// The tenant API's OpenAPI document, as the repository holds it.
+const OPENAPI: &str = include_str!("../../tenant-app/src/openapi.json");
+
+/// `value`, or what its `$ref` names in `doc`.
+fn resolve<'a>(doc: &'a Value, value: &'a Value) -> &'a Value {
+    match value["$ref"].as_str() {
+        Some(reference) => doc
+            .pointer(reference.trim_start_matches('#'))
+            .unwrap_or_else(|| panic!("{reference} names nothing")),
+        None => value,
+    }
+}
+
+/// A tenant's client, through the router: `/api/v1/openapi.json` is served without a key and
+/// is the document in the repository; every operation it names answers a real key with a
+/// success it lists for that operation and a body of the documented shape, and answers no key
+/// with its documented 401.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_documented_operation_is_served_through_the_router_as_documented() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let slug = unique_name("doc");
+    let key = stack.create_tenant(&slug).await.unwrap();
+    let host = format!("{slug}.localhost");
+    let resp = stack
+        .tenant_request(Method::GET, &host, "/api/v1/openapi.json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
+    let served = resp.text().await.unwrap();
+    assert!(
+        served == OPENAPI,
+        "the document served is not tenant-app/src/openapi.json"
+    );
+    let doc: Value = serde_json::from_str(&served).unwrap();
+    let base = doc["servers"][0]["url"].as_str().unwrap();
+
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            if method == "parameters" {
+                continue;
+            }
+            let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            // A task of its own for each call on one, so that each can succeed.
+            let concrete = if path.contains("{id}") {
+                let created = stack
+                    .tenant_request(Method::POST, &host, "/api/v1/tasks")
+                    .bearer_auth(&key)
+                    .json(&json!({ "title": "for the contract" }))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(created.status(), StatusCode::CREATED);
+                let task: Value = created.json().await.unwrap();
+                path.replace("{id}", &task["id"].to_string())
+            } else {
+                path.clone()
+            };
+            let request = || {
+                let request = stack.tenant_request(method.clone(), &host, &format!("{base}{concrete}"));
+                if op.get("requestBody").is_some() {
+                    request.json(&json!({ "title": "as documented" }))
+                } else {
+                    request
+                }
+            };
+
+            let resp = request().bearer_auth(&key).send().await.unwrap();
+            let status = resp.status();
+            let content_type = resp.headers().get(CONTENT_TYPE).cloned();
+            let body = resp.text().await.unwrap();
+            let what = format!("{method} {path}: {status} {body}");
+            let documented = op["responses"]
+                .get(status.as_str())
+                .unwrap_or_else(|| panic!("undocumented status: {what}"));
+            assert!(status.is_success(), "{what}");
+            match resolve(&doc, documented)["content"]["application/json"].get("schema") {
+                Some(schema) => {
+                    assert_eq!(content_type.unwrap(), "application/json", "{what}");
+                    let body: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {what}"));
+                    for field in resolve(&doc, schema)["required"].as_array().unwrap() {
+                        assert!(body.get(field.as_str().unwrap()).is_some(), "no {field}: {what}");
+                    }
+                }
+                None => assert!(body.is_empty(), "a body where none is documented: {what}"),
+            }
+
+            let resp = request().send().await.unwrap();
+            let status = resp.status();
+            let body: Value = resp.json().await.unwrap();
+            let what = format!("{method} {path} without a key: {status} {body}");
+            assert!(
+                op["responses"].get(status.as_str()).is_some(),
+                "undocumented status: {what}"
+            );
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}");
+            assert_eq!(body["error"], "unauthorized", "{what}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 6, "operations in the document");
+    stack.stop().await.unwrap();
+}
+
+/// The limits the document states are the ones the app enforces: a title of `maxLength`
+/// characters is taken and one more is refused, a page of the largest `limit` is served and
+/// a larger one refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_documented_limits_are_the_enforced_ones() {
+    let t = Tenant::start().await;
+    let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+    let body = &doc["paths"]["/tasks"]["post"]["requestBody"]["content"]["application/json"]["schema"];
+    let max_title = body["properties"]["title"]["maxLength"].as_u64().unwrap() as usize;
+    let resp = t
+        .req(Method::POST, "/api/v1/tasks")
+        .json(&json!({ "title": "é".repeat(max_title) }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let resp = t
+        .req(Method::POST, "/api/v1/tasks")
+        .json(&json!({ "title": "é".repeat(max_title + 1) }))
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+
+    let limit = doc["paths"]["/tasks"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "limit")
+        .unwrap();
+    let max_limit = limit["schema"]["maximum"].as_u64().unwrap();
+    let resp = t
+        .req(Method::GET, &format!("/api/v1/tasks?limit={max_limit}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = t
+        .req(Method::GET, &format!("/api/v1/tasks?limit={}", max_limit + 1))
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, StatusCode::BAD_REQUEST, "invalid_request").await;
 }
