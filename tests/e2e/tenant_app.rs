@@ -15,6 +15,7 @@ use silo_tenant_app::{
     api_keys, BudgetPermit, ConnectionBudget, DbPool, DbPoolSettings, SingleTenantServer, TakePermit, TenantContext,
     VERIFIED_KEY_TTL,
 };
+use silo_tests::openapi::{operations, resolve};
 use silo_tests::pg::TestCluster;
 use silo_tests::stack::{Stack, StackOptions};
 use silo_tests::unique_name;
@@ -791,16 +792,6 @@ async fn the_standalone_app_ends_statements_that_run_past_its_timeout() {
 /// The tenant API's OpenAPI document, as the repository holds it.
 const OPENAPI: &str = include_str!("../../tenant-app/src/openapi.json");
 
-/// `value`, or what its `$ref` names in `doc`.
-fn resolve<'a>(doc: &'a Value, value: &'a Value) -> &'a Value {
-    match value["$ref"].as_str() {
-        Some(reference) => doc
-            .pointer(reference.trim_start_matches('#'))
-            .unwrap_or_else(|| panic!("{reference} names nothing")),
-        None => value,
-    }
-}
-
 /// A tenant's client, through the router: `/api/v1/openapi.json` is served without a key and
 /// is the document in the repository; every operation it names answers a real key with a
 /// success it lists for that operation and a body of the documented shape, and answers no key
@@ -827,68 +818,63 @@ async fn every_documented_operation_is_served_through_the_router_as_documented()
     let base = doc["servers"][0]["url"].as_str().unwrap();
 
     let mut checked = 0;
-    for (path, item) in doc["paths"].as_object().unwrap() {
-        for (method, op) in item.as_object().unwrap() {
-            if method == "parameters" {
-                continue;
-            }
-            let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
-            // A task of its own for each call on one, so that each can succeed.
-            let concrete = if path.contains("{id}") {
-                let created = stack
-                    .tenant_request(Method::POST, &host, "/api/v1/tasks")
-                    .bearer_auth(&key)
-                    .json(&json!({ "title": "for the contract" }))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(created.status(), StatusCode::CREATED);
-                let task: Value = created.json().await.unwrap();
-                path.replace("{id}", &task["id"].to_string())
+    for (method, path, op) in operations(&doc) {
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        // A task of its own for each call on one, so that each can succeed.
+        let concrete = if path.contains("{id}") {
+            let created = stack
+                .tenant_request(Method::POST, &host, "/api/v1/tasks")
+                .bearer_auth(&key)
+                .json(&json!({ "title": "for the contract" }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(created.status(), StatusCode::CREATED);
+            let task: Value = created.json().await.unwrap();
+            path.replace("{id}", &task["id"].to_string())
+        } else {
+            path.clone()
+        };
+        let request = || {
+            let request = stack.tenant_request(method.clone(), &host, &format!("{base}{concrete}"));
+            if op.get("requestBody").is_some() {
+                request.json(&json!({ "title": "as documented" }))
             } else {
-                path.clone()
-            };
-            let request = || {
-                let request = stack.tenant_request(method.clone(), &host, &format!("{base}{concrete}"));
-                if op.get("requestBody").is_some() {
-                    request.json(&json!({ "title": "as documented" }))
-                } else {
-                    request
-                }
-            };
-
-            let resp = request().bearer_auth(&key).send().await.unwrap();
-            let status = resp.status();
-            let content_type = resp.headers().get(CONTENT_TYPE).cloned();
-            let body = resp.text().await.unwrap();
-            let what = format!("{method} {path}: {status} {body}");
-            let documented = op["responses"]
-                .get(status.as_str())
-                .unwrap_or_else(|| panic!("undocumented status: {what}"));
-            assert!(status.is_success(), "{what}");
-            match resolve(&doc, documented)["content"]["application/json"].get("schema") {
-                Some(schema) => {
-                    assert_eq!(content_type.unwrap(), "application/json", "{what}");
-                    let body: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {what}"));
-                    for field in resolve(&doc, schema)["required"].as_array().unwrap() {
-                        assert!(body.get(field.as_str().unwrap()).is_some(), "no {field}: {what}");
-                    }
-                }
-                None => assert!(body.is_empty(), "a body where none is documented: {what}"),
+                request
             }
+        };
 
-            let resp = request().send().await.unwrap();
-            let status = resp.status();
-            let body: Value = resp.json().await.unwrap();
-            let what = format!("{method} {path} without a key: {status} {body}");
-            assert!(
-                op["responses"].get(status.as_str()).is_some(),
-                "undocumented status: {what}"
-            );
-            assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}");
-            assert_eq!(body["error"], "unauthorized", "{what}");
-            checked += 1;
+        let resp = request().bearer_auth(&key).send().await.unwrap();
+        let status = resp.status();
+        let content_type = resp.headers().get(CONTENT_TYPE).cloned();
+        let body = resp.text().await.unwrap();
+        let what = format!("{method} {path}: {status} {body}");
+        let documented = op["responses"]
+            .get(status.as_str())
+            .unwrap_or_else(|| panic!("undocumented status: {what}"));
+        assert!(status.is_success(), "{what}");
+        match resolve(&doc, documented)["content"]["application/json"].get("schema") {
+            Some(schema) => {
+                assert_eq!(content_type.unwrap(), "application/json", "{what}");
+                let body: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {what}"));
+                for field in resolve(&doc, schema)["required"].as_array().unwrap() {
+                    assert!(body.get(field.as_str().unwrap()).is_some(), "no {field}: {what}");
+                }
+            }
+            None => assert!(body.is_empty(), "a body where none is documented: {what}"),
         }
+
+        let resp = request().send().await.unwrap();
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap();
+        let what = format!("{method} {path} without a key: {status} {body}");
+        assert!(
+            op["responses"].get(status.as_str()).is_some(),
+            "undocumented status: {what}"
+        );
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}");
+        assert_eq!(body["error"], "unauthorized", "{what}");
+        checked += 1;
     }
     assert_eq!(checked, 6, "operations in the document");
     stack.stop().await.unwrap();

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod moto;
+pub mod openapi;
 pub mod pg;
 pub mod stack;
 
