@@ -36,6 +36,9 @@ pub struct Job {
     pub step: Option<String>,
     /// Times it was claimed.
     pub attempts: i32,
+    /// Every step a run of it had started when this run claimed it.
+    #[serde(skip)]
+    pub steps_started: Vec<String>,
     /// `attempts` when an operator last queued it again (0 if never).
     #[serde(skip)]
     pub attempts_before_requeue: i32,
@@ -53,7 +56,7 @@ pub struct Job {
 }
 
 const COLUMNS: &str =
-    "id, kind, tenant, state, step, attempts, attempts_before_requeue, error, progress, params, created_at, updated_at";
+    "id, kind, tenant, state, step, attempts, steps_started, attempts_before_requeue, error, progress, params, created_at, updated_at";
 
 /// The condition that a statement binding a job's id as `$1` and a run's `attempts` as `$2`
 /// writes the job's running run.
@@ -192,11 +195,12 @@ pub fn count_run(kind: &str, outcome: &'static str) {
     metrics::counter!("silo_job_runs_total", "kind" => kind, "outcome" => outcome).increment(1);
 }
 
-/// Records the step the job's run `run` reached; false (nothing recorded) if `run` is no
-/// longer the job's running run.
+/// Records the step the job's run `run` reached (and that a run started it); false (nothing
+/// recorded) if `run` is no longer the job's running run.
 pub async fn set_step(pool: &PgPool, run: &Job, step: &str) -> Result<bool, sqlx::Error> {
     let r = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "UPDATE jobs SET step = $3, updated_at = now() WHERE {THIS_RUN}"
+        "UPDATE jobs SET step = $3, updated_at = now(), steps_started = CASE WHEN $3 = ANY (steps_started) \
+           THEN steps_started ELSE array_append(steps_started, $3) END WHERE {THIS_RUN}"
     )))
     .bind(run.id)
     .bind(run.attempts)

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::{Connection, PgConnection, PgPool};
 use tracing::{info, instrument, warn};
 
+use crate::audit;
 use crate::backup::{retention, Backups};
 use crate::catalog::routes::TenantStatus;
 use crate::catalog::tenants;
@@ -127,6 +128,9 @@ pub struct ProvisionParams {
     /// from, instead of starting empty; pending migrations are applied after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_from: Option<String>,
+    /// The admin token that asked for the tenant: the actor of what the job audits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
 }
 
 /// Parameters of a `delete` job.
@@ -260,13 +264,17 @@ impl Provisioner {
                 "database" => {
                     // A restore needs an empty database; templates and spares have tables.
                     let copies = self.templates && params.restore_from.is_none();
-                    ensure_database(
+                    let found = ensure_database(
                         server,
                         &names,
                         copies.then_some(&migrations),
                         self.spares.as_deref().filter(|_| copies),
                     )
-                    .await?
+                    .await?;
+                    // Made by an earlier run of this job, or there before it: adopted.
+                    if found && !job.steps_started.iter().any(|s| s == "database") {
+                        self.record_adoption(job, &slug, server, &names, &params).await?;
+                    }
                 }
                 "schema" => {
                     self.ensure_schema(server, &slug, &names, &secret_name, &migrations, &params)
@@ -360,6 +368,34 @@ impl Provisioner {
         }
         info!(database = %secret.dbname, "the tenant's secret names its database: the catalog records it");
         Ok(theirs)
+    }
+
+    /// Audits that the tenant's provisioning adopted a database already on `server` (a
+    /// tenant created again after the catalog was restored from an older backup), with its
+    /// data and API keys.
+    async fn record_adoption(
+        &self,
+        job: &Job,
+        slug: &TenantSlug,
+        server: &Server,
+        names: &TenantNames,
+        params: &ProvisionParams,
+    ) -> Result<(), ProvisionError> {
+        warn!(
+            database = names.database(),
+            "the tenant's database was already there: adopted with its data"
+        );
+        let mut tx = self.catalog.begin().await.step("audit the adopted database")?;
+        audit::record(
+            &mut tx,
+            params.requested_by.as_deref().unwrap_or("unknown"),
+            "tenant.database.adopt",
+            Some(slug.as_str()),
+            serde_json::json!({"server": server.config.name, "database": names.database(), "job": job.id}),
+        )
+        .await
+        .step("audit the adopted database")?;
+        tx.commit().await.step("audit the adopted database")
     }
 
     /// Step `roles`: the NOLOGIN owner role and the login role (member of the owner, with the
@@ -625,13 +661,14 @@ impl Provisioner {
 
 /// Step `database`: the tenant's database exists, owned by its owner role, closed to
 /// `PUBLIC`, open to its login role. Taken from the server's spares when there is one, else
-/// copied from the template (or created empty when templates are off or not ready).
+/// copied from the template (or created empty when templates are off or not ready). True if
+/// it was there already.
 async fn ensure_database(
     server: &Server,
     names: &TenantNames,
     template_of: Option<&TenantMigrations>,
     spares_claimed: Option<&tokio::sync::Notify>,
-) -> Result<(), ProvisionError> {
+) -> Result<bool, ProvisionError> {
     let name = names.database();
     let db = quote_ident(name);
     let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
@@ -663,7 +700,8 @@ async fn ensure_database(
         };
         metrics::counter!("silo_tenant_databases_created_total", "source" => source).increment(1);
     }
-    hand_over_database(server, names, &names.login_role()).await
+    hand_over_database(server, names, &names.login_role()).await?;
+    Ok(exists)
 }
 
 /// The tenant's database on `server` belongs to its owner role, is closed to `PUBLIC` and

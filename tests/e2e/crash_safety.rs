@@ -144,6 +144,15 @@ async fn provisioning_interrupted_after_each_step_completes_on_retry() {
             "step {step}: the first API key works after the retry"
         );
     }
+    let (_, adopted) = stack
+        .admin(Method::GET, "/v1/audit?action=tenant.database.adopt", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        adopted["items"],
+        json!([]),
+        "a retry finds the database its own first run made: nothing was adopted"
+    );
     stack.stop().await.unwrap();
 }
 

@@ -243,6 +243,32 @@ async fn the_fleet_is_made_whole_after_the_catalog_is_restored_from_an_older_bac
         ["made after the backup"],
         "adopted with its data and its API key"
     );
+    // The audit log says which databases were adopted, where, and at whose request.
+    let (_, adopted) = stack
+        .admin(Method::GET, "/v1/audit?action=tenant.database.adopt", None)
+        .await
+        .unwrap();
+    let adopted: Vec<_> = adopted["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["tenant"].clone(),
+                e["actor"].clone(),
+                e["detail"]["database"].clone(),
+                e["detail"]["server"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        adopted,
+        [
+            (json!(moved), json!("bootstrap"), json!(moved_db), json!("pg-2")),
+            (json!(later), json!("bootstrap"), json!(later_db), json!("pg-2")),
+        ],
+        "newest first"
+    );
     assert_eq!(stack.served_titles(&moved, &moved_key).await.unwrap(), ["moved along"]);
     assert!(secret_logs_in(&stack, &kept).await);
     let (code, stdout, stderr) = stack.siloctl(&["server", "check", "--logins"]).await.unwrap();

@@ -190,6 +190,7 @@ pub async fn create(
         api_key_hash: hex::encode(key_hash),
         secret_version,
         restore_from: req.restore_from,
+        requested_by: Some(actor.clone()),
     };
     let mut tx = state.catalog.begin().await?;
     let server = tenants::place(&mut tx, req.server.as_deref(), req.region.as_deref())
