@@ -219,20 +219,29 @@ impl Provisioner {
         Ok(DbSecret::from_secret(&current.value, secret_name)?)
     }
 
-    /// Where `slug` lives, as the catalog says.
-    pub(crate) async fn placement(&self, slug: &TenantSlug) -> Result<Placement<'_>, ProvisionError> {
+    /// The tenant as the catalog has it.
+    pub(crate) async fn catalog_tenant(&self, slug: &TenantSlug) -> Result<tenants::Tenant, ProvisionError> {
         let mut conn = self.catalog.acquire().await.step("read tenant")?;
-        let tenant = tenants::get(&mut conn, slug.as_str())
+        tenants::get(&mut conn, slug.as_str())
             .await
             .step("read tenant")?
-            .ok_or_else(|| ProvisionError::InvalidJob(format!("tenant {slug} is not in the catalog")))?;
+            .ok_or_else(|| ProvisionError::InvalidJob(format!("tenant {slug} is not in the catalog")))
+    }
+
+    /// Where `slug` lives, as the catalog says.
+    pub(crate) async fn placement(&self, slug: &TenantSlug) -> Result<Placement<'_>, ProvisionError> {
+        self.placement_of(&self.catalog_tenant(slug).await?)
+    }
+
+    /// Where `tenant`, read from the catalog, lives.
+    pub(crate) fn placement_of(&self, tenant: &tenants::Tenant) -> Result<Placement<'_>, ProvisionError> {
         let server = self
             .servers
             .get(&tenant.server)
-            .ok_or(ProvisionError::UnknownServer(tenant.server))?;
+            .ok_or_else(|| ProvisionError::UnknownServer(tenant.server.clone()))?;
         Ok(Placement {
             server,
-            names: TenantNames::of_database(tenant.database),
+            names: TenantNames::of_database(tenant.database.clone()),
         })
     }
 

@@ -54,11 +54,11 @@ impl Provisioner {
         // A job resumed after its last step cleared the mark is done, and must not fence a
         // tenant already written to again. (A failed job retried by an operator, whose mark
         // `abandon_restore` cleared earlier, starts over.)
-        let unfenced = job.step.as_deref() == Some("unfence") && self.tenant(&slug).await?.restoring_from.is_none();
-        if unfenced {
+        let tenant = self.catalog_tenant(&slug).await?;
+        if job.step.as_deref() == Some("unfence") && tenant.restoring_from.is_none() {
             return Ok(());
         }
-        let at = self.placement(&slug).await?;
+        let at = self.placement_of(&tenant)?;
         let source = self.backups.fetch(&slug, &params.backup).await?.ok_or_else(|| {
             ProvisionError::InvalidJob(format!("tenant {slug} has no backup named {:?}", params.backup))
         })?;
@@ -100,11 +100,11 @@ impl Provisioner {
     #[instrument(skip_all, fields(tenant = job.tenant.as_deref().unwrap_or(""), job = job.id))]
     pub async fn abandon_restore(&self, job: &Job) -> Result<(), ProvisionError> {
         let (slug, secret_name) = self.tenant_of(job)?;
-        let tenant = self.tenant(&slug).await?;
+        let tenant = self.catalog_tenant(&slug).await?;
         if tenant.restoring_from.is_none() {
             return Ok(());
         }
-        let at = self.placement(&slug).await?;
+        let at = self.placement_of(&tenant)?;
         let mut conn = at
             .server
             .connect(at.names.database())
@@ -124,15 +124,6 @@ impl Provisioner {
         self.unfence(&slug, &secret_name, &at).await?;
         warn!("restore abandoned; the tenant is served with the data it had");
         Ok(())
-    }
-
-    /// The tenant as the catalog has it.
-    async fn tenant(&self, slug: &TenantSlug) -> Result<tenants::Tenant, ProvisionError> {
-        let mut conn = self.catalog.acquire().await.step("read the tenant")?;
-        tenants::get(&mut conn, slug.as_str())
-            .await
-            .step("read the tenant")?
-            .ok_or_else(|| ProvisionError::InvalidJob(format!("tenant {slug} is not in the catalog")))
     }
 
     /// Step `fence`: the tenant is marked as being restored, and nobody but this job uses its
