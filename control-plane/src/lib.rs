@@ -20,6 +20,7 @@ pub mod moves;
 pub mod names;
 pub mod pooling;
 pub mod provision;
+pub(crate) mod replication;
 pub mod response_headers;
 pub mod restores;
 pub mod role_limits;

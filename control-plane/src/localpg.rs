@@ -167,7 +167,7 @@ impl LocalCluster {
     }
 
     /// Starts the cluster in `data_dir` on 127.0.0.1:`port` and waits until it accepts a
-    /// password login as `postgres`.
+    /// password login as `postgres`. `wal_level = logical`, for online moves.
     pub async fn start(
         data_dir: &Path,
         port: u16,
@@ -195,6 +195,8 @@ impl LocalCluster {
             ])
             .args(["-c", &format!("max_connections={}", options.max_connections)])
             .args(["-c", &format!("fsync={}", if options.fsync { "on" } else { "off" })])
+            // Any of them may be the old server of an online move.
+            .args(["-c", "wal_level=logical"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -17,22 +17,36 @@
 //!    serve it from there.
 //! 5. `cleanup`: the old database and roles are dropped.
 //!
+//! An online move (`online` in its params) copies the database while the tenant is served,
+//! by logical replication ([`crate::replication`]), and the tenant is unavailable only for
+//! the cutover:
+//!
+//! 1. `copy`: the catalog marks the tenant as moving online (its room on the new server is
+//!    taken; routers go on serving it); on the new server, the roles, an empty database, the
+//!    schema (`pg_dump --schema-only`), and a subscription to the old database, which copies
+//!    every table and then follows every change.
+//! 2. `cutover`: routers stop serving the tenant, the old database is fenced as above (its
+//!    replication session excepted), and once the new server has applied the last change,
+//!    the sequences are copied and replication is taken down. The schema version is checked.
+//! 3. `switch` and `cleanup` as above.
+//!
 //! Every step is idempotent, so a job resumed after a crash converges; a resumed job runs
-//! `fence` again (the password it set was never stored). A move that fails for good before
-//! `switch` is undone by [`Provisioner::abandon_move`]: the tenant is served from the old
-//! server again, with its own password, and the new server keeps nothing of it.
+//! `fence` (or `cutover`) again (the password it set was never stored). A move that fails for
+//! good before `switch` is undone by [`Provisioner::abandon_move`]: the tenant is served from
+//! the old server again, with its own password, and the new server keeps nothing of it.
 
 use serde::{Deserialize, Serialize};
 use sqlx::Connection;
 use tracing::{info, instrument, warn};
 
 use crate::catalog::tenants::{self, StartMoveError};
-use crate::jobs::Job;
+use crate::jobs::{self, Job};
 use crate::names::{quote_ident, TenantNames, TenantSlug};
 use crate::provision::{
     create_database, drop_database, drop_roles, ensure_login_role, ensure_owner_role, hand_over_database,
     own_public_schema, role_exists, Placement, ProvisionError, Provisioner, StepContext,
 };
+use crate::replication::{self, Replication};
 use crate::rotation::test_login;
 use crate::secrets::{self, DbSecret};
 use crate::servers::Server;
@@ -48,10 +62,16 @@ pub struct MoveParams {
     /// Version id of the secret version naming the new server, so a retried switch does not
     /// add another.
     pub secret_version: String,
+    /// Copy the database by logical replication while the tenant is served (see
+    /// [`crate::replication`]), instead of through a backup while it is not.
+    #[serde(default)]
+    pub online: bool,
 }
 
 /// The steps of a `move` job, in order.
 pub const MOVE_STEPS: [&str; 5] = ["fence", "backup", "restore", "switch", "cleanup"];
+/// The steps of an online `move` job, in order.
+pub const ONLINE_MOVE_STEPS: [&str; 4] = ["copy", "cutover", "switch", "cleanup"];
 
 impl Provisioner {
     /// Runs (or resumes) a `move` job to completion.
@@ -61,35 +81,32 @@ impl Provisioner {
         let (slug, secret_name) = self.tenant_of(job)?;
         let from = self.server_named(&params.from)?;
         let to = self.server_named(&params.to)?;
-        let at = self.placement(&slug).await?;
+        let tenant = self.catalog_tenant(&slug).await?;
+        let at = self.placement_of(&tenant)?;
         let names = &at.names;
         // A job resumed after the switch has only the old database left to drop.
         if at.server.config.name != params.to {
-            let dump_login = self
-                .job_step(job, "move", "fence", self.fence(&slug, names, &secret_name, from, to))
-                .await?;
-            let backup = self
-                .job_step(
-                    job,
-                    "move",
-                    "backup",
-                    self.backup_once(job, &slug, &secret_name, &at, Some(&dump_login), None),
-                )
-                .await?;
-            self.job_step(
-                job,
-                "move",
-                "restore",
-                self.restore_on(to, &slug, names, &secret_name, &backup),
-            )
-            .await?;
-            self.job_step(
-                job,
-                "move",
-                "switch",
-                self.switch(to, &slug, names, &secret_name, &params),
-            )
-            .await?;
+            if !params.online {
+                let dump_login = self
+                    .job_step(job, "move", "fence", self.fence(&slug, names, &secret_name, from, to))
+                    .await?;
+                let backup = self.backup_once(job, &slug, &secret_name, &at, Some(&dump_login), None);
+                let backup = self.job_step(job, "move", "backup", backup).await?;
+                let restore = self.restore_on(to, &slug, names, &secret_name, &backup);
+                self.job_step(job, "move", "restore", restore).await?;
+            } else {
+                let replication = Replication::new(from, to, names, job.id);
+                // Copied while served, unless a run reached the cutover: the old server's
+                // logins are fenced since, and the copy is being finished.
+                if tenant.moving_to.is_none() || tenant.moving_online {
+                    let copy = self.copy_online(job, &slug, names, &secret_name, &replication);
+                    self.job_step(job, "move", "copy", copy).await?;
+                }
+                let cutover = self.cut_over(&slug, names, &secret_name, &replication);
+                self.job_step(job, "move", "cutover", cutover).await?;
+            }
+            let switch = self.switch(to, &slug, names, &secret_name, &params);
+            self.job_step(job, "move", "switch", switch).await?;
         }
         self.job_step(job, "move", "cleanup", async {
             drop_database(from, names).await?;
@@ -114,6 +131,9 @@ impl Provisioner {
         }
         let from = self.server_named(&params.from)?;
         let to = self.server_named(&params.to)?;
+        if params.online {
+            Replication::new(from, to, &names, job.id).stop().await?;
+        }
         // The tenant is written to again once served: a retry must take a new copy.
         self.backups.discard(&slug, job.id).await?;
         let current = self.current_login(&secret_name).await?;
@@ -130,7 +150,7 @@ impl Provisioner {
         drop_database(to, &names).await?;
         drop_roles(to, &names).await?;
         let mut tx = self.catalog.begin().await.step("end the move")?;
-        tenants::set_moving_to(&mut tx, slug.as_str(), None)
+        tenants::cancel_move(&mut tx, slug.as_str())
             .await
             .step("end the move")?;
         tx.commit().await.step("end the move")?;
@@ -157,18 +177,87 @@ impl Provisioner {
         // Again on every run: a retried job was undone, and must find room and no rollout.
         let mut tx = self.catalog.begin().await.step("mark moving")?;
         tenants::lock_status(&mut tx, slug.as_str()).await.step("mark moving")?;
-        tenants::start_move(&mut tx, slug.as_str(), &to.config.name)
+        tenants::start_move(&mut tx, slug.as_str(), &to.config.name, false)
             .await
-            .map_err(|e| match e {
-                StartMoveError::Database(source) => ProvisionError::Database {
-                    step: "mark moving",
-                    source,
-                },
-                refused => ProvisionError::InvalidJob(refused.to_string()),
-            })?;
+            .map_err(start_move_refused)?;
         tx.commit().await.step("mark moving")?;
         let current = self.current_login(secret_name).await?;
         fence_database(from, names, current).await
+    }
+
+    /// Step `copy` of an online move: the tenant marked as moving while served, its roles and
+    /// an empty database of the same schema on the new server, subscribed to the old one; done
+    /// once every table is copied and followed.
+    async fn copy_online(
+        &self,
+        job: &Job,
+        slug: &TenantSlug,
+        names: &TenantNames,
+        secret_name: &str,
+        replication: &Replication<'_>,
+    ) -> Result<(), ProvisionError> {
+        let (from, to) = (replication.from(), replication.to());
+        // Again on every run: a retried job was undone, and must find room and no rollout.
+        let mut tx = self.catalog.begin().await.step("mark moving")?;
+        tenants::lock_status(&mut tx, slug.as_str()).await.step("mark moving")?;
+        tenants::start_move(&mut tx, slug.as_str(), &to.config.name, true)
+            .await
+            .map_err(start_move_refused)?;
+        tx.commit().await.step("mark moving")?;
+        if let Some(why) = replication::unavailable(from, to, names.database()).await? {
+            return Err(ProvisionError::InvalidJob(format!(
+                "the tenant cannot move online: {why}"
+            )));
+        }
+        if !replication.subscribed().await? {
+            // Whatever an interrupted attempt left, before a fresh start.
+            replication.stop().await?;
+            let current = self.current_login(secret_name).await?;
+            prepare_copy_on(to, names, &current).await?;
+            let moved = moved_login(&current, to);
+            self.backups
+                .copy_schema(
+                    slug,
+                    &names.owner_role(),
+                    (&current, &from.config.tls),
+                    (&moved, &to.config.tls),
+                )
+                .await?;
+            replication.start().await?;
+        }
+        replication
+            .wait_copied(|copied, tables| async move {
+                let progress = serde_json::json!({"tables_copied": copied, "tables": tables});
+                if let Err(e) = jobs::set_progress(&self.catalog, job, &progress).await {
+                    warn!(error = %e, "could not record the copy's progress");
+                }
+            })
+            .await
+    }
+
+    /// Step `cutover` of an online move: routers stop serving the tenant, nobody but this
+    /// job uses its old database any more, and once the new server has every change and the
+    /// sequences, replication is taken down; the copy's schema version is checked.
+    async fn cut_over(
+        &self,
+        slug: &TenantSlug,
+        names: &TenantNames,
+        secret_name: &str,
+        replication: &Replication<'_>,
+    ) -> Result<(), ProvisionError> {
+        let mut tx = self.catalog.begin().await.step("stop serving the tenant")?;
+        tenants::cut_over(&mut tx, slug.as_str())
+            .await
+            .step("stop serving the tenant")?;
+        tx.commit().await.step("stop serving the tenant")?;
+        let current = self.current_login(secret_name).await?;
+        fence_database(replication.from(), names, current).await?;
+        // Gone only once a run caught up and copied the sequences.
+        if replication.subscribed().await? {
+            replication.catch_up().await?;
+        }
+        replication.stop().await?;
+        self.check_copied_version(replication.to(), slug, names).await
     }
 
     /// Step `restore`: the tenant's roles and a copy of its database from `backup` on `to`.
@@ -181,29 +270,21 @@ impl Provisioner {
         backup: &std::path::Path,
     ) -> Result<(), ProvisionError> {
         let current = self.current_login(secret_name).await?;
-        drop_database(to, names).await?;
-        {
-            let mut conn = to.admin.acquire().await.step("connect to server")?;
-            ensure_owner_role(&mut conn, names).await?;
-            ensure_login_role(
-                &mut conn,
-                names,
-                &current.username,
-                &current.password,
-                &to.config.tenant_roles,
-            )
-            .await?;
-        }
-        create_database(to, &quote_ident(names.database()), "template0").await?;
-        hand_over_database(to, names, &current.username).await?;
-        let mut conn = to.connect(names.database()).await.step("connect to tenant database")?;
-        let owner = names.owner_role();
-        own_public_schema(&mut conn, &owner).await?;
-        let _ = conn.close().await;
+        prepare_copy_on(to, names, &current).await?;
         let moved = moved_login(&current, to);
         self.backups
-            .restore(slug, &owner, backup, &moved, &to.config.tls)
+            .restore(slug, &names.owner_role(), backup, &moved, &to.config.tls)
             .await?;
+        self.check_copied_version(to, slug, names).await
+    }
+
+    /// The tenant's database on `to` is at the schema version the catalog has for it.
+    async fn check_copied_version(
+        &self,
+        to: &Server,
+        slug: &TenantSlug,
+        names: &TenantNames,
+    ) -> Result<(), ProvisionError> {
         let mut conn = to.connect(names.database()).await.step("connect to tenant database")?;
         let restored = applied_version(&mut conn).await?;
         let _ = conn.close().await;
@@ -246,6 +327,40 @@ impl Provisioner {
     }
 }
 
+fn start_move_refused(e: StartMoveError) -> ProvisionError {
+    match e {
+        StartMoveError::Database(source) => ProvisionError::Database {
+            step: "mark moving",
+            source,
+        },
+        refused => ProvisionError::InvalidJob(refused.to_string()),
+    }
+}
+
+/// The tenant's roles, logging in as `current` does, and an empty database of its own on `to`,
+/// in place of what an interrupted attempt left there.
+async fn prepare_copy_on(to: &Server, names: &TenantNames, current: &DbSecret) -> Result<(), ProvisionError> {
+    drop_database(to, names).await?;
+    {
+        let mut conn = to.admin.acquire().await.step("connect to server")?;
+        ensure_owner_role(&mut conn, names).await?;
+        ensure_login_role(
+            &mut conn,
+            names,
+            &current.username,
+            &current.password,
+            &to.config.tenant_roles,
+        )
+        .await?;
+    }
+    create_database(to, &quote_ident(names.database()), "template0").await?;
+    hand_over_database(to, names, &current.username).await?;
+    let mut conn = to.connect(names.database()).await.step("connect to tenant database")?;
+    own_public_schema(&mut conn, &names.owner_role()).await?;
+    let _ = conn.close().await;
+    Ok(())
+}
+
 /// Nobody but the caller uses the tenant's database on `server` any more: its login roles get
 /// a password only the caller knows, and the sessions open on it end. Returns `current` (the
 /// tenant's login) with that password.
@@ -263,7 +378,7 @@ pub(crate) async fn fence_database(
     }
     let ended: i64 = sqlx::query_scalar(
         "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
-         WHERE datname = $1 AND pid <> pg_backend_pid()",
+         WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type <> 'walsender'",
     )
     .bind(names.database())
     .fetch_one(&mut *conn)

@@ -17,6 +17,7 @@ mod isolation;
 mod legal_hold;
 mod managed_server;
 mod moves;
+mod online_moves;
 mod openapi_documents;
 mod regions;
 mod restores;

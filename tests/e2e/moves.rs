@@ -21,7 +21,7 @@ async fn two_server_stack() -> (Stack, TestCluster) {
 }
 
 /// The same with `secrets` and room for `room` tenants on `pg-2`.
-async fn two_server_stack_with(secrets: Secrets, room: u32) -> (Stack, TestCluster) {
+pub(crate) async fn two_server_stack_with(secrets: Secrets, room: u32) -> (Stack, TestCluster) {
     let pg2 = TestCluster::start().await.unwrap();
     std::env::set_var(PG2_PASSWORD_ENV, pg2.password().expose_secret());
     let stack = Stack::start(StackOptions {
@@ -41,7 +41,7 @@ async fn two_server_stack_with(secrets: Secrets, room: u32) -> (Stack, TestClust
 }
 
 /// Creates a tenant on `pg-1` holding tasks with these titles; returns its API key.
-async fn tenant_with_tasks(stack: &Stack, slug: &str, titles: &[&str]) -> String {
+pub(crate) async fn tenant_with_tasks(stack: &Stack, slug: &str, titles: &[&str]) -> String {
     let key = stack
         .create_tenant_with(json!({"slug": slug, "server": "pg-1"}))
         .await
@@ -62,7 +62,7 @@ async fn start_move(stack: &Stack, slug: &str, to: &str) -> (StatusCode, Value) 
 }
 
 /// Whether `pg` has the tenant database `name`, and how many of its roles.
-async fn left_on(pg: &TestCluster, name: &str) -> (bool, i64) {
+pub(crate) async fn left_on(pg: &TestCluster, name: &str) -> (bool, i64) {
     let mut admin = pg.admin_options("postgres").connect().await.unwrap();
     let database: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
         .bind(name)

@@ -17,6 +17,7 @@ use super::ApiState;
 use crate::catalog::tenants::{self, StartMoveError};
 use crate::jobs::Job;
 use crate::moves::MoveParams;
+use crate::replication;
 
 /// `POST /v1/tenants/{slug}/move` body.
 #[derive(Deserialize)]
@@ -27,6 +28,9 @@ pub struct MoveTenant {
     /// Allow a server in another region than the tenant's.
     #[serde(default)]
     allow_region_change: bool,
+    /// Copy the database by logical replication while the tenant is served.
+    #[serde(default)]
+    online: bool,
 }
 
 /// `POST /v1/tenants/{slug}/move` → 202 `{"job"}`. The tenant answers 503 from the moment
@@ -74,8 +78,28 @@ pub async fn move_tenant(
             ),
         ));
     }
-    // Marked at once: the target's room is taken, and routers stop serving the tenant.
-    tenants::start_move(&mut tx, slug.as_str(), &req.server)
+    if req.online {
+        let source = state.servers.get(&tenant.server).ok_or_else(|| {
+            ApiError::Unavailable(
+                "unknown_server",
+                format!("server {:?} is not configured", tenant.server),
+            )
+        })?;
+        let unavailable = replication::unavailable(source, target, &tenant.database)
+            .await
+            .map_err(|e| ApiError::Unavailable("server_unavailable", e.to_string()))?;
+        if let Some(why) = unavailable {
+            return Err(ApiError::Unprocessable(
+                "online_move_unavailable",
+                format!(
+                    "tenant {slug} cannot move online: {why}; a move without online copies it while it is unavailable"
+                ),
+            ));
+        }
+    }
+    // Marked at once: the target's room is taken, and routers stop serving the tenant
+    // (online: from the cutover).
+    tenants::start_move(&mut tx, slug.as_str(), &req.server, req.online)
         .await
         .map_err(|e| match e {
             StartMoveError::RolloutRunning(_) => ApiError::Conflict("rollout_running", e.to_string()),
@@ -88,11 +112,12 @@ pub async fn move_tenant(
             from: tenant.server.clone(),
             to: req.server.clone(),
             secret_version: uuid::Uuid::new_v4().to_string(),
+            online: req.online,
         },
         action: "tenant.move",
         detail: json!({
             "from": tenant.server, "to": req.server,
-            "from_region": tenant.region, "to_region": target_region,
+            "from_region": tenant.region, "to_region": target_region, "online": req.online,
         }),
     };
     enqueue_audited(tx, &actor, &slug, new).await

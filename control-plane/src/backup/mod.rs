@@ -584,6 +584,47 @@ impl Backups {
         self.run_client("pg_restore", &dir, secret, tls, &args, pipe).await
     }
 
+    /// Copies the schema of the database `from` logs in to, without its rows, into the empty
+    /// database `to` logs in to (an online move's target), acting as the tenant's owner role
+    /// `owner_role` on both; one transaction on `to`. The dump lives in a work directory of
+    /// the tenant's backup directory until the copy is done.
+    pub async fn copy_schema(
+        &self,
+        slug: &TenantSlug,
+        owner_role: &str,
+        (from, from_tls): (&DbSecret, &ServerTls),
+        (to, to_tls): (&DbSecret, &ServerTls),
+    ) -> Result<(), BackupError> {
+        let dir = self.tenant_dir(slug)?;
+        create_private_dir(&dir)?;
+        remove_leftovers(&dir)?;
+        let work = tempfile::Builder::new()
+            .prefix(".work-")
+            .tempdir_in(&dir)
+            .map_err(io("create a work directory in", &dir))?;
+        let file = work.path().join("schema.dump").display().to_string();
+        let role = format!("--role={owner_role}");
+        let dump = [
+            "--format=custom".to_owned(),
+            "--schema-only".to_owned(),
+            "--no-publications".to_owned(),
+            "--no-subscriptions".to_owned(),
+            role.clone(),
+            format!("--file={file}"),
+        ];
+        self.run_client("pg_dump", &dir, from, from_tls, &dump, Pipe::None)
+            .await?;
+        let restore = [
+            "--exit-on-error".to_owned(),
+            "--single-transaction".to_owned(),
+            "--no-owner".to_owned(),
+            role,
+            file,
+        ];
+        self.run_client("pg_restore", &dir, to, to_tls, &restore, Pipe::None)
+            .await
+    }
+
     /// Runs PostgreSQL client `name` with `args`, logged in with `secret` over `tls`, its
     /// standard output or input connected as `pipe` says. The password and CA go in files of
     /// a private work directory made in `work_parent` (removed afterwards); the tool gets an

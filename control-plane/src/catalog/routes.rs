@@ -109,7 +109,7 @@ impl TryFrom<RouteRow> for TenantRoute {
 /// treats `Deleted` like unknown).
 pub async fn by_slug(pool: &PgPool, slug: &str) -> Result<Option<TenantRoute>, sqlx::Error> {
     sqlx::query_as::<_, RouteRow>(
-        "SELECT slug, status, server, database, plan, (moving_to IS NOT NULL OR restoring_from IS NOT NULL) AS moving FROM tenants WHERE slug = $1",
+        "SELECT slug, status, server, database, plan, ((moving_to IS NOT NULL AND NOT moving_online) OR restoring_from IS NOT NULL) AS moving FROM tenants WHERE slug = $1",
     )
     .bind(slug)
     .fetch_optional(pool)
@@ -122,7 +122,7 @@ pub async fn by_slug(pool: &PgPool, slug: &str) -> Result<Option<TenantRoute>, s
 /// a tenant's first request does not wait for the catalog.
 pub async fn all(pool: &PgPool) -> Result<Vec<(TenantRoute, Vec<String>)>, sqlx::Error> {
     sqlx::query_as::<_, RouteWithDomains>(
-        "SELECT t.slug, t.status, t.server, t.database, t.plan, (t.moving_to IS NOT NULL OR t.restoring_from IS NOT NULL) AS moving, \
+        "SELECT t.slug, t.status, t.server, t.database, t.plan, ((t.moving_to IS NOT NULL AND NOT t.moving_online) OR t.restoring_from IS NOT NULL) AS moving, \
                 coalesce(array_agg(d.domain) FILTER (WHERE d.domain IS NOT NULL), '{}') AS domains \
          FROM tenants t LEFT JOIN tenant_domains d ON d.slug = t.slug \
          WHERE t.status <> 'deleted' GROUP BY t.slug",
@@ -137,7 +137,7 @@ pub async fn all(pool: &PgPool) -> Result<Vec<(TenantRoute, Vec<String>)>, sqlx:
 /// The route of the tenant that registered custom domain `domain` (lower case, no port).
 pub async fn by_domain(pool: &PgPool, domain: &str) -> Result<Option<TenantRoute>, sqlx::Error> {
     sqlx::query_as::<_, RouteRow>(
-        "SELECT t.slug, t.status, t.server, t.database, t.plan, (t.moving_to IS NOT NULL OR t.restoring_from IS NOT NULL) AS moving \
+        "SELECT t.slug, t.status, t.server, t.database, t.plan, ((t.moving_to IS NOT NULL AND NOT t.moving_online) OR t.restoring_from IS NOT NULL) AS moving \
          FROM tenant_domains d \
          JOIN tenants t ON t.slug = d.slug WHERE d.domain = $1",
     )

@@ -34,9 +34,13 @@ pub struct Tenant {
     /// The last job error while `failed`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// The server its database is being moved to (a `move` job runs; not served meanwhile).
+    /// The server its database is being moved to (a `move` job runs; not served meanwhile,
+    /// unless `moving_online`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub moving_to: Option<String>,
+    /// An online move is copying its database while it is served (until the cutover).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub moving_online: bool,
     /// The backup a `restore` job is putting back into its database (not served meanwhile).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restoring_from: Option<String>,
@@ -62,6 +66,7 @@ struct TenantRow {
     created_at: DateTime<Utc>,
     error: Option<String>,
     moving_to: Option<String>,
+    moving_online: bool,
     restoring_from: Option<String>,
     legal_hold: Option<String>,
     region: Option<String>,
@@ -83,6 +88,7 @@ impl TryFrom<TenantRow> for Tenant {
             created_at: r.created_at,
             error: r.error,
             moving_to: r.moving_to,
+            moving_online: r.moving_online,
             restoring_from: r.restoring_from,
             legal_hold: r.legal_hold,
             region: r.region,
@@ -92,7 +98,7 @@ impl TryFrom<TenantRow> for Tenant {
 
 const SELECT: &str = "SELECT t.slug, t.name, t.status, t.plan, t.server, t.database, \
      COALESCE(ARRAY(SELECT d.domain FROM tenant_domains d WHERE d.slug = t.slug ORDER BY d.domain), '{}') AS domains, \
-     t.schema_version, t.credentials_rotated_at, t.created_at, t.error, t.moving_to, t.restoring_from, t.legal_hold, \
+     t.schema_version, t.credentials_rotated_at, t.created_at, t.error, t.moving_to, t.moving_online, t.restoring_from, t.legal_hold, \
      (SELECT s.region FROM servers s WHERE s.name = t.server) AS region FROM tenants t";
 
 /// The tenant `slug`, deleted tombstones included.
@@ -225,12 +231,11 @@ pub async fn place(
     .await
 }
 
-/// Marks `slug` as moving to server `to` (or clears the mark with None) and tells the routers,
-/// which stop serving the tenant until it is cleared.
-pub async fn set_moving_to(tx: &mut PgConnection, slug: &str, to: Option<&str>) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE tenants SET moving_to = $2, updated_at = now() WHERE slug = $1")
+/// Ends the move of `slug` without moving it (an abandoned move): routers serve it where it
+/// lives again.
+pub async fn cancel_move(tx: &mut PgConnection, slug: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE tenants SET moving_to = NULL, moving_online = false, updated_at = now() WHERE slug = $1")
         .bind(slug)
-        .bind(to)
         .execute(&mut *tx)
         .await?;
     super::notify_tenant_changed(&mut *tx, slug).await
@@ -262,9 +267,9 @@ pub enum StartMoveError {
 }
 
 /// Marks `slug` (whose row the caller locked) as moving to server `to`, taking room there,
-/// unless a migration rollout is queued or running; routers stop serving it. A tenant already
-/// moving to `to` keeps its room.
-pub async fn start_move(tx: &mut PgConnection, slug: &str, to: &str) -> Result<(), StartMoveError> {
+/// unless a migration rollout is queued or running; routers stop serving it, unless `online`
+/// (until [`cut_over`]). A tenant already moving to `to` keeps its room.
+pub async fn start_move(tx: &mut PgConnection, slug: &str, to: &str, online: bool) -> Result<(), StartMoveError> {
     let moving_to: Option<String> = sqlx::query_scalar("SELECT moving_to FROM tenants WHERE slug = $1")
         .bind(slug)
         .fetch_one(&mut *tx)
@@ -276,17 +281,34 @@ pub async fn start_move(tx: &mut PgConnection, slug: &str, to: &str) -> Result<(
     if let Some(id) = crate::jobs::lock_for_rollout(tx).await? {
         return Err(StartMoveError::RolloutRunning(id));
     }
-    set_moving_to(tx, slug, Some(to)).await?;
+    sqlx::query("UPDATE tenants SET moving_to = $2, moving_online = $3, updated_at = now() WHERE slug = $1")
+        .bind(slug)
+        .bind(to)
+        .bind(online)
+        .execute(&mut *tx)
+        .await?;
+    super::notify_tenant_changed(&mut *tx, slug).await?;
     Ok(())
+}
+
+/// The cutover of the online move of `slug`: routers stop serving it until the move ends.
+pub async fn cut_over(tx: &mut PgConnection, slug: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE tenants SET moving_online = false, updated_at = now() WHERE slug = $1")
+        .bind(slug)
+        .execute(&mut *tx)
+        .await?;
+    super::notify_tenant_changed(&mut *tx, slug).await
 }
 
 /// Ends the move of `slug`: it now lives on server `to`, and routers serve it from there.
 pub async fn finish_move(tx: &mut PgConnection, slug: &str, to: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE tenants SET server = $2, moving_to = NULL, updated_at = now() WHERE slug = $1")
-        .bind(slug)
-        .bind(to)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "UPDATE tenants SET server = $2, moving_to = NULL, moving_online = false, updated_at = now() WHERE slug = $1",
+    )
+    .bind(slug)
+    .bind(to)
+    .execute(&mut *tx)
+    .await?;
     super::notify_tenant_changed(&mut *tx, slug).await
 }
 

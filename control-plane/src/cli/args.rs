@@ -283,8 +283,8 @@ pub(crate) enum TenantCommand {
         #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=1000))]
         limit: u16,
     },
-    /// Move a tenant's database to another server (the tenant answers 503 meanwhile; needs
-    /// [backups] dir, where the copy's dump is kept).
+    /// Move a tenant's database to another server (the tenant answers 503 meanwhile, or with
+    /// --online only for the cutover; needs [backups] dir, where the copy's dump is kept).
     Move {
         /// The tenant's slug.
         slug: TenantSlug,
@@ -294,6 +294,10 @@ pub(crate) enum TenantCommand {
         /// Move it even though the server is in another region than the tenant's.
         #[arg(long)]
         allow_region_change: bool,
+        /// Copy it by logical replication while it is served (superuser admin roles, and
+        /// wal_level = logical on its server).
+        #[arg(long)]
+        online: bool,
         /// Return once the job is queued instead of waiting for it.
         #[arg(long)]
         no_wait: bool,
@@ -455,6 +459,9 @@ pub(crate) enum ServerCommand {
         /// Drain even though --to is in another region than the server drained.
         #[arg(long)]
         allow_region_change: bool,
+        /// Move each tenant online: served while its database is copied.
+        #[arg(long)]
+        online: bool,
     },
 }
 

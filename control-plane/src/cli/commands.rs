@@ -52,7 +52,14 @@ pub(crate) async fn run(global: GlobalArgs, command: Command) -> anyhow::Result<
             to,
             concurrency,
             allow_region_change,
-        }) => drain::drain(&client, out, &name, &to, concurrency.into(), allow_region_change).await,
+            online,
+        }) => {
+            let flags = drain::MoveFlags {
+                allow_region_change,
+                online,
+            };
+            drain::drain(&client, out, &name, &to, concurrency.into(), flags).await
+        }
         Command::Token(cmd) => token(&client, out, cmd).await,
         Command::Audit(args) => audit(&client, out, args).await,
     }
@@ -276,9 +283,10 @@ async fn tenant(client: &ApiClient, out: Output, cmd: TenantCommand) -> anyhow::
             slug,
             to,
             allow_region_change,
+            online,
             no_wait,
         } => {
-            let body = json!({ "server": to, "allow_region_change": allow_region_change });
+            let body = json!({ "server": to, "allow_region_change": allow_region_change, "online": online });
             let resp = client.post(&format!("{}/move", tenant_path(&slug)), &body).await?;
             finish_jobs(client, out, resp, no_wait, &format!("moving {slug} to {to}")).await
         }

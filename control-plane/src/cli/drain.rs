@@ -25,17 +25,29 @@ enum Outcome {
     Failed(String),
 }
 
+/// How each tenant is moved.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MoveFlags {
+    /// A `to` in another region than `from` is refused unless this is set.
+    pub(crate) allow_region_change: bool,
+    /// Each tenant is served while its database is copied.
+    pub(crate) online: bool,
+}
+
 /// Moves every active and suspended tenant on server `from` to server `to`, `concurrency`
-/// at a time; fails (exit 1) unless none is left on `from`. Refuses a `to` in another region
-/// than `from` unless `allow_region_change`.
+/// at a time, as `flags` say; fails (exit 1) unless none is left on `from`.
 pub(crate) async fn drain(
     client: &ApiClient,
     out: Output,
     from: &str,
     to: &str,
     concurrency: usize,
-    allow_region_change: bool,
+    flags: MoveFlags,
 ) -> anyhow::Result<()> {
+    let MoveFlags {
+        allow_region_change,
+        online,
+    } = flags;
     if from == to {
         return Err(usage("--to must name another server than the one drained"));
     }
@@ -71,7 +83,7 @@ pub(crate) async fn drain(
     loop {
         while lanes.len() < concurrency {
             let Some(slug) = queue.next() else { break };
-            let body = json!({ "server": to, "allow_region_change": allow_region_change });
+            let body = json!({ "server": to, "allow_region_change": allow_region_change, "online": online });
             lanes.spawn(move_one(client.clone(), slug, body));
         }
         let finished = tokio::select! {
