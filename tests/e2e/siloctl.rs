@@ -515,7 +515,7 @@ async fn dev_stack_end_to_end() {
             let rest = l.split("curl --cacert ").nth(1)?;
             let (ca, url) = rest.split_once(' ')?;
             let port = url
-                .strip_prefix("https://demo.localhost:")?
+                .strip_prefix("https://SLUG.localhost:")?
                 .split('/')
                 .next()?
                 .parse::<u16>()
@@ -557,6 +557,36 @@ async fn dev_stack_end_to_end() {
         }
     };
     assert_eq!(resp.status(), 200);
+    // Once deleted, its handshake fails as an unknown tenant's does: HTTPS does not tell
+    // which tenants existed.
+    let out = siloctl(cwd.path(), home.path())
+        .args(["tenant", "delete", &slug, "--yes"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tenant delete: {out:?}");
+    let unknown = "neverwas.localhost";
+    https(unknown)
+        .get(format!("https://{unknown}:{https_port}/api/v1/tasks"))
+        .send()
+        .await
+        .expect_err("an unknown tenant has no certificate");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match https(&host)
+            .get(format!("https://{host}:{https_port}/api/v1/tasks"))
+            .send()
+            .await
+        {
+            Err(_) => break,
+            Ok(resp) if Instant::now() > deadline => {
+                panic!(
+                    "{host} still has its certificate 15 s after its deletion: {}",
+                    resp.status()
+                )
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 
     // SIGTERM: everything stops, exit 0.
     let pid = nix::unistd::Pid::from_raw(guard.0.id() as i32);

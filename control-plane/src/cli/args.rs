@@ -94,6 +94,11 @@ pub(crate) struct DevArgs {
     /// Also create tenant `demo` and print its API key.
     #[arg(long)]
     pub(crate) demo: bool,
+    /// Read tenant migrations from this directory at run time (`tenant_migrations_dir`), so
+    /// a new file is rolled out by `siloctl migrate` without a rebuild; scripts/dev passes
+    /// migrations/tenant. Default: the migrations built into the binaries.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) tenant_migrations_dir: Option<PathBuf>,
     /// Admin API port [default: 7070, or a free one while 7070 is taken] (0 picks a free one).
     #[arg(long, value_name = "N")]
     pub(crate) api_port: Option<u16>,

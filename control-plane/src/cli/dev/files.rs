@@ -46,6 +46,8 @@ pub(super) struct Prepared {
     pub(super) tls: DevTls,
     /// Router operations port.
     pub(super) metrics_port: u16,
+    /// `tenant_migrations_dir`, absolute, if given.
+    pub(super) tenant_migrations_dir: Option<PathBuf>,
     /// Held while the stack runs: one `siloctl dev` per data dir.
     _lock: Flock<File>,
 }
@@ -66,6 +68,16 @@ pub(super) fn server_name(i: usize) -> String {
 /// exports the variables the config names into this process's environment (inherited by
 /// the children). Must run before any thread is started.
 pub(super) fn prepare(args: &DevArgs) -> anyhow::Result<Prepared> {
+    let tenant_migrations_dir = match &args.tenant_migrations_dir {
+        Some(dir) if dir.is_dir() => Some(std::path::absolute(dir).context("resolve --tenant-migrations-dir")?),
+        Some(dir) => {
+            return Err(crate::cli::usage(format!(
+                "--tenant-migrations-dir {}: no such directory",
+                dir.display()
+            )))
+        }
+        None => None,
+    };
     let data_dir = std::path::absolute(&args.data_dir).context("resolve the data dir")?;
     fs::create_dir_all(&data_dir).with_context(|| format!("create data dir {}", data_dir.display()))?;
     let root = nix::unistd::Uid::effective().is_root();
@@ -106,6 +118,7 @@ pub(super) fn prepare(args: &DevArgs) -> anyhow::Result<Prepared> {
         https_port,
         tls,
         metrics_port,
+        tenant_migrations_dir,
         _lock: lock,
     };
     fs::write(&prepared.config_path, render_config(args, &prepared))
@@ -256,9 +269,13 @@ fn render_config(args: &DevArgs, p: &Prepared) -> String {
     let pg1 = p.pg_ports.first().copied().unwrap_or_default();
     let mut s = format!(
         "# Written by `siloctl dev` on every start; edits are overwritten.\n\
-         catalog_url = {}\n\n[secrets]\nname_prefix = \"silo/\"\n",
+         catalog_url = {}\n",
         q(&format!("postgres://postgres@127.0.0.1:{pg1}/silo_catalog"))
     );
+    if let Some(dir) = &p.tenant_migrations_dir {
+        s.push_str(&format!("tenant_migrations_dir = {}\n", q(&dir.display().to_string())));
+    }
+    s.push_str("\n[secrets]\nname_prefix = \"silo/\"\n");
     match args.secrets {
         SecretsKind::Local => s.push_str("backend = \"local\"\nlocal_master_key_file = \"master.key\"\n"),
         SecretsKind::Aws => {

@@ -211,7 +211,7 @@ async fn start(args: &DevArgs, p: &Prepared, stack: &mut Stack) -> anyhow::Resul
     say!("  admin token  {}", p.admin_token.expose_secret());
     say!("trust the dev CA for HTTPS:");
     say!(
-        "  curl         curl --cacert {} https://demo.localhost:{}/api/v1/tasks",
+        "  curl         curl --cacert {} https://SLUG.localhost:{}/api/v1/tasks",
         p.tls.ca_cert.display(),
         p.https_port
     );
@@ -220,26 +220,29 @@ async fn start(args: &DevArgs, p: &Prepared, stack: &mut Stack) -> anyhow::Resul
 }
 
 /// Issues the `{slug}.localhost` certificate of every tenant that has none yet (a
-/// `*.localhost` wildcard is refused by TLS clients, see [`tls`]); the router picks them up
-/// from its SNI dir.
+/// `*.localhost` wildcard is refused by TLS clients, see [`tls`]) and removes those of
+/// deleted tenants, whose handshake must fail as an unknown tenant's does; the router follows
+/// its SNI dir. Returns the hosts issued now.
 async fn issue_tenant_certificates(client: &ApiClient, tls: &DevTls) -> anyhow::Result<Vec<String>> {
     let list = client
         .get("/v1/tenants")
         .await
         .map_err(|e| anyhow!("list tenants: {e}"))?;
-    let slugs = list["items"]
+    // Checked: a slug names a file.
+    let live: Vec<TenantSlug> = list["items"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|t| t["slug"].as_str());
+        .filter(|t| t["status"] != "deleted")
+        .filter_map(|t| TenantSlug::parse(t["slug"].as_str()?).ok())
+        .collect();
     let mut issued = Vec::new();
-    for slug in slugs {
-        // Checked: the slug names a file.
-        let Ok(slug) = TenantSlug::parse(slug) else { continue };
+    for slug in &live {
         if tls.ensure_tenant(slug.as_str())? {
             issued.push(format!("{slug}.localhost"));
         }
     }
+    tls.retain_tenants(&live)?;
     Ok(issued)
 }
 

@@ -25,6 +25,7 @@ use rcgen::{
 };
 
 use crate::localpg::write_private;
+use crate::names::TenantSlug;
 
 /// Subject of the dev CA. Fixed: certificates are signed by a CA rebuilt from these
 /// parameters and its key, so the issuer name must be the same every run.
@@ -96,6 +97,27 @@ impl DevTls {
         // Key first: the router loads a pair once the certificate appears.
         self.issue(&[&host], &cert_file, &self.sni_dir.join(format!("{host}.key")))?;
         Ok(true)
+    }
+
+    /// Removes the certificates (and keys) of every tenant host but those of `live`.
+    pub(super) fn retain_tenants(&self, live: &[TenantSlug]) -> anyhow::Result<()> {
+        let keep: Vec<String> = live.iter().map(|slug| format!("{slug}.localhost.")).collect();
+        let mut doomed = Vec::new();
+        for entry in fs::read_dir(&self.sni_dir).with_context(|| format!("read {}", self.sni_dir.display()))? {
+            let path = entry
+                .with_context(|| format!("read {}", self.sni_dir.display()))?
+                .path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if !keep.iter().any(|host| name.starts_with(host.as_str())) {
+                doomed.push(path);
+            }
+        }
+        // Certificates before keys: the router drops a pair once its certificate is gone.
+        doomed.sort_by_key(|path| path.extension().is_none_or(|ext| ext != "crt"));
+        for path in doomed {
+            fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+        }
+        Ok(())
     }
 
     /// Writes a server certificate for `names` signed by the CA, and its key (0600).
@@ -172,6 +194,14 @@ mod tests {
         assert!(!first.ensure_tenant("acme").unwrap(), "issued once");
         assert!(first.sni_dir.join("acme.localhost.crt").is_file());
         assert_eq!(mode(&first.sni_dir.join("acme.localhost.key")), 0o600);
+
+        assert!(first.ensure_tenant("acme-2").unwrap());
+        first.retain_tenants(&[TenantSlug::parse("acme-2").unwrap()]).unwrap();
+        assert!(!first.sni_dir.join("acme.localhost.crt").exists(), "a deleted tenant's");
+        assert!(!first.sni_dir.join("acme.localhost.key").exists());
+        assert!(first.sni_dir.join("acme-2.localhost.crt").is_file());
+        assert!(first.sni_dir.join("acme-2.localhost.key").is_file());
+        assert!(first.ensure_tenant("acme").unwrap());
 
         let second = DevTls::prepare(dir.path()).unwrap();
         assert_eq!(fs::read_to_string(&second.ca_cert).unwrap(), ca, "the CA is reused");
