@@ -70,8 +70,6 @@ pub struct MoveParams {
 
 /// The steps of a `move` job, in order.
 pub const MOVE_STEPS: [&str; 5] = ["fence", "backup", "restore", "switch", "cleanup"];
-/// The steps of an online `move` job, in order.
-pub const ONLINE_MOVE_STEPS: [&str; 4] = ["copy", "cutover", "switch", "cleanup"];
 
 impl Provisioner {
     /// Runs (or resumes) a `move` job to completion.
