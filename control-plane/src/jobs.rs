@@ -18,6 +18,18 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 
+/// Every kind of job.
+pub const KINDS: [&str; 8] = [
+    "provision",
+    "delete",
+    "rotate",
+    "migrate",
+    "move",
+    "backup",
+    "restore",
+    "verify",
+];
+
 /// NOTIFY channel that wakes workers when a job is queued.
 pub const JOBS_CHANNEL: &str = "silo_jobs";
 

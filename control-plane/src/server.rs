@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::ConnectInfo;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -30,6 +30,8 @@ use crate::{audit, catalog, response_headers, role_limits, schedule, secrets, sp
 
 /// A client must finish its TLS handshake within this long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client must send a request's headers within this long.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Open admin connections get this long to finish their requests at shutdown.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -95,12 +97,13 @@ impl ControlPlane {
             .unwrap_or(u32::MAX)
             .saturating_add(16);
         let catalog = catalog::pool(&config.catalog, catalog_connections)?;
-        catalog::migrate(&catalog)
-            .await
-            .context("connect to the catalog and apply its migrations")?;
+        // Before the catalog: a missing or unreadable key file is told at once.
         let store = secrets::open(&config.secrets, catalog.clone())
             .await
             .context("open the secret store")?;
+        catalog::migrate(&catalog)
+            .await
+            .context("connect to the catalog and apply its migrations")?;
         let servers = Arc::new(Servers::open(&config, store.as_ref()).await?);
         servers.sync_catalog(&catalog).await?;
         let tokens = AdminTokens::load(catalog.clone(), config.control_plane.admin_token.as_ref())
@@ -232,16 +235,7 @@ impl ControlPlane {
                 response
             },
         ));
-        let result = match self.tls {
-            Some(tls) => {
-                serve_https(self.listener, tls, app, shutdown.clone()).await;
-                Ok(())
-            }
-            None => axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-                .await
-                .context("serve the admin API"),
-        };
+        serve(self.listener, self.tls, app, shutdown.clone()).await;
         shutdown.cancel();
         let _ = workers.await;
         let _ = scheduler.await;
@@ -253,14 +247,20 @@ impl ControlPlane {
         let _ = role_limits.await;
         let _ = admin_passwords.await;
         self.api.catalog.close().await;
-        result
+        Ok(())
     }
 }
 
-/// Serves `app` over HTTPS (HTTP/1.1 or HTTP/2 by ALPN) on `listener` until `shutdown`, then
-/// lets open connections finish for up to `DRAIN_DEADLINE`.
-async fn serve_https(listener: TcpListener, tls: TlsAcceptor, app: axum::Router, shutdown: CancellationToken) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+/// Serves `app` on `listener` until `shutdown`, over HTTPS (HTTP/1.1 or HTTP/2 by ALPN) when
+/// `tls` is given, then lets open connections finish for up to `DRAIN_DEADLINE`. A client
+/// must send a request's headers within `HEADER_READ_TIMEOUT` (slowloris).
+async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, app: axum::Router, shutdown: CancellationToken) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -276,20 +276,28 @@ async fn serve_https(listener: TcpListener, tls: TlsAcceptor, app: axum::Router,
         };
         let (tls, app, builder, watcher) = (tls.clone(), app.clone(), builder.clone(), graceful.watcher());
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(error)) => {
-                    tracing::debug!(%peer, %error, "admin API: TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "admin API: TLS handshake timed out");
-                    return;
-                }
-            };
             let service = TowerToHyperService::new(app.layer(axum::Extension(ConnectInfo(peer))));
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(error) = watcher.watch(connection.into_owned()).await {
+            let served = match tls {
+                None => {
+                    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+                Some(tls) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        watcher.watch(connection.into_owned()).await
+                    }
+                    Ok(Err(error)) => {
+                        tracing::debug!(%peer, %error, "admin API: TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "admin API: TLS handshake timed out");
+                        return;
+                    }
+                },
+            };
+            if let Err(error) = served {
                 tracing::debug!(%peer, %error, "admin API: connection ended with an error");
             }
         });

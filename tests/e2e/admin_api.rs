@@ -55,6 +55,11 @@ async fn bad_input_gets_a_json_4xx_and_creates_nothing() {
             "invalid_domain",
         ),
         (
+            json!({"slug": unique_name("ok"), "domains": ["127.0.0.1"]}),
+            StatusCode::BAD_REQUEST,
+            "invalid_domain",
+        ),
+        (
             json!({"slug": unique_name("ok"), "domains": ["not a domain"]}),
             StatusCode::BAD_REQUEST,
             "invalid_domain",
@@ -339,7 +344,7 @@ async fn jobs_are_listed_by_state_kind_and_tenant_a_page_at_a_time() {
     assert_eq!((first, next), (vec![of_a[0]], Some(of_a[0])));
     let (second, _) = listed_jobs(&stack, &format!("tenant={a}&limit=1&before={}", of_a[0])).await;
     assert_eq!(second, [of_a[1]]);
-    for bad in ["state=done", "limit=0", "colour=red"] {
+    for bad in ["state=done", "kind=rotation", "limit=0", "colour=red"] {
         let (status, body) = stack
             .admin(Method::GET, &format!("/v1/jobs?{bad}"), None)
             .await
@@ -360,6 +365,16 @@ async fn jobs_are_listed_by_state_kind_and_tenant_a_page_at_a_time() {
     );
     let (code, _, stderr) = stack.siloctl(&["jobs", "list", "--state", "done"]).await.unwrap();
     assert_eq!(code, Some(2), "{stderr}");
+    // Refused by the API (400) is a usage error too: one line, exit 2.
+    for args in [
+        vec!["jobs", "list", "--kind", "rotation"],
+        vec!["jobs", "show", "abc"],
+        vec!["migrate", "--all", "--concurrency", "0"],
+    ] {
+        let (code, _, stderr) = stack.siloctl(&args).await.unwrap();
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+    }
     stack.stop().await.unwrap();
 }
 
@@ -424,12 +439,15 @@ async fn tenants_are_listed_by_status_server_and_plan() {
         listed_tenants(&stack, "status=deleted", &ours).await,
         std::slice::from_ref(&gone)
     );
-    assert!(listed_tenants(&stack, "server=pg-9", &ours).await.is_empty());
-    let (status, _) = stack
-        .admin(Method::GET, "/v1/tenants?status=asleep", None)
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // A typo is refused, not answered as "none there".
+    for query in ["status=asleep", "server=pg-9"] {
+        let (status, body) = stack
+            .admin(Method::GET, &format!("/v1/tenants?{query}"), None)
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+        assert_eq!(body["error"], "invalid_query", "{query}: {body}");
+    }
 
     let (code, stdout, stderr) = stack
         .siloctl(&["tenant", "list", "--status", "suspended"])
@@ -541,5 +559,35 @@ async fn every_documented_operation_is_served_and_answers_as_documented() {
         }
     }
     assert!(checked >= 35, "only {checked} operations in the document");
+    stack.stop().await.unwrap();
+}
+
+/// A method an endpoint does not take gets 405 with a JSON body, as every refusal does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_method_an_endpoint_does_not_take_gets_405_json() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    for path in ["/v1/tenants", "/healthz"] {
+        let (status, body) = stack.admin(Method::PUT, path, None).await.unwrap();
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{path}: {body}");
+        assert_eq!(body["error"], "method_not_allowed", "{path}: {body}");
+    }
+    stack.stop().await.unwrap();
+}
+
+/// A client that never finishes its request head is disconnected (slowloris), as the router
+/// does it, and the admin API goes on answering others.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_head_never_finished_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(stack.control_plane_addr())
+        .await
+        .unwrap();
+    slow.write_all(b"GET /v1/tenants HTTP/1.1\r\nHost: x").await.unwrap();
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(30), slow.read(&mut buf)).await;
+    assert!(read.is_ok(), "the connection was still open after 30 s");
+    let (status, _) = stack.admin(Method::GET, "/v1/tenants", None).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
     stack.stop().await.unwrap();
 }

@@ -530,3 +530,43 @@ async fn a_bad_config_stops_both_binaries_with_exit_2_and_one_line_naming_the_ke
         assert!(stderr.contains("control_plane.listen_port"), "{binary}: {stderr:?}");
     }
 }
+
+/// The control plane says in one line what keeps it from starting: a missing master key file
+/// before it tries the catalog, and the catalog connection's own error (not a pool timeout).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_control_plane_says_why_it_cannot_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("silo.toml");
+    std::fs::write(
+        &config,
+        "catalog_url = \"postgres://postgres@127.0.0.1:1/silo_catalog\"\n\
+         [secrets]\nlocal_master_key_file = \"master.key\"\n",
+    )
+    .unwrap();
+    let run = || async {
+        let out = tokio::process::Command::new(silo_tests::workspace_binary("silo-control-plane"))
+            .arg("--config")
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(30), out)
+            .await
+            .expect("the control plane did not stop within 30 s")
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_ne!(out.status.code(), Some(0), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+        stderr
+    };
+    let stderr = run().await;
+    assert!(stderr.contains("master.key"), "names the key file: {stderr:?}");
+
+    silo_control_plane::secrets::local::create_master_key(&dir.path().join("master.key")).unwrap();
+    let stderr = run().await;
+    assert!(
+        stderr.contains("refused") && !stderr.contains("timed out"),
+        "the connection's own error: {stderr:?}"
+    );
+}

@@ -343,10 +343,10 @@ async fn moves_that_cannot_be_done_are_refused_with_clear_errors_and_siloctl_mov
     assert_eq!(body["error"], "invalid_body");
     assert_eq!(stack.tenant(&slug).await.unwrap()["server"], "pg-1");
 
-    // The same through siloctl: one line and exit 1 for a refused move, 2 without --to, and
-    // a move that waits for its job.
+    // The same through siloctl: one line and exit 2 for a server that does not exist (a
+    // usage error, refused with 400), 2 without --to, and a move that waits for its job.
     let (code, stdout, stderr) = stack.siloctl(&["tenant", "move", &slug, "--to", "pg-9"]).await.unwrap();
-    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(code, Some(2), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("pg-9"), "{stderr}");
     assert!(stdout.is_empty(), "{stdout}");

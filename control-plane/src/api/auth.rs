@@ -261,7 +261,7 @@ pub async fn require_admin(State(state): State<ApiState>, mut req: Request, next
         next.run(req).await
     } else {
         ApiError::Forbidden(format!(
-            "token {:?} is a {} token: it may not {} {route}",
+            "token {:?} has the {} role: it may not {} {route}",
             actor.0,
             role.as_str(),
             req.method()

@@ -26,6 +26,9 @@ pub enum ApiError {
     /// 409: conflicts with the current state.
     #[error("{1}")]
     Conflict(&'static str, String),
+    /// 405: the endpoint does not take this method.
+    #[error("this endpoint does not take this method")]
+    MethodNotAllowed,
     /// 413: body too large.
     #[error("request body too large")]
     PayloadTooLarge,
@@ -123,6 +126,7 @@ impl IntoResponse for ApiError {
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound(c, _) => (StatusCode::NOT_FOUND, *c),
             Self::Conflict(c, _) => (StatusCode::CONFLICT, *c),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             Self::Unprocessable(c, _) => (StatusCode::UNPROCESSABLE_ENTITY, *c),

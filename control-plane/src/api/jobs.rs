@@ -38,6 +38,12 @@ pub async fn list(State(state): State<ApiState>, Query(q): Query<JobsQuery>) -> 
             ));
         }
     }
+    if let Some(kind) = q.kind.as_deref().filter(|kind| !jobs::KINDS.contains(kind)) {
+        return Err(ApiError::BadRequest(
+            "invalid_query",
+            format!("kind {kind:?} is not one of {}", jobs::KINDS.join(", ")),
+        ));
+    }
     let filter = jobs::Filter {
         state: q.state,
         kind: q.kind,

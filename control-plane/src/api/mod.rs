@@ -118,12 +118,14 @@ pub fn router(state: ApiState) -> Router {
         .route("/audit/verify", get(audit_log::verify))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin))
         .route_layer(middleware::from_fn(observe_request))
-        .route("/openapi.json", get(openapi::document));
+        .route("/openapi.json", get(openapi::document))
+        .method_not_allowed_fallback(method_not_allowed);
     Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -193,4 +195,8 @@ async fn metrics(axum::extract::State(state): axum::extract::State<ApiState>) ->
 
 async fn not_found() -> ApiError {
     ApiError::NotFound("not_found", "no such endpoint".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }

@@ -41,8 +41,8 @@ pub(super) fn parse_slug(slug: &str) -> Result<TenantSlug, ApiError> {
     TenantSlug::parse(slug).map_err(|e| ApiError::BadRequest("invalid_slug", e.to_string()))
 }
 
-/// A custom domain: a lower-case DNS name of two or more labels, not under a base domain
-/// (those hosts belong to `{slug}.{base}` routing).
+/// A custom domain: a lower-case DNS name of two or more labels, the last not all digits,
+/// not under a base domain (those hosts belong to `{slug}.{base}` routing).
 fn parse_domain(domain: &str, base_domains: &[String]) -> Result<String, ApiError> {
     let d = domain.trim_end_matches('.').to_ascii_lowercase();
     let bad = |why: &str| ApiError::BadRequest("invalid_domain", format!("domain {domain:?} {why}"));
@@ -56,6 +56,11 @@ fn parse_domain(domain: &str, base_domains: &[String]) -> Result<String, ApiErro
     };
     if d.len() > 253 || labels.len() < 2 || !labels.iter().all(label_ok) {
         return Err(bad("is not a valid domain name"));
+    }
+    // No top-level domain is all digits: this is an IPv4 address, which the router does not
+    // route by.
+    if labels.last().is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit())) {
+        return Err(bad("is an IP address, not a domain name"));
     }
     if base_domains.iter().any(|b| d == *b || d.ends_with(&format!(".{b}"))) {
         return Err(bad("is under a base domain of the router"));
@@ -319,6 +324,12 @@ pub async fn list(State(state): State<ApiState>, Query(q): Query<ListQuery>) -> 
         .map(|s| s.parse::<TenantStatus>())
         .transpose()
         .map_err(|e| ApiError::BadRequest("invalid_query", e))?;
+    if let Some(server) = q.server.as_deref().filter(|s| state.servers.get(s).is_none()) {
+        return Err(ApiError::BadRequest(
+            "invalid_query",
+            format!("server {server:?} is not configured"),
+        ));
+    }
     let filter = tenants::TenantFilter {
         status,
         server: q.server,
@@ -426,10 +437,10 @@ async fn change_status(
             return Err(ApiError::Conflict(
                 "invalid_state",
                 format!(
-                    "tenant is {}; only a {} tenant can be changed to {}",
+                    "tenant is {}; it can be made {} only when {}",
                     s.as_str(),
-                    from.as_str(),
-                    to.as_str()
+                    to.as_str(),
+                    from.as_str()
                 ),
             ))
         }
@@ -529,6 +540,7 @@ mod tests {
     fn domains_are_validated() {
         let base = vec!["localhost".to_string()];
         assert_eq!(parse_domain("Acme.Example.COM.", &base).unwrap(), "acme.example.com");
+        assert_eq!(parse_domain("1.2.3.com", &base).unwrap(), "1.2.3.com");
         for bad in [
             "localhost",
             "x.localhost",
@@ -538,6 +550,9 @@ mod tests {
             "a_b.com",
             "a b.com",
             "",
+            "127.0.0.1",
+            "10.0.0.1.",
+            "host.123",
         ] {
             assert!(parse_domain(bad, &base).is_err(), "{bad}");
         }

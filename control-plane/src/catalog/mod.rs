@@ -11,14 +11,15 @@ use std::time::Duration;
 
 use secrecy::ExposeSecret;
 use sqlx::postgres::PgConnectOptions;
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 
 use crate::config::CatalogConfig;
 
 /// NOTIFY channel carrying the slug of every tenant whose routing data changed.
 pub const TENANT_EVENTS_CHANNEL: &str = "silo_tenant_events";
 
-/// Errors reaching or using the catalog.
+/// Errors reaching or using the catalog. Each says all there is to say in one line (their
+/// causes are part of the message, not a source chain that would repeat them).
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     /// `catalog_url` could not be parsed.
@@ -26,10 +27,22 @@ pub enum CatalogError {
     BadUrl,
     /// The database failed.
     #[error("catalog database: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
     /// Applying the catalog migrations failed.
     #[error("catalog migrations: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
+}
+
+impl From<sqlx::Error> for CatalogError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Database(e)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for CatalogError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        Self::Migrate(e)
+    }
 }
 
 /// Connect options of the catalog (URL plus the password from the environment).
@@ -52,9 +65,18 @@ pub fn pool(cfg: &CatalogConfig, max_connections: u32) -> Result<PgPool, Catalog
 
 /// Applies the catalog migrations (idempotent; safe with several control planes starting).
 pub async fn migrate(pool: &PgPool) -> Result<(), CatalogError> {
-    sqlx::migrate!("../migrations/catalog").run(pool).await?;
+    // On a connection of its own: when the catalog cannot be reached, the connection's own
+    // error says why (refused, no such host, bad password), where a pool only says it timed
+    // out.
+    let options = pool.connect_options();
+    let mut conn = silo_tenant_app::connect(&options, CONNECT_TIMEOUT).await?;
+    sqlx::migrate!("../migrations/catalog").run(&mut conn).await?;
+    let _ = conn.close().await;
     Ok(())
 }
+
+/// Longest the first connection to the catalog may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Announces that `slug`'s routing data changed; call inside the transaction that changed it.
 pub async fn notify_tenant_changed<'e, E: sqlx::PgExecutor<'e>>(exec: E, slug: &str) -> Result<(), sqlx::Error> {

@@ -51,6 +51,11 @@ pub(crate) enum ApiError {
 }
 
 impl ApiError {
+    /// The API refused the request as invalid (400): a usage error of the command line.
+    pub(crate) fn is_invalid_input(&self) -> bool {
+        matches!(self, Self::Status { status, .. } if *status == StatusCode::BAD_REQUEST)
+    }
+
     /// True for a 404.
     pub(crate) fn is_not_found(&self) -> bool {
         matches!(self, Self::Status { status, .. } if *status == StatusCode::NOT_FOUND)

@@ -67,7 +67,9 @@ pub(crate) fn resolve(global: &GlobalArgs) -> anyhow::Result<ApiContext> {
         },
     };
     let endpoint = trim_url(&endpoint).to_owned();
-    if !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
+    let is_url = reqwest::Url::parse(&endpoint)
+        .is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some());
+    if !is_url {
         return Err(usage(format!(
             "endpoint {endpoint:?} must be an http:// or https:// URL"
         )));

@@ -91,9 +91,17 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("start the async runtime")
 }
 
-/// Prints `e` as one line and returns its exit code.
+/// Prints `e` as one line and returns its exit code: 2 for a usage error, which includes an
+/// argument the admin API refused as invalid (400), else 1.
 fn report(e: &anyhow::Error) -> i32 {
-    let code = if e.downcast_ref::<UsageError>().is_some() { 2 } else { 1 };
+    let refused_as_invalid = e
+        .downcast_ref::<client::ApiError>()
+        .is_some_and(client::ApiError::is_invalid_input);
+    let code = if e.downcast_ref::<UsageError>().is_some() || refused_as_invalid {
+        2
+    } else {
+        1
+    };
     eprintln!("error: {}", one_line(&format!("{e:#}")));
     code
 }
