@@ -354,7 +354,6 @@ impl<'a> Replication<'a> {
             .await
             .step("end the replication sessions")?;
         drop_slots(&mut admin, self.names.database()).await?;
-        drop(admin);
         if database_exists(self.from, self.names.database()).await? {
             let mut source = self.on_source().await?;
             ddl(
@@ -365,7 +364,6 @@ impl<'a> Replication<'a> {
             .await?;
             let _ = source.close().await;
         }
-        let mut admin = self.from.admin.acquire().await.step("connect to server")?;
         ddl(
             &mut admin,
             &format!("DROP ROLE IF EXISTS {name}"),

@@ -122,7 +122,7 @@ async fn an_encrypted_backup_holds_nothing_in_clear_and_restores_through_silo_an
     assert_eq!(std::fs::metadata(&plain).unwrap().permissions().mode() & 0o777, 0o600);
     let restored = restore(&stack, &plain).await;
     assert_eq!(
-        titles_in(&stack, &restored).await,
+        titles_in(stack.pg(), &restored).await,
         ["ledger entry ZX-4411", "payroll run ZX-9902"]
     );
     let (code, _, stderr) = control_plane(&config, &["decrypt-backup", dump_arg, "--output", plain_arg]);
@@ -328,7 +328,7 @@ async fn rekey_backups_moves_plain_and_old_key_backups_to_the_new_key() {
         let (code, _, stderr) = control_plane(&only_new, &args);
         assert_eq!(code, Some(0), "{stderr}");
         let restored = restore(&stack, &out).await;
-        assert_eq!(titles_in(&stack, &restored).await, ["before rotation"]);
+        assert_eq!(titles_in(stack.pg(), &restored).await, ["before rotation"]);
     }
 
     // A corrupted backup is reported and left as it is; the others are still counted.
@@ -387,7 +387,7 @@ async fn a_backup_is_downloaded_decrypted_for_operators_only_and_never_half() {
         .await
         .unwrap();
     conn.close().await.unwrap();
-    let titles = titles_in(&stack, &database).await;
+    let titles = titles_in(stack.pg(), &database).await;
     let backup = backup(&stack, &slug).await;
     let file = backup.file_name().unwrap().to_str().unwrap().to_owned();
     let content = format!("/v1/tenants/{slug}/backups/{file}/content");
@@ -410,7 +410,7 @@ async fn a_backup_is_downloaded_decrypted_for_operators_only_and_never_half() {
     assert_eq!(mode & 0o777, 0o600);
     assert!(std::fs::read(&out).unwrap().starts_with(b"PGDMP"));
     let restored = restore(&stack, &out).await;
-    assert_eq!(titles_in(&stack, &restored).await, titles);
+    assert_eq!(titles_in(stack.pg(), &restored).await, titles);
     let (code, _, stderr) = stack
         .siloctl(&["tenant", "backups", &slug, "--download", &file, "--to", out_arg])
         .await

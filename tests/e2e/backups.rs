@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use reqwest::{Method, StatusCode};
 use secrecy::ExposeSecret;
 use serde_json::Value;
+use silo_tests::pg::TestCluster;
 use silo_tests::stack::{Stack, StackOptions};
 use silo_tests::unique_name;
 use sqlx::{ConnectOptions, Connection};
@@ -46,9 +47,9 @@ async fn database_exists(stack: &Stack, database: &str) -> bool {
         .unwrap()
 }
 
-/// The task titles in `database`, in id order.
-pub(crate) async fn titles_in(stack: &Stack, database: &str) -> Vec<String> {
-    let mut conn = stack.pg().admin_options(database).connect().await.unwrap();
+/// The task titles in `database` on `pg`, in id order, read directly.
+pub(crate) async fn titles_in(pg: &TestCluster, database: &str) -> Vec<String> {
+    let mut conn = pg.admin_options(database).connect().await.unwrap();
     let titles = sqlx::query_scalar("SELECT title FROM tasks ORDER BY id")
         .fetch_all(&mut conn)
         .await
@@ -131,7 +132,7 @@ async fn a_delete_with_backup_dumps_the_database_before_dropping_it() {
     // The dump holds the tenant's data.
     let restored = restore(&stack, &dump).await;
     assert_eq!(
-        titles_in(&stack, &restored).await,
+        titles_in(stack.pg(), &restored).await,
         ["invoice 1", "invoice 2", "invoice 3"]
     );
     stack.stop().await.unwrap();
@@ -155,7 +156,7 @@ async fn siloctl_tenant_backup_dumps_a_tenant_that_keeps_serving() {
     let resp = stack.tenant_get(&slug, &key, "/api/v1/tasks").await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let restored = restore(&stack, &dump).await;
-    assert_eq!(titles_in(&stack, &restored).await, ["ledger 1", "ledger 2"]);
+    assert_eq!(titles_in(stack.pg(), &restored).await, ["ledger 1", "ledger 2"]);
 
     // One line and exit 1 for a tenant that does not exist.
     let (code, _, stderr) = stack.siloctl(&["tenant", "backup", "nobody-here"]).await.unwrap();
@@ -407,7 +408,7 @@ async fn a_backup_that_fails_drops_nothing_and_the_delete_can_be_retried() {
         database_exists(&stack, &database).await,
         "nothing is dropped without its backup"
     );
-    assert_eq!(titles_in(&stack, &database).await, ["keep me"]);
+    assert_eq!(titles_in(stack.pg(), &database).await, ["keep me"]);
 
     // The operator may then delete without a backup.
     let (status, body) = delete(&stack, &slug, "").await;

@@ -13,6 +13,7 @@ use silo_tests::stack::{Secrets, Stack};
 use silo_tests::unique_name;
 use sqlx::{ConnectOptions, Connection};
 
+use crate::backups::titles_in;
 use crate::moves::{left_on, tenant_with_tasks, two_server_stack_with};
 
 async fn start_online_move(stack: &Stack, slug: &str) -> (StatusCode, Value) {
@@ -24,17 +25,6 @@ async fn start_online_move(stack: &Stack, slug: &str) -> (StatusCode, Value) {
         )
         .await
         .unwrap()
-}
-
-/// The titles of the tasks in database `db` on `pg`, read directly.
-async fn titles_on(pg: &TestCluster, db: &str) -> Vec<String> {
-    let mut conn = pg.admin_options(db).connect().await.unwrap();
-    let titles = sqlx::query_scalar("SELECT title FROM tasks ORDER BY id")
-        .fetch_all(&mut conn)
-        .await
-        .unwrap();
-    conn.close().await.unwrap();
-    titles
 }
 
 /// What replication objects `pg` still has: slots, and roles made for a move.
@@ -116,7 +106,7 @@ async fn a_tenant_moves_online_served_until_the_cutover_and_loses_no_acknowledge
             .unwrap();
         assert_eq!(resp.status(), StatusCode::CREATED, "served while it moves");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !titles_on(&pg2, &database).await.iter().any(|t| t == "while copied") {
+        while !titles_in(&pg2, &database).await.iter().any(|t| t == "while copied") {
             assert!(Instant::now() < deadline, "the write never reached pg-2");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -144,7 +134,7 @@ async fn a_tenant_moves_online_served_until_the_cutover_and_loses_no_acknowledge
         "{moved}"
     );
     // Every row, read on pg-2 itself (the API serves 100 at a time).
-    let served = titles_on(&pg2, &database).await;
+    let served = titles_in(&pg2, &database).await;
     for title in ["first", "second", "while copied"]
         .into_iter()
         .chain(acknowledged.iter().map(String::as_str))

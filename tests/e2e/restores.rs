@@ -116,7 +116,7 @@ async fn a_tenant_is_restored_in_place_and_the_data_it_had_is_kept_in_a_backup()
     assert_ne!(kept_aside, backup);
     let scratch = restore(&stack, &kept_aside).await;
     assert_eq!(
-        titles_in(&stack, &scratch).await,
+        titles_in(stack.pg(), &scratch).await,
         ["kept 1", "kept 2", "written after the backup"]
     );
     let (status, audit) = stack
