@@ -4,15 +4,11 @@
 //! switch finishes when retried. `siloctl server drain` moves a whole server's tenants.
 
 use reqwest::{Method, StatusCode};
-use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 use silo_tests::pg::TestCluster;
 use silo_tests::stack::{Secrets, Stack, StackOptions};
 use silo_tests::{secret_connect_options, unique_name};
 use sqlx::{ConnectOptions, Connection};
-
-/// The second cluster's superuser password, for `admin_password_env`.
-const PG2_PASSWORD_ENV: &str = "SILO_TEST_PG2_PASSWORD";
 
 /// A stack with encrypted backups and a second server, `pg-2`, on a cluster of its own, with
 /// room for one tenant.
@@ -23,13 +19,10 @@ async fn two_server_stack() -> (Stack, TestCluster) {
 /// The same with `secrets` and room for `room` tenants on `pg-2`.
 pub(crate) async fn two_server_stack_with(secrets: Secrets, room: u32) -> (Stack, TestCluster) {
     let pg2 = TestCluster::start().await.unwrap();
-    std::env::set_var(PG2_PASSWORD_ENV, pg2.password().expose_secret());
     let stack = Stack::start(StackOptions {
         extra_toml: format!(
-            "[backups]\ndir = \"backups\"\nencryption_key_file = \"backup.key\"\n\
-             [[servers]]\nname = \"pg-2\"\nhost = \"127.0.0.1\"\nport = {}\nadmin_user = \"postgres\"\n\
-             admin_password_env = \"{PG2_PASSWORD_ENV}\"\nmax_tenants = {room}\n",
-            pg2.port()
+            "[backups]\ndir = \"backups\"\nencryption_key_file = \"backup.key\"\n{}max_tenants = {room}\n",
+            pg2.server_toml("pg-2")
         ),
         secrets,
         backup_key: true,

@@ -2,26 +2,19 @@
 //! its region, and no move or drain takes its data out of that region unless asked to.
 
 use reqwest::{Method, StatusCode};
-use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 use silo_tests::pg::TestCluster;
 use silo_tests::stack::{Stack, StackOptions};
 use silo_tests::unique_name;
 
-/// The second cluster's superuser password, for `admin_password_env`.
-const PG2_PASSWORD_ENV: &str = "SILO_TEST_REGION_PG2_PASSWORD";
-
 #[tokio::test(flavor = "multi_thread")]
 async fn tenants_live_in_the_region_asked_for_and_leave_it_only_when_asked() {
     let pg2 = TestCluster::start().await.unwrap();
-    std::env::set_var(PG2_PASSWORD_ENV, pg2.password().expose_secret());
     let stack = Stack::start(StackOptions {
         server_toml: "region = \"eu-west-1\"\n".into(),
         extra_toml: format!(
-            "[backups]\ndir = \"backups\"\n\
-             [[servers]]\nname = \"pg-2\"\nhost = \"127.0.0.1\"\nport = {}\nadmin_user = \"postgres\"\n\
-             admin_password_env = \"{PG2_PASSWORD_ENV}\"\nregion = \"us-east-1\"\n",
-            pg2.port()
+            "[backups]\ndir = \"backups\"\n{}region = \"us-east-1\"\n",
+            pg2.server_toml("pg-2")
         ),
         ..StackOptions::default()
     })

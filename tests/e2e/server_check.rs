@@ -12,18 +12,11 @@ use silo_tests::stack::{Secrets, Stack, StackOptions};
 use silo_tests::unique_name;
 use sqlx::{ConnectOptions, Connection};
 
-const PG2_PASSWORD_ENV: &str = "SILO_TEST_PG2_PASSWORD";
-
 /// A stack with a second server, `pg-2`, of its own, and `extra_toml`.
 async fn stack_with_pg2(extra_toml: &str) -> (Stack, TestCluster) {
     let pg2 = TestCluster::start().await.unwrap();
-    std::env::set_var(PG2_PASSWORD_ENV, pg2.password().expose_secret());
     let stack = Stack::start(StackOptions {
-        extra_toml: format!(
-            "[[servers]]\nname = \"pg-2\"\nhost = \"127.0.0.1\"\nport = {}\nadmin_user = \"postgres\"\n\
-             admin_password_env = \"{PG2_PASSWORD_ENV}\"\n{extra_toml}",
-            pg2.port()
-        ),
+        extra_toml: format!("{}{extra_toml}", pg2.server_toml("pg-2")),
         ..StackOptions::default()
     })
     .await

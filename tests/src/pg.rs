@@ -106,6 +106,19 @@ impl TestCluster {
         Err(last_err.context("start cluster")?)
     }
 
+    /// A `[[servers]]` entry named `name` for this cluster (127.0.0.1, its port, superuser
+    /// `postgres`), whose admin password is in env `SILO_TEST_{NAME}_PASSWORD`, which this
+    /// sets. More keys of that server (`max_tenants`, `region`) may follow it.
+    pub fn server_toml(&self, name: &str) -> String {
+        let env = format!("SILO_TEST_{}_PASSWORD", name.to_ascii_uppercase().replace('-', "_"));
+        std::env::set_var(&env, self.password.expose_secret());
+        format!(
+            "[[servers]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {}\nadmin_user = \"postgres\"\n\
+             admin_password_env = \"{env}\"\n",
+            self.port
+        )
+    }
+
     /// The port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port

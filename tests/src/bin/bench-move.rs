@@ -13,15 +13,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use reqwest::{Method, StatusCode};
-use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 use silo_tests::bench::load_average;
 use silo_tests::pg::TestCluster;
 use silo_tests::stack::{Stack, StackOptions};
 use sqlx::{ConnectOptions, Connection};
 
-/// The second cluster's superuser password, for `admin_password_env`.
-const PG2_PASSWORD_ENV: &str = "SILO_BENCH_PG2_PASSWORD";
 /// How often the client asks.
 const POLL: Duration = Duration::from_millis(5);
 
@@ -141,13 +138,10 @@ async fn main() -> anyhow::Result<()> {
         Err(_) => vec![10_000, 1_000_000],
     };
     let pg2 = TestCluster::start().await?;
-    std::env::set_var(PG2_PASSWORD_ENV, pg2.password().expose_secret());
     let stack = Stack::start(StackOptions {
         extra_toml: format!(
-            "[backups]\ndir = \"backups\"\nencryption_key_file = \"backup.key\"\n\
-             [[servers]]\nname = \"pg-2\"\nhost = \"127.0.0.1\"\nport = {}\nadmin_user = \"postgres\"\n\
-             admin_password_env = \"{PG2_PASSWORD_ENV}\"\n",
-            pg2.port()
+            "[backups]\ndir = \"backups\"\nencryption_key_file = \"backup.key\"\n{}",
+            pg2.server_toml("pg-2")
         ),
         backup_key: true,
         ..StackOptions::default()
