@@ -173,14 +173,25 @@ impl Provisioner {
         to: &Server,
     ) -> Result<DbSecret, ProvisionError> {
         // Again on every run: a retried job was undone, and must find room and no rollout.
-        let mut tx = self.catalog.begin().await.step("mark moving")?;
-        tenants::lock_status(&mut tx, slug.as_str()).await.step("mark moving")?;
-        tenants::start_move(&mut tx, slug.as_str(), &to.config.name, false)
-            .await
-            .map_err(start_move_refused)?;
-        tx.commit().await.step("mark moving")?;
+        self.mark_moving(slug, to, false).await?;
         let current = self.current_login(secret_name).await?;
         fence_database(from, names, current).await
+    }
+
+    /// Marks `slug` as moving to `to` (served meanwhile if `online`), taking its room there.
+    async fn mark_moving(&self, slug: &TenantSlug, to: &Server, online: bool) -> Result<(), ProvisionError> {
+        let mut tx = self.catalog.begin().await.step("mark moving")?;
+        tenants::lock_status(&mut tx, slug.as_str()).await.step("mark moving")?;
+        tenants::start_move(&mut tx, slug.as_str(), &to.config.name, online)
+            .await
+            .map_err(|e| match e {
+                StartMoveError::Database(source) => ProvisionError::Database {
+                    step: "mark moving",
+                    source,
+                },
+                refused => ProvisionError::InvalidJob(refused.to_string()),
+            })?;
+        tx.commit().await.step("mark moving")
     }
 
     /// Step `copy` of an online move: the tenant marked as moving while served, its roles and
@@ -196,12 +207,7 @@ impl Provisioner {
     ) -> Result<(), ProvisionError> {
         let (from, to) = (replication.from(), replication.to());
         // Again on every run: a retried job was undone, and must find room and no rollout.
-        let mut tx = self.catalog.begin().await.step("mark moving")?;
-        tenants::lock_status(&mut tx, slug.as_str()).await.step("mark moving")?;
-        tenants::start_move(&mut tx, slug.as_str(), &to.config.name, true)
-            .await
-            .map_err(start_move_refused)?;
-        tx.commit().await.step("mark moving")?;
+        self.mark_moving(slug, to, true).await?;
         if let Some(why) = replication::unavailable(from, to, names.database()).await? {
             return Err(ProvisionError::InvalidJob(format!(
                 "the tenant cannot move online: {why}"
@@ -322,16 +328,6 @@ impl Provisioner {
             .await
             .step("point the tenant at its new server")?;
         tx.commit().await.step("point the tenant at its new server")
-    }
-}
-
-fn start_move_refused(e: StartMoveError) -> ProvisionError {
-    match e {
-        StartMoveError::Database(source) => ProvisionError::Database {
-            step: "mark moving",
-            source,
-        },
-        refused => ProvisionError::InvalidJob(refused.to_string()),
     }
 }
 

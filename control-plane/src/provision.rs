@@ -280,7 +280,8 @@ impl Provisioner {
                         self.spares.as_deref().filter(|_| copies),
                     )
                     .await?;
-                    // Made by an earlier run of this job, or there before it: adopted.
+                    // Found, and no earlier run of this job reached this step: it was there
+                    // before the job, so it is adopted.
                     if found && !job.steps_started.iter().any(|s| s == "database") {
                         self.record_adoption(job, &slug, server, &names, &params).await?;
                     }
